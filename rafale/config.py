@@ -1,0 +1,416 @@
+"""Typed configuration: the YAML file, checked before any work starts.
+
+A config has four sections, each a dataclass below whose fields carry their own documentation
+(`help=`). `load_config` reads the YAML with `yaml.safe_load`, rejects unknown keys (suggesting the
+nearest valid name), wrong types, missing sections and impossible values, and raises `ConfigError`
+naming the key path and what was expected. `config_reference()` renders the same documentation as a
+markdown table for the README, so the two cannot drift apart.
+
+    run:      name: my-run                # where the run's files go, and how autoresume finds it
+    data:     source: stories             # the embedded story generator, a local file, or hf:<name>
+    model:    type: pythia                # a key of rafale.main.model_config_dict
+              preset: pythia-tiny         # a size from rafale/models/configurations.py
+              num_layers: 4               # any field of the family's config overrides the preset
+    training: max_duration: 1ep
+"""
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+
+class RafaleError(Exception):
+    """An error in what the user asked for; the CLI prints it in one line and exits non-zero."""
+
+
+class ConfigError(RafaleError):
+    def __init__(self, key: str, message: str):
+        self.key = key
+        super().__init__(f"config error at '{key}': {message}" if key else f"config error: {message}")
+
+
+def option(default=dataclasses.MISSING, help: str = "", default_factory=dataclasses.MISSING):
+    """A dataclass field that documents itself."""
+    return field(default=default, default_factory=default_factory, metadata={"help": help})
+
+
+DURATION_HELP = "a Composer time string: '2ep' (epochs), '500ba' (batches), '1000000tok' (tokens)"
+TIME_HELP = DURATION_HELP + ", '0.1dur' (a fraction of max_duration)"
+
+
+@dataclass
+class RunConfig:
+    name: str = option("rafale-run", "Run name; the run's folder is output_dir/name. Re-running the same name resumes it.")
+    output_dir: str = option("runs", "Folder that holds one sub-folder per run (config, checkpoints, logs).")
+    seed: int = option(42, "Seed for weights, data order and dropout.")
+    device: Literal["auto", "cpu", "gpu"] = option("auto", "'auto' uses a GPU when there is one.")
+    autoresume: bool = option(True, "Resume from the run folder's latest checkpoint when there is one.")
+
+
+@dataclass
+class DataConfig:
+    source: str = option(
+        "stories",
+        "'stories' (the embedded story generator), a local path (.txt, .jsonl, .json, .parquet, .csv, or a folder "
+        "written by datasets.save_to_disk), or 'hf:<name>' for a Hugging Face hub dataset (online only).",
+    )
+    tokenizer: str = option(
+        "train",
+        "'train' (a byte-level BPE trained by rafale on the training split), a tokenizers JSON file, or "
+        "'hf:<name>' for a hub tokenizer (online only).",
+    )
+    vocab_size: int = option(4096, "Vocabulary size of a tokenizer trained by rafale (tokenizer: train).")
+    block_size: int = option(256, "Tokens per training example; the token stream is cut into blocks of this size.")
+    val_fraction: float = option(0.05, "Fraction carved off for validation when the source has no validation split.")
+    split_seed: int = option(0, "Seed of that validation split.")
+    text_column: str = option("text", "Column holding the text in .jsonl/.json/.parquet/.csv/saved/hub sources.")
+    hub_config: Optional[str] = option(None, "Configuration name of a hub dataset (hf: sources only).")
+    doc_separator: str = option(
+        "<|endoftext|>", "String between documents in a .txt source (a line of its own or inline)."
+    )
+    num_train_stories: int = option(20000, "Stories generated for the training split (source: stories).")
+    num_val_stories: int = option(1000, "Stories generated for the validation split (source: stories).")
+    num_proc: int = option(0, "Processes for tokenization; 0 means one per CPU core.")
+    cache_dir: Optional[str] = option(None, "Cache folder; default: $RAFALE_CACHE, else ~/.rafale_cache.")
+    num_workers: int = option(0, "DataLoader worker processes.")
+
+
+@dataclass
+class ModelConfig:
+    type: str = option("pythia", "Model family, a key of rafale.main.model_config_dict.")
+    preset: str = option("pythia-tiny", "A size preset of that family (rafale/models/configurations.py).")
+    overrides: dict = option(
+        default_factory=dict,
+        help="Any other key in this section overrides that field of the preset (e.g. num_layers: 4); "
+        "it must be a field of the family's config.",
+    )
+
+
+@dataclass
+class TrainingConfig:
+    batch_size: int = option(32, "Global batch size, in blocks, per optimizer step.")
+    microbatch_size: Union[int, Literal["auto"], None] = option(
+        None, "Blocks per forward/backward; smaller than batch_size means gradient accumulation. 'auto' (GPU only) "
+        "lets Composer find the largest that fits. Default: batch_size."
+    )
+    lr: float = option(1e-3, "Peak learning rate.")
+    weight_decay: float = option(0.1, "Decoupled AdamW weight decay.")
+    betas: tuple[float, float] = option((0.9, 0.95), "AdamW betas.")
+    eps: float = option(1e-8, "AdamW epsilon.")
+    schedule: Literal["cosine", "linear", "constant"] = option("cosine", "Learning-rate schedule after warmup.")
+    warmup: str = option("0.05dur", f"Warmup length, {TIME_HELP}.")
+    lr_final_ratio: float = option(0.1, "Learning rate at the end of a cosine or linear schedule, relative to lr.")
+    max_duration: str = option("1ep", f"Training length, {DURATION_HELP}.")
+    precision: Literal["fp32", "amp_fp16", "amp_bf16"] = option(
+        "amp_bf16", "Numeric precision; a CPU runs fp32 whatever this says (with one warning)."
+    )
+    clip_norm: Optional[float] = option(1.0, "Clip the gradient norm to this value; null turns clipping off.")
+    eval_interval: str = option("0.25dur", f"Evaluate every {TIME_HELP}.")
+    eval_batches: Optional[int] = option(None, "Evaluate on at most this many validation batches (null: all).")
+    save_interval: str = option("1ep", f"Checkpoint every {TIME_HELP}.")
+    checkpoints_to_keep: int = option(2, "Checkpoints kept in the run folder (-1: all).")
+    eval_only: bool = option(False, "Only evaluate load_path on the validation split (no training).")
+    load_path: Optional[str] = option(None, "A checkpoint to start from (weights, or the full state for eval_only).")
+    log_interval: str = option("10ba", "How often the console prints metrics.")
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+
+
+REQUIRED_SECTIONS = ("model",)
+
+# ----------------------------------------------------------------------------------------------------
+# checking values against their declared types
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if tp is type(None):
+        return "null"
+    if origin is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin in (tuple, list):
+        args = typing.get_args(tp)
+        return f"a list of {len(args)} {_type_name(args[0])}s" if origin is tuple else f"a list of {_type_name(args[0])}"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "a mapping"}.get(
+        tp, getattr(tp, "__name__", str(tp))
+    )
+
+
+_NOT = object()
+
+
+def _coerce(value, tp):
+    """Return value as type tp, or _NOT. YAML reads 1e-3 as a string, so floats also accept numeric strings."""
+    origin = typing.get_origin(tp)
+    if tp is type(None):
+        return None if value is None else _NOT
+    if origin is Literal:
+        return value if value in typing.get_args(tp) and not isinstance(value, bool) else _NOT
+    if origin in (Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            out = _coerce(value, arg)
+            if out is not _NOT:
+                return out
+        return _NOT
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            return _NOT
+        items = [_coerce(v, a) for v, a in zip(value, args)]
+        return _NOT if any(i is _NOT for i in items) else tuple(items)
+    if tp is bool:
+        return value if isinstance(value, bool) else _NOT
+    if tp is int:
+        return value if isinstance(value, int) and not isinstance(value, bool) else _NOT
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                return _NOT
+        return _NOT
+    if tp is str:
+        return value if isinstance(value, str) else _NOT
+    if tp is dict:
+        return value if isinstance(value, dict) else _NOT
+    raise TypeError(f"unsupported config type {tp}")
+
+
+def _unknown_key(key: str, valid, path: str) -> ConfigError:
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    return ConfigError(f"{path}{key}", f"unknown key; {hint}valid keys: {', '.join(sorted(valid))}")
+
+
+def build_dataclass(cls, values, path: str, allow_extra: bool = False):
+    """Build dataclass `cls` from a YAML mapping, checking every key and type.
+
+    With allow_extra, unknown keys are returned (in order) instead of rejected.
+    """
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(path.rstrip("."), f"expected a mapping of keys to values, got {type(values).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs, extra = {}, {}
+    for key, value in values.items():
+        if not isinstance(key, str):
+            raise ConfigError(f"{path}{key}", "keys must be strings")
+        if key not in fields:
+            if allow_extra:
+                extra[key] = value
+                continue
+            raise _unknown_key(key, fields, path)
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = build_dataclass(tp, value, f"{path}{key}.")
+            continue
+        out = _coerce(value, tp)
+        if out is _NOT:
+            raise ConfigError(f"{path}{key}", f"expected {_type_name(tp)}, got {value!r}")
+        kwargs[key] = out
+    missing = [
+        name for name, f in fields.items()
+        if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ConfigError(f"{path}{missing[0]}", "required key is missing")
+    obj = cls(**kwargs)
+    return (obj, extra) if allow_extra else obj
+
+
+# ----------------------------------------------------------------------------------------------------
+# checks across keys
+
+
+def _check_time(value: str, key: str, allow_dur: bool = True):
+    from composer.core import Time
+
+    try:
+        time = Time.from_timestring(value)
+    except (ValueError, TypeError):
+        raise ConfigError(key, f"expected {TIME_HELP}, got {value!r}") from None
+    if time.value <= 0 and not key.endswith("warmup"):
+        raise ConfigError(key, f"must be positive, got {value!r}")
+    if time.value < 0:
+        raise ConfigError(key, f"must not be negative, got {value!r}")
+    if not allow_dur and time.unit.value == "dur":
+        raise ConfigError(key, f"cannot be a fraction of the duration, got {value!r}")
+
+
+def _is_local_path(spec: str) -> bool:
+    return not spec.startswith("hf:") and spec not in ("stories", "train")
+
+
+def validate(cfg: Config) -> None:
+    """Checks that need more than one field, or the file system. Raises ConfigError."""
+    positive = {
+        "data.vocab_size": cfg.data.vocab_size,
+        "data.block_size": cfg.data.block_size,
+        "data.num_train_stories": cfg.data.num_train_stories,
+        "data.num_val_stories": cfg.data.num_val_stories,
+        "training.batch_size": cfg.training.batch_size,
+        "training.lr": cfg.training.lr,
+    }
+    if isinstance(cfg.training.microbatch_size, int):
+        positive["training.microbatch_size"] = cfg.training.microbatch_size
+    if cfg.training.clip_norm is not None:
+        positive["training.clip_norm"] = cfg.training.clip_norm
+    if cfg.training.eval_batches is not None:
+        positive["training.eval_batches"] = cfg.training.eval_batches
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(key, f"must be positive, got {value}")
+    for key, value in {"data.num_proc": cfg.data.num_proc, "data.num_workers": cfg.data.num_workers,
+                       "training.weight_decay": cfg.training.weight_decay, "training.eps": cfg.training.eps}.items():
+        if value < 0:
+            raise ConfigError(key, f"must not be negative, got {value}")
+    if not 0 < cfg.data.val_fraction < 1:
+        raise ConfigError("data.val_fraction", f"must be between 0 and 1 (exclusive), got {cfg.data.val_fraction}")
+    if not 0 <= cfg.training.lr_final_ratio <= 1:
+        raise ConfigError("training.lr_final_ratio", f"must be between 0 and 1, got {cfg.training.lr_final_ratio}")
+    for i, beta in enumerate(cfg.training.betas):
+        if not 0 <= beta < 1:
+            raise ConfigError(f"training.betas[{i}]", f"must be in [0, 1), got {beta}")
+    mb = cfg.training.microbatch_size
+    if isinstance(mb, int) and mb > cfg.training.batch_size:
+        raise ConfigError(
+            "training.microbatch_size", f"({mb}) cannot be larger than training.batch_size ({cfg.training.batch_size})"
+        )
+    if mb == "auto" and cfg.run.device == "cpu":
+        raise ConfigError("training.microbatch_size", "'auto' needs a GPU; give a number on run.device: cpu")
+    _check_time(cfg.training.max_duration, "training.max_duration", allow_dur=False)
+    for key in ("warmup", "eval_interval", "save_interval", "log_interval"):
+        _check_time(getattr(cfg.training, key), f"training.{key}")
+    for key in ("name",):
+        value = getattr(cfg.run, key)
+        if not value or "/" in value or value in (".", ".."):
+            raise ConfigError(f"run.{key}", f"must be a plain folder name, got {value!r}")
+    if _is_local_path(cfg.data.source) and not Path(cfg.data.source).expanduser().exists():
+        raise ConfigError("data.source", f"no such file or folder: {cfg.data.source} (or use 'stories' or 'hf:<name>')")
+    if _is_local_path(cfg.data.tokenizer) and not Path(cfg.data.tokenizer).expanduser().is_file():
+        raise ConfigError(
+            "data.tokenizer", f"no such file: {cfg.data.tokenizer} (expected a tokenizers JSON file, 'train' or 'hf:<name>')"
+        )
+    if cfg.training.load_path is not None and not Path(cfg.training.load_path).expanduser().exists():
+        raise ConfigError("training.load_path", f"no such checkpoint: {cfg.training.load_path}")
+    if cfg.training.eval_only and cfg.training.load_path is None:
+        raise ConfigError("training.load_path", "eval_only needs a checkpoint to evaluate")
+
+
+# ----------------------------------------------------------------------------------------------------
+# loading and saving
+
+
+def config_from_dict(raw) -> Config:
+    if raw is None:
+        raise ConfigError("", "the config file is empty")
+    if not isinstance(raw, dict):
+        raise ConfigError("", f"expected a mapping of sections (run, data, model, training), got {type(raw).__name__}")
+    for section in REQUIRED_SECTIONS:
+        if section not in raw:
+            raise ConfigError(section, "required section is missing")
+    raw = dict(raw)
+    model_raw = raw.pop("model")
+    if not isinstance(model_raw, dict):
+        raise ConfigError("model", f"expected a mapping, got {type(model_raw).__name__}")
+    model_raw = {k: v for k, v in model_raw.items() if k != "overrides"} | dict(model_raw.get("overrides") or {})
+    model, overrides = build_dataclass(ModelConfig, model_raw, "model.", allow_extra=True)
+    model.overrides = overrides
+    cfg = build_dataclass(Config, raw, "")
+    cfg.model = model
+    resolve_model_config(cfg)  # checks the family, preset and overrides
+    validate(cfg)
+    return cfg
+
+
+def load_config(path) -> Config:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("", f"no such config file: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise ConfigError("", f"{path} is not valid YAML{where}: {problem}") from None
+    return config_from_dict(raw)
+
+
+def resolve_model_config(cfg: Config):
+    """The model family's typed config: its preset with the config's overrides applied."""
+    from rafale.models import configurations
+
+    families = configurations.MODEL_FAMILIES
+    if cfg.model.type not in families:
+        raise _unknown_key(cfg.model.type, families, "model.type=")
+    presets = configurations.PRESETS[cfg.model.type]
+    if cfg.model.preset not in presets:
+        raise _unknown_key(cfg.model.preset, presets, "model.preset=")
+    preset = presets[cfg.model.preset]
+    fields = {f.name for f in dataclasses.fields(preset)}
+    for key in cfg.model.overrides:
+        if key not in fields:
+            raise _unknown_key(key, fields | {"type", "preset"}, "model.")
+    merged = dataclasses.asdict(preset) | cfg.model.overrides
+    model_cfg = build_dataclass(type(preset), merged, "model.")
+    try:
+        model_cfg.validate()
+    except ValueError as err:
+        raise ConfigError("model", str(err)) from None
+    if cfg.data.block_size > model_cfg.max_position_embeddings:
+        raise ConfigError(
+            "data.block_size",
+            f"({cfg.data.block_size}) is larger than the model's max_position_embeddings "
+            f"({model_cfg.max_position_embeddings})",
+        )
+    return model_cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    out = dataclasses.asdict(cfg)
+    out["model"] = {"type": cfg.model.type, "preset": cfg.model.preset, **cfg.model.overrides}
+    out["training"]["betas"] = list(cfg.training.betas)
+    return out
+
+
+def save_config(cfg: Config, path) -> None:
+    """Write the resolved config (every default filled in) as YAML that load_config reads back."""
+    path = Path(path)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    os.replace(tmp, path)
+
+
+def config_reference() -> str:
+    """The config reference as markdown, generated from the dataclasses above."""
+    lines = []
+    for section in dataclasses.fields(Config):
+        cls = typing.get_type_hints(Config)[section.name]
+        lines += [f"### `{section.name}`", "", "| key | type | default | meaning |", "|---|---|---|---|"]
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else "required")
+            tp = _type_name(typing.get_type_hints(cls)[f.name])
+            lines.append(f"| `{f.name}` | {tp} | `{default!r}` | {f.metadata.get('help', '')} |")
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,390 @@
+"""Datapipes: text in, cached blocks of token ids out.
+
+A datapipe loads a source (the embedded stories, a local file or folder, or a hub dataset), gets a tokenizer
+(a tokenizers JSON file, a hub tokenizer, or one trained here on the training split), and `_prepare`s the
+splits: tokenize, concatenate, cut into blocks. Everything except padding happens there, once; the result is
+saved with `datasets.save_to_disk` under the cache folder and memory-mapped back on later runs. Padding and
+label shifting are the collator's job, per batch.
+
+Cache folders are named `{source}_{tokenizer}_bs{block_size}_{fingerprint}`; the fingerprint covers every
+input that changes the content (the source's identity, the tokenizer, the block size, the pipeline version),
+so a changed input builds a new cache. A cache is built under a temporary name, holds a `rafale.json` written
+last, and is renamed into place when complete: an interrupted build is never mistaken for a finished one.
+
+To add a datapipe: subclass `DataPipe`, give it a `name` and a `_prepare(raw, tokenizer)` that maps a
+`DatasetDict` of texts to a `DatasetDict` of examples, and a collator for its batches.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+from datasets import Dataset, DatasetDict, Features, Sequence, Value, load_dataset, load_from_disk
+from datasets.table import InMemoryTable
+from filelock import FileLock
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from rafale.config import DataConfig, RafaleError
+
+PIPELINE_VERSION = 1
+IGNORE_INDEX = -100
+EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "[SEP]")
+PAD_CANDIDATES = ("<|padding|>", "<pad>", "[PAD]")
+SPECIAL_TOKENS = ["<|endoftext|>", "<|padding|>"]  # of a tokenizer trained here, ids 0 and 1 as in Pythia's
+TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet", ".csv")
+
+
+class DataError(RafaleError):
+    pass
+
+
+def cache_root(cache_dir=None) -> Path:
+    """The cache folder: data.cache_dir, else $RAFALE_CACHE, else ~/.rafale_cache."""
+    return Path(cache_dir or os.environ.get("RAFALE_CACHE") or "~/.rafale_cache").expanduser()
+
+
+def _sha(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _file_identity(path: Path) -> list:
+    """Cheap identity of a file or folder: names, sizes and modification times (contents are not read)."""
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    return [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+
+
+def _safe_name(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-." else "-" for c in text).strip("-.")[:60] or "data"
+
+
+# ----------------------------------------------------------------------------------------------------
+# sources
+
+
+def _read_text_documents(path: Path, separator: str) -> list[str]:
+    text = path.read_bytes().decode("utf-8", errors="replace")
+    return [doc.strip() for doc in text.split(separator) if doc.strip()]
+
+
+def load_source(cfg: DataConfig, cache_dir: Path) -> DatasetDict:
+    """The source as a DatasetDict with a 'train' and a 'validation' split and a 'text' column."""
+    if cfg.source == "stories":
+        raw = DatasetDict({split: Dataset.from_dict({"text": docs}) for split, docs in _story_texts(cfg).items()})
+        return raw
+    if cfg.source.startswith("hf:"):
+        name = cfg.source[3:]
+        try:
+            loaded = load_dataset(name, cfg.hub_config)
+        except Exception as err:  # the hub raises many types; all mean the same to a user
+            raise DataError(f"data.source: could not load hub dataset '{name}' (needs internet): {err}") from None
+    else:
+        path = Path(cfg.source).expanduser()
+        if path.is_dir():
+            try:
+                loaded = load_from_disk(str(path))
+            except FileNotFoundError as err:
+                raise DataError(f"data.source: {path} is a folder but not one written by datasets.save_to_disk ({err})") from None
+        elif path.suffix == ".txt":
+            loaded = Dataset.from_dict({"text": _read_text_documents(path, cfg.doc_separator)})
+        elif path.suffix in (".jsonl", ".json"):
+            loaded = Dataset.from_json(str(path))
+        elif path.suffix == ".parquet":
+            loaded = Dataset.from_parquet(str(path))
+        elif path.suffix == ".csv":
+            loaded = Dataset.from_csv(str(path))
+        else:
+            raise DataError(f"data.source: {path} has an unsupported suffix; expected a folder or one of {TEXT_SUFFIXES}")
+    return _with_splits(loaded, cfg)
+
+
+def _with_splits(loaded, cfg: DataConfig) -> DatasetDict:
+    if isinstance(loaded, DatasetDict):
+        if "train" not in loaded:
+            raise DataError(f"data.source: has splits {list(loaded)} but no 'train' split")
+        val_name = next((s for s in ("validation", "valid", "val", "test") if s in loaded), None)
+        if val_name is not None:
+            loaded = DatasetDict({"train": loaded["train"], "validation": loaded[val_name]})
+        else:
+            loaded = loaded["train"]
+    if isinstance(loaded, Dataset):
+        if len(loaded) < 2:
+            raise DataError(f"data.source: {cfg.source} holds {len(loaded)} documents; need at least 2 to split")
+        loaded = loaded.train_test_split(test_size=cfg.val_fraction, seed=cfg.split_seed)
+        loaded = DatasetDict({"train": loaded["train"], "validation": loaded["test"]})
+    for split, ds in loaded.items():
+        if cfg.text_column not in ds.column_names:
+            raise DataError(
+                f"data.text_column: no column '{cfg.text_column}' in the {split} split of {cfg.source}; "
+                f"columns: {ds.column_names}"
+            )
+        if len(ds) == 0:
+            raise DataError(f"data.source: the {split} split of {cfg.source} is empty")
+    if cfg.text_column != "text":
+        loaded = loaded.rename_column(cfg.text_column, "text")
+    return DatasetDict({split: ds.select_columns(["text"]) for split, ds in loaded.items()})
+
+
+def _story_texts(cfg: DataConfig) -> dict[str, list[str]]:
+    from rafale.stories import story_splits
+
+    return story_splits(cfg.num_train_stories, cfg.num_val_stories, seed=cfg.split_seed)
+
+
+def source_identity(cfg: DataConfig) -> list:
+    if cfg.source == "stories":
+        generator = Path(__file__).with_name("stories.py").read_bytes()
+        return ["stories", cfg.num_train_stories, cfg.num_val_stories, cfg.split_seed, hashlib.sha256(generator).hexdigest()]
+    if cfg.source.startswith("hf:"):
+        return [cfg.source, cfg.hub_config, cfg.text_column, cfg.val_fraction, cfg.split_seed]
+    path = Path(cfg.source).expanduser()
+    return [_file_identity(path), cfg.text_column, cfg.doc_separator, cfg.val_fraction, cfg.split_seed]
+
+
+def source_name(cfg: DataConfig) -> str:
+    if cfg.source in ("stories",):
+        return cfg.source
+    if cfg.source.startswith("hf:"):
+        return _safe_name(cfg.source[3:].replace("/", "--"))
+    return _safe_name(Path(cfg.source).expanduser().stem or Path(cfg.source).name)
+
+
+# ----------------------------------------------------------------------------------------------------
+# tokenizers
+
+
+def tokenizer_identity(cfg: DataConfig) -> list:
+    if cfg.tokenizer == "train":
+        return ["bpe", cfg.vocab_size]
+    if cfg.tokenizer.startswith("hf:"):
+        return [cfg.tokenizer]
+    return [hashlib.sha256(Path(cfg.tokenizer).expanduser().read_bytes()).hexdigest()]
+
+
+def tokenizer_name(cfg: DataConfig) -> str:
+    if cfg.tokenizer == "train":
+        return f"bpe{cfg.vocab_size}"
+    if cfg.tokenizer.startswith("hf:"):
+        return _safe_name(cfg.tokenizer[3:].replace("/", "--"))
+    path = Path(cfg.tokenizer)
+    return _safe_name(path.parent.name if path.stem == "tokenizer" else path.stem)
+
+
+def train_bpe_tokenizer(texts: Dataset, vocab_size: int) -> Tokenizer:
+    """A byte-level BPE (GPT-2 / GPT-NeoX style) trained on `texts`, with <|endoftext|> = 0, <|padding|> = 1."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=sys.stderr.isatty(),
+    )
+    batches = (texts[i : i + 1000]["text"] for i in range(0, len(texts), 1000))
+    tokenizer.train_from_iterator(batches, trainer, length=len(texts))
+    return tokenizer
+
+
+def load_tokenizer(spec: str) -> Tokenizer:
+    """A tokenizers JSON file, or 'hf:<name>' from the hub."""
+    if spec.startswith("hf:"):
+        try:
+            return Tokenizer.from_pretrained(spec[3:])
+        except Exception as err:
+            raise DataError(f"data.tokenizer: could not load hub tokenizer '{spec[3:]}' (needs internet): {err}") from None
+    try:
+        return Tokenizer.from_file(str(Path(spec).expanduser()))
+    except Exception as err:
+        raise DataError(f"data.tokenizer: {spec} is not a tokenizers JSON file: {err}") from None
+
+
+def special_token_ids(tokenizer: Tokenizer, where: str) -> tuple[int, int]:
+    """(end-of-text id, padding id); padding falls back to end-of-text (padded labels are ignored anyway)."""
+    vocab = tokenizer.get_vocab()
+    eos = next((vocab[t] for t in EOS_CANDIDATES if t in vocab), None)
+    if eos is None:
+        raise DataError(f"{where}: the tokenizer has no end-of-text token; expected one of {list(EOS_CANDIDATES)}")
+    pad = next((vocab[t] for t in PAD_CANDIDATES if t in vocab), eos)
+    return eos, pad
+
+
+# ----------------------------------------------------------------------------------------------------
+# datapipes
+
+
+@dataclass
+class PreparedData:
+    """What a datapipe hands the trainer: the cached splits and the tokenizer that made them."""
+
+    splits: DatasetDict
+    tokenizer: Tokenizer
+    path: Path
+    meta: dict
+
+    @property
+    def eos_token_id(self) -> int:
+        return self.meta["eos_token_id"]
+
+    @property
+    def pad_token_id(self) -> int:
+        return self.meta["pad_token_id"]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.meta["vocab_size"]
+
+
+class DataPipe:
+    """Load, tokenize, chunk and cache one dataset. Subclasses define `_prepare` and the collator."""
+
+    name = "base"
+
+    def __init__(self, cfg: DataConfig, num_proc: int = 0):
+        self.cfg = cfg
+        self.num_proc = num_proc or cfg.num_proc or os.cpu_count() or 1
+        self.root = cache_root(cfg.cache_dir)
+
+    def fingerprint_inputs(self) -> dict:
+        return {
+            "pipeline": [self.name, PIPELINE_VERSION],
+            "source": source_identity(self.cfg),
+            "tokenizer": tokenizer_identity(self.cfg),
+            "block_size": self.cfg.block_size,
+        }
+
+    @property
+    def cache_path(self) -> Path:
+        fingerprint = _sha(self.fingerprint_inputs())[:10]
+        name = f"{source_name(self.cfg)}_{tokenizer_name(self.cfg)}_bs{self.cfg.block_size}_{fingerprint}"
+        return self.root / self.name / name
+
+    def load(self, verbose: bool = True) -> PreparedData:
+        """The prepared data: from the cache when it is complete, else built now and cached."""
+        path = self.cache_path
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise DataError(f"data.cache_dir: cannot create the cache folder {path.parent}: {err}") from None
+        if not os.access(path.parent, os.W_OK):
+            raise DataError(f"data.cache_dir: the cache folder {path.parent} is not writable")
+        # one process builds; the others wait here and then find the finished cache
+        with FileLock(str(path) + ".lock"):
+            if (path / "rafale.json").is_file():
+                if verbose:
+                    print(f"rafale: using cached data at {path}")
+            else:
+                self._build(path, verbose)
+        meta = json.loads((path / "rafale.json").read_text())
+        splits = DatasetDict({split: load_from_disk(str(path / split)) for split in meta["splits"]})
+        tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+        return PreparedData(splits.with_format("torch"), tokenizer, path, meta)
+
+    def _build(self, path: Path, verbose: bool):
+        if verbose:
+            print(f"rafale: preparing data into {path}")
+        tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            raw = load_source(self.cfg, self.root)
+            if self.cfg.tokenizer == "train":
+                tokenizer = train_bpe_tokenizer(raw["train"], self.cfg.vocab_size)
+            else:
+                tokenizer = load_tokenizer(self.cfg.tokenizer)
+            eos, pad = special_token_ids(tokenizer, "data.tokenizer")
+            prepared = self._prepare(raw, tokenizer)
+            tmp.mkdir(parents=True)
+            tokenizer.save(str(tmp / "tokenizer.json"))
+            meta = {
+                "datapipe": self.name,
+                "fingerprint_inputs": self.fingerprint_inputs(),
+                "config": {k: v for k, v in vars(self.cfg).items()},
+                "vocab_size": tokenizer.get_vocab_size(),
+                "eos_token_id": eos,
+                "pad_token_id": pad,
+                "splits": {},
+            }
+            for split, ds in prepared.items():
+                ds.save_to_disk(str(tmp / split))
+                meta["splits"][split] = self._describe(ds)
+            (tmp / "rafale.json").write_text(json.dumps(meta, indent=2))  # written last: marks the cache complete
+            os.replace(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    def _describe(self, ds: Dataset) -> dict:
+        return {"examples": len(ds)}
+
+    def _prepare(self, raw: DatasetDict, tokenizer: Tokenizer) -> DatasetDict:
+        raise NotImplementedError
+
+
+def chunk_into_blocks(token_lists: pa.ChunkedArray, block_size: int) -> pa.ListArray:
+    """Concatenate token lists into one stream and cut it every block_size tokens (the last block may be short)."""
+    stream = token_lists.combine_chunks().flatten()  # one contiguous array, no Python loop
+    offsets = np.append(np.arange(0, len(stream), block_size), len(stream))
+    return pa.ListArray.from_arrays(pa.array(offsets, type=pa.int32()), stream)
+
+
+class CausalLMDataPipe(DataPipe):
+    """Causal language modelling: documents joined by the end-of-text token, cut into blocks."""
+
+    name = "causal_lm"
+
+    def _prepare(self, raw: DatasetDict, tokenizer: Tokenizer) -> DatasetDict:
+        eos, _ = special_token_ids(tokenizer, "data.tokenizer")
+
+        def tokenize(batch):
+            encodings = tokenizer.encode_batch(batch["text"], add_special_tokens=False)
+            return {"input_ids": [e.ids + [eos] for e in encodings]}
+
+        out = {}
+        for split, ds in raw.items():
+            num_proc = self.num_proc if len(ds) >= 20_000 and self.num_proc > 1 else None
+            tokenized = ds.map(
+                tokenize,
+                batched=True,
+                batch_size=1000,
+                num_proc=num_proc,
+                remove_columns=ds.column_names,
+                features=Features({"input_ids": Sequence(Value("int32"))}),
+                desc=f"tokenizing {split}",
+                load_from_cache_file=False,
+                keep_in_memory=True,
+            )
+            blocks = chunk_into_blocks(tokenized.data.column("input_ids"), self.cfg.block_size)
+            out[split] = Dataset(InMemoryTable(pa.table({"input_ids": blocks})))
+            if len(out[split]) == 0:
+                raise DataError(f"data.source: the {split} split has no tokens after tokenization")
+        return DatasetDict(out)
+
+    def _describe(self, ds: Dataset) -> dict:
+        tokens = len(ds.data.column("input_ids").combine_chunks().flatten())
+        return {"examples": len(ds), "blocks": len(ds), "tokens": tokens}
+
+
+@dataclass
+class CausalLMCollator:
+    """Stack blocks into input_ids (B, T) and labels shifted by one, IGNORE_INDEX past each block's end."""
+
+    pad_token_id: int
+
+    def __call__(self, examples: list[dict]) -> dict:
+        blocks = [e["input_ids"] for e in examples]
+        T = max(len(b) for b in blocks)
+        input_ids = torch.full((len(blocks), T), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(blocks), T), IGNORE_INDEX, dtype=torch.long)
+        for i, block in enumerate(blocks):
+            input_ids[i, : len(block)] = block
+            labels[i, : len(block) - 1] = block[1:]
+        return {"input_ids": input_ids, "labels": labels}
+
+
+DATAPIPES = {"causal_lm": CausalLMDataPipe}

@@ -1,0 +1,111 @@
+"""rafale's entry point: `rafale -c cfg.yaml`.
+
+    rafale -c cfg.yaml              prepare the data (cached), build the model, train and evaluate it
+    DATA=1 rafale -c cfg.yaml       only prepare the data (also: --data-only)
+    DEBUG=1 rafale -c cfg.yaml      train 10 epochs on one fixed batch, which a healthy model overfits (also: --debug)
+
+To add a model: write its nn.Module and Composer wrapper under rafale/models/, its presets in
+rafale/models/configurations.py, and a builder in `model_config_dict` below.
+"""
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python rafale/main.py`: make the package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from rafale.config import Config, RafaleError, load_config, resolve_model_config  # noqa: E402
+from rafale.datapipes import CausalLMCollator, CausalLMDataPipe, DataError, PreparedData  # noqa: E402
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def model_vocab_size(configured: int | None, data: PreparedData) -> int:
+    """The embedding size: the configured one, or the tokenizer's rounded up to a multiple of 64 for fast matmuls."""
+    if configured is None:
+        return round_up(data.vocab_size, 64)
+    if data.vocab_size > configured:
+        raise DataError(
+            f"model.vocab_size ({configured}) is smaller than the tokenizer's vocabulary ({data.vocab_size}); "
+            "raise model.vocab_size or use a smaller tokenizer"
+        )
+    return configured
+
+
+def build_pythia(model_cfg, data: PreparedData):
+    from rafale.models.decoder import ComposerLM, GPTNeoX
+
+    model_cfg.vocab_size = model_vocab_size(model_cfg.vocab_size, data)
+    return ComposerLM(GPTNeoX(model_cfg)), CausalLMCollator(pad_token_id=data.pad_token_id)
+
+
+# model type (model.type in the config) -> (datapipe class, builder of (Composer model, collator))
+model_config_dict = {
+    "pythia": (CausalLMDataPipe, build_pythia),
+}
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="rafale", description="Train small transformers from a YAML config.")
+    parser.add_argument("-c", "--config", required=True, help="path to the YAML config")
+    parser.add_argument("--data-only", action="store_true", help="only prepare and cache the data (same as DATA=1)")
+    parser.add_argument("--debug", action="store_true", help="overfit one batch for 10 epochs (same as DEBUG=1)")
+    return parser.parse_args(argv)
+
+
+def prepare_data(cfg: Config) -> PreparedData:
+    datapipe_cls, _ = model_config_dict[cfg.model.type]
+    return datapipe_cls(cfg.data).load()
+
+
+def print_data_summary(data: PreparedData):
+    print(f"rafale: data cache: {data.path}")
+    for split, info in data.meta["splits"].items():
+        tokens = f"{info['tokens']:,} tokens, " if "tokens" in info else ""
+        print(f"rafale:   {split}: {tokens}{info['examples']:,} examples")
+
+
+def train_main(args) -> int:
+    from rafale.train import DEBUG_EPOCHS, DEBUG_STEPS_PER_EPOCH, describe, run
+
+    cfg = load_config(args.config)
+    data_only = args.data_only or env_flag("DATA")
+    debug = args.debug or env_flag("DEBUG")
+    data = prepare_data(cfg)
+    print_data_summary(data)
+    if data_only:
+        return 0
+    model_cfg = resolve_model_config(cfg)
+    _, build = model_config_dict[cfg.model.type]
+    model, collator = build(model_cfg, data)
+    result = run(cfg, data, model, collator, debug=debug)
+    print(describe(result, sum(p.numel() for p in model.parameters())))
+    if debug and result.eval_loss_start is not None:
+        print(f"rafale: DEBUG: loss on the batch went from {result.eval_loss_start:.4f} to {result.eval_loss_end:.4f} "
+              f"in {DEBUG_EPOCHS} epochs of {DEBUG_STEPS_PER_EPOCH} steps ({result.eval_loss_end / result.eval_loss_start:.1%} of the start)")
+    return 0
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        code = train_main(parse_args(argv))
+    except RafaleError as err:
+        print(f"rafale: error: {err}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        print("rafale: interrupted", file=sys.stderr)
+        code = 130
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

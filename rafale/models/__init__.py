@@ -1,0 +1,1 @@
+"""rafale's models: plain nn.Modules, one file per family, and their thin Composer wrappers."""

@@ -1,0 +1,28 @@
+"""Model sizes. Each family has a table of presets ("flavors"); a config picks one by name with
+`model.preset` and may override any field. The real sizes follow the published checkpoints; the tiny ones
+train in minutes on a laptop CPU and are what the tests and `DEBUG=1` use."""
+
+from rafale.models.decoder import DecoderConfig
+
+PYTHIA_PRESETS = {
+    # tiny: the CPU default and the test fixture (vocab_size None: taken from the tokenizer)
+    "pythia-tiny": DecoderConfig(
+        hidden_size=128, num_layers=4, num_heads=4, intermediate_size=512, max_position_embeddings=512, vocab_size=None
+    ),
+    "pythia-debug": DecoderConfig(
+        hidden_size=64, num_layers=2, num_heads=4, intermediate_size=256, max_position_embeddings=256, vocab_size=None
+    ),
+    # EleutherAI/pythia-70m and -160m (config.json on the hub)
+    "pythia-70m": DecoderConfig(
+        vocab_size=50304, hidden_size=512, num_layers=6, num_heads=8, intermediate_size=2048
+    ),
+    "pythia-160m": DecoderConfig(
+        vocab_size=50304, hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072
+    ),
+}
+
+# model.type -> its presets; rafale.main.model_config_dict has a builder for each of these types
+PRESETS = {
+    "pythia": PYTHIA_PRESETS,
+}
+MODEL_FAMILIES = tuple(PRESETS)

@@ -1,0 +1,308 @@
+"""Pythia / GPT-NeoX: a decoder-only transformer, read top to bottom.
+
+    x = embed_in(ids)
+    for each layer:  x = x + attn(ln1(x)) + mlp(ln2(x))     (parallel residual, Pythia)
+                 or  x = x + attn(ln1(x)); x = x + mlp(ln2(x))   (sequential)
+    logits = embed_out(final_layer_norm(x))
+
+Module names mirror the Hugging Face GPT-NeoX checkpoint (`gpt_neox.layers.0.attention.query_key_value`
+here is `layers.0.attention.query_key_value`), so loading real weights is a rename. Attention goes through
+`scaled_dot_product_attention` (flash / memory-efficient kernels on a GPU). Rotary embeddings cover the first
+`rotary_pct` of each head. `generate` decodes greedily with a `KVCache`.
+
+`ComposerLM` at the bottom is the thin Composer wrapper; the `nn.Module`s above it know nothing of Composer.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class DecoderConfig:
+    vocab_size: Optional[int] = None  # None: the tokenizer's size rounded up to a multiple of 64
+    hidden_size: int = 512
+    num_layers: int = 6
+    num_heads: int = 8
+    intermediate_size: int = 2048
+    max_position_embeddings: int = 2048
+    rotary_pct: float = 0.25  # fraction of each head's dims that get rotary embeddings
+    rotary_base: float = 10000.0
+    parallel_residual: bool = True
+    layer_norm_eps: float = 1e-5
+    init_std: float = 0.02
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.rotary_pct)
+
+    def validate(self):
+        for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "max_position_embeddings"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.vocab_size is not None and self.vocab_size <= 0:
+            raise ValueError(f"vocab_size must be positive, got {self.vocab_size}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})")
+        if not 0 <= self.rotary_pct <= 1:
+            raise ValueError(f"rotary_pct must be in [0, 1], got {self.rotary_pct}")
+        if self.rotary_dim % 2:
+            raise ValueError(f"rotary_pct * head_dim must be even, got {self.rotary_dim}")
+
+
+class KVCache:
+    """Keys and values of the positions decoded so far, for every layer, allocated once.
+
+    k, v: (num_layers, B, nh, max_len, hs); `length` positions of them are filled.
+    """
+
+    def __init__(self, cfg: DecoderConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
+        shape = (cfg.num_layers, batch_size, cfg.num_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.length = 0
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store k, v (B, nh, T, hs) after the filled positions; return all keys and values (B, nh, length+T, hs)."""
+        end = self.length + k.shape[2]
+        self.k[layer, :, :, self.length : end] = k
+        self.v[layer, :, :, self.length : end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class RotaryEmbedding(nn.Module):
+    """cos and sin tables for rotary position embeddings (the GPT-NeoX, non-interleaved layout)."""
+
+    def __init__(self, dim: int, base: float):
+        super().__init__()
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype):
+        # position_ids: (B, T) -> cos, sin: (B, 1, T, dim), computed in fp32 as GPT-NeoX does
+        freqs = position_ids[:, :, None].float() * self.inv_freq[None, None, :]  # (B, T, dim/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, dim)
+        return emb.cos()[:, None].to(dtype), emb.sin()[:, None].to(dtype)
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x, cos, sin, rotary_dim: int):
+    # x: (B, nh, T, hs); only the first rotary_dim dims of each head rotate
+    x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
+    return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.num_heads, self.head_dim, self.rotary_dim = cfg.num_heads, cfg.head_dim, cfg.rotary_dim
+        self.query_key_value = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+
+    def forward(self, x, cos, sin, attn_mask=None, kv_cache: Optional[KVCache] = None, layer: int = 0):
+        B, T, C = x.shape
+        # GPT-NeoX lays out the fused projection per head: [q_h, k_h, v_h] for each head h
+        qkv = self.query_key_value(x).view(B, T, self.num_heads, 3 * self.head_dim)  # (B, T, nh, 3*hs)
+        q, k, v = qkv.transpose(1, 2).split(self.head_dim, dim=-1)  # each (B, nh, T, hs)
+        q = apply_rotary(q, cos, sin, self.rotary_dim)
+        k = apply_rotary(k, cos, sin, self.rotary_dim)
+        if kv_cache is not None:
+            k, v = kv_cache.update(layer, k, v)  # (B, nh, past+T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, nh*hs)
+        return self.dense(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.dense_h_to_4h = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.dense_4h_to_h = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+
+    def forward(self, x):
+        return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x)))
+
+
+class Layer(nn.Module):
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.parallel_residual = cfg.parallel_residual
+        self.input_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.post_attention_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.attention = Attention(cfg)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, attn_mask=None, kv_cache=None, layer=0):
+        attn = self.attention(self.input_layernorm(x), cos, sin, attn_mask, kv_cache, layer)
+        if self.parallel_residual:
+            return x + attn + self.mlp(self.post_attention_layernorm(x))
+        x = x + attn
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def attention_mask_for(attention_mask, past: int, T: int):
+    """Boolean mask (B, 1, T, past+T): causal, and no attention to padding keys.
+
+    attention_mask: (B, past+T), 1 for real tokens, 0 for padding. A padded query still sees itself, so
+    no row is all False (which would give NaNs); its output is ignored anyway.
+    """
+    S = past + T
+    device = attention_mask.device
+    q_pos = torch.arange(past, S, device=device)[:, None]  # (T, 1)
+    k_pos = torch.arange(S, device=device)[None, :]  # (1, S)
+    causal = k_pos <= q_pos  # (T, S)
+    mask = causal[None, None] & attention_mask[:, None, None, :].bool()  # (B, 1, T, S)
+    return mask | (k_pos == q_pos)[None, None]
+
+
+class GPTNeoX(nn.Module):
+    """The decoder. forward(input_ids) -> logits (B, T, vocab_size)."""
+
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        if cfg.vocab_size is None:
+            raise ValueError("vocab_size must be set before building the model")
+        cfg.validate()
+        self.cfg = cfg
+        self.embed_in = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.rotary = RotaryEmbedding(cfg.rotary_dim, cfg.rotary_base)
+        self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.num_layers))
+        self.final_layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.embed_out = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        # GPT-2 style: N(0, 0.02), with the projections into the residual stream scaled down by depth
+        for name, p in self.named_parameters():
+            if p.dim() == 1:
+                nn.init.ones_(p) if "layernorm" in name or "layer_norm" in name else nn.init.zeros_(p)
+            else:
+                std = self.cfg.init_std
+                if name.endswith(("attention.dense.weight", "dense_4h_to_h.weight")):
+                    std /= math.sqrt(2 * self.cfg.num_layers)
+                nn.init.normal_(p, mean=0.0, std=std)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, kv_cache: Optional[KVCache] = None):
+        """input_ids: (B, T). attention_mask: (B, past+T) of 1/0, past counting the cached positions.
+
+        position_ids default to 0, 1, 2, ... counted over real tokens only (so left padding works).
+        """
+        B, T = input_ids.shape
+        past = kv_cache.length if kv_cache is not None else 0
+        if past + T > self.cfg.max_position_embeddings:
+            raise ValueError(
+                f"sequence of {past + T} tokens is longer than max_position_embeddings ({self.cfg.max_position_embeddings})"
+            )
+        if position_ids is None:
+            if attention_mask is None:
+                position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
+            else:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+        # without padding or a cache, the causal mask is implicit and SDPA may use flash attention
+        attn_mask = None
+        if attention_mask is not None or past > 0:
+            if attention_mask is None:
+                attention_mask = torch.ones(B, past + T, dtype=torch.bool, device=input_ids.device)
+            attn_mask = attention_mask_for(attention_mask, past, T)
+
+        x = self.embed_in(input_ids)  # (B, T, C)
+        cos, sin = self.rotary(position_ids, x.dtype)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, attn_mask, kv_cache, i)
+        if kv_cache is not None:
+            kv_cache.length += T
+        return self.embed_out(self.final_layer_norm(x))  # (B, T, vocab_size)
+
+    @torch.no_grad()
+    def generate(self, input_ids, max_new_tokens: int, attention_mask=None, eos_token_id=None, use_cache=True):
+        """Greedy decoding. input_ids: (B, T), left-padded when the prompts differ in length.
+
+        Returns (B, T + max_new_tokens); once a row has produced eos_token_id it repeats it.
+        """
+        B, T = input_ids.shape
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        cache = None
+        if use_cache:
+            param = next(self.parameters())
+            cache = KVCache(self.cfg, B, T + max_new_tokens, param.device, param.dtype)
+        done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        tokens, step_input = input_ids, input_ids
+        for _ in range(max_new_tokens):
+            logits = self(step_input, attention_mask=attention_mask, kv_cache=cache)  # (B, t, V)
+            next_token = logits[:, -1].argmax(dim=-1)  # (B,)
+            if eos_token_id is not None:
+                next_token = torch.where(done, eos_token_id, next_token)
+                done |= next_token == eos_token_id
+            tokens = torch.cat([tokens, next_token[:, None]], dim=1)
+            attention_mask = torch.cat([attention_mask, torch.ones_like(next_token)[:, None]], dim=1)
+            step_input = next_token[:, None] if use_cache else tokens
+            if eos_token_id is not None and done.all():
+                break
+        return tokens
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameters; non_embedding leaves out the input embedding but counts the output projection."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.embed_in.weight.numel() if non_embedding else n
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs per token: 6N for the weights plus 12 * L * T * C for attention (PaLM, appendix B)."""
+        return 6 * self.num_params() + 12 * self.cfg.num_layers * seq_len * self.cfg.hidden_size
+
+
+# ----------------------------------------------------------------------------------------------------
+# Composer wrapper
+
+from composer.metrics import LanguageCrossEntropy, LanguagePerplexity  # noqa: E402
+from composer.models import ComposerModel  # noqa: E402
+
+IGNORE_INDEX = -100
+
+
+class ComposerLM(ComposerModel):
+    """Causal language modelling with the Composer Trainer. Batches hold input_ids and (shifted) labels."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.train_metrics = {}
+        self.val_metrics = {
+            "LanguageCrossEntropy": LanguageCrossEntropy(ignore_index=IGNORE_INDEX),
+            "LanguagePerplexity": LanguagePerplexity(ignore_index=IGNORE_INDEX),
+        }
+
+    def forward(self, batch):
+        return self.model(batch["input_ids"], attention_mask=batch.get("attention_mask"))
+
+    def loss(self, outputs, batch):
+        return F.cross_entropy(outputs.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE_INDEX)
+
+    def eval_forward(self, batch, outputs=None):
+        return outputs if outputs is not None else self.forward(batch)
+
+    def get_metrics(self, is_train: bool = False):
+        return self.train_metrics if is_train else self.val_metrics
+
+    def update_metric(self, batch, outputs, metric):
+        metric.update(outputs, batch["labels"])
+
+    def flops_per_batch(self, batch):
+        B, T = batch["input_ids"].shape
+        return self.model.flops_per_token(T) * B * T
