@@ -149,6 +149,8 @@ def run(cfg: Config, data: PreparedData, model, collator, debug: bool = False) -
     save = not debug and not t.eval_only
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*(No optimizer|is deprecated|`device_train_microbatch_size='auto'`).*")
+    # the last evaluation batch is usually short; Composer says so on every evaluation
+    warnings.filterwarnings("ignore", message="Cannot split tensor of length")
         trainer = Trainer(
             model=model,
             run_name=run_name,

@@ -3,6 +3,7 @@
 train in minutes on a laptop CPU and are what the tests and `DEBUG=1` use."""
 
 from rafale.models.decoder import DecoderConfig
+from rafale.models.encoder import EncoderConfig
 
 PYTHIA_PRESETS = {
     # tiny: the CPU default and the test fixture (vocab_size None: taken from the tokenizer)
@@ -18,6 +19,34 @@ PYTHIA_PRESETS = {
     ),
     "pythia-160m": DecoderConfig(
         vocab_size=50304, hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072
+    ),
+}
+
+BERT_PRESETS = {
+    # tiny: the CPU default and the test fixture (vocab_size None: taken from the tokenizer)
+    "bert-tiny": EncoderConfig(
+        family="bert", hidden_size=128, num_layers=2, num_heads=2, intermediate_size=512,
+        max_position_embeddings=512, vocab_size=None,
+    ),
+    # bert-base-uncased (config.json on the hub)
+    "bert-base": EncoderConfig(
+        family="bert", vocab_size=30522, hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072,
+        max_position_embeddings=512, type_vocab_size=2,
+    ),
+}
+
+ROBERTA_PRESETS = {
+    # RoBERTa's position table has 2 extra rows (pad id 1 and below are never a real token's position),
+    # so 514 rows give max_seq_len 512
+    "roberta-tiny": EncoderConfig(
+        family="roberta", hidden_size=128, num_layers=2, num_heads=2, intermediate_size=512,
+        max_position_embeddings=514, type_vocab_size=1, layer_norm_eps=1e-5, pad_token_id=1, position_offset=2,
+        vocab_size=None,
+    ),
+    # FacebookAI/roberta-base (config.json on the hub)
+    "roberta-base": EncoderConfig(
+        family="roberta", vocab_size=50265, hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072,
+        max_position_embeddings=514, type_vocab_size=1, layer_norm_eps=1e-5, pad_token_id=1, position_offset=2,
     ),
 }
 

@@ -1,0 +1,44 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    """One data cache for the whole session, so tests that use the same data build it once."""
+    path = tmp_path_factory.mktemp("rafale_cache")
+    os.environ["RAFALE_CACHE"] = str(path)
+    return path
+
+
+def write_config(path: Path, base: str = "pythia_debug.yaml", **sections) -> Path:
+    """A copy of test/<base> with some keys changed: write_config(p, training={"lr": 0.1})."""
+    cfg = yaml.safe_load((ROOT / "test" / base).read_text())
+    for section, values in sections.items():
+        if values is None:
+            cfg.pop(section, None)
+        else:
+            cfg.setdefault(section, {}).update(values)
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def debug_config(tmp_path, cache_dir):
+    return write_config(tmp_path / "cfg.yaml", run={"output_dir": str(tmp_path / "runs")})
+
+
+def run_cli(args, env=None, cwd=ROOT, timeout=600):
+    """Run a command with the test environment; returns CompletedProcess with text output."""
+    full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    return subprocess.run(args, env=full_env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+RAFALE = [sys.executable, "-m", "rafale"]

@@ -1,0 +1,160 @@
+import json
+
+import pytest
+import torch
+from datasets import Dataset, DatasetDict
+
+from rafale.config import DataConfig
+from rafale.datapipes import (
+    IGNORE_INDEX,
+    CausalLMCollator,
+    CausalLMDataPipe,
+    DataError,
+    chunk_into_blocks,
+    load_source,
+)
+from conftest import SHARED_DATA
+
+DOCS = [f"Story number {i}. Tom had a red ball and {'a big dog' if i % 2 else 'a small cat'}." for i in range(300)]
+
+
+def small_cfg(tmp_path, **kw) -> DataConfig:
+    defaults = dict(source="stories", vocab_size=300, block_size=32, num_train_stories=120, num_val_stories=20,
+                    cache_dir=str(tmp_path / "cache"), num_proc=1)
+    return DataConfig(**(defaults | kw))
+
+
+def write_txt(path, docs=DOCS, sep="<|endoftext|>"):
+    path.write_text(f"\n{sep}\n".join(docs))
+    return path
+
+
+def test_blocks_are_the_token_stream_cut_at_block_size(tmp_path):
+    cfg = small_cfg(tmp_path, source=str(write_txt(tmp_path / "docs.txt")), val_fraction=0.1)
+    data = CausalLMDataPipe(cfg).load(verbose=False)
+    tok = data.tokenizer
+    raw = load_source(cfg, tmp_path)  # the same split, recomputed
+    for split in ("train", "validation"):
+        blocks = [b.tolist() for b in data.splits[split]["input_ids"]]
+        assert all(len(b) == cfg.block_size for b in blocks[:-1]) and 0 < len(blocks[-1]) <= cfg.block_size
+        stream = [t for doc in raw[split]["text"] for t in tok.encode(doc, add_special_tokens=False).ids + [data.eos_token_id]]
+        assert [t for b in blocks for t in b] == stream
+        # decoding the blocks gives back the documents, joined by the end-of-text token
+        text = tok.decode([t for b in blocks for t in b], skip_special_tokens=False)
+        assert text == "<|endoftext|>".join(raw[split]["text"]) + "<|endoftext|>"
+    assert data.meta["splits"]["train"]["tokens"] == sum(len(b) for b in data.splits["train"]["input_ids"])
+
+
+def test_second_run_hits_the_cache_and_changed_inputs_miss_it(tmp_path, capsys, monkeypatch):
+    cfg = small_cfg(tmp_path)
+    first = CausalLMDataPipe(cfg).load()
+    assert "preparing data" in capsys.readouterr().out
+
+    def no_rebuild(*args, **kwargs):
+        raise AssertionError("the cache should have been used")
+
+    monkeypatch.setattr(CausalLMDataPipe, "_build", no_rebuild)
+    second = CausalLMDataPipe(cfg).load()
+    assert "using cached data" in capsys.readouterr().out
+    assert second.path == first.path
+    assert torch.equal(second.splits["train"][0]["input_ids"], first.splits["train"][0]["input_ids"])
+    monkeypatch.undo()
+
+    paths = {first.path}
+    for change in ({"block_size": 16}, {"vocab_size": 280}, {"num_train_stories": 100}):
+        other = CausalLMDataPipe(small_cfg(tmp_path, **change))
+        assert other.cache_path not in paths, change
+        paths.add(other.cache_path)
+    assert first.path.name.startswith("stories_bpe300_bs32_")
+
+
+def test_changed_source_file_misses_the_cache(tmp_path):
+    path = write_txt(tmp_path / "docs.txt")
+    before = CausalLMDataPipe(small_cfg(tmp_path, source=str(path))).cache_path
+    write_txt(path, DOCS[:200])
+    assert CausalLMDataPipe(small_cfg(tmp_path, source=str(path))).cache_path != before
+
+
+def test_trained_tokenizer_round_trips_text(tmp_path):
+    data = CausalLMDataPipe(small_cfg(tmp_path)).load(verbose=False)
+    text = 'Once upon a time, Lily said "Hello!" to the big, friendly dog.'
+    ids = data.tokenizer.encode(text).ids
+    assert data.tokenizer.decode(ids) == text
+    assert data.tokenizer.get_vocab_size() == 300
+    assert (data.eos_token_id, data.pad_token_id) == (0, 1)
+    assert (data.path / "tokenizer.json").is_file()
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "pythia-tokenizer" / "tokenizer.json").is_file(), reason="../shared/data is absent")
+def test_real_pythia_tokenizer_loads_and_tokenizes(tmp_path):
+    path = SHARED_DATA / "pythia-tokenizer" / "tokenizer.json"
+    data = CausalLMDataPipe(small_cfg(tmp_path, tokenizer=str(path))).load(verbose=False)
+    assert data.tokenizer.encode("Hello world").ids == [12092, 1533]
+    assert (data.eos_token_id, data.pad_token_id, data.vocab_size) == (0, 1, 50277)
+    assert data.path.name.startswith("stories_pythia-tokenizer_bs32_")
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".parquet", ".csv", "saved"])
+def test_local_sources_with_a_named_text_column(tmp_path, suffix):
+    ds = Dataset.from_dict({"id": list(range(len(DOCS))), "story": DOCS})
+    path = tmp_path / f"docs{suffix}"
+    {".jsonl": ds.to_json, ".json": ds.to_json, ".parquet": ds.to_parquet, ".csv": ds.to_csv,
+     "saved": ds.save_to_disk}[suffix](str(path))
+    raw = load_source(small_cfg(tmp_path, source=str(path), text_column="story", val_fraction=0.2), tmp_path)
+    assert sorted(list(raw["train"]["text"]) + list(raw["validation"]["text"])) == sorted(DOCS)
+    assert len(raw["validation"]) == 60
+    with pytest.raises(DataError, match="data.text_column: no column 'text'.*'story'"):
+        load_source(small_cfg(tmp_path, source=str(path)), tmp_path)
+
+
+def test_source_splits_are_kept_and_carved_splits_are_reproducible(tmp_path):
+    path = tmp_path / "saved"
+    DatasetDict({"train": Dataset.from_dict({"text": DOCS[:250]}),
+                 "validation": Dataset.from_dict({"text": DOCS[250:]})}).save_to_disk(str(path))
+    raw = load_source(small_cfg(tmp_path, source=str(path)), tmp_path)
+    assert list(raw["validation"]["text"]) == DOCS[250:]
+    txt = write_txt(tmp_path / "docs.txt")
+    a = load_source(small_cfg(tmp_path, source=str(txt), split_seed=3), tmp_path)
+    b = load_source(small_cfg(tmp_path, source=str(txt), split_seed=3), tmp_path)
+    c = load_source(small_cfg(tmp_path, source=str(txt), split_seed=4), tmp_path)
+    assert list(a["validation"]["text"]) == list(b["validation"]["text"]) != list(c["validation"]["text"])
+
+
+def test_txt_documents_are_split_on_the_separator(tmp_path):
+    path = write_txt(tmp_path / "docs.txt", ["first doc", "second\ndoc", "", "third"], sep="===")
+    raw = load_source(small_cfg(tmp_path, source=str(path), doc_separator="==="), tmp_path)
+    assert sorted(list(raw["train"]["text"]) + list(raw["validation"]["text"])) == ["first doc", "second\ndoc", "third"]
+
+
+def test_a_failed_build_leaves_no_cache_behind(tmp_path, monkeypatch):
+    pipe = CausalLMDataPipe(small_cfg(tmp_path))
+
+    def broken(self, raw, tokenizer):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(CausalLMDataPipe, "_prepare", broken)
+    with pytest.raises(RuntimeError, match="disk full"):
+        pipe.load(verbose=False)
+    leftovers = [p.name for p in pipe.cache_path.parent.iterdir() if not p.name.endswith(".lock")]
+    assert leftovers == []
+
+
+def test_chunk_into_blocks_keeps_every_token():
+    import pyarrow as pa
+
+    lists = pa.chunked_array([pa.array([[1, 2, 3], [4]]), pa.array([[5, 6, 7, 8, 9]])])
+    assert chunk_into_blocks(lists, 4).to_pylist() == [[1, 2, 3, 4], [5, 6, 7, 8], [9]]
+
+
+def test_collator_shifts_labels_and_ignores_padding():
+    collate = CausalLMCollator(pad_token_id=1)
+    batch = collate([{"input_ids": torch.tensor([5, 6, 7, 8])}, {"input_ids": torch.tensor([9, 10])}])
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8], [9, 10, 1, 1]]
+    assert batch["labels"].tolist() == [[6, 7, 8, IGNORE_INDEX], [10, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]]
+
+
+def test_meta_records_the_split_sizes(tmp_path):
+    data = CausalLMDataPipe(small_cfg(tmp_path)).load(verbose=False)
+    meta = json.loads((data.path / "rafale.json").read_text())
+    assert meta["splits"]["validation"]["blocks"] == len(data.splits["validation"]) > 0
+    assert meta["vocab_size"] == 300

@@ -1,0 +1,117 @@
+import pytest
+import torch
+
+from rafale.models.configurations import PYTHIA_PRESETS
+from rafale.models.decoder import ComposerLM, DecoderConfig, GPTNeoX, KVCache
+
+V = 97
+
+
+def tiny(**kw) -> GPTNeoX:
+    torch.manual_seed(0)
+    cfg = DecoderConfig(vocab_size=V, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
+                        max_position_embeddings=64, **kw)
+    return GPTNeoX(cfg).eval()
+
+
+def test_shapes():
+    model = tiny()
+    ids = torch.randint(0, V, (3, 10))
+    assert model(ids).shape == (3, 10, V)
+    assert model.generate(ids, max_new_tokens=5).shape == (3, 15)
+
+
+@pytest.mark.parametrize("parallel_residual", [True, False])
+@pytest.mark.parametrize("rotary_pct", [0.25, 1.0])
+def test_kv_cache_generation_equals_full_forward_generation(parallel_residual, rotary_pct):
+    model = tiny(parallel_residual=parallel_residual, rotary_pct=rotary_pct)
+    prompt = torch.randint(0, V, (2, 7))
+    cached = model.generate(prompt, max_new_tokens=20)
+    uncached = model.generate(prompt, max_new_tokens=20, use_cache=False)
+    assert torch.equal(cached, uncached)
+    # and each uncached step really is the argmax of a full forward pass
+    logits = model(uncached[:, :-1])
+    assert torch.equal(logits[:, 6:].argmax(-1), uncached[:, 7:])
+
+
+def test_cached_logits_match_full_forward():
+    model = tiny()
+    ids = torch.randint(0, V, (2, 12))
+    full = model(ids)
+    cache = KVCache(model.cfg, batch_size=2, max_len=12)
+    first = model(ids[:, :5], kv_cache=cache)
+    rest = [model(ids[:, t : t + 1], kv_cache=cache) for t in range(5, 12)]
+    torch.testing.assert_close(torch.cat([first, *rest], dim=1), full, atol=1e-5, rtol=1e-4)
+    assert cache.length == 12
+
+
+def test_causal_mask():
+    model = tiny()
+    ids = torch.randint(0, V, (1, 16))
+    changed = ids.clone()
+    changed[0, 10] = (ids[0, 10] + 1) % V
+    a, b = model(ids), model(changed)
+    torch.testing.assert_close(a[:, :10], b[:, :10])
+    assert not torch.allclose(a[:, 10:], b[:, 10:])
+
+
+def test_right_padding_does_not_change_real_positions():
+    model = tiny()
+    ids = torch.randint(0, V, (1, 9))
+    padded = torch.cat([ids, torch.zeros(1, 4, dtype=torch.long)], dim=1)
+    mask = torch.cat([torch.ones(1, 9), torch.zeros(1, 4)], dim=1).long()
+    torch.testing.assert_close(model(padded, attention_mask=mask)[:, :9], model(ids), atol=1e-5, rtol=1e-4)
+
+
+def test_left_padded_batch_generates_what_each_prompt_generates_alone():
+    model = tiny()
+    prompts = [torch.randint(0, V, (n,)) for n in (3, 8)]
+    batch = torch.zeros(2, 8, dtype=torch.long)
+    mask = torch.zeros(2, 8, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        batch[i, 8 - len(p):], mask[i, 8 - len(p):] = p, 1
+    out = model.generate(batch, max_new_tokens=10, attention_mask=mask)
+    for i, p in enumerate(prompts):
+        alone = model.generate(p[None], max_new_tokens=10)
+        assert torch.equal(out[i, 8:], alone[0, len(p):])
+
+
+def test_generation_stops_at_eos():
+    model = tiny()
+    prompt = torch.randint(0, V, (1, 4))
+    free = model.generate(prompt, max_new_tokens=12)
+    eos = int(free[0, 6])  # pretend the third generated token is end-of-text
+    out = model.generate(prompt, max_new_tokens=12, eos_token_id=eos)
+    first_eos = (out[0, 4:] == eos).nonzero()[0].item()
+    assert out.shape[1] == 4 + first_eos + 1 and torch.equal(out[0, : 4 + first_eos], free[0, : 4 + first_eos])
+
+
+def test_too_long_input_is_an_error():
+    model = tiny()
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        model(torch.zeros(1, 65, dtype=torch.long))
+
+
+def test_presets_have_the_published_pythia_shapes():
+    # parameter counts of EleutherAI/pythia-70m and -160m (70,426,624 and 162,322,944)
+    assert sum(p.numel() for p in GPTNeoX(PYTHIA_PRESETS["pythia-70m"]).parameters()) == 70_426_624
+    assert sum(p.numel() for p in GPTNeoX(PYTHIA_PRESETS["pythia-160m"]).parameters()) == 162_322_944
+
+
+def test_config_validation_names_the_field():
+    with pytest.raises(ValueError, match="hidden_size .* divisible by num_heads"):
+        DecoderConfig(vocab_size=8, hidden_size=30, num_heads=4).validate()
+
+
+def test_composer_lm_loss_and_metrics():
+    model = ComposerLM(tiny())
+    ids = torch.randint(0, V, (2, 6))
+    labels = torch.cat([ids[:, 1:], torch.full((2, 1), -100)], dim=1)
+    batch = {"input_ids": ids, "labels": labels}
+    logits = model(batch)
+    expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, V), ids[:, 1:].reshape(-1))
+    torch.testing.assert_close(model.loss(logits, batch), expected)
+    metric = model.get_metrics(is_train=False)["LanguageCrossEntropy"]
+    model.update_metric(batch, model.eval_forward(batch), metric)
+    torch.testing.assert_close(metric.compute(), expected)
+    assert model.flops_per_batch(batch) == model.model.flops_per_token(6) * 12 > 0

@@ -1,0 +1,74 @@
+"""The CLI as a user runs it: subprocesses on the tiny debug config."""
+
+import re
+import sys
+
+import pytest
+import yaml
+
+from conftest import RAFALE, ROOT, run_cli, write_config
+
+
+def losses(output: str):
+    start = float(re.search(r"validation loss at start: ([\d.]+)", output).group(1))
+    end = float(re.search(r"validation loss at end: ([\d.]+)", output).group(1))
+    return start, end
+
+
+def test_debug_overfits_one_batch(debug_config, tmp_path):
+    result = run_cli([*RAFALE, "-c", str(debug_config)], env={"DEBUG": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    start, end = losses(result.stdout)
+    # a broken model (no gradient, wrong labels, a leaking causal mask...) cannot memorize a batch this well
+    assert end < 0.3 * start, result.stdout[-2000:]
+    assert "DEBUG: loss on the batch went from" in result.stdout
+    assert not (tmp_path / "runs" / "pythia-debug-debug" / "checkpoints").exists()
+
+
+def test_data_only_builds_the_cache_and_trains_nothing(tmp_path):
+    cache = tmp_path / "cache"
+    cfg = write_config(tmp_path / "cfg.yaml", run={"output_dir": str(tmp_path / "runs")}, data={"num_train_stories": 300})
+    result = run_cli([*RAFALE, "-c", str(cfg)], env={"DATA": "1", "RAFALE_CACHE": str(cache)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert re.search(r"train: [\d,]+ tokens, [\d,]+ examples", result.stdout)
+    assert f"data cache: {cache}" in result.stdout
+    assert len(list(cache.glob("causal_lm/*/rafale.json"))) == 1
+    assert not (tmp_path / "runs").exists()
+    # the flag does the same, and now finds the cache
+    again = run_cli([*RAFALE, "-c", str(cfg), "--data-only"], env={"RAFALE_CACHE": str(cache)})
+    assert again.returncode == 0 and "using cached data" in again.stdout
+
+
+def test_training_lowers_validation_loss_then_eval_only_reports_it(debug_config, tmp_path):
+    run_dir = tmp_path / "runs" / "pythia-debug"
+    result = run_cli([*RAFALE, "-c", str(debug_config)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    start, end = losses(result.stdout)
+    assert end < start - 1.0, result.stdout[-2000:]
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["training"]["max_duration"] == "40ba"
+    assert (run_dir / "tokenizer.json").is_file()
+    checkpoints = sorted((run_dir / "checkpoints").glob("ep*-ba*-rank0.pt"))
+    assert [c.name for c in checkpoints] == ["ep0-ba20-rank0.pt", "ep0-ba40-rank0.pt"]
+
+    eval_cfg = write_config(
+        tmp_path / "eval.yaml",
+        run={"output_dir": str(tmp_path / "runs"), "name": "pythia-debug-eval"},
+        training={"eval_only": True, "load_path": str(checkpoints[-1])},
+    )
+    evaluated = run_cli([*RAFALE, "-c", str(eval_cfg)])
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    reported = float(re.search(r"validation loss at start: ([\d.]+)", evaluated.stdout).group(1))
+    assert reported == pytest.approx(end, abs=1e-3)
+    assert "tokens trained" not in evaluated.stdout
+
+
+@pytest.mark.parametrize("entry", ["console_script", "main_py"])
+def test_other_entry_points_run_the_same_job(debug_config, entry):
+    command = {
+        "console_script": [str(ROOT / ".venv" / "bin" / "rafale") if (ROOT / ".venv" / "bin" / "rafale").exists() else "rafale"],
+        "main_py": [sys.executable, str(ROOT / "rafale" / "main.py")],
+    }[entry]
+    result = run_cli([*command, "-c", str(debug_config), "--debug"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    start, end = losses(result.stdout)
+    assert end < 0.3 * start
