@@ -72,6 +72,11 @@ class DataConfig:
     split_seed: int = option(0, "Seed of that validation split.")
     text_column: str = option("text", "Column holding the text in .jsonl/.json/.parquet/.csv/saved/hub sources.")
     hub_config: Optional[str] = option(None, "Configuration name of a hub dataset (hf: sources only).")
+    label_column: str = option("label", "Column holding the class (a name or an id) for classification.")
+    label_names: Optional[list[str]] = option(
+        None, "The classes, in id order, for classification. Default: the sorted names (or ids) in the training split."
+    )
+    mlm_probability: float = option(0.15, "Fraction of tokens masked for masked-LM training.")
     doc_separator: str = option(
         "<|endoftext|>", "String between documents in a .txt source (a line of its own or inline)."
     )
@@ -84,7 +89,10 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    type: str = option("pythia", "Model family, a key of rafale.main.model_config_dict.")
+    type: str = option("pythia", "Model family, a key of rafale.main.model_config_dict (pythia, bert, roberta).")
+    task: Optional[Literal["causal_lm", "mlm", "classification"]] = option(
+        None, "What to train: causal_lm (pythia), mlm or classification (bert, roberta). Default: the family's first."
+    )
     preset: str = option("pythia-tiny", "A size preset of that family (rafale/models/configurations.py).")
     overrides: dict = option(
         default_factory=dict,
@@ -145,7 +153,7 @@ def _type_name(tp) -> str:
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if origin in (tuple, list):
         args = typing.get_args(tp)
-        return f"a list of {len(args)} {_type_name(args[0])}s" if origin is tuple else f"a list of {_type_name(args[0])}"
+        return f"a list of {len(args)} {_type_name(args[0])}s" if origin is tuple else f"a list of {_type_name(args[0])}s"
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "a mapping"}.get(
         tp, getattr(tp, "__name__", str(tp))
     )
@@ -173,6 +181,11 @@ def _coerce(value, tp):
             return _NOT
         items = [_coerce(v, a) for v, a in zip(value, args)]
         return _NOT if any(i is _NOT for i in items) else tuple(items)
+    if origin is list:
+        if not isinstance(value, list):
+            return _NOT
+        items = [_coerce(v, typing.get_args(tp)[0]) for v in value]
+        return _NOT if any(i is _NOT for i in items) else items
     if tp is bool:
         return value if isinstance(value, bool) else _NOT
     if tp is int:
@@ -283,6 +296,10 @@ def validate(cfg: Config) -> None:
                        "training.weight_decay": cfg.training.weight_decay, "training.eps": cfg.training.eps}.items():
         if value < 0:
             raise ConfigError(key, f"must not be negative, got {value}")
+    if not 0 < cfg.data.mlm_probability < 1:
+        raise ConfigError("data.mlm_probability", f"must be between 0 and 1 (exclusive), got {cfg.data.mlm_probability}")
+    if cfg.data.label_names is not None and (len(cfg.data.label_names) < 2 or len(set(cfg.data.label_names)) != len(cfg.data.label_names)):
+        raise ConfigError("data.label_names", f"must list at least 2 distinct classes, got {cfg.data.label_names}")
     if not 0 < cfg.data.val_fraction < 1:
         raise ConfigError("data.val_fraction", f"must be between 0 and 1 (exclusive), got {cfg.data.val_fraction}")
     if not 0 <= cfg.training.lr_final_ratio <= 1:
@@ -366,6 +383,11 @@ def resolve_model_config(cfg: Config):
     presets = configurations.PRESETS[cfg.model.type]
     if cfg.model.preset not in presets:
         raise _unknown_key(cfg.model.preset, presets, "model.preset=")
+    tasks = configurations.TASKS[cfg.model.type]
+    if cfg.model.task is None:
+        cfg.model.task = tasks[0]
+    elif cfg.model.task not in tasks:
+        raise ConfigError("model.task", f"a {cfg.model.type} model does {' or '.join(tasks)}, not {cfg.model.task}")
     preset = presets[cfg.model.preset]
     fields = {f.name for f in dataclasses.fields(preset)}
     for key in cfg.model.overrides:
@@ -377,18 +399,20 @@ def resolve_model_config(cfg: Config):
         model_cfg.validate()
     except ValueError as err:
         raise ConfigError("model", str(err)) from None
-    if cfg.data.block_size > model_cfg.max_position_embeddings:
+    longest = getattr(model_cfg, "max_seq_len", model_cfg.max_position_embeddings)
+    if cfg.data.block_size > longest:
         raise ConfigError(
             "data.block_size",
-            f"({cfg.data.block_size}) is larger than the model's max_position_embeddings "
-            f"({model_cfg.max_position_embeddings})",
+            f"({cfg.data.block_size}) is larger than the model's max_position_embeddings ({longest})",
         )
+    if cfg.model.task != "causal_lm" and cfg.data.block_size < 3:
+        raise ConfigError("data.block_size", f"must leave room for the two framing tokens, got {cfg.data.block_size}")
     return model_cfg
 
 
 def to_dict(cfg: Config) -> dict:
     out = dataclasses.asdict(cfg)
-    out["model"] = {"type": cfg.model.type, "preset": cfg.model.preset, **cfg.model.overrides}
+    out["model"] = {"type": cfg.model.type, "task": cfg.model.task, "preset": cfg.model.preset, **cfg.model.overrides}
     out["training"]["betas"] = list(cfg.training.betas)
     return out
 

@@ -29,7 +29,7 @@ import torch
 from datasets import Dataset, DatasetDict, Features, Sequence, Value, load_dataset, load_from_disk
 from datasets.table import InMemoryTable
 from filelock import FileLock
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 from rafale.config import DataConfig, RafaleError
 
@@ -37,8 +37,8 @@ PIPELINE_VERSION = 1
 IGNORE_INDEX = -100
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "[SEP]")
 PAD_CANDIDATES = ("<|padding|>", "<pad>", "[PAD]")
-SPECIAL_TOKENS = ["<|endoftext|>", "<|padding|>"]  # of a tokenizer trained here, ids 0 and 1 as in Pythia's
 TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet", ".csv")
+TOKEN_FEATURES = Features({"input_ids": Sequence(Value("int32"))})
 
 
 class DataError(RafaleError):
@@ -73,11 +73,18 @@ def _read_text_documents(path: Path, separator: str) -> list[str]:
     return [doc.strip() for doc in text.split(separator) if doc.strip()]
 
 
-def load_source(cfg: DataConfig, cache_dir: Path) -> DatasetDict:
-    """The source as a DatasetDict with a 'train' and a 'validation' split and a 'text' column."""
+def load_source(cfg: DataConfig, cache_dir: Path, labelled: bool = False) -> DatasetDict:
+    """The source as a DatasetDict with a 'train' and a 'validation' split, a 'text' and (labelled) a 'label' column."""
     if cfg.source == "stories":
-        raw = DatasetDict({split: Dataset.from_dict({"text": docs}) for split, docs in _story_texts(cfg).items()})
-        return raw
+        if labelled:
+            from rafale.stories import labelled_story_splits
+
+            pairs = labelled_story_splits(cfg.num_train_stories, cfg.num_val_stories, seed=cfg.split_seed)
+            return DatasetDict({
+                split: Dataset.from_dict({"text": [t for t, _ in rows], "label": [label for _, label in rows]})
+                for split, rows in pairs.items()
+            })
+        return DatasetDict({split: Dataset.from_dict({"text": docs}) for split, docs in _story_texts(cfg).items()})
     if cfg.source.startswith("hf:"):
         name = cfg.source[3:]
         try:
@@ -101,10 +108,10 @@ def load_source(cfg: DataConfig, cache_dir: Path) -> DatasetDict:
             loaded = Dataset.from_csv(str(path))
         else:
             raise DataError(f"data.source: {path} has an unsupported suffix; expected a folder or one of {TEXT_SUFFIXES}")
-    return _with_splits(loaded, cfg)
+    return _with_splits(loaded, cfg, labelled)
 
 
-def _with_splits(loaded, cfg: DataConfig) -> DatasetDict:
+def _with_splits(loaded, cfg: DataConfig, labelled: bool = False) -> DatasetDict:
     if isinstance(loaded, DatasetDict):
         if "train" not in loaded:
             raise DataError(f"data.source: has splits {list(loaded)} but no 'train' split")
@@ -118,17 +125,22 @@ def _with_splits(loaded, cfg: DataConfig) -> DatasetDict:
             raise DataError(f"data.source: {cfg.source} holds {len(loaded)} documents; need at least 2 to split")
         loaded = loaded.train_test_split(test_size=cfg.val_fraction, seed=cfg.split_seed)
         loaded = DatasetDict({"train": loaded["train"], "validation": loaded["test"]})
+    columns = {"text": ("data.text_column", cfg.text_column)}
+    if labelled:
+        columns["label"] = ("data.label_column", cfg.label_column)
     for split, ds in loaded.items():
-        if cfg.text_column not in ds.column_names:
-            raise DataError(
-                f"data.text_column: no column '{cfg.text_column}' in the {split} split of {cfg.source}; "
-                f"columns: {ds.column_names}"
-            )
+        for key, column in columns.values():
+            if column not in ds.column_names:
+                raise DataError(
+                    f"{key}: no column '{column}' in the {split} split of {cfg.source}; columns: {ds.column_names}"
+                )
         if len(ds) == 0:
             raise DataError(f"data.source: the {split} split of {cfg.source} is empty")
-    if cfg.text_column != "text":
-        loaded = loaded.rename_column(cfg.text_column, "text")
-    return DatasetDict({split: ds.select_columns(["text"]) for split, ds in loaded.items()})
+    out = {}
+    for split, ds in loaded.items():
+        ds = ds.select_columns([column for _, column in columns.values()])
+        out[split] = ds.rename_columns({column: name for name, (_, column) in columns.items() if column != name})
+    return DatasetDict(out)
 
 
 def _story_texts(cfg: DataConfig) -> dict[str, list[str]]:
@@ -159,34 +171,52 @@ def source_name(cfg: DataConfig) -> str:
 # tokenizers
 
 
-def tokenizer_identity(cfg: DataConfig) -> list:
+def tokenizer_identity(cfg: DataConfig, kind: str = "bpe") -> list:
     if cfg.tokenizer == "train":
-        return ["bpe", cfg.vocab_size]
+        return [kind, cfg.vocab_size]
     if cfg.tokenizer.startswith("hf:"):
         return [cfg.tokenizer]
     return [hashlib.sha256(Path(cfg.tokenizer).expanduser().read_bytes()).hexdigest()]
 
 
-def tokenizer_name(cfg: DataConfig) -> str:
+def tokenizer_name(cfg: DataConfig, kind: str = "bpe") -> str:
     if cfg.tokenizer == "train":
-        return f"bpe{cfg.vocab_size}"
+        return f"{kind}{cfg.vocab_size}"
     if cfg.tokenizer.startswith("hf:"):
         return _safe_name(cfg.tokenizer[3:].replace("/", "--"))
     path = Path(cfg.tokenizer)
     return _safe_name(path.parent.name if path.stem == "tokenizer" else path.stem)
 
 
-def train_bpe_tokenizer(texts: Dataset, vocab_size: int) -> Tokenizer:
-    """A byte-level BPE (GPT-2 / GPT-NeoX style) trained on `texts`, with <|endoftext|> = 0, <|padding|> = 1."""
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=sys.stderr.isatty(),
-    )
+# special tokens of the tokenizers trained here, in id order: the ids of Pythia's, BERT's and RoBERTa's own
+TRAINED_SPECIALS = {
+    "bpe": ["<|endoftext|>", "<|padding|>"],
+    "wordpiece": ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"],
+    "bpe-roberta": ["<s>", "<pad>", "</s>", "<unk>", "<mask>"],
+}
+
+
+def train_tokenizer(texts: Dataset, vocab_size: int, kind: str = "bpe") -> Tokenizer:
+    """A tokenizer trained on `texts`: byte-level BPE (GPT-2 / GPT-NeoX / RoBERTa) or lower-cased WordPiece (BERT)."""
+    specials = TRAINED_SPECIALS[kind]
+    if kind == "wordpiece":
+        tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+        tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tokenizer.decoder = decoders.WordPiece()
+        trainer = trainers.WordPieceTrainer(
+            vocab_size=vocab_size, special_tokens=specials, show_progress=sys.stderr.isatty()
+        )
+    else:
+        tokenizer = Tokenizer(models.BPE())
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tokenizer.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=specials,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=sys.stderr.isatty(),
+        )
     batches = (texts[i : i + 1000]["text"] for i in range(0, len(texts), 1000))
     tokenizer.train_from_iterator(batches, trainer, length=len(texts))
     return tokenizer
@@ -245,6 +275,8 @@ class DataPipe:
     """Load, tokenize, chunk and cache one dataset. Subclasses define `_prepare` and the collator."""
 
     name = "base"
+    tokenizer_kind = "bpe"  # what `tokenizer: train` trains
+    labelled = False  # whether the source must have a label column
 
     def __init__(self, cfg: DataConfig, num_proc: int = 0):
         self.cfg = cfg
@@ -255,14 +287,14 @@ class DataPipe:
         return {
             "pipeline": [self.name, PIPELINE_VERSION],
             "source": source_identity(self.cfg),
-            "tokenizer": tokenizer_identity(self.cfg),
+            "tokenizer": tokenizer_identity(self.cfg, self.tokenizer_kind),
             "block_size": self.cfg.block_size,
         }
 
     @property
     def cache_path(self) -> Path:
         fingerprint = _sha(self.fingerprint_inputs())[:10]
-        name = f"{source_name(self.cfg)}_{tokenizer_name(self.cfg)}_bs{self.cfg.block_size}_{fingerprint}"
+        name = f"{source_name(self.cfg)}_{tokenizer_name(self.cfg, self.tokenizer_kind)}_bs{self.cfg.block_size}_{fingerprint}"
         return self.root / self.name / name
 
     def load(self, verbose: bool = True) -> PreparedData:
@@ -292,24 +324,22 @@ class DataPipe:
         tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         try:
-            raw = load_source(self.cfg, self.root)
+            raw = load_source(self.cfg, self.root, labelled=self.labelled)
             if self.cfg.tokenizer == "train":
-                tokenizer = train_bpe_tokenizer(raw["train"], self.cfg.vocab_size)
+                tokenizer = train_tokenizer(raw["train"], self.cfg.vocab_size, self.tokenizer_kind)
             else:
                 tokenizer = load_tokenizer(self.cfg.tokenizer)
-            eos, pad = special_token_ids(tokenizer, "data.tokenizer")
-            prepared = self._prepare(raw, tokenizer)
-            tmp.mkdir(parents=True)
-            tokenizer.save(str(tmp / "tokenizer.json"))
             meta = {
                 "datapipe": self.name,
                 "fingerprint_inputs": self.fingerprint_inputs(),
-                "config": {k: v for k, v in vars(self.cfg).items()},
+                "config": dict(vars(self.cfg)),
                 "vocab_size": tokenizer.get_vocab_size(),
-                "eos_token_id": eos,
-                "pad_token_id": pad,
+                **self.special_ids(tokenizer),
                 "splits": {},
             }
+            prepared = self._prepare(raw, tokenizer, meta)
+            tmp.mkdir(parents=True)
+            tokenizer.save(str(tmp / "tokenizer.json"))
             for split, ds in prepared.items():
                 ds.save_to_disk(str(tmp / split))
                 meta["splits"][split] = self._describe(ds)
@@ -322,8 +352,29 @@ class DataPipe:
     def _describe(self, ds: Dataset) -> dict:
         return {"examples": len(ds)}
 
-    def _prepare(self, raw: DatasetDict, tokenizer: Tokenizer) -> DatasetDict:
+    def special_ids(self, tokenizer: Tokenizer) -> dict:
+        """The special token ids this datapipe needs, for the cache's rafale.json."""
+        eos, pad = special_token_ids(tokenizer, "data.tokenizer")
+        return {"eos_token_id": eos, "pad_token_id": pad}
+
+    def _prepare(self, raw: DatasetDict, tokenizer: Tokenizer, meta: dict) -> DatasetDict:
+        """Everything but padding: text splits in, example splits out. May add to `meta` (saved in rafale.json)."""
         raise NotImplementedError
+
+    def _tokenize(self, ds: Dataset, tokenizer: Tokenizer, split: str, function, features: Features) -> Dataset:
+        """Batched, multi-process `map` of `function(batch of rows) -> batch of token lists` over a split."""
+        num_proc = self.num_proc if len(ds) >= 20_000 and self.num_proc > 1 else None
+        return ds.map(
+            function,
+            batched=True,
+            batch_size=1000,
+            num_proc=num_proc,
+            remove_columns=ds.column_names,
+            features=features,
+            desc=f"tokenizing {split}",
+            load_from_cache_file=False,
+            keep_in_memory=True,
+        )
 
 
 def chunk_into_blocks(token_lists: pa.ChunkedArray, block_size: int) -> pa.ListArray:
@@ -338,8 +389,8 @@ class CausalLMDataPipe(DataPipe):
 
     name = "causal_lm"
 
-    def _prepare(self, raw: DatasetDict, tokenizer: Tokenizer) -> DatasetDict:
-        eos, _ = special_token_ids(tokenizer, "data.tokenizer")
+    def _prepare(self, raw: DatasetDict, tokenizer: Tokenizer, meta: dict) -> DatasetDict:
+        eos = meta["eos_token_id"]
 
         def tokenize(batch):
             encodings = tokenizer.encode_batch(batch["text"], add_special_tokens=False)
@@ -347,18 +398,7 @@ class CausalLMDataPipe(DataPipe):
 
         out = {}
         for split, ds in raw.items():
-            num_proc = self.num_proc if len(ds) >= 20_000 and self.num_proc > 1 else None
-            tokenized = ds.map(
-                tokenize,
-                batched=True,
-                batch_size=1000,
-                num_proc=num_proc,
-                remove_columns=ds.column_names,
-                features=Features({"input_ids": Sequence(Value("int32"))}),
-                desc=f"tokenizing {split}",
-                load_from_cache_file=False,
-                keep_in_memory=True,
-            )
+            tokenized = self._tokenize(ds, tokenizer, split, tokenize, TOKEN_FEATURES)
             blocks = chunk_into_blocks(tokenized.data.column("input_ids"), self.cfg.block_size)
             out[split] = Dataset(InMemoryTable(pa.table({"input_ids": blocks})))
             if len(out[split]) == 0:
@@ -387,4 +427,182 @@ class CausalLMCollator:
         return {"input_ids": input_ids, "labels": labels}
 
 
-DATAPIPES = {"causal_lm": CausalLMDataPipe}
+# ----------------------------------------------------------------------------------------------------
+# encoders: masked language modelling and sequence classification
+
+ENCODER_SPECIALS = {  # role -> names it goes by in BERT's and RoBERTa's vocabularies
+    "cls_token_id": ("[CLS]", "<s>"),
+    "sep_token_id": ("[SEP]", "</s>"),
+    "pad_token_id": ("[PAD]", "<pad>"),
+    "mask_token_id": ("[MASK]", "<mask>"),
+}
+
+
+class EncoderDataPipe(DataPipe):
+    """What the MLM and classification datapipes share: BERT/RoBERTa special tokens and tokenizers."""
+
+    def __init__(self, cfg: DataConfig, family: str = "bert", num_proc: int = 0):
+        super().__init__(cfg, num_proc)
+        self.family = family
+        self.tokenizer_kind = "wordpiece" if family == "bert" else "bpe-roberta"
+
+    def special_ids(self, tokenizer: Tokenizer) -> dict:
+        vocab = tokenizer.get_vocab()
+        ids = {}
+        for role, names in ENCODER_SPECIALS.items():
+            found = [vocab[n] for n in names if n in vocab]
+            if not found:
+                raise DataError(f"data.tokenizer: the tokenizer has no {' or '.join(names)} token, which an encoder needs")
+            ids[role] = found[0]
+        return ids
+
+    def frame(self, token_lists: list[list[int]], meta: dict) -> list[list[int]]:
+        """[CLS] tokens [SEP] (BERT) or <s> tokens </s> (RoBERTa) around each list."""
+        return [[meta["cls_token_id"], *ids, meta["sep_token_id"]] for ids in token_lists]
+
+
+class MLMDataPipe(EncoderDataPipe):
+    """Masked LM: documents joined by [SEP], cut into blocks of block_size - 2, each framed by [CLS] ... [SEP].
+
+    Masking is the collator's job, so each epoch masks afresh."""
+
+    name = "mlm"
+
+    def _prepare(self, raw: DatasetDict, tokenizer: Tokenizer, meta: dict) -> DatasetDict:
+        sep = meta["sep_token_id"]
+
+        def tokenize(batch):
+            encodings = tokenizer.encode_batch(batch["text"], add_special_tokens=False)
+            return {"input_ids": [e.ids + [sep] for e in encodings]}
+
+        out = {}
+        for split, ds in raw.items():
+            tokenized = self._tokenize(ds, tokenizer, split, tokenize, TOKEN_FEATURES)
+            blocks = chunk_into_blocks(tokenized.data.column("input_ids"), self.cfg.block_size - 2)
+            framed = self.frame(blocks.to_pylist(), meta)
+            out[split] = Dataset.from_dict({"input_ids": framed}, features=TOKEN_FEATURES)
+        return DatasetDict(out)
+
+    def _describe(self, ds: Dataset) -> dict:
+        tokens = len(ds.data.column("input_ids").combine_chunks().flatten())
+        return {"examples": len(ds), "blocks": len(ds), "tokens": tokens}
+
+
+class ClassificationDataPipe(EncoderDataPipe):
+    """Sequence classification: each text truncated to block_size (framing included), with its class id.
+
+    Labels may be class ids or names; names map to ids through data.label_names, or sorted when it is not set.
+    The mapping is saved in the cache's rafale.json (and the run folder's labels.json)."""
+
+    name = "classification"
+    labelled = True
+
+    def fingerprint_inputs(self) -> dict:
+        return super().fingerprint_inputs() | {"labels": [self.cfg.label_column, self.cfg.label_names]}
+
+    def label_names(self, raw: DatasetDict) -> list[str]:
+        if self.cfg.label_names is not None:
+            return list(self.cfg.label_names)
+        labels = set(raw["train"]["label"])
+        if all(isinstance(x, str) for x in labels):
+            return sorted(labels)
+        if all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in labels):
+            return [str(i) for i in range(max(labels) + 1)]
+        raise DataError(f"data.label_column: labels must be class names or ids >= 0, got {sorted(map(repr, labels))[:5]}")
+
+    def _prepare(self, raw: DatasetDict, tokenizer: Tokenizer, meta: dict) -> DatasetDict:
+        names = self.label_names(raw)
+        ids_of = {name: i for i, name in enumerate(names)}
+        max_tokens = self.cfg.block_size - 2
+        meta["label_names"] = names
+
+        def label_id(label, row: int, split: str) -> int:
+            if isinstance(label, str) and label in ids_of:
+                return ids_of[label]
+            if isinstance(label, int) and not isinstance(label, bool) and 0 <= label < len(names):
+                return label
+            raise DataError(
+                f"data.label_column: row {row} of the {split} split has label {label!r}, not one of the "
+                f"{len(names)} classes {names} (set data.label_names to list them)"
+            )
+
+        out = {}
+        for split, ds in raw.items():
+
+            def tokenize(batch, indices):
+                for text, row in zip(batch["text"], indices):
+                    if not isinstance(text, str) or not text.strip():
+                        raise DataError(f"data.text_column: row {row} of the {split} split has an empty text")
+                encodings = tokenizer.encode_batch(batch["text"], add_special_tokens=False)
+                return {
+                    "input_ids": self.frame([e.ids[:max_tokens] for e in encodings], meta),
+                    "label": [label_id(x, row, split) for x, row in zip(batch["label"], indices)],
+                }
+
+            features = Features({"input_ids": Sequence(Value("int32")), "label": Value("int64")})
+            out[split] = ds.map(
+                tokenize, batched=True, with_indices=True, remove_columns=ds.column_names, features=features,
+                desc=f"tokenizing {split}", load_from_cache_file=False, keep_in_memory=True,
+            )
+        return DatasetDict(out)
+
+    def _describe(self, ds: Dataset) -> dict:
+        counts = np.bincount(np.asarray(ds.data.column("label")))
+        return {"examples": len(ds), "examples_per_class": counts.tolist()}
+
+
+def pad_batch(sequences: list, pad_token_id: int):
+    """Right-pad to the longest: input_ids (B, T) and attention_mask (B, T) of 1 for real tokens."""
+    T = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), T), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), T), dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        input_ids[i, : len(seq)] = torch.as_tensor(seq)
+        attention_mask[i, : len(seq)] = 1
+    return input_ids, attention_mask
+
+
+@dataclass
+class MLMCollator:
+    """Pad blocks and mask them (BERT): `mlm_probability` of the non-special tokens are chosen; of those 80%
+    become the mask token, 10% a random token, 10% stay. Labels hold the original ids there, IGNORE_INDEX elsewhere.
+
+    Fresh masks each call, unless `fixed_seed` is set (DEBUG=1: the target must not move)."""
+
+    pad_token_id: int
+    mask_token_id: int
+    special_ids: tuple[int, ...]
+    vocab_size: int
+    mlm_probability: float = 0.15
+    fixed_seed: int | None = None
+
+    def __call__(self, examples: list[dict]) -> dict:
+        input_ids, attention_mask = pad_batch([e["input_ids"] for e in examples], self.pad_token_id)
+        generator = None
+        if self.fixed_seed is not None:
+            generator = torch.Generator().manual_seed(self.fixed_seed)
+        special = torch.isin(input_ids, torch.tensor(self.special_ids)) | (attention_mask == 0)
+        probability = torch.full(input_ids.shape, self.mlm_probability).masked_fill(special, 0.0)
+        chosen = torch.bernoulli(probability, generator=generator).bool()
+        labels = input_ids.masked_fill(~chosen, IGNORE_INDEX)
+        roll = torch.rand(input_ids.shape, generator=generator)
+        to_mask = chosen & (roll < 0.8)
+        to_random = chosen & (roll >= 0.8) & (roll < 0.9)
+        random_ids = torch.randint(self.vocab_size, input_ids.shape, generator=generator)
+        input_ids = torch.where(to_mask, self.mask_token_id, torch.where(to_random, random_ids, input_ids))
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+@dataclass
+class ClassificationCollator:
+    """Pad texts with an attention mask; labels (B,) are class ids."""
+
+    pad_token_id: int
+
+    def __call__(self, examples: list[dict]) -> dict:
+        input_ids, attention_mask = pad_batch([e["input_ids"] for e in examples], self.pad_token_id)
+        labels = torch.tensor([int(e["label"]) for e in examples], dtype=torch.long)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+DATAPIPES = {"causal_lm": CausalLMDataPipe, "mlm": MLMDataPipe, "classification": ClassificationDataPipe}

@@ -17,7 +17,16 @@ if __package__ in (None, ""):  # run as `python rafale/main.py`: make the packag
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from rafale.config import Config, RafaleError, load_config, resolve_model_config  # noqa: E402
-from rafale.datapipes import CausalLMCollator, CausalLMDataPipe, DataError, PreparedData  # noqa: E402
+from rafale.datapipes import (  # noqa: E402
+    CausalLMCollator,
+    CausalLMDataPipe,
+    ClassificationCollator,
+    ClassificationDataPipe,
+    DataError,
+    MLMCollator,
+    MLMDataPipe,
+    PreparedData,
+)
 
 
 def round_up(n: int, multiple: int) -> int:
@@ -36,16 +45,52 @@ def model_vocab_size(configured: int | None, data: PreparedData) -> int:
     return configured
 
 
-def build_pythia(model_cfg, data: PreparedData):
+def build_pythia(model_cfg, data: PreparedData, cfg: Config):
+    """A GPT-NeoX decoder for causal LM, and its collator."""
     from rafale.models.decoder import ComposerLM, GPTNeoX
 
     model_cfg.vocab_size = model_vocab_size(model_cfg.vocab_size, data)
     return ComposerLM(GPTNeoX(model_cfg)), CausalLMCollator(pad_token_id=data.pad_token_id)
 
 
-# model type (model.type in the config) -> (datapipe class, builder of (Composer model, collator))
+def build_encoder(model_cfg, data: PreparedData, cfg: Config):
+    """A BERT or RoBERTa encoder with the head of model.task (mlm or classification), and its collator."""
+    from rafale.models.encoder import ComposerClassifier, ComposerMLM, build_encoder
+
+    meta = data.meta
+    model_cfg.vocab_size = model_vocab_size(model_cfg.vocab_size, data)
+    model_cfg.pad_token_id = meta["pad_token_id"]
+    if model_cfg.family == "roberta":  # RoBERTa's positions count from the padding id
+        model_cfg.position_offset = meta["pad_token_id"] + 1
+    if cfg.model.task == "mlm":
+        collator = MLMCollator(
+            pad_token_id=meta["pad_token_id"],
+            mask_token_id=meta["mask_token_id"],
+            special_ids=tuple(meta[k] for k in ("cls_token_id", "sep_token_id", "pad_token_id", "mask_token_id")),
+            vocab_size=data.vocab_size,
+            mlm_probability=cfg.data.mlm_probability,
+        )
+        return ComposerMLM(build_encoder(model_cfg, "mlm")), collator
+    num_labels = len(meta["label_names"])
+    if "num_labels" in cfg.model.overrides and model_cfg.num_labels != num_labels:
+        raise DataError(f"model.num_labels ({model_cfg.num_labels}) differs from the data's {num_labels} classes")
+    model_cfg.num_labels = num_labels
+    model = build_encoder(model_cfg, "classification")
+    return ComposerClassifier(model, num_labels), ClassificationCollator(pad_token_id=meta["pad_token_id"])
+
+
+# model type (model.type in the config) -> builder of (Composer model, collator)
 model_config_dict = {
-    "pythia": (CausalLMDataPipe, build_pythia),
+    "pythia": build_pythia,
+    "bert": build_encoder,
+    "roberta": build_encoder,
+}
+
+# model.task -> the datapipe that prepares its data
+datapipe_dict = {
+    "causal_lm": CausalLMDataPipe,
+    "mlm": MLMDataPipe,
+    "classification": ClassificationDataPipe,
 }
 
 
@@ -62,8 +107,10 @@ def parse_args(argv):
 
 
 def prepare_data(cfg: Config) -> PreparedData:
-    datapipe_cls, _ = model_config_dict[cfg.model.type]
-    return datapipe_cls(cfg.data).load()
+    datapipe_cls = datapipe_dict[cfg.model.task]
+    if datapipe_cls is CausalLMDataPipe:
+        return datapipe_cls(cfg.data).load()
+    return datapipe_cls(cfg.data, family=cfg.model.type).load()
 
 
 def print_data_summary(data: PreparedData):
@@ -84,8 +131,9 @@ def train_main(args) -> int:
     if data_only:
         return 0
     model_cfg = resolve_model_config(cfg)
-    _, build = model_config_dict[cfg.model.type]
-    model, collator = build(model_cfg, data)
+    model, collator = model_config_dict[cfg.model.type](model_cfg, data, cfg)
+    if debug and hasattr(collator, "fixed_seed"):  # the same masks every step, so the target holds still
+        collator.fixed_seed = cfg.run.seed
     result = run(cfg, data, model, collator, debug=debug)
     print(describe(result, sum(p.numel() for p in model.parameters())))
     if debug and result.eval_loss_start is not None:

@@ -5,6 +5,7 @@ warmup + cosine/linear/constant schedule, gradient clipping, gradient accumulati
 evaluation, checkpoints and autoresume, and the callbacks that report speed, learning rate and time left.
 """
 
+import json
 import math
 import shutil
 import sys
@@ -95,12 +96,13 @@ def make_scheduler(cfg: Config, debug: bool):
     return ConstantWithWarmupScheduler(t_warmup=t.warmup)
 
 
+def eval_metrics(trainer: Trainer) -> dict[str, float]:
+    return {name: float(m.compute()) for name, m in trainer.state.eval_metrics.get("eval", {}).items()}
+
+
 def eval_loss(trainer: Trainer) -> float | None:
-    metrics = trainer.state.eval_metrics.get("eval", {})
-    for name in ("LanguageCrossEntropy", "CrossEntropy"):
-        if name in metrics:
-            return float(metrics[name].compute())
-    return None
+    metrics = eval_metrics(trainer)
+    return metrics.get("LanguageCrossEntropy", metrics.get("CrossEntropy"))
 
 
 def run(cfg: Config, data: PreparedData, model, collator, debug: bool = False) -> RunResult:
@@ -125,6 +127,8 @@ def run(cfg: Config, data: PreparedData, model, collator, debug: bool = False) -
     if dist.get_global_rank() == 0:
         save_config(cfg, run_dir / "config.yaml")
         shutil.copyfile(data.path / "tokenizer.json", run_dir / "tokenizer.json")
+        if "label_names" in data.meta:  # class id -> name, for whoever reads the predictions
+            (run_dir / "labels.json").write_text(json.dumps(data.meta["label_names"]))
 
     train_set, eval_set = data.splits["train"], data.splits["validation"]
     if len(train_set) < t.batch_size:
@@ -147,10 +151,10 @@ def run(cfg: Config, data: PreparedData, model, collator, debug: bool = False) -
     algorithms = [GradientClipping(clipping_type="norm", clipping_threshold=t.clip_norm)] if t.clip_norm else []
     interactive = sys.stdout.isatty()
     save = not debug and not t.eval_only
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*(No optimizer|is deprecated|`device_train_microbatch_size='auto'`).*")
     # the last evaluation batch is usually short; Composer says so on every evaluation
     warnings.filterwarnings("ignore", message="Cannot split tensor of length")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*(No optimizer|is deprecated|`device_train_microbatch_size='auto'`).*")
         trainer = Trainer(
             model=model,
             run_name=run_name,
@@ -205,7 +209,12 @@ def describe(result: RunResult, num_params: int) -> str:
     if result.tokens:
         lines.append(f"tokens trained: {result.tokens:,} in {result.wall_time_s:.1f} s "
                      f"({result.tokens / result.wall_time_s:,.0f} tokens/s including evaluation)")
+    metrics = eval_metrics(result.trainer)
     for label, loss in (("start", result.eval_loss_start), ("end", result.eval_loss_end)):
         if loss is not None:
-            lines.append(f"validation loss at {label}: {loss:.4f} (perplexity {math.exp(min(loss, 50)):.2f})")
+            perplexity = f" (perplexity {math.exp(min(loss, 50)):.2f})" if "LanguagePerplexity" in metrics else ""
+            lines.append(f"validation loss at {label}: {loss:.4f}{perplexity}")
+    others = {k: v for k, v in metrics.items() if "CrossEntropy" not in k and "Perplexity" not in k}
+    if others:
+        lines.append("validation " + ", ".join(f"{k}: {v:.4f}" for k, v in others.items()))
     return "\n".join("rafale: " + line for line in lines)

@@ -42,3 +42,17 @@ def run_cli(args, env=None, cwd=ROOT, timeout=600):
 
 
 RAFALE = [sys.executable, "-m", "rafale"]
+
+
+def run_in_process(args, capsys, monkeypatch, env=None):
+    """rafale.main.main(args) in this process (no interpreter start-up): returns (exit code, stdout, stderr)."""
+    from rafale.main import main
+
+    for key, value in (env or {}).items():
+        monkeypatch.setenv(key, value)
+    try:
+        main(args)
+    except SystemExit as exit:
+        code = exit.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err

@@ -284,11 +284,12 @@ def test_composer_classifier_metrics(family, num_labels):
     torch.testing.assert_close(composer_model.loss(outputs, batch), F.cross_entropy(outputs, labels))
 
     metrics = composer_model.get_metrics(is_train=False)
-    assert set(metrics) == ({"Accuracy", "F1"} if num_labels == 2 else {"Accuracy"})
+    assert set(metrics) == ({"CrossEntropy", "Accuracy", "F1"} if num_labels == 2 else {"CrossEntropy", "Accuracy"})
     perfect = F.one_hot(labels, num_labels).float() * 10.0  # logits that pick every label
     for metric in metrics.values():
         composer_model.update_metric(batch, perfect, metric)
     assert metrics["Accuracy"].compute().item() == 1.0
+    torch.testing.assert_close(metrics["CrossEntropy"].compute(), F.cross_entropy(perfect, labels))
     if num_labels == 2:
         assert metrics["F1"].compute().item() == 1.0
 

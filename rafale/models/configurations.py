@@ -53,5 +53,13 @@ ROBERTA_PRESETS = {
 # model.type -> its presets; rafale.main.model_config_dict has a builder for each of these types
 PRESETS = {
     "pythia": PYTHIA_PRESETS,
+    "bert": BERT_PRESETS,
+    "roberta": ROBERTA_PRESETS,
+}
+# model.type -> the tasks it trains for (model.task); the first is the default
+TASKS = {
+    "pythia": ("causal_lm",),
+    "bert": ("mlm", "classification"),
+    "roberta": ("mlm", "classification"),
 }
 MODEL_FAMILIES = tuple(PRESETS)

@@ -439,7 +439,7 @@ def build_encoder(cfg: EncoderConfig, head: Literal["base", "mlm", "classificati
 # ----------------------------------------------------------------------------------------------------
 # Composer wrappers
 
-from composer.metrics import LanguageCrossEntropy, MaskedAccuracy  # noqa: E402
+from composer.metrics import CrossEntropy, LanguageCrossEntropy, MaskedAccuracy  # noqa: E402
 from composer.models import ComposerModel  # noqa: E402
 from torchmetrics.classification import BinaryF1Score, MulticlassAccuracy  # noqa: E402
 
@@ -491,11 +491,14 @@ class ComposerMLM(ComposerEncoder):
 
 
 class ComposerClassifier(ComposerEncoder):
-    """Sequence classification: labels (B,) of class ids; Accuracy, and F1 of class 1 when there are two."""
+    """Sequence classification: labels (B,) of class ids; cross-entropy, accuracy, and F1 of class 1 when there are two."""
 
     def __init__(self, model: nn.Module, num_labels: int):
         super().__init__(model)
-        self.val_metrics = {"Accuracy": MulticlassAccuracy(num_classes=num_labels, average="micro")}
+        self.val_metrics = {
+            "CrossEntropy": CrossEntropy(),
+            "Accuracy": MulticlassAccuracy(num_classes=num_labels, average="micro"),
+        }
         if num_labels == 2:
             self.val_metrics["F1"] = BinaryF1Score()
 
@@ -503,4 +506,7 @@ class ComposerClassifier(ComposerEncoder):
         return F.cross_entropy(outputs.float(), batch["labels"])
 
     def update_metric(self, batch, outputs, metric):
-        metric.update(outputs.argmax(dim=-1), batch["labels"])  # (B, num_labels) -> (B,) predicted ids
+        if isinstance(metric, CrossEntropy):
+            metric.update(outputs.float(), batch["labels"])
+        else:
+            metric.update(outputs.argmax(dim=-1), batch["labels"])  # (B, num_labels) -> (B,) predicted ids
