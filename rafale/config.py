@@ -93,7 +93,15 @@ class ModelConfig:
     task: Optional[Literal["causal_lm", "mlm", "classification"]] = option(
         None, "What to train: causal_lm (pythia), mlm or classification (bert, roberta). Default: the family's first."
     )
-    preset: str = option("pythia-tiny", "A size preset of that family (rafale/models/configurations.py).")
+    preset: Optional[str] = option(
+        None, "A size preset of that family (rafale/models/configurations.py). Default: the family's first (tiny) "
+        "preset, or the sizes of `pretrained`."
+    )
+    pretrained: Optional[str] = option(
+        None, "Start from these weights: a Hugging Face model folder (config.json + model.safetensors), a rafale "
+        "run's export folder, or 'hf:<name>' (online only). Its config.json sets the sizes; a head it lacks "
+        "(e.g. classification on an MLM checkpoint) starts fresh."
+    )
     overrides: dict = option(
         default_factory=dict,
         help="Any other key in this section overrides that field of the preset (e.g. num_layers: 4); "
@@ -327,6 +335,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             "data.tokenizer", f"no such file: {cfg.data.tokenizer} (expected a tokenizers JSON file, 'train' or 'hf:<name>')"
         )
+    pretrained = cfg.model.pretrained
+    if pretrained is not None and not pretrained.startswith("hf:") and not (Path(pretrained).expanduser() / "config.json").is_file():
+        raise ConfigError("model.pretrained", f"{pretrained} is not a model folder with a config.json (or use 'hf:<name>')")
     if cfg.training.load_path is not None and not Path(cfg.training.load_path).expanduser().exists():
         raise ConfigError("training.load_path", f"no such checkpoint: {cfg.training.load_path}")
     if cfg.training.eval_only and cfg.training.load_path is None:
@@ -354,9 +365,21 @@ def config_from_dict(raw) -> Config:
     model.overrides = overrides
     cfg = build_dataclass(Config, raw, "")
     cfg.model = model
-    resolve_model_config(cfg)  # checks the family, preset and overrides
     validate(cfg)
+    # a pretrained model brings its tokenizer, unless the config names another
+    if cfg.model.pretrained is not None and "tokenizer" not in (raw.get("data") or {}):
+        cfg.data.tokenizer = pretrained_tokenizer(cfg.model.pretrained)
+    resolve_model_config(cfg)  # checks the family, preset and overrides
     return cfg
+
+
+def pretrained_tokenizer(spec: str) -> str:
+    if spec.startswith("hf:"):
+        return spec
+    path = Path(spec).expanduser() / "tokenizer.json"
+    if not path.is_file():
+        raise ConfigError("data.tokenizer", f"the pretrained folder {spec} has no tokenizer.json; name a tokenizer")
+    return str(path)
 
 
 def load_config(path) -> Config:
@@ -381,20 +404,27 @@ def resolve_model_config(cfg: Config):
     if cfg.model.type not in families:
         raise _unknown_key(cfg.model.type, families, "model.type=")
     presets = configurations.PRESETS[cfg.model.type]
-    if cfg.model.preset not in presets:
+    if cfg.model.preset is not None and cfg.model.preset not in presets:
         raise _unknown_key(cfg.model.preset, presets, "model.preset=")
     tasks = configurations.TASKS[cfg.model.type]
     if cfg.model.task is None:
         cfg.model.task = tasks[0]
     elif cfg.model.task not in tasks:
         raise ConfigError("model.task", f"a {cfg.model.type} model does {' or '.join(tasks)}, not {cfg.model.task}")
-    preset = presets[cfg.model.preset]
-    fields = {f.name for f in dataclasses.fields(preset)}
+    if cfg.model.pretrained is not None:
+        base = pretrained_model_config(cfg)
+        if cfg.model.preset is not None:
+            _check_agrees(presets[cfg.model.preset], base, "model.preset", cfg.model.pretrained)
+    else:
+        base = presets[cfg.model.preset or next(iter(presets))]
+    fields = {f.name for f in dataclasses.fields(base)}
     for key in cfg.model.overrides:
         if key not in fields:
-            raise _unknown_key(key, fields | {"type", "preset"}, "model.")
-    merged = dataclasses.asdict(preset) | cfg.model.overrides
-    model_cfg = build_dataclass(type(preset), merged, "model.")
+            raise _unknown_key(key, fields | {f.name for f in dataclasses.fields(ModelConfig)}, "model.")
+    merged = dataclasses.asdict(base) | cfg.model.overrides
+    model_cfg = build_dataclass(type(base), merged, "model.")
+    if cfg.model.pretrained is not None:
+        _check_agrees(model_cfg, base, "model", cfg.model.pretrained, only=set(cfg.model.overrides))
     try:
         model_cfg.validate()
     except ValueError as err:
@@ -410,9 +440,47 @@ def resolve_model_config(cfg: Config):
     return model_cfg
 
 
+# settings a pretrained checkpoint does not fix: they may differ from its config.json
+TRAINING_SETTINGS = {"hidden_dropout", "attention_dropout", "classifier_dropout", "num_labels", "init_std", "vocab_size"}
+
+
+def _check_agrees(asked, checkpoint, key: str, where: str, only=None):
+    """A preset or override that contradicts the pretrained checkpoint's sizes is an error, never a silent choice."""
+    for f in dataclasses.fields(checkpoint):
+        if f.name in TRAINING_SETTINGS or (only is not None and f.name not in only):
+            continue
+        mine, theirs = getattr(asked, f.name), getattr(checkpoint, f.name)
+        if mine != theirs:
+            name = f"{key}.{f.name}" if key == "model" else key
+            raise ConfigError(name, f"{f.name} = {mine!r} disagrees with the pretrained {where} ({theirs!r}); "
+                              "leave it out to use the checkpoint's")
+
+
+def pretrained_model_config(cfg: Config):
+    """The model config of model.pretrained, read from its config.json; checks the family."""
+    from rafale.models import hf
+
+    spec = cfg.model.pretrained
+    if spec.startswith("hf:"):
+        folder = hf.download_from_hub(spec[3:])
+    else:
+        folder = Path(spec).expanduser()
+    try:
+        raw, architecture = hf.read_config(folder)
+        family, _ = hf.ARCHITECTURES[architecture]
+        family = "pythia" if family == "gpt_neox" else family
+        if family != cfg.model.type:
+            raise ConfigError("model.type", f"is {cfg.model.type} but {spec} holds a {architecture} ({family})")
+        if family == "pythia":
+            return hf.decoder_config_from_hf(raw, folder / "config.json")
+        return hf.encoder_config_from_hf(raw, family, folder / "config.json")
+    except hf.WeightsError as err:
+        raise ConfigError("model.pretrained", str(err)) from None
+
+
 def to_dict(cfg: Config) -> dict:
     out = dataclasses.asdict(cfg)
-    out["model"] = {"type": cfg.model.type, "task": cfg.model.task, "preset": cfg.model.preset, **cfg.model.overrides}
+    out["model"] = {k: v for k, v in out["model"].items() if k != "overrides"} | cfg.model.overrides
     out["training"]["betas"] = list(cfg.training.betas)
     return out
 

@@ -3,6 +3,7 @@
     rafale -c cfg.yaml              prepare the data (cached), build the model, train and evaluate it
     DATA=1 rafale -c cfg.yaml       only prepare the data (also: --data-only)
     DEBUG=1 rafale -c cfg.yaml      train 10 epochs on one fixed batch, which a healthy model overfits (also: --debug)
+    rafale export RUN [--out DIR]   write a run's latest checkpoint in Hugging Face format
 
 To add a model: write its nn.Module and Composer wrapper under rafale/models/, its presets in
 rafale/models/configurations.py, and a builder in `model_config_dict` below.
@@ -12,6 +13,8 @@ import argparse
 import os
 import sys
 from pathlib import Path
+
+import torch
 
 if __package__ in (None, ""):  # run as `python rafale/main.py`: make the package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -45,12 +48,22 @@ def model_vocab_size(configured: int | None, data: PreparedData) -> int:
     return configured
 
 
+def with_pretrained(model, cfg: Config):
+    """`model` with the weights of model.pretrained, when the config names one."""
+    if cfg.model.pretrained is None:
+        return model
+    from rafale.models.hf import copy_pretrained, from_pretrained
+
+    return copy_pretrained(from_pretrained(cfg.model.pretrained, dtype=torch.float32), model)
+
+
 def build_pythia(model_cfg, data: PreparedData, cfg: Config):
     """A GPT-NeoX decoder for causal LM, and its collator."""
     from rafale.models.decoder import ComposerLM, GPTNeoX
 
     model_cfg.vocab_size = model_vocab_size(model_cfg.vocab_size, data)
-    return ComposerLM(GPTNeoX(model_cfg)), CausalLMCollator(pad_token_id=data.pad_token_id)
+    model = with_pretrained(GPTNeoX(model_cfg), cfg)
+    return ComposerLM(model, vocab_size=data.vocab_size), CausalLMCollator(pad_token_id=data.pad_token_id)
 
 
 def build_encoder(model_cfg, data: PreparedData, cfg: Config):
@@ -59,6 +72,11 @@ def build_encoder(model_cfg, data: PreparedData, cfg: Config):
 
     meta = data.meta
     model_cfg.vocab_size = model_vocab_size(model_cfg.vocab_size, data)
+    if cfg.model.pretrained is not None and model_cfg.pad_token_id != meta["pad_token_id"]:
+        raise DataError(
+            f"data.tokenizer: its padding id {meta['pad_token_id']} differs from the pretrained model's "
+            f"pad_token_id {model_cfg.pad_token_id}; use the checkpoint's tokenizer"
+        )
     model_cfg.pad_token_id = meta["pad_token_id"]
     if model_cfg.family == "roberta":  # RoBERTa's positions count from the padding id
         model_cfg.position_offset = meta["pad_token_id"] + 1
@@ -70,12 +88,13 @@ def build_encoder(model_cfg, data: PreparedData, cfg: Config):
             vocab_size=data.vocab_size,
             mlm_probability=cfg.data.mlm_probability,
         )
-        return ComposerMLM(build_encoder(model_cfg, "mlm")), collator
+        model = with_pretrained(build_encoder(model_cfg, "mlm"), cfg)
+        return ComposerMLM(model, vocab_size=data.vocab_size), collator
     num_labels = len(meta["label_names"])
     if "num_labels" in cfg.model.overrides and model_cfg.num_labels != num_labels:
         raise DataError(f"model.num_labels ({model_cfg.num_labels}) differs from the data's {num_labels} classes")
     model_cfg.num_labels = num_labels
-    model = build_encoder(model_cfg, "classification")
+    model = with_pretrained(build_encoder(model_cfg, "classification"), cfg)
     return ComposerClassifier(model, num_labels), ClassificationCollator(pad_token_id=meta["pad_token_id"])
 
 
@@ -142,10 +161,23 @@ def train_main(args) -> int:
     return 0
 
 
+def export_command(argv) -> int:
+    from rafale.export import export_main
+
+    return export_main(argv)
+
+
+# `rafale <command> ...`; without a command, rafale trains
+COMMANDS = {"export": export_command}
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     try:
-        code = train_main(parse_args(argv))
+        if argv and argv[0] in COMMANDS:
+            code = COMMANDS[argv[0]](argv[1:])
+        else:
+            code = train_main(parse_args(argv))
     except RafaleError as err:
         print(f"rafale: error: {err}", file=sys.stderr)
         code = 2

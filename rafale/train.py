@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 
 from rafale.config import Config, ConfigError, RafaleError, save_config
 from rafale.datapipes import PreparedData
+from rafale.export import EXPORT_DIR, export_model
 
 
 DEBUG_EPOCHS = 10
@@ -42,6 +43,7 @@ class RunResult:
     eval_loss_end: float | None
     wall_time_s: float
     tokens: int
+    export_dir: Path | None = None
 
 
 def pick_device(cfg: Config) -> str:
@@ -127,6 +129,7 @@ def run(cfg: Config, data: PreparedData, model, collator, debug: bool = False) -
     if dist.get_global_rank() == 0:
         save_config(cfg, run_dir / "config.yaml")
         shutil.copyfile(data.path / "tokenizer.json", run_dir / "tokenizer.json")
+        (run_dir / "data.json").write_text(json.dumps(data.meta, indent=2))  # to rebuild the model without the data
         if "label_names" in data.meta:  # class id -> name, for whoever reads the predictions
             (run_dir / "labels.json").write_text(json.dumps(data.meta["label_names"]))
 
@@ -200,7 +203,10 @@ def run(cfg: Config, data: PreparedData, model, collator, debug: bool = False) -
             loss_end = eval_loss(trainer)
     wall = time.perf_counter() - start
     tokens = int(trainer.state.timestamp.token) - tokens_before
-    return RunResult(run_dir, trainer, loss_start, loss_end, wall, tokens)
+    export_dir = None
+    if save and dist.get_global_rank() == 0:
+        export_dir = export_model(model.model, run_dir / EXPORT_DIR, data)
+    return RunResult(run_dir, trainer, loss_start, loss_end, wall, tokens, export_dir)
 
 
 def describe(result: RunResult, num_params: int) -> str:
@@ -209,6 +215,8 @@ def describe(result: RunResult, num_params: int) -> str:
     if result.tokens:
         lines.append(f"tokens trained: {result.tokens:,} in {result.wall_time_s:.1f} s "
                      f"({result.tokens / result.wall_time_s:,.0f} tokens/s including evaluation)")
+    if result.export_dir is not None:
+        lines.append(f"checkpoints: {result.run_dir / 'checkpoints'}; Hugging Face export: {result.export_dir}")
     metrics = eval_metrics(result.trainer)
     for label, loss in (("start", result.eval_loss_start), ("end", result.eval_loss_end)):
         if loss is not None:

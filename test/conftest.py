@@ -19,13 +19,14 @@ def cache_dir(tmp_path_factory):
 
 
 def write_config(path: Path, base: str = "pythia_debug.yaml", **sections) -> Path:
-    """A copy of test/<base> with some keys changed: write_config(p, training={"lr": 0.1})."""
+    """A copy of test/<base> with some keys changed: write_config(p, training={"lr": 0.1}); `...` removes a key."""
     cfg = yaml.safe_load((ROOT / "test" / base).read_text())
     for section, values in sections.items():
         if values is None:
             cfg.pop(section, None)
         else:
             cfg.setdefault(section, {}).update(values)
+            cfg[section] = {k: v for k, v in cfg[section].items() if v is not ...}
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
 

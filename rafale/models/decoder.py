@@ -277,11 +277,16 @@ IGNORE_INDEX = -100
 
 
 class ComposerLM(ComposerModel):
-    """Causal language modelling with the Composer Trainer. Batches hold input_ids and (shifted) labels."""
+    """Causal language modelling with the Composer Trainer. Batches hold input_ids and (shifted) labels.
 
-    def __init__(self, model: nn.Module):
+    vocab_size: the tokenizer's true vocabulary when the model's embedding is padded (to a multiple of 64, for
+    fast matmuls); logits are cut to it, so the padding rows never enter the softmax.
+    """
+
+    def __init__(self, model: nn.Module, vocab_size: int | None = None):
         super().__init__()
         self.model = model
+        self.vocab_size = vocab_size
         self.train_metrics = {}
         self.val_metrics = {
             "LanguageCrossEntropy": LanguageCrossEntropy(ignore_index=IGNORE_INDEX),
@@ -289,7 +294,8 @@ class ComposerLM(ComposerModel):
         }
 
     def forward(self, batch):
-        return self.model(batch["input_ids"], attention_mask=batch.get("attention_mask"))
+        logits = self.model(batch["input_ids"], attention_mask=batch.get("attention_mask"))
+        return logits[..., : self.vocab_size]
 
     def loss(self, outputs, batch):
         return F.cross_entropy(outputs.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE_INDEX)

@@ -472,15 +472,21 @@ class ComposerEncoder(ComposerModel):
 
 
 class ComposerMLM(ComposerEncoder):
-    """Masked language modelling: labels (B, T) hold the original id at masked positions and -100 elsewhere."""
+    """Masked language modelling: labels (B, T) hold the original id at masked positions and -100 elsewhere.
 
-    def __init__(self, model: nn.Module):
+    vocab_size: the tokenizer's true vocabulary when the embedding is padded; logits are cut to it."""
+
+    def __init__(self, model: nn.Module, vocab_size: int | None = None):
         super().__init__(model)
+        self.vocab_size = vocab_size
         self.val_metrics = {
             "LanguageCrossEntropy": LanguageCrossEntropy(ignore_index=IGNORE_INDEX),
             # argmax over the last dim, so (B, T, V) logits against (B, T) labels need no reshape
             "MaskedAccuracy": MaskedAccuracy(ignore_index=IGNORE_INDEX),
         }
+
+    def forward(self, batch):
+        return super().forward(batch)[..., : self.vocab_size]
 
     def loss(self, outputs, batch):
         # mean over the masked positions only; fp32 because a bf16 log-softmax over the vocabulary is coarse

@@ -13,6 +13,7 @@ Supported: GPTNeoXForCausalLM (Pythia), and BERT / RoBERTa as Model, ForMaskedLM
 This file reads and writes the formats only; it never imports transformers (the tests use it as a reference).
 """
 
+import dataclasses
 import json
 import os
 import re
@@ -519,6 +520,27 @@ def from_pretrained(path: Union[str, Path], dtype: Optional[torch.dtype] = None)
     return model.eval()
 
 
+def copy_pretrained(pretrained: nn.Module, model: nn.Module) -> nn.Module:
+    """Copy `pretrained`'s weights into `model`, a model of the same sizes, maybe with another head.
+
+    The same architecture loads strictly. An encoder with another head (a classifier on an MLM run's
+    encoder, or another number of classes) takes the body strictly; only what the checkpoint never had (the
+    new head, and BERT's pooler when the checkpoint is a masked LM) keeps its fresh initialization.
+    """
+    if type(model) is type(pretrained) and getattr(model.cfg, "num_labels", None) == getattr(pretrained.cfg, "num_labels", None):
+        model.load_state_dict(pretrained.state_dict(), strict=True)
+        return model
+    family = getattr(model.cfg, "family", None)
+    if family is None:
+        raise WeightsError(f"cannot load a {type(pretrained).__name__} into a {type(model).__name__}")
+    new_body, old_body = getattr(model, family, model), getattr(pretrained, family, pretrained)
+    missing, unexpected = new_body.load_state_dict(old_body.state_dict(), strict=False)
+    missing = [name for name in missing if not name.startswith("pooler.")]
+    if missing or unexpected:
+        raise WeightsError(f"the pretrained encoder does not fit: missing {missing}, unexpected {unexpected}")
+    return model
+
+
 # ----------------------------------------------------------------------------------------------------
 # Writing checkpoints
 
@@ -596,6 +618,7 @@ def save_pretrained(
     dtype: Optional[torch.dtype] = None,
     vocab_size: Optional[int] = None,
     overwrite: bool = False,
+    label_names: Optional[list] = None,
 ):
     """Write `model` as a Hugging Face model folder: config.json, model.safetensors, and the tokenizer files
     when `tokenizer` is given. transformers' Auto classes load the result.
@@ -603,7 +626,7 @@ def save_pretrained(
     vocab_size: the true vocabulary when the model's embedding was padded (rafale rounds it up to a multiple
     of 64); the extra rows are left out. Files are written to a temporary folder beside `folder` and renamed
     into place, so an interrupted export leaves nothing half-written; an existing non-empty `folder` is
-    replaced only with overwrite=True.
+    replaced only with overwrite=True. label_names: a classifier's class names, in id order (config.json's id2label).
     """
     architecture = architecture_of(model)
     cfg = model.cfg
@@ -627,7 +650,8 @@ def save_pretrained(
     else:
         if cfg.pad_token_id >= vocab_size:
             raise WeightsError(f"save_pretrained: pad_token_id {cfg.pad_token_id} is not below vocab_size {vocab_size}")
-        hf = encoder_config_to_hf(cfg, architecture, vocab_size, previous.get("id2label"))
+        id2label = {str(i): name for i, name in enumerate(label_names)} if label_names else previous.get("id2label")
+        hf = encoder_config_to_hf(cfg, architecture, vocab_size, id2label)
         max_len = cfg.max_seq_len
     special = special_tokens_of(tokenizer) if tokenizer is not None else {}
     for role in ("bos", "eos"):
