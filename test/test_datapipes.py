@@ -129,7 +129,7 @@ def test_txt_documents_are_split_on_the_separator(tmp_path):
 def test_a_failed_build_leaves_no_cache_behind(tmp_path, monkeypatch):
     pipe = CausalLMDataPipe(small_cfg(tmp_path))
 
-    def broken(self, raw, tokenizer):
+    def broken(self, raw, tokenizer, meta):
         raise RuntimeError("disk full")
 
     monkeypatch.setattr(CausalLMDataPipe, "_prepare", broken)
