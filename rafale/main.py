@@ -4,6 +4,7 @@
     DATA=1 rafale -c cfg.yaml       only prepare the data (also: --data-only)
     DEBUG=1 rafale -c cfg.yaml      train 10 epochs on one fixed batch, which a healthy model overfits (also: --debug)
     rafale export RUN [--out DIR]   write a run's latest checkpoint in Hugging Face format
+    rafale generate RUN --prompt P  generate text with a trained decoder (a run or a Hugging Face folder)
 
 To add a model: write its nn.Module and Composer wrapper under rafale/models/, its presets in
 rafale/models/configurations.py, and a builder in `model_config_dict` below.
@@ -167,8 +168,14 @@ def export_command(argv) -> int:
     return export_main(argv)
 
 
+def generate_command(argv) -> int:
+    from rafale.generate import generate_main
+
+    return generate_main(argv)
+
+
 # `rafale <command> ...`; without a command, rafale trains
-COMMANDS = {"export": export_command}
+COMMANDS = {"export": export_command, "generate": generate_command}
 
 
 def main(argv=None):

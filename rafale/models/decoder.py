@@ -171,6 +171,25 @@ def attention_mask_for(attention_mask, past: int, T: int):
     return mask | (k_pos == q_pos)[None, None]
 
 
+def pick_next_token(logits, temperature: float = 0.0, top_k=None, top_p=None, generator=None):
+    """The next token of each row from logits (B, V): the argmax, or a sample from the tempered, top-k and
+    top-p (nucleus) filtered distribution."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        # drop a token when the ones before it already reach top_p (the most likely token always stays)
+        drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= top_p
+        logits = logits.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
 class GPTNeoX(nn.Module):
     """The decoder. forward(input_ids) -> logits (B, T, vocab_size)."""
 
@@ -230,10 +249,24 @@ class GPTNeoX(nn.Module):
         return self.embed_out(self.final_layer_norm(x))  # (B, T, vocab_size)
 
     @torch.no_grad()
-    def generate(self, input_ids, max_new_tokens: int, attention_mask=None, eos_token_id=None, use_cache=True):
-        """Greedy decoding. input_ids: (B, T), left-padded when the prompts differ in length.
+    def generate(
+        self,
+        input_ids,
+        max_new_tokens: int,
+        attention_mask=None,
+        eos_token_id=None,
+        use_cache: bool = True,
+        temperature: float = 0.0,
+        top_k: Optional[int] = None,
+        top_p: Optional[float] = None,
+        generator: Optional[torch.Generator] = None,
+        on_token=None,
+    ):
+        """Greedy decoding (temperature 0), or sampling with temperature / top-k / top-p.
 
-        Returns (B, T + max_new_tokens); once a row has produced eos_token_id it repeats it.
+        input_ids: (B, T), left-padded (with attention_mask) when the prompts differ in length. Returns
+        (B, T + new); once a row has produced eos_token_id it repeats it, and decoding stops when all have.
+        on_token(next_tokens (B,)) is called after each step, for streaming.
         """
         B, T = input_ids.shape
         if attention_mask is None:
@@ -245,14 +278,16 @@ class GPTNeoX(nn.Module):
         done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         tokens, step_input = input_ids, input_ids
         for _ in range(max_new_tokens):
-            logits = self(step_input, attention_mask=attention_mask, kv_cache=cache)  # (B, t, V)
-            next_token = logits[:, -1].argmax(dim=-1)  # (B,)
+            logits = self(step_input, attention_mask=attention_mask, kv_cache=cache)[:, -1]  # (B, V)
+            next_token = pick_next_token(logits, temperature, top_k, top_p, generator)  # (B,)
             if eos_token_id is not None:
                 next_token = torch.where(done, eos_token_id, next_token)
                 done |= next_token == eos_token_id
             tokens = torch.cat([tokens, next_token[:, None]], dim=1)
             attention_mask = torch.cat([attention_mask, torch.ones_like(next_token)[:, None]], dim=1)
             step_input = next_token[:, None] if use_cache else tokens
+            if on_token is not None:
+                on_token(next_token)
             if eos_token_id is not None and done.all():
                 break
         return tokens
