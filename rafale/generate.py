@@ -27,7 +27,7 @@ def load_decoder(path: Path):
         cfg, data, model = load_run_model(path)
         if cfg.model.type != "pythia":
             raise RafaleError(f"{path}: a {cfg.model.type} run cannot generate text; only decoders (pythia) can")
-        return model, data.tokenizer
+        return model.shrink_vocab(data.vocab_size), data.tokenizer
     if (path / "config.json").is_file():
         from rafale.models.decoder import GPTNeoX
         from rafale.models.hf import from_pretrained, load_tokenizer_from_folder

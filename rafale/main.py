@@ -5,6 +5,8 @@
     DEBUG=1 rafale -c cfg.yaml      train 10 epochs on one fixed batch, which a healthy model overfits (also: --debug)
     rafale export RUN [--out DIR]   write a run's latest checkpoint in Hugging Face format
     rafale generate RUN --prompt P  generate text with a trained decoder (a run or a Hugging Face folder)
+    rafale lm-eval RUN --tasks T    score a decoder with lm-evaluation-harness
+    rafale plot RUN [RUN ...]       draw a run's curves, or overlay several runs
 
 To add a model: write its nn.Module and Composer wrapper under rafale/models/, its presets in
 rafale/models/configurations.py, and a builder in `model_config_dict` below.
@@ -174,8 +176,20 @@ def generate_command(argv) -> int:
     return generate_main(argv)
 
 
+def lm_eval_command(argv) -> int:
+    from rafale.lm_eval_adapter import lm_eval_main
+
+    return lm_eval_main(argv)
+
+
+def plot_command(argv) -> int:
+    from rafale.plots import plot_main
+
+    return plot_main(argv)
+
+
 # `rafale <command> ...`; without a command, rafale trains
-COMMANDS = {"export": export_command, "generate": generate_command}
+COMMANDS = {"export": export_command, "generate": generate_command, "lm-eval": lm_eval_command, "plot": plot_command}
 
 
 def main(argv=None):

@@ -292,6 +292,16 @@ class GPTNeoX(nn.Module):
                 break
         return tokens
 
+    @torch.no_grad()
+    def shrink_vocab(self, vocab_size: int) -> "GPTNeoX":
+        """Keep the first vocab_size rows of both embeddings: training pads the vocabulary to a multiple of 64,
+        inference wants the tokenizer's own (so padding rows can never be sampled)."""
+        if vocab_size < self.cfg.vocab_size:
+            self.embed_in.weight = nn.Parameter(self.embed_in.weight[:vocab_size].clone())
+            self.embed_out.weight = nn.Parameter(self.embed_out.weight[:vocab_size].clone())
+            self.embed_in.num_embeddings = self.embed_out.out_features = self.cfg.vocab_size = vocab_size
+        return self
+
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameters; non_embedding leaves out the input embedding but counts the output projection."""
         n = sum(p.numel() for p in self.parameters())

@@ -1,0 +1,145 @@
+"""`rafale lm-eval`: EleutherAI's lm-evaluation-harness run directly on a rafale decoder, no conversion.
+
+    rafale lm-eval runs/pythia-tiny-stories --tasks my_task --include-path my_tasks/
+    rafale lm-eval runs/pythia-tiny-stories/export --tasks hellaswag,lambada_openai    (online: hub datasets)
+
+`RafaleLM` implements lm-eval's `LM` interface (loglikelihood, loglikelihood_rolling, generate_until) on
+rafale's GPTNeoX and its tokenizer. It tokenizes as lm-eval's Hugging Face model does (`HFLM`), so the scores
+equal those of HFLM on the exported weights (tested). Needs the optional extra: pip install 'rafale[lm-eval]'.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from rafale.config import RafaleError
+from rafale.datapipes import special_token_ids
+
+try:
+    from lm_eval.api.model import LM
+except ImportError:  # the optional extra is not installed: the class is still importable, the command says why
+    LM = object
+
+
+class RafaleLM(LM):
+    def __init__(self, model, tokenizer, batch_size: int = 8, max_length: int | None = None):
+        super().__init__()
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.max_length = max_length or model.cfg.max_position_embeddings
+        self.eot_token_id, self.pad_token_id = special_token_ids(tokenizer, "tokenizer")
+
+    def tok_encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        """As HFLM: trailing spaces of the context move to the continuation; the pair is split after encoding
+        the whole, so a token straddling the boundary belongs to the continuation."""
+        spaces = len(context) - len(context.rstrip())
+        if spaces:
+            context, continuation = context[:-spaces], context[-spaces:] + continuation
+        whole = self.tok_encode(context + continuation)
+        context_ids = self.tok_encode(context)
+        return context_ids, whole[len(context_ids):]
+
+    @torch.no_grad()
+    def score(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+        """Sum of log-probabilities of each continuation given its context, and whether it is the greedy one."""
+        results = []
+        for start in range(0, len(pairs), self.batch_size):
+            chunk = pairs[start : start + self.batch_size]
+            inputs = [(ctx + cont)[-(self.max_length + 1):][:-1] for ctx, cont in chunk]
+            T = max(len(x) for x in inputs)
+            input_ids = torch.full((len(inputs), T), self.pad_token_id, dtype=torch.long)
+            for row, ids in enumerate(inputs):  # right padding: causal attention never looks ahead at it
+                input_ids[row, : len(ids)] = torch.tensor(ids)
+            log_probs = F.log_softmax(self.model(input_ids).float(), dim=-1)  # (B, T, V)
+            for row, ((_, cont), ids) in enumerate(zip(chunk, inputs)):
+                positions = torch.arange(len(ids) - len(cont), len(ids))
+                target = torch.tensor(cont)
+                rows = log_probs[row, positions]  # (len(cont), V)
+                logprob = rows.gather(-1, target[:, None]).sum().item()
+                results.append((logprob, bool((rows.argmax(-1) == target).all())))
+        return results
+
+    def loglikelihood(self, requests) -> list[tuple[float, bool]]:
+        pairs = []
+        for request in requests:
+            context, continuation = request.args
+            if context == "":
+                pairs.append(([self.eot_token_id], self.tok_encode(continuation)))
+            else:
+                pairs.append(self.encode_pair(context, continuation))
+        return self.score(pairs)
+
+    def loglikelihood_rolling(self, requests) -> list[float]:
+        from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+        totals = []
+        for request in requests:
+            (text,) = request.args
+            windows = [
+                make_disjoint_window(window)
+                for window in get_rolling_token_windows(
+                    token_list=self.tok_encode(text), prefix_token=self.eot_token_id,
+                    max_seq_len=self.max_length, context_len=1,
+                )
+            ]
+            totals.append(sum(logprob for logprob, _ in self.score(windows)))
+        return totals
+
+    @torch.no_grad()
+    def generate_until(self, requests) -> list[str]:
+        outputs = []
+        for request in requests:
+            context, kwargs = request.args
+            kwargs = dict(kwargs)
+            until = kwargs.pop("until", None) or []
+            until = [until] if isinstance(until, str) else list(until)
+            max_new = kwargs.pop("max_gen_toks", 256)
+            ids = self.tok_encode(context)[-(self.max_length - max_new):] or [self.eot_token_id]
+            tokens = self.model.generate(torch.tensor([ids]), max_new, eos_token_id=self.eot_token_id)
+            new = [t for t in tokens[0, len(ids):].tolist() if t != self.eot_token_id]
+            text = self.tokenizer.decode(new)
+            for stop in until:
+                text = text.split(stop)[0]
+            outputs.append(text)
+        return outputs
+
+
+def lm_eval_main(argv) -> int:
+    parser = argparse.ArgumentParser(prog="rafale lm-eval", description="Score a decoder with lm-evaluation-harness.")
+    parser.add_argument("model", help="a run folder (its latest checkpoint) or a Hugging Face model folder")
+    parser.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
+    parser.add_argument("--include-path", help="a folder of task YAML files (local tasks)")
+    parser.add_argument("--limit", type=int, default=None, help="at most this many examples per task")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--num-fewshot", type=int, default=None)
+    parser.add_argument("--out", help="write the results as JSON to this file")
+    args = parser.parse_args(argv)
+    try:
+        import lm_eval
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise RafaleError("rafale lm-eval needs lm-evaluation-harness: pip install 'rafale[lm-eval]'") from None
+    from rafale.generate import load_decoder
+
+    model, tokenizer = load_decoder(Path(args.model).expanduser())
+    task_manager = TaskManager(include_path=args.include_path) if args.include_path else TaskManager()
+    results = lm_eval.simple_evaluate(
+        model=RafaleLM(model, tokenizer, batch_size=args.batch_size),
+        tasks=args.tasks.split(","),
+        task_manager=task_manager,
+        limit=args.limit,
+        num_fewshot=args.num_fewshot,
+    )
+    for task, metrics in results["results"].items():
+        shown = ", ".join(f"{k}: {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+        print(f"rafale: {task}: {shown}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(results["results"], indent=2, default=str))
+    return 0

@@ -1,0 +1,93 @@
+"""The lm-evaluation-harness adapter gives the scores of lm-eval's own HF model on the exported weights."""
+
+import json
+
+import pytest
+import torch
+
+lm_eval = pytest.importorskip("lm_eval")
+pytest.importorskip("transformers")
+
+from lm_eval.api.instance import Instance  # noqa: E402
+from lm_eval.models.huggingface import HFLM  # noqa: E402
+from lm_eval.tasks import TaskManager  # noqa: E402
+
+from rafale.config import DataConfig  # noqa: E402
+from rafale.datapipes import CausalLMDataPipe  # noqa: E402
+from rafale.lm_eval_adapter import RafaleLM  # noqa: E402
+from rafale.models.decoder import DecoderConfig, GPTNeoX  # noqa: E402
+from rafale.models.hf import save_pretrained  # noqa: E402
+from conftest import run_in_process  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("lm")
+    cfg = DataConfig(vocab_size=300, block_size=32, num_train_stories=100, num_val_stories=10,
+                     cache_dir=str(folder / "cache"), num_proc=1)
+    tokenizer = CausalLMDataPipe(cfg).load(verbose=False).tokenizer
+    torch.manual_seed(0)
+    model = GPTNeoX(DecoderConfig(vocab_size=320, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,
+                                  max_position_embeddings=64)).eval()
+    for p in model.parameters():  # far from init, so that scores differ clearly between choices
+        torch.nn.init.normal_(p, std=0.3)
+    save_pretrained(model, folder / "export", tokenizer=tokenizer, vocab_size=300)
+    # the run's model is padded to 320 rows; the adapter sees the tokenizer's 300, as the export does
+    return model.shrink_vocab(300), tokenizer, folder / "export"
+
+
+def requests(kind, args):
+    return [Instance(request_type=kind, doc={}, arguments=a, idx=i) for i, a in enumerate(args)]
+
+
+def test_loglikelihoods_equal_lm_evals_hf_model(exported):
+    model, tokenizer, folder = exported
+    ours, theirs = RafaleLM(model, tokenizer, batch_size=3), HFLM(pretrained=str(folder), device="cpu", batch_size=3)
+    pairs = [("Once upon a time", " there was a dog."), ("The cat sat ", "on the mat"), ("", "Lily smiled."),
+             ("She said", ' "hello!"'), ("A long story " * 20, "ends here")]  # the last is cut to the context
+    a = ours.loglikelihood(requests("loglikelihood", pairs))
+    b = theirs.loglikelihood(requests("loglikelihood", pairs))
+    for (lp_a, greedy_a), (lp_b, greedy_b) in zip(a, b):
+        assert lp_a == pytest.approx(lp_b, abs=1e-3) and greedy_a == greedy_b
+    texts = [("Once upon a time there was a little dog named Max. " * 8,), ("Tom and Lily played.",)]
+    rolled_a = ours.loglikelihood_rolling(requests("loglikelihood_rolling", texts))
+    rolled_b = theirs.loglikelihood_rolling(requests("loglikelihood_rolling", texts))
+    assert rolled_a == pytest.approx(rolled_b, abs=1e-3)
+    generated = ours.generate_until(requests("generate_until", [("Once upon a time", {"until": ["."], "max_gen_toks": 10})]))
+    assert len(generated) == 1 and "." not in generated[0]
+
+
+def write_task(folder, data):
+    (folder / "toy.jsonl").write_text("\n".join(json.dumps(d) for d in data))
+    (folder / "toy.yaml").write_text(f"""task: rafale_toy
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {folder / "toy.jsonl"}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{answer}}}}"
+metric_list:
+  - metric: acc
+""")
+
+
+def test_a_local_task_scores_the_same_through_the_adapter_and_hf(exported, tmp_path, capsys, monkeypatch):
+    model, tokenizer, folder = exported
+    data = [{"question": f"Story {i}: the dog was", "choices": [" happy", " sad", " big"], "answer": i % 3}
+            for i in range(12)]
+    write_task(tmp_path, data)
+    manager = TaskManager(include_path=str(tmp_path))
+    ours = lm_eval.simple_evaluate(model=RafaleLM(model, tokenizer), tasks=["rafale_toy"], task_manager=manager)
+    theirs = lm_eval.simple_evaluate(model=HFLM(pretrained=str(folder), device="cpu"), tasks=["rafale_toy"],
+                                     task_manager=manager)
+    assert ours["results"]["rafale_toy"]["acc,none"] == theirs["results"]["rafale_toy"]["acc,none"]
+
+    out = tmp_path / "results.json"
+    code, printed, err = run_in_process(["lm-eval", str(folder), "--tasks", "rafale_toy", "--include-path",
+                                         str(tmp_path), "--out", str(out)], capsys, monkeypatch)
+    assert code == 0, err[-2000:]
+    assert "rafale_toy" in printed
+    assert json.loads(out.read_text())["rafale_toy"]["acc,none"] == ours["results"]["rafale_toy"]["acc,none"]
