@@ -52,6 +52,16 @@ class RunConfig:
     seed: int = option(42, "Seed for weights, data order and dropout.")
     device: Literal["auto", "cpu", "gpu"] = option("auto", "'auto' uses a GPU when there is one.")
     autoresume: bool = option(True, "Resume from the run folder's latest checkpoint when there is one.")
+    resume_fallback: bool = option(
+        False, "When the latest checkpoint is unreadable (cut short by a crash), set it aside and resume from the "
+        "one before it instead of stopping with an error."
+    )
+    loggers: list[Literal["tensorboard", "wandb"]] = option(
+        default_factory=list,
+        help="Extra Composer loggers: tensorboard (writes RUN/tensorboard) and wandb (Weights & Biases; "
+        "WANDB_MODE=offline works without a network). Metrics always go to RUN/metrics.jsonl and RUN/metrics.png.",
+    )
+    wandb_project: str = option("rafale", "Weights & Biases project name (with loggers: [wandb]).")
 
 
 @dataclass
@@ -79,6 +89,10 @@ class DataConfig:
     mlm_probability: float = option(0.15, "Fraction of tokens masked for masked-LM training.")
     doc_separator: str = option(
         "<|endoftext|>", "String between documents in a .txt source (a line of its own or inline)."
+    )
+    decode_errors: Literal["replace", "error"] = option(
+        "replace", "Bytes of a .txt source that are not UTF-8: 'replace' them with U+FFFD (and say how many), or "
+        "'error' (naming the byte offset)."
     )
     num_train_stories: int = option(20000, "Stories generated for the training split (source: stories).")
     num_val_stories: int = option(1000, "Stories generated for the validation split (source: stories).")
@@ -135,6 +149,11 @@ class TrainingConfig:
     eval_only: bool = option(False, "Only evaluate load_path on the validation split (no training).")
     load_path: Optional[str] = option(None, "A checkpoint to start from (weights, or the full state for eval_only).")
     log_interval: str = option("10ba", "How often the console prints metrics.")
+    compile: bool = option(False, "Compile the model with torch.compile (through Composer's compile_config).")
+    fsdp: Optional[dict] = option(
+        None, "Shard the model with FSDP: Composer's FSDP settings (e.g. {sharding_strategy: FULL_SHARD, "
+        "mixed_precision: DEFAULT}), passed as parallelism_config={'fsdp': ...}. GPUs only."
+    )
 
 
 @dataclass
@@ -298,7 +317,7 @@ def validate(cfg: Config) -> None:
     if cfg.training.eval_batches is not None:
         positive["training.eval_batches"] = cfg.training.eval_batches
     for key, value in positive.items():
-        if value <= 0:
+        if not value > 0:  # not `value <= 0`, which lets NaN through
             raise ConfigError(key, f"must be positive, got {value}")
     for key, value in {"data.num_proc": cfg.data.num_proc, "data.num_workers": cfg.data.num_workers,
                        "training.weight_decay": cfg.training.weight_decay, "training.eps": cfg.training.eps}.items():
@@ -320,6 +339,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             "training.microbatch_size", f"({mb}) cannot be larger than training.batch_size ({cfg.training.batch_size})"
         )
+    if cfg.training.fsdp is not None and cfg.run.device == "cpu":
+        raise ConfigError("training.fsdp", "FSDP needs GPUs; remove it on run.device: cpu")
+    if len(set(cfg.run.loggers)) != len(cfg.run.loggers):
+        raise ConfigError("run.loggers", f"lists a logger twice: {cfg.run.loggers}")
     if mb == "auto" and cfg.run.device == "cpu":
         raise ConfigError("training.microbatch_size", "'auto' needs a GPU; give a number on run.device: cpu")
     _check_time(cfg.training.max_duration, "training.max_duration", allow_dur=False)
@@ -360,7 +383,10 @@ def config_from_dict(raw) -> Config:
     model_raw = raw.pop("model")
     if not isinstance(model_raw, dict):
         raise ConfigError("model", f"expected a mapping, got {type(model_raw).__name__}")
-    model_raw = {k: v for k, v in model_raw.items() if k != "overrides"} | dict(model_raw.get("overrides") or {})
+    nested = model_raw.get("overrides") or {}
+    if not isinstance(nested, dict):
+        raise ConfigError("model.overrides", f"expected a mapping of preset fields to values, got {nested!r}")
+    model_raw = {k: v for k, v in model_raw.items() if k != "overrides"} | nested
     model, overrides = build_dataclass(ModelConfig, model_raw, "model.", allow_extra=True)
     model.overrides = overrides
     cfg = build_dataclass(Config, raw, "")

@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,8 +69,20 @@ def _safe_name(text: str) -> str:
 # sources
 
 
-def _read_text_documents(path: Path, separator: str) -> list[str]:
-    text = path.read_bytes().decode("utf-8", errors="replace")
+def _read_text_documents(path: Path, separator: str, errors: str = "replace") -> list[str]:
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8", errors="strict" if errors == "error" else errors)
+    except UnicodeDecodeError as err:
+        raise DataError(
+            f"data.source: {path} is not UTF-8 at byte offset {err.start} ({raw[err.start:err.start + 4]!r}); "
+            "fix the file or set data.decode_errors: replace"
+        ) from None
+    # U+FFFD already in the file (as valid UTF-8) is not a replacement
+    replaced = text.count("\ufffd") - raw.count("\ufffd".encode())
+    if replaced:
+        print(f"rafale: data.source: replaced {replaced:,} invalid UTF-8 sequence(s) in {path} with U+FFFD "
+              "(data.decode_errors: error stops instead)")
     return [doc.strip() for doc in text.split(separator) if doc.strip()]
 
 
@@ -99,7 +112,8 @@ def load_source(cfg: DataConfig, cache_dir: Path, labelled: bool = False) -> Dat
             except FileNotFoundError as err:
                 raise DataError(f"data.source: {path} is a folder but not one written by datasets.save_to_disk ({err})") from None
         elif path.suffix == ".txt":
-            loaded = Dataset.from_dict({"text": _read_text_documents(path, cfg.doc_separator)})
+            # decode_errors is not in the cache fingerprint: 'error' either fails or reads what 'replace' reads
+            loaded = Dataset.from_dict({"text": _read_text_documents(path, cfg.doc_separator, cfg.decode_errors)})
         elif path.suffix in (".jsonl", ".json"):
             loaded = Dataset.from_json(str(path))
         elif path.suffix == ".parquet":
@@ -271,6 +285,15 @@ class PreparedData:
         return self.meta["vocab_size"]
 
 
+def wait_for_cache(path: Path, timeout_s: float = 24 * 3600, poll_s: float = 1.0):
+    """Wait until another process has finished building the cache at `path`."""
+    deadline = time.monotonic() + timeout_s
+    while not (path / "rafale.json").is_file():
+        if time.monotonic() > deadline:
+            raise DataError(f"data.cache_dir: gave up waiting {timeout_s:.0f} s for the first process to build {path}")
+        time.sleep(poll_s)
+
+
 class DataPipe:
     """Load, tokenize, chunk and cache one dataset. Subclasses define `_prepare` and the collator."""
 
@@ -306,7 +329,10 @@ class DataPipe:
             raise DataError(f"data.cache_dir: cannot create the cache folder {path.parent}: {err}") from None
         if not os.access(path.parent, os.W_OK):
             raise DataError(f"data.cache_dir: the cache folder {path.parent} is not writable")
-        # one process builds; the others wait here and then find the finished cache
+        # Under Composer's launcher, local rank 0 builds the cache and the node's other ranks wait for it.
+        # Between unrelated processes, the lock lets one build while the others wait, then find the cache.
+        if int(os.environ.get("LOCAL_RANK", "0")) > 0:
+            wait_for_cache(path)
         with FileLock(str(path) + ".lock"):
             if (path / "rafale.json").is_file():
                 if verbose:
@@ -321,9 +347,12 @@ class DataPipe:
     def _build(self, path: Path, verbose: bool):
         if verbose:
             print(f"rafale: preparing data into {path}")
+        # under the lock, any other temporary folder of this cache is what a killed build left behind
+        for stale in path.parent.glob(path.name + ".tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
         try:
+            tmp.mkdir(parents=True)
             raw = load_source(self.cfg, self.root, labelled=self.labelled)
             if self.cfg.tokenizer == "train":
                 tokenizer = train_tokenizer(raw["train"], self.cfg.vocab_size, self.tokenizer_kind)
@@ -338,13 +367,16 @@ class DataPipe:
                 "splits": {},
             }
             prepared = self._prepare(raw, tokenizer, meta)
-            tmp.mkdir(parents=True)
-            tokenizer.save(str(tmp / "tokenizer.json"))
-            for split, ds in prepared.items():
-                ds.save_to_disk(str(tmp / split))
-                meta["splits"][split] = self._describe(ds)
-            (tmp / "rafale.json").write_text(json.dumps(meta, indent=2))  # written last: marks the cache complete
-            os.replace(tmp, path)
+            try:
+                tokenizer.save(str(tmp / "tokenizer.json"))
+                for split, ds in prepared.items():
+                    ds.save_to_disk(str(tmp / split))
+                    meta["splits"][split] = self._describe(ds)
+                (tmp / "rafale.json").write_text(json.dumps(meta, indent=2))  # written last: marks the cache complete
+                os.replace(tmp, path)
+            except OSError as err:  # a full disk or a read-only folder: the except below removes what was written
+                raise DataError(f"data.cache_dir: could not write the data cache {path}: {err.strerror or err} "
+                                "(free space there, or point data.cache_dir / $RAFALE_CACHE elsewhere)") from None
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -367,7 +399,7 @@ class DataPipe:
         return ds.map(
             function,
             batched=True,
-            batch_size=1000,
+            batch_size=10_000,  # large batches: encode_batch parallelizes within each call
             num_proc=num_proc,
             remove_columns=ds.column_names,
             features=features,

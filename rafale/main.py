@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import torch
+from composer.utils import reproducibility
 
 if __package__ in (None, ""):  # run as `python rafale/main.py`: make the package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -153,6 +154,7 @@ def train_main(args) -> int:
     if data_only:
         return 0
     model_cfg = resolve_model_config(cfg)
+    reproducibility.seed_all(cfg.run.seed)  # the initial weights too, not only what the Trainer draws
     model, collator = model_config_dict[cfg.model.type](model_cfg, data, cfg)
     if debug and hasattr(collator, "fixed_seed"):  # the same masks every step, so the target holds still
         collator.fixed_seed = cfg.run.seed

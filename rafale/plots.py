@@ -25,25 +25,44 @@ VAL_QUALITY = ("metrics/eval/LanguagePerplexity", "metrics/eval/Accuracy", "metr
 
 
 class MetricsFile(LoggerDestination):
-    def __init__(self, run_dir: Path):
+    """Collects each step's metrics in memory and appends them to RUN/metrics.jsonl every `flush_every` steps,
+    at each evaluation and at the end (no file I/O in most training steps)."""
+
+    def __init__(self, run_dir: Path, flush_every: int = 50):
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / METRICS_FILE
+        self.flush_every = flush_every
+        self.pending: dict[int, dict] = {}
 
     def log_metrics(self, metrics: dict, step=None) -> None:
-        row = {"step": step}
+        row = self.pending.setdefault(step, {})
         for name, value in metrics.items():
             try:
                 row[name] = float(value)
             except (TypeError, ValueError):
                 continue  # not a number (Composer logs a few strings)
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+
+    def flush(self) -> None:
+        if self.pending:
+            lines = [json.dumps({"step": step, **row}) for step, row in self.pending.items() if row]
+            with self.path.open("a") as f:
+                f.write("".join(line + "\n" for line in lines))
+            self.pending.clear()
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        if int(state.timestamp.batch) % self.flush_every == 0:
+            self.flush()
 
     def eval_end(self, state: State, logger: Logger) -> None:
+        self.flush()
         plot_run(self.run_dir)
 
     def fit_end(self, state: State, logger: Logger) -> None:
+        self.flush()
         plot_run(self.run_dir)
+
+    def close(self, state: State, logger: Logger) -> None:
+        self.flush()
 
 
 def read_metrics(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -58,6 +77,19 @@ def read_metrics(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
         for name, value in row.items():
             series.setdefault(name, {})[step] = value
     return {name: sorted(points.items()) for name, points in series.items()}
+
+
+def best_validation(run_dir: Path) -> tuple[str, float, int] | None:
+    """(metric, best value, step) of the run's validation loss (lowest), or accuracy (highest) if no loss."""
+    if not (Path(run_dir) / METRICS_FILE).is_file():
+        return None
+    series = read_metrics(run_dir)
+    for name in VAL_LOSSES + ("metrics/eval/Accuracy", "metrics/eval/MaskedAccuracy"):
+        if series.get(name):
+            pick = min if "Accuracy" not in name else max
+            step, value = pick(series[name], key=lambda point: point[1])
+            return name.rsplit("/", 1)[-1], value, step
+    return None
 
 
 def tokens_per_step(series) -> float | None:
@@ -79,7 +111,7 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
     panels = [
         ("loss", [(TRAIN_LOSS, "train")] + [(name, "validation") for name in VAL_LOSSES]),
         ("validation", [(name, name.rsplit("/", 1)[-1]) for name in VAL_QUALITY]),
-        ("learning rate", [(name, name.split("/", 1)[-1]) for name in series if name.startswith("lr-")]),
+        ("learning rate", [(name, name.split("/", 1)[0]) for name in series if name.startswith("lr-")][:1]),
         ("tokens / s", [("throughput/tokens_per_sec", "throughput")]),
     ]
     per_step = tokens_per_step(series)
@@ -96,8 +128,6 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
         ax.grid(alpha=0.3)
         if drawn:
             ax.legend(fontsize=8)
-            if title == "loss":
-                ax.set_yscale("log")
         else:
             ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, color="gray")
         if per_step:

@@ -8,6 +8,7 @@ evaluation, checkpoints and autoresume, and the callbacks that report speed, lea
 import json
 import math
 import shutil
+import signal
 import sys
 import time
 import warnings
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 from composer import Trainer
 from composer.algorithms import GradientClipping
-from composer.callbacks import LRMonitor, MemoryMonitor, NaNMonitor, RuntimeEstimator, SpeedMonitor
+from composer.callbacks import LRMonitor, MemoryMonitor, RuntimeEstimator, SpeedMonitor
 from composer.optim import (
     ConstantWithWarmupScheduler,
     CosineAnnealingWithWarmupScheduler,
@@ -27,8 +28,11 @@ from composer.utils import dist
 from torch.utils.data import DataLoader
 
 from rafale.config import Config, ConfigError, RafaleError, save_config
-from rafale.datapipes import PreparedData
+from rafale.datapipes import PreparedData, cache_root
+from rafale.hardware import peak_flops
+from rafale.plots import MetricsFile, best_validation
 from rafale.export import EXPORT_DIR, export_model
+from rafale.resilience import FiniteLossMonitor, StopOnSignal, check_resume_checkpoint
 
 
 DEBUG_EPOCHS = 10
@@ -44,6 +48,7 @@ class RunResult:
     wall_time_s: float
     tokens: int
     export_dir: Path | None = None
+    mfu: float | None = None  # model FLOPs utilization over the whole run, against the device's peak
 
 
 def pick_device(cfg: Config) -> str:
@@ -107,6 +112,27 @@ def eval_loss(trainer: Trainer) -> float | None:
     return metrics.get("LanguageCrossEntropy", metrics.get("CrossEntropy"))
 
 
+def make_loggers(cfg: Config, run_dir: Path) -> list:
+    """RUN/metrics.jsonl (and its plots) always; TensorBoard and Weights & Biases when run.loggers asks."""
+    loggers = [MetricsFile(run_dir)]
+    if "tensorboard" in cfg.run.loggers:
+        from composer.loggers import TensorboardLogger
+
+        loggers.append(TensorboardLogger(log_dir=str(run_dir / "tensorboard"), flush_interval=10))
+    if "wandb" in cfg.run.loggers:
+        from composer.loggers import WandBLogger
+
+        class MetricsOnlyWandBLogger(WandBLogger):
+            """Checkpoints live in the run folder: autoresume must not ask W&B for one (that fails offline)."""
+
+            def download_file(self, *args, **kwargs):
+                raise FileNotFoundError("rafale keeps checkpoints in the run folder")
+
+        loggers.append(MetricsOnlyWandBLogger(project=cfg.run.wandb_project, name=run_dir.name,
+                                              init_kwargs={"dir": str(run_dir)}))
+    return loggers
+
+
 def run(cfg: Config, data: PreparedData, model, collator, debug: bool = False) -> RunResult:
     """Train (or with training.eval_only, evaluate) `model` on `data`, as the config says."""
     t = cfg.training
@@ -148,12 +174,19 @@ def run(cfg: Config, data: PreparedData, model, collator, debug: bool = False) -
     train_loader = make_dataloader(train_set, per_rank_batch, collator, not debug, True, cfg.data.num_workers, pin)
     eval_loader = make_dataloader(eval_set, per_rank_batch, collator, False, False, cfg.data.num_workers, pin)
 
-    callbacks = [SpeedMonitor(window_size=10), LRMonitor(), RuntimeEstimator(), NaNMonitor()]
+    save = not debug and not t.eval_only
+    stopper = StopOnSignal(save)
+    peak = peak_flops(device, precision, cache_root(cfg.data.cache_dir))
+    callbacks = [SpeedMonitor(window_size=10, gpu_flops_available=peak), LRMonitor(), RuntimeEstimator(),
+                 FiniteLossMonitor(), stopper]
     if device == "gpu":
         callbacks.append(MemoryMonitor())
+    loggers = make_loggers(cfg, run_dir) if dist.get_global_rank() == 0 else []
     algorithms = [GradientClipping(clipping_type="norm", clipping_threshold=t.clip_norm)] if t.clip_norm else []
     interactive = sys.stdout.isatty()
-    save = not debug and not t.eval_only
+    autoresume = save and cfg.run.autoresume
+    if autoresume and dist.get_global_rank() == 0:
+        check_resume_checkpoint(run_dir / "checkpoints", cfg.run.resume_fallback)
     # the last evaluation batch is usually short; Composer says so on every evaluation
     warnings.filterwarnings("ignore", message="Cannot split tensor of length")
     with warnings.catch_warnings():
@@ -169,6 +202,9 @@ def run(cfg: Config, data: PreparedData, model, collator, debug: bool = False) -
             step_schedulers_every_batch=True,
             algorithms=algorithms,
             callbacks=callbacks,
+            loggers=loggers,
+            compile_config={} if t.compile else None,
+            parallelism_config={"fsdp": t.fsdp} if t.fsdp is not None else None,
             eval_interval="1ep" if debug else t.eval_interval,
             eval_subset_num_batches=-1 if t.eval_batches is None else t.eval_batches,
             device=device,
@@ -184,7 +220,7 @@ def run(cfg: Config, data: PreparedData, model, collator, debug: bool = False) -
             save_filename="ep{epoch}-ba{batch}-rank{rank}.pt",
             save_interval=t.save_interval,
             save_num_checkpoints_to_keep=t.checkpoints_to_keep,
-            autoresume=save and cfg.run.autoresume,
+            autoresume=autoresume,
             python_log_level=None,
         )
 
@@ -192,29 +228,50 @@ def run(cfg: Config, data: PreparedData, model, collator, debug: bool = False) -
     tokens_before = int(trainer.state.timestamp.token)
     loss_start = loss_end = None
     fresh = int(trainer.state.timestamp.batch) == 0
+    done = False
+    if not fresh and not t.eval_only:
+        limit = trainer.state.max_duration
+        done = trainer.state.timestamp.get(limit.unit).value >= limit.value
+        print(f"rafale: resumed {run_dir} at batch {int(trainer.state.timestamp.batch)}"
+              + (f": already complete (training.max_duration {t.max_duration}); evaluating only" if done else ""))
     if t.eval_only or fresh:
         trainer.eval()
         loss_start = eval_loss(trainer)
-    if not t.eval_only:
-        trainer.fit()  # evaluates at each eval_interval and at the end
+    if done:  # Composer's fit refuses a run past its max_duration
+        trainer.eval()
         loss_end = eval_loss(trainer)
-        if loss_end is None:  # a resumed run that had already finished
-            trainer.eval()
-            loss_end = eval_loss(trainer)
+    elif not t.eval_only:
+        stopper.install()
+        try:
+            trainer.fit()  # evaluates at each eval_interval and at the end
+        finally:
+            stopper.uninstall()
+        if stopper.signum is not None:
+            where = f"checkpoint saved to {stopper.saved}" if stopper.saved else "no checkpoint saved"
+            print(f"rafale: stopped by {signal.Signals(stopper.signum).name} at batch "
+                  f"{int(trainer.state.timestamp.batch)}; {where}; run the same command to resume", file=sys.stderr)
+            trainer.close()
+            sys.exit(128 + stopper.signum)  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+        loss_end = eval_loss(trainer)
     wall = time.perf_counter() - start
     tokens = int(trainer.state.timestamp.token) - tokens_before
     export_dir = None
     if save and dist.get_global_rank() == 0:
         export_dir = export_model(model.model, run_dir / EXPORT_DIR, data)
-    return RunResult(run_dir, trainer, loss_start, loss_end, wall, tokens, export_dir)
+    mfu = None
+    if tokens and peak:
+        flops = model.flops_per_batch(next(iter(train_loader))) / (per_rank_batch * cfg.data.block_size)  # per token
+        mfu = tokens / wall * flops / (peak * world)
+    return RunResult(run_dir, trainer, loss_start, loss_end, wall, tokens, export_dir, mfu)
 
 
 def describe(result: RunResult, num_params: int) -> str:
     """The end-of-run summary."""
     lines = [f"run folder: {result.run_dir}", f"parameters: {num_params:,}"]
     if result.tokens:
+        mfu = f", MFU {result.mfu:.1%}" if result.mfu is not None else ""
         lines.append(f"tokens trained: {result.tokens:,} in {result.wall_time_s:.1f} s "
-                     f"({result.tokens / result.wall_time_s:,.0f} tokens/s including evaluation)")
+                     f"({result.tokens / result.wall_time_s:,.0f} tokens/s including evaluation{mfu})")
     if result.export_dir is not None:
         lines.append(f"checkpoints: {result.run_dir / 'checkpoints'}; Hugging Face export: {result.export_dir}")
     metrics = eval_metrics(result.trainer)
@@ -225,4 +282,8 @@ def describe(result: RunResult, num_params: int) -> str:
     others = {k: v for k, v in metrics.items() if "CrossEntropy" not in k and "Perplexity" not in k}
     if others:
         lines.append("validation " + ", ".join(f"{k}: {v:.4f}" for k, v in others.items()))
+    best = best_validation(result.run_dir)
+    if best is not None:
+        name, value, step = best
+        lines.append(f"best validation {name}: {value:.4f} at step {step}; curves: {result.run_dir / 'metrics.png'}")
     return "\n".join("rafale: " + line for line in lines)

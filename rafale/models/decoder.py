@@ -115,7 +115,8 @@ class Attention(nn.Module):
         self.query_key_value = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
         self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
 
-    def forward(self, x, cos, sin, attn_mask=None, kv_cache: Optional[KVCache] = None, layer: int = 0):
+    def forward(self, x, cos, sin, attn_mask=None, kv_cache: Optional[KVCache] = None, layer: int = 0,
+                is_causal: bool = True):
         B, T, C = x.shape
         # GPT-NeoX lays out the fused projection per head: [q_h, k_h, v_h] for each head h
         qkv = self.query_key_value(x).view(B, T, self.num_heads, 3 * self.head_dim)  # (B, T, nh, 3*hs)
@@ -124,7 +125,7 @@ class Attention(nn.Module):
         k = apply_rotary(k, cos, sin, self.rotary_dim)
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)  # (B, nh, past+T, hs)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, nh*hs)
         return self.dense(y)
 
@@ -148,8 +149,8 @@ class Layer(nn.Module):
         self.attention = Attention(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, attn_mask=None, kv_cache=None, layer=0):
-        attn = self.attention(self.input_layernorm(x), cos, sin, attn_mask, kv_cache, layer)
+    def forward(self, x, cos, sin, attn_mask=None, kv_cache=None, layer=0, is_causal=True):
+        attn = self.attention(self.input_layernorm(x), cos, sin, attn_mask, kv_cache, layer, is_causal)
         if self.parallel_residual:
             return x + attn + self.mlp(self.post_attention_layernorm(x))
         x = x + attn
@@ -233,17 +234,19 @@ class GPTNeoX(nn.Module):
                 position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
             else:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
-        # without padding or a cache, the causal mask is implicit and SDPA may use flash attention
+        # Without padding the mask is implicit: causal over the new tokens when there is no past (SDPA may use
+        # flash attention), and none at all for one new token after a cache, which sees every key.
         attn_mask = None
-        if attention_mask is not None or past > 0:
+        if attention_mask is not None or (past > 0 and T > 1):
             if attention_mask is None:
                 attention_mask = torch.ones(B, past + T, dtype=torch.bool, device=input_ids.device)
             attn_mask = attention_mask_for(attention_mask, past, T)
+        is_causal = attn_mask is None and T > 1
 
         x = self.embed_in(input_ids)  # (B, T, C)
         cos, sin = self.rotary(position_ids, x.dtype)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, attn_mask, kv_cache, i)
+            x = layer(x, cos, sin, attn_mask, kv_cache, i, is_causal)
         if kv_cache is not None:
             kv_cache.length += T
         return self.embed_out(self.final_layer_norm(x))  # (B, T, vocab_size)
@@ -269,28 +272,30 @@ class GPTNeoX(nn.Module):
         on_token(next_tokens (B,)) is called after each step, for streaming.
         """
         B, T = input_ids.shape
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
+        if attention_mask is not None and bool(attention_mask.all()):
+            attention_mask = None  # no padding: the implicit causal mask is cheaper
         cache = None
         if use_cache:
             param = next(self.parameters())
             cache = KVCache(self.cfg, B, T + max_new_tokens, param.device, param.dtype)
         done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-        tokens, step_input = input_ids, input_ids
+        tokens = torch.cat([input_ids, input_ids.new_zeros(B, max_new_tokens)], dim=1)  # (B, T + new), filled below
+        length, step_input = T, input_ids
         for _ in range(max_new_tokens):
-            logits = self(step_input, attention_mask=attention_mask, kv_cache=cache)[:, -1]  # (B, V)
+            mask = attention_mask if attention_mask is None else F.pad(attention_mask, (0, length - T), value=1)
+            logits = self(step_input, attention_mask=mask, kv_cache=cache)[:, -1]  # (B, V)
             next_token = pick_next_token(logits, temperature, top_k, top_p, generator)  # (B,)
             if eos_token_id is not None:
                 next_token = torch.where(done, eos_token_id, next_token)
                 done |= next_token == eos_token_id
-            tokens = torch.cat([tokens, next_token[:, None]], dim=1)
-            attention_mask = torch.cat([attention_mask, torch.ones_like(next_token)[:, None]], dim=1)
-            step_input = next_token[:, None] if use_cache else tokens
+            tokens[:, length] = next_token
+            length += 1
+            step_input = next_token[:, None] if use_cache else tokens[:, :length]
             if on_token is not None:
                 on_token(next_token)
             if eos_token_id is not None and done.all():
                 break
-        return tokens
+        return tokens[:, :length]
 
     @torch.no_grad()
     def shrink_vocab(self, vocab_size: int) -> "GPTNeoX":

@@ -1,0 +1,295 @@
+"""rafale CPU benchmarks: side-by-side ratios against references, each with its goal.
+
+    .venv/bin/python bench/bench.py [--quick] [--data PATH --tokenizer PATH] [--threads N] [--only train,gen,data]
+
+Every comparison runs both sides in this one process, with the same shapes and torch threads, after warm-up,
+and reports medians. The table is printed and written to bench/results.md (bench/results-quick.md for --quick).
+"""
+
+import argparse
+import datetime
+import gc
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+import torch  # noqa: E402
+
+from common import (  # noqa: E402
+    cpu_model, decoder_cfg, hf_from_rafale, make_rafale, matmul_peak, median, nproc, random_blocks,
+    train_composer, train_plain,
+)
+
+ROWS = []  # (comparison, ours, reference, ratio, goal text, met)
+
+
+def row(name, ours, ref, ratio, goal_text, met):
+    ROWS.append((name, ours, ref, ratio, goal_text, met))
+    print(f"  -> {name}: ours {ours} | ref {ref} | ratio {ratio:.3f} | goal {goal_text} | {'met' if met else 'NOT met'}", flush=True)
+
+
+def fmt(x, unit=""):
+    if x >= 1e6:
+        return f"{x / 1e6:.2f}M{unit}"
+    if x >= 1e4:
+        return f"{x / 1e3:.1f}k{unit}"
+    return f"{x:.1f}{unit}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# 1, 2, 5: training
+
+
+def bench_train(label, preset, vocab, T, B, warmup, measure, rounds, peak=None, mfu_goal=None):
+    """rafale in the Trainer vs rafale in a plain loop vs HF GPTNeoX in a plain loop; same weights and data."""
+    print(f"\n[train] {label}: preset {preset}, vocab {vocab}, T={T}, B={B}, warm-up {warmup}, "
+          f"{measure} measured steps x {rounds} rounds", flush=True)
+    cfg = decoder_cfg(preset, vocab, T)
+    steps = warmup + measure
+    blocks = random_blocks(steps * B, T, cfg.vocab_size)
+    base = make_rafale(cfg)
+    state = {k: v.clone() for k, v in base.state_dict().items()}
+    times = {"trainer": [], "plain": [], "hf": []}
+    order = ["trainer", "plain", "hf"]
+    for r in range(rounds):
+        for side in (order if r % 2 == 0 else order[::-1]):
+            model = make_rafale(cfg)
+            model.load_state_dict(state)
+            if side == "trainer":
+                t = train_composer(model, blocks, B, steps)
+            elif side == "plain":
+                t = train_plain(model, blocks, B, steps, kind="rafale")
+            else:
+                t = train_plain(hf_from_rafale(model), blocks, B, steps, kind="hf")
+            times[side] += t[warmup:]
+            print(f"    round {r} {side:7s}: median step {median(t[warmup:]) * 1e3:.0f} ms "
+                  f"(all: {', '.join(f'{x * 1e3:.0f}' for x in t)})", flush=True)
+            del model
+            gc.collect()
+    tok = B * T
+    tps = {k: tok / median(v) for k, v in times.items()}
+    ratio = tps["trainer"] / tps["hf"]
+    row(f"train tok/s {label}: rafale Trainer vs HF GPTNeoX plain loop", fmt(tps["trainer"]), fmt(tps["hf"]),
+        ratio, ">= 1.20", ratio >= 1.2)
+    ratio = tps["trainer"] / tps["plain"]
+    row(f"Composer overhead {label}: rafale Trainer vs rafale plain loop", fmt(tps["trainer"]), fmt(tps["plain"]),
+        ratio, ">= 0.97 (<= 3% slower)", ratio >= 0.97)
+    if peak is not None:
+        from rafale.models.decoder import ComposerLM
+
+        flops = ComposerLM(base).flops_per_batch({"input_ids": torch.zeros(B, T, dtype=torch.long)})
+        mfu = flops / median(times["trainer"]) / peak
+        mfu_hf = flops / median(times["hf"]) / peak
+        row(f"CPU MFU {label}, rafale Trainer (ref: HF plain loop)", f"{mfu * 100:.1f}%", f"{mfu_hf * 100:.1f}%",
+            mfu / 0.30, f">= 30% MFU (peak {peak / 1e9:.0f} GFLOP/s)" + ("" if mfu_goal else "; goal is for T=512"),
+            mfu >= 0.30)
+    return tps
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3: generation
+
+
+def bench_generate(new_tokens, nocache_tokens, repeats, prompt_len=8):
+    print(f"\n[generate] pythia-70m shape, random init, prompt {prompt_len}, {new_tokens} new tokens, "
+          f"{repeats} repeats", flush=True)
+    cfg = decoder_cfg("pythia-70m")
+    model = make_rafale(cfg).eval()
+    hf = hf_from_rafale(model).eval()
+    torch.manual_seed(1)
+    x = torch.randint(2, cfg.vocab_size, (2, 64))
+    with torch.no_grad():
+        diff = (model(x) - hf(input_ids=x).logits).abs().max().item()
+    print(f"    same weights: max |rafale logits - HF logits| on a (2, 64) input = {diff:.2e}", flush=True)
+    assert diff < 1e-3, diff
+    for B in (1, 8):
+        prompt = torch.randint(2, cfg.vocab_size, (B, prompt_len))
+        mask = torch.ones_like(prompt)
+
+        def ours(n=new_tokens, use_cache=True):
+            return model.generate(prompt, n, use_cache=use_cache)
+
+        def ref(n=new_tokens):
+            with torch.no_grad():
+                return hf.generate(prompt, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                   pad_token_id=1, eos_token_id=None)
+
+        # warm-up, and the outputs must agree token for token
+        a, b = ours(), ref()
+        same = torch.equal(a, b)
+        print(f"    B={B}: rafale (KV cache) and HF generated identical ids: {same} ({a.shape[0]}x{a.shape[1] - prompt_len} "
+              f"new ids, {len(set(a[:, prompt_len:].flatten().tolist()))} distinct; a random init repeats itself); "
+              f"first row's new ids: {a[0, prompt_len:prompt_len + 12].tolist()}...", flush=True)
+        assert same, f"rafale and HF differ: {a[:, prompt_len:].tolist()} vs {b[:, prompt_len:].tolist()}"
+        t_ours, t_ref = [], []
+        for i in range(repeats):
+            for side, fn, acc in ((("ours", ours, t_ours), ("ref", ref, t_ref)) if i % 2 == 0 else
+                                  (("ref", ref, t_ref), ("ours", ours, t_ours))):
+                t = time.perf_counter()
+                fn()
+                acc.append(time.perf_counter() - t)
+        tps_ours, tps_ref = B * new_tokens / median(t_ours), B * new_tokens / median(t_ref)
+        ratio = tps_ours / tps_ref
+        row(f"generate tok/s B={B}, {new_tokens} new: rafale KV cache vs HF generate", fmt(tps_ours), fmt(tps_ref),
+            ratio, ">= 1.20", ratio >= 1.2)
+        if B == 1:
+            # without the cache every step reruns the whole prefix; same length as the cached run
+            n = nocache_tokens
+            c = ours(n)
+            t = time.perf_counter()
+            u = ours(n, use_cache=False)
+            t_nc = time.perf_counter() - t
+            assert torch.equal(c, u), "rafale with and without the cache differ"
+            t_c = median([_time(lambda: ours(n)) for _ in range(repeats)])
+            ratio = t_nc / t_c
+            row(f"generate tok/s B=1, {n} new: rafale KV cache vs rafale use_cache=False", fmt(n / t_c), fmt(n / t_nc),
+                ratio, ">= 5.0", ratio >= 5.0)
+
+
+def _time(fn):
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4: data preparation
+
+
+def bench_data(data_path, tokenizer_path, n_stories, repeats, workdir: Path):
+    from tokenizers import Tokenizer
+
+    from rafale.config import DataConfig
+    from rafale.datapipes import CausalLMDataPipe, special_token_ids
+
+    if data_path is None:
+        from datasets import Dataset
+
+        from rafale.stories import story_splits
+
+        docs = story_splits(n_stories, 0, seed=0)["train"]
+        data_path = workdir / "stories.txt"
+        data_path.write_text("\n<|endoftext|>\n".join(docs) + "\n")
+        if tokenizer_path is None:
+            from rafale.datapipes import train_tokenizer
+
+            t = time.perf_counter()
+            tok = train_tokenizer(Dataset.from_dict({"text": docs}), 4096)
+            tokenizer_path = workdir / "tokenizer.json"
+            tok.save(str(tokenizer_path))
+            print(f"    trained a 4096-token BPE on the stories in {time.perf_counter() - t:.1f}s", flush=True)
+    elif tokenizer_path is None:
+        sys.exit("--data needs --tokenizer")
+    data_path, tokenizer_path = Path(data_path), Path(tokenizer_path)
+    size = data_path.stat().st_size
+    print(f"\n[data] {data_path} ({size / 2**20:.2f} MiB), tokenizer {tokenizer_path}, {repeats} repeats", flush=True)
+    tok = Tokenizer.from_file(str(tokenizer_path))
+    eos, _ = special_token_ids(tok, "bench")
+    text = data_path.read_bytes().decode("utf-8", errors="replace")
+    docs = [d.strip() for d in text.split("<|endoftext|>") if d.strip()]
+
+    def naive():
+        out = []
+        for d in docs:
+            out.append(tok.encode(d, add_special_tokens=False).ids + [eos])
+        return sum(len(x) for x in out)
+
+    def batch():
+        return sum(len(e.ids) + 1 for e in tok.encode_batch(docs, add_special_tokens=False))
+
+    t_build, t_reload, t_naive, t_batch = [], [], [], []
+    n_tokens = None
+    for i in range(repeats):
+        cache = Path(tempfile.mkdtemp(prefix="cache", dir=workdir))
+        cfg = DataConfig(source=str(data_path), tokenizer=str(tokenizer_path), block_size=512, cache_dir=str(cache))
+        t = time.perf_counter()
+        prepared = CausalLMDataPipe(cfg).load(verbose=False)
+        t_build.append(time.perf_counter() - t)
+        n_tokens = sum(s["tokens"] for s in prepared.meta["splits"].values())
+        t = time.perf_counter()
+        prepared = CausalLMDataPipe(cfg).load(verbose=False)
+        t_reload.append(time.perf_counter() - t)
+        del prepared
+        t_naive.append(_time(naive))
+        t_batch.append(_time(batch))
+        print(f"    repeat {i}: rafale build {t_build[-1]:.2f}s, reload {t_reload[-1]:.3f}s, naive {t_naive[-1]:.2f}s, "
+              f"encode_batch {t_batch[-1]:.2f}s", flush=True)
+    n_naive = naive()
+    print(f"    tokens: rafale cache {n_tokens}, per-document encode {n_naive}", flush=True)
+    tps = n_tokens / median(t_build)
+    tps_naive, tps_batch = n_naive / median(t_naive), n_naive / median(t_batch)
+    row(f"data prep tok/s ({size / 2**20:.1f} MiB): rafale CausalLMDataPipe.load vs per-doc encode loop", fmt(tps),
+        fmt(tps_naive), tps / tps_naive, ">= 5.0", tps / tps_naive >= 5.0)
+    row(f"data prep tok/s ({size / 2**20:.1f} MiB): rafale CausalLMDataPipe.load vs bare encode_batch", fmt(tps),
+        fmt(tps_batch), tps / tps_batch, ">= 0.80", tps / tps_batch >= 0.8)
+    ratio = median(t_build) / median(t_reload)
+    row("data cache reload: second .load() (s) vs first build (s)", f"{median(t_reload):.3f}s", f"{median(t_build):.2f}s",
+        ratio, "(info) speed-up of a reload", True)
+
+
+# ----------------------------------------------------------------------------------------------------
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="fewer steps and tokens; under 2 minutes on 2 cores")
+    p.add_argument("--data", help="a .txt with <|endoftext|> between documents (default: the built-in stories)")
+    p.add_argument("--tokenizer", help="a tokenizers JSON file (default: a BPE trained on the stories)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
+    p.add_argument("--only", default="train,gen,data", help="comma-separated sections: train,gen,data")
+    p.add_argument("--reprobe", action="store_true", help="measure the CPU matmul peak again")
+    p.add_argument("--out", default=None, help="results file (default bench/results.md, or results-quick.md)")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+    sections = set(args.only.split(","))
+    q = args.quick
+    start = time.perf_counter()
+    print(f"rafale bench ({'quick' if q else 'full'}): torch {torch.__version__}, {threads} threads, "
+          f"nproc {nproc()}, {cpu_model()}", flush=True)
+
+    peak, cached = matmul_peak(threads, reprobe=args.reprobe)
+    print(f"CPU fp32 matmul peak (2048^3 torch.mm, median): {peak / 1e9:.1f} GFLOP/s"
+          f"{' (cached in ~/.rafale_cache/cpu_peak.json)' if cached else ''}", flush=True)
+
+    with tempfile.TemporaryDirectory(prefix="rafale-bench-") as tmp:
+        if "data" in sections:
+            bench_data(args.data, args.tokenizer, 1500 if q else 5500, 2 if q else 3, Path(tmp))
+        if "gen" in sections:
+            bench_generate(new_tokens=32 if q else 256, nocache_tokens=32 if q else 256, repeats=2)
+        if "train" in sections:
+            if q:
+                bench_train("pythia-tiny T=128 B=32", "pythia-tiny", 4096, 128, 32, 2, 4, 1)
+                bench_train("pythia-70m T=128 B=4", "pythia-70m", None, 128, 4, 1, 3, 1, peak=peak)
+            else:
+                bench_train("pythia-tiny T=128 B=32", "pythia-tiny", 4096, 128, 32, 3, 10, 2)
+                bench_train("pythia-70m T=128 B=4", "pythia-70m", None, 128, 4, 2, 4, 1, peak=peak)
+                bench_train("pythia-70m T=512 B=2", "pythia-70m", None, 512, 2, 2, 4, 1, peak=peak, mfu_goal=True)
+
+    elapsed = time.perf_counter() - start
+    header = ["| comparison | ours | reference | ratio | goal | met |", "|---|---|---|---|---|---|"]
+    lines = [f"| {n} | {o} | {r} | {x:.2f} | {g} | {'yes' if m else '**no**'} |" for n, o, r, x, g, m in ROWS]
+    table = "\n".join(header + lines)
+    print("\n" + table)
+    out = Path(args.out) if args.out else HERE / ("results-quick.md" if q else "results.md")
+    info = (
+        f"# rafale benchmark ({'--quick' if q else 'full'})\n\n"
+        f"- date: {datetime.datetime.now().strftime('%Y-%m-%d %H:%M:%S')}\n"
+        f"- machine: nproc {nproc()}, CPU {cpu_model()}\n"
+        f"- torch {torch.__version__}, {threads} threads; fp32 matmul peak {peak / 1e9:.1f} GFLOP/s\n"
+        f"- command: `{' '.join(['.venv/bin/python', 'bench/bench.py'] + sys.argv[1:])}`, {elapsed:.0f}s\n"
+        f"- ratio: ours / reference for throughputs (higher is better); for MFU, MFU / 30%; for the reload, build / reload time\n\n"
+    )
+    out.write_text(info + table + "\n")
+    print(f"\nwritten to {out} ({elapsed:.0f}s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,208 @@
+"""Shared helpers for bench/bench.py and bench/gpu_bench.py: models with the same weights on both sides,
+random token batches, a Composer step timer, a plain PyTorch training loop, the matmul peak probe."""
+
+import copy
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from composer.core import Callback
+
+from rafale.models.configurations import PYTHIA_PRESETS
+from rafale.models.decoder import IGNORE_INDEX, ComposerLM, GPTNeoX
+from rafale.models.hf import decoder_config_to_hf
+
+warnings.filterwarnings("ignore")
+
+
+def median(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+
+def decoder_cfg(preset: str, vocab_size=None, max_len=None):
+    cfg = copy.deepcopy(PYTHIA_PRESETS[preset])
+    if vocab_size is not None:
+        cfg.vocab_size = vocab_size
+    if max_len is not None:
+        cfg.max_position_embeddings = max(cfg.max_position_embeddings, max_len)
+    return cfg
+
+
+def make_rafale(cfg, seed=0, init_std=None):
+    torch.manual_seed(seed)
+    cfg = copy.deepcopy(cfg)
+    if init_std is not None:
+        cfg.init_std = init_std
+    return GPTNeoX(cfg)
+
+
+def hf_from_rafale(model: GPTNeoX, attn_implementation="sdpa"):
+    """transformers.GPTNeoXForCausalLM with the same config and weights (a state-dict copy)."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    hf_cfg = GPTNeoXConfig(**decoder_config_to_hf(model.cfg, model.cfg.vocab_size))
+    hf = GPTNeoXForCausalLM._from_config(hf_cfg, attn_implementation=attn_implementation)
+    state = {}
+    for name, t in model.state_dict().items():
+        if name.startswith("rotary."):
+            continue
+        state["lm_head.weight" if name == "embed_out.weight" else "gpt_neox." + name] = t
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    missing = [m for m in missing if "rotary_emb" not in m]
+    assert not missing and not unexpected, (missing, unexpected)
+    return hf
+
+
+def random_blocks(n, T, vocab, seed=0):
+    """A list of dicts shaped like rafale.datapipes.CausalLMCollator's output rows."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, vocab, (n, T), generator=g)
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    labels[:, :-1] = ids[:, 1:]
+    return [{"input_ids": ids[i], "labels": labels[i]} for i in range(n)]
+
+
+def loader(blocks, batch_size):
+    return torch.utils.data.DataLoader(blocks, batch_size=batch_size, shuffle=False, drop_last=True)
+
+
+class StepTimer(Callback):
+    """Time of each Trainer batch, batch_start to the next batch_start (dataloader, step, events, callbacks)."""
+
+    def __init__(self):
+        self.starts, self.last_end = [], None
+
+    def batch_start(self, state, logger):
+        self.starts.append(time.perf_counter())
+
+    def batch_end(self, state, logger):
+        self.last_end = time.perf_counter()
+
+    def step_times(self):
+        times = [b - a for a, b in zip(self.starts, self.starts[1:])]
+        if self.last_end is not None and self.starts:
+            times.append(self.last_end - self.starts[-1])
+        return times
+
+
+def adamw(model, device_is_gpu=False):
+    return torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0, fused=device_is_gpu)
+
+
+def train_composer(model: GPTNeoX, blocks, batch_size, steps, device="cpu", precision="fp32", compile_config=None):
+    """rafale's way: ComposerLM in the Composer Trainer. Returns the step times (all of them)."""
+    from composer import Trainer
+
+    lm = ComposerLM(model)
+    timer = StepTimer()
+    trainer = Trainer(
+        model=lm,
+        train_dataloader=loader(blocks, batch_size),
+        max_duration=f"{steps}ba",
+        optimizers=adamw(lm, device == "gpu"),
+        callbacks=[timer],
+        device=device,
+        precision=precision,
+        progress_bar=False,
+        log_to_console=False,
+        python_log_level=None,
+        save_folder=None,
+        seed=0,
+        compile_config=compile_config,
+    )
+    trainer.fit()
+    trainer.close()
+    return timer.step_times()
+
+
+def train_plain(model, blocks, batch_size, steps, kind="rafale", device="cpu", autocast_dtype=None, step_ctx=None):
+    """A plain PyTorch AdamW loop. kind 'rafale': ComposerLM forward + loss; 'hf': HF forward, same loss."""
+    lm = ComposerLM(model) if kind == "rafale" else model
+    lm.to(device).train()
+    opt = adamw(lm, device == "cuda")
+    times = []
+    it = iter(loader(blocks, batch_size))
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        batch = {k: v.to(device, non_blocking=True) for k, v in next(it).items()}
+        ctx = torch.autocast(device_type=device, dtype=autocast_dtype) if autocast_dtype else _null()
+        with ctx, (step_ctx() if step_ctx else _null()):
+            if kind == "rafale":
+                loss = lm.loss(lm(batch), batch)
+            else:
+                logits = lm(input_ids=batch["input_ids"]).logits
+                loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE_INDEX)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync()
+        t1 = time.perf_counter()
+        times.append(t1 - t0)
+        t0 = t1
+    return times
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def cpu_model():
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def nproc():
+    try:
+        return int(subprocess.check_output(["nproc"]).strip())
+    except Exception:
+        return os.cpu_count()
+
+
+def matmul_peak(threads, n=2048, repeats=10, cache=True, reprobe=False):
+    """Median fp32 torch.mm FLOP/s (2n^3 per mm) at `threads`; cached in ~/.rafale_cache/cpu_peak.json."""
+    path = Path(os.environ.get("RAFALE_CACHE") or "~/.rafale_cache").expanduser() / "cpu_peak.json"
+    key = f"{cpu_model()}|threads={threads}|n={n}|torch={torch.__version__}"
+    table = {}
+    if path.is_file():
+        try:
+            table = json.loads(path.read_text())
+        except ValueError:
+            table = {}
+    if cache and not reprobe and key in table:
+        return table[key]["flops"], True
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(3):
+        torch.mm(a, b)
+    # the median of `repeats` timings, taken 3 times; the best of the three, since other processes on the
+    # machine can only slow a probe down (a low peak would inflate every MFU)
+    rounds = []
+    for _ in range(3):
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            torch.mm(a, b)
+            times.append(time.perf_counter() - t)
+        rounds.append(median(times))
+    flops = 2 * n**3 / min(rounds)
+    if cache:
+        table[key] = {"flops": flops, "measured": time.strftime("%Y-%m-%d %H:%M:%S"), "round_medians_s": rounds}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(table, indent=2))
+    return flops, False

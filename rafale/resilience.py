@@ -1,0 +1,135 @@
+"""Runs that survive interruptions: stopping cleanly on a signal, refusing diverged losses, and checking the
+checkpoint that autoresume is about to load.
+
+Composer's autoresume restores model, optimizer, scheduler, RNG and data position from the run folder's latest
+checkpoint; what it lacks is here: SIGINT/SIGTERM save a checkpoint at the end of the current batch, a NaN or
+infinite loss stops the run with a hint, and a truncated latest checkpoint is an error naming the file (or,
+with run.resume_fallback, set aside for the one before).
+"""
+
+import os
+import signal
+import zipfile
+from pathlib import Path
+
+import torch
+from composer import Callback
+from composer.callbacks import CheckpointSaver
+
+from rafale.config import RafaleError
+
+LATEST_CHECKPOINT = "latest-rank0.pt"  # the symlink Composer's autoresume reads in the checkpoints folder
+DIVERGED_HINT = ("lower training.lr, keep gradient clipping on (training.clip_norm), "
+                 "or use precision amp_bf16 instead of amp_fp16")
+
+
+class CheckpointError(RafaleError):
+    pass
+
+
+class TrainingDiverged(RafaleError):
+    pass
+
+
+class FiniteLossMonitor(Callback):
+    """Stop at the first NaN or infinite loss, naming the batch: later steps would only train on garbage."""
+
+    def after_loss(self, state, logger):
+        loss = state.loss
+        losses = loss.values() if isinstance(loss, dict) else loss if isinstance(loss, (list, tuple)) else [loss]
+        for value in losses:
+            if not torch.isfinite(value).all():
+                raise TrainingDiverged(
+                    f"the training loss is {float(value.detach().float().mean())} at batch "
+                    f"{int(state.timestamp.batch) + 1}; {DIVERGED_HINT}"
+                )
+
+
+class StopOnSignal(Callback):
+    """On SIGINT or SIGTERM, finish the current batch, save a checkpoint and stop, so the run can be resumed.
+
+    The handlers only set a flag (nothing is saved from inside a signal handler); a second SIGINT interrupts at once.
+    """
+
+    def __init__(self, save: bool):
+        self.save = save
+        self.signum = None
+        self.saved = None
+        self._previous = {}
+
+    def install(self):
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous[signum] = signal.signal(signum, self._handle)
+
+    def uninstall(self):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if self.signum == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"rafale: {signal.Signals(signum).name} received; stopping after this batch "
+              "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+
+    def batch_checkpoint(self, state, logger):
+        if self.signum is None:
+            return
+        if self.save:
+            saver = next(c for c in state.callbacks if isinstance(c, CheckpointSaver))
+            if saver.last_checkpoint_batch != state.timestamp.batch:  # not just saved by save_interval
+                saver._save_checkpoint(state, logger)
+            self.saved = saver.saved_checkpoints[-1] if saver.saved_checkpoints else None
+        state.stop_training()
+
+
+def checkpoint_readable(path: Path) -> str | None:
+    """None when `path` is a whole checkpoint, else what is wrong with it.
+
+    torch.save writes a zip archive with a CRC per entry: a file cut short loses its central directory, and
+    damaged bytes fail their CRC, so this finds both without unpickling anything."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+        return f"the entry {bad} is damaged" if bad else None
+    except (OSError, zipfile.BadZipFile, EOFError) as err:
+        return str(err) or type(err).__name__
+
+
+def _batch_of(checkpoint: Path) -> int:
+    return int(checkpoint.name.split("-ba")[1].split("-")[0])
+
+
+def check_resume_checkpoint(folder: Path, fallback: bool) -> None:
+    """Before autoresume loads the latest checkpoint: stop with a clear error if it is unreadable, or with
+    run.resume_fallback set it aside and point autoresume at the newest readable one before it."""
+    latest = folder / LATEST_CHECKPOINT
+    if not latest.is_symlink() and not latest.exists():
+        return
+    target = latest.resolve()
+    # a checkpoint newer than the symlink was being written when the run was killed; Composer refuses to train
+    # into a folder that holds one (FileExistsError), so set it aside
+    for newer in folder.glob("ep*-ba*-rank0.pt"):
+        if _batch_of(newer) > _batch_of(target):
+            newer.rename(newer.with_name(newer.name + ".unfinished"))
+            print(f"rafale: {newer} is newer than {LATEST_CHECKPOINT} (a save cut short); set aside as {newer.name}.unfinished")
+    problem = checkpoint_readable(target) if target.exists() else "it does not exist"
+    if problem is None:
+        return
+    if not fallback:
+        raise CheckpointError(
+            f"cannot resume: the latest checkpoint {target} is unreadable ({problem}), probably cut short by a crash; "
+            "set run.resume_fallback: true to resume from the previous checkpoint, or delete it to start over"
+        )
+    if target.exists():
+        target.rename(target.with_name(target.name + ".corrupt"))
+    print(f"rafale: the latest checkpoint {target} is unreadable ({problem}); set aside as {target.name}.corrupt")
+    latest.unlink()
+    for candidate in sorted(folder.glob("ep*-ba*-rank0.pt"), key=_batch_of, reverse=True):
+        if checkpoint_readable(candidate) is None:
+            os.symlink(candidate.name, latest)
+            print(f"rafale: resuming from the previous checkpoint {candidate}")
+            return
+        print(f"rafale: {candidate} is unreadable too; skipping it")
+    print(f"rafale: no readable checkpoint left in {folder}; starting from the beginning")

@@ -1,0 +1,42 @@
+"""What a run leaves behind: metrics, plots, summary, optional loggers, and `rafale plot`."""
+
+import json
+import re
+
+import pytest
+
+from rafale.plots import read_metrics
+from conftest import run_in_process, write_config
+
+
+def test_run_folder_has_metrics_plots_and_a_summary(tmp_path, cache_dir, capsys, monkeypatch):
+    pytest.importorskip("tensorboard")
+    pytest.importorskip("wandb")
+    cfg = write_config(tmp_path / "cfg.yaml", run={"output_dir": str(tmp_path / "runs"), "loggers": ["tensorboard", "wandb"]},
+                       training={"max_duration": "20ba", "eval_interval": "10ba", "save_interval": "20ba"})
+    code, out, err = run_in_process(["-c", str(cfg)], capsys, monkeypatch,
+                                    env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
+    assert code == 0, err[-3000:]
+    run = tmp_path / "runs" / "pythia-debug"
+    series = read_metrics(run)
+    assert [step for step, _ in series["metrics/eval/LanguageCrossEntropy"]] == [0, 10, 20]
+    assert len(series["loss/train/total"]) == 20 and series["time/token"][-1] == (20, 20 * 8 * 64)
+    assert series["throughput/tokens_per_sec"] and series["lr-AdamW/group0"]
+    png = (run / "metrics.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
+    # the summary: parameters, tokens, speed and MFU, best validation loss, where things are
+    assert re.search(r"tokens trained: 10,240 in [\d.]+ s \([\d,]+ tokens/s including evaluation, MFU [\d.]+%\)", out)
+    best = min(v for _, v in series["metrics/eval/LanguageCrossEntropy"])
+    assert f"best validation LanguageCrossEntropy: {best:.4f}" in out
+    assert "Hugging Face export:" in out
+    # the opt-in loggers wrote their files
+    assert list((run / "tensorboard").rglob("events.out.tfevents.*"))
+    assert list(run.rglob("offline-run-*"))
+
+    code, out, _ = run_in_process(["plot", str(run), str(run), "--out", str(tmp_path / "both.png")], capsys, monkeypatch)
+    assert code == 0 and (tmp_path / "both.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_plot_of_a_folder_without_metrics_is_an_error(tmp_path, capsys, monkeypatch):
+    code, _, err = run_in_process(["plot", str(tmp_path)], capsys, monkeypatch)
+    assert code == 2 and "no metrics.jsonl" in err
