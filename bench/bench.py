@@ -9,7 +9,6 @@ and reports medians. The table is printed and written to bench/results.md (bench
 import argparse
 import datetime
 import gc
-import os
 import sys
 import tempfile
 import time

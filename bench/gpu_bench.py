@@ -14,7 +14,6 @@ import argparse
 import gc
 import json
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent

@@ -9,6 +9,7 @@ with run.resume_fallback, set aside for the one before).
 
 import os
 import signal
+import sys
 import zipfile
 from pathlib import Path
 

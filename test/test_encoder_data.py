@@ -4,7 +4,6 @@ import json
 
 import pytest
 import torch
-from datasets import Dataset
 
 from rafale.config import DataConfig
 from rafale.datapipes import (

@@ -1,6 +1,5 @@
 """What a run leaves behind: metrics, plots, summary, optional loggers, and `rafale plot`."""
 
-import json
 import re
 
 import pytest

@@ -13,7 +13,6 @@ Supported: GPTNeoXForCausalLM (Pythia), and BERT / RoBERTa as Model, ForMaskedLM
 This file reads and writes the formats only; it never imports transformers (the tests use it as a reference).
 """
 
-import dataclasses
 import json
 import os
 import re
