@@ -128,6 +128,8 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
         ax.grid(alpha=0.3)
         if drawn:
             ax.legend(fontsize=8)
+            if title == "validation" and series.get(VAL_QUALITY[0]):
+                ax.set_yscale("log")  # perplexity falls by orders of magnitude
         else:
             ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, color="gray")
         if per_step:

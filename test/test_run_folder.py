@@ -39,3 +39,17 @@ def test_run_folder_has_metrics_plots_and_a_summary(tmp_path, cache_dir, capsys,
 def test_plot_of_a_folder_without_metrics_is_an_error(tmp_path, capsys, monkeypatch):
     code, _, err = run_in_process(["plot", str(tmp_path)], capsys, monkeypatch)
     assert code == 2 and "no metrics.jsonl" in err
+
+
+def test_compile_option_trains_the_same_model(tmp_path, cache_dir, capsys, monkeypatch):
+    # torch.compile on a CPU builds C++ kernels: about a minute, once
+    losses = {}
+    for compile_ in (False, True):
+        cfg = write_config(tmp_path / f"c{compile_}.yaml",
+                           run={"output_dir": str(tmp_path / "runs"), "name": f"compile-{compile_}"},
+                           training={"max_duration": "5ba", "eval_interval": "5ba", "save_interval": "5ba",
+                                     "compile": compile_})
+        code, out, err = run_in_process(["-c", str(cfg)], capsys, monkeypatch)
+        assert code == 0, err[-3000:]
+        losses[compile_] = float(re.search(r"validation loss at end: ([\d.]+)", out).group(1))
+    assert abs(losses[True] - losses[False]) < 1e-3, losses
