@@ -2,19 +2,18 @@
 random token batches, a Composer step timer, a plain PyTorch training loop, the matmul peak probe."""
 
 import copy
-import json
 import os
-import platform
 import statistics
 import subprocess
 import time
 import warnings
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from composer.core import Callback
 
+from rafale.datapipes import cache_root
+from rafale.hardware import cached_cpu_peaks, cpu_model, cpu_peak_flops, cpu_peak_key, measure_cpu_peak  # noqa: F401
 from rafale.models.configurations import PYTHIA_PRESETS
 from rafale.models.decoder import IGNORE_INDEX, ComposerLM, GPTNeoX
 from rafale.models.hf import decoder_config_to_hf
@@ -158,16 +157,6 @@ class _null:
         return False
 
 
-def cpu_model():
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def nproc():
     try:
         return int(subprocess.check_output(["nproc"]).strip())
@@ -176,33 +165,10 @@ def nproc():
 
 
 def matmul_peak(threads, n=2048, repeats=10, cache=True, reprobe=False):
-    """Median fp32 torch.mm FLOP/s (2n^3 per mm) at `threads`; cached in ~/.rafale_cache/cpu_peak.json."""
-    path = Path(os.environ.get("RAFALE_CACHE") or "~/.rafale_cache").expanduser() / "cpu_peak.json"
-    key = f"{cpu_model()}|threads={threads}|n={n}|torch={torch.__version__}"
-    table = {}
-    if path.is_file():
-        try:
-            table = json.loads(path.read_text())
-        except ValueError:
-            table = {}
-    if cache and not reprobe and key in table:
-        return table[key]["flops"], True
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    for _ in range(3):
-        torch.mm(a, b)
-    # the median of `repeats` timings, taken 3 times; the best of the three, since other processes on the
-    # machine can only slow a probe down (a low peak would inflate every MFU)
-    rounds = []
-    for _ in range(3):
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            torch.mm(a, b)
-            times.append(time.perf_counter() - t)
-        rounds.append(median(times))
-    flops = 2 * n**3 / min(rounds)
-    if cache:
-        table[key] = {"flops": flops, "measured": time.strftime("%Y-%m-%d %H:%M:%S"), "round_medians_s": rounds}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(table, indent=2))
-    return flops, False
+    """(fp32 matmul FLOP/s at `threads`, whether it came from the cache): rafale's own probe (rafale.hardware),
+    cached in the rafale cache folder's cpu_peak.json, or measured afresh with cache=False."""
+    torch.set_num_threads(threads)
+    if not cache:
+        return measure_cpu_peak(n, repeats), False
+    known = not reprobe and isinstance(cached_cpu_peaks(cache_root()).get(cpu_peak_key()), float)
+    return cpu_peak_flops(cache_root(), reprobe=reprobe), known
