@@ -113,7 +113,7 @@ class ModelConfig:
     )
     pretrained: Optional[str] = option(
         None, "Start from these weights: a Hugging Face model folder (config.json + model.safetensors), a rafale "
-        "run's export folder, or 'hf:<name>' (online only). Its config.json sets the sizes; a head it lacks "
+        "run folder (its export/), or 'hf:<name>' (online only). Its config.json sets the sizes; a head it lacks "
         "(e.g. classification on an MLM checkpoint) starts fresh."
     )
     overrides: dict = option(
@@ -359,8 +359,9 @@ def validate(cfg: Config) -> None:
             "data.tokenizer", f"no such file: {cfg.data.tokenizer} (expected a tokenizers JSON file, 'train' or 'hf:<name>')"
         )
     pretrained = cfg.model.pretrained
-    if pretrained is not None and not pretrained.startswith("hf:") and not (Path(pretrained).expanduser() / "config.json").is_file():
-        raise ConfigError("model.pretrained", f"{pretrained} is not a model folder with a config.json (or use 'hf:<name>')")
+    if pretrained is not None and not pretrained.startswith("hf:") and not (pretrained_folder(pretrained) / "config.json").is_file():
+        raise ConfigError("model.pretrained", f"{pretrained} is neither a model folder with a config.json nor a run "
+                          "folder with an export/ (or use 'hf:<name>')")
     if cfg.training.load_path is not None and not Path(cfg.training.load_path).expanduser().exists():
         raise ConfigError("training.load_path", f"no such checkpoint: {cfg.training.load_path}")
     if cfg.training.eval_only and cfg.training.load_path is None:
@@ -402,7 +403,7 @@ def config_from_dict(raw) -> Config:
 def pretrained_tokenizer(spec: str) -> str:
     if spec.startswith("hf:"):
         return spec
-    path = Path(spec).expanduser() / "tokenizer.json"
+    path = pretrained_folder(spec) / "tokenizer.json"
     if not path.is_file():
         raise ConfigError("data.tokenizer", f"the pretrained folder {spec} has no tokenizer.json; name a tokenizer")
     return str(path)
@@ -482,6 +483,14 @@ def _check_agrees(asked, checkpoint, key: str, where: str, only=None):
                               "leave it out to use the checkpoint's")
 
 
+def pretrained_folder(spec: str) -> Path:
+    """The model folder that model.pretrained names: a Hugging Face folder, or a rafale run folder's export/."""
+    folder = Path(spec).expanduser()
+    if not (folder / "config.json").is_file() and (folder / "export" / "config.json").is_file():
+        return folder / "export"
+    return folder
+
+
 def pretrained_model_config(cfg: Config):
     """The model config of model.pretrained, read from its config.json; checks the family."""
     from rafale.models import hf
@@ -490,7 +499,7 @@ def pretrained_model_config(cfg: Config):
     if spec.startswith("hf:"):
         folder = hf.download_from_hub(spec[3:])
     else:
-        folder = Path(spec).expanduser()
+        folder = pretrained_folder(spec)
     try:
         raw, architecture = hf.read_config(folder)
         family, _ = hf.ARCHITECTURES[architecture]

@@ -56,9 +56,12 @@ def with_pretrained(model, cfg: Config):
     """`model` with the weights of model.pretrained, when the config names one."""
     if cfg.model.pretrained is None:
         return model
+    from rafale.config import pretrained_folder
     from rafale.models.hf import copy_pretrained, from_pretrained
 
-    return copy_pretrained(from_pretrained(cfg.model.pretrained, dtype=torch.float32), model)
+    spec = cfg.model.pretrained
+    source = spec if spec.startswith("hf:") else pretrained_folder(spec)
+    return copy_pretrained(from_pretrained(source, dtype=torch.float32), model)
 
 
 def build_pythia(model_cfg, data: PreparedData, cfg: Config):
@@ -139,8 +142,10 @@ def prepare_data(cfg: Config) -> PreparedData:
 def print_data_summary(data: PreparedData):
     print(f"rafale: data cache: {data.path}")
     for split, info in data.meta["splits"].items():
-        tokens = f"{info['tokens']:,} tokens, " if "tokens" in info else ""
-        print(f"rafale:   {split}: {tokens}{info['examples']:,} examples")
+        if "blocks" in info:
+            print(f"rafale:   {split}: {info['tokens']:,} tokens in {info['blocks']:,} blocks")
+        else:
+            print(f"rafale:   {split}: {info['examples']:,} examples")
 
 
 def train_main(args) -> int:

@@ -142,6 +142,8 @@ def run(cfg: Config, data: PreparedData, model, collator, debug: bool = False) -
     if t.batch_size % world:
         raise ConfigError("training.batch_size", f"({t.batch_size}) must be divisible by the number of processes ({world})")
     per_rank_batch = t.batch_size // world
+    if t.microbatch_size == "auto" and device != "gpu":
+        raise ConfigError("training.microbatch_size", "'auto' needs a GPU and this run is on the CPU; give a number")
     microbatch = t.microbatch_size if t.microbatch_size is not None else per_rank_batch
     if isinstance(microbatch, int):
         microbatch = min(microbatch, per_rank_batch)

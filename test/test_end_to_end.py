@@ -4,6 +4,7 @@ import re
 import sys
 
 import pytest
+import torch
 import yaml
 
 from conftest import RAFALE, ROOT, run_cli, write_config
@@ -30,7 +31,7 @@ def test_data_only_builds_the_cache_and_trains_nothing(tmp_path):
     cfg = write_config(tmp_path / "cfg.yaml", run={"output_dir": str(tmp_path / "runs")}, data={"num_train_stories": 300})
     result = run_cli([*RAFALE, "-c", str(cfg)], env={"DATA": "1", "RAFALE_CACHE": str(cache)})
     assert result.returncode == 0, result.stderr[-3000:]
-    assert re.search(r"train: [\d,]+ tokens, [\d,]+ examples", result.stdout)
+    assert re.search(r"train: [\d,]+ tokens in [\d,]+ blocks", result.stdout)
     assert f"data cache: {cache}" in result.stdout
     assert len(list(cache.glob("causal_lm/*/rafale.json"))) == 1
     assert not (tmp_path / "runs").exists()
@@ -72,3 +73,21 @@ def test_other_entry_points_run_the_same_job(debug_config, entry):
     assert result.returncode == 0, result.stderr[-3000:]
     start, end = losses(result.stdout)
     assert end < 0.3 * start
+
+
+def test_gradient_accumulation_takes_the_step_of_the_whole_batch(tmp_path, cache_dir, capsys, monkeypatch):
+    from safetensors.torch import load_file
+
+    from conftest import run_in_process
+
+    weights = {}
+    for microbatch in (8, 2):  # one forward/backward of 8 blocks, or four of 2 accumulated
+        cfg = write_config(tmp_path / f"mb{microbatch}.yaml",
+                           run={"output_dir": str(tmp_path / "runs"), "name": f"mb{microbatch}"},
+                           training={"max_duration": "3ba", "eval_interval": "3ba", "save_interval": "3ba",
+                                     "batch_size": 8, "microbatch_size": microbatch})
+        code, _, err = run_in_process(["-c", str(cfg)], capsys, monkeypatch)
+        assert code == 0, err[-3000:]
+        weights[microbatch] = load_file(tmp_path / "runs" / f"mb{microbatch}" / "export" / "model.safetensors")
+    for name, tensor in weights[8].items():
+        torch.testing.assert_close(weights[2][name], tensor, atol=1e-4, rtol=1e-3)

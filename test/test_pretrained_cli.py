@@ -62,7 +62,7 @@ def test_classifier_starts_from_an_mlm_runs_encoder(tmp_path, cache_dir, capsys,
     _, run_dir, _ = train(tmp_path, capsys, monkeypatch, "mlm", model=model)
     cfg_path = write_config(
         tmp_path / "cls.yaml", run={"output_dir": str(tmp_path / "runs"), "name": "cls"},
-        model={"type": "bert", "task": "classification", "preset": None, "pretrained": str(run_dir / "export")},
+        model={"type": "bert", "task": "classification", "preset": None, "pretrained": str(run_dir)},  # its export/
         data={"tokenizer": ...},  # the pretrained folder's tokenizer, then
     )
     cfg = load_config(cfg_path)

@@ -268,7 +268,7 @@ def test_documents_shorter_than_a_block_are_concatenated(tmp_path, capsys, monke
     code, out, err = run_in_process(["-c", str(cfg)], capsys, monkeypatch)
     assert code == 0, err[-3000:]
     assert "validation loss at end" in out
-    blocks = re.search(r"train: ([\d,]+) tokens, ([\d,]+) examples", out)
+    blocks = re.search(r"train: ([\d,]+) tokens in ([\d,]+) blocks", out)
     assert int(blocks.group(2).replace(",", "")) < 400  # far fewer blocks than documents: they were joined
 
 
