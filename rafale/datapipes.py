@@ -393,7 +393,7 @@ class DataPipe:
         """Everything but padding: text splits in, example splits out. May add to `meta` (saved in rafale.json)."""
         raise NotImplementedError
 
-    def _tokenize(self, ds: Dataset, tokenizer: Tokenizer, split: str, function, features: Features) -> Dataset:
+    def _tokenize(self, ds: Dataset, split: str, function, features: Features) -> Dataset:
         """Batched, multi-process `map` of `function(batch of rows) -> batch of token lists` over a split."""
         num_proc = self.num_proc if len(ds) >= 20_000 and self.num_proc > 1 else None
         return ds.map(
@@ -416,6 +416,12 @@ def chunk_into_blocks(token_lists: pa.ChunkedArray, block_size: int) -> pa.ListA
     return pa.ListArray.from_arrays(pa.array(offsets, type=pa.int32()), stream)
 
 
+def describe_blocks(ds: Dataset) -> dict:
+    """Sizes of a split of token blocks, for rafale.json and DATA=1."""
+    tokens = len(ds.data.column("input_ids").combine_chunks().flatten())
+    return {"examples": len(ds), "blocks": len(ds), "tokens": tokens}
+
+
 class CausalLMDataPipe(DataPipe):
     """Causal language modelling: documents joined by the end-of-text token, cut into blocks."""
 
@@ -430,7 +436,7 @@ class CausalLMDataPipe(DataPipe):
 
         out = {}
         for split, ds in raw.items():
-            tokenized = self._tokenize(ds, tokenizer, split, tokenize, TOKEN_FEATURES)
+            tokenized = self._tokenize(ds, split, tokenize, TOKEN_FEATURES)
             blocks = chunk_into_blocks(tokenized.data.column("input_ids"), self.cfg.block_size)
             out[split] = Dataset(InMemoryTable(pa.table({"input_ids": blocks})))
             if len(out[split]) == 0:
@@ -438,8 +444,7 @@ class CausalLMDataPipe(DataPipe):
         return DatasetDict(out)
 
     def _describe(self, ds: Dataset) -> dict:
-        tokens = len(ds.data.column("input_ids").combine_chunks().flatten())
-        return {"examples": len(ds), "blocks": len(ds), "tokens": tokens}
+        return describe_blocks(ds)
 
 
 @dataclass
@@ -509,15 +514,14 @@ class MLMDataPipe(EncoderDataPipe):
 
         out = {}
         for split, ds in raw.items():
-            tokenized = self._tokenize(ds, tokenizer, split, tokenize, TOKEN_FEATURES)
+            tokenized = self._tokenize(ds, split, tokenize, TOKEN_FEATURES)
             blocks = chunk_into_blocks(tokenized.data.column("input_ids"), self.cfg.block_size - 2)
             framed = self.frame(blocks.to_pylist(), meta)
             out[split] = Dataset.from_dict({"input_ids": framed}, features=TOKEN_FEATURES)
         return DatasetDict(out)
 
     def _describe(self, ds: Dataset) -> dict:
-        tokens = len(ds.data.column("input_ids").combine_chunks().flatten())
-        return {"examples": len(ds), "blocks": len(ds), "tokens": tokens}
+        return describe_blocks(ds)
 
 
 class ClassificationDataPipe(EncoderDataPipe):

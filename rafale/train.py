@@ -262,8 +262,7 @@ def run(cfg: Config, data: PreparedData, model, collator, debug: bool = False) -
         export_dir = export_model(model.model, run_dir / EXPORT_DIR, data)
     mfu = None
     if tokens and peak:
-        flops = model.flops_per_batch(next(iter(train_loader))) / (per_rank_batch * cfg.data.block_size)  # per token
-        mfu = tokens / wall * flops / (peak * world)
+        mfu = tokens / wall * model.model.flops_per_token(cfg.data.block_size) / (peak * world)
     return RunResult(run_dir, trainer, loss_start, loss_end, wall, tokens, export_dir, mfu)
 
 
