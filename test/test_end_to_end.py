@@ -1,6 +1,7 @@
 """The CLI as a user runs it: subprocesses on the tiny debug config."""
 
 import re
+from pathlib import Path
 import sys
 
 import pytest
@@ -63,16 +64,32 @@ def test_training_lowers_validation_loss_then_eval_only_reports_it(debug_config,
     assert "tokens trained" not in evaluated.stdout
 
 
-@pytest.mark.parametrize("entry", ["console_script", "main_py"])
-def test_other_entry_points_run_the_same_job(debug_config, entry):
+@pytest.mark.parametrize("entry", ["console_script", "main_py", "main_folder", "module"])
+def test_every_spelling_of_the_command_runs_rafale(debug_config, entry):
+    """`rafale`, `python rafale/main.py`, `python rafale/main` (the original README's spelling) and
+    `python -m rafale` are the same program; DATA=1 keeps it to the data step."""
     command = {
         "console_script": [str(ROOT / ".venv" / "bin" / "rafale") if (ROOT / ".venv" / "bin" / "rafale").exists() else "rafale"],
         "main_py": [sys.executable, str(ROOT / "rafale" / "main.py")],
+        "main_folder": [sys.executable, str(ROOT / "rafale" / "main")],
+        "module": RAFALE,
     }[entry]
-    result = run_cli([*command, "-c", str(debug_config), "--debug"])
+    result = run_cli([*command, "-c", str(debug_config), "--data-only"], cwd=debug_config.parent)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert re.search(r"train: [\d,]+ tokens in [\d,]+ blocks", result.stdout), result.stdout
+
+
+def test_main_py_trains_the_same_job(debug_config):
+    result = run_cli([sys.executable, str(ROOT / "rafale" / "main.py"), "-c", str(debug_config), "--debug"])
     assert result.returncode == 0, result.stderr[-3000:]
     start, end = losses(result.stdout)
     assert end < 0.3 * start
+
+
+def test_the_main_folder_does_not_shadow_the_module():
+    import rafale.main
+
+    assert Path(rafale.main.__file__).name == "main.py" and callable(rafale.main.main)
 
 
 def test_gradient_accumulation_takes_the_step_of_the_whole_batch(tmp_path, cache_dir, capsys, monkeypatch):
