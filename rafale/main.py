@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 import torch
-from composer.utils import reproducibility
+from composer.utils import dist, reproducibility
 
 if __package__ in (None, ""):  # run as `python rafale/main.py`: make the package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -149,7 +149,7 @@ def print_data_summary(data: PreparedData):
 
 
 def train_main(args) -> int:
-    from rafale.train import DEBUG_EPOCHS, DEBUG_STEPS_PER_EPOCH, describe, run
+    from rafale.train import DEBUG_EPOCHS, DEBUG_STEPS_PER_EPOCH, describe, run, write_summary
 
     cfg = load_config(args.config)
     data_only = args.data_only or env_flag("DATA")
@@ -164,7 +164,10 @@ def train_main(args) -> int:
     if debug and hasattr(collator, "fixed_seed"):  # the same masks every step, so the target holds still
         collator.fixed_seed = cfg.run.seed
     result = run(cfg, data, model, collator, debug=debug)
-    print(describe(result, sum(p.numel() for p in model.parameters())))
+    num_params = sum(p.numel() for p in model.parameters())
+    print(describe(result, num_params))
+    if dist.get_global_rank() == 0:
+        write_summary(result, cfg, num_params)
     if debug and result.eval_loss_start is not None:
         print(f"rafale: DEBUG: loss on the batch went from {result.eval_loss_start:.4f} to {result.eval_loss_end:.4f} "
               f"in {DEBUG_EPOCHS} epochs of {DEBUG_STEPS_PER_EPOCH} steps ({result.eval_loss_end / result.eval_loss_start:.1%} of the start)")
@@ -195,8 +198,15 @@ def plot_command(argv) -> int:
     return plot_main(argv)
 
 
+def runs_command(argv) -> int:
+    from rafale.plots import runs_main
+
+    return runs_main(argv)
+
+
 # `rafale <command> ...`; without a command, rafale trains
-COMMANDS = {"export": export_command, "generate": generate_command, "lm-eval": lm_eval_command, "plot": plot_command}
+COMMANDS = {"export": export_command, "generate": generate_command, "lm-eval": lm_eval_command, "plot": plot_command,
+            "runs": runs_command}
 
 
 def main(argv=None):

@@ -1,9 +1,8 @@
-"""A run's metrics on disk and in pictures.
+"""A run's metrics in pictures and tables, read from RUN/metrics.jsonl (written by rafale.loggers.MetricsFile).
 
-`MetricsFile` is a Composer logger destination that appends every logged metric to RUN/metrics.jsonl, one JSON
-object per step ({"step": 120, "time/token": 491520, "loss/train/total": 2.3, ...}), and redraws RUN/metrics.png
-after each evaluation and at the end: train and validation loss, perplexity or accuracy, learning rate and
-throughput, against steps (bottom axis) and tokens (top axis).
+`plot_run` draws RUN/metrics.png: train and validation loss, perplexity or accuracy, learning rate and
+throughput, against steps (bottom axis) and tokens (top axis). This module imports neither torch nor Composer,
+so `rafale plot` and `rafale runs` answer at once.
 
     rafale plot RUN [RUN ...] [--out FILE]     overlay several runs' losses against tokens
 """
@@ -12,9 +11,6 @@ import argparse
 import json
 from pathlib import Path
 
-from composer.core import State
-from composer.loggers import Logger, LoggerDestination
-
 from rafale.config import RafaleError
 
 METRICS_FILE = "metrics.jsonl"
@@ -22,47 +18,6 @@ PLOT_FILE = "metrics.png"
 TRAIN_LOSS = "loss/train/total"
 VAL_LOSSES = ("metrics/eval/LanguageCrossEntropy", "metrics/eval/CrossEntropy")
 VAL_QUALITY = ("metrics/eval/LanguagePerplexity", "metrics/eval/Accuracy", "metrics/eval/MaskedAccuracy", "metrics/eval/F1")
-
-
-class MetricsFile(LoggerDestination):
-    """Collects each step's metrics in memory and appends them to RUN/metrics.jsonl every `flush_every` steps,
-    at each evaluation and at the end (no file I/O in most training steps)."""
-
-    def __init__(self, run_dir: Path, flush_every: int = 50):
-        self.run_dir = Path(run_dir)
-        self.path = self.run_dir / METRICS_FILE
-        self.flush_every = flush_every
-        self.pending: dict[int, dict] = {}
-
-    def log_metrics(self, metrics: dict, step=None) -> None:
-        row = self.pending.setdefault(step, {})
-        for name, value in metrics.items():
-            try:
-                row[name] = float(value)
-            except (TypeError, ValueError):
-                continue  # not a number (Composer logs a few strings)
-
-    def flush(self) -> None:
-        if self.pending:
-            lines = [json.dumps({"step": step, **row}) for step, row in self.pending.items() if row]
-            with self.path.open("a") as f:
-                f.write("".join(line + "\n" for line in lines))
-            self.pending.clear()
-
-    def batch_end(self, state: State, logger: Logger) -> None:
-        if int(state.timestamp.batch) % self.flush_every == 0:
-            self.flush()
-
-    def eval_end(self, state: State, logger: Logger) -> None:
-        self.flush()
-        plot_run(self.run_dir)
-
-    def fit_end(self, state: State, logger: Logger) -> None:
-        self.flush()
-        plot_run(self.run_dir)
-
-    def close(self, state: State, logger: Logger) -> None:
-        self.flush()
 
 
 def read_metrics(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -168,6 +123,68 @@ def plot_runs(run_dirs: list[Path], out: Path) -> Path:
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
+
+
+SUMMARY_FILE = "summary.json"  # written by rafale.train.write_summary at the end of a run
+# columns of `rafale runs`: header -> the summary's validation metric it shows
+TABLE_METRICS = {"val loss": ("LanguageCrossEntropy", "CrossEntropy"), "ppl": ("LanguagePerplexity",),
+                 "bits/byte": ("BitsPerByte",), "accuracy": ("Accuracy", "MaskedAccuracy")}
+
+
+def run_folders(paths: list[Path]) -> list[Path]:
+    """The run folders among `paths`: each path is a run folder, or a folder of them (like runs/)."""
+    found = []
+    for path in paths:
+        if (path / METRICS_FILE).is_file() or (path / SUMMARY_FILE).is_file():
+            found.append(path)
+        elif path.is_dir():
+            found += sorted(p for p in path.iterdir() if (p / METRICS_FILE).is_file() or (p / SUMMARY_FILE).is_file())
+        else:
+            raise RafaleError(f"no such run folder: {path}")
+    if not found:
+        raise RafaleError(f"no run folders in {', '.join(map(str, paths))} (a run folder holds {METRICS_FILE})")
+    return found
+
+
+def run_row(run_dir: Path) -> dict:
+    """One run's line of the table: its summary.json, or for a run that never finished, its last logged values."""
+    if (run_dir / SUMMARY_FILE).is_file():
+        summary = json.loads((run_dir / SUMMARY_FILE).read_text())
+    else:
+        series = read_metrics(run_dir)
+        last = {name.rsplit("/", 1)[-1]: points[-1][1] for name, points in series.items() if name.startswith("metrics/eval/")}
+        tokens = series.get("time/token", [(0, 0)])[-1][1]
+        summary = {"name": run_dir.name, "model": "(unfinished)", "tokens": int(tokens), "validation": last}
+    row = {"run": summary["name"], "model": summary.get("model", "?"),
+           "params": f"{summary['parameters'] / 1e6:.2f}M" if summary.get("parameters") else "",
+           "tokens": f"{summary.get('tokens', 0):,}",
+           "wall": f"{summary['wall_time_s'] / 60:.1f} min" if summary.get("wall_time_s") else "",
+           "tok/s": f"{summary['tokens_per_s']:,.0f}" if summary.get("tokens_per_s") else ""}
+    validation = summary.get("validation", {})
+    for header, names in TABLE_METRICS.items():
+        value = next((validation[n] for n in names if n in validation), None)
+        row[header] = "" if value is None else f"{value:.4f}"
+    return row
+
+
+def runs_table(run_dirs: list[Path]) -> str:
+    """A fixed-width table of runs, one line each (columns with no value in any run are left out)."""
+    rows = [run_row(d) for d in run_dirs]
+    headers = [h for h in rows[0] if any(r[h] for r in rows)]
+    widths = {h: max(len(h), *(len(r[h]) for r in rows)) for h in headers}
+    lines = ["  ".join(h.ljust(widths[h]) for h in headers), "  ".join("-" * widths[h] for h in headers)]
+    lines += ["  ".join(r[h].ljust(widths[h]) for h in headers) for r in rows]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def runs_main(argv) -> int:
+    parser = argparse.ArgumentParser(
+        prog="rafale runs", description="One line per run: model, size, tokens, time and final validation metrics.",
+        epilog="example: rafale runs runs/     (every run folder under runs/)")
+    parser.add_argument("paths", nargs="*", default=["runs"], help="run folders, or folders of runs (default: runs)")
+    args = parser.parse_args(argv)
+    print(runs_table(run_folders([Path(p).expanduser() for p in args.paths])))
+    return 0
 
 
 def plot_main(argv) -> int:

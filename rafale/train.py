@@ -30,7 +30,8 @@ from torch.utils.data import DataLoader
 from rafale.config import Config, ConfigError, RafaleError, save_config
 from rafale.datapipes import PreparedData, cache_root
 from rafale.hardware import peak_flops
-from rafale.plots import MetricsFile, best_validation
+from rafale.loggers import ConsoleLog, MetricsFile
+from rafale.plots import SUMMARY_FILE, best_validation
 from rafale.export import EXPORT_DIR, export_model
 from rafale.resilience import FiniteLossMonitor, StopOnSignal, check_resume_checkpoint
 
@@ -113,8 +114,9 @@ def eval_loss(trainer: Trainer) -> float | None:
 
 
 def make_loggers(cfg: Config, run_dir: Path) -> list:
-    """RUN/metrics.jsonl (and its plots) always; TensorBoard and Weights & Biases when run.loggers asks."""
-    loggers = [MetricsFile(run_dir)]
+    """The console lines and RUN/metrics.jsonl (and its plots) always; TensorBoard and Weights & Biases when
+    run.loggers asks."""
+    loggers = [ConsoleLog(cfg.training.log_interval), MetricsFile(run_dir)]
     if "tensorboard" in cfg.run.loggers:
         from composer.loggers import TensorboardLogger
 
@@ -185,7 +187,6 @@ def run(cfg: Config, data: PreparedData, model, collator, debug: bool = False) -
         callbacks.append(MemoryMonitor())
     loggers = make_loggers(cfg, run_dir) if dist.get_global_rank() == 0 else []
     algorithms = [GradientClipping(clipping_type="norm", clipping_threshold=t.clip_norm)] if t.clip_norm else []
-    interactive = sys.stdout.isatty()
     autoresume = save and cfg.run.autoresume
     if autoresume and dist.get_global_rank() == 0:
         check_resume_checkpoint(run_dir / "checkpoints", cfg.run.resume_fallback)
@@ -213,9 +214,8 @@ def run(cfg: Config, data: PreparedData, model, collator, debug: bool = False) -
             precision=precision,
             device_train_microbatch_size=microbatch,
             seed=cfg.run.seed,
-            progress_bar=interactive,
-            log_to_console=not interactive,
-            console_log_interval=t.log_interval,
+            progress_bar=False,  # rafale.loggers.ConsoleLog draws the bar and prints the lines
+            log_to_console=False,
             load_path=t.load_path,
             load_weights_only=not t.eval_only and t.load_path is not None,
             save_folder=str(run_dir / "checkpoints") if save else None,
@@ -288,3 +288,26 @@ def describe(result: RunResult, num_params: int) -> str:
         name, value, step = best
         lines.append(f"best validation {name}: {value:.4f} at step {step}; curves: {result.run_dir / 'metrics.png'}")
     return "\n".join("rafale: " + line for line in lines)
+
+
+
+def write_summary(result: RunResult, cfg: Config, num_params: int) -> Path:
+    """RUN/summary.json: what `rafale runs` tabulates (model, size, tokens, time, final validation metrics)."""
+    summary = {
+        "name": result.run_dir.name,
+        "model": cfg.model.type + (f" {cfg.model.preset}" if cfg.model.preset else ""),
+        "task": cfg.model.task,
+        "parameters": num_params,
+        "tokens": result.tokens,
+        "wall_time_s": round(result.wall_time_s, 2),
+        "tokens_per_s": round(result.tokens / result.wall_time_s, 1) if result.tokens else None,
+        "mfu": result.mfu,
+        "validation": eval_metrics(result.trainer),
+        "validation_loss_start": result.eval_loss_start,
+    }
+    path = result.run_dir / SUMMARY_FILE
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(summary, indent=2))
+    tmp.replace(path)
+    return path
+

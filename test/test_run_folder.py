@@ -28,12 +28,29 @@ def test_run_folder_has_metrics_plots_and_a_summary(tmp_path, cache_dir, capsys,
     best = min(v for _, v in series["metrics/eval/LanguageCrossEntropy"])
     assert f"best validation LanguageCrossEntropy: {best:.4f}" in out
     assert "Hugging Face export:" in out
+    # the console: one line per log interval (10ba) and one per evaluation, not Composer's raw metric dump
+    assert re.search(r"^\[20/20 100%\] loss [\d.]+ \| [\d,]+ tok/s \| MFU [\d.]+% \| lr [\d.e+-]+ \| [\d.]+ min elapsed", out, re.M), out
+    assert len(re.findall(r"^\[\s*\d+/20\s+\d+%\] validation: loss [\d.]+ \| perplexity [\d.]+", out, re.M)) == 3, out
+    assert "time/sample_in_epoch" not in out + err
     # the opt-in loggers wrote their files
     assert list((run / "tensorboard").rglob("events.out.tfevents.*"))
     assert list(run.rglob("offline-run-*"))
 
     code, out, _ = run_in_process(["plot", str(run), str(run), "--out", str(tmp_path / "both.png")], capsys, monkeypatch)
     assert code == 0 and (tmp_path / "both.png").read_bytes()[:4] == b"\x89PNG"
+
+    # `rafale runs`: one line per run, from the summary.json the run wrote
+    (tmp_path / "runs" / "killed").mkdir()  # a run that never finished: its last logged values
+    (tmp_path / "runs" / "killed" / "metrics.jsonl").write_text(
+        '{"step": 5, "time/token": 2560, "metrics/eval/LanguageCrossEntropy": 4.5}\n')
+    code, out, _ = run_in_process(["runs", str(tmp_path / "runs")], capsys, monkeypatch)
+    assert code == 0
+    header, _, killed, finished = out.strip().splitlines()
+    assert header.split() == ["run", "model", "params", "tokens", "wall", "tok/s", "val", "loss", "ppl"]
+    final = series["metrics/eval/LanguageCrossEntropy"][-1][1]
+    assert finished.split()[:4] == ["pythia-debug", "pythia", "pythia-debug", "0.17M"]
+    assert "10,240" in finished and f"{final:.4f}" in finished
+    assert killed.split()[:3] == ["killed", "(unfinished)", "2,560"] and "4.5000" in killed
 
 
 def test_plot_of_a_folder_without_metrics_is_an_error(tmp_path, capsys, monkeypatch):
@@ -53,3 +70,16 @@ def test_compile_option_trains_the_same_model(tmp_path, cache_dir, capsys, monke
         assert code == 0, err[-3000:]
         losses[compile_] = float(re.search(r"validation loss at end: ([\d.]+)", out).group(1))
     assert abs(losses[True] - losses[False]) < 1e-3, losses
+
+
+def test_on_a_terminal_a_progress_bar_carries_the_same_fields(tmp_path, cache_dir, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setattr(type(sys.stdout), "isatty", lambda self: True, raising=False)
+    cfg = write_config(tmp_path / "cfg.yaml", run={"output_dir": str(tmp_path / "runs")},
+                       training={"max_duration": "4ba", "eval_interval": "4ba", "save_interval": "4ba",
+                                 "log_interval": "2ba"})
+    code, out, err = run_in_process(["-c", str(cfg)], capsys, monkeypatch)
+    assert code == 0, err[-3000:]
+    assert re.search(r"4/4 \[.*loss [\d.]+ .*min elapsed", out), out  # tqdm's bar, with the fields as its postfix
+    assert re.search(r"\[4/4 100%\] validation: loss [\d.]+", out), out  # evaluations print above the bar
