@@ -16,6 +16,7 @@ markdown table for the README, so the two cannot drift apart.
 
 import dataclasses
 import difflib
+import glob
 import os
 import types
 import typing
@@ -66,10 +67,12 @@ class RunConfig:
 
 @dataclass
 class DataConfig:
-    source: str = option(
+    source: Union[str, dict] = option(
         "stories",
         "'stories' (the embedded story generator), a local path (.txt, .jsonl, .json, .parquet, .csv, or a folder "
-        "written by datasets.save_to_disk), or 'hf:<name>' for a Hugging Face hub dataset (online only).",
+        "written by datasets.save_to_disk), 'hf:<name>' for a Hugging Face hub dataset (online only), or separate "
+        "files per split: {train: train.txt, validation: valid.txt}, each a path, a glob ('shards/*.jsonl') or a "
+        "list of them (without validation, val_fraction of train is carved off).",
     )
     tokenizer: str = option(
         "train",
@@ -300,6 +303,31 @@ def _is_local_path(spec: str) -> bool:
     return not spec.startswith("hf:") and spec not in ("stories", "train")
 
 
+SOURCE_SPLITS = ("train", "validation")
+
+
+def split_source_files(source: dict) -> dict[str, list[Path]]:
+    """data.source given per split ({train: ..., validation: ...}): each split's files, globs expanded, sorted."""
+    unknown = set(source) - set(SOURCE_SPLITS)
+    if unknown:
+        raise _unknown_key(sorted(unknown)[0], SOURCE_SPLITS, "data.source.")
+    if "train" not in source:
+        raise ConfigError("data.source.train", "required key is missing (the training files)")
+    files = {}
+    for split, spec in source.items():
+        patterns = spec if isinstance(spec, list) else [spec]
+        if not patterns or not all(isinstance(p, str) and p for p in patterns):
+            raise ConfigError(f"data.source.{split}", f"expected a path, a glob or a list of them, got {spec!r}")
+        found = []
+        for pattern in patterns:
+            matches = sorted(Path(p) for p in glob.glob(str(Path(pattern).expanduser())))
+            if not matches:
+                raise ConfigError(f"data.source.{split}", f"no file matches {pattern}")
+            found += [m for m in matches if m not in found]
+        files[split] = found
+    return files
+
+
 def validate(cfg: Config) -> None:
     """Checks that need more than one field, or the file system. Raises ConfigError."""
     positive = {
@@ -352,7 +380,9 @@ def validate(cfg: Config) -> None:
         value = getattr(cfg.run, key)
         if not value or "/" in value or value in (".", ".."):
             raise ConfigError(f"run.{key}", f"must be a plain folder name, got {value!r}")
-    if _is_local_path(cfg.data.source) and not Path(cfg.data.source).expanduser().exists():
+    if isinstance(cfg.data.source, dict):
+        split_source_files(cfg.data.source)
+    elif _is_local_path(cfg.data.source) and not Path(cfg.data.source).expanduser().exists():
         raise ConfigError("data.source", f"no such file or folder: {cfg.data.source} (or use 'stories' or 'hf:<name>')")
     if _is_local_path(cfg.data.tokenizer) and not Path(cfg.data.tokenizer).expanduser().is_file():
         raise ConfigError(

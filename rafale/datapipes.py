@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,12 +28,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import torch
-from datasets import Dataset, DatasetDict, Features, Sequence, Value, load_dataset, load_from_disk
+from datasets import Dataset, DatasetDict, Features, Sequence, Value, concatenate_datasets, load_dataset, load_from_disk
 from datasets.table import InMemoryTable
 from filelock import FileLock
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
-from rafale.config import DataConfig, RafaleError
+from rafale.config import DataConfig, RafaleError, split_source_files
 
 PIPELINE_VERSION = 1
 IGNORE_INDEX = -100
@@ -88,6 +89,9 @@ def _read_text_documents(path: Path, separator: str, errors: str = "replace") ->
 
 def load_source(cfg: DataConfig, cache_dir: Path, labelled: bool = False) -> DatasetDict:
     """The source as a DatasetDict with a 'train' and a 'validation' split, a 'text' and (labelled) a 'label' column."""
+    if isinstance(cfg.source, dict):  # {train: files, validation: files}
+        loaded = DatasetDict({split: _load_files(files, cfg, labelled) for split, files in split_source_files(cfg.source).items()})
+        return _with_splits(loaded if "validation" in loaded else loaded["train"], cfg, labelled)
     if cfg.source == "stories":
         if labelled:
             from rafale.stories import labelled_story_splits
@@ -111,18 +115,85 @@ def load_source(cfg: DataConfig, cache_dir: Path, labelled: bool = False) -> Dat
                 loaded = load_from_disk(str(path))
             except FileNotFoundError as err:
                 raise DataError(f"data.source: {path} is a folder but not one written by datasets.save_to_disk ({err})") from None
-        elif path.suffix == ".txt":
-            # decode_errors is not in the cache fingerprint: 'error' either fails or reads what 'replace' reads
-            loaded = Dataset.from_dict({"text": _read_text_documents(path, cfg.doc_separator, cfg.decode_errors)})
-        elif path.suffix in (".jsonl", ".json"):
-            loaded = Dataset.from_json(str(path))
-        elif path.suffix == ".parquet":
-            loaded = Dataset.from_parquet(str(path))
-        elif path.suffix == ".csv":
-            loaded = Dataset.from_csv(str(path))
         else:
-            raise DataError(f"data.source: {path} has an unsupported suffix; expected a folder or one of {TEXT_SUFFIXES}")
+            loaded = _load_file(path, cfg, labelled)
     return _with_splits(loaded, cfg, labelled)
+
+
+def _load_files(files: list[Path], cfg: DataConfig, labelled: bool) -> Dataset:
+    """Several files of one split (shards), as one Dataset."""
+    parts = [_load_file(path, cfg, labelled) for path in files]
+    return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
+
+
+def _load_file(path: Path, cfg: DataConfig, labelled: bool = False) -> Dataset:
+    """One .txt/.jsonl/.json/.parquet/.csv file as a Dataset; bad bytes and a missing column name the file and row."""
+    if path.suffix == ".txt":
+        # decode_errors is not in the cache fingerprint: 'error' either fails or reads what 'replace' reads
+        return Dataset.from_dict({"text": _read_text_documents(path, cfg.doc_separator, cfg.decode_errors)})
+    readers = {".jsonl": Dataset.from_json, ".json": Dataset.from_json, ".parquet": Dataset.from_parquet,
+               ".csv": Dataset.from_csv}
+    if path.suffix not in readers:
+        raise DataError(f"data.source: {path} has an unsupported suffix; expected a folder or one of {TEXT_SUFFIXES}")
+    read = readers[path.suffix]
+    if path.suffix != ".parquet":  # Arrow's own UTF-8 errors name neither the line nor the byte
+        clean = _utf8_checked_copy(path, cfg.decode_errors)
+        if clean is not None:
+            try:
+                return _check_columns(_read_table(read, clean, path), path, cfg, labelled)
+            finally:
+                clean.unlink()
+    return _check_columns(_read_table(read, path, path), path, cfg, labelled)
+
+
+def _read_table(read, path: Path, named: Path) -> Dataset:
+    try:
+        return read(str(path))
+    except Exception as err:  # Arrow and datasets raise many types for a malformed file
+        message = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        raise DataError(f"data.source: {named} could not be read as {named.suffix[1:]}: {message}") from None
+
+
+def _utf8_checked_copy(path: Path, errors: str) -> Path | None:
+    """None when `path` is valid UTF-8. Otherwise an error naming the line and byte (decode_errors: error), or a
+    copy with U+FFFD in place of the bad bytes (decode_errors: replace), as .txt sources get."""
+    bad_lines = []
+    with path.open("rb") as f:
+        offset = 0
+        for number, line in enumerate(f, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                if errors == "error":
+                    raise DataError(
+                        f"data.source: {path} is not UTF-8 at line {number} (byte offset {offset + err.start}, "
+                        f"{line[err.start:err.start + 4]!r}); fix the file or set data.decode_errors: replace") from None
+                bad_lines.append(number)
+            offset += len(line)
+    if not bad_lines:
+        return None
+    print(f"rafale: data.source: replaced invalid UTF-8 on {len(bad_lines):,} line(s) of {path} (first: line "
+          f"{bad_lines[0]}) with U+FFFD (data.decode_errors: error stops instead)")
+    handle, name = tempfile.mkstemp(suffix=path.suffix, prefix="rafale-utf8-")  # the source's folder may be read-only
+    os.close(handle)
+    clean = Path(name)
+    clean.write_text(path.read_bytes().decode("utf-8", errors="replace"), encoding="utf-8")
+    return clean
+
+
+def _check_columns(ds: Dataset, path: Path, cfg: DataConfig, labelled: bool) -> Dataset:
+    """The text column exists and holds strings (no nulls), naming the file and the first bad row."""
+    columns = [("data.text_column", cfg.text_column)] + ([("data.label_column", cfg.label_column)] if labelled else [])
+    for key, column in columns:
+        if column not in ds.column_names:
+            raise DataError(f"{key}: no column '{column}' in {path}; columns: {ds.column_names}")
+    values = ds.data.column(cfg.text_column)
+    if not pa.types.is_string(values.type) and not pa.types.is_large_string(values.type):
+        raise DataError(f"data.text_column: column '{cfg.text_column}' of {path} holds {values.type}, not text")
+    if values.null_count:
+        row = next(i for i, v in enumerate(values.is_null().to_pylist()) if v)
+        raise DataError(f"data.text_column: row {row} of {path} has no text (null) in column '{cfg.text_column}'")
+    return ds
 
 
 def _with_splits(loaded, cfg: DataConfig, labelled: bool = False) -> DatasetDict:
@@ -164,6 +235,10 @@ def _story_texts(cfg: DataConfig) -> dict[str, list[str]]:
 
 
 def source_identity(cfg: DataConfig) -> list:
+    if isinstance(cfg.source, dict):
+        files = split_source_files(cfg.source)
+        return [{split: [_file_identity(p) for p in paths] for split, paths in files.items()}, cfg.text_column,
+                cfg.doc_separator, cfg.val_fraction if "validation" not in files else None, cfg.split_seed]
     if cfg.source == "stories":
         generator = Path(__file__).with_name("stories.py").read_bytes()
         return ["stories", cfg.num_train_stories, cfg.num_val_stories, cfg.split_seed, hashlib.sha256(generator).hexdigest()]
@@ -174,6 +249,9 @@ def source_identity(cfg: DataConfig) -> list:
 
 
 def source_name(cfg: DataConfig) -> str:
+    if isinstance(cfg.source, dict):
+        first = split_source_files(cfg.source)["train"][0]
+        return _safe_name(first.parent.name if first.stem in ("train", "training") else first.stem)
     if cfg.source in ("stories",):
         return cfg.source
     if cfg.source.startswith("hf:"):
