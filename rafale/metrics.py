@@ -1,0 +1,75 @@
+"""Bits per byte: a validation loss that can be compared across tokenizers.
+
+A loss in nats per token depends on how much text a token covers, so two tokenizers' losses cannot be compared.
+Bits per byte divides the same summed loss by the text's size instead:
+
+    bits/byte = (sum over scored tokens of -ln p(token)) / (ln 2 * UTF-8 bytes of the text those tokens cover)
+
+`token_bytes(tokenizer)` gives each id's UTF-8 length (special tokens such as <|endoftext|> cover no text: 0);
+`BitsPerByte` sums both parts over a validation set (and over ranks) and divides once at the end.
+"""
+
+import json
+import math
+
+import torch
+import torch.nn.functional as F
+from torchmetrics import Metric
+
+IGNORE_INDEX = -100
+
+
+def byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE writes each byte as one printable character: that character -> its byte."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            chars[chr(byte)] = byte
+        else:
+            chars[chr(256 + extra)] = byte
+            extra += 1
+    return chars
+
+
+def token_bytes(tokenizer) -> torch.Tensor:
+    """(vocab_size,) int64: how many UTF-8 bytes of text each token id stands for (0 for special tokens).
+
+    Byte-level BPE (GPT-2, GPT-NeoX, RoBERTa, rafale's own) is exact: each character of a token is one byte.
+    Other tokenizers (WordPiece) decode each token alone, which is exact for whole characters."""
+    spec = json.loads(tokenizer.to_str())
+    special = {t["id"] for t in spec.get("added_tokens", []) if t.get("special")}
+    byte_level = (spec.get("decoder") or {}).get("type") == "ByteLevel"
+    alphabet = byte_level_alphabet()
+    sizes = torch.zeros(tokenizer.get_vocab_size(), dtype=torch.long)
+    for token, i in tokenizer.get_vocab().items():
+        if i in special or i >= len(sizes):
+            continue
+        if byte_level:
+            sizes[i] = sum(1 for c in token if c in alphabet)
+        else:
+            sizes[i] = len(tokenizer.decode([i], skip_special_tokens=False).encode("utf-8"))
+    return sizes
+
+
+class BitsPerByte(Metric):
+    """Bits per UTF-8 byte of the text the scored labels cover. update(logits (B, T, V), labels (B, T))."""
+
+    full_state_update = False
+    higher_is_better = False
+
+    def __init__(self, token_bytes: torch.Tensor, ignore_index: int = IGNORE_INDEX):
+        super().__init__()
+        self.ignore_index = ignore_index
+        self.register_buffer("table", token_bytes.clone(), persistent=False)  # moves with the metric's device
+        self.add_state("nats", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("bytes", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        scored = labels != self.ignore_index
+        targets = labels[scored]  # (N,)
+        self.nats += F.cross_entropy(logits[scored].float(), targets, reduction="sum").double()
+        self.bytes += self.table[targets].sum()
+
+    def compute(self) -> torch.Tensor:
+        return self.nats / (math.log(2) * self.bytes.clamp(min=1))
