@@ -439,7 +439,8 @@ def pretrained_tokenizer(spec: str) -> str:
     return str(path)
 
 
-def load_config(path) -> Config:
+def load_config(path, overrides=()) -> Config:
+    """The config in the YAML file `path`, with command-line `overrides` ('training.lr=3e-3') applied on top."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError("", f"no such config file: {path}")
@@ -450,7 +451,36 @@ def load_config(path) -> Config:
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         problem = getattr(err, "problem", None) or str(err)
         raise ConfigError("", f"{path} is not valid YAML{where}: {problem}") from None
+    if overrides:
+        raw = apply_overrides(raw if isinstance(raw, dict) else {}, overrides)
     return config_from_dict(raw)
+
+
+def apply_overrides(raw: dict, overrides) -> dict:
+    """Set `section.key=value` pairs (Hydra's spelling) in the YAML mapping `raw`; each value is read as YAML, so
+    `training.lr=3e-3`, `model.num_layers=2`, `run.loggers=[tensorboard]` and `training.optimizer.name=soap` work.
+    The result is checked like the file itself; a bad value names its key."""
+    raw = dict(raw)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        parts = key.split(".")
+        if not sep or len(parts) < 2 or not all(parts):
+            raise ConfigError(key, f"a command-line override is section.key=value (e.g. training.lr=3e-3), got {item!r}")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            value = text  # not YAML: keep the string as typed
+        node = raw
+        for depth, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(".".join(parts[:depth + 1]), f"is {child!r}, not a section, so {key} cannot be set")
+            node[part] = child = dict(child)
+            node = child
+        node[parts[-1]] = value
+    return raw
 
 
 def resolve_model_config(cfg: Config):

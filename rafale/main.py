@@ -129,7 +129,24 @@ def parse_args(argv):
     parser.add_argument("-c", "--config", required=True, help="path to the YAML config")
     parser.add_argument("--data-only", action="store_true", help="only prepare and cache the data (same as DATA=1)")
     parser.add_argument("--debug", action="store_true", help="overfit one batch for 10 epochs (same as DEBUG=1)")
-    return parser.parse_args(argv)
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
+                        help="change a config value for this run, e.g. training.lr=3e-3 model.num_layers=2 "
+                        "(or --training.lr 3e-3); recorded in the run's config.yaml")
+    return parser.parse_intermixed_args(undash_overrides(argv))
+
+
+def undash_overrides(argv: list[str]) -> list[str]:
+    """`--training.lr 3e-3` and `--training.lr=3e-3` become `training.lr=3e-3`; other arguments are kept."""
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--") and "." in arg.split("=")[0]:
+            if "=" not in arg and i + 1 < len(argv):
+                arg, i = f"{arg}={argv[i + 1]}", i + 1
+            arg = arg[2:]
+        out.append(arg)
+        i += 1
+    return out
 
 
 def prepare_data(cfg: Config) -> PreparedData:
@@ -151,7 +168,7 @@ def print_data_summary(data: PreparedData):
 def train_main(args) -> int:
     from rafale.train import DEBUG_EPOCHS, DEBUG_STEPS_PER_EPOCH, describe, run, write_summary
 
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, args.overrides)
     data_only = args.data_only or env_flag("DATA")
     debug = args.debug or env_flag("DEBUG")
     data = prepare_data(cfg)
@@ -204,9 +221,15 @@ def runs_command(argv) -> int:
     return runs_main(argv)
 
 
+def sweep_command(argv) -> int:
+    from rafale.sweep import sweep_main
+
+    return sweep_main(argv, train_main)
+
+
 # `rafale <command> ...`; without a command, rafale trains
 COMMANDS = {"export": export_command, "generate": generate_command, "lm-eval": lm_eval_command, "plot": plot_command,
-            "runs": runs_command}
+            "runs": runs_command, "sweep": sweep_command}
 
 
 def main(argv=None):

@@ -1,0 +1,68 @@
+"""Command-line overrides (`rafale -c cfg.yaml training.lr=3e-3`) and `rafale sweep`."""
+
+import re
+
+import pytest
+import yaml
+
+from rafale.config import ConfigError, apply_overrides, load_config
+from rafale.main import parse_args
+from rafale.sweep import grid, run_name, split_values
+from conftest import ROOT, run_in_process, write_config
+
+
+def test_both_spellings_of_an_override_reach_the_config(tmp_path):
+    args = parse_args(["-c", str(ROOT / "test" / "pythia_debug.yaml"), "training.lr=7e-4", "--model.num_layers", "3",
+                       "--debug", "--run.loggers=[tensorboard]"])
+    assert args.debug and args.overrides == ["training.lr=7e-4", "model.num_layers=3", "run.loggers=[tensorboard]"]
+    cfg = load_config(args.config, args.overrides)
+    assert cfg.training.lr == 7e-4 and cfg.model.overrides["num_layers"] == 3 and cfg.run.loggers == ["tensorboard"]
+    assert load_config(args.config).training.lr != 7e-4  # the file itself is untouched
+
+
+@pytest.mark.parametrize("override, key, message", [
+    ("training.lr=fast", "training.lr", "expected a number"),
+    ("training.lrr=1e-3", "training.lrr", "did you mean 'lr'"),
+    ("lr=1e-3", "lr", "section.key=value"),
+    ("training.lr", "training.lr", "section.key=value"),
+    ("training.lr.x=1", "training.lr", "not a section"),
+])
+def test_a_bad_override_is_a_config_error_naming_the_key(override, key, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(ROOT / "test" / "pythia_debug.yaml", [override])
+    assert err.value.key == key and message in str(err.value)
+
+
+def test_nested_override_creates_the_section():
+    assert apply_overrides({"training": {"lr": 1}}, ["training.optimizer.name=soap"]) == {
+        "training": {"lr": 1, "optimizer": {"name": "soap"}}}
+
+
+def test_sweep_grid_and_names():
+    assert split_values("1e-3,3e-3") == ["1e-3", "3e-3"]
+    assert split_values("[0.9,0.95],[0.9,0.99]") == ["[0.9,0.95]", "[0.9,0.99]"]
+    assert grid(["training.lr=1,2", "model.num_layers=3"]) == [["training.lr=1", "model.num_layers=3"],
+                                                               ["training.lr=2", "model.num_layers=3"]]
+    assert run_name("base", ["training.lr=3e-3", "training.betas=[0.9,0.95]"]) == "base-lr=3e-3-betas=_0.9_0.95_"
+
+
+def test_sweep_runs_the_grid_records_overrides_and_skips_finished_runs(tmp_path, cache_dir, capsys, monkeypatch):
+    cfg = write_config(tmp_path / "cfg.yaml", run={"output_dir": str(tmp_path / "runs"), "name": "sw"},
+                       training={"max_duration": "4ba", "eval_interval": "4ba", "save_interval": "4ba"})
+    code, out, err = run_in_process(["sweep", "-c", str(cfg), "training.lr=1e-3,1e-2"], capsys, monkeypatch)
+    assert code == 0, err[-3000:]
+    for lr in ("1e-3", "1e-2"):
+        saved = yaml.safe_load((tmp_path / "runs" / f"sw-lr={lr}" / "config.yaml").read_text())
+        assert saved["training"]["lr"] == float(lr)  # the override is in the run's resolved config
+    table = (tmp_path / "runs" / "sweep-sw.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| sw-")]
+    assert len(rows) == 2 and all(re.search(r"\| \d\.\d{4} \| \d\.\d{4} \(step 4\) \|", r) for r in rows), table
+    assert (tmp_path / "runs" / "sweep-sw.png").read_bytes()[:4] == b"\x89PNG"
+    code, out, _ = run_in_process(["sweep", "-c", str(cfg), "training.lr=1e-3,1e-2"], capsys, monkeypatch)
+    assert code == 0 and out.count("finished before; skipped") == 2
+
+
+def test_sweep_checks_every_combination_before_the_first_run(tmp_path, cache_dir, capsys, monkeypatch):
+    cfg = write_config(tmp_path / "cfg.yaml", run={"output_dir": str(tmp_path / "runs")})
+    code, _, err = run_in_process(["sweep", "-c", str(cfg), "training.lr=1e-3,oops"], capsys, monkeypatch)
+    assert code == 2 and "training.lr" in err and not (tmp_path / "runs").exists()
