@@ -125,7 +125,16 @@ def env_flag(name: str) -> bool:
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="rafale", description="Train small transformers from a YAML config.")
+    commands = "\n".join(f"  rafale {name:<9} {text}" for name, (_, text) in COMMANDS.items())
+    parser = argparse.ArgumentParser(
+        prog="rafale", description="Train small transformers from a YAML config.",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=f"""commands (rafale COMMAND --help for each):
+{commands}
+
+examples:
+  rafale -c test/pythia_tinystories.yaml                   train the default model
+  rafale -c cfg.yaml training.lr=3e-3 model.num_layers=2   the same with two values changed
+  DATA=1 rafale -c cfg.yaml                                only prepare the data""")
     parser.add_argument("-c", "--config", required=True, help="path to the YAML config")
     parser.add_argument("--data-only", action="store_true", help="only prepare and cache the data (same as DATA=1)")
     parser.add_argument("--debug", action="store_true", help="overfit one batch for 10 epochs (same as DEBUG=1)")
@@ -227,16 +236,22 @@ def sweep_command(argv) -> int:
     return sweep_main(argv, train_main)
 
 
-# `rafale <command> ...`; without a command, rafale trains
-COMMANDS = {"export": export_command, "generate": generate_command, "lm-eval": lm_eval_command, "plot": plot_command,
-            "runs": runs_command, "sweep": sweep_command}
+# `rafale <command> ...` -> (what runs it, what it does); without a command, rafale trains. Each has its own --help.
+COMMANDS = {
+    "export": (export_command, "write a run's checkpoint in Hugging Face format"),
+    "generate": (generate_command, "generate text with a trained decoder (a run or a Hugging Face folder)"),
+    "lm-eval": (lm_eval_command, "score a decoder with lm-evaluation-harness"),
+    "plot": (plot_command, "draw a run's curves, or overlay several runs"),
+    "runs": (runs_command, "one line per run: model, size, tokens, time, final validation metrics"),
+    "sweep": (sweep_command, "train a grid of config overrides one after another, then compare them"),
+}
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     try:
         if argv and argv[0] in COMMANDS:
-            code = COMMANDS[argv[0]](argv[1:])
+            code = COMMANDS[argv[0]][0](argv[1:])
         else:
             code = train_main(parse_args(argv))
     except RafaleError as err:
