@@ -265,7 +265,53 @@ def test_published_presets_match_hf_defaults():
     # (CLIP ViT-B/16: 149,620,737; SigLIP ViT-B/16: 203,155,970)
     hf_classes = {"clip": transformers.CLIPModel, "siglip": transformers.SiglipModel}  # imported before meta
     for cfg in (CLIP_PRESETS["clip-vit-b-16"], SIGLIP_PRESETS["siglip-vit-b-16"]):
-        hf_config = (transformers.CLIPConfig if cfg.family == "clip" else transformers.SiglipConfig)(**config_to_hf(cfg))
+        config_class = transformers.CLIPConfig if cfg.family == "clip" else transformers.SiglipConfig
+        hf_config = config_class(**config_to_hf(cfg))
         with torch.device("meta"):
             expected = sum(p.numel() for p in hf_classes[cfg.family](hf_config).parameters())
             assert build_model(cfg).num_params() == expected
+
+
+# ---------------------------------------------------------------- learning
+
+
+@pytest.mark.parametrize("preset", ["clip-debug", "siglip-debug"])
+def test_debug_preset_learns_a_batch_of_shapes(preset):
+    """100 AdamW steps on 16 shapes pairs (word-level ids, padded): the loss falls and the pairs are found.
+    This is what DEBUG=1 (overfit one batch) will rely on."""
+    from rafale.shapes import shape_splits
+
+    pairs = shape_splits(16, 0, seed=0, image_size=32)["train"]
+    words = sorted({w for _, c in pairs for w in c.replace(",", "").split()})
+    vocab = {w: i + 2 for i, w in enumerate(words)}  # 0: padding, 1: end of text
+    rows = [[vocab[w] for w in c.replace(",", "").split()] + [1] for _, c in pairs]
+    T = max(map(len, rows))
+    ids = torch.tensor([row + [0] * (T - len(row)) for row in rows])
+    mask = (ids != 0).long()  # (B, T): the end-of-text token 1 is a real token
+    pixels = torch.stack([torch.tensor(list(im.getdata()), dtype=torch.float32).view(32, 32, 3).permute(2, 0, 1)
+                          for im, _ in pairs]) / 127.5 - 1  # (16, 3, 32, 32)
+
+    presets = {**CLIP_PRESETS, **SIGLIP_PRESETS}
+    cfg = presets[preset]
+    cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, vocab_size=len(vocab) + 2, eos_token_id=1))
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4)
+    losses, threads = [], torch.get_num_threads()
+    # one thread: these tiny matmuls gain nothing from more, and a busy 2-core machine made them 20x slower
+    torch.set_num_threads(1)
+    try:
+        for _ in range(100):
+            logits_per_image, _ = model(pixels, ids, mask)
+            loss = model.loss(logits_per_image)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            model.clamp_logit_scale_()
+            losses.append(loss.item())
+    finally:
+        torch.set_num_threads(threads)
+    assert losses[-1] < 0.3 * losses[0], losses
+    with torch.no_grad():
+        logits_per_image, _ = model(pixels, ids, mask)
+    assert (logits_per_image.argmax(dim=1) == torch.arange(16)).float().mean() >= 0.75

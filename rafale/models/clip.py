@@ -12,7 +12,8 @@
 CLIP learns with a symmetric softmax cross-entropy over the batch (`clip_loss`), SigLIP with an independent
 sigmoid per image-text pair (`siglip_loss`). Module names mirror the Hugging Face checkpoints (`CLIPModel`,
 `SiglipModel`), including HF's `pre_layrnorm` typo, so loading real weights is the identity map in
-`weight_layout`, checked strictly by `load_hf_state_dict`. Attention goes through
+`LAYOUTS`, checked strictly by `load_hf_state_dict` (`hf_state_dict` exports; `config_from_hf` and
+`config_to_hf` translate config.json). Attention goes through
 `scaled_dot_product_attention`.
 
 This file imports torch and rafale's error base only; transformers is a test-time reference, never imported.
@@ -64,7 +65,9 @@ class VisionConfig:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{where}.{name} must be positive, got {getattr(self, name)}")
         if self.image_size % self.patch_size:
-            raise ValueError(f"{where}.image_size ({self.image_size}) must be divisible by patch_size ({self.patch_size})")
+            raise ValueError(
+                f"{where}.image_size ({self.image_size}) must be divisible by patch_size ({self.patch_size})"
+            )
         _check_common(self, where)
         if self.pooling not in ("cls", "map"):
             raise ValueError(f"{where}.pooling must be 'cls' or 'map', got {self.pooling!r}")
@@ -141,7 +144,9 @@ class ClipConfig:
 
 
 def clip_preset(vision: dict, text: dict, projection_dim: int) -> ClipConfig:
-    return ClipConfig(family="clip", vision=VisionConfig(**vision), text=TextConfig(**text), projection_dim=projection_dim)
+    return ClipConfig(
+        family="clip", vision=VisionConfig(**vision), text=TextConfig(**text), projection_dim=projection_dim
+    )
 
 
 def siglip_preset(vision: dict, text: dict) -> ClipConfig:
@@ -324,15 +329,16 @@ class TextEmbeddings(nn.Module):
         self.position_embedding = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
 
     def forward(self, input_ids):
-        T = input_ids.shape[1]
-        if T > self.position_embedding.num_embeddings:
-            raise ValueError(f"sequence of {T} tokens is longer than max_position_embeddings ({self.position_embedding.num_embeddings})")
+        T, max_len = input_ids.shape[1], self.position_embedding.num_embeddings
+        if T > max_len:
+            raise ValueError(f"sequence of {T} tokens is longer than max_position_embeddings ({max_len})")
         return self.token_embedding(input_ids) + self.position_embedding.weight[None, :T]  # (B, T, C)
 
 
 def text_attention_mask(attention_mask, causal: bool):
-    """Boolean mask (B, 1, T, T) from attention_mask (B, T) of 1/0: no query attends to a padding key, and
-    with `causal` none to a later position. Right padding: every query keeps at least the first token."""
+    """Boolean mask (B, 1, T, T), or (B, 1, 1, T) without `causal`, from attention_mask (B, T) of 1/0: no
+    query attends to a padding key, and with `causal` none to a later position. Padding must be on the right,
+    so that every query keeps at least the first token (a row of False would give NaNs)."""
     T = attention_mask.shape[1]
     keys = attention_mask[:, None, None, :].bool()  # (B, 1, 1, T)
     if not causal:
@@ -719,7 +725,8 @@ def config_to_hf(cfg: ClipConfig) -> dict:
     )
     vision = dict(tower(cfg.vision), image_size=cfg.vision.image_size, patch_size=cfg.vision.patch_size,
                   num_channels=cfg.vision.num_channels)
-    text = dict(tower(cfg.text), vocab_size=cfg.text.vocab_size, max_position_embeddings=cfg.text.max_position_embeddings)
+    text = dict(tower(cfg.text), vocab_size=cfg.text.vocab_size,
+                max_position_embeddings=cfg.text.max_position_embeddings)
     if cfg.family == "clip":
         # eos_token_id 2 tells HF to pool at the highest id, what rafale does when it is None
         text["eos_token_id"] = 2 if cfg.text.eos_token_id is None else cfg.text.eos_token_id
