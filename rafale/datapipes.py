@@ -409,16 +409,34 @@ class DataPipe:
         )
 
 
-def chunk_into_blocks(token_lists: pa.ChunkedArray, block_size: int) -> pa.ListArray:
-    """Concatenate token lists into one stream and cut it every block_size tokens (the last block may be short)."""
-    stream = token_lists.combine_chunks().flatten()  # one contiguous array, no Python loop
-    offsets = np.append(np.arange(0, len(stream), block_size), len(stream))
-    return pa.ListArray.from_arrays(pa.array(offsets, type=pa.int32()), stream)
+INT32_MAX = 2**31 - 1  # an Arrow list's offsets are int32: one list array holds at most this many values
+
+
+def block_chunks(num_tokens: int, block_size: int, max_chunk_tokens: int = INT32_MAX) -> list[tuple[int, int]]:
+    """(start, stop) token ranges that cover [0, num_tokens), each a whole number of blocks (the last may end
+    with a short one) and at most max_chunk_tokens long, so that each range's block offsets fit in int32."""
+    step = max(1, max_chunk_tokens // block_size) * block_size
+    return [(start, min(start + step, num_tokens)) for start in range(0, num_tokens, step)]
+
+
+def chunk_into_blocks(token_lists: pa.ChunkedArray, block_size: int, max_chunk_tokens: int = INT32_MAX) -> pa.ChunkedArray:
+    """Concatenate token lists into one stream and cut it every block_size tokens (the last block may be short).
+
+    The blocks come as several list arrays when the stream is longer than int32 offsets can address (2^31 tokens);
+    the column type stays list<int32>, so the datasets features and the collators are the same."""
+    # flatten chunk by chunk: combining the lists first would need offsets past int32 on a large split
+    pieces = [chunk.flatten() for chunk in token_lists.chunks]
+    stream = pa.concat_arrays(pieces) if pieces else pa.array([], pa.int32())
+    lists = []
+    for start, stop in block_chunks(len(stream), block_size, max_chunk_tokens):
+        offsets = np.append(np.arange(0, stop - start, block_size), stop - start)
+        lists.append(pa.ListArray.from_arrays(pa.array(offsets, type=pa.int32()), stream.slice(start, stop - start)))
+    return pa.chunked_array(lists, type=pa.list_(stream.type))
 
 
 def describe_blocks(ds: Dataset) -> dict:
     """Sizes of a split of token blocks, for rafale.json and DATA=1."""
-    tokens = len(ds.data.column("input_ids").combine_chunks().flatten())
+    tokens = sum(len(chunk.flatten()) for chunk in ds.data.column("input_ids").chunks)
     return {"examples": len(ds), "blocks": len(ds), "tokens": tokens}
 
 
