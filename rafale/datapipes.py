@@ -34,7 +34,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 
 from rafale.config import DataConfig, RafaleError
 
-PIPELINE_VERSION = 1
+PIPELINE_VERSION = 2  # 2: caches named by the trained vocabulary size; trained tokenizers carry their post-processor
 IGNORE_INDEX = -100
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "[SEP]")
 PAD_CANDIDATES = ("<|padding|>", "<pad>", "[PAD]")
@@ -193,9 +193,11 @@ def tokenizer_identity(cfg: DataConfig, kind: str = "bpe") -> list:
     return [hashlib.sha256(Path(cfg.tokenizer).expanduser().read_bytes()).hexdigest()]
 
 
-def tokenizer_name(cfg: DataConfig, kind: str = "bpe") -> str:
+def tokenizer_name(cfg: DataConfig, kind: str = "bpe", vocab_size: int | None = None) -> str:
+    """The tokenizer's part of a cache folder's name; a trained one by its size, `vocab_size` once trained
+    (the trainer may learn fewer tokens than data.vocab_size asks for)."""
     if cfg.tokenizer == "train":
-        return f"{kind}{cfg.vocab_size}"
+        return f"{kind}{vocab_size or cfg.vocab_size}"
     if cfg.tokenizer.startswith("hf:"):
         return _safe_name(cfg.tokenizer[3:].replace("/", "--"))
     path = Path(cfg.tokenizer)
@@ -234,6 +236,14 @@ def train_tokenizer(texts: Dataset, vocab_size: int, kind: str = "bpe") -> Token
     batches = (texts[i : i + 1000]["text"] for i in range(0, len(texts), 1000))
     tokenizer.train_from_iterator(batches, trainer, length=len(texts))
     return tokenizer
+
+
+def warn_if_smaller(trained: int, asked: int, kind: str):
+    """Say when the trainer learned fewer tokens than data.vocab_size asks for: the model and the cache name
+    use the size it got, and a researcher comparing vocabulary sizes must know."""
+    if trained < asked:
+        print(f"rafale: warning: data.vocab_size asks for {asked:,} tokens but the {kind} tokenizer trained on this "
+              f"data has {trained:,} (the trainer ran out of merges); using {trained:,}")
 
 
 def load_tokenizer(spec: str) -> Tokenizer:
@@ -285,13 +295,24 @@ class PreparedData:
         return self.meta["vocab_size"]
 
 
-def wait_for_cache(path: Path, timeout_s: float = 24 * 3600, poll_s: float = 1.0):
-    """Wait until another process has finished building the cache at `path`."""
+def find_cache(folder: Path, fingerprint: str) -> Path | None:
+    """The complete cache in `folder` whose name ends with `fingerprint`: the rest of the name (a trained
+    tokenizer's size) is known only once built, the fingerprint before."""
+    for path in sorted(folder.glob(f"*_{fingerprint}")):
+        if (path / "rafale.json").is_file():
+            return path
+    return None
+
+
+def wait_for_cache(folder: Path, fingerprint: str, timeout_s: float = 24 * 3600, poll_s: float = 1.0) -> Path:
+    """Wait until another process has finished building the cache `fingerprint` in `folder`."""
     deadline = time.monotonic() + timeout_s
-    while not (path / "rafale.json").is_file():
+    while (path := find_cache(folder, fingerprint)) is None:
         if time.monotonic() > deadline:
-            raise DataError(f"data.cache_dir: gave up waiting {timeout_s:.0f} s for the first process to build {path}")
+            raise DataError(f"data.cache_dir: gave up waiting {timeout_s:.0f} s for the first process to build "
+                            f"the cache *_{fingerprint} in {folder}")
         time.sleep(poll_s)
+    return path
 
 
 class DataPipe:
@@ -315,47 +336,60 @@ class DataPipe:
         }
 
     @property
+    def fingerprint(self) -> str:
+        return _sha(self.fingerprint_inputs())[:10]
+
+    def cache_name(self, vocab_size: int | None = None) -> str:
+        """The cache folder's name, with the trained tokenizer's real `vocab_size` once it is known."""
+        tokenizer = tokenizer_name(self.cfg, self.tokenizer_kind, vocab_size)
+        return f"{source_name(self.cfg)}_{tokenizer}_bs{self.cfg.block_size}_{self.fingerprint}"
+
+    @property
     def cache_path(self) -> Path:
-        fingerprint = _sha(self.fingerprint_inputs())[:10]
-        name = f"{source_name(self.cfg)}_{tokenizer_name(self.cfg, self.tokenizer_kind)}_bs{self.cfg.block_size}_{fingerprint}"
-        return self.root / self.name / name
+        """The complete cache of these inputs, else the name a build starts under (with the asked vocabulary size)."""
+        return find_cache(self.root / self.name, self.fingerprint) or self.root / self.name / self.cache_name()
 
     def load(self, verbose: bool = True) -> PreparedData:
         """The prepared data: from the cache when it is complete, else built now and cached."""
-        path = self.cache_path
+        folder = self.root / self.name
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            folder.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            raise DataError(f"data.cache_dir: cannot create the cache folder {path.parent}: {err}") from None
-        if not os.access(path.parent, os.W_OK):
-            raise DataError(f"data.cache_dir: the cache folder {path.parent} is not writable")
+            raise DataError(f"data.cache_dir: cannot create the cache folder {folder}: {err}") from None
+        if not os.access(folder, os.W_OK):
+            raise DataError(f"data.cache_dir: the cache folder {folder} is not writable")
         # Under Composer's launcher, local rank 0 builds the cache and the node's other ranks wait for it.
         # Between unrelated processes, the lock lets one build while the others wait, then find the cache.
         if int(os.environ.get("LOCAL_RANK", "0")) > 0:
-            wait_for_cache(path)
-        with FileLock(str(path) + ".lock"):
-            if (path / "rafale.json").is_file():
+            wait_for_cache(folder, self.fingerprint)
+        with FileLock(str(folder / self.cache_name()) + ".lock"):
+            path = find_cache(folder, self.fingerprint)
+            if path is not None:
                 if verbose:
                     print(f"rafale: using cached data at {path}")
             else:
-                self._build(path, verbose)
+                path = self._build(folder, verbose)
         meta = json.loads((path / "rafale.json").read_text())
         splits = DatasetDict({split: load_from_disk(str(path / split)) for split in meta["splits"]})
         tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
         return PreparedData(splits.with_format("torch"), tokenizer, path, meta)
 
-    def _build(self, path: Path, verbose: bool):
+    def _build(self, folder: Path, verbose: bool) -> Path:
+        """Build the cache under a temporary name in `folder`; rename it, once complete, to its final name
+        (which holds the trained tokenizer's real size). Returns the final path."""
+        name = self.cache_name()
         if verbose:
-            print(f"rafale: preparing data into {path}")
+            print(f"rafale: preparing data into {folder / name}")
         # under the lock, any other temporary folder of this cache is what a killed build left behind
-        for stale in path.parent.glob(path.name + ".tmp-*"):
+        for stale in folder.glob(name + ".tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
-        tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+        tmp = folder / f"{name}.tmp-{os.getpid()}"
         try:
             tmp.mkdir(parents=True)
             raw = load_source(self.cfg, self.root, labelled=self.labelled)
             if self.cfg.tokenizer == "train":
                 tokenizer = train_tokenizer(raw["train"], self.cfg.vocab_size, self.tokenizer_kind)
+                warn_if_smaller(tokenizer.get_vocab_size(), self.cfg.vocab_size, self.tokenizer_kind)
             else:
                 tokenizer = load_tokenizer(self.cfg.tokenizer)
             meta = {
@@ -363,9 +397,12 @@ class DataPipe:
                 "fingerprint_inputs": self.fingerprint_inputs(),
                 "config": dict(vars(self.cfg)),
                 "vocab_size": tokenizer.get_vocab_size(),
+                # what `tokenizer: train` asked for; the trainer may learn fewer tokens (vocab_size is what it got)
+                "vocab_size_asked": self.cfg.vocab_size if self.cfg.tokenizer == "train" else None,
                 **self.special_ids(tokenizer),
                 "splits": {},
             }
+            path = folder / self.cache_name(meta["vocab_size"])
             prepared = self._prepare(raw, tokenizer, meta)
             try:
                 tokenizer.save(str(tmp / "tokenizer.json"))
@@ -374,12 +411,15 @@ class DataPipe:
                     meta["splits"][split] = self._describe(ds)
                 (tmp / "rafale.json").write_text(json.dumps(meta, indent=2))  # written last: marks the cache complete
                 os.replace(tmp, path)
+                if verbose and path.name != name:
+                    print(f"rafale: data cached at {path}")
             except OSError as err:  # a full disk or a read-only folder: the except below removes what was written
                 raise DataError(f"data.cache_dir: could not write the data cache {path}: {err.strerror or err} "
                                 "(free space there, or point data.cache_dir / $RAFALE_CACHE elsewhere)") from None
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        return path
 
     def _describe(self, ds: Dataset) -> dict:
         return {"examples": len(ds)}

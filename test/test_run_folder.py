@@ -28,6 +28,8 @@ def test_run_folder_has_metrics_plots_and_a_summary(tmp_path, cache_dir, capsys,
     best = min(v for _, v in series["metrics/eval/LanguageCrossEntropy"])
     assert f"best validation LanguageCrossEntropy: {best:.4f}" in out
     assert "Hugging Face export:" in out
+    vocabulary = (run / "data.json").read_text()
+    assert '"vocab_size_asked": 500' in vocabulary and "rafale: vocabulary: " in out[out.index("rafale: run folder:"):]
     # the opt-in loggers wrote their files
     assert list((run / "tensorboard").rglob("events.out.tfevents.*"))
     assert list(run.rglob("offline-run-*"))
