@@ -30,7 +30,7 @@ import torch
 from datasets import Dataset, DatasetDict, Features, Sequence, Value, load_dataset, load_from_disk
 from datasets.table import InMemoryTable
 from filelock import FileLock
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from rafale.config import DataConfig, RafaleError
 
@@ -235,7 +235,24 @@ def train_tokenizer(texts: Dataset, vocab_size: int, kind: str = "bpe") -> Token
         )
     batches = (texts[i : i + 1000]["text"] for i in range(0, len(texts), 1000))
     tokenizer.train_from_iterator(batches, trainer, length=len(texts))
+    if kind != "bpe":
+        tokenizer.post_processor = encoder_post_processor(kind)
     return tokenizer
+
+
+def encoder_post_processor(kind: str):
+    """The framing BERT's and RoBERTa's own tokenizers add (`encode(text)`, HF's `tokenizer(text)`), so that the
+    exported tokenizer gives the ids the model was trained on (the decoder's BPE adds nothing, as Pythia's).
+    The datapipes encode with add_special_tokens=False and frame by hand (blocks of several documents)."""
+    ids = {token: i for i, token in enumerate(TRAINED_SPECIALS[kind])}
+    if kind == "wordpiece":
+        return processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+            special_tokens=[("[CLS]", ids["[CLS]"]), ("[SEP]", ids["[SEP]"])],
+        )
+    if kind == "bpe-roberta":  # <s> A </s> and <s> A </s></s> B </s>, as roberta-base's tokenizer.json
+        return processors.RobertaProcessing(("</s>", ids["</s>"]), ("<s>", ids["<s>"]), add_prefix_space=False)
+    raise ValueError(f"no post-processor for a {kind} tokenizer")
 
 
 def warn_if_smaller(trained: int, asked: int, kind: str):
