@@ -8,8 +8,10 @@ label shifting are the collator's job, per batch.
 
 Cache folders are named `{source}_{tokenizer}_bs{block_size}_{fingerprint}`; the fingerprint covers every
 input that changes the content (the source's identity, the tokenizer, the block size, the pipeline version),
-so a changed input builds a new cache. A cache is built under a temporary name, holds a `rafale.json` written
-last, and is renamed into place when complete: an interrupted build is never mistaken for a finished one.
+so a changed input builds a new cache, and a cache is found by its fingerprint alone. A trained tokenizer is
+named by the size it got (`bpe2761`), known only once trained. A cache is built under a temporary name, holds a
+`rafale.json` written last, and is renamed into place when complete: an interrupted build is never mistaken for
+a finished one.
 
 To add a datapipe: subclass `DataPipe`, give it a `name` and a `_prepare(raw, tokenizer)` that maps a
 `DatasetDict` of texts to a `DatasetDict` of examples, and a collator for its batches.
