@@ -26,25 +26,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 from common import (  # noqa: E402
     decoder_cfg, hf_from_rafale, make_rafale, matmul_peak, median, random_blocks, train_composer, train_plain,
 )
+from rafale.hardware import gpu_peak_flops  # noqa: E402
 from rafale.models.decoder import ComposerLM  # noqa: E402
-
-# bf16 dense tensor-core peaks, FLOP/s (spec sheets; the "with sparsity" figures are twice these)
-GPU_PEAKS = [
-    ("H200", 989e12),
-    ("H100 PCIe", 756e12),
-    ("H100", 989e12),  # SXM
-    ("A100", 312e12),
-    ("L40S", 362e12),
-    ("A10G", 70e12),
-    ("L4", 121e12),
-]
-
-
-def gpu_peak(name: str):
-    for key, peak in GPU_PEAKS:
-        if key.lower() in name.lower():
-            return peak
-    return None
 
 
 def main():
@@ -77,7 +60,7 @@ def main():
         vocab, device, composer_device, dtype = None, "cuda", "gpu", torch.bfloat16
         trainer_precision = "amp_bf16"
         name = torch.cuda.get_device_name()
-        peak = gpu_peak(name)
+        peak = gpu_peak_flops("amp_bf16", name)  # the one table, in rafale/hardware.py
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     print(f"device: {name}; peak {peak / 1e12 if peak else float('nan'):.3f} TFLOP/s; torch {torch.__version__}; "

@@ -8,8 +8,10 @@ label shifting are the collator's job, per batch.
 
 Cache folders are named `{source}_{tokenizer}_bs{block_size}_{fingerprint}`; the fingerprint covers every
 input that changes the content (the source's identity, the tokenizer, the block size, the pipeline version),
-so a changed input builds a new cache. A cache is built under a temporary name, holds a `rafale.json` written
-last, and is renamed into place when complete: an interrupted build is never mistaken for a finished one.
+so a changed input builds a new cache, and a cache is found by its fingerprint alone. A trained tokenizer is
+named by the size it got (`bpe2761`), known only once trained. A cache is built under a temporary name, holds a
+`rafale.json` written last, and is renamed into place when complete: an interrupted build is never mistaken for
+a finished one.
 
 To add a datapipe: subclass `DataPipe`, give it a `name` and a `_prepare(raw, tokenizer)` that maps a
 `DatasetDict` of texts to a `DatasetDict` of examples, and a collator for its batches.
@@ -31,11 +33,11 @@ import torch
 from datasets import Dataset, DatasetDict, Features, Sequence, Value, concatenate_datasets, load_dataset, load_from_disk
 from datasets.table import InMemoryTable
 from filelock import FileLock
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from rafale.config import DataConfig, RafaleError, split_source_files
 
-PIPELINE_VERSION = 1
+PIPELINE_VERSION = 2  # 2: caches named by the trained vocabulary size; trained tokenizers carry their post-processor
 IGNORE_INDEX = -100
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "[SEP]")
 PAD_CANDIDATES = ("<|padding|>", "<pad>", "[PAD]")
@@ -271,9 +273,11 @@ def tokenizer_identity(cfg: DataConfig, kind: str = "bpe") -> list:
     return [hashlib.sha256(Path(cfg.tokenizer).expanduser().read_bytes()).hexdigest()]
 
 
-def tokenizer_name(cfg: DataConfig, kind: str = "bpe") -> str:
+def tokenizer_name(cfg: DataConfig, kind: str = "bpe", vocab_size: int | None = None) -> str:
+    """The tokenizer's part of a cache folder's name; a trained one by its size, `vocab_size` once trained
+    (the trainer may learn fewer tokens than data.vocab_size asks for)."""
     if cfg.tokenizer == "train":
-        return f"{kind}{cfg.vocab_size}"
+        return f"{kind}{vocab_size or cfg.vocab_size}"
     if cfg.tokenizer.startswith("hf:"):
         return _safe_name(cfg.tokenizer[3:].replace("/", "--"))
     path = Path(cfg.tokenizer)
@@ -311,7 +315,32 @@ def train_tokenizer(texts: Dataset, vocab_size: int, kind: str = "bpe") -> Token
         )
     batches = (texts[i : i + 1000]["text"] for i in range(0, len(texts), 1000))
     tokenizer.train_from_iterator(batches, trainer, length=len(texts))
+    if kind != "bpe":
+        tokenizer.post_processor = encoder_post_processor(kind)
     return tokenizer
+
+
+def encoder_post_processor(kind: str):
+    """The framing BERT's and RoBERTa's own tokenizers add (`encode(text)`, HF's `tokenizer(text)`), so that the
+    exported tokenizer gives the ids the model was trained on (the decoder's BPE adds nothing, as Pythia's).
+    The datapipes encode with add_special_tokens=False and frame by hand (blocks of several documents)."""
+    ids = {token: i for i, token in enumerate(TRAINED_SPECIALS[kind])}
+    if kind == "wordpiece":
+        return processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+            special_tokens=[("[CLS]", ids["[CLS]"]), ("[SEP]", ids["[SEP]"])],
+        )
+    if kind == "bpe-roberta":  # <s> A </s> and <s> A </s></s> B </s>, as roberta-base's tokenizer.json
+        return processors.RobertaProcessing(("</s>", ids["</s>"]), ("<s>", ids["<s>"]), add_prefix_space=False)
+    raise ValueError(f"no post-processor for a {kind} tokenizer")
+
+
+def warn_if_smaller(trained: int, asked: int, kind: str):
+    """Say when the trainer learned fewer tokens than data.vocab_size asks for: the model and the cache name
+    use the size it got, and a researcher comparing vocabulary sizes must know."""
+    if trained < asked:
+        print(f"rafale: warning: data.vocab_size asks for {asked:,} tokens but the {kind} tokenizer trained on this "
+              f"data has {trained:,} (the trainer ran out of merges); using {trained:,}")
 
 
 def load_tokenizer(spec: str) -> Tokenizer:
@@ -363,13 +392,24 @@ class PreparedData:
         return self.meta["vocab_size"]
 
 
-def wait_for_cache(path: Path, timeout_s: float = 24 * 3600, poll_s: float = 1.0):
-    """Wait until another process has finished building the cache at `path`."""
+def find_cache(folder: Path, fingerprint: str) -> Path | None:
+    """The complete cache in `folder` whose name ends with `fingerprint`: the rest of the name (a trained
+    tokenizer's size) is known only once built, the fingerprint before."""
+    for path in sorted(folder.glob(f"*_{fingerprint}")):
+        if (path / "rafale.json").is_file():
+            return path
+    return None
+
+
+def wait_for_cache(folder: Path, fingerprint: str, timeout_s: float = 24 * 3600, poll_s: float = 1.0) -> Path:
+    """Wait until another process has finished building the cache `fingerprint` in `folder`."""
     deadline = time.monotonic() + timeout_s
-    while not (path / "rafale.json").is_file():
+    while (path := find_cache(folder, fingerprint)) is None:
         if time.monotonic() > deadline:
-            raise DataError(f"data.cache_dir: gave up waiting {timeout_s:.0f} s for the first process to build {path}")
+            raise DataError(f"data.cache_dir: gave up waiting {timeout_s:.0f} s for the first process to build "
+                            f"the cache *_{fingerprint} in {folder}")
         time.sleep(poll_s)
+    return path
 
 
 class DataPipe:
@@ -393,47 +433,60 @@ class DataPipe:
         }
 
     @property
+    def fingerprint(self) -> str:
+        return _sha(self.fingerprint_inputs())[:10]
+
+    def cache_name(self, vocab_size: int | None = None) -> str:
+        """The cache folder's name, with the trained tokenizer's real `vocab_size` once it is known."""
+        tokenizer = tokenizer_name(self.cfg, self.tokenizer_kind, vocab_size)
+        return f"{source_name(self.cfg)}_{tokenizer}_bs{self.cfg.block_size}_{self.fingerprint}"
+
+    @property
     def cache_path(self) -> Path:
-        fingerprint = _sha(self.fingerprint_inputs())[:10]
-        name = f"{source_name(self.cfg)}_{tokenizer_name(self.cfg, self.tokenizer_kind)}_bs{self.cfg.block_size}_{fingerprint}"
-        return self.root / self.name / name
+        """The complete cache of these inputs, else the name a build starts under (with the asked vocabulary size)."""
+        return find_cache(self.root / self.name, self.fingerprint) or self.root / self.name / self.cache_name()
 
     def load(self, verbose: bool = True) -> PreparedData:
         """The prepared data: from the cache when it is complete, else built now and cached."""
-        path = self.cache_path
+        folder = self.root / self.name
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            folder.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            raise DataError(f"data.cache_dir: cannot create the cache folder {path.parent}: {err}") from None
-        if not os.access(path.parent, os.W_OK):
-            raise DataError(f"data.cache_dir: the cache folder {path.parent} is not writable")
+            raise DataError(f"data.cache_dir: cannot create the cache folder {folder}: {err}") from None
+        if not os.access(folder, os.W_OK):
+            raise DataError(f"data.cache_dir: the cache folder {folder} is not writable")
         # Under Composer's launcher, local rank 0 builds the cache and the node's other ranks wait for it.
         # Between unrelated processes, the lock lets one build while the others wait, then find the cache.
         if int(os.environ.get("LOCAL_RANK", "0")) > 0:
-            wait_for_cache(path)
-        with FileLock(str(path) + ".lock"):
-            if (path / "rafale.json").is_file():
+            wait_for_cache(folder, self.fingerprint)
+        with FileLock(str(folder / self.cache_name()) + ".lock"):
+            path = find_cache(folder, self.fingerprint)
+            if path is not None:
                 if verbose:
                     print(f"rafale: using cached data at {path}")
             else:
-                self._build(path, verbose)
+                path = self._build(folder, verbose)
         meta = json.loads((path / "rafale.json").read_text())
         splits = DatasetDict({split: load_from_disk(str(path / split)) for split in meta["splits"]})
         tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
         return PreparedData(splits.with_format("torch"), tokenizer, path, meta)
 
-    def _build(self, path: Path, verbose: bool):
+    def _build(self, folder: Path, verbose: bool) -> Path:
+        """Build the cache under a temporary name in `folder`; rename it, once complete, to its final name
+        (which holds the trained tokenizer's real size). Returns the final path."""
+        name = self.cache_name()
         if verbose:
-            print(f"rafale: preparing data into {path}")
+            print(f"rafale: preparing data into {folder / name}")
         # under the lock, any other temporary folder of this cache is what a killed build left behind
-        for stale in path.parent.glob(path.name + ".tmp-*"):
+        for stale in folder.glob(name + ".tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
-        tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+        tmp = folder / f"{name}.tmp-{os.getpid()}"
         try:
             tmp.mkdir(parents=True)
             raw = load_source(self.cfg, self.root, labelled=self.labelled)
             if self.cfg.tokenizer == "train":
                 tokenizer = train_tokenizer(raw["train"], self.cfg.vocab_size, self.tokenizer_kind)
+                warn_if_smaller(tokenizer.get_vocab_size(), self.cfg.vocab_size, self.tokenizer_kind)
             else:
                 tokenizer = load_tokenizer(self.cfg.tokenizer)
             meta = {
@@ -441,9 +494,12 @@ class DataPipe:
                 "fingerprint_inputs": self.fingerprint_inputs(),
                 "config": dict(vars(self.cfg)),
                 "vocab_size": tokenizer.get_vocab_size(),
+                # what `tokenizer: train` asked for; the trainer may learn fewer tokens (vocab_size is what it got)
+                "vocab_size_asked": self.cfg.vocab_size if self.cfg.tokenizer == "train" else None,
                 **self.special_ids(tokenizer),
                 "splits": {},
             }
+            path = folder / self.cache_name(meta["vocab_size"])
             prepared = self._prepare(raw, tokenizer, meta)
             try:
                 tokenizer.save(str(tmp / "tokenizer.json"))
@@ -452,12 +508,15 @@ class DataPipe:
                     meta["splits"][split] = self._describe(ds)
                 (tmp / "rafale.json").write_text(json.dumps(meta, indent=2))  # written last: marks the cache complete
                 os.replace(tmp, path)
+                if verbose and path.name != name:
+                    print(f"rafale: data cached at {path}")
             except OSError as err:  # a full disk or a read-only folder: the except below removes what was written
                 raise DataError(f"data.cache_dir: could not write the data cache {path}: {err.strerror or err} "
                                 "(free space there, or point data.cache_dir / $RAFALE_CACHE elsewhere)") from None
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        return path
 
     def _describe(self, ds: Dataset) -> dict:
         return {"examples": len(ds)}
@@ -487,16 +546,34 @@ class DataPipe:
         )
 
 
-def chunk_into_blocks(token_lists: pa.ChunkedArray, block_size: int) -> pa.ListArray:
-    """Concatenate token lists into one stream and cut it every block_size tokens (the last block may be short)."""
-    stream = token_lists.combine_chunks().flatten()  # one contiguous array, no Python loop
-    offsets = np.append(np.arange(0, len(stream), block_size), len(stream))
-    return pa.ListArray.from_arrays(pa.array(offsets, type=pa.int32()), stream)
+INT32_MAX = 2**31 - 1  # an Arrow list's offsets are int32: one list array holds at most this many values
+
+
+def block_chunks(num_tokens: int, block_size: int, max_chunk_tokens: int = INT32_MAX) -> list[tuple[int, int]]:
+    """(start, stop) token ranges that cover [0, num_tokens), each a whole number of blocks (the last may end
+    with a short one) and at most max_chunk_tokens long, so that each range's block offsets fit in int32."""
+    step = max(1, max_chunk_tokens // block_size) * block_size
+    return [(start, min(start + step, num_tokens)) for start in range(0, num_tokens, step)]
+
+
+def chunk_into_blocks(token_lists: pa.ChunkedArray, block_size: int, max_chunk_tokens: int = INT32_MAX) -> pa.ChunkedArray:
+    """Concatenate token lists into one stream and cut it every block_size tokens (the last block may be short).
+
+    The blocks come as several list arrays when the stream is longer than int32 offsets can address (2^31 tokens);
+    the column type stays list<int32>, so the datasets features and the collators are the same."""
+    # flatten chunk by chunk: combining the lists first would need offsets past int32 on a large split
+    pieces = [chunk.flatten() for chunk in token_lists.chunks]
+    stream = pa.concat_arrays(pieces) if pieces else pa.array([], pa.int32())
+    lists = []
+    for start, stop in block_chunks(len(stream), block_size, max_chunk_tokens):
+        offsets = np.append(np.arange(0, stop - start, block_size), stop - start)
+        lists.append(pa.ListArray.from_arrays(pa.array(offsets, type=pa.int32()), stream.slice(start, stop - start)))
+    return pa.chunked_array(lists, type=pa.list_(stream.type))
 
 
 def describe_blocks(ds: Dataset) -> dict:
     """Sizes of a split of token blocks, for rafale.json and DATA=1."""
-    tokens = len(ds.data.column("input_ids").combine_chunks().flatten())
+    tokens = sum(len(chunk.flatten()) for chunk in ds.data.column("input_ids").chunks)
     return {"examples": len(ds), "blocks": len(ds), "tokens": tokens}
 
 

@@ -8,28 +8,71 @@ folder (`cpu_peak.json`), keyed by CPU model, threads and torch version.
 import json
 import os
 import platform
+import re
 import time
 from pathlib import Path
 
 import torch
 
-# dense peak FLOP/s by GPU name fragment and precision (NVIDIA datasheets; SXM parts)
+TFLOPS = 1e12
+
+# Dense peak FLOP/s (no 2:4 sparsity) per precision, from NVIDIA's datasheets. amp_bf16/amp_fp16 are the tensor
+# core figures with FP32 accumulation (what torch uses); fp32 is the non-tensor FP32 figure. Each key is a regular
+# expression matched against the whole normalised device name (see `normalise_gpu_name`), so an L40S never takes
+# the L4's row nor an H100 PCIe the SXM's. A GPU missing here has no peak, and MFU is not reported for it.
 GPU_PEAKS = {
-    "H200": {"amp_bf16": 989e12, "amp_fp16": 989e12, "fp32": 67e12},
-    "H100": {"amp_bf16": 989e12, "amp_fp16": 989e12, "fp32": 67e12},
-    "A100": {"amp_bf16": 312e12, "amp_fp16": 312e12, "fp32": 19.5e12},
-    "A10G": {"amp_bf16": 125e12, "amp_fp16": 125e12, "fp32": 31.2e12},
-    "L4": {"amp_bf16": 121e12, "amp_fp16": 121e12, "fp32": 30.3e12},
-    "V100": {"amp_fp16": 125e12, "fp32": 15.7e12},
+    # H100 datasheet: SXM 989 / PCIe 756 / NVL 835 BF16 TFLOPS (1,979 / 1,513 / 1,671 "with sparsity"); FP32 67 / 51 / 60
+    r"h100( sxm5?)?( 80gb)?( hbm3)?": {"amp_bf16": 989 * TFLOPS, "amp_fp16": 989 * TFLOPS, "fp32": 67 * TFLOPS},
+    r"h100 pcie( 80gb)?": {"amp_bf16": 756 * TFLOPS, "amp_fp16": 756 * TFLOPS, "fp32": 51 * TFLOPS},
+    r"h100 nvl": {"amp_bf16": 835 * TFLOPS, "amp_fp16": 835 * TFLOPS, "fp32": 60 * TFLOPS},
+    # H200 datasheet: SXM 989 / NVL 835 BF16 TFLOPS (1,979 / 1,671 with sparsity); FP32 67 / 60
+    r"h200( sxm)?( 141gb)?( hbm3e)?": {"amp_bf16": 989 * TFLOPS, "amp_fp16": 989 * TFLOPS, "fp32": 67 * TFLOPS},
+    r"h200 nvl": {"amp_bf16": 835 * TFLOPS, "amp_fp16": 835 * TFLOPS, "fp32": 60 * TFLOPS},
+    # A100 datasheet (SXM and PCIe, 40 and 80 GB alike): BF16 312 TFLOPS (624 with sparsity); FP32 19.5
+    r"a100( (sxm4|pcie|\d+gb))*": {"amp_bf16": 312 * TFLOPS, "amp_fp16": 312 * TFLOPS, "fp32": 19.5 * TFLOPS},
+    # A10 datasheet: BF16 125 TFLOPS (250 with sparsity); FP32 31.2. (The A10G has no public datasheet: not listed.)
+    r"a10": {"amp_bf16": 125 * TFLOPS, "amp_fp16": 125 * TFLOPS, "fp32": 31.2 * TFLOPS},
+    # L4 datasheet: BF16 121 TFLOPS (242 with sparsity); FP32 30.3
+    r"l4": {"amp_bf16": 121 * TFLOPS, "amp_fp16": 121 * TFLOPS, "fp32": 30.3 * TFLOPS},
+    # L40S datasheet: BF16 362 TFLOPS (733 with sparsity); FP32 91.6
+    r"l40s": {"amp_bf16": 362 * TFLOPS, "amp_fp16": 362 * TFLOPS, "fp32": 91.6 * TFLOPS},
+    # L40 datasheet: BF16 181 TFLOPS (362 with sparsity); FP32 90.5
+    r"l40": {"amp_bf16": 181 * TFLOPS, "amp_fp16": 181 * TFLOPS, "fp32": 90.5 * TFLOPS},
+    # V100 datasheet: SXM2 125 / PCIe 112 FP16 tensor TFLOPS; FP32 15.7 / 14 (no bf16)
+    r"v100 sxm2( \d+gb)?": {"amp_fp16": 125 * TFLOPS, "fp32": 15.7 * TFLOPS},
+    r"v100 pcie( \d+gb)?": {"amp_fp16": 112 * TFLOPS, "fp32": 14 * TFLOPS},
+    # T4 datasheet: FP16 tensor 65 TFLOPS; FP32 8.1 (no bf16)
+    r"t4": {"amp_fp16": 65 * TFLOPS, "fp32": 8.1 * TFLOPS},
+    # Ada whitepaper (RTX 4090): FP16/BF16 tensor with FP32 accumulate 165.2 TFLOPS (330.3 with sparsity); FP32 82.6
+    r"rtx 4090": {"amp_bf16": 165.2 * TFLOPS, "amp_fp16": 165.2 * TFLOPS, "fp32": 82.6 * TFLOPS},
+    # Ampere GA102 whitepaper (RTX 3090): FP16/BF16 tensor with FP32 accumulate 35.6 TFLOPS (71 with sparsity); FP32 35.6
+    r"rtx 3090": {"amp_bf16": 35.6 * TFLOPS, "amp_fp16": 35.6 * TFLOPS, "fp32": 35.6 * TFLOPS},
 }
 
 
-def gpu_peak_flops(precision: str) -> float | None:
-    name = torch.cuda.get_device_name()
-    for fragment, peaks in GPU_PEAKS.items():
-        if fragment in name:
-            return peaks.get(precision)
+def normalise_gpu_name(name: str) -> str:
+    """'NVIDIA A100-SXM4-80GB' -> 'a100 sxm4 80gb': lower case, dashes as spaces, vendor and brand words dropped."""
+    words = re.sub(r"[-_]", " ", name.lower()).split()
+    return " ".join(w for w in words if w not in ("nvidia", "tesla", "geforce"))
+
+
+def gpu_peaks_of(name: str) -> dict | None:
+    """The datasheet peaks {precision: FLOP/s} of the GPU torch.cuda.get_device_name() calls `name`, or None."""
+    normalised = normalise_gpu_name(name)
+    for pattern, peaks in GPU_PEAKS.items():
+        if re.fullmatch(pattern, normalised):
+            return peaks
     return None
+
+
+def gpu_peak_flops(precision: str, name: str | None = None) -> float | None:
+    """Dense peak FLOP/s of the GPU (this process's when `name` is None) at `precision`, or None with a note
+    when the GPU or the precision is not in GPU_PEAKS."""
+    name = name or torch.cuda.get_device_name()
+    peak = (gpu_peaks_of(name) or {}).get(precision)
+    if peak is None:
+        print(f"rafale: no datasheet peak for '{name}' at {precision} in rafale/hardware.py GPU_PEAKS; MFU is unavailable")
+    return peak
 
 
 def cpu_model() -> str:

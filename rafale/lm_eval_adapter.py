@@ -92,17 +92,45 @@ class RafaleLM(LM):
             totals.append(sum(logprob for logprob, _ in self.score(windows)))
         return totals
 
+    noted_gen_cap = False  # whether the cap on max_gen_toks was already printed
+
+    def generation_settings(self, gen_kwargs: dict) -> dict:
+        """lm-eval's generation arguments as rafale's generate() takes them; an argument it cannot honour is an
+        error rather than silently ignored. max_gen_toks is capped below the model's context (noted once)."""
+        from lm_eval.models.utils import normalize_gen_kwargs
+
+        kwargs = dict(normalize_gen_kwargs(gen_kwargs, default_max_gen_toks=256))
+        until, max_new = kwargs.pop("until"), kwargs.pop("max_gen_toks")
+        do_sample, temperature = kwargs.pop("do_sample"), float(kwargs.pop("temperature", 0.0))
+        top_k, top_p, seed = kwargs.pop("top_k", None), kwargs.pop("top_p", None), kwargs.pop("seed", None)
+        if kwargs:
+            raise RafaleError(f"lm-eval generation arguments {sorted(kwargs)} are not supported by rafale's generate; "
+                              "supported: until, max_gen_toks, do_sample, temperature, top_k, top_p, seed")
+        if max_new >= self.max_length:
+            if not self.noted_gen_cap:
+                print(f"rafale: lm-eval asks for max_gen_toks {max_new}, not below the model's context of "
+                      f"{self.max_length} tokens; generating at most {self.max_length - 1} (one token of context)")
+                self.noted_gen_cap = True
+            max_new = self.max_length - 1
+        if not do_sample:
+            temperature, top_k, top_p = 0.0, None, None  # greedy, as HF's generate with do_sample=False
+        elif temperature == 0.0:
+            temperature = 1.0  # sampling without a temperature: HF's default
+        generator = torch.Generator().manual_seed(int(seed)) if seed is not None else None
+        return {"until": [until] if isinstance(until, str) else list(until), "max_new_tokens": max_new,
+                "temperature": temperature, "top_k": top_k, "top_p": top_p, "generator": generator}
+
     @torch.no_grad()
     def generate_until(self, requests) -> list[str]:
         outputs = []
         for request in requests:
-            context, kwargs = request.args
-            kwargs = dict(kwargs)
-            until = kwargs.pop("until", None) or []
-            until = [until] if isinstance(until, str) else list(until)
-            max_new = kwargs.pop("max_gen_toks", 256)
-            ids = self.tok_encode(context)[-(self.max_length - max_new):] or [self.eot_token_id]
-            tokens = self.model.generate(torch.tensor([ids]), max_new, eos_token_id=self.eot_token_id)
+            context, gen_kwargs = request.args
+            settings = self.generation_settings(gen_kwargs)
+            until, max_new = settings.pop("until"), settings.pop("max_new_tokens")
+            ids = self.tok_encode(context)
+            keep = self.max_length - max_new  # >= 1: the last tokens of the context, so that it and the continuation fit
+            ids = ids[max(0, len(ids) - keep):] or [self.eot_token_id]
+            tokens = self.model.generate(torch.tensor([ids]), max_new, eos_token_id=self.eot_token_id, **settings)
             new = [t for t in tokens[0, len(ids):].tolist() if t != self.eot_token_id]
             text = self.tokenizer.decode(new)
             for stop in until:

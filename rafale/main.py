@@ -165,8 +165,18 @@ def prepare_data(cfg: Config) -> PreparedData:
     return datapipe_cls(cfg.data, family=cfg.model.type).load()
 
 
+def describe_vocabulary(data: PreparedData) -> str:
+    """The vocabulary the model gets: a trained tokenizer may have fewer tokens than data.vocab_size asked for."""
+    asked = data.meta.get("vocab_size_asked")
+    if asked is None:
+        return f"vocabulary: {data.vocab_size:,} tokens"
+    shortfall = f", fewer than the {asked:,} data.vocab_size asked for" if data.vocab_size < asked else ""
+    return f"vocabulary: {data.vocab_size:,} tokens (tokenizer trained here{shortfall})"
+
+
 def print_data_summary(data: PreparedData):
     print(f"rafale: data cache: {data.path}")
+    print(f"rafale:   {describe_vocabulary(data)}")
     for split, info in data.meta["splits"].items():
         if "blocks" in info:
             print(f"rafale:   {split}: {info['tokens']:,} tokens in {info['blocks']:,} blocks")
@@ -194,6 +204,7 @@ def train_main(args) -> int:
     print(describe(result, num_params))
     if dist.get_global_rank() == 0:
         write_summary(result, cfg, num_params)
+    print(f"rafale: {describe_vocabulary(data)}")
     if debug and result.eval_loss_start is not None:
         print(f"rafale: DEBUG: loss on the batch went from {result.eval_loss_start:.4f} to {result.eval_loss_end:.4f} "
               f"in {DEBUG_EPOCHS} epochs of {DEBUG_STEPS_PER_EPOCH} steps ({result.eval_loss_end / result.eval_loss_start:.1%} of the start)")

@@ -12,7 +12,7 @@ from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.models.huggingface import HFLM  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
-from rafale.config import DataConfig  # noqa: E402
+from rafale.config import DataConfig, RafaleError  # noqa: E402
 from rafale.datapipes import CausalLMDataPipe  # noqa: E402
 from rafale.lm_eval_adapter import RafaleLM  # noqa: E402
 from rafale.models.decoder import DecoderConfig, GPTNeoX  # noqa: E402
@@ -91,3 +91,48 @@ def test_a_local_task_scores_the_same_through_the_adapter_and_hf(exported, tmp_p
     assert code == 0, err[-2000:]
     assert "rafale_toy" in printed
     assert json.loads(out.read_text())["rafale_toy"]["acc,none"] == ours["results"]["rafale_toy"]["acc,none"]
+
+
+def test_generation_crops_the_context_as_lm_evals_hf_model(exported):
+    model, tokenizer, folder = exported
+    ours, theirs = RafaleLM(model, tokenizer), HFLM(pretrained=str(folder), device="cpu", batch_size=1)
+    long = "Once upon a time there was a little dog named Max who liked to run. " * 6  # far over the 64-token context
+    args = [(long, {"until": ["\n\n"], "max_gen_toks": 10}), ("Tom and Lily", {"until": ["."], "max_gen_toks": 20})]
+    assert ours.generate_until(requests("generate_until", args)) == theirs.generate_until(requests("generate_until", args))
+
+
+def test_max_gen_toks_over_the_context_is_capped_and_said(exported, capsys):
+    model, tokenizer, _ = exported
+    lm = RafaleLM(model, tokenizer)
+    long = "Once upon a time there was a little dog. " * 20
+    # lm-eval's default max_gen_toks (256) is over this model's 64 tokens of context
+    (text,) = lm.generate_until(requests("generate_until", [(long, {"until": ["\n\n\n\n"]})]))
+    assert "generating at most 63" in capsys.readouterr().out
+    last_token = torch.tensor([lm.tok_encode(long)[-1:]])
+    expected = model.generate(last_token, 63, eos_token_id=lm.eot_token_id)[0, 1:].tolist()
+    assert text == tokenizer.decode([t for t in expected if t != lm.eot_token_id]).split("\n\n\n\n")[0]
+
+
+def test_generation_honours_the_sampling_arguments(exported):
+    model, tokenizer, _ = exported
+    lm = RafaleLM(model, tokenizer)
+    prompts = ["Once upon a time", "The cat", "Lily saw a", "Tom ran to the"]
+    sampling = {"until": [], "max_gen_toks": 12, "do_sample": True, "temperature": 0.9, "top_k": 50, "top_p": 0.95,
+                "seed": 7}
+    sampled = lm.generate_until(requests("generate_until", [(p, sampling) for p in prompts]))
+    expected = []
+    for prompt in prompts:
+        ids = torch.tensor([lm.tok_encode(prompt)])
+        tokens = model.generate(ids, 12, eos_token_id=lm.eot_token_id, temperature=0.9, top_k=50, top_p=0.95,
+                                generator=torch.Generator().manual_seed(7))[0, ids.shape[1]:].tolist()
+        expected.append(tokenizer.decode([t for t in tokens if t != lm.eot_token_id]))
+    assert sampled == expected
+    greedy = lm.generate_until(requests("generate_until", [(p, sampling | {"do_sample": False}) for p in prompts]))
+    assert greedy != sampled  # do_sample=False decodes greedily, whatever the temperature
+    assert greedy == lm.generate_until(requests("generate_until", [(p, {"until": [], "max_gen_toks": 12}) for p in prompts]))
+
+
+def test_unsupported_generation_arguments_are_refused(exported):
+    model, tokenizer, _ = exported
+    with pytest.raises(RafaleError, match="num_beams"):
+        RafaleLM(model, tokenizer).generate_until(requests("generate_until", [("Once", {"until": ["."], "num_beams": 4})]))

@@ -32,6 +32,8 @@ def test_run_folder_has_metrics_plots_and_a_summary(tmp_path, cache_dir, capsys,
     assert re.search(r"^\[20/20 100%\] loss [\d.]+ \| [\d,]+ tok/s \| MFU [\d.]+% \| lr [\d.e+-]+ \| [\d.]+ min elapsed", out, re.M), out
     assert len(re.findall(r"^\[\s*\d+/20\s+\d+%\] validation: loss [\d.]+ \| perplexity [\d.]+", out, re.M)) == 3, out
     assert "time/sample_in_epoch" not in out + err
+    vocabulary = (run / "data.json").read_text()
+    assert '"vocab_size_asked": 500' in vocabulary and "rafale: vocabulary: " in out[out.index("rafale: run folder:"):]
     # the opt-in loggers wrote their files
     assert list((run / "tensorboard").rglob("events.out.tfevents.*"))
     assert list(run.rglob("offline-run-*"))

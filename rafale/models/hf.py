@@ -566,6 +566,20 @@ def special_tokens_of(tokenizer: Tokenizer) -> dict:
     return special
 
 
+def check_framing(tokenizer: Tokenizer, special: dict, architecture: str):
+    """Warn when an encoder's tokenizer does not frame a text as the encoder datapipes do ([CLS] ... [SEP],
+    <s> ... </s>): HF's `tokenizer(text)` on the export would then give the model ids it never saw in training.
+    rafale's trained tokenizers carry that post-processor; a tokenizer file the user gave is left as it is."""
+    cls, sep = special.get("cls_token"), special.get("sep_token")
+    if ARCHITECTURES[architecture][0] == "gpt_neox" or cls is None or sep is None:
+        return
+    ids = tokenizer.encode("a").ids
+    if ids[:1] != [tokenizer.token_to_id(cls)] or ids[-1:] != [tokenizer.token_to_id(sep)]:
+        print(f"rafale: warning: save_pretrained: the tokenizer does not add {cls} ... {sep} (no post-processor), "
+              "which the model was trained with; pass add_special_tokens=False to the exported tokenizer and frame "
+              "the ids yourself, or give a tokenizer with a TemplateProcessing post-processor")
+
+
 def architecture_of(model: nn.Module) -> str:
     if isinstance(model, GPTNeoX):
         return "GPTNeoXForCausalLM"
@@ -653,6 +667,8 @@ def save_pretrained(
         hf = encoder_config_to_hf(cfg, architecture, vocab_size, id2label)
         max_len = cfg.max_seq_len
     special = special_tokens_of(tokenizer) if tokenizer is not None else {}
+    if tokenizer is not None:
+        check_framing(tokenizer, special, architecture)
     for role in ("bos", "eos"):
         token = special.get(f"{role}_token")
         hf[f"{role}_token_id"] = tokenizer.token_to_id(token) if token else previous.get(f"{role}_token_id")
