@@ -6,7 +6,8 @@ splits: tokenize, concatenate, cut into blocks. Everything except padding happen
 saved with `datasets.save_to_disk` under the cache folder and memory-mapped back on later runs. Padding and
 label shifting are the collator's job, per batch.
 
-Cache folders are named `{source}_{tokenizer}_bs{block_size}_{fingerprint}`; the fingerprint covers every
+Cache folders are named `{source}_{tokenizer}_bs{block_size}_len{N}_{fingerprint}` (N training blocks, or
+examples); the fingerprint covers every
 input that changes the content (the source's identity, the tokenizer, the block size, the pipeline version),
 so a changed input builds a new cache, and a cache is found by its fingerprint alone. A trained tokenizer is
 named by the size it got (`bpe2761`), known only once trained. A cache is built under a temporary name, holds a
@@ -436,10 +437,12 @@ class DataPipe:
     def fingerprint(self) -> str:
         return _sha(self.fingerprint_inputs())[:10]
 
-    def cache_name(self, vocab_size: int | None = None) -> str:
-        """The cache folder's name, with the trained tokenizer's real `vocab_size` once it is known."""
+    def cache_name(self, vocab_size: int | None = None, train_examples: int | None = None) -> str:
+        """The cache folder's name; once built it holds the trained tokenizer's real `vocab_size` and the number of
+        training blocks (`len{N}`), both known only then."""
         tokenizer = tokenizer_name(self.cfg, self.tokenizer_kind, vocab_size)
-        return f"{source_name(self.cfg)}_{tokenizer}_bs{self.cfg.block_size}_{self.fingerprint}"
+        length = f"_len{train_examples}" if train_examples is not None else ""
+        return f"{source_name(self.cfg)}_{tokenizer}_bs{self.cfg.block_size}{length}_{self.fingerprint}"
 
     @property
     def cache_path(self) -> Path:
@@ -499,8 +502,8 @@ class DataPipe:
                 **self.special_ids(tokenizer),
                 "splits": {},
             }
-            path = folder / self.cache_name(meta["vocab_size"])
             prepared = self._prepare(raw, tokenizer, meta)
+            path = folder / self.cache_name(meta["vocab_size"], len(prepared["train"]))
             try:
                 tokenizer.save(str(tmp / "tokenizer.json"))
                 for split, ds in prepared.items():

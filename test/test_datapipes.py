@@ -65,7 +65,9 @@ def test_second_run_hits_the_cache_and_changed_inputs_miss_it(tmp_path, capsys, 
         other = CausalLMDataPipe(small_cfg(tmp_path, **change))
         assert other.cache_path not in paths, change
         paths.add(other.cache_path)
-    assert first.path.name.startswith("stories_bpe300_bs32_")
+    # {source}_{tokenizer}_bs{block_size}_len{training blocks}_{fingerprint}
+    blocks = len(first.splits["train"])
+    assert first.path.name == f"stories_bpe300_bs32_len{blocks}_{CausalLMDataPipe(small_cfg(tmp_path)).fingerprint}"
 
 
 def test_changed_source_file_misses_the_cache(tmp_path):
