@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from rafale.config import Config, load_config, resolve_model_config  # noqa: E402
 from rafale.main import main as rafale_main, prepare_data  # noqa: E402
+from rafale.models.hf import decoder_config_to_hf  # noqa: E402
 from rafale.plots import read_metrics  # noqa: E402
 
 TOLERANCE = 1.01  # rafale's loss may be at most 1% above the reference's
@@ -93,17 +94,12 @@ def lr_factor(step: int, warmup: int, total: int, final_ratio: float) -> float:
 
 
 def hf_model(cfg: Config, vocab_size: int):
+    """transformers' GPT-NeoX with the config's sizes (no dropout, untied output), initialised by transformers."""
     import transformers
 
-    sizes = resolve_model_config(cfg)
-    config = transformers.GPTNeoXConfig(
-        vocab_size=vocab_size, hidden_size=sizes.hidden_size, num_hidden_layers=sizes.num_layers,
-        num_attention_heads=sizes.num_heads, intermediate_size=sizes.intermediate_size,
-        max_position_embeddings=sizes.max_position_embeddings, rotary_pct=sizes.rotary_pct,
-        rotary_emb_base=sizes.rotary_base, use_parallel_residual=sizes.parallel_residual,
-        layer_norm_eps=sizes.layer_norm_eps, initializer_range=sizes.init_std, hidden_act="gelu",
-        hidden_dropout=0.0, attention_dropout=0.0, tie_word_embeddings=False,
-    )
+    fields = decoder_config_to_hf(resolve_model_config(cfg), vocab_size)
+    fields.pop("architectures")
+    config = transformers.AutoConfig.for_model(**fields)
     torch.manual_seed(cfg.run.seed)
     return transformers.GPTNeoXForCausalLM(config)
 
