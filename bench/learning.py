@@ -9,8 +9,8 @@ PyTorch loop below with the same recipe: AdamW with weight decay on the matrices
 to lr_final_ratio (stepped every batch), gradient-norm clipping, the same tokenizer and blocks (rafale's data
 cache), the same batch order (a DistributedSampler with Composer's seed 0, reshuffled each epoch), the same number
 of steps, torch seeded with run.seed before the model is built. The weights differ (two inits drawn from the same
-distribution), so the losses agree only up to seed noise. rafale passes when its loss is at most 1% above the
-reference's. test/test_learning.py runs the same comparison on pythia_debug.yaml.
+distribution), so the losses agree only up to seed noise. Both sides run fp32 on the CPU. rafale passes when its
+loss is at most 1% above the reference's. test/test_learning.py runs the same comparison on pythia_debug.yaml.
 """
 
 import argparse
