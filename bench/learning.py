@@ -158,9 +158,12 @@ def reference_validation_loss(cfg: Config) -> float:
 # ----------------------------------------------------------------------------------------------------
 
 
-def compare(config_path: Path, out: Path) -> tuple[float, float]:
-    """(rafale's final validation loss, the reference's) for a Pythia config, its runs written under `out`."""
+def compare(config_path: Path, out: Path, **sections) -> tuple[float, float]:
+    """(rafale's final validation loss, the reference's) for a Pythia config, its runs written under `out`;
+    `sections` change config keys as in test/conftest.py's write_config: compare(p, out, training={...})."""
     raw = yaml.safe_load(Path(config_path).read_text())
+    for section, values in sections.items():
+        raw.setdefault(section, {}).update(values)
     raw.setdefault("run", {}).update(output_dir=str(out), device="cpu")  # the reference loop runs fp32 on the CPU
     raw.setdefault("training", {})["precision"] = "fp32"
     local = out / "config.yaml"
