@@ -13,7 +13,6 @@ here is `layers.0.attention.query_key_value`), so loading real weights is a rena
 `ComposerLM` at the bottom is the thin Composer wrapper; the `nn.Module`s above it know nothing of Composer.
 """
 
-import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -207,16 +206,20 @@ class GPTNeoX(nn.Module):
         self.embed_out = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.reset_parameters()
 
+    @torch.no_grad()
     def reset_parameters(self):
-        # GPT-2 style: N(0, 0.02), with the projections into the residual stream scaled down by depth
-        for name, p in self.named_parameters():
-            if p.dim() == 1:
-                nn.init.ones_(p) if "layernorm" in name or "layer_norm" in name else nn.init.zeros_(p)
-            else:
-                std = self.cfg.init_std
-                if name.endswith(("attention.dense.weight", "dense_4h_to_h.weight")):
-                    std /= math.sqrt(2 * self.cfg.num_layers)
-                nn.init.normal_(p, mean=0.0, std=std)
+        """HF's `GPTNeoXForCausalLM` init from a config: N(0, init_std) for every Linear and Embedding weight,
+        zero biases, LayerNorm weight 1 and bias 0. There is no depth scaling of the output projections (GPT-2's
+        1/sqrt(2 * num_layers)), since HF has none; EleutherAI's own GPT-NeoX library, which trained Pythia, used
+        other schemes again (small_init / wang_init), which neither HF nor rafale reproduce."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, mean=0.0, std=self.cfg.init_std)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+            if isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, kv_cache: Optional[KVCache] = None):
         """input_ids: (B, T). attention_mask: (B, past+T) of 1/0, past counting the cached positions.
