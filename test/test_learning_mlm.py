@@ -38,6 +38,7 @@ def test_mlm_learns_as_well_as_hf_in_a_plain_loop(tmp_path, cache_dir, capsys, m
                                         data.vocab_size)
     reference_loss, _ = learning_mlm.score(learning_mlm.train_reference(cfg, data), batches, data.vocab_size)
     print(f"masked-LM validation loss: rafale {rafale_loss:.4f}, reference {reference_loss:.4f}")
-    # the comparison means something only if the reference has left the untrained loss, ln(V), well behind
+    # the comparison means something only if the reference learned: below the untrained loss, ln(V)
+    # (150 steps at this size reach the unigram plateau: 5.50 for the reference, 5.52 for rafale, ln(512) = 6.24)
     assert reference_loss < 0.9 * math.log(data.vocab_size)
     assert rafale_loss <= reference_loss * learning_mlm.TOLERANCE
