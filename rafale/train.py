@@ -20,6 +20,7 @@ from composer import Trainer
 from composer.algorithms import GradientClipping
 from composer.callbacks import LRMonitor, MemoryMonitor, RuntimeEstimator, SpeedMonitor
 from composer.optim import (
+    ConstantScheduler,
     ConstantWithWarmupScheduler,
     CosineAnnealingWithWarmupScheduler,
     LinearWithWarmupScheduler,
@@ -88,7 +89,7 @@ def make_scheduler(cfg: Config, debug: bool):
     if debug:  # a fixed target and a fixed learning rate: the loss should only fall
         return ConstantWithWarmupScheduler(t_warmup="0ba")
     if is_schedule_free(t):  # it warms up itself and needs no decay: a second schedule would distort it
-        return ConstantWithWarmupScheduler(t_warmup="0ba")
+        return ConstantScheduler()
     if t.schedule == "cosine":
         return CosineAnnealingWithWarmupScheduler(t_warmup=t.warmup, alpha_f=t.lr_final_ratio)
     if t.schedule == "linear":
