@@ -271,6 +271,15 @@ def schedule_free_switch():
         return [o for o in state.optimizers if callable(getattr(o, "train", None)) and callable(getattr(o, "eval", None))]
 
     class ScheduleFreeSwitch(Callback):
+        def before_load(self, state, logger):
+            # loading a checkpoint takes one lr-0 step to create the optimizer's state, which needs train mode
+            for optimizer in switchable(state):
+                optimizer.train()
+
+        def after_load(self, state, logger):
+            for optimizer in switchable(state):
+                optimizer.eval()  # no-op on the weights of a fresh run; a checkpoint comes back in eval mode
+
         def batch_start(self, state, logger):
             for optimizer in switchable(state):
                 optimizer.train()
