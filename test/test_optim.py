@@ -224,7 +224,7 @@ SHORT = {"max_duration": "4ba", "save_interval": "2ba", "eval_interval": "2ba", 
 
 @pytest.mark.parametrize("name", [n for n in OPTIMIZERS if n != "schedulefree_adamw"])  # it has its own run below
 def test_each_optimizer_trains_saves_and_exports_a_short_run(name, tmp_path, cache_dir, capsys, monkeypatch):
-    training = {"optimizer": {"name": name}} | OPTIMIZERS[name] | SHORT | {"max_duration": "2ba"}
+    training = {"optimizer": {"name": name}} | OPTIMIZERS[name] | SHORT | {"max_duration": "2ba", "warmup": "0ba"}
     cfg = write_config(tmp_path / "cfg.yaml", run={"output_dir": str(tmp_path / "runs")}, training=training)
     code, out, err = run_in_process(["-c", str(cfg)], capsys, monkeypatch)
     assert code == 0, err[-3000:]
