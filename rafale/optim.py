@@ -189,7 +189,7 @@ def torch_optimizer_class(path: str):
     module_name, _, class_name = path.rpartition(".")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as err:
+    except (ImportError, ValueError) as err:  # ValueError: an empty module name (".SGD")
         raise ConfigError("training.optimizer.name", f"cannot import {module_name} for {path}: {err}") from None
     cls = getattr(module, class_name, None)
     if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
@@ -263,7 +263,7 @@ def schedule_free_switch():
     Everything that reads the weights between batches (evaluation, checkpoint saves, the signal handler's save,
     the end-of-run export) sees x, and a checkpoint holds x with the optimizer in eval mode. Switching around every
     batch, not only around those events, makes a resumed run perform exactly the operations of an uninterrupted
-    one. Optimizers without train()/eval() (all but schedule-free) are left alone. (Composer is imported here
+    one. Optimizers without train and eval methods (all but schedule-free) are left alone. (Composer is imported here
     only, so the rest of this module serves another trainer as well.)"""
     from composer import Callback
 
