@@ -92,7 +92,7 @@ def param_groups(model: nn.Module, t: TrainingConfig, split_hidden_matrices: boo
             groups[key] = {"params": [], "weight_decay": t.weight_decay if decay else 0.0, "lr_scale": scale,
                            "hidden": hidden}
         groups[key]["params"].append(p)
-    # decayed before not decayed, shallow before deep: the order make_optimizer always had
+    # Muon's matrices first, then shallow before deep, decayed before not (the order rafale's AdamW always had)
     return [groups[key] for key in sorted(groups, key=lambda k: (k[0] is False, k[1], k[2] is False))]
 
 
@@ -110,12 +110,12 @@ def _with_lr(groups: list[dict], lr: float, hidden_lr: float | None = None) -> l
 # the registry
 
 
-def _import(module: str, extra: bool = True):
+def _import(module: str):
+    """A package of the optim extra, imported only when its optimizer is asked for."""
     try:
         return importlib.import_module(module)
     except ImportError:
-        hint = f"; install it with {OPTIM_EXTRA}" if extra else ""
-        raise MissingPackage(f"training.optimizer needs the package {module.split('.')[0]}{hint}") from None
+        raise MissingPackage(f"training.optimizer needs the package {module}; install it with {OPTIM_EXTRA}") from None
 
 
 def _construct(cls, groups, defaults: dict, args: dict):
