@@ -134,9 +134,19 @@ class TrainingConfig:
         "lets Composer find the largest that fits. Default: batch_size."
     )
     lr: float = option(1e-3, "Peak learning rate.")
-    weight_decay: float = option(0.1, "Decoupled AdamW weight decay.")
-    betas: tuple[float, float] = option((0.9, 0.95), "AdamW betas.")
-    eps: float = option(1e-8, "AdamW epsilon.")
+    weight_decay: float = option(0.1, "Decoupled weight decay, on weight matrices only (never biases or norms).")
+    betas: tuple[float, float] = option((0.9, 0.95), "AdamW betas (adamw, schedulefree_adamw, and muon's AdamW part).")
+    eps: float = option(1e-8, "AdamW epsilon (adamw, schedulefree_adamw, and muon's AdamW part).")
+    optimizer: dict = option(
+        default_factory=lambda: {"name": "adamw"},
+        help="The optimizer: {name: adamw | schedulefree_adamw | soap | muon | lion | a dotted path such as "
+        "torch.optim.SGD, <its arguments>}; see rafale/optim.py. All but adamw need `pip install 'rafale[optim]'`.",
+    )
+    decay_embeddings: bool = option(True, "Apply weight_decay to the embedding matrices too.")
+    layer_decay: Optional[float] = option(
+        None, "Layerwise learning-rate decay for fine-tuning: block i of L learns at lr * layer_decay^(L - i), "
+        "the embeddings at lr * layer_decay^(L + 1), the head at lr. Null: one lr for all."
+    )
     schedule: Literal["cosine", "linear", "constant"] = option("cosine", "Learning-rate schedule after warmup.")
     warmup: str = option("0.05dur", f"Warmup length, {TIME_HELP}.")
     lr_final_ratio: float = option(0.1, "Learning rate at the end of a cosine or linear schedule, relative to lr.")
@@ -362,6 +372,11 @@ def validate(cfg: Config) -> None:
     for i, beta in enumerate(cfg.training.betas):
         if not 0 <= beta < 1:
             raise ConfigError(f"training.betas[{i}]", f"must be in [0, 1), got {beta}")
+    if cfg.training.layer_decay is not None and not 0 < cfg.training.layer_decay <= 1:
+        raise ConfigError("training.layer_decay", f"must be in (0, 1], got {cfg.training.layer_decay}")
+    from rafale.optim import check_optimizer  # rafale.optim imports this module
+
+    check_optimizer(cfg.training)
     mb = cfg.training.microbatch_size
     if isinstance(mb, int) and mb > cfg.training.batch_size:
         raise ConfigError(

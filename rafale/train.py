@@ -20,6 +20,7 @@ from composer import Trainer
 from composer.algorithms import GradientClipping
 from composer.callbacks import LRMonitor, MemoryMonitor, RuntimeEstimator, SpeedMonitor
 from composer.optim import (
+    ConstantScheduler,
     ConstantWithWarmupScheduler,
     CosineAnnealingWithWarmupScheduler,
     LinearWithWarmupScheduler,
@@ -30,9 +31,11 @@ from torch.utils.data import DataLoader
 from rafale.config import Config, ConfigError, RafaleError, save_config
 from rafale.datapipes import PreparedData, cache_root
 from rafale.hardware import peak_flops
+from rafale.models.hf import WeightsError
 from rafale.loggers import ConsoleLog, MetricsFile
 from rafale.plots import SUMMARY_FILE, best_validation
 from rafale.export import EXPORT_DIR, export_model
+from rafale.optim import batches_in, build_optimizer, is_schedule_free, schedule_free_switch
 from rafale.resilience import FiniteLossMonitor, StopOnSignal, check_resume_checkpoint
 
 
@@ -82,21 +85,12 @@ def make_dataloader(dataset, batch_size: int, collate_fn, shuffle: bool, drop_la
     )
 
 
-def make_optimizer(model: torch.nn.Module, cfg: Config, device: str):
-    """AdamW, whose weight decay is decoupled from the gradient (Loshchilov & Hutter); none on biases and norms."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    t = cfg.training
-    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=t.lr, betas=t.betas, eps=t.eps, fused=device == "gpu")
-
-
 def make_scheduler(cfg: Config, debug: bool):
     t = cfg.training
     if debug:  # a fixed target and a fixed learning rate: the loss should only fall
         return ConstantWithWarmupScheduler(t_warmup="0ba")
+    if is_schedule_free(t):  # it warms up itself and needs no decay: a second schedule would distort it
+        return ConstantScheduler()
     if t.schedule == "cosine":
         return CosineAnnealingWithWarmupScheduler(t_warmup=t.warmup, alpha_f=t.lr_final_ratio)
     if t.schedule == "linear":
@@ -182,7 +176,7 @@ def run(cfg: Config, data: PreparedData, model, collator, debug: bool = False) -
     stopper = StopOnSignal(save)
     peak = peak_flops(device, precision, cache_root(cfg.data.cache_dir))
     callbacks = [SpeedMonitor(window_size=10, gpu_flops_available=peak), LRMonitor(), RuntimeEstimator(),
-                 FiniteLossMonitor(), stopper]
+                 FiniteLossMonitor(), stopper, schedule_free_switch()]
     if device == "gpu":
         callbacks.append(MemoryMonitor())
     loggers = make_loggers(cfg, run_dir) if dist.get_global_rank() == 0 else []
@@ -190,6 +184,9 @@ def run(cfg: Config, data: PreparedData, model, collator, debug: bool = False) -
     autoresume = save and cfg.run.autoresume
     if autoresume and dist.get_global_rank() == 0:
         check_resume_checkpoint(run_dir / "checkpoints", cfg.run.resume_fallback)
+    warmup_steps = 0  # schedule-free warms up itself, counting batches
+    if is_schedule_free(t) and not debug:
+        warmup_steps = batches_in(t.warmup, t.max_duration, len(train_loader), t.batch_size, cfg.data.block_size)
     # the last evaluation batch is usually short; Composer says so on every evaluation
     warnings.filterwarnings("ignore", message="Cannot split tensor of length")
     with warnings.catch_warnings():
@@ -200,7 +197,7 @@ def run(cfg: Config, data: PreparedData, model, collator, debug: bool = False) -
             train_dataloader=None if t.eval_only else train_loader,
             eval_dataloader=eval_loader,
             max_duration=f"{DEBUG_EPOCHS}ep" if debug else t.max_duration,
-            optimizers=make_optimizer(model, cfg, device),
+            optimizers=build_optimizer(model, t, device, warmup_steps),
             schedulers=make_scheduler(cfg, debug),
             step_schedulers_every_batch=True,
             algorithms=algorithms,
@@ -259,7 +256,10 @@ def run(cfg: Config, data: PreparedData, model, collator, debug: bool = False) -
     tokens = int(trainer.state.timestamp.token) - tokens_before
     export_dir = None
     if save and dist.get_global_rank() == 0:
-        export_dir = export_model(model.model, run_dir / EXPORT_DIR, data)
+        try:
+            export_dir = export_model(model.model, run_dir / EXPORT_DIR, data)
+        except WeightsError as err:  # after hours of training, the checkpoints matter more than the export
+            print(f"rafale: no Hugging Face export: {err}; the checkpoints are in {run_dir / 'checkpoints'}")
     mfu = None
     if tokens and peak:
         mfu = tokens / wall * model.model.flops_per_token(cfg.data.block_size) / (peak * world)

@@ -14,7 +14,7 @@ here is `layers.0.attention.query_key_value`), so loading real weights is a rena
 """
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 import torch.nn as nn
@@ -34,6 +34,7 @@ class DecoderConfig:
     parallel_residual: bool = True
     layer_norm_eps: float = 1e-5
     init_std: float = 0.02
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"  # rmsnorm has no Hugging Face export (GPT-NeoX has none)
 
     @property
     def head_dim(self) -> int:
@@ -55,6 +56,16 @@ class DecoderConfig:
             raise ValueError(f"rotary_pct must be in [0, 1], got {self.rotary_pct}")
         if self.rotary_dim % 2:
             raise ValueError(f"rotary_pct * head_dim must be even, got {self.rotary_dim}")
+        if self.norm not in NORMS:
+            raise ValueError(f"norm must be one of {', '.join(NORMS)}, got {self.norm!r}")
+
+
+# x / sqrt(mean(x^2) + eps) * weight, without LayerNorm's centring and bias (Zhang & Sennrich 2019)
+NORMS = {"layernorm": nn.LayerNorm, "rmsnorm": nn.RMSNorm}
+
+
+def make_norm(cfg: DecoderConfig) -> nn.Module:
+    return NORMS[cfg.norm](cfg.hidden_size, eps=cfg.layer_norm_eps)
 
 
 class KVCache:
@@ -143,8 +154,8 @@ class Layer(nn.Module):
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
         self.parallel_residual = cfg.parallel_residual
-        self.input_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.post_attention_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.input_layernorm = make_norm(cfg)
+        self.post_attention_layernorm = make_norm(cfg)
         self.attention = Attention(cfg)
         self.mlp = MLP(cfg)
 
@@ -202,7 +213,7 @@ class GPTNeoX(nn.Module):
         self.embed_in = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.rotary = RotaryEmbedding(cfg.rotary_dim, cfg.rotary_base)
         self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.num_layers))
-        self.final_layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.final_layer_norm = make_norm(cfg)
         self.embed_out = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.reset_parameters()
 

@@ -643,6 +643,9 @@ def save_pretrained(
     """
     architecture = architecture_of(model)
     cfg = model.cfg
+    if getattr(cfg, "norm", "layernorm") != "layernorm":
+        raise WeightsError(f"save_pretrained: {architecture} has no {cfg.norm} (model.norm); transformers would load "
+                           "LayerNorms in its place, so rafale writes no such export (use the run's checkpoints)")
     vocab_size = cfg.vocab_size if vocab_size is None else vocab_size
     if not 0 < vocab_size <= cfg.vocab_size:
         raise WeightsError(f"save_pretrained: vocab_size must be in [1, {cfg.vocab_size}], got {vocab_size}")

@@ -1,0 +1,291 @@
+"""Optimizers: `training.optimizer: {name: ..., <its arguments>}` -> a torch Optimizer with rafale's parameter groups.
+
+    training:
+      lr: 3.0e-3                      # every optimizer's peak learning rate (Composer's schedule scales it)
+      weight_decay: 0.1               # on matrices only: never on biases and norms (nor embeddings, with
+      decay_embeddings: false         #   decay_embeddings: false)
+      layer_decay: 0.8                # optional: block i learns at lr * 0.8^(L - i) (fine-tuning)
+      optimizer: {name: lion, betas: [0.9, 0.99]}
+
+`OPTIMIZERS` below is the registry: a plain dict of name -> factory; adding an optimizer is one function and one
+line. A dotted path (`name: torch.optim.SGD`) names any `torch.optim.Optimizer` class instead. Each factory gets
+the parameter groups and the mapping's other keys, which are checked against the class's own arguments, so a
+typo is a ConfigError naming `training.optimizer.<arg>`.
+
+Schedule-free AdamW keeps two sequences of weights: training steps at one (y), evaluation and export want the
+averaged one (x). `schedule_free_switch()` switches the optimizer to train mode for each batch only, so evaluation,
+checkpoints and the export always see (and save) the averaged weights, and a resumed run repeats exactly the
+operations of an uninterrupted one.
+"""
+
+import importlib
+import inspect
+import math
+import re
+
+import torch
+from torch import nn
+
+from rafale.config import ConfigError, RafaleError, TrainingConfig
+
+OPTIM_EXTRA = "pip install 'rafale[optim]'"
+DEFAULT_OPTIMIZER = "adamw"
+
+# keys of training.optimizer that rafale sets itself, and where the user sets them instead
+RESERVED = {
+    "lr": "training.lr",
+    "weight_decay": "training.weight_decay",
+    "params": "the model",
+    "warmup_steps": "training.warmup",
+    "adamw_lr": "training.lr",
+    "adamw_wd": "training.weight_decay",
+}
+
+
+class MissingPackage(RafaleError):
+    pass
+
+
+# ----------------------------------------------------------------------------------------------------
+# parameter groups: weight decay, layerwise learning rates, and which matrices Muon takes
+
+_BLOCK = re.compile(r"(?:^|\.)(?:layers|layer)\.(\d+)\.")  # decoder `layers.3.`, encoder `encoder.layer.3.`
+_EMBEDDINGS = re.compile(r"(?:^|\.)(?:embed_in|embeddings)\.")  # decoder `embed_in.`, encoder `embeddings.`
+
+
+def num_blocks(model: nn.Module) -> int:
+    return 1 + max((int(m.group(1)) for name, _ in model.named_parameters() if (m := _BLOCK.search(name))), default=-1)
+
+
+def layer_depth(name: str, num_layers: int) -> int:
+    """Embeddings at depth 0, block i at depth i + 1, everything after the blocks (final norm, heads) at L + 1."""
+    block = _BLOCK.search(name)
+    if block:
+        return int(block.group(1)) + 1
+    if _EMBEDDINGS.search(name):  # the MLM decoders are tied to the word embeddings, and named after them
+        return 0
+    return num_layers + 1
+
+
+def embedding_params(model: nn.Module) -> set[int]:
+    return {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+
+
+def param_groups(model: nn.Module, t: TrainingConfig, split_hidden_matrices: bool = False) -> list[dict]:
+    """The model's trainable parameters in groups that share a weight decay and a learning-rate scale.
+
+    No weight decay on biases and norm weights (vectors), nor on embeddings unless decay_embeddings. With
+    layer_decay, a parameter at depth d (see layer_depth) learns at lr * layer_decay^(L + 1 - d). With
+    split_hidden_matrices, the 2-D weights inside the blocks get groups of their own, marked hidden=True (Muon)."""
+    embeddings = embedding_params(model)
+    num_layers = num_blocks(model)
+    groups: dict[tuple, dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        decay = p.dim() >= 2 and (t.decay_embeddings or id(p) not in embeddings)
+        depth = layer_depth(name, num_layers) if t.layer_decay is not None else 0
+        hidden = split_hidden_matrices and p.dim() >= 2 and _BLOCK.search(name) is not None
+        key = (hidden, depth, decay)
+        if key not in groups:
+            scale = t.layer_decay ** (num_layers + 1 - depth) if t.layer_decay is not None else 1.0
+            groups[key] = {"params": [], "weight_decay": t.weight_decay if decay else 0.0, "lr_scale": scale,
+                           "hidden": hidden}
+        groups[key]["params"].append(p)
+    # Muon's matrices first, then shallow before deep, decayed before not (the order rafale's AdamW always had)
+    return [groups[key] for key in sorted(groups, key=lambda k: (k[0] is False, k[1], k[2] is False))]
+
+
+def _with_lr(groups: list[dict], lr: float, hidden_lr: float | None = None) -> list[dict]:
+    """Groups as torch wants them: lr_scale and hidden turned into each group's own lr (Composer's schedulers
+    then scale each group's initial lr, so layerwise ratios hold all along the schedule)."""
+    out = []
+    for g in groups:
+        base = hidden_lr if g["hidden"] and hidden_lr is not None else lr
+        out.append({"params": g["params"], "weight_decay": g["weight_decay"], "lr": base * g["lr_scale"]})
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# the registry
+
+
+def _import(module: str):
+    """A package of the optim extra, imported only when its optimizer is asked for."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise MissingPackage(f"training.optimizer needs the package {module}; install it with {OPTIM_EXTRA}") from None
+
+
+def _construct(cls, groups, defaults: dict, args: dict):
+    """cls(groups, **defaults, **args), after checking that each of args is a named argument of cls."""
+    accepted = {n for n, p in inspect.signature(cls.__init__).parameters.items()
+                if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - {"self", "params"}
+    for key in args:
+        if key in RESERVED:
+            raise ConfigError(f"training.optimizer.{key}", f"is set by {RESERVED[key]}, not here")
+        if key not in accepted:
+            valid = ", ".join(sorted(accepted - set(RESERVED)))
+            raise ConfigError(f"training.optimizer.{key}", f"{cls.__name__} has no argument {key!r}; it takes {valid}")
+    try:
+        return cls(groups, **(defaults | args))
+    except (TypeError, ValueError) as err:
+        raise ConfigError("training.optimizer", f"{cls.__name__}: {err}") from None
+
+
+def adamw(groups, t: TrainingConfig, args: dict, device: str):
+    """AdamW, whose weight decay is decoupled from the gradient (Loshchilov & Hutter); fused on a GPU."""
+    defaults = {"lr": t.lr, "betas": t.betas, "eps": t.eps, "fused": device == "gpu"}
+    return _construct(torch.optim.AdamW, _with_lr(groups, t.lr), defaults, args)
+
+
+def schedulefree_adamw(groups, t: TrainingConfig, args: dict, device: str, warmup_steps: int = 0):
+    """Schedule-free AdamW (Defazio et al. 2024): no decay schedule, its own warmup; evaluate the averaged weights."""
+    sf = _import("schedulefree")
+    defaults = {"lr": t.lr, "betas": t.betas, "eps": t.eps, "warmup_steps": warmup_steps}
+    return _construct(sf.AdamWScheduleFree, _with_lr(groups, t.lr), defaults, args)
+
+
+def soap(groups, t: TrainingConfig, args: dict, device: str):
+    """SOAP (Vyas et al. 2024): Adam in the eigenbasis of Shampoo's preconditioner (pytorch-optimizer's)."""
+    po = _import("pytorch_optimizer")
+    return _construct(po.SOAP, _with_lr(groups, t.lr), {"lr": t.lr}, args)
+
+
+def lion(groups, t: TrainingConfig, args: dict, device: str):
+    """Lion (Chen et al. 2023): sign of an interpolated momentum; wants a 3-10x smaller lr than AdamW."""
+    po = _import("pytorch_optimizer")
+    return _construct(po.Lion, _with_lr(groups, t.lr), {"lr": t.lr}, args)
+
+
+def muon(groups, t: TrainingConfig, args: dict, device: str):
+    """Muon (Jordan et al. 2024) on the blocks' 2-D matrices, AdamW on the rest (embeddings, head, norms, biases),
+    as its authors do. training.lr, betas and eps are the AdamW part's; `lr` in the mapping is Muon's (0.02)."""
+    po = _import("pytorch_optimizer")
+    args = dict(args)
+    muon_lr = args.pop("lr", 0.02)
+    if not (isinstance(muon_lr, (int, float)) and muon_lr > 0):
+        raise ConfigError("training.optimizer.lr", f"Muon's learning rate must be a positive number, got {muon_lr!r}")
+    torch_groups = _with_lr(groups, t.lr, hidden_lr=float(muon_lr))
+    for group, g in zip(torch_groups, groups):
+        group["use_muon"] = g["hidden"]
+    defaults = {"lr": float(muon_lr), "adamw_lr": t.lr, "adamw_betas": t.betas, "adamw_eps": t.eps}
+    return _construct(po.Muon, torch_groups, defaults, args)
+
+
+# name -> factory(groups, training config, the mapping's other keys, device)
+OPTIMIZERS = {
+    "adamw": adamw,
+    "schedulefree_adamw": schedulefree_adamw,
+    "soap": soap,
+    "muon": muon,
+    "lion": lion,
+}
+
+
+def torch_optimizer_class(path: str):
+    """The Optimizer class a dotted path names (`torch.optim.SGD`, `mypackage.optim.Sophia`)."""
+    module_name, _, class_name = path.rpartition(".")
+    try:
+        module = importlib.import_module(module_name)
+    except (ImportError, ValueError) as err:  # ValueError: an empty module name (".SGD")
+        raise ConfigError("training.optimizer.name", f"cannot import {module_name} for {path}: {err}") from None
+    cls = getattr(module, class_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+        raise ConfigError("training.optimizer.name", f"{path} is not a torch.optim.Optimizer class")
+    return cls
+
+
+def optimizer_name(t: TrainingConfig) -> str:
+    return t.optimizer.get("name", DEFAULT_OPTIMIZER)
+
+
+def is_schedule_free(t: TrainingConfig) -> bool:
+    return optimizer_name(t) == "schedulefree_adamw"
+
+
+def build_optimizer(model: nn.Module, t: TrainingConfig, device: str, warmup_steps: int = 0):
+    """The optimizer training.optimizer names, over param_groups(model). warmup_steps: schedule-free's own
+    warmup, in batches (its Composer schedule stays constant)."""
+    name = optimizer_name(t)
+    if not isinstance(name, str):
+        raise ConfigError("training.optimizer.name", f"expected a string, got {name!r}")
+    args = {k: v for k, v in t.optimizer.items() if k != "name"}
+    for key in args:
+        if not isinstance(key, str):
+            raise ConfigError(f"training.optimizer.{key}", "keys must be strings")
+    groups = param_groups(model, t, split_hidden_matrices=name == "muon")
+    if name == "schedulefree_adamw":
+        return schedulefree_adamw(groups, t, args, device, warmup_steps)
+    if name in OPTIMIZERS:
+        return OPTIMIZERS[name](groups, t, args, device)
+    if "." not in name:
+        raise ConfigError("training.optimizer.name", f"unknown optimizer {name!r}; valid: {', '.join(OPTIMIZERS)}, "
+                          "or the dotted path of a torch.optim.Optimizer class (torch.optim.SGD)")
+    cls = torch_optimizer_class(name)
+    return _construct(cls, _with_lr(groups, t.lr), {"lr": t.lr}, args)
+
+
+def check_optimizer(t: TrainingConfig) -> None:
+    """Build the optimizer on a tiny stand-in model, so a wrong name, argument or value is a ConfigError when the
+    config loads, not after the data is prepared. A missing package is one too, naming the extra to install."""
+    stand_in = nn.ModuleDict({"embed": nn.Embedding(4, 4), "layers": nn.ModuleList([nn.Linear(4, 4)]),
+                              "head": nn.Linear(4, 4)})
+    try:
+        build_optimizer(stand_in, t, "cpu")
+    except MissingPackage as err:
+        raise ConfigError("training.optimizer.name", str(err)) from None
+
+
+# ----------------------------------------------------------------------------------------------------
+# schedule-free: warmup in batches, and train/eval modes around each batch
+
+
+def batches_in(time: str, max_duration: str, batches_per_epoch: int, batch_size: int, tokens_per_sample: int) -> int:
+    """A Composer time string (training.warmup) as a number of batches, for an optimizer that counts its steps."""
+    from composer.core import Time, TimeUnit
+
+    value = Time.from_timestring(time)
+    if value.unit == TimeUnit.DURATION:
+        total = batches_in(max_duration, max_duration, batches_per_epoch, batch_size, tokens_per_sample)
+        return math.ceil(value.value * total)
+    per_batch = {TimeUnit.BATCH: 1, TimeUnit.EPOCH: 1 / batches_per_epoch, TimeUnit.SAMPLE: batch_size,
+                 TimeUnit.TOKEN: batch_size * tokens_per_sample}
+    if value.unit not in per_batch:
+        raise ConfigError("training.warmup", f"cannot turn {time!r} into batches for the schedule-free optimizer")
+    return math.ceil(value.value / per_batch[value.unit])
+
+
+def schedule_free_switch():
+    """A Composer callback: train mode for each training batch only, eval mode (the averaged weights x) elsewhere.
+
+    Everything that reads the weights between batches (evaluation, checkpoint saves, the signal handler's save,
+    the end-of-run export) sees x, and a checkpoint holds x with the optimizer in eval mode. Switching around every
+    batch, not only around those events, makes a resumed run perform exactly the operations of an uninterrupted
+    one. Optimizers without train and eval methods (all but schedule-free) are left alone. (Composer is imported here
+    only, so the rest of this module serves another trainer as well.)"""
+    from composer import Callback
+
+    def switchable(state):
+        return [o for o in state.optimizers if callable(getattr(o, "train", None)) and callable(getattr(o, "eval", None))]
+
+    class ScheduleFreeSwitch(Callback):
+        def before_load(self, state, logger):
+            # loading a checkpoint takes one lr-0 step to create the optimizer's state, which needs train mode
+            for optimizer in switchable(state):
+                optimizer.train()
+
+        def after_load(self, state, logger):
+            for optimizer in switchable(state):
+                optimizer.eval()  # no-op on the weights of a fresh run; a checkpoint comes back in eval mode
+
+        def batch_start(self, state, logger):
+            for optimizer in switchable(state):
+                optimizer.train()
+
+        def batch_end(self, state, logger):
+            for optimizer in switchable(state):
+                optimizer.eval()
+
+    return ScheduleFreeSwitch()
