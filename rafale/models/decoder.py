@@ -337,29 +337,33 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     gradients (softmax - one_hot) / count, multiplied back into grad_hidden and grad_weight; then they are
     dropped. Backward only scales those by the incoming gradient. The FLOPs of the plain computation (nothing
     recomputed), the memory of one chunk. Under autocast the matmuls run in the autocast dtype, as autograd's
-    would; the softmax and the sums are fp32."""
+    would, with the weight cast once rather than per chunk; the softmax and the sums are fp32."""
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, chunk_rows: int, want_grad: bool):
         # hidden (N, C), weight (V, C), labels (N,) with IGNORE_INDEX where no token is predicted
+        device = hidden.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
         count = (labels != IGNORE_INDEX).sum().clamp(min=1)  # the mean is over the real labels
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.zeros_like(hidden) if want_grad else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want_grad else None
-        for start in range(0, hidden.shape[0], chunk_rows):
-            h, y = hidden[start : start + chunk_rows], labels[start : start + chunk_rows]  # (n, C), (n,)
-            keep = (y != IGNORE_INDEX).float()  # (n,)
-            target = y.clamp(min=0)[:, None]  # (n, 1), ignored rows point at token 0 and are zeroed by keep
-            logits = F.linear(h, weight).float()  # (n, V)
-            lse = torch.logsumexp(logits, dim=-1)  # (n,)
-            loss += ((lse - logits.gather(1, target).squeeze(1)) * keep).sum()
-            if want_grad:
-                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in the logits' memory
-                probs.scatter_add_(1, target, -torch.ones_like(target, dtype=probs.dtype))  # - one_hot
-                probs.mul_((keep / count)[:, None])  # (n, V): d loss / d logits
-                probs = probs.to(h.dtype)
-                grad_hidden[start : start + chunk_rows] = F.linear(probs, weight.t())  # (n, C)
-                grad_weight += F.linear(probs.t(), h.t())  # (V, C)
+        with torch.autocast(device, enabled=False):
+            w = weight.to(dtype)  # (V, C)
+            for start in range(0, hidden.shape[0], chunk_rows):
+                h, y = hidden[start : start + chunk_rows].to(dtype), labels[start : start + chunk_rows]  # (n, C), (n,)
+                keep = (y != IGNORE_INDEX).float()  # (n,)
+                target = y.clamp(min=0)[:, None]  # (n, 1), ignored rows point at token 0 and are zeroed by keep
+                logits = F.linear(h, w).float()  # (n, V)
+                lse = torch.logsumexp(logits, dim=-1)  # (n,)
+                loss += ((lse - logits.gather(1, target).squeeze(1)) * keep).sum()
+                if want_grad:
+                    probs = logits.sub_(lse[:, None]).exp_()  # softmax, in the logits' memory
+                    probs.scatter_add_(1, target, -torch.ones_like(target, dtype=probs.dtype))  # - one_hot
+                    probs.mul_((keep / count)[:, None])  # (n, V): d loss / d logits
+                    probs = probs.to(dtype)
+                    grad_hidden[start : start + chunk_rows] = F.linear(probs, w.t())  # (n, C)
+                    grad_weight += F.linear(probs.t(), h.t())  # (V, C)
         if want_grad:
             ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
         return loss / count
