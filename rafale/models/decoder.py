@@ -329,7 +329,8 @@ class GPTNeoX(nn.Module):
 # Cross-entropy in chunks: the logits of a small model with a 50k vocabulary are its biggest tensor (13 GB in
 # fp32 for pythia-70m at T=2048, batch 32), and the plain loss keeps them, and their softmax, for backward.
 
-LOSS_CHUNK_ELEMENTS = 2**24  # logits per chunk: 64 MiB in fp32, a few hundred rows of a 50k vocabulary
+LOSS_CHUNK_ELEMENTS = 2**26  # logits per chunk: 256 MiB in fp32, 1334 rows of a 50k vocabulary (smaller chunks
+# cost time on a CPU: each one re-reads the whole output embedding)
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -362,8 +363,11 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                     probs.scatter_add_(1, target, -torch.ones_like(target, dtype=probs.dtype))  # - one_hot
                     probs.mul_((keep / count)[:, None])  # (n, V): d loss / d logits
                     probs = probs.to(dtype)
-                    grad_hidden[start : start + chunk_rows] = F.linear(probs, w.t())  # (n, C)
-                    grad_weight += F.linear(probs.t(), h.t())  # (V, C)
+                    grad_hidden[start : start + chunk_rows] = probs @ w  # (n, C)
+                    if dtype == grad_weight.dtype:
+                        grad_weight.addmm_(probs.t(), h)  # (V, C), accumulated in place
+                    else:  # bf16 products summed in fp32
+                        grad_weight += probs.t() @ h
         if want_grad:
             ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
         return loss / count
