@@ -1,12 +1,16 @@
 """Shared helpers for bench/bench.py and bench/gpu_bench.py: models with the same weights on both sides,
-random token batches, a Composer step timer, a plain PyTorch training loop, the matmul peak probe."""
+random token batches, a Composer step timer, the Trainer `rafale -c` builds, a plain PyTorch training loop, the
+matmul peak probe."""
 
 import copy
 import os
+import shutil
 import statistics
 import subprocess
 import time
 import warnings
+from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -95,30 +99,41 @@ def adamw(model, device_is_gpu=False):
     return torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0, fused=device_is_gpu)
 
 
-def train_composer(model: GPTNeoX, blocks, batch_size, steps, device="cpu", precision="fp32", compile_config=None):
-    """rafale's way: ComposerLM in the Composer Trainer. Returns the step times (all of them)."""
-    from composer import Trainer
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "test" / "pythia_tinystories.yaml"
 
-    lm = ComposerLM(model)
+
+def train_rafale(lm: ComposerLM, blocks, batch_size, steps, workdir, precision=None):
+    """What `rafale -c` runs: the default config (test/pythia_tinystories.yaml) with this batch, block length and
+    number of steps, and the Trainer rafale.train builds for it (loaders, collator, optimizer, schedule, clipping,
+    callbacks, metrics file, final checkpoint). precision None keeps the config's (amp_bf16: on a CPU, the
+    model's own bf16 autocast where the CPU has bf16 units). Returns (step times, what precision ran)."""
+    from datasets import Dataset
+
+    from rafale.config import load_config
+    from rafale.datapipes import CausalLMCollator
+    from rafale.train import build_trainer, place, precision_label
+
+    T = len(blocks[0]["input_ids"])
+    cfg = load_config(DEFAULT_CONFIG)
+    cfg.run.output_dir, cfg.run.autoresume = str(workdir), False
+    cfg.data.block_size = T
+    cfg.training.batch_size, cfg.training.max_duration = batch_size, f"{steps}ba"
+    cfg.training.eval_interval = cfg.training.save_interval = f"{steps}ba"  # both after the timed steps
+    cfg.training.eval_batches = 1
+    if precision is not None:
+        cfg.training.precision = precision
+    split = Dataset.from_dict({"input_ids": [b["input_ids"].tolist() for b in blocks]}).with_format("torch")
+    data = SimpleNamespace(splits={"train": split, "validation": split.select(range(batch_size))})
+    placement = place(cfg, lm)
+    run_dir = Path(workdir) / cfg.run.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    trainer, _, _ = build_trainer(cfg, data, lm, CausalLMCollator(pad_token_id=0), placement, run_dir, cfg.run.name)
     timer = StepTimer()
-    trainer = Trainer(
-        model=lm,
-        train_dataloader=loader(blocks, batch_size),
-        max_duration=f"{steps}ba",
-        optimizers=adamw(lm, device == "gpu"),
-        callbacks=[timer],
-        device=device,
-        precision=precision,
-        progress_bar=False,
-        log_to_console=False,
-        python_log_level=None,
-        save_folder=None,
-        seed=0,
-        compile_config=compile_config,
-    )
+    trainer.state.callbacks.append(timer)
     trainer.fit()
     trainer.close()
-    return timer.step_times()
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return timer.step_times(), precision_label(placement.precision, placement.autocast_dtype)
 
 
 def train_plain(model, blocks, batch_size, steps, kind="rafale", device="cpu", autocast_dtype=None, step_ctx=None):

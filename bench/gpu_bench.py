@@ -14,6 +14,7 @@ import argparse
 import gc
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -24,7 +25,7 @@ import torch  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 from common import (  # noqa: E402
-    decoder_cfg, hf_from_rafale, make_rafale, matmul_peak, median, random_blocks, train_composer, train_plain,
+    decoder_cfg, hf_from_rafale, make_rafale, matmul_peak, median, random_blocks, train_plain, train_rafale,
 )
 from rafale.hardware import gpu_peak_flops  # noqa: E402
 from rafale.models.decoder import ComposerLM  # noqa: E402
@@ -107,10 +108,11 @@ def main():
         run("d. rafale plain loop, SDPA MATH only", fresh(), step_ctx=lambda: sdpa_kernel(SDPBackend.MATH))
     if "trainer" not in skip:
         blocks = random_blocks((args.warmup + args.steps) * args.batch, args.seq, cfg.vocab_size)
-        label = f"e. rafale ComposerLM in the Composer Trainer ({trainer_precision})"
+        label = f"e. rafale -c: rafale.train's Trainer ({trainer_precision})"
         try:
-            times = train_composer(fresh(), blocks, args.batch, args.warmup + args.steps, device=composer_device,
-                                   precision=trainer_precision)
+            with tempfile.TemporaryDirectory(prefix="rafale-gpu-bench-") as workdir:
+                times, _ = train_rafale(ComposerLM(fresh()), blocks, args.batch, args.warmup + args.steps, workdir,
+                                        precision=trainer_precision)
             record(label, times, args.warmup)
         except Exception as err:
             print(f"  {label:55s} FAILED: {type(err).__name__}: {str(err)[:300]}", flush=True)

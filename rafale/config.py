@@ -152,7 +152,8 @@ class TrainingConfig:
     lr_final_ratio: float = option(0.1, "Learning rate at the end of a cosine or linear schedule, relative to lr.")
     max_duration: str = option("1ep", f"Training length, {DURATION_HELP}.")
     precision: Literal["fp32", "amp_fp16", "amp_bf16"] = option(
-        "amp_bf16", "Numeric precision; a CPU runs fp32 whatever this says (with one warning)."
+        "amp_bf16", "Numeric precision. On a CPU, amp_bf16 autocasts the Pythia model to bf16 where the CPU has bf16 "
+        "matrix units (AVX512-BF16 or AMX); anything else runs fp32 there (with one warning)."
     )
     clip_norm: Optional[float] = option(1.0, "Clip the gradient norm to this value; null turns clipping off.")
     eval_interval: str = option("0.25dur", f"Evaluate every {TIME_HELP}.")

@@ -53,6 +53,7 @@ class RunResult:
     tokens: int
     export_dir: Path | None = None
     mfu: float | None = None  # model FLOPs utilization over the whole run, against the device's peak
+    precision: str | None = None  # what ran, e.g. fp32 on a CPU that lacks bf16 units though amp_bf16 was asked
 
 
 def pick_device(cfg: Config) -> str:
@@ -63,11 +64,38 @@ def pick_device(cfg: Config) -> str:
     return cfg.run.device
 
 
-def pick_precision(cfg: Config, device: str) -> str:
-    if device == "cpu" and cfg.training.precision != "fp32":
-        print(f"rafale: training.precision {cfg.training.precision} needs a GPU; running fp32 on the CPU")
-        return "fp32"
-    return cfg.training.precision
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated and
+    slower than fp32."""
+    cpu = getattr(torch._C, "_cpu", None)  # torch's own CPU feature probe (private, hence the care)
+    try:
+        return bool(cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported())
+    except AttributeError:
+        return False
+
+
+def pick_precision(cfg: Config, device: str, model=None) -> tuple[str, torch.dtype | None]:
+    """(Composer's precision, the dtype the model wrapper autocasts itself to or None).
+
+    Composer refuses amp_bf16 on a CPU, so there a wrapper that can autocast itself (ComposerLM's autocast_dtype)
+    runs its forward under torch.autocast("cpu", bfloat16) while Composer stays fp32, on a CPU with bf16 matmul
+    units; anything else on a CPU runs fp32, said once.
+    """
+    precision = cfg.training.precision
+    if device != "cpu" or precision == "fp32":
+        return precision, None
+    if precision == "amp_bf16" and cpu_has_fast_bf16() and hasattr(model, "autocast_dtype"):
+        return "fp32", torch.bfloat16
+    if precision == "amp_bf16" and hasattr(model, "autocast_dtype"):
+        why = "needs a GPU or a CPU with bf16 matrix units (AVX512-BF16 or AMX), which this one lacks"
+    else:
+        why = "needs a GPU for this model" if precision == "amp_bf16" else "needs a GPU"
+    print(f"rafale: training.precision {precision} {why}; running fp32 on the CPU")
+    return "fp32", None
+
+
+def precision_label(precision: str, autocast_dtype) -> str:
+    return "amp_bf16 (the model's own bf16 autocast on the CPU)" if autocast_dtype is not None else precision
 
 
 def make_dataloader(dataset, batch_size: int, collate_fn, shuffle: bool, drop_last: bool, num_workers: int, pin: bool):
@@ -132,17 +160,8 @@ def make_loggers(cfg: Config, run_dir: Path) -> list:
 def run(cfg: Config, data: PreparedData, model, collator, debug: bool = False) -> RunResult:
     """Train (or with training.eval_only, evaluate) `model` on `data`, as the config says."""
     t = cfg.training
-    device = pick_device(cfg)
-    precision = pick_precision(cfg, device)
-    world = dist.get_world_size()
-    if t.batch_size % world:
-        raise ConfigError("training.batch_size", f"({t.batch_size}) must be divisible by the number of processes ({world})")
-    per_rank_batch = t.batch_size // world
-    if t.microbatch_size == "auto" and device != "gpu":
-        raise ConfigError("training.microbatch_size", "'auto' needs a GPU and this run is on the CPU; give a number")
-    microbatch = t.microbatch_size if t.microbatch_size is not None else per_rank_batch
-    if isinstance(microbatch, int):
-        microbatch = min(microbatch, per_rank_batch)
+    placement = place(cfg, model)
+    world = placement.world
 
     run_name = cfg.run.name + ("-debug" if debug else "")
     run_dir = Path(cfg.run.output_dir).expanduser() / run_name
@@ -157,6 +176,91 @@ def run(cfg: Config, data: PreparedData, model, collator, debug: bool = False) -
         if "label_names" in data.meta:  # class id -> name, for whoever reads the predictions
             (run_dir / "labels.json").write_text(json.dumps(data.meta["label_names"]))
 
+    trainer, stopper, peak = build_trainer(cfg, data, model, collator, placement, run_dir, run_name, debug)
+    save = not debug and not t.eval_only
+
+    start = time.perf_counter()
+    tokens_before = int(trainer.state.timestamp.token)
+    loss_start = loss_end = None
+    fresh = int(trainer.state.timestamp.batch) == 0
+    done = False
+    if not fresh and not t.eval_only:
+        limit = trainer.state.max_duration
+        done = trainer.state.timestamp.get(limit.unit).value >= limit.value
+        print(f"rafale: resumed {run_dir} at batch {int(trainer.state.timestamp.batch)}"
+              + (f": already complete (training.max_duration {t.max_duration}); evaluating only" if done else ""))
+    if t.eval_only or fresh:
+        trainer.eval()
+        loss_start = eval_loss(trainer)
+    if done:  # Composer's fit refuses a run past its max_duration
+        trainer.eval()
+        loss_end = eval_loss(trainer)
+    elif not t.eval_only:
+        stopper.install()
+        try:
+            trainer.fit()  # evaluates at each eval_interval and at the end
+        finally:
+            stopper.uninstall()
+        if stopper.signum is not None:
+            where = f"checkpoint saved to {stopper.saved}" if stopper.saved else "no checkpoint saved"
+            print(f"rafale: stopped by {signal.Signals(stopper.signum).name} at batch "
+                  f"{int(trainer.state.timestamp.batch)}; {where}; run the same command to resume", file=sys.stderr)
+            trainer.close()
+            sys.exit(128 + stopper.signum)  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+        loss_end = eval_loss(trainer)
+    wall = time.perf_counter() - start
+    tokens = int(trainer.state.timestamp.token) - tokens_before
+    export_dir = None
+    if save and dist.get_global_rank() == 0:
+        try:
+            export_dir = export_model(model.model, run_dir / EXPORT_DIR, data)
+        except WeightsError as err:  # after hours of training, the checkpoints matter more than the export
+            print(f"rafale: no Hugging Face export: {err}; the checkpoints are in {run_dir / 'checkpoints'}")
+    mfu = None
+    if tokens and peak:
+        mfu = tokens / wall * model.model.flops_per_token(cfg.data.block_size) / (peak * world)
+    return RunResult(run_dir, trainer, loss_start, loss_end, wall, tokens, export_dir, mfu,
+                     precision_label(placement.precision, placement.autocast_dtype))
+
+
+@dataclass
+class Placement:
+    """Where and how the run computes: the device, Composer's precision, the model's own autocast, the batches."""
+    device: str
+    precision: str
+    autocast_dtype: torch.dtype | None
+    world: int
+    per_rank_batch: int
+    microbatch: int | str
+
+
+def place(cfg: Config, model) -> Placement:
+    """Device, precision and batch sizes for `model`, checked before anything is written; sets the wrapper's
+    autocast (see pick_precision)."""
+    t = cfg.training
+    device = pick_device(cfg)
+    precision, autocast_dtype = pick_precision(cfg, device, model)
+    if hasattr(model, "autocast_dtype"):
+        model.autocast_dtype = autocast_dtype
+    world = dist.get_world_size()
+    if t.batch_size % world:
+        raise ConfigError("training.batch_size", f"({t.batch_size}) must be divisible by the number of processes ({world})")
+    per_rank_batch = t.batch_size // world
+    if t.microbatch_size == "auto" and device != "gpu":
+        raise ConfigError("training.microbatch_size", "'auto' needs a GPU and this run is on the CPU; give a number")
+    microbatch = t.microbatch_size if t.microbatch_size is not None else per_rank_batch
+    if isinstance(microbatch, int):
+        microbatch = min(microbatch, per_rank_batch)
+    return Placement(device, precision, autocast_dtype, world, per_rank_batch, microbatch)
+
+
+def build_trainer(cfg: Config, data: PreparedData, model, collator, placement: Placement, run_dir: Path,
+                  run_name: str, debug: bool = False) -> tuple[Trainer, StopOnSignal, float | None]:
+    """The Trainer `rafale -c` runs (loaders, optimizer, schedule, clipping, callbacks, loggers, checkpoints), its
+    signal handler, and the device's peak FLOP/s. bench/ builds its Trainer here too, so it times the real thing."""
+    t = cfg.training
+    device, precision, per_rank_batch, microbatch = (placement.device, placement.precision,
+                                                     placement.per_rank_batch, placement.microbatch)
     train_set, eval_set = data.splits["train"], data.splits["validation"]
     if len(train_set) < t.batch_size:
         raise RafaleError(
@@ -222,53 +326,14 @@ def run(cfg: Config, data: PreparedData, model, collator, debug: bool = False) -
             autoresume=autoresume,
             python_log_level=None,
         )
-
-    start = time.perf_counter()
-    tokens_before = int(trainer.state.timestamp.token)
-    loss_start = loss_end = None
-    fresh = int(trainer.state.timestamp.batch) == 0
-    done = False
-    if not fresh and not t.eval_only:
-        limit = trainer.state.max_duration
-        done = trainer.state.timestamp.get(limit.unit).value >= limit.value
-        print(f"rafale: resumed {run_dir} at batch {int(trainer.state.timestamp.batch)}"
-              + (f": already complete (training.max_duration {t.max_duration}); evaluating only" if done else ""))
-    if t.eval_only or fresh:
-        trainer.eval()
-        loss_start = eval_loss(trainer)
-    if done:  # Composer's fit refuses a run past its max_duration
-        trainer.eval()
-        loss_end = eval_loss(trainer)
-    elif not t.eval_only:
-        stopper.install()
-        try:
-            trainer.fit()  # evaluates at each eval_interval and at the end
-        finally:
-            stopper.uninstall()
-        if stopper.signum is not None:
-            where = f"checkpoint saved to {stopper.saved}" if stopper.saved else "no checkpoint saved"
-            print(f"rafale: stopped by {signal.Signals(stopper.signum).name} at batch "
-                  f"{int(trainer.state.timestamp.batch)}; {where}; run the same command to resume", file=sys.stderr)
-            trainer.close()
-            sys.exit(128 + stopper.signum)  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
-        loss_end = eval_loss(trainer)
-    wall = time.perf_counter() - start
-    tokens = int(trainer.state.timestamp.token) - tokens_before
-    export_dir = None
-    if save and dist.get_global_rank() == 0:
-        try:
-            export_dir = export_model(model.model, run_dir / EXPORT_DIR, data)
-        except WeightsError as err:  # after hours of training, the checkpoints matter more than the export
-            print(f"rafale: no Hugging Face export: {err}; the checkpoints are in {run_dir / 'checkpoints'}")
-    mfu = None
-    if tokens and peak:
-        mfu = tokens / wall * model.model.flops_per_token(cfg.data.block_size) / (peak * world)
-    return RunResult(run_dir, trainer, loss_start, loss_end, wall, tokens, export_dir, mfu)
+    return trainer, stopper, peak
 
 
 def describe(result: RunResult, num_params: int) -> str:
     """The end-of-run summary."""
     lines = [f"run folder: {result.run_dir}", f"parameters: {num_params:,}"]
+    if result.precision is not None:
+        lines.append(f"precision: {result.precision}")
     if result.tokens:
         mfu = f", MFU {result.mfu:.1%}" if result.mfu is not None else ""
         lines.append(f"tokens trained: {result.tokens:,} in {result.wall_time_s:.1f} s "

@@ -232,10 +232,15 @@ class GPTNeoX(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, kv_cache: Optional[KVCache] = None):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, kv_cache: Optional[KVCache] = None,
+                labels=None, vocab_size: Optional[int] = None):
         """input_ids: (B, T). attention_mask: (B, past+T) of 1/0, past counting the cached positions.
 
         position_ids default to 0, 1, 2, ... counted over real tokens only (so left padding works).
+        labels (B, T): return the mean cross-entropy against them instead of the logits, computed in chunks so
+        the (B, T, vocab) logits never exist at once (`chunked_cross_entropy`); vocab_size, the tokenizer's true
+        vocabulary when the embedding is padded, keeps the padding rows out of the softmax. The loss is computed
+        here rather than by the caller so that a sharded (FSDP) embed_out is still gathered when it is used.
         """
         B, T = input_ids.shape
         past = kv_cache.length if kv_cache is not None else 0
@@ -263,7 +268,10 @@ class GPTNeoX(nn.Module):
             x = layer(x, cos, sin, attn_mask, kv_cache, i, is_causal)
         if kv_cache is not None:
             kv_cache.length += T
-        return self.embed_out(self.final_layer_norm(x))  # (B, T, vocab_size)
+        x = self.final_layer_norm(x)
+        if labels is not None:
+            return chunked_cross_entropy(x.flatten(0, 1), self.embed_out.weight[:vocab_size], labels.flatten())
+        return self.embed_out(x)  # (B, T, vocab_size)
 
     @torch.no_grad()
     def generate(
@@ -332,6 +340,70 @@ class GPTNeoX(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------
+# Cross-entropy in chunks: the logits of a small model with a 50k vocabulary are its biggest tensor (13 GB in
+# fp32 for pythia-70m at T=2048, batch 32), and the plain loss keeps them, and their softmax, for backward.
+
+LOSS_CHUNK_ELEMENTS = 2**26  # logits per chunk: 256 MiB in fp32, 1334 rows of a 50k vocabulary (smaller chunks
+# cost time on a CPU: each one re-reads the whole output embedding)
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Forward walks over chunks of rows; each chunk's logits give its share of the loss and, at once, its
+    gradients (softmax - one_hot) / count, multiplied back into grad_hidden and grad_weight; then they are
+    dropped. Backward only scales those by the incoming gradient. The FLOPs of the plain computation (nothing
+    recomputed), the memory of one chunk. Under autocast the matmuls run in the autocast dtype, as autograd's
+    would, with the weight cast once rather than per chunk; the softmax and the sums are fp32."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, chunk_rows: int, want_grad: bool):
+        # hidden (N, C), weight (V, C), labels (N,) with IGNORE_INDEX where no token is predicted
+        device = hidden.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+        count = (labels != IGNORE_INDEX).sum().clamp(min=1)  # the mean is over the real labels
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.zeros_like(hidden) if want_grad else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if want_grad else None
+        with torch.autocast(device, enabled=False):
+            w = weight.to(dtype)  # (V, C)
+            for start in range(0, hidden.shape[0], chunk_rows):
+                h, y = hidden[start : start + chunk_rows].to(dtype), labels[start : start + chunk_rows]  # (n, C), (n,)
+                keep = (y != IGNORE_INDEX).float()  # (n,)
+                target = y.clamp(min=0)[:, None]  # (n, 1), ignored rows point at token 0 and are zeroed by keep
+                logits = F.linear(h, w).float()  # (n, V)
+                lse = torch.logsumexp(logits, dim=-1)  # (n,)
+                loss += ((lse - logits.gather(1, target).squeeze(1)) * keep).sum()
+                if want_grad:
+                    probs = logits.sub_(lse[:, None]).exp_()  # softmax, in the logits' memory
+                    probs.scatter_add_(1, target, -torch.ones_like(target, dtype=probs.dtype))  # - one_hot
+                    probs.mul_((keep / count)[:, None])  # (n, V): d loss / d logits
+                    probs = probs.to(dtype)
+                    grad_hidden[start : start + chunk_rows] = probs @ w  # (n, C)
+                    if dtype == grad_weight.dtype:
+                        grad_weight.addmm_(probs.t(), h)  # (V, C), accumulated in place
+                    else:  # bf16 products summed in fp32
+                        grad_weight += probs.t() @ h
+        if want_grad:
+            ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+        return loss / count
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_loss, grad_weight * grad_loss, None, None, None
+
+
+def chunked_cross_entropy(hidden, weight, labels, chunk_rows: Optional[int] = None):
+    """Mean cross-entropy of the logits hidden @ weight.T against labels (IGNORE_INDEX skipped), equal to
+    F.cross_entropy(F.linear(hidden, weight).float(), labels, ignore_index=IGNORE_INDEX) without ever holding
+    the (N, V) logits. hidden: (N, C); weight: (V, C); labels: (N,)."""
+    if chunk_rows is None:
+        chunk_rows = max(1, LOSS_CHUNK_ELEMENTS // weight.shape[0])
+    # forward runs without grad mode, so whether a backward can follow is decided here
+    want_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    return _ChunkedLinearCrossEntropy.apply(hidden, weight, labels, chunk_rows, want_grad)
+
+
+# ----------------------------------------------------------------------------------------------------
 # Composer wrapper
 
 from composer.metrics import LanguageCrossEntropy, LanguagePerplexity  # noqa: E402
@@ -343,29 +415,40 @@ IGNORE_INDEX = -100
 class ComposerLM(ComposerModel):
     """Causal language modelling with the Composer Trainer. Batches hold input_ids and (shifted) labels.
 
+    forward(batch) returns the training loss, computed by the model in chunks (the full logits never exist);
+    eval_forward(batch) returns the logits for the metrics.
     vocab_size: the tokenizer's true vocabulary when the model's embedding is padded (to a multiple of 64, for
     fast matmuls); logits are cut to it, so the padding rows never enter the softmax.
+    autocast_dtype: run forward and eval_forward under torch.autocast("cpu", dtype) (bfloat16 on a CPU with
+    bf16 matmul units, where Composer's own amp_bf16 is refused); None runs in the parameters' dtype.
     """
 
-    def __init__(self, model: nn.Module, vocab_size: int | None = None):
+    def __init__(self, model: nn.Module, vocab_size: int | None = None, autocast_dtype: torch.dtype | None = None):
         super().__init__()
         self.model = model
         self.vocab_size = vocab_size
+        self.autocast_dtype = autocast_dtype
         self.train_metrics = {}
         self.val_metrics = {
             "LanguageCrossEntropy": LanguageCrossEntropy(ignore_index=IGNORE_INDEX),
             "LanguagePerplexity": LanguagePerplexity(ignore_index=IGNORE_INDEX),
         }
 
+    def autocast(self):
+        return torch.autocast("cpu", dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
+
     def forward(self, batch):
-        logits = self.model(batch["input_ids"], attention_mask=batch.get("attention_mask"))
-        return logits[..., : self.vocab_size]
+        with self.autocast():
+            return self.model(batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                              labels=batch["labels"], vocab_size=self.vocab_size)
 
     def loss(self, outputs, batch):
-        return F.cross_entropy(outputs.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE_INDEX)
+        return outputs  # forward already computed it
 
     def eval_forward(self, batch, outputs=None):
-        return outputs if outputs is not None else self.forward(batch)
+        with self.autocast():
+            logits = self.model(batch["input_ids"], attention_mask=batch.get("attention_mask"))
+        return logits[..., : self.vocab_size].float()
 
     def get_metrics(self, is_train: bool = False):
         return self.train_metrics if is_train else self.val_metrics
