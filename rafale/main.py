@@ -70,7 +70,10 @@ def build_pythia(model_cfg, data: PreparedData, cfg: Config):
 
     model_cfg.vocab_size = model_vocab_size(model_cfg.vocab_size, data)
     model = with_pretrained(GPTNeoX(model_cfg), cfg)
-    return ComposerLM(model, vocab_size=data.vocab_size), CausalLMCollator(pad_token_id=data.pad_token_id)
+    from rafale.metrics import token_bytes
+
+    return (ComposerLM(model, vocab_size=data.vocab_size, token_bytes=token_bytes(data.tokenizer)),
+            CausalLMCollator(pad_token_id=data.pad_token_id))
 
 
 def build_encoder(model_cfg, data: PreparedData, cfg: Config):

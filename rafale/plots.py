@@ -17,7 +17,7 @@ METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "metrics.png"
 TRAIN_LOSS = "loss/train/total"
 VAL_LOSSES = ("metrics/eval/LanguageCrossEntropy", "metrics/eval/CrossEntropy")
-VAL_QUALITY = ("metrics/eval/LanguagePerplexity", "metrics/eval/Accuracy", "metrics/eval/MaskedAccuracy", "metrics/eval/F1")
+VAL_QUALITY = ("metrics/eval/LanguagePerplexity", "metrics/eval/BitsPerByte", "metrics/eval/Accuracy", "metrics/eval/MaskedAccuracy", "metrics/eval/F1")
 
 
 def read_metrics(run_dir: Path) -> dict[str, list[tuple[int, float]]]:

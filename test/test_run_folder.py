@@ -28,6 +28,18 @@ def test_run_folder_has_metrics_plots_and_a_summary(tmp_path, cache_dir, capsys,
     best = min(v for _, v in series["metrics/eval/LanguageCrossEntropy"])
     assert f"best validation LanguageCrossEntropy: {best:.4f}" in out
     assert "Hugging Face export:" in out
+    # bits per byte, against the validation documents' own UTF-8 size (not rafale's byte table): every token of
+    # the stream is scored except the first of each block, about 1 in 64 here
+    import json, math
+    from rafale.config import load_config
+    from rafale.datapipes import load_source
+
+    meta = json.loads((run / "data.json").read_text())["splits"]["validation"]
+    text_bytes = sum(len(t.encode("utf-8")) for t in load_source(load_config(cfg).data, tmp_path)["validation"]["text"])
+    ce, bpb = series["metrics/eval/LanguageCrossEntropy"][-1][1], series["metrics/eval/BitsPerByte"][-1][1]
+    assert bpb == pytest.approx(ce * (meta["tokens"] - meta["blocks"]) / (math.log(2) * text_bytes), rel=0.03)
+    assert re.search(r"validation: loss [\d.]+ \| perplexity [\d.]+ \| bits/byte [\d.]+", out)
+    assert f"BitsPerByte: {bpb:.4f}" in out
     # the console: one line per log interval (10ba) and one per evaluation, not Composer's raw metric dump
     assert re.search(r"^\[20/20 100%\] loss [\d.]+ \| [\d,]+ tok/s \| MFU [\d.]+% \| lr [\d.e+-]+ \| [\d.]+ min elapsed", out, re.M), out
     assert len(re.findall(r"^\[\s*\d+/20\s+\d+%\] validation: loss [\d.]+ \| perplexity [\d.]+", out, re.M)) == 3, out
@@ -48,7 +60,7 @@ def test_run_folder_has_metrics_plots_and_a_summary(tmp_path, cache_dir, capsys,
     code, out, _ = run_in_process(["runs", str(tmp_path / "runs")], capsys, monkeypatch)
     assert code == 0
     header, _, killed, finished = out.strip().splitlines()
-    assert header.split() == ["run", "model", "params", "tokens", "wall", "tok/s", "val", "loss", "ppl"]
+    assert header.split() == ["run", "model", "params", "tokens", "wall", "tok/s", "val", "loss", "ppl", "bits/byte"]
     final = series["metrics/eval/LanguageCrossEntropy"][-1][1]
     assert finished.split()[:4] == ["pythia-debug", "pythia", "pythia-debug", "0.17M"]
     assert "10,240" in finished and f"{final:.4f}" in finished

@@ -421,9 +421,12 @@ class ComposerLM(ComposerModel):
     fast matmuls); logits are cut to it, so the padding rows never enter the softmax.
     autocast_dtype: run forward and eval_forward under torch.autocast("cpu", dtype) (bfloat16 on a CPU with
     bf16 matmul units, where Composer's own amp_bf16 is refused); None runs in the parameters' dtype.
+    token_bytes: each token id's UTF-8 length (rafale.metrics.token_bytes), to report validation bits per byte,
+    which unlike the loss compares across tokenizers.
     """
 
-    def __init__(self, model: nn.Module, vocab_size: int | None = None, autocast_dtype: torch.dtype | None = None):
+    def __init__(self, model: nn.Module, vocab_size: int | None = None, autocast_dtype: torch.dtype | None = None,
+                 token_bytes: torch.Tensor | None = None):
         super().__init__()
         self.model = model
         self.vocab_size = vocab_size
@@ -433,6 +436,10 @@ class ComposerLM(ComposerModel):
             "LanguageCrossEntropy": LanguageCrossEntropy(ignore_index=IGNORE_INDEX),
             "LanguagePerplexity": LanguagePerplexity(ignore_index=IGNORE_INDEX),
         }
+        if token_bytes is not None:
+            from rafale.metrics import BitsPerByte
+
+            self.val_metrics["BitsPerByte"] = BitsPerByte(token_bytes, ignore_index=IGNORE_INDEX)
 
     def autocast(self):
         return torch.autocast("cpu", dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
