@@ -5,6 +5,7 @@ warmup + cosine/linear/constant schedule, gradient clipping, gradient accumulati
 evaluation, checkpoints and autoresume, and the callbacks that report speed, learning rate and time left.
 """
 
+import dataclasses
 import json
 import math
 import shutil
@@ -31,8 +32,8 @@ from rafale.config import Config, ConfigError, RafaleError, save_config
 from rafale.datapipes import PreparedData, cache_root
 from rafale.hardware import peak_flops
 from rafale.plots import MetricsFile, best_validation
-from rafale.export import EXPORT_DIR, export_model
-from rafale.resilience import FiniteLossMonitor, StopOnSignal, check_resume_checkpoint
+from rafale.export import EXPORT_DIR, MODEL_FILE, export_model, write_model_file
+from rafale.resilience import FiniteLossMonitor, StopOnSignal, check_checkpoint_safe, check_resume_checkpoint
 
 
 DEBUG_EPOCHS = 10
@@ -133,6 +134,49 @@ def make_loggers(cfg: Config, run_dir: Path) -> list:
     return loggers
 
 
+class ResumeConflict(RafaleError):
+    pass
+
+
+def resume_conflicts(run_dir: Path, data: PreparedData, model_cfg) -> list[str]:
+    """What the run folder's checkpoints were trained with that this run changes: the data (the cache's
+    fingerprint inputs), the tokenizer, the model's sizes. Anything else (max_duration, the eval, save and log
+    intervals, loggers, ...) may change when a run is resumed."""
+
+    def changed(what: str, old: dict, new: dict) -> list[str]:
+        new = json.loads(json.dumps(new))  # tuples as lists, as the saved file has them
+        return [f"{what} {key} was {_short(old.get(key))}, now {_short(new.get(key))}"
+                for key in sorted(old.keys() | new.keys()) if old.get(key) != new.get(key)]
+
+    conflicts = []
+    if (run_dir / "data.json").is_file():
+        old = json.loads((run_dir / "data.json").read_text()).get("fingerprint_inputs", {})
+        conflicts += changed("data", old, data.meta["fingerprint_inputs"])
+    if (run_dir / "tokenizer.json").is_file():
+        same = json.loads((run_dir / "tokenizer.json").read_text()) == json.loads((data.path / "tokenizer.json").read_text())
+        conflicts += [] if same else ["the tokenizer differs from the run's tokenizer.json"]
+    if (run_dir / MODEL_FILE).is_file():
+        conflicts += changed("model", json.loads((run_dir / MODEL_FILE).read_text()), dataclasses.asdict(model_cfg))
+    return conflicts
+
+
+def _short(value, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def set_run_folder_aside(run_dir: Path) -> None:
+    """run.restart: keep the old run folder as NAME.old-<time> and start with an empty one."""
+    if not run_dir.exists():
+        return
+    aside = run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+    try:
+        run_dir.rename(aside)
+    except OSError as err:
+        raise ConfigError("run.restart", f"cannot set the run folder {run_dir} aside as {aside}: {err}") from None
+    print(f"rafale: restarting {run_dir.name}; the previous run folder is now {aside}")
+
+
 def run(cfg: Config, data: PreparedData, model, collator, debug: bool = False) -> RunResult:
     """Train (or with training.eval_only, evaluate) `model` on `data`, as the config says."""
     t = cfg.training
@@ -150,14 +194,28 @@ def run(cfg: Config, data: PreparedData, model, collator, debug: bool = False) -
 
     run_name = cfg.run.name + ("-debug" if debug else "")
     run_dir = Path(cfg.run.output_dir).expanduser() / run_name
+    save = not debug and not t.eval_only
+    if dist.get_global_rank() == 0:
+        if cfg.run.restart:
+            set_run_folder_aside(run_dir)
+        elif save and list(run_dir.glob("checkpoints/*.pt")):  # before anything in the folder is overwritten
+            conflicts = resume_conflicts(run_dir, data, model.model.cfg)
+            if conflicts:
+                raise ResumeConflict(
+                    f"cannot resume {run_dir}: its checkpoints were trained with other inputs ({'; '.join(conflicts)}). "
+                    f"Use a new run.name, or start over with --restart (or run.restart: true), which keeps the old "
+                    f"folder as {run_name}.old-<time>"
+                )
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise ConfigError("run.output_dir", f"cannot create the run folder {run_dir}: {err}") from None
     if dist.get_global_rank() == 0:
-        save_config(cfg, run_dir / "config.yaml")
+        # restart is what this command did, not a setting of the run: rerunning config.yaml must resume it
+        save_config(dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, restart=False)), run_dir / "config.yaml")
         shutil.copyfile(data.path / "tokenizer.json", run_dir / "tokenizer.json")
         (run_dir / "data.json").write_text(json.dumps(data.meta, indent=2))  # to rebuild the model without the data
+        write_model_file(model.model, run_dir)  # ... and without model.pretrained
         if "label_names" in data.meta:  # class id -> name, for whoever reads the predictions
             (run_dir / "labels.json").write_text(json.dumps(data.meta["label_names"]))
 
@@ -176,7 +234,6 @@ def run(cfg: Config, data: PreparedData, model, collator, debug: bool = False) -
     train_loader = make_dataloader(train_set, per_rank_batch, collator, not debug, True, cfg.data.num_workers, pin)
     eval_loader = make_dataloader(eval_set, per_rank_batch, collator, False, False, cfg.data.num_workers, pin)
 
-    save = not debug and not t.eval_only
     stopper = StopOnSignal(save)
     peak = peak_flops(device, precision, cache_root(cfg.data.cache_dir))
     callbacks = [SpeedMonitor(window_size=10, gpu_flops_available=peak), LRMonitor(), RuntimeEstimator(),
@@ -188,7 +245,9 @@ def run(cfg: Config, data: PreparedData, model, collator, debug: bool = False) -
     interactive = sys.stdout.isatty()
     autoresume = save and cfg.run.autoresume
     if autoresume and dist.get_global_rank() == 0:
-        check_resume_checkpoint(run_dir / "checkpoints", cfg.run.resume_fallback)
+        check_resume_checkpoint(run_dir / "checkpoints", cfg.run.resume_fallback, t.trust_checkpoint)
+    if t.load_path is not None:  # Composer unpickles it
+        check_checkpoint_safe(Path(t.load_path).expanduser(), "training.load_path", t.trust_checkpoint)
     # the last evaluation batch is usually short; Composer says so on every evaluation
     warnings.filterwarnings("ignore", message="Cannot split tensor of length")
     with warnings.catch_warnings():
