@@ -149,9 +149,16 @@ def resume_conflicts(run_dir: Path, data: PreparedData, model_cfg) -> list[str]:
                 for key in sorted(old.keys() | new.keys()) if old.get(key) != new.get(key)]
 
     conflicts = []
-    if (run_dir / "data.json").is_file():
-        old = json.loads((run_dir / "data.json").read_text()).get("fingerprint_inputs", {})
-        conflicts += changed("data", old, data.meta["fingerprint_inputs"])
+    old_data = json.loads((run_dir / "data.json").read_text()) if (run_dir / "data.json").is_file() else {}
+    if "fingerprint_inputs" in old_data:  # (not in caches built by an older rafale)
+        old_inputs, new_inputs = dict(old_data["fingerprint_inputs"]), dict(data.meta["fingerprint_inputs"])
+        source = data.meta["config"]["source"]
+        if source != "stories" and not source.startswith("hf:"):
+            # a local file is known by its path and modification time, which moving or copying it changes: compare
+            # what it yields instead (tokens, blocks or examples per split)
+            del old_inputs["source"], new_inputs["source"]
+            conflicts += changed("data split", old_data.get("splits", {}), data.meta["splits"])
+        conflicts += changed("data", old_inputs, new_inputs)
     if (run_dir / "tokenizer.json").is_file():
         same = json.loads((run_dir / "tokenizer.json").read_text()) == json.loads((data.path / "tokenizer.json").read_text())
         conflicts += [] if same else ["the tokenizer differs from the run's tokenizer.json"]

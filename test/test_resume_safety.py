@@ -2,6 +2,7 @@
 and holds everything needed to rebuild its model."""
 
 import builtins
+import json
 import os
 import shutil
 from pathlib import Path
@@ -12,8 +13,10 @@ import yaml
 
 from conftest import run_in_process, write_config
 from rafale.config import load_config
+from rafale.datapipes import PreparedData
 from rafale.export import latest_checkpoint, load_run_model
 from rafale.resilience import read_checkpoint
+from rafale.train import resume_conflicts
 
 # two checkpoints (batches 2 and 4), the last one at the end of training, so the export equals it
 SHORT = {"max_duration": "4ba", "save_interval": "2ba", "eval_interval": "4ba", "eval_batches": 1,
@@ -69,6 +72,7 @@ def write_payload(path: Path, marker: Path):
 @pytest.mark.parametrize("change, expected", [
     ({"model": {"hidden_size": 32, "intermediate_size": 128}}, "model hidden_size was 64, now 32"),
     ({"data": {"block_size": 32}}, "data block_size was 64, now 32"),
+    ({"data": {"vocab_size": 400}}, "the tokenizer differs from the run's tokenizer.json"),
 ])
 def test_resuming_with_other_data_or_model_is_an_error_that_changes_nothing(trained, tmp_path, capsys, monkeypatch,
                                                                            change, expected):
@@ -81,6 +85,27 @@ def test_resuming_with_other_data_or_model_is_an_error_that_changes_nothing(trai
     assert "new run.name" in err and "--restart" in err and "Traceback" not in err
     assert folder_files(run_dir) == before  # nothing overwritten
     assert not (run_dir / "checkpoints" / "ep0-ba6-rank0.pt").exists()
+
+
+def test_a_moved_data_file_still_resumes_but_other_contents_do_not(tmp_path):
+    """A local file's cache fingerprint holds its path and modification time: moving or copying it must not block
+    a resume, a file that yields other blocks must."""
+    run_dir, cache = tmp_path / "run", tmp_path / "cache"
+    run_dir.mkdir(), cache.mkdir()
+    (cache / "tokenizer.json").write_text('{"model": {"vocab": {"a": 0}}}')
+    shutil.copy(cache / "tokenizer.json", run_dir / "tokenizer.json")
+
+    def meta(path, mtime, train_blocks):
+        return {"config": {"source": path}, "splits": {"train": {"tokens": 640, "blocks": train_blocks}},
+                "fingerprint_inputs": {"pipeline": ["causal_lm", 1], "source": [[[path, 100, mtime]], "text"],
+                                       "tokenizer": ["bpe", 500], "block_size": 64}}
+
+    (run_dir / "data.json").write_text(json.dumps(meta("/old/stories.txt", 1, 10)))
+    moved = PreparedData(None, None, cache, meta("/new/stories.txt", 2, 10))
+    assert resume_conflicts(run_dir, moved, None) == []
+    edited = PreparedData(None, None, cache, meta("/old/stories.txt", 3, 9))
+    assert resume_conflicts(run_dir, edited, None) == [
+        "data split train was {'tokens': 640, 'blocks': 10}, now {'tokens': 640, 'blocks': 9}"]
 
 
 def test_changing_only_durations_intervals_and_loggers_resumes(trained, tmp_path, capsys, monkeypatch):
