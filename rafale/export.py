@@ -18,7 +18,7 @@ from tokenizers import Tokenizer
 from rafale.config import Config, RafaleError, build_dataclass, load_config, resolve_model_config
 from rafale.datapipes import PreparedData
 from rafale.models.hf import save_pretrained
-from rafale.resilience import CHECKPOINT_SAFE_GLOBALS, LATEST_CHECKPOINT, read_checkpoint  # noqa: F401
+from rafale.resilience import LATEST_CHECKPOINT, read_checkpoint
 
 EXPORT_DIR = "export"
 MODEL_FILE = "model.json"  # the nn.Module's config (sizes, vocabulary, padding id) as the run built it
