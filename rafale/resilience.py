@@ -177,9 +177,9 @@ def _load_problem(err: Exception) -> str:
 
 
 def check_checkpoint_safe(path: Path, key: str, trust: bool) -> None:
-    """Composer reads training.load_path and the autoresume checkpoint with torch.load(weights_only=False), which
-    runs whatever code a crafted file holds: read `path` safely first and refuse it if that fails, unless the
-    user trusts it (training.trust_checkpoint)."""
+    """Composer unpickles training.load_path and the autoresume checkpoint without weights_only, which runs
+    whatever code a crafted file holds: read `path` safely first and refuse it if that fails, unless the user
+    trusts it (training.trust_checkpoint)."""
     if trust:
         return
     try:
