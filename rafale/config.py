@@ -53,6 +53,11 @@ class RunConfig:
     seed: int = option(42, "Seed for weights, data order and dropout.")
     device: Literal["auto", "cpu", "gpu"] = option("auto", "'auto' uses a GPU when there is one.")
     autoresume: bool = option(True, "Resume from the run folder's latest checkpoint when there is one.")
+    restart: bool = option(
+        False, "Start this run.name over: set the existing run folder aside as NAME.old-<timestamp> (also: "
+        "--restart). Without it, a run folder whose checkpoints were trained on other data, another tokenizer or "
+        "other model sizes is an error."
+    )
     resume_fallback: bool = option(
         False, "When the latest checkpoint is unreadable (cut short by a crash), set it aside and resume from the "
         "one before it instead of stopping with an error."
@@ -162,6 +167,10 @@ class TrainingConfig:
     checkpoints_to_keep: int = option(2, "Checkpoints kept in the run folder (-1: all).")
     eval_only: bool = option(False, "Only evaluate load_path on the validation split (no training).")
     load_path: Optional[str] = option(None, "A checkpoint to start from (weights, or the full state for eval_only).")
+    trust_checkpoint: bool = option(
+        False, "Let Composer unpickle load_path and the checkpoint autoresume loads even when they hold more than "
+        "the plain types of a Composer checkpoint. Only for files you trust: unpickling can run any code."
+    )
     log_interval: str = option("10ba", "How often the console prints metrics.")
     compile: bool = option(False, "Compile the model with torch.compile (through Composer's compile_config).")
     fsdp: Optional[dict] = option(
@@ -339,8 +348,8 @@ def split_source_files(source: dict) -> dict[str, list[Path]]:
     return files
 
 
-def validate(cfg: Config) -> None:
-    """Checks that need more than one field, or the file system. Raises ConfigError."""
+def validate(cfg: Config, check_files: bool = True) -> None:
+    """Checks that need more than one field, or (with check_files) the file system. Raises ConfigError."""
     positive = {
         "data.vocab_size": cfg.data.vocab_size,
         "data.block_size": cfg.data.block_size,
@@ -396,6 +405,13 @@ def validate(cfg: Config) -> None:
         value = getattr(cfg.run, key)
         if not value or "/" in value or value in (".", ".."):
             raise ConfigError(f"run.{key}", f"must be a plain folder name, got {value!r}")
+    if cfg.training.eval_only and cfg.training.load_path is None:
+        raise ConfigError("training.load_path", "eval_only needs a checkpoint to evaluate")
+    if check_files:
+        _check_files(cfg)
+
+
+def _check_files(cfg: Config) -> None:
     if isinstance(cfg.data.source, dict):
         split_source_files(cfg.data.source)
     elif _is_local_path(cfg.data.source) and not Path(cfg.data.source).expanduser().exists():
@@ -410,15 +426,15 @@ def validate(cfg: Config) -> None:
                           "folder with an export/ (or use 'hf:<name>')")
     if cfg.training.load_path is not None and not Path(cfg.training.load_path).expanduser().exists():
         raise ConfigError("training.load_path", f"no such checkpoint: {cfg.training.load_path}")
-    if cfg.training.eval_only and cfg.training.load_path is None:
-        raise ConfigError("training.load_path", "eval_only needs a checkpoint to evaluate")
 
 
 # ----------------------------------------------------------------------------------------------------
 # loading and saving
 
 
-def config_from_dict(raw) -> Config:
+def config_from_dict(raw, saved_run: bool = False) -> Config:
+    """The checked Config of a YAML mapping. saved_run: a run folder's config.yaml, already resolved when the run
+    started; its data, tokenizer and pretrained files need not exist any more (the folder has what it needs)."""
     if raw is None:
         raise ConfigError("", "the config file is empty")
     if not isinstance(raw, dict):
@@ -438,7 +454,9 @@ def config_from_dict(raw) -> Config:
     model.overrides = overrides
     cfg = build_dataclass(Config, raw, "")
     cfg.model = model
-    validate(cfg)
+    validate(cfg, check_files=not saved_run)
+    if saved_run:
+        return cfg
     # a pretrained model brings its tokenizer, unless the config names another
     if cfg.model.pretrained is not None and "tokenizer" not in (raw.get("data") or {}):
         cfg.data.tokenizer = pretrained_tokenizer(cfg.model.pretrained)
@@ -455,8 +473,9 @@ def pretrained_tokenizer(spec: str) -> str:
     return str(path)
 
 
-def load_config(path, overrides=()) -> Config:
-    """The config in the YAML file `path`, with command-line `overrides` ('training.lr=3e-3') applied on top."""
+def load_config(path, overrides=(), saved_run: bool = False) -> Config:
+    """The config in the YAML file `path`, with command-line `overrides` ('training.lr=3e-3') applied on top.
+    saved_run: a run folder's config.yaml, read without the file-system checks (see config_from_dict)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError("", f"no such config file: {path}")
@@ -469,7 +488,7 @@ def load_config(path, overrides=()) -> Config:
         raise ConfigError("", f"{path} is not valid YAML{where}: {problem}") from None
     if overrides:
         raw = apply_overrides(raw if isinstance(raw, dict) else {}, overrides)
-    return config_from_dict(raw)
+    return config_from_dict(raw, saved_run)
 
 
 def apply_overrides(raw: dict, overrides) -> dict:

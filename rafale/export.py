@@ -1,34 +1,27 @@
 """A run's weights in Hugging Face format: written at the end of training, and by `rafale export`.
 
-A run folder holds what is needed to rebuild its model without the data: the resolved `config.yaml`, the
+A run folder holds what is needed to rebuild its model without the data, the pretrained weights or the
+directory it was started from: the resolved `config.yaml`, `model.json` (the model's sizes as built), the
 `tokenizer.json`, and `data.json` (the data cache's description: vocabulary size, special token ids, class
 names). Composer checkpoints are read with `torch.load(weights_only=True)`, allowing only the plain data types
 Composer stores beside the tensors, so a checkpoint can never run code.
 """
 
 import argparse
-import datetime
+import dataclasses
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from rafale.config import Config, RafaleError, load_config, resolve_model_config
+from rafale.config import Config, RafaleError, build_dataclass, load_config, resolve_model_config
 from rafale.datapipes import PreparedData
 from rafale.models.hf import save_pretrained
+from rafale.resilience import LATEST_CHECKPOINT, read_checkpoint
 
 EXPORT_DIR = "export"
-# what a Composer checkpoint holds besides tensors: timings, the torch version, numpy RNG states
-CHECKPOINT_SAFE_GLOBALS = [
-    datetime.timedelta,
-    torch.torch_version.TorchVersion,
-    np._core.multiarray._reconstruct,
-    np.ndarray,
-    np.dtype,
-    np.dtypes.UInt32DType,
-]
+MODEL_FILE = "model.json"  # the nn.Module's config (sizes, vocabulary, padding id) as the run built it
 
 
 def export_model(model: torch.nn.Module, folder: Path, data: PreparedData) -> Path:
@@ -41,39 +34,60 @@ def export_model(model: torch.nn.Module, folder: Path, data: PreparedData) -> Pa
 
 
 def latest_checkpoint(run_dir: Path) -> Path:
+    """The checkpoint autoresume would load: Composer's latest-rank0.pt link, else the highest batch number."""
     folder = run_dir / "checkpoints"
-    checkpoints = sorted(folder.glob("ep*-ba*-rank0.pt"), key=lambda p: p.stat().st_mtime) if folder.is_dir() else []
+    if (folder / LATEST_CHECKPOINT).exists():
+        return (folder / LATEST_CHECKPOINT).resolve()
+    checkpoints = sorted(folder.glob("ep*-ba*-rank0.pt"), key=batch_number) if folder.is_dir() else []
     if not checkpoints:
         raise RafaleError(f"{run_dir}: no checkpoints in {folder}")
     return checkpoints[-1]
 
 
+def batch_number(checkpoint: Path) -> int:
+    """The batch of a checkpoint named by rafale's save_filename, ep{epoch}-ba{batch}-rank{rank}.pt."""
+    return int(checkpoint.name.split("-ba")[1].split("-")[0])
+
+
 def read_checkpoint_weights(path: Path) -> dict:
     """The model's tensors from a Composer checkpoint, named as in the nn.Module (no `model.` prefix)."""
-    try:
-        with torch.serialization.safe_globals(CHECKPOINT_SAFE_GLOBALS):
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        weights = state["state"]["model"]
-    except Exception as err:  # a truncated file raises one of several types
-        raise RafaleError(f"{path}: not a readable Composer checkpoint ({type(err).__name__}: {err})") from None
+    weights = read_checkpoint(path)["state"]["model"]
     return {k.removeprefix("model."): v for k, v in weights.items()}
 
 
+def write_model_file(model: torch.nn.Module, run_dir: Path) -> None:
+    """Save the built model's config, so the run's model can be rebuilt from its folder alone."""
+    (run_dir / MODEL_FILE).write_text(json.dumps(dataclasses.asdict(model.cfg), indent=2))
+
+
+def run_model_config(run_dir: Path, cfg: Config):
+    """The model config a run was built with: its model.json, or (folders written before it) resolved again."""
+    if not (run_dir / MODEL_FILE).is_file():
+        return resolve_model_config(cfg)
+    from rafale.models.configurations import PRESETS
+
+    family_config = type(next(iter(PRESETS[cfg.model.type].values())))
+    return build_dataclass(family_config, json.loads((run_dir / MODEL_FILE).read_text()), "model.")
+
+
 def load_run_model(run_dir: Path, checkpoint: Path | None = None):
-    """(config, data description, nn.Module with the checkpoint's weights) of a run folder."""
+    """(config, data description, nn.Module with the checkpoint's weights) of a run folder.
+
+    Needs only the folder: the saved config is read without looking for its data, tokenizer or pretrained files
+    (they may have moved, be relative to another directory, or be on the hub while offline)."""
     from rafale.main import model_config_dict
 
     for name in ("config.yaml", "tokenizer.json", "data.json"):
         if not (run_dir / name).is_file():
             raise RafaleError(f"{run_dir} is not a rafale run folder: it has no {name}")
-    cfg: Config = load_config(run_dir / "config.yaml")
+    cfg: Config = load_config(run_dir / "config.yaml", saved_run=True)
     data = PreparedData(
         splits=None,
         tokenizer=Tokenizer.from_file(str(run_dir / "tokenizer.json")),
         path=run_dir,
         meta=json.loads((run_dir / "data.json").read_text()),
     )
-    model_cfg = resolve_model_config(cfg)
+    model_cfg = run_model_config(run_dir, cfg)
     cfg.model.pretrained = None  # the checkpoint has all the weights
     composer_model, _ = model_config_dict[cfg.model.type](model_cfg, data, cfg)
     checkpoint = checkpoint or latest_checkpoint(run_dir)

@@ -3,6 +3,7 @@
     rafale -c cfg.yaml              prepare the data (cached), build the model, train and evaluate it
     DATA=1 rafale -c cfg.yaml       only prepare the data (also: --data-only)
     DEBUG=1 rafale -c cfg.yaml      train 10 epochs on one fixed batch, which a healthy model overfits (also: --debug)
+    rafale -c cfg.yaml --restart    start run.name over, keeping its old folder as NAME.old-<time>
     rafale export RUN [--out DIR]   write a run's latest checkpoint in Hugging Face format
     rafale generate RUN --prompt P  generate text with a trained decoder (a run or a Hugging Face folder)
     rafale lm-eval RUN --tasks T    score a decoder with lm-evaluation-harness
@@ -144,6 +145,8 @@ examples:
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
                         help="change a config value for this run, e.g. training.lr=3e-3 model.num_layers=2 "
                         "(or --training.lr 3e-3); recorded in the run's config.yaml")
+    parser.add_argument("--restart", action="store_true",
+                        help="start run.name over, keeping its old folder as NAME.old-<time> (same as run.restart: true)")
     return parser.parse_intermixed_args(undash_overrides(argv))
 
 
@@ -191,6 +194,7 @@ def train_main(args) -> int:
     from rafale.train import DEBUG_EPOCHS, DEBUG_STEPS_PER_EPOCH, describe, run, write_summary
 
     cfg = load_config(args.config, args.overrides)
+    cfg.run.restart = cfg.run.restart or args.restart
     data_only = args.data_only or env_flag("DATA")
     debug = args.debug or env_flag("DEBUG")
     data = prepare_data(cfg)

@@ -4,15 +4,19 @@ checkpoint that autoresume is about to load.
 Composer's autoresume restores model, optimizer, scheduler, RNG and data position from the run folder's latest
 checkpoint; what it lacks is here: SIGINT/SIGTERM save a checkpoint at the end of the current batch, a NaN or
 infinite loss stops the run with a hint, and a truncated latest checkpoint is an error naming the file (or,
-with run.resume_fallback, set aside for the one before).
+with run.resume_fallback, set aside for the one before). Composer unpickles what it loads, so a checkpoint is
+first read with torch.load(weights_only=True) and refused if it holds anything a Composer checkpoint does not.
 """
 
+import datetime
 import os
+import re
 import signal
 import sys
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import torch
 from composer import Callback
 from composer.callbacks import CheckpointSaver
@@ -20,6 +24,16 @@ from composer.callbacks import CheckpointSaver
 from rafale.config import RafaleError
 
 LATEST_CHECKPOINT = "latest-rank0.pt"  # the symlink Composer's autoresume reads in the checkpoints folder
+# what a Composer checkpoint holds besides tensors and plain containers: timings, the torch version, numpy RNG
+# states (the same for every family, resumed or not; optimizer, scheduler and timestamp states are plain data)
+CHECKPOINT_SAFE_GLOBALS = [
+    datetime.timedelta,
+    torch.torch_version.TorchVersion,
+    np._core.multiarray._reconstruct,
+    np.ndarray,
+    np.dtype,
+    np.dtypes.UInt32DType,
+]
 DIVERGED_HINT = ("lower training.lr, keep gradient clipping on (training.clip_norm), "
                  "or use precision amp_bf16 instead of amp_fp16")
 
@@ -102,9 +116,10 @@ def _batch_of(checkpoint: Path) -> int:
     return int(checkpoint.name.split("-ba")[1].split("-")[0])
 
 
-def check_resume_checkpoint(folder: Path, fallback: bool) -> None:
+def check_resume_checkpoint(folder: Path, fallback: bool, trust: bool = False) -> None:
     """Before autoresume loads the latest checkpoint: stop with a clear error if it is unreadable, or with
-    run.resume_fallback set it aside and point autoresume at the newest readable one before it."""
+    run.resume_fallback set it aside and point autoresume at the newest readable one before it. A whole checkpoint
+    that holds more than Composer stores is refused (check_checkpoint_safe)."""
     latest = folder / LATEST_CHECKPOINT
     if not latest.is_symlink() and not latest.exists():
         return
@@ -117,6 +132,7 @@ def check_resume_checkpoint(folder: Path, fallback: bool) -> None:
             print(f"rafale: {newer} is newer than {LATEST_CHECKPOINT} (a save cut short); set aside as {newer.name}.unfinished")
     problem = checkpoint_readable(target) if target.exists() else "it does not exist"
     if problem is None:
+        check_checkpoint_safe(target, "autoresume", trust)
         return
     if not fallback:
         raise CheckpointError(
@@ -129,8 +145,44 @@ def check_resume_checkpoint(folder: Path, fallback: bool) -> None:
     latest.unlink()
     for candidate in sorted(folder.glob("ep*-ba*-rank0.pt"), key=_batch_of, reverse=True):
         if checkpoint_readable(candidate) is None:
+            check_checkpoint_safe(candidate, "autoresume", trust)
             os.symlink(candidate.name, latest)
             print(f"rafale: resuming from the previous checkpoint {candidate}")
             return
         print(f"rafale: {candidate} is unreadable too; skipping it")
     print(f"rafale: no readable checkpoint left in {folder}; starting from the beginning")
+
+
+def read_checkpoint(path: Path) -> dict:
+    """A Composer checkpoint read with torch.load(weights_only=True), allowing only CHECKPOINT_SAFE_GLOBALS.
+
+    A file holding anything else (an object whose unpickling would run code) or no checkpoint at all is a
+    CheckpointError naming it; nothing in the file is executed."""
+    try:
+        with torch.serialization.safe_globals(CHECKPOINT_SAFE_GLOBALS):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises one of several types for a wrong, truncated or unsafe file
+        raise CheckpointError(f"{path} is not a Composer checkpoint that can be read safely: {_load_problem(err)}") from None
+    if not (isinstance(state, dict) and isinstance(state.get("state"), dict) and isinstance(state["state"].get("model"), dict)):
+        raise CheckpointError(f"{path} is not a Composer checkpoint: it has no model state")
+    return state
+
+
+def _load_problem(err: Exception) -> str:
+    unsafe = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+    if unsafe:
+        return f"it holds {unsafe.group(1)}, which Composer's checkpoints never do (unpickling it could run code)"
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"
+
+
+def check_checkpoint_safe(path: Path, key: str, trust: bool) -> None:
+    """Composer unpickles training.load_path and the autoresume checkpoint without weights_only, which runs
+    whatever code a crafted file holds: read `path` safely first and refuse it if that fails, unless the user
+    trusts it (training.trust_checkpoint)."""
+    if trust:
+        return
+    try:
+        read_checkpoint(path)
+    except CheckpointError as err:
+        raise CheckpointError(f"{key}: {err}; if you trust this file, set training.trust_checkpoint: true") from None

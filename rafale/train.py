@@ -5,6 +5,7 @@ warmup + cosine/linear/constant schedule, gradient clipping, gradient accumulati
 evaluation, checkpoints and autoresume, and the callbacks that report speed, learning rate and time left.
 """
 
+import dataclasses
 import json
 import math
 import shutil
@@ -34,9 +35,9 @@ from rafale.hardware import peak_flops
 from rafale.models.hf import WeightsError
 from rafale.loggers import ConsoleLog, MetricsFile
 from rafale.plots import SUMMARY_FILE, best_validation
-from rafale.export import EXPORT_DIR, export_model
+from rafale.export import EXPORT_DIR, MODEL_FILE, export_model, write_model_file
 from rafale.optim import batches_in, build_optimizer, is_schedule_free, schedule_free_switch
-from rafale.resilience import FiniteLossMonitor, StopOnSignal, check_resume_checkpoint
+from rafale.resilience import FiniteLossMonitor, StopOnSignal, check_checkpoint_safe, check_resume_checkpoint
 
 
 DEBUG_EPOCHS = 10
@@ -157,6 +158,56 @@ def make_loggers(cfg: Config, run_dir: Path) -> list:
     return loggers
 
 
+class ResumeConflict(RafaleError):
+    pass
+
+
+def resume_conflicts(run_dir: Path, data: PreparedData, model_cfg) -> list[str]:
+    """What the run folder's checkpoints were trained with that this run changes: the data (the cache's
+    fingerprint inputs), the tokenizer, the model's sizes. Anything else (max_duration, the eval, save and log
+    intervals, loggers, ...) may change when a run is resumed."""
+
+    def changed(what: str, old: dict, new: dict) -> list[str]:
+        new = json.loads(json.dumps(new))  # tuples as lists, as the saved file has them
+        return [f"{what} {key} was {_short(old.get(key))}, now {_short(new.get(key))}"
+                for key in sorted(old.keys() | new.keys()) if old.get(key) != new.get(key)]
+
+    conflicts = []
+    old_data = json.loads((run_dir / "data.json").read_text()) if (run_dir / "data.json").is_file() else {}
+    if "fingerprint_inputs" in old_data:  # (not in caches built by an older rafale)
+        old_inputs, new_inputs = dict(old_data["fingerprint_inputs"]), dict(data.meta["fingerprint_inputs"])
+        source = data.meta["config"]["source"]
+        if source != "stories" and not source.startswith("hf:"):
+            # a local file is known by its path and modification time, which moving or copying it changes: compare
+            # what it yields instead (tokens, blocks or examples per split)
+            del old_inputs["source"], new_inputs["source"]
+            conflicts += changed("data split", old_data.get("splits", {}), data.meta["splits"])
+        conflicts += changed("data", old_inputs, new_inputs)
+    if (run_dir / "tokenizer.json").is_file():
+        same = json.loads((run_dir / "tokenizer.json").read_text()) == json.loads((data.path / "tokenizer.json").read_text())
+        conflicts += [] if same else ["the tokenizer differs from the run's tokenizer.json"]
+    if (run_dir / MODEL_FILE).is_file():
+        conflicts += changed("model", json.loads((run_dir / MODEL_FILE).read_text()), dataclasses.asdict(model_cfg))
+    return conflicts
+
+
+def _short(value, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def set_run_folder_aside(run_dir: Path) -> None:
+    """run.restart: keep the old run folder as NAME.old-<time> and start with an empty one."""
+    if not run_dir.exists():
+        return
+    aside = run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+    try:
+        run_dir.rename(aside)
+    except OSError as err:
+        raise ConfigError("run.restart", f"cannot set the run folder {run_dir} aside as {aside}: {err}") from None
+    print(f"rafale: restarting {run_dir.name}; the previous run folder is now {aside}")
+
+
 def run(cfg: Config, data: PreparedData, model, collator, debug: bool = False) -> RunResult:
     """Train (or with training.eval_only, evaluate) `model` on `data`, as the config says."""
     t = cfg.training
@@ -165,19 +216,32 @@ def run(cfg: Config, data: PreparedData, model, collator, debug: bool = False) -
 
     run_name = cfg.run.name + ("-debug" if debug else "")
     run_dir = Path(cfg.run.output_dir).expanduser() / run_name
+    save = not debug and not t.eval_only
+    if dist.get_global_rank() == 0:
+        if cfg.run.restart:
+            set_run_folder_aside(run_dir)
+        elif save and list(run_dir.glob("checkpoints/*.pt")):  # before anything in the folder is overwritten
+            conflicts = resume_conflicts(run_dir, data, model.model.cfg)
+            if conflicts:
+                raise ResumeConflict(
+                    f"cannot resume {run_dir}: its checkpoints were trained with other inputs ({'; '.join(conflicts)}). "
+                    f"Use a new run.name, or start over with --restart (or run.restart: true), which keeps the old "
+                    f"folder as {run_name}.old-<time>"
+                )
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise ConfigError("run.output_dir", f"cannot create the run folder {run_dir}: {err}") from None
     if dist.get_global_rank() == 0:
-        save_config(cfg, run_dir / "config.yaml")
+        # restart is what this command did, not a setting of the run: rerunning config.yaml must resume it
+        save_config(dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, restart=False)), run_dir / "config.yaml")
         shutil.copyfile(data.path / "tokenizer.json", run_dir / "tokenizer.json")
         (run_dir / "data.json").write_text(json.dumps(data.meta, indent=2))  # to rebuild the model without the data
+        write_model_file(model.model, run_dir)  # ... and without model.pretrained
         if "label_names" in data.meta:  # class id -> name, for whoever reads the predictions
             (run_dir / "labels.json").write_text(json.dumps(data.meta["label_names"]))
 
     trainer, stopper, peak = build_trainer(cfg, data, model, collator, placement, run_dir, run_name, debug)
-    save = not debug and not t.eval_only
 
     start = time.perf_counter()
     tokens_before = int(trainer.state.timestamp.token)
@@ -287,7 +351,9 @@ def build_trainer(cfg: Config, data: PreparedData, model, collator, placement: P
     algorithms = [GradientClipping(clipping_type="norm", clipping_threshold=t.clip_norm)] if t.clip_norm else []
     autoresume = save and cfg.run.autoresume
     if autoresume and dist.get_global_rank() == 0:
-        check_resume_checkpoint(run_dir / "checkpoints", cfg.run.resume_fallback)
+        check_resume_checkpoint(run_dir / "checkpoints", cfg.run.resume_fallback, t.trust_checkpoint)
+    if t.load_path is not None:  # Composer unpickles it
+        check_checkpoint_safe(Path(t.load_path).expanduser(), "training.load_path", t.trust_checkpoint)
     warmup_steps = 0  # schedule-free warms up itself, counting batches
     if is_schedule_free(t) and not debug:
         warmup_steps = batches_in(t.warmup, t.max_duration, len(train_loader), t.batch_size, cfg.data.block_size)
