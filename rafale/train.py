@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from composer import Trainer
+from composer import DataSpec, Trainer
 from composer.algorithms import GradientClipping
 from composer.callbacks import LRMonitor, MemoryMonitor, RuntimeEstimator, SpeedMonitor
 from composer.optim import (
@@ -24,11 +24,12 @@ from composer.optim import (
     CosineAnnealingWithWarmupScheduler,
     LinearWithWarmupScheduler,
 )
+from composer.core import Time
 from composer.utils import dist
 from torch.utils.data import DataLoader
 
 from rafale.config import Config, ConfigError, RafaleError, save_config
-from rafale.datapipes import PreparedData, cache_root
+from rafale.datapipes import IGNORE_INDEX, PreparedData, cache_root
 from rafale.hardware import peak_flops
 from rafale.plots import MetricsFile, best_validation
 from rafale.export import EXPORT_DIR, export_model
@@ -48,7 +49,8 @@ class RunResult:
     wall_time_s: float
     tokens: int
     export_dir: Path | None = None
-    mfu: float | None = None  # model FLOPs utilization over the whole run, against the device's peak
+    mfu: float | None = None  # model FLOPs utilization while training (evaluation left out), against the device's peak
+    train_time_s: float | None = None  # wall_time_s less the time spent evaluating
 
 
 def pick_device(cfg: Config) -> str:
@@ -66,10 +68,23 @@ def pick_precision(cfg: Config, device: str) -> str:
     return cfg.training.precision
 
 
-def make_dataloader(dataset, batch_size: int, collate_fn, shuffle: bool, drop_last: bool, num_workers: int, pin: bool):
-    # the sampler gives each rank its own shard when Composer's launcher runs several processes
-    sampler = dist.get_sampler(dataset, shuffle=shuffle, drop_last=drop_last)
-    return DataLoader(
+def count_tokens(batch: dict) -> dict[str, int]:
+    """Composer's token counts of a batch. 'total' leaves out padding (tokens/s, max_duration in tok);
+    'loss_generating' is what the loss is a mean over (labelled tokens for LM and MLM, examples for classification),
+    so that gradient accumulation and DDP weigh each of them equally (accumulate_train_batch_on_tokens)."""
+    input_ids, labels = batch["input_ids"], batch["labels"]
+    mask = batch.get("attention_mask")
+    total = int(mask.sum()) if mask is not None else input_ids.numel()
+    per_token = labels.shape == input_ids.shape
+    return {"total": total, "loss_generating": int((labels != IGNORE_INDEX).sum()) if per_token else len(labels)}
+
+
+def make_dataloader(dataset, batch_size: int, collate_fn, shuffle: bool, drop_last: bool, num_workers: int, pin: bool,
+                    *, seed: int) -> DataSpec:
+    # the sampler gives each rank its own shard when Composer's launcher runs several processes; its order
+    # follows run.seed (and the epoch, which Composer sets)
+    sampler = dist.get_sampler(dataset, shuffle=shuffle, drop_last=drop_last, seed=seed)
+    loader = DataLoader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,
@@ -79,6 +94,7 @@ def make_dataloader(dataset, batch_size: int, collate_fn, shuffle: bool, drop_la
         pin_memory=pin,
         persistent_workers=num_workers > 0,
     )
+    return DataSpec(loader, get_num_tokens_in_batch=count_tokens)
 
 
 def make_optimizer(model: torch.nn.Module, cfg: Config, device: str):
@@ -96,11 +112,13 @@ def make_scheduler(cfg: Config, debug: bool):
     t = cfg.training
     if debug:  # a fixed target and a fixed learning rate: the loss should only fall
         return ConstantWithWarmupScheduler(t_warmup="0ba")
+    # no warmup fits any max_duration unit (Composer would refuse 0ba against a max_duration in tok)
+    warmup = "0dur" if Time.from_timestring(t.warmup).value == 0 else t.warmup
     if t.schedule == "cosine":
-        return CosineAnnealingWithWarmupScheduler(t_warmup=t.warmup, alpha_f=t.lr_final_ratio)
+        return CosineAnnealingWithWarmupScheduler(t_warmup=warmup, alpha_f=t.lr_final_ratio)
     if t.schedule == "linear":
-        return LinearWithWarmupScheduler(t_warmup=t.warmup, alpha_f=t.lr_final_ratio)
-    return ConstantWithWarmupScheduler(t_warmup=t.warmup)
+        return LinearWithWarmupScheduler(t_warmup=warmup, alpha_f=t.lr_final_ratio)
+    return ConstantWithWarmupScheduler(t_warmup=warmup)
 
 
 def eval_metrics(trainer: Trainer) -> dict[str, float]:
@@ -173,13 +191,17 @@ def run(cfg: Config, data: PreparedData, model, collator, debug: bool = False) -
         eval_set = train_set.select(range(t.batch_size))
         train_set = train_set.select(list(range(t.batch_size)) * DEBUG_STEPS_PER_EPOCH)
     pin = device == "gpu"
-    train_loader = make_dataloader(train_set, per_rank_batch, collator, not debug, True, cfg.data.num_workers, pin)
-    eval_loader = make_dataloader(eval_set, per_rank_batch, collator, False, False, cfg.data.num_workers, pin)
+    seed = cfg.run.seed
+    train_loader = make_dataloader(train_set, per_rank_batch, collator, not debug, True, cfg.data.num_workers, pin, seed=seed)
+    # MLM: evaluation masks are drawn from each example, so every evaluation scores the same masks
+    eval_collator = collator.for_evaluation() if hasattr(collator, "for_evaluation") else collator
+    eval_loader = make_dataloader(eval_set, per_rank_batch, eval_collator, False, False, cfg.data.num_workers, pin, seed=seed)
 
     save = not debug and not t.eval_only
     stopper = StopOnSignal(save)
     peak = peak_flops(device, precision, cache_root(cfg.data.cache_dir))
-    callbacks = [SpeedMonitor(window_size=10, gpu_flops_available=peak), LRMonitor(), RuntimeEstimator(),
+    speed = SpeedMonitor(window_size=10, gpu_flops_available=peak)
+    callbacks = [speed, LRMonitor(), RuntimeEstimator(),
                  FiniteLossMonitor(), stopper]
     if device == "gpu":
         callbacks.append(MemoryMonitor())
@@ -212,6 +234,7 @@ def run(cfg: Config, data: PreparedData, model, collator, debug: bool = False) -
             device=device,
             precision=precision,
             device_train_microbatch_size=microbatch,
+            accumulate_train_batch_on_tokens=True,  # a step's loss is its mean over count_tokens' loss_generating
             seed=cfg.run.seed,
             progress_bar=interactive,
             log_to_console=not interactive,
@@ -227,6 +250,7 @@ def run(cfg: Config, data: PreparedData, model, collator, debug: bool = False) -
         )
 
     start = time.perf_counter()
+    eval_seconds_before = speed.total_eval_wct  # a resumed run restores Composer's count
     tokens_before = int(trainer.state.timestamp.token)
     loss_start = loss_end = None
     fresh = int(trainer.state.timestamp.batch) == 0
@@ -256,14 +280,15 @@ def run(cfg: Config, data: PreparedData, model, collator, debug: bool = False) -
             sys.exit(128 + stopper.signum)  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
         loss_end = eval_loss(trainer)
     wall = time.perf_counter() - start
+    train_seconds = wall - (speed.total_eval_wct - eval_seconds_before)
     tokens = int(trainer.state.timestamp.token) - tokens_before
     export_dir = None
     if save and dist.get_global_rank() == 0:
         export_dir = export_model(model.model, run_dir / EXPORT_DIR, data)
     mfu = None
-    if tokens and peak:
-        mfu = tokens / wall * model.model.flops_per_token(cfg.data.block_size) / (peak * world)
-    return RunResult(run_dir, trainer, loss_start, loss_end, wall, tokens, export_dir, mfu)
+    if tokens and peak and train_seconds > 0:  # training time only: evaluation does no backward pass
+        mfu = tokens / train_seconds * model.model.flops_per_token(cfg.data.block_size) / (peak * world)
+    return RunResult(run_dir, trainer, loss_start, loss_end, wall, tokens, export_dir, mfu, train_seconds)
 
 
 def describe(result: RunResult, num_params: int) -> str:
@@ -271,8 +296,9 @@ def describe(result: RunResult, num_params: int) -> str:
     lines = [f"run folder: {result.run_dir}", f"parameters: {num_params:,}"]
     if result.tokens:
         mfu = f", MFU {result.mfu:.1%}" if result.mfu is not None else ""
-        lines.append(f"tokens trained: {result.tokens:,} in {result.wall_time_s:.1f} s "
-                     f"({result.tokens / result.wall_time_s:,.0f} tokens/s including evaluation{mfu})")
+        train_s = result.train_time_s or result.wall_time_s
+        lines.append(f"tokens trained: {result.tokens:,} in {result.wall_time_s:.1f} s, {train_s:.1f} s of it training "
+                     f"({result.tokens / train_s:,.0f} tokens/s while training{mfu})")
     if result.export_dir is not None:
         lines.append(f"checkpoints: {result.run_dir / 'checkpoints'}; Hugging Face export: {result.export_dir}")
     metrics = eval_metrics(result.trainer)
