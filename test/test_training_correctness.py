@@ -2,10 +2,8 @@
 fails up front, gradient accumulation changes nothing but memory, evaluation scores the same thing every time,
 and the speed figures count what was trained."""
 
-import copy
 import dataclasses
 import math
-import re
 from types import SimpleNamespace
 
 import pytest
@@ -15,6 +13,7 @@ from composer import Trainer
 from composer.core import Time, Timestamp
 from composer.optim import CosineAnnealingWithWarmupScheduler
 from datasets import Dataset
+from torch.utils.data import DataLoader, DistributedSampler
 
 import rafale.train
 from conftest import run_in_process, write_config
@@ -223,3 +222,21 @@ def test_finite_loss_check_reads_the_logged_loss_only():
         state.total_loss_dict = {"loss/train/total": bad}
         with pytest.raises(TrainingDiverged, match=r"the training loss is (nan|inf) at batch 7;"):
             monitor.batch_end(state, None)
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. several ranks: the padding DistributedSampler adds to the validation split is scored once
+
+
+def test_evaluation_on_several_ranks_counts_each_block_once(trainer_arguments):
+    for n, world in [(5, 2), (7, 3), (8, 3), (6, 2)]:
+        shards = [list(DistributedSampler(range(n), num_replicas=world, rank=r, shuffle=False)) for r in range(world)]
+        padding = sum(map(len, shards)) - n
+        assert padding == -n % world  # the sampler repeats samples to give every rank as many
+        # Composer's evaluation loop (Trainer._eval_loop) drops the last sample of the last batch on the last
+        # `padding` ranks, given a DataLoader with a DistributedSampler, drop_last=False and a dataset with a length
+        kept = [i for r, shard in enumerate(shards) for i in (shard[:-1] if r >= world - padding else shard)]
+        assert sorted(kept) == list(range(n))
+    loader = trainer_arguments()["eval_dataloader"].dataloader  # what run() builds meets those conditions
+    assert isinstance(loader, DataLoader) and isinstance(loader.sampler, DistributedSampler)
+    assert loader.drop_last is False and len(loader.sampler.dataset) > 0
