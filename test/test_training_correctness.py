@@ -47,7 +47,7 @@ class Recorded(Exception):
 def trainer_arguments(tmp_path, cache_dir, capsys, monkeypatch):
     """run(): the keyword arguments it builds the Trainer with, for a config with some keys changed."""
 
-    def record(**sections):
+    def record(env=None, **sections):
         recorded = {}
 
         def fake_trainer(**kwargs):
@@ -58,7 +58,7 @@ def trainer_arguments(tmp_path, cache_dir, capsys, monkeypatch):
         cfg = write_config(tmp_path / "cfg.yaml", run={"output_dir": str(tmp_path / "runs"), **sections.pop("run", {})},
                            **sections)
         with pytest.raises(Recorded):
-            run_in_process(["-c", str(cfg)], capsys, monkeypatch)
+            run_in_process(["-c", str(cfg)], capsys, monkeypatch, env=env)
         return recorded
 
     return record
@@ -240,3 +240,18 @@ def test_evaluation_on_several_ranks_counts_each_block_once(trainer_arguments):
     loader = trainer_arguments()["eval_dataloader"].dataloader  # what run() builds meets those conditions
     assert isinstance(loader, DataLoader) and isinstance(loader.sampler, DistributedSampler)
     assert loader.drop_last is False and len(loader.sampler.dataset) > 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. DEBUG=1 overfits whatever ran before: no dropout, so the target holds still
+
+
+def dropout_rates(model) -> list[float]:
+    rates = [m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    return rates + [m.attention_dropout for m in model.modules() if hasattr(m, "attention_dropout")]
+
+
+def test_debug_trains_without_dropout(trainer_arguments):
+    encoder = {"type": "bert", "task": "classification", "preset": "bert-tiny"}
+    assert max(dropout_rates(trainer_arguments(model=encoder)["model"])) > 0  # a normal run keeps the preset's
+    assert set(dropout_rates(trainer_arguments(model=encoder, env={"DEBUG": "1"})["model"])) == {0.0}
