@@ -191,7 +191,7 @@ def print_data_summary(data: PreparedData):
 
 
 def train_main(args) -> int:
-    from rafale.train import DEBUG_EPOCHS, DEBUG_STEPS_PER_EPOCH, describe, run, write_summary
+    from rafale.train import DEBUG_EPOCHS, DEBUG_STEPS_PER_EPOCH, describe, run, without_dropout, write_summary
 
     cfg = load_config(args.config, args.overrides)
     cfg.run.restart = cfg.run.restart or args.restart
@@ -202,6 +202,8 @@ def train_main(args) -> int:
     if data_only:
         return 0
     model_cfg = resolve_model_config(cfg)
+    if debug:
+        model_cfg = without_dropout(model_cfg)
     reproducibility.seed_all(cfg.run.seed)  # the initial weights too, not only what the Trainer draws
     model, collator = model_config_dict[cfg.model.type](model_cfg, data, cfg)
     if debug and hasattr(collator, "fixed_seed"):  # the same masks every step, so the target holds still

@@ -13,11 +13,12 @@ import signal
 import sys
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from dataclasses import replace as dataclass_replace
 from pathlib import Path
 
 import torch
-from composer import Trainer
+from composer import DataSpec, Trainer
 from composer.algorithms import GradientClipping
 from composer.callbacks import LRMonitor, MemoryMonitor, RuntimeEstimator, SpeedMonitor
 from composer.optim import (
@@ -26,11 +27,12 @@ from composer.optim import (
     CosineAnnealingWithWarmupScheduler,
     LinearWithWarmupScheduler,
 )
+from composer.core import Time
 from composer.utils import dist
 from torch.utils.data import DataLoader
 
 from rafale.config import Config, ConfigError, RafaleError, save_config
-from rafale.datapipes import PreparedData, cache_root
+from rafale.datapipes import IGNORE_INDEX, PreparedData, cache_root
 from rafale.hardware import peak_flops
 from rafale.models.hf import WeightsError
 from rafale.loggers import ConsoleLog, MetricsFile
@@ -42,6 +44,15 @@ from rafale.resilience import FiniteLossMonitor, StopOnSignal, check_checkpoint_
 
 DEBUG_EPOCHS = 10
 DEBUG_STEPS_PER_EPOCH = 10
+DROPOUT_FIELDS = ("hidden_dropout", "attention_dropout", "classifier_dropout")
+
+
+def without_dropout(model_cfg):
+    """The model config for DEBUG=1: no dropout, so the target holds still (as the MLM masks do). With dropout, a
+    near-memorized batch sees Adam's steps blow up on a noisy gradient: the loss jumps back to chance or above
+    for a step (measured on bert-tiny classification), and a jump in the last steps fails the check."""
+    present = {f.name for f in fields(model_cfg)} & set(DROPOUT_FIELDS)
+    return dataclass_replace(model_cfg, **{name: 0.0 for name in present})
 
 
 @dataclass
@@ -53,7 +64,8 @@ class RunResult:
     wall_time_s: float
     tokens: int
     export_dir: Path | None = None
-    mfu: float | None = None  # model FLOPs utilization over the whole run, against the device's peak
+    mfu: float | None = None  # model FLOPs utilization while training (evaluation left out), against the device's peak
+    train_time_s: float | None = None  # wall_time_s less the time spent evaluating
     precision: str | None = None  # what ran, e.g. fp32 on a CPU that lacks bf16 units though amp_bf16 was asked
 
 
@@ -99,10 +111,23 @@ def precision_label(precision: str, autocast_dtype) -> str:
     return "amp_bf16 (the model's own bf16 autocast on the CPU)" if autocast_dtype is not None else precision
 
 
-def make_dataloader(dataset, batch_size: int, collate_fn, shuffle: bool, drop_last: bool, num_workers: int, pin: bool):
-    # the sampler gives each rank its own shard when Composer's launcher runs several processes
-    sampler = dist.get_sampler(dataset, shuffle=shuffle, drop_last=drop_last)
-    return DataLoader(
+def count_tokens(batch: dict) -> dict[str, int]:
+    """Composer's token counts of a batch. 'total' leaves out padding (tokens/s, max_duration in tok);
+    'loss_generating' is what the loss is a mean over (labelled tokens for LM and MLM, examples for classification),
+    so that gradient accumulation and DDP weigh each of them equally (accumulate_train_batch_on_tokens)."""
+    input_ids, labels = batch["input_ids"], batch["labels"]
+    mask = batch.get("attention_mask")
+    total = int(mask.sum()) if mask is not None else input_ids.numel()
+    per_token = labels.shape == input_ids.shape
+    return {"total": total, "loss_generating": int((labels != IGNORE_INDEX).sum()) if per_token else len(labels)}
+
+
+def make_dataloader(dataset, batch_size: int, collate_fn, shuffle: bool, drop_last: bool, num_workers: int, pin: bool,
+                    *, seed: int) -> DataSpec:
+    # the sampler gives each rank its own shard when Composer's launcher runs several processes; its order
+    # follows run.seed (and the epoch, which Composer sets)
+    sampler = dist.get_sampler(dataset, shuffle=shuffle, drop_last=drop_last, seed=seed)
+    loader = DataLoader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,
@@ -112,6 +137,7 @@ def make_dataloader(dataset, batch_size: int, collate_fn, shuffle: bool, drop_la
         pin_memory=pin,
         persistent_workers=num_workers > 0,
     )
+    return DataSpec(loader, get_num_tokens_in_batch=count_tokens)
 
 
 def make_scheduler(cfg: Config, debug: bool):
@@ -120,11 +146,13 @@ def make_scheduler(cfg: Config, debug: bool):
         return ConstantWithWarmupScheduler(t_warmup="0ba")
     if is_schedule_free(t):  # it warms up itself and needs no decay: a second schedule would distort it
         return ConstantScheduler()
+    # no warmup fits any max_duration unit (Composer would refuse 0ba against a max_duration in tok)
+    warmup = "0dur" if Time.from_timestring(t.warmup).value == 0 else t.warmup
     if t.schedule == "cosine":
-        return CosineAnnealingWithWarmupScheduler(t_warmup=t.warmup, alpha_f=t.lr_final_ratio)
+        return CosineAnnealingWithWarmupScheduler(t_warmup=warmup, alpha_f=t.lr_final_ratio)
     if t.schedule == "linear":
-        return LinearWithWarmupScheduler(t_warmup=t.warmup, alpha_f=t.lr_final_ratio)
-    return ConstantWithWarmupScheduler(t_warmup=t.warmup)
+        return LinearWithWarmupScheduler(t_warmup=warmup, alpha_f=t.lr_final_ratio)
+    return ConstantWithWarmupScheduler(t_warmup=warmup)
 
 
 def eval_metrics(trainer: Trainer) -> dict[str, float]:
@@ -244,6 +272,8 @@ def run(cfg: Config, data: PreparedData, model, collator, debug: bool = False) -
     trainer, stopper, peak = build_trainer(cfg, data, model, collator, placement, run_dir, run_name, debug)
 
     start = time.perf_counter()
+    speed = next(c for c in trainer.state.callbacks if isinstance(c, SpeedMonitor))
+    eval_seconds_before = speed.total_eval_wct  # a resumed run restores Composer's count
     tokens_before = int(trainer.state.timestamp.token)
     loss_start = loss_end = None
     fresh = int(trainer.state.timestamp.batch) == 0
@@ -273,6 +303,7 @@ def run(cfg: Config, data: PreparedData, model, collator, debug: bool = False) -
             sys.exit(128 + stopper.signum)  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
         loss_end = eval_loss(trainer)
     wall = time.perf_counter() - start
+    train_seconds = wall - (speed.total_eval_wct - eval_seconds_before)
     tokens = int(trainer.state.timestamp.token) - tokens_before
     export_dir = None
     if save and dist.get_global_rank() == 0:
@@ -281,9 +312,9 @@ def run(cfg: Config, data: PreparedData, model, collator, debug: bool = False) -
         except WeightsError as err:  # after hours of training, the checkpoints matter more than the export
             print(f"rafale: no Hugging Face export: {err}; the checkpoints are in {run_dir / 'checkpoints'}")
     mfu = None
-    if tokens and peak:
-        mfu = tokens / wall * model.model.flops_per_token(cfg.data.block_size) / (peak * world)
-    return RunResult(run_dir, trainer, loss_start, loss_end, wall, tokens, export_dir, mfu,
+    if tokens and peak and train_seconds > 0:  # training time only: evaluation does no backward pass
+        mfu = tokens / train_seconds * model.model.flops_per_token(cfg.data.block_size) / (peak * world)
+    return RunResult(run_dir, trainer, loss_start, loss_end, wall, tokens, export_dir, mfu, train_seconds,
                      precision_label(placement.precision, placement.autocast_dtype))
 
 
@@ -337,8 +368,11 @@ def build_trainer(cfg: Config, data: PreparedData, model, collator, placement: P
         eval_set = train_set.select(range(t.batch_size))
         train_set = train_set.select(list(range(t.batch_size)) * DEBUG_STEPS_PER_EPOCH)
     pin = device == "gpu"
-    train_loader = make_dataloader(train_set, per_rank_batch, collator, not debug, True, cfg.data.num_workers, pin)
-    eval_loader = make_dataloader(eval_set, per_rank_batch, collator, False, False, cfg.data.num_workers, pin)
+    seed = cfg.run.seed
+    train_loader = make_dataloader(train_set, per_rank_batch, collator, not debug, True, cfg.data.num_workers, pin, seed=seed)
+    # MLM: evaluation masks are drawn from each example, so every evaluation scores the same masks
+    eval_collator = collator.for_evaluation() if hasattr(collator, "for_evaluation") else collator
+    eval_loader = make_dataloader(eval_set, per_rank_batch, eval_collator, False, False, cfg.data.num_workers, pin, seed=seed)
 
     save = not debug and not t.eval_only
     stopper = StopOnSignal(save)
@@ -380,6 +414,7 @@ def build_trainer(cfg: Config, data: PreparedData, model, collator, placement: P
             device=device,
             precision=precision,
             device_train_microbatch_size=microbatch,
+            accumulate_train_batch_on_tokens=True,  # a step's loss is its mean over count_tokens' loss_generating
             seed=cfg.run.seed,
             progress_bar=False,  # rafale.loggers.ConsoleLog draws the bar and prints the lines
             log_to_console=False,
@@ -402,8 +437,9 @@ def describe(result: RunResult, num_params: int) -> str:
         lines.append(f"precision: {result.precision}")
     if result.tokens:
         mfu = f", MFU {result.mfu:.1%}" if result.mfu is not None else ""
-        lines.append(f"tokens trained: {result.tokens:,} in {result.wall_time_s:.1f} s "
-                     f"({result.tokens / result.wall_time_s:,.0f} tokens/s including evaluation{mfu})")
+        train_s = result.train_time_s or result.wall_time_s
+        lines.append(f"tokens trained: {result.tokens:,} in {result.wall_time_s:.1f} s, {train_s:.1f} s of it training "
+                     f"({result.tokens / train_s:,.0f} tokens/s while training{mfu})")
     if result.export_dir is not None:
         lines.append(f"checkpoints: {result.run_dir / 'checkpoints'}; Hugging Face export: {result.export_dir}")
     metrics = eval_metrics(result.trainer)
@@ -431,7 +467,8 @@ def write_summary(result: RunResult, cfg: Config, num_params: int) -> Path:
         "parameters": num_params,
         "tokens": result.tokens,
         "wall_time_s": round(result.wall_time_s, 2),
-        "tokens_per_s": round(result.tokens / result.wall_time_s, 1) if result.tokens else None,
+        "train_time_s": round(result.train_time_s, 2) if result.train_time_s else None,
+        "tokens_per_s": round(result.tokens / (result.train_time_s or result.wall_time_s), 1) if result.tokens else None,
         "mfu": result.mfu,
         "validation": eval_metrics(result.trainer),
         "validation_loss_start": result.eval_loss_start,
