@@ -78,7 +78,8 @@ def test_the_data_order_follows_run_seed(trainer_arguments):
 
 
 def composer_accepts(warmup: str, max_duration: str) -> bool:
-    cfg = SimpleNamespace(training=SimpleNamespace(warmup=warmup, schedule="cosine", lr_final_ratio=0.1))
+    cfg = SimpleNamespace(training=SimpleNamespace(warmup=warmup, schedule="cosine", lr_final_ratio=0.1,
+                                                   optimizer={"name": "adamw"}))
     scheduler = make_scheduler(cfg, debug=False)
     assert isinstance(scheduler, CosineAnnealingWithWarmupScheduler)
     state = SimpleNamespace(max_duration=Time.from_timestring(max_duration), dataloader_len=Time(10, "ba"),
@@ -150,7 +151,7 @@ def test_microbatching_leaves_the_step_unchanged(trainer_arguments, kind):
     examples = uneven_batch(kind)
     reference = tiny_model(kind)  # plain PyTorch: mean cross-entropy over the labelled tokens of the whole batch
     batch = stack(examples)
-    logits = reference(batch)
+    logits = reference.eval_forward(batch)  # (B, T, V): the wrappers' forward returns the loss itself
     F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE_INDEX).backward()
     with torch.no_grad():
         for p in reference.parameters():
