@@ -151,7 +151,9 @@ class RafaleLM(LM):
 
 
 def lm_eval_main(argv) -> int:
-    parser = argparse.ArgumentParser(prog="rafale lm-eval", description="Score a decoder with lm-evaluation-harness.")
+    parser = argparse.ArgumentParser(
+        prog="rafale lm-eval", description="Score a decoder with lm-evaluation-harness.",
+        epilog="example: rafale lm-eval runs/pythia-tiny-stories --tasks mytask --include-path tasks/ --limit 100")
     parser.add_argument("model", help="a run folder (its latest checkpoint) or a Hugging Face model folder")
     parser.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
     parser.add_argument("--include-path", help="a folder of task YAML files (local tasks)")
