@@ -118,7 +118,8 @@ class RotaryEmbedding(nn.Module):
 
     def span(self, start: int, T: int, dtype: torch.dtype):
         """cos, sin (1, 1, T, dim) of positions start, ..., start+T-1 (no padding): a slice, no gather."""
-        return self.cos_table[None, None, start : start + T].to(dtype), self.sin_table[None, None, start : start + T].to(dtype)
+        cos, sin = self.cos_table[start : start + T], self.sin_table[start : start + T]  # (T, dim)
+        return cos[None, None].to(dtype), sin[None, None].to(dtype)
 
 
 def rotate_half(x):
@@ -316,6 +317,7 @@ class GPTNeoX(nn.Module):
 
     def _decode(self, input_ids, max_new_tokens, attention_mask, eos_token_id, use_cache, temperature, top_k, top_p,
                 generator, on_token):
+        """generate's loop; input_ids (B, T) -> (B, T + new), an inference tensor."""
         B, T = input_ids.shape
         positions = None
         if attention_mask is not None:
