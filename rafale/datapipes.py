@@ -73,16 +73,16 @@ def _safe_name(text: str) -> str:
 # sources
 
 
-READ_PIECE_BYTES = 16 * 2**20  # a .txt source is read this much at a time
-TEXT_BATCH_BYTES = 32 * 2**20  # documents are written to the source's Arrow copy in record batches of about this size
+READ_PIECE_BYTES = 4 * 2**20  # a .txt source is read this much at a time
+TEXT_BATCH_BYTES = 4 * 2**20  # documents are written to the source's Arrow copy in record batches of about this size
 
 
-def iter_text_documents(path: Path, separator: str, errors: str = "replace", piece_bytes: int = READ_PIECE_BYTES):
+def iter_text_documents(path: Path, separator: str, errors: str = "replace", piece_bytes: int | None = None):
     """The documents of a .txt source, stripped, empty ones dropped, reading `piece_bytes` at a time.
 
     The bytes are split on the separator's UTF-8 bytes, then each document is decoded: a UTF-8 sequence never
     starts inside another, so the cuts are those of splitting the decoded text, and a bad byte's offset is exact."""
-    sep = separator.encode()
+    sep, piece_bytes = separator.encode(), piece_bytes or READ_PIECE_BYTES
     replaced, offset, rest = 0, 0, b""  # offset: where `rest` starts in the file
     with path.open("rb") as f:
         while True:
@@ -636,7 +636,7 @@ def describe_blocks(ds: Dataset) -> dict:
     return {"examples": len(ds), "blocks": len(ds), "tokens": tokens}
 
 
-SHARD_TOKENS = 2**26  # tokens cut into blocks and written at a time (256 MiB of int32): what a split holds in memory
+SHARD_TOKENS = 2**22  # tokens cut into blocks and written at a time (16 MiB of int32): about what a split holds in memory
 ENCODE_BATCH = 1000  # documents per encode_batch call, which tokenizes them in parallel
 PROGRESS_EVERY = 50_000_000  # tokens between progress lines when stderr is not a terminal
 
@@ -739,8 +739,8 @@ def save_split(ds: Dataset, path: Path, scratch: Path | None):
     A split streamed into one Arrow file in `scratch` is moved into place rather than copied (a copy would read
     the whole split back through memory): `save_to_disk` of the split's first row writes the folder's metadata,
     and the streamed file replaces that row's data file."""
-    files = [Path(f["filename"]) for f in ds.cache_files]
-    if scratch is None or len(files) != 1 or files[0].parent != scratch or ds._indices is not None:
+    files = [Path(f["filename"]).resolve() for f in ds.cache_files]
+    if scratch is None or len(files) != 1 or files[0].parent != scratch.resolve() or ds._indices is not None:
         ds.save_to_disk(str(path))
         return
     Dataset.from_dict(ds[:1], features=ds.features).save_to_disk(str(path), num_shards=1)
