@@ -4,7 +4,9 @@ A datapipe loads a source (the embedded stories, a local file or folder, or a hu
 (a tokenizers JSON file, a hub tokenizer, or one trained here on the training split), and `_prepare`s the
 splits: tokenize, concatenate, cut into blocks. Everything except padding happens there, once; the result is
 saved with `datasets.save_to_disk` under the cache folder and memory-mapped back on later runs. Padding and
-label shifting are the collator's job, per batch.
+label shifting are the collator's job, per batch. The causal-LM datapipe streams instead of holding a split in
+memory: a .txt source is copied in pieces to an Arrow file, documents are tokenized a batch at a time, and the
+blocks are written a shard at a time straight into the cache folder's layout (`BlockWriter`, `save_split`).
 
 Cache folders are named `{source}_{tokenizer}_bs{block_size}_len{N}_{fingerprint}` (N training blocks, or
 examples); the fingerprint covers every
