@@ -691,8 +691,8 @@ class BlockWriter:
 class TokenProgress:
     """Tokens done so far: a tqdm bar on an interactive stderr, else a line every PROGRESS_EVERY tokens."""
 
-    def __init__(self, desc: str, every: int = PROGRESS_EVERY):
-        self.desc, self.every, self.count = desc, every, 0
+    def __init__(self, desc: str, every: int | None = None):
+        self.desc, self.every, self.count = desc, every or PROGRESS_EVERY, 0
         self.bar = None
         if sys.stderr.isatty():
             from tqdm.auto import tqdm

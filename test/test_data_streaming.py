@@ -78,6 +78,22 @@ def test_txt_read_in_small_pieces_gives_the_documents_of_the_whole_file(tmp_path
         list(iter_text_documents(path, sep, "error", piece_bytes=7))
 
 
+def test_progress_is_a_line_per_n_tokens_when_not_on_a_terminal(tmp_path, capsys, monkeypatch):
+    import rafale.datapipes as datapipes
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tokenizer = Tokenizer(models.WordLevel({"a": 0, "b": 1, "[UNK]": 2}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    monkeypatch.setattr(datapipes, "PROGRESS_EVERY", 100)
+    monkeypatch.setattr(datapipes, "ENCODE_BATCH", 10)
+    texts = Dataset.from_dict({"text": ["a b a b"] * 60})  # 5 tokens each with the end id: 300 tokens
+    writer = datapipes.write_blocks(texts, tokenizer, 2, 8, tmp_path / "blocks.arrow", "tokenizing train")
+    assert writer.tokens == 300
+    lines = [line for line in capsys.readouterr().out.splitlines() if "tokenizing train" in line]
+    # batches of 50 tokens: a line each time the count passes a multiple of 100
+    assert lines == [f"rafale: tokenizing train: {n} tokens" for n in (100, 200, 300)]
+
+
 MEASURE = textwrap.dedent("""
     import json, sys, threading, time
     import rafale.datapipes as datapipes
