@@ -34,7 +34,6 @@ import numpy as np
 import pyarrow as pa
 import torch
 from datasets import Dataset, DatasetDict, Features, Sequence, Value, concatenate_datasets, load_dataset, load_from_disk
-from datasets.table import InMemoryTable
 from filelock import FileLock
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
@@ -116,10 +115,6 @@ def _decode_document(raw: bytes, offset: int, path: Path, errors: str) -> tuple[
         ) from None
     replaced = text.count("\ufffd") - raw.count("\ufffd".encode()) if "\ufffd" in text else 0
     return text.strip(), replaced
-
-
-def _read_text_documents(path: Path, separator: str, errors: str = "replace") -> list[str]:
-    return list(iter_text_documents(path, separator, errors))
 
 
 def _text_source_dataset(path: Path, cfg: DataConfig, scratch: Path) -> Dataset:
