@@ -1,6 +1,6 @@
 """Data preparation at scale: rafale's DATA=1 path (CausalLMDataPipe.load on a .txt) vs bare encode_batch.
 
-    .venv/bin/python bench/data_prep.py [--sizes 10,100] [--tokenizer PATH] [--real PATH] [--repeats 1]
+    .venv/bin/python bench/data_prep.py [--sizes 10,100] [--tokenizer PATH] [--real PATH] [--repeats 1] [--out FILE]
 
 For each corpus (synthetic stories of each size in MB, generated to disk a chunk at a time, and a real .txt,
 by default the TinyStories sample), with the same tokenizer (by default Pythia's, else a BPE trained here):
@@ -159,6 +159,7 @@ def main():
     p.add_argument("--tokenizer", default=None, help="tokenizers JSON (default: Pythia's, else a BPE trained here)")
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--real-repeats", type=int, default=3)
+    p.add_argument("--out", default=None, help="also write the table to this file (e.g. bench/results-data.md)")
     p.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -173,14 +174,27 @@ def main():
             corpus = write_stories(workdir / f"stories-{mb:g}MB.txt", mb)
             rows.append(measure(f"stories {mb:g} MB", corpus, tokenizer, args.repeats, workdir))
             corpus.unlink()
-    print(f"\nload: {os.getloadavg()}, nproc {os.cpu_count()}, tokenizer {tokenizer}")
-    print("| corpus | MiB | rafale tok/s | bare encode_batch tok/s | ratio (goal >= 0.8) | peak anon MiB (start) "
-          "| VmHWM MiB (start) | cache MiB |")
-    print("|---|---|---|---|---|---|---|---|")
+    lines = [
+        "# rafale data preparation benchmark",
+        "",
+        f"- date {time.strftime('%Y-%m-%d %H:%M:%S')}, nproc {os.cpu_count()}, load average {os.getloadavg()[0]:.1f} "
+        "(a shared machine: the figures are noisy)",
+        f"- command: `{' '.join(['.venv/bin/python', 'bench/data_prep.py'] + sys.argv[1:])}`, tokenizer {tokenizer}",
+        "- peak anon: anonymous memory, sampled; VmHWM: the kernel's peak RSS, which also counts memory-mapped "
+        "file pages (the source's Arrow copy read back), reclaimable page cache; both with the process's start",
+        "",
+        "| corpus | MiB | rafale tok/s | bare encode_batch tok/s | ratio (goal >= 0.8) | peak anon MiB (start) "
+        "| VmHWM MiB (start) | cache MiB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        print(f"| {r['name']} | {r['mib']:.1f} | {r['rafale_tps'] / 1e6:.2f}M | {r['bare_tps'] / 1e6:.2f}M | "
-              f"{r['rafale_tps'] / r['bare_tps']:.2f} | {r['peak_anon_kb'] / 1024:.0f} ({r['start_anon_kb'] / 1024:.0f}) | "
-              f"{r['peak_hwm_kb'] / 1024:.0f} ({r['start_hwm_kb'] / 1024:.0f}) | {r['cache_bytes'] / 2**20:.1f} |")
+        lines.append(
+            f"| {r['name']} | {r['mib']:.1f} | {r['rafale_tps'] / 1e6:.2f}M | {r['bare_tps'] / 1e6:.2f}M | "
+            f"{r['rafale_tps'] / r['bare_tps']:.2f} | {r['peak_anon_kb'] / 1024:.0f} ({r['start_anon_kb'] / 1024:.0f}) | "
+            f"{r['peak_hwm_kb'] / 1024:.0f} ({r['start_hwm_kb'] / 1024:.0f}) | {r['cache_bytes'] / 2**20:.1f} |")
+    print("\n" + "\n".join(lines))
+    if args.out:
+        Path(args.out).write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
