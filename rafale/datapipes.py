@@ -692,7 +692,7 @@ class TokenProgress:
         if sys.stderr.isatty():
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(desc=desc, unit="tok", unit_scale=True, file=sys.stderr, leave=False)
+            self.bar = tqdm(desc=desc, unit="tok", unit_scale=True, file=sys.stderr)
 
     def update(self, tokens: int):
         before, self.count = self.count, self.count + tokens
