@@ -648,7 +648,8 @@ class BlockWriter:
 
     def __init__(self, path: Path, block_size: int, shard_tokens: int = SHARD_TOKENS):
         self.block_size = block_size
-        self.shard_tokens = max(1, shard_tokens // block_size) * block_size  # whole blocks
+        # whole blocks, and a shard's offsets fit in int32
+        self.shard_tokens = max(1, min(shard_tokens, INT32_MAX) // block_size) * block_size
         self.pending, self.pending_tokens = [], 0  # token arrays not written yet
         self.tokens = self.blocks = self.shards = self.most_held = 0
         self.schema = TOKEN_FEATURES.arrow_schema

@@ -15,6 +15,7 @@ from rafale.config import DataConfig
 from rafale.datapipes import (
     BlockWriter,
     CausalLMDataPipe,
+    INT32_MAX,
     DataError,
     chunk_into_blocks,
     iter_text_documents,
@@ -43,6 +44,12 @@ def test_block_writer_cuts_like_the_whole_stream_and_holds_about_one_shard(tmp_p
     shard = writer.shard_tokens
     assert shard % block_size == 0 and blocks.num_chunks == writer.shards == -(-writer.tokens // shard)
     assert writer.most_held < shard + max(len(p) for p in pieces)  # never more than a shard and the piece on top
+
+
+def test_a_shard_never_needs_offsets_past_int32(tmp_path):
+    writer = BlockWriter(tmp_path / "blocks.arrow", 2048, shard_tokens=2**40)
+    writer.close()
+    assert writer.shard_tokens <= INT32_MAX and writer.shard_tokens % 2048 == 0
 
 
 def test_streamed_blocks_equal_the_in_memory_blocks_across_many_shards(tmp_path):
