@@ -85,7 +85,10 @@ def generate_text(model, tokenizer: Tokenizer, prompts: list[str], max_new_token
         input_ids, max_new_tokens, attention_mask=attention_mask, eos_token_id=eos,
         temperature=temperature, top_k=top_k, top_p=top_p, generator=generator, on_token=on_token,
     )
-    return [tokenizer.decode([t for t in ids if t != eos]) for ids in new_ids]
+    texts = [tokenizer.decode([t for t in ids if t != eos]) for ids in new_ids]
+    if stream is not None and len(prompts) == 1 and len(texts[0]) > len(shown[0]):
+        stream(texts[0][len(shown[0]):])  # what was held back: it stopped inside a UTF-8 character
+    return texts
 
 
 def generate_main(argv) -> int:
