@@ -431,7 +431,7 @@ class DataPipe:
         tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
         try:
             tmp.mkdir(parents=True)
-            raw = load_source(self.cfg, self.root, labelled=self.labelled)
+            raw = self.load_raw()
             if self.cfg.tokenizer == "train":
                 tokenizer = train_tokenizer(raw["train"], self.cfg.vocab_size, self.tokenizer_kind)
             else:
@@ -458,6 +458,10 @@ class DataPipe:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+
+    def load_raw(self) -> DatasetDict:
+        """The source's splits of texts (and labels); the tokenizer trains on raw["train"]."""
+        return load_source(self.cfg, self.root, labelled=self.labelled)
 
     def _describe(self, ds: Dataset) -> dict:
         return {"examples": len(ds)}

@@ -34,6 +34,7 @@ from rafale.datapipes import (  # noqa: E402
     MLMDataPipe,
     PreparedData,
 )
+from rafale.image_text import ImageTextDataPipe, build_contrastive, describe_images  # noqa: E402
 
 
 def round_up(n: int, multiple: int) -> int:
@@ -110,6 +111,8 @@ model_config_dict = {
     "pythia": build_pythia,
     "bert": build_encoder,
     "roberta": build_encoder,
+    "clip": build_contrastive,
+    "siglip": build_contrastive,
 }
 
 # model.task -> the datapipe that prepares its data
@@ -117,6 +120,7 @@ datapipe_dict = {
     "causal_lm": CausalLMDataPipe,
     "mlm": MLMDataPipe,
     "classification": ClassificationDataPipe,
+    "contrastive": ImageTextDataPipe,
 }
 
 
@@ -168,7 +172,9 @@ def prepare_data(cfg: Config) -> PreparedData:
 def print_data_summary(data: PreparedData):
     print(f"rafale: data cache: {data.path}")
     for split, info in data.meta["splits"].items():
-        if "blocks" in info:
+        if "images" in info:
+            print(describe_images(split, info))
+        elif "blocks" in info:
             print(f"rafale:   {split}: {info['tokens']:,} tokens in {info['blocks']:,} blocks")
         else:
             print(f"rafale:   {split}: {info['examples']:,} examples")
@@ -230,6 +236,12 @@ def runs_command(argv) -> int:
     return runs_main(argv)
 
 
+def zero_shot_command(argv) -> int:
+    from rafale.zero_shot import zero_shot_main
+
+    return zero_shot_main(argv)
+
+
 def sweep_command(argv) -> int:
     from rafale.sweep import sweep_main
 
@@ -244,6 +256,7 @@ COMMANDS = {
     "plot": (plot_command, "draw a run's curves, or overlay several runs"),
     "runs": (runs_command, "one line per run: model, size, tokens, time, final validation metrics"),
     "sweep": (sweep_command, "train a grid of config overrides one after another, then compare them"),
+    "zero-shot": (zero_shot_command, "classify a folder of images with a CLIP or SigLIP (a run or a Hugging Face folder)"),
 }
 
 

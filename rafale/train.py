@@ -110,7 +110,7 @@ def eval_metrics(trainer: Trainer) -> dict[str, float]:
 
 def eval_loss(trainer: Trainer) -> float | None:
     metrics = eval_metrics(trainer)
-    return metrics.get("LanguageCrossEntropy", metrics.get("CrossEntropy"))
+    return metrics.get("LanguageCrossEntropy", metrics.get("CrossEntropy", metrics.get("ContrastiveLoss")))
 
 
 def make_loggers(cfg: Config, run_dir: Path) -> list:
@@ -185,6 +185,7 @@ def run(cfg: Config, data: PreparedData, model, collator, debug: bool = False) -
                  FiniteLossMonitor(), stopper]
     if device == "gpu":
         callbacks.append(MemoryMonitor())
+    callbacks += getattr(model, "callbacks", [])  # the model's own (CLIP: clamp the logit scale after each step)
     loggers = make_loggers(cfg, run_dir) if dist.get_global_rank() == 0 else []
     algorithms = [GradientClipping(clipping_type="norm", clipping_threshold=t.clip_norm)] if t.clip_norm else []
     autoresume = save and cfg.run.autoresume
@@ -261,7 +262,7 @@ def run(cfg: Config, data: PreparedData, model, collator, debug: bool = False) -
     if save and dist.get_global_rank() == 0:
         export_dir = export_model(model.model, run_dir / EXPORT_DIR, data)
     mfu = None
-    if tokens and peak:
+    if tokens and peak and hasattr(model.model, "flops_per_token"):
         mfu = tokens / wall * model.model.flops_per_token(cfg.data.block_size) / (peak * world)
     return RunResult(run_dir, trainer, loss_start, loss_end, wall, tokens, export_dir, mfu)
 

@@ -123,6 +123,11 @@ class ClipConfig:
     logit_bias_init: float = -10.0  # SigLIP only: starts every pair at "no match" (the paper's b = -10)
     init_std: float = 0.02  # CLIP's initializer_range (patch and position embeddings)
 
+    @property
+    def max_seq_len(self) -> int:
+        """The longest text (what data.block_size is checked against)."""
+        return self.text.max_position_embeddings
+
     def validate(self):
         if self.family not in ("clip", "siglip"):
             raise ValueError(f"family must be 'clip' or 'siglip', got {self.family!r}")
