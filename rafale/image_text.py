@@ -317,7 +317,9 @@ class ImageTextCollator:
         self.crop = None
 
     def __call__(self, examples: list[dict]) -> dict:
-        pixels = torch.stack([torch.as_tensor(e["pixel_values"]) for e in examples]).permute(0, 3, 1, 2)  # (B, 3, H, W)
+        # datasets hands uint8 columns over as int64 tensors; the crop wants uint8
+        pixels = torch.stack([torch.as_tensor(e["pixel_values"]).to(torch.uint8) for e in examples])  # (B, H, W, 3)
+        pixels = pixels.permute(0, 3, 1, 2)  # (B, 3, H, W)
         if self.augment and self.fixed_seed is None:
             if self.crop is None:
                 self.crop = AUGMENTATION(pixels.shape[-1], scale=(0.85, 1.0), ratio=(0.9, 1.1), antialias=True)
@@ -363,7 +365,7 @@ def build_contrastive(model_cfg, data: PreparedData, cfg: Config):
         prompt_ids = encode_texts(data.tokenizer, prompts, meta["eos_token_id"], cfg.data.block_size)
         images = data.splits["zero_shot"][:]  # the whole split, as tensors
         zero_shot = ZeroShotSet(
-            pixels=images["pixel_values"].permute(0, 3, 1, 2),  # (N, 3, H, W) uint8
+            pixels=images["pixel_values"].to(torch.uint8).permute(0, 3, 1, 2),  # (N, 3, H, W)
             normalization=NORMALIZATION[family],
             labels=images["label"],
             prompts=pad_texts(prompt_ids, meta["pad_token_id"], text_length(family, cfg.data.block_size)),

@@ -17,26 +17,7 @@ from composer.core import Callback
 from composer.models import ComposerModel
 from torchmetrics import Metric
 
-
-def gather_features(image, text):
-    """Every rank's (image, text) features, concatenated in rank order; this rank's own slice keeps its gradient
-    (all_gather returns tensors without one), so each rank back-propagates the global loss into its own features."""
-    if not (torch_dist.is_available() and torch_dist.is_initialized()) or torch_dist.get_world_size() == 1:
-        return image, text
-    rank, world = torch_dist.get_rank(), torch_dist.get_world_size()
-
-    def gather(x):
-        parts = [torch.empty_like(x) for _ in range(world)]
-        torch_dist.all_gather(parts, x.contiguous())
-        parts[rank] = x
-        return torch.cat(parts)  # (world * B, P)
-
-    return gather(image), gather(text)
-
-
-def contrastive_logits(model, image, text):
-    """logits_per_image (images, texts) from normalised features, in fp32 (as the model's forward computes them)."""
-    return model.logit_scale.exp().float() * image.float() @ text.float().t() + model.bias()
+from rafale.models.clip import contrastive_logits, gather_features
 
 
 class ClampLogitScale(Callback):
