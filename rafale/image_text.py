@@ -32,7 +32,7 @@ from PIL import Image
 from tokenizers import Tokenizer
 from torchvision.transforms import v2
 
-from rafale.config import Config, DataConfig
+from rafale.config import Config, ConfigError, DataConfig
 from rafale.datapipes import PIPELINE_VERSION, DataError, DataPipe, PreparedData, _file_identity, tokenizer_identity
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
@@ -178,8 +178,22 @@ def hub_pairs(cfg: DataConfig) -> dict:  # online only; not exercised by the tes
         for key, column in (("data.image_column", cfg.image_column), ("data.text_column", cfg.text_column)):
             if column not in ds.column_names:
                 raise DataError(f"{key}: no column '{column}' in {cfg.source}; columns: {ds.column_names}")
-        out[split] = (list(ds[cfg.text_column]), ds[cfg.image_column])
+        out[split] = (list(ds[cfg.text_column]), HubImages(ds, cfg.image_column))
     return out
+
+
+@dataclass
+class HubImages:
+    """A hub split's image column, decoded a slice at a time (images_dataset reads CHUNK of them per step)."""
+
+    ds: Dataset
+    column: str
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, rows: slice):
+        return self.ds[rows][self.column]
 
 
 def zero_shot_source(cfg: DataConfig) -> dict | None:
@@ -356,7 +370,14 @@ def build_contrastive(model_cfg, data: PreparedData, cfg: Config):
                         f"({model_cfg.vision.image_size}); set data.image_size: {model_cfg.vision.image_size}")
     model_cfg.vision.image_size = image_size
     if family == "clip" and cfg.model.pretrained is None:
+        if meta["eos_token_id"] == 2:  # transformers reads a CLIP eos_token_id of 2 as "pool at the highest id"
+            raise DataError("data.tokenizer: its end-of-text id is 2, which an exported CLIP cannot express "
+                            "(transformers pools at the highest id then); use a tokenizer with another id")
         model_cfg.text.eos_token_id = meta["eos_token_id"]
+    try:
+        model_cfg.validate()
+    except ValueError as err:
+        raise ConfigError("data.image_size" if "image_size" in str(err) else "model", str(err)) from None
     model = with_pretrained(build_model(model_cfg), cfg)
     zero_shot = None
     if data.splits is not None and "zero_shot" in data.splits and "zero_shot" in meta:

@@ -209,6 +209,7 @@ def test_training_run_logs_metrics_and_exports_what_transformers_loads(tmp_path,
         # resume: three more steps continue from the checkpoint
         code, out, err = run_in_process(["-c", str(config), "training.max_duration=6ba"], capsys, monkeypatch)
         assert code == 0 and "resumed" in out and "at batch 3" in out, (out[-2000:], err[-2000:])
+        assert list((run_dir / "checkpoints").glob("ep*-ba6-rank0.pt")), "the resumed run did not reach batch 6"
         zero_shot_command_checks(tmp_path, run_dir)
 
 
@@ -253,7 +254,7 @@ def run_in_process_command(args):
 
 
 def test_debug_overfits_one_batch_of_pairs(tmp_path, cache_dir, capsys, monkeypatch):
-    config = tiny_config(tmp_path, "clip")
+    config = tiny_config(tmp_path, "clip", batch_size=8)
     code, out, err = run_in_process(["-c", str(config), "training.lr=1e-3"], capsys, monkeypatch, env={"DEBUG": "1"})
     assert code == 0, err[-3000:]
     start, end = map(float, re.search(r"went from ([\d.]+) to ([\d.]+)", out).groups())
