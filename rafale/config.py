@@ -416,7 +416,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("data.zero_shot_source", f"no such folder: {cfg.data.zero_shot_source}")
     for template in cfg.data.prompt_templates or []:
         if "{}" not in template:
-            raise ConfigError("data.prompt_templates", f"each template needs '{{}}' for the class name, got {template!r}")
+            raise ConfigError("data.prompt_templates",
+                              f"each template needs '{{}}' for the class name, got {template!r}")
     if cfg.training.load_path is not None and not Path(cfg.training.load_path).expanduser().exists():
         raise ConfigError("training.load_path", f"no such checkpoint: {cfg.training.load_path}")
     if cfg.training.eval_only and cfg.training.load_path is None:

@@ -121,7 +121,8 @@ def captions_file(source: str) -> Path:
             raise DataError(f"data.source: the folder {path} holds no {' or '.join(CAPTION_FILES)}")
         return found[0]
     if path.suffix not in (".jsonl", ".csv"):
-        raise DataError(f"data.source: {path}: an image-text source is a .jsonl or .csv captions file, 'shapes' or hf:<name>")
+        raise DataError(f"data.source: {path}: an image-text source is a .jsonl or .csv captions file, 'shapes' "
+                        "or hf:<name>")
     return path
 
 
@@ -289,7 +290,8 @@ class ImageTextDataPipe(DataPipe):
         zero_shot = zero_shot_source(self.cfg)
         if zero_shot is not None:
             features = pixel_features(size, label=Value("int64"))
-            out["zero_shot"] = images_dataset(zero_shot.pop("images"), {"label": zero_shot.pop("labels")}, features, size)
+            labels = {"label": zero_shot.pop("labels")}
+            out["zero_shot"] = images_dataset(zero_shot.pop("images"), labels, features, size)
             meta["zero_shot"] = zero_shot
         meta["image_size"] = size
         return DatasetDict(out)

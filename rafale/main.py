@@ -256,7 +256,7 @@ COMMANDS = {
     "plot": (plot_command, "draw a run's curves, or overlay several runs"),
     "runs": (runs_command, "one line per run: model, size, tokens, time, final validation metrics"),
     "sweep": (sweep_command, "train a grid of config overrides one after another, then compare them"),
-    "zero-shot": (zero_shot_command, "classify a folder of images with a CLIP or SigLIP (a run or a Hugging Face folder)"),
+    "zero-shot": (zero_shot_command, "classify a folder of images with a CLIP or SigLIP (a run or an HF folder)"),
 }
 
 

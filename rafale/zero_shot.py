@@ -13,7 +13,15 @@ import torch
 
 from rafale.config import RafaleError
 from rafale.datapipes import special_token_ids
-from rafale.image_text import DEFAULT_TEMPLATES, IMAGE_SUFFIXES, NORMALIZATION, encode_texts, open_image, pad_texts, text_length
+from rafale.image_text import (
+    DEFAULT_TEMPLATES,
+    IMAGE_SUFFIXES,
+    NORMALIZATION,
+    encode_texts,
+    open_image,
+    pad_texts,
+    text_length,
+)
 from rafale.models.composer_clip import class_embeddings, zero_shot_probabilities
 
 
@@ -75,7 +83,8 @@ def zero_shot_main(argv) -> int:
     parser.add_argument("model", help="a rafale run folder or a Hugging Face CLIP/SigLIP folder")
     parser.add_argument("--images", required=True, help="a folder of images (searched recursively)")
     parser.add_argument("--classes", help="comma-separated class names (default: the sub-folders of --images)")
-    parser.add_argument("--templates", help=f"'|'-separated prompts with {{}} for the class (default: {DEFAULT_TEMPLATES[0]!r})")
+    parser.add_argument("--templates",
+                        help=f"'|'-separated prompts with {{}} for the class (default: {DEFAULT_TEMPLATES[0]!r})")
     args = parser.parse_args(argv)
     folder = Path(args.images).expanduser()
     files = image_files(folder)

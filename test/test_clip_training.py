@@ -4,7 +4,6 @@ import of an HF folder, resume, DEBUG=1, and `rafale zero-shot`."""
 
 import json
 import math
-import os
 import re
 import socket
 from pathlib import Path
@@ -171,7 +170,8 @@ def hf_features(folder: Path, family: str, batch: dict):
 
 
 @pytest.mark.parametrize("family", ["clip", "siglip"])
-def test_training_run_logs_metrics_and_exports_what_transformers_loads(tmp_path, cache_dir, capsys, monkeypatch, family):
+def test_training_run_logs_metrics_and_exports_what_transformers_loads(tmp_path, cache_dir, capsys, monkeypatch,
+                                                                       family):
     config = tiny_config(tmp_path, family)
     code, out, err = run_in_process(["-c", str(config)], capsys, monkeypatch)
     assert code == 0, err[-3000:]
@@ -276,5 +276,6 @@ def test_an_hf_clip_folder_loads_through_from_pretrained(tmp_path):
     model = from_pretrained(tmp_path / "hf")
     pixels, ids = torch.randn(2, 3, 32, 32), torch.tensor([[3, 4, 59, 0], [5, 59, 0, 0]])
     with torch.no_grad():
-        torch.testing.assert_close(model.get_image_features(pixels), hf.get_image_features(pixel_values=pixels).pooler_output)
+        hf_image = hf.get_image_features(pixel_values=pixels).pooler_output
+        torch.testing.assert_close(model.get_image_features(pixels), hf_image)
         torch.testing.assert_close(model.get_text_features(ids), hf.get_text_features(input_ids=ids).pooler_output)

@@ -539,7 +539,8 @@ def contrastive_export(model: "clip.ContrastiveModel", vocab_size: int) -> tuple
     if not 0 < vocab_size <= cfg.text.vocab_size:
         raise WeightsError(f"save_pretrained: vocab_size must be in [1, {cfg.text.vocab_size}], got {vocab_size}")
     tensors = clip.hf_state_dict(model)
-    tensors["text_model.embeddings.token_embedding.weight"] = tensors["text_model.embeddings.token_embedding.weight"][:vocab_size]
+    embedding = "text_model.embeddings.token_embedding.weight"
+    tensors[embedding] = tensors[embedding][:vocab_size]  # the rows of real tokens only
     hf = clip.config_to_hf(dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, vocab_size=vocab_size)))
     return {name: t.detach().cpu().contiguous().clone() for name, t in tensors.items()}, hf
 
