@@ -1,6 +1,8 @@
 """The worker of test_clip_training's two-process test, in its own module so that spawned processes import only
 torch and rafale/models/clip.py (not Composer, datasets and transformers, which the test module imports)."""
 
+import copy
+
 import torch
 import torch.nn.functional as F
 
@@ -12,8 +14,8 @@ FAMILIES = ("clip", "siglip")
 def features_and_model(family: str):
     """8 pairs of normalised features and a model whose temperature (and bias) the loss uses."""
     torch.manual_seed(0)
-    cfg = CLIP_PRESETS["clip-debug"] if family == "clip" else SIGLIP_PRESETS["siglip-debug"]
-    cfg.text.vocab_size = 50
+    cfg = copy.deepcopy(CLIP_PRESETS["clip-debug"] if family == "clip" else SIGLIP_PRESETS["siglip-debug"])
+    cfg.text.vocab_size = 50  # on a copy: the presets are shared
     model = build_model(cfg)
     image, text = F.normalize(torch.randn(8, 64), dim=-1), F.normalize(torch.randn(8, 64), dim=-1)
     return image, text, model

@@ -2,6 +2,7 @@
 a tiny training run with its metrics, the Hugging Face export (loaded by transformers with the same embeddings),
 import of an HF folder, resume, DEBUG=1, and `rafale zero-shot`."""
 
+import copy
 import json
 import math
 import re
@@ -135,8 +136,8 @@ def test_two_ranks_gather_features_into_the_loss_of_the_whole_batch(tmp_path):
 def test_logit_scale_is_clamped_after_each_step():
     from types import SimpleNamespace
 
-    cfg = CLIP_PRESETS["clip-debug"]
-    cfg.text.vocab_size = 50
+    cfg = copy.deepcopy(CLIP_PRESETS["clip-debug"])
+    cfg.text.vocab_size = 50  # on a copy: the presets are shared
     model = build_model(cfg)
     with torch.no_grad():
         model.logit_scale.fill_(7.0)  # exp(7) = 1097 > 100
