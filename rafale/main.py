@@ -7,6 +7,7 @@
     rafale generate RUN --prompt P  generate text with a trained decoder (a run or a Hugging Face folder)
     rafale lm-eval RUN --tasks T    score a decoder with lm-evaluation-harness
     rafale plot RUN [RUN ...]       draw a run's curves, or overlay several runs
+    rafale zero-shot RUN --images DIR --classes "cat,dog"   classify images with a CLIP or SigLIP
 
 To add a model: write its nn.Module and Composer wrapper under rafale/models/, its presets in
 rafale/models/configurations.py, and a builder in `model_config_dict` below.

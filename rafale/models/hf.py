@@ -9,7 +9,8 @@ Loading is strict both ways: every tensor of the rafale model must be found with
 the files must be used, except the buffers listed in each layout's `ignored` (each one says why). All the
 problems are gathered and raised as one `WeightsError`, so a wrong checkpoint is diagnosed in one go.
 
-Supported: GPTNeoXForCausalLM (Pythia), and BERT / RoBERTa as Model, ForMaskedLM, ForSequenceClassification.
+Supported: GPTNeoXForCausalLM (Pythia), BERT / RoBERTa as Model, ForMaskedLM, ForSequenceClassification, and
+CLIPModel / SiglipModel (their name maps and config.json readers live in clip.py; this file dispatches to them).
 This file reads and writes the formats only; it never imports transformers (the tests use it as a reference).
 """
 
