@@ -126,8 +126,9 @@ def reference_optimizer(model: torch.nn.Module, t) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=t.lr, betas=t.betas, eps=t.eps)
 
 
-def train_reference(cfg, data: PreparedData, log_every: int = 0) -> torch.nn.Module:
-    """Train transformers' model in a plain loop with the config's batches, masks, optimizer, schedule and clipping."""
+def train_reference(cfg, data: PreparedData, log_every: int = 0, losses: list | None = None) -> torch.nn.Module:
+    """Train transformers' model in a plain loop with the config's batches, masks, optimizer, schedule and clipping;
+    each step's training loss is appended to `losses` when given."""
     t = cfg.training
     reproducibility.seed_all(cfg.run.seed)
     model = hf_masked_lm(cfg, data)
@@ -155,6 +156,8 @@ def train_reference(cfg, data: PreparedData, log_every: int = 0) -> torch.nn.Mod
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            if losses is not None:
+                losses.append(loss.item())
             if log_every and step % log_every == 0:
                 print(f"reference: step {step}/{max_steps} training loss {loss.item():.4f}", flush=True)
         epoch += 1
