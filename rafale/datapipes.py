@@ -538,7 +538,7 @@ class DataPipe:
         self.scratch = tmp / "scratch"  # source copies and streamed splits while building; gone before the rename
         try:
             tmp.mkdir(parents=True)
-            raw = self.load_raw()
+            raw = load_source(self.cfg, self.scratch, labelled=self.labelled)
             if self.cfg.tokenizer == "train":
                 tokenizer = train_tokenizer(raw["train"], self.cfg.vocab_size, self.tokenizer_kind)
                 warn_if_smaller(tokenizer.get_vocab_size(), self.cfg.vocab_size, self.tokenizer_kind)
@@ -573,10 +573,6 @@ class DataPipe:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return path
-
-    def load_raw(self) -> DatasetDict:
-        """The source's splits of texts (and labels); the tokenizer trains on raw["train"]."""
-        return load_source(self.cfg, self.scratch, labelled=self.labelled)
 
     def _describe(self, ds: Dataset) -> dict:
         return {"examples": len(ds)}

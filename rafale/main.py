@@ -8,7 +8,6 @@
     rafale generate RUN --prompt P  generate text with a trained decoder (a run or a Hugging Face folder)
     rafale lm-eval RUN --tasks T    score a decoder with lm-evaluation-harness
     rafale plot RUN [RUN ...]       draw a run's curves, or overlay several runs
-    rafale zero-shot RUN --images DIR --classes "cat,dog"   classify images with a CLIP or SigLIP
 
 To add a model: write its nn.Module and Composer wrapper under rafale/models/, its presets in
 rafale/models/configurations.py, and a builder in `model_config_dict` below.
@@ -36,7 +35,6 @@ from rafale.datapipes import (  # noqa: E402
     MLMDataPipe,
     PreparedData,
 )
-from rafale.image_text import ImageTextDataPipe, build_contrastive, describe_images  # noqa: E402
 
 
 def round_up(n: int, multiple: int) -> int:
@@ -116,8 +114,6 @@ model_config_dict = {
     "pythia": build_pythia,
     "bert": build_encoder,
     "roberta": build_encoder,
-    "clip": build_contrastive,
-    "siglip": build_contrastive,
 }
 
 # model.task -> the datapipe that prepares its data
@@ -125,7 +121,6 @@ datapipe_dict = {
     "causal_lm": CausalLMDataPipe,
     "mlm": MLMDataPipe,
     "classification": ClassificationDataPipe,
-    "contrastive": ImageTextDataPipe,
 }
 
 
@@ -189,9 +184,7 @@ def print_data_summary(data: PreparedData):
     print(f"rafale: data cache: {data.path}")
     print(f"rafale:   {describe_vocabulary(data)}")
     for split, info in data.meta["splits"].items():
-        if "images" in info:
-            print(describe_images(split, info))
-        elif "blocks" in info:
+        if "blocks" in info:
             print(f"rafale:   {split}: {info['tokens']:,} tokens in {info['blocks']:,} blocks")
         else:
             print(f"rafale:   {split}: {info['examples']:,} examples")
@@ -257,12 +250,6 @@ def runs_command(argv) -> int:
     return runs_main(argv)
 
 
-def zero_shot_command(argv) -> int:
-    from rafale.zero_shot import zero_shot_main
-
-    return zero_shot_main(argv)
-
-
 def sweep_command(argv) -> int:
     from rafale.sweep import sweep_main
 
@@ -277,7 +264,6 @@ COMMANDS = {
     "plot": (plot_command, "draw a run's curves, or overlay several runs"),
     "runs": (runs_command, "one line per run: model, size, tokens, time, final validation metrics"),
     "sweep": (sweep_command, "train a grid of config overrides one after another, then compare them"),
-    "zero-shot": (zero_shot_command, "classify a folder of images with a CLIP or SigLIP (a run or an HF folder)"),
 }
 
 

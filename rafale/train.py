@@ -161,7 +161,7 @@ def eval_metrics(trainer: Trainer) -> dict[str, float]:
 
 def eval_loss(trainer: Trainer) -> float | None:
     metrics = eval_metrics(trainer)
-    return metrics.get("LanguageCrossEntropy", metrics.get("CrossEntropy", metrics.get("ContrastiveLoss")))
+    return metrics.get("LanguageCrossEntropy", metrics.get("CrossEntropy"))
 
 
 def make_loggers(cfg: Config, run_dir: Path) -> list:
@@ -307,7 +307,7 @@ def run(cfg: Config, data: PreparedData, model, collator, debug: bool = False) -
     tokens = int(trainer.state.timestamp.token) - tokens_before
     export_dir = export_run(model.model, run_dir, data, sharded=t.fsdp is not None) if save else None
     mfu = None
-    if tokens and peak and train_seconds > 0 and hasattr(model.model, "flops_per_token"):  # training time only
+    if tokens and peak and train_seconds > 0:  # training time only: evaluation does no backward pass
         mfu = tokens / train_seconds * model.model.flops_per_token(cfg.data.block_size) / (peak * world)
     return RunResult(run_dir, trainer, loss_start, loss_end, wall, tokens, export_dir, mfu, train_seconds,
                      precision_label(placement.precision, placement.autocast_dtype))
@@ -405,7 +405,6 @@ def build_trainer(cfg: Config, data: PreparedData, model, collator, placement: P
                  FiniteLossMonitor(), stopper, schedule_free_switch()]
     if device == "gpu":
         callbacks.append(MemoryMonitor())
-    callbacks += getattr(model, "callbacks", [])  # the model's own (CLIP: clamp the logit scale after each step)
     loggers = make_loggers(cfg, run_dir) if dist.get_global_rank() == 0 else []
     algorithms = [GradientClipping(clipping_type="norm", clipping_threshold=t.clip_norm)] if t.clip_norm else []
     autoresume = save and cfg.run.autoresume

@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -123,11 +122,6 @@ class ClipConfig:
     logit_scale_init: float = math.log(1 / 0.07)  # CLIP: temperature 0.07; SigLIP paper: log 10
     logit_bias_init: float = -10.0  # SigLIP only: starts every pair at "no match" (the paper's b = -10)
     init_std: float = 0.02  # CLIP's initializer_range (patch and position embeddings)
-
-    @property
-    def max_seq_len(self) -> int:
-        """The longest text (what data.block_size is checked against)."""
-        return self.text.max_position_embeddings
 
     def validate(self):
         if self.family not in ("clip", "siglip"):
@@ -402,31 +396,6 @@ def siglip_loss(logits_per_image):
     n = logits_per_image.shape[0]
     z = 2 * torch.eye(n, device=logits_per_image.device, dtype=logits_per_image.dtype) - 1  # (n, n)
     return -F.logsigmoid(z * logits_per_image).sum() / n
-
-
-# With several processes (DDP), the loss of each rank is computed over the features of all of them, as open_clip
-# does: the negatives of a step are the global batch (of a microbatch, with gradient accumulation).
-
-
-def gather_features(image, text):
-    """Every rank's (image, text) features, concatenated in rank order; this rank's own slice keeps its gradient
-    (all_gather returns tensors without one), so each rank back-propagates the global loss into its own features."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return image, text
-    rank, world = dist.get_rank(), dist.get_world_size()
-
-    def gather(x):
-        parts = [torch.empty_like(x) for _ in range(world)]
-        dist.all_gather(parts, x.contiguous())
-        parts[rank] = x
-        return torch.cat(parts)  # (world * B, P)
-
-    return gather(image), gather(text)
-
-
-def contrastive_logits(model, image, text):
-    """logits_per_image (images, texts) from normalised features, in fp32 (as the model's forward computes them)."""
-    return model.logit_scale.exp().float() * image.float() @ text.float().t() + model.bias()
 
 
 # ----------------------------------------------------------------------------------------------------

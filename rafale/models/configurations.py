@@ -2,7 +2,6 @@
 `model.preset` and may override any field. The real sizes follow the published checkpoints; the tiny ones
 train in minutes on a laptop CPU and are what the tests and `DEBUG=1` use."""
 
-from rafale.models.clip import CLIP_PRESETS, SIGLIP_PRESETS
 from rafale.models.decoder import DecoderConfig
 from rafale.models.encoder import EncoderConfig
 
@@ -56,15 +55,11 @@ PRESETS = {
     "pythia": PYTHIA_PRESETS,
     "bert": BERT_PRESETS,
     "roberta": ROBERTA_PRESETS,
-    "clip": CLIP_PRESETS,
-    "siglip": SIGLIP_PRESETS,
 }
 # model.type -> the tasks it trains for (model.task); the first is the default
 TASKS = {
     "pythia": ("causal_lm",),
     "bert": ("mlm", "classification"),
     "roberta": ("mlm", "classification"),
-    "clip": ("contrastive",),
-    "siglip": ("contrastive",),
 }
 MODEL_FAMILIES = tuple(PRESETS)

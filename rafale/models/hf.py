@@ -9,12 +9,10 @@ Loading is strict both ways: every tensor of the rafale model must be found with
 the files must be used, except the buffers listed in each layout's `ignored` (each one says why). All the
 problems are gathered and raised as one `WeightsError`, so a wrong checkpoint is diagnosed in one go.
 
-Supported: GPTNeoXForCausalLM (Pythia), BERT / RoBERTa as Model, ForMaskedLM, ForSequenceClassification, and
-CLIPModel / SiglipModel (their name maps and config.json readers live in clip.py; this file dispatches to them).
+Supported: GPTNeoXForCausalLM (Pythia), and BERT / RoBERTa as Model, ForMaskedLM, ForSequenceClassification.
 This file reads and writes the formats only; it never imports transformers (the tests use it as a reference).
 """
 
-import dataclasses
 import json
 import os
 import re
@@ -30,7 +28,6 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
 from rafale.config import RafaleError
-from rafale.models import clip
 from rafale.models.decoder import DecoderConfig, GPTNeoX
 from rafale.models.encoder import MODEL_CLASSES, EncoderConfig, build_encoder
 
@@ -50,13 +47,10 @@ ARCHITECTURES = {
     "RobertaModel": ("roberta", "base"),
     "RobertaForMaskedLM": ("roberta", "mlm"),
     "RobertaForSequenceClassification": ("roberta", "classification"),
-    "CLIPModel": ("clip", "contrastive"),
-    "SiglipModel": ("siglip", "contrastive"),
 }
 # without `architectures`, a model_type means what AutoModel would build. GPTNeoXModel (no output projection)
 # is not accepted: rafale's GPTNeoX always has one, and inventing it would hide a wrong checkpoint.
-DEFAULT_ARCHITECTURE = {"gpt_neox": "GPTNeoXForCausalLM", "bert": "BertModel", "roberta": "RobertaModel",
-                        "clip": "CLIPModel", "siglip": "SiglipModel"}
+DEFAULT_ARCHITECTURE = {"gpt_neox": "GPTNeoXForCausalLM", "bert": "BertModel", "roberta": "RobertaModel"}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -508,16 +502,14 @@ def from_pretrained(path: Union[str, Path], dtype: Optional[torch.dtype] = None)
     hf, architecture = read_config(folder)
     family, head = ARCHITECTURES[architecture]
     config_path = folder / "config.json"
-    if family in ("clip", "siglip"):  # clip.py holds their name maps and config.json reader
-        model = clip.build_model(contrastive_config_from_hf(hf))
-        state = read_checkpoint(folder)
-        clip.load_hf_state_dict(model, state, f"{folder} ({architecture})")
+    if family == "gpt_neox":
+        model = GPTNeoX(decoder_config_from_hf(hf, config_path))
     else:
-        model = GPTNeoX(decoder_config_from_hf(hf, config_path)) if family == "gpt_neox" else \
-            build_encoder(encoder_config_from_hf(hf, family, config_path), head)
-        tensors = read_checkpoint(folder)
-        state = match_tensors(tensors, model, layout_for(architecture), f"{folder} ({architecture})")
-        model.load_state_dict(state, strict=True)  # copies into the (tied) parameters
+        model = build_encoder(encoder_config_from_hf(hf, family, config_path), head)
+
+    tensors = read_checkpoint(folder)
+    state = match_tensors(tensors, model, layout_for(architecture), f"{folder} ({architecture})")
+    model.load_state_dict(state, strict=True)  # copies into the (tied) parameters
 
     # the dtype of the weights used, not of dropped buffers (fp16 Pythia files keep their inv_freq in fp32)
     stored = {t.dtype for t in state.values() if t.is_floating_point()}
@@ -525,25 +517,6 @@ def from_pretrained(path: Union[str, Path], dtype: Optional[torch.dtype] = None)
     cast_parameters(model, target)
     model.hf_config = hf
     return model.eval()
-
-
-def contrastive_config_from_hf(hf: dict) -> "clip.ClipConfig":
-    try:
-        return clip.config_from_hf(hf)
-    except clip.ClipWeightsError as err:
-        raise WeightsError(str(err)) from None
-
-
-def contrastive_export(model: "clip.ContrastiveModel", vocab_size: int) -> tuple[dict, dict]:
-    """(HF tensors, config.json) of a CLIP or SigLIP, its token embedding cut to the tokenizer's vocab_size."""
-    cfg = model.cfg
-    if not 0 < vocab_size <= cfg.text.vocab_size:
-        raise WeightsError(f"save_pretrained: vocab_size must be in [1, {cfg.text.vocab_size}], got {vocab_size}")
-    tensors = clip.hf_state_dict(model)
-    embedding = "text_model.embeddings.token_embedding.weight"
-    tensors[embedding] = tensors[embedding][:vocab_size]  # the rows of real tokens only
-    hf = clip.config_to_hf(dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, vocab_size=vocab_size)))
-    return {name: t.detach().cpu().contiguous().clone() for name, t in tensors.items()}, hf
 
 
 def copy_pretrained(pretrained: nn.Module, model: nn.Module) -> nn.Module:
@@ -668,8 +641,6 @@ def save_pretrained(
     into place, so an interrupted export leaves nothing half-written; an existing non-empty `folder` is
     replaced only with overwrite=True. label_names: a classifier's class names, in id order (config.json's id2label).
     """
-    if isinstance(model, clip.ContrastiveModel):
-        return save_contrastive(model, folder, tokenizer, dtype, vocab_size, overwrite)
     architecture = architecture_of(model)
     cfg = model.cfg
     if getattr(cfg, "norm", "layernorm") != "layernorm":
@@ -704,26 +675,6 @@ def save_pretrained(
     for role in ("bos", "eos"):
         token = special.get(f"{role}_token")
         hf[f"{role}_token_id"] = tokenizer.token_to_id(token) if token else previous.get(f"{role}_token_id")
-    write_model_folder(folder, hf, tensors, tokenizer, special, max_len, dtype)
-
-
-def save_contrastive(model, folder: Path, tokenizer: Optional[Tokenizer], dtype: Optional[torch.dtype],
-                     vocab_size: Optional[int], overwrite: bool):
-    """save_pretrained for a CLIP or SigLIP: clip.py's names and config.json, written the same way."""
-    vocab_size = model.cfg.text.vocab_size if vocab_size is None else vocab_size
-    folder = Path(folder).expanduser()
-    if folder.exists() and any(folder.iterdir()) and not overwrite:
-        raise WeightsError(f"save_pretrained: {folder} exists and is not empty (pass overwrite=True to replace it)")
-    tensors, hf = contrastive_export(model, vocab_size)
-    if dtype is not None:
-        tensors = {name: t.to(dtype) if t.is_floating_point() else t for name, t in tensors.items()}
-    special = special_tokens_of(tokenizer) if tokenizer is not None else {}
-    write_model_folder(folder, hf, tensors, tokenizer, special, model.cfg.text.max_position_embeddings, dtype)
-
-
-def write_model_folder(folder: Path, hf: dict, tensors: dict, tokenizer: Optional[Tokenizer], special: dict,
-                       max_len: int, dtype: Optional[torch.dtype]):
-    """config.json, model.safetensors and the tokenizer files, staged beside `folder` and renamed into place."""
     stored_dtype = dtype or next(t.dtype for t in tensors.values() if t.is_floating_point())
     hf["dtype"] = hf["torch_dtype"] = dtype_name(stored_dtype)  # transformers 5 reads dtype, 4 torch_dtype
 
