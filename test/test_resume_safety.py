@@ -217,7 +217,7 @@ def test_generate_and_export_need_only_the_run_folder(trained, tmp_path, capsys,
 
 def test_run_folder_is_complete_and_consistent(trained):
     transformers = pytest.importorskip("transformers")
-    from rafale.main import prepare_data
+    from rafale.datapipes import prepare_data
 
     cfg_path, run_dir = trained
     for name in ("config.yaml", "tokenizer.json", "data.json", "model.json", "metrics.jsonl", "metrics.png",
