@@ -334,6 +334,23 @@ def _check_time(value: str, key: str, allow_dur: bool = True):
         raise ConfigError(key, f"cannot be a fraction of the duration, got {value!r}")
 
 
+def _check_warmup_unit(warmup: str, max_duration: str):
+    """Composer's warmup schedulers need warmup and max_duration in one unit once epochs become batches
+    (composer.optim.scheduler: _convert_time, _raise_if_warmup_and_max_incompatible); otherwise they fail at the
+    first step, after the data is prepared. A fraction of the duration, or no warmup, suits any unit.
+    (eval_interval and save_interval may be in any unit: Composer counts each in its own.)"""
+
+    def unit(text):
+        number, name = parse_time(text)
+        return number, "ba" if name == "ep" else name  # Composer counts epochs as batches here
+
+    (w_value, w), (_, d) = unit(warmup), unit(max_duration)
+    if w_value == 0 or w == "dur" or w == d:
+        return
+    raise ConfigError("training.warmup", f"{warmup!r} is not in the unit of training.max_duration ({max_duration!r}); "
+                      f"give it in {'ba or ep' if d == 'ba' else d}, or as a fraction such as '0.05dur'")
+
+
 def _is_local_path(spec: str) -> bool:
     return not spec.startswith("hf:") and spec not in ("stories", "train")
 
@@ -413,6 +430,7 @@ def validate(cfg: Config, check_files: bool = True) -> None:
     _check_time(cfg.training.max_duration, "training.max_duration", allow_dur=False)
     for key in ("warmup", "eval_interval", "save_interval", "log_interval"):
         _check_time(getattr(cfg.training, key), f"training.{key}")
+    _check_warmup_unit(cfg.training.warmup, cfg.training.max_duration)
     for key in ("name",):
         value = getattr(cfg.run, key)
         if not value or "/" in value or value in (".", ".."):

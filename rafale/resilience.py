@@ -9,6 +9,7 @@ first read with torch.load(weights_only=True) and refused if it holds anything a
 """
 
 import datetime
+import math
 import os
 import re
 import signal
@@ -43,16 +44,17 @@ class TrainingDiverged(RafaleError):
 
 
 class FiniteLossMonitor(Callback):
-    """Stop at the first NaN or infinite loss, naming the batch: later steps would only train on garbage."""
+    """Stop at the first NaN or infinite loss, naming the batch: later steps would only train on garbage.
 
-    def after_loss(self, state, logger):
-        loss = state.loss
-        losses = loss.values() if isinstance(loss, dict) else loss if isinstance(loss, (list, tuple)) else [loss]
-        for value in losses:
-            if not torch.isfinite(value).all():
+    It reads the step's loss that Composer has already copied to the host and averaged over ranks (for its
+    logs), so it costs no device sync of its own, and every rank stops at the same batch. A NaN in any
+    microbatch makes that sum NaN."""
+
+    def batch_end(self, state, logger):
+        for value in state.total_loss_dict.values():
+            if not math.isfinite(value):
                 raise TrainingDiverged(
-                    f"the training loss is {float(value.detach().float().mean())} at batch "
-                    f"{int(state.timestamp.batch) + 1}; {DIVERGED_HINT}"
+                    f"the training loss is {value} at batch {int(state.timestamp.batch)}; {DIVERGED_HINT}"
                 )
 
 

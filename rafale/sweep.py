@@ -90,7 +90,7 @@ def sweep_main(argv, train) -> int:
             continue
         print(f"rafale: sweep {i}/{len(points)}: {name} ({' '.join(point)})", flush=True)
         try:
-            train(argparse.Namespace(config=args.config, data_only=False, debug=False,
+            train(argparse.Namespace(config=args.config, data_only=False, debug=False, restart=False,
                                      overrides=[*point, f"run.name={name}"]))
         except RafaleError as err:
             failed += 1

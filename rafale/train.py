@@ -13,11 +13,12 @@ import signal
 import sys
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from dataclasses import replace as dataclass_replace
 from pathlib import Path
 
 import torch
-from composer import Trainer
+from composer import DataSpec, Trainer
 from composer.algorithms import GradientClipping
 from composer.callbacks import LRMonitor, MemoryMonitor, RuntimeEstimator, SpeedMonitor
 from composer.optim import (
@@ -26,12 +27,13 @@ from composer.optim import (
     CosineAnnealingWithWarmupScheduler,
     LinearWithWarmupScheduler,
 )
+from composer.core import Time
 from composer.utils import dist, reproducibility
 from torch.utils.data import DataLoader
 
 from rafale.config import Config, pretrained_folder, save_config
 from rafale.datapipes import PreparedData, cache_root, datapipe_for
-from rafale.errors import ConfigError, DataError, RafaleError, WeightsError
+from rafale.errors import IGNORE_INDEX, ConfigError, DataError, RafaleError, WeightsError
 from rafale.hardware import peak_flops
 from rafale.models.configurations import model_config_dict
 from rafale.loggers import ConsoleLog, MetricsFile
@@ -43,6 +45,15 @@ from rafale.resilience import FiniteLossMonitor, StopOnSignal, check_checkpoint_
 
 DEBUG_EPOCHS = 10
 DEBUG_STEPS_PER_EPOCH = 10
+DROPOUT_FIELDS = ("hidden_dropout", "attention_dropout", "classifier_dropout")
+
+
+def without_dropout(model_cfg):
+    """The model config for DEBUG=1: no dropout, so the target holds still (as the MLM masks do). With dropout, a
+    near-memorized batch sees Adam's steps blow up on a noisy gradient: the loss jumps back to chance or above
+    for a step (measured on bert-tiny classification), and a jump in the last steps fails the check."""
+    present = {f.name for f in fields(model_cfg)} & set(DROPOUT_FIELDS)
+    return dataclass_replace(model_cfg, **{name: 0.0 for name in present})
 
 
 @dataclass
@@ -54,7 +65,8 @@ class RunResult:
     wall_time_s: float
     tokens: int
     export_dir: Path | None = None
-    mfu: float | None = None  # model FLOPs utilization over the whole run, against the device's peak
+    mfu: float | None = None  # model FLOPs utilization while training (evaluation left out), against the device's peak
+    train_time_s: float | None = None  # wall_time_s less the time spent evaluating
     precision: str | None = None  # what ran, e.g. fp32 on a CPU that lacks bf16 units though amp_bf16 was asked
 
 
@@ -100,10 +112,23 @@ def precision_label(precision: str, autocast_dtype) -> str:
     return "amp_bf16 (the model's own bf16 autocast on the CPU)" if autocast_dtype is not None else precision
 
 
-def make_dataloader(dataset, batch_size: int, collate_fn, shuffle: bool, drop_last: bool, num_workers: int, pin: bool):
-    # the sampler gives each rank its own shard when Composer's launcher runs several processes
-    sampler = dist.get_sampler(dataset, shuffle=shuffle, drop_last=drop_last)
-    return DataLoader(
+def count_tokens(batch: dict) -> dict[str, int]:
+    """Composer's token counts of a batch. 'total' leaves out padding (tokens/s, max_duration in tok);
+    'loss_generating' is what the loss is a mean over (labelled tokens for LM and MLM, examples for classification),
+    so that gradient accumulation and DDP weigh each of them equally (accumulate_train_batch_on_tokens)."""
+    input_ids, labels = batch["input_ids"], batch["labels"]
+    mask = batch.get("attention_mask")
+    total = int(mask.sum()) if mask is not None else input_ids.numel()
+    per_token = labels.shape == input_ids.shape
+    return {"total": total, "loss_generating": int((labels != IGNORE_INDEX).sum()) if per_token else len(labels)}
+
+
+def make_dataloader(dataset, batch_size: int, collate_fn, shuffle: bool, drop_last: bool, num_workers: int, pin: bool,
+                    *, seed: int) -> DataSpec:
+    # the sampler gives each rank its own shard when Composer's launcher runs several processes; its order
+    # follows run.seed (and the epoch, which Composer sets)
+    sampler = dist.get_sampler(dataset, shuffle=shuffle, drop_last=drop_last, seed=seed)
+    loader = DataLoader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,
@@ -113,6 +138,7 @@ def make_dataloader(dataset, batch_size: int, collate_fn, shuffle: bool, drop_la
         pin_memory=pin,
         persistent_workers=num_workers > 0,
     )
+    return DataSpec(loader, get_num_tokens_in_batch=count_tokens)
 
 
 def make_scheduler(cfg: Config, debug: bool):
@@ -121,11 +147,13 @@ def make_scheduler(cfg: Config, debug: bool):
         return ConstantWithWarmupScheduler(t_warmup="0ba")
     if is_schedule_free(t):  # it warms up itself and needs no decay: a second schedule would distort it
         return ConstantScheduler()
+    # no warmup fits any max_duration unit (Composer would refuse 0ba against a max_duration in tok)
+    warmup = "0dur" if Time.from_timestring(t.warmup).value == 0 else t.warmup
     if t.schedule == "cosine":
-        return CosineAnnealingWithWarmupScheduler(t_warmup=t.warmup, alpha_f=t.lr_final_ratio)
+        return CosineAnnealingWithWarmupScheduler(t_warmup=warmup, alpha_f=t.lr_final_ratio)
     if t.schedule == "linear":
-        return LinearWithWarmupScheduler(t_warmup=t.warmup, alpha_f=t.lr_final_ratio)
-    return ConstantWithWarmupScheduler(t_warmup=t.warmup)
+        return LinearWithWarmupScheduler(t_warmup=warmup, alpha_f=t.lr_final_ratio)
+    return ConstantWithWarmupScheduler(t_warmup=warmup)
 
 
 def eval_metrics(trainer: Trainer) -> dict[str, float]:
@@ -218,15 +246,18 @@ def run(cfg: Config, data: PreparedData, model, collator, debug: bool = False) -
     run_dir = prepare_run_folder(cfg, data, model, run_name, save)
     trainer, stopper, peak = build_trainer(cfg, data, model, collator, placement, run_dir, run_name, debug)
     start = time.perf_counter()
+    speed = next(c for c in trainer.state.callbacks if isinstance(c, SpeedMonitor))
+    eval_seconds_before = speed.total_eval_wct  # a resumed run restores Composer's count
     tokens_before = int(trainer.state.timestamp.token)
     loss_start, loss_end = fit(trainer, stopper, cfg, run_dir)
     wall = time.perf_counter() - start
+    train_seconds = wall - (speed.total_eval_wct - eval_seconds_before)
     tokens = int(trainer.state.timestamp.token) - tokens_before
     export_dir = export_at_end(model.model, run_dir, data) if save and dist.get_global_rank() == 0 else None
     mfu = None
-    if tokens and peak:
-        mfu = tokens / wall * model.model.flops_per_token(cfg.data.block_size) / (peak * placement.world)
-    return RunResult(run_dir, trainer, loss_start, loss_end, wall, tokens, export_dir, mfu,
+    if tokens and peak and train_seconds > 0:  # training time only: evaluation does no backward pass
+        mfu = tokens / train_seconds * model.model.flops_per_token(cfg.data.block_size) / (peak * placement.world)
+    return RunResult(run_dir, trainer, loss_start, loss_end, wall, tokens, export_dir, mfu, train_seconds,
                      precision_label(placement.precision, placement.autocast_dtype))
 
 
@@ -373,6 +404,7 @@ def build_trainer(cfg: Config, data: PreparedData, model, collator, placement: P
             device=placement.device,
             precision=placement.precision,
             device_train_microbatch_size=placement.microbatch,
+            accumulate_train_batch_on_tokens=True,  # a step's loss is its mean over count_tokens' loss_generating
             seed=cfg.run.seed,
             progress_bar=False,  # rafale.loggers.ConsoleLog draws the bar and prints the lines
             log_to_console=False,
@@ -402,9 +434,11 @@ def make_loaders(cfg: Config, data: PreparedData, collator, placement: Placement
         # every step sees exactly that batch): 10 epochs are enough steps for a healthy model to overfit it.
         eval_set = train_set.select(range(t.batch_size))
         train_set = train_set.select(list(range(t.batch_size)) * DEBUG_STEPS_PER_EPOCH)
-    pin, batch, workers = placement.device == "gpu", placement.per_rank_batch, cfg.data.num_workers
-    return (make_dataloader(train_set, batch, collator, not debug, True, workers, pin),
-            make_dataloader(eval_set, batch, collator, False, False, workers, pin))
+    pin, batch, workers, seed = placement.device == "gpu", placement.per_rank_batch, cfg.data.num_workers, cfg.run.seed
+    # MLM: evaluation masks are drawn from each example, so every evaluation scores the same masks
+    eval_collator = collator.for_evaluation() if hasattr(collator, "for_evaluation") else collator
+    return (make_dataloader(train_set, batch, collator, not debug, True, workers, pin, seed=seed),
+            make_dataloader(eval_set, batch, eval_collator, False, False, workers, pin, seed=seed))
 
 
 def make_callbacks(device: str, peak: float | None, stopper: StopOnSignal) -> list:
@@ -432,8 +466,9 @@ def describe(result: RunResult, num_params: int) -> str:
         lines.append(f"precision: {result.precision}")
     if result.tokens:
         mfu = f", MFU {result.mfu:.1%}" if result.mfu is not None else ""
-        lines.append(f"tokens trained: {result.tokens:,} in {result.wall_time_s:.1f} s "
-                     f"({result.tokens / result.wall_time_s:,.0f} tokens/s including evaluation{mfu})")
+        train_s = result.train_time_s or result.wall_time_s
+        lines.append(f"tokens trained: {result.tokens:,} in {result.wall_time_s:.1f} s, {train_s:.1f} s of it training "
+                     f"({result.tokens / train_s:,.0f} tokens/s while training{mfu})")
     if result.export_dir is not None:
         lines.append(f"checkpoints: {result.run_dir / 'checkpoints'}; Hugging Face export: {result.export_dir}")
     metrics = eval_metrics(result.trainer)
@@ -461,7 +496,8 @@ def write_summary(result: RunResult, cfg: Config, num_params: int) -> Path:
         "parameters": num_params,
         "tokens": result.tokens,
         "wall_time_s": round(result.wall_time_s, 2),
-        "tokens_per_s": round(result.tokens / result.wall_time_s, 1) if result.tokens else None,
+        "train_time_s": round(result.train_time_s, 2) if result.train_time_s else None,
+        "tokens_per_s": round(result.tokens / (result.train_time_s or result.wall_time_s), 1) if result.tokens else None,
         "mfu": result.mfu,
         "validation": eval_metrics(result.trainer),
         "validation_loss_start": result.eval_loss_start,
@@ -485,6 +521,8 @@ def train(cfg: Config, model_cfg, data_only: bool = False, debug: bool = False) 
     if data_only:
         return 0
     reproducibility.seed_all(cfg.run.seed)  # the initial weights too, not only what the Trainer draws
+    if debug:
+        model_cfg = without_dropout(model_cfg)
     model = build_model(cfg, model_cfg, data)
     collator = pipe.collator(data.meta)
     if debug and hasattr(collator, "fixed_seed"):  # the same masks every step, so the target holds still
