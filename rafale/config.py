@@ -303,17 +303,17 @@ def build_dataclass(cls, values, path: str, allow_extra: bool = False):
 
 # Composer's time units (composer.core.TimeUnit), parsed here so that checking a config never imports Composer
 TIME_UNITS = ("iter", "ep", "ba", "sp", "tok", "dur", "sec")
-_TIME = re.compile(r"([+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)(" + "|".join(TIME_UNITS) + r")")
+_TIME = re.compile(r"\s*([+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)\s*(" + "|".join(TIME_UNITS) + r")", re.IGNORECASE)
 
 
 def parse_time(text: str) -> tuple[int | float, str]:
     """(value, unit) of a Composer time string ('2ep', '3e4tok', '0.1dur'), as composer.core.Time.from_timestring
-    reads it: a number then a unit; every unit but dur needs a whole number. Raises ValueError otherwise.
-    (Composer's wall-clock form '1h30m0s' is not accepted: no rafale setting is a wall-clock time.)"""
+    reads it: a number then a unit (any case, spaces allowed); every unit but dur needs a whole number. Raises
+    ValueError otherwise. (Composer's wall-clock form '1h30m0s' is refused: no rafale setting is a wall-clock time.)"""
     match = _TIME.fullmatch(text) if isinstance(text, str) else None
     if match is None:
         raise ValueError(f"not a time string: {text!r}")
-    value, unit = float(match.group(1)), match.group(2)
+    value, unit = float(match.group(1)), match.group(2).lower()
     if unit != "dur":
         if value != int(value):
             raise ValueError(f"{unit} needs a whole number, got {text!r}")
@@ -380,8 +380,8 @@ def split_source_files(source: dict) -> dict[str, list[Path]]:
     return files
 
 
-def validate(cfg: Config, check_files: bool = True) -> None:
-    """Checks that need more than one field, or (with check_files) the file system. Raises ConfigError."""
+def _check_signs(cfg: Config) -> None:
+    """The numbers that must be positive, or at least not negative."""
     positive = {
         "data.vocab_size": cfg.data.vocab_size,
         "data.block_size": cfg.data.block_size,
@@ -403,6 +403,11 @@ def validate(cfg: Config, check_files: bool = True) -> None:
                        "training.weight_decay": cfg.training.weight_decay, "training.eps": cfg.training.eps}.items():
         if value < 0:
             raise ConfigError(key, f"must not be negative, got {value}")
+
+
+def validate(cfg: Config, check_files: bool = True) -> None:
+    """Checks that need more than one field, or (with check_files) the file system. Raises ConfigError."""
+    _check_signs(cfg)
     if not 0 < cfg.data.mlm_probability < 1:
         raise ConfigError("data.mlm_probability", f"must be between 0 and 1 (exclusive), got {cfg.data.mlm_probability}")
     if cfg.data.label_names is not None and (len(cfg.data.label_names) < 2 or len(set(cfg.data.label_names)) != len(cfg.data.label_names)):

@@ -67,10 +67,11 @@ def undash_overrides(argv: list[str]) -> list[str]:
 
 def train_main(args) -> int:
     from rafale.config import load_config
-    from rafale.models.configurations import resolve_model_config
 
     cfg = load_config(args.config, args.overrides)
     cfg.run.restart = cfg.run.restart or getattr(args, "restart", False)
+    from rafale.models.configurations import resolve_model_config  # torch: the model files define the sizes
+
     model_cfg = resolve_model_config(cfg)  # the model section's errors before any data work
     from rafale.train import train  # Composer: only once the config is known to be good
 

@@ -697,6 +697,12 @@ def save_pretrained(
     stored_dtype = dtype or next(t.dtype for t in tensors.values() if t.is_floating_point())
     hf["dtype"] = hf["torch_dtype"] = dtype_name(stored_dtype)  # transformers 5 reads dtype, 4 torch_dtype
 
+    write_model_folder(folder, hf, tensors, tokenizer, special, max_len)
+
+
+def write_model_folder(folder: Path, hf: dict, tensors: dict, tokenizer: Optional[Tokenizer], special: dict,
+                       max_len: int):
+    """config.json, model.safetensors and the tokenizer files, written beside `folder` and renamed into place."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
