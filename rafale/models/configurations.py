@@ -133,7 +133,7 @@ model_config_dict = {
 
 def resolve_model_config(cfg: Config):
     """The model family's typed config: its preset with the config's overrides applied."""
-    families = MODEL_FAMILIES
+    families = tuple(PRESETS)  # (read now, so a family added to PRESETS after import counts)
     if cfg.model.type not in families:
         raise _unknown_key(cfg.model.type, families, "model.type=")
     presets = PRESETS[cfg.model.type]
