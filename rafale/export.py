@@ -89,7 +89,8 @@ def load_run_model(run_dir: Path, checkpoint: Path | None = None):
 
 
 def export_main(argv) -> int:
-    parser = argparse.ArgumentParser(prog="rafale export", description="Write a run's checkpoint in Hugging Face format.")
+    parser = argparse.ArgumentParser(prog="rafale export", description="Write a run's checkpoint in Hugging Face format.",
+                                     epilog="example: rafale export runs/pythia-tiny-stories --out pythia-hf")
     parser.add_argument("path", help="a run folder (its latest checkpoint) or a checkpoint file in one")
     parser.add_argument("--out", help="output folder (default: RUN/export)")
     args = parser.parse_args(argv)

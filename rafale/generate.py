@@ -89,7 +89,9 @@ def generate_text(model, tokenizer: Tokenizer, prompts: list[str], max_new_token
 
 
 def generate_main(argv) -> int:
-    parser = argparse.ArgumentParser(prog="rafale generate", description="Generate text with a trained decoder.")
+    parser = argparse.ArgumentParser(
+        prog="rafale generate", description="Generate text with a trained decoder.",
+        epilog='example: rafale generate runs/pythia-tiny-stories --prompt "Once upon a time" --max-new-tokens 64')
     parser.add_argument("model", help="a run folder (its latest checkpoint) or a Hugging Face model folder")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="the prompt text")

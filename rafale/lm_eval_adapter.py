@@ -10,6 +10,7 @@ equal those of HFLM on the exported weights (tested). Needs the optional extra: 
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -90,7 +91,17 @@ class RafaleLM(LM):
                 )
             ]
             totals.append(sum(logprob for logprob, _ in self.score(windows)))
+            self.rolling_nats -= totals[-1]
+            self.rolling_bytes += len(text.encode("utf-8"))
         return totals
+
+    # every rolling log-likelihood scored so far, for bits per byte (comparable across tokenizers)
+    rolling_nats = 0.0
+    rolling_bytes = 0
+
+    def rolling_bits_per_byte(self) -> float | None:
+        """-sum(log-likelihood) / (ln 2 x UTF-8 bytes) over the documents scored by loglikelihood_rolling."""
+        return self.rolling_nats / (math.log(2) * self.rolling_bytes) if self.rolling_bytes else None
 
     noted_gen_cap = False  # whether the cap on max_gen_toks was already printed
 
@@ -140,7 +151,9 @@ class RafaleLM(LM):
 
 
 def lm_eval_main(argv) -> int:
-    parser = argparse.ArgumentParser(prog="rafale lm-eval", description="Score a decoder with lm-evaluation-harness.")
+    parser = argparse.ArgumentParser(
+        prog="rafale lm-eval", description="Score a decoder with lm-evaluation-harness.",
+        epilog="example: rafale lm-eval runs/pythia-tiny-stories --tasks mytask --include-path tasks/ --limit 100")
     parser.add_argument("model", help="a run folder (its latest checkpoint) or a Hugging Face model folder")
     parser.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
     parser.add_argument("--include-path", help="a folder of task YAML files (local tasks)")
@@ -158,8 +171,9 @@ def lm_eval_main(argv) -> int:
 
     model, tokenizer = load_decoder(Path(args.model).expanduser())
     task_manager = TaskManager(include_path=args.include_path) if args.include_path else TaskManager()
+    lm = RafaleLM(model, tokenizer, batch_size=args.batch_size)
     results = lm_eval.simple_evaluate(
-        model=RafaleLM(model, tokenizer, batch_size=args.batch_size),
+        model=lm,
         tasks=args.tasks.split(","),
         task_manager=task_manager,
         limit=args.limit,
@@ -168,6 +182,10 @@ def lm_eval_main(argv) -> int:
     for task, metrics in results["results"].items():
         shown = ", ".join(f"{k}: {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
         print(f"rafale: {task}: {shown}")
+    bits_per_byte = lm.rolling_bits_per_byte()
+    if bits_per_byte is not None:  # loglikelihood_rolling tasks (perplexity of whole documents)
+        print(f"rafale: rolling log-likelihood of {lm.rolling_bytes:,} bytes: {bits_per_byte:.4f} bits per byte")
+        results["results"]["rafale_rolling"] = {"bits_per_byte": bits_per_byte, "bytes": lm.rolling_bytes}
     if args.out:
         Path(args.out).write_text(json.dumps(results["results"], indent=2, default=str))
     return 0

@@ -188,7 +188,9 @@ def runs_main(argv) -> int:
 
 
 def plot_main(argv) -> int:
-    parser = argparse.ArgumentParser(prog="rafale plot", description="Draw one run's curves, or overlay several runs.")
+    parser = argparse.ArgumentParser(
+        prog="rafale plot", description="Draw one run's curves, or overlay several runs.",
+        epilog="example: rafale plot runs/a runs/b --out both.png")
     parser.add_argument("runs", nargs="+", help="run folders")
     parser.add_argument("--out", help="PNG file (default: RUN/metrics.png for one run, runs.png for several)")
     args = parser.parse_args(argv)

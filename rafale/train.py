@@ -253,7 +253,7 @@ def run(cfg: Config, data: PreparedData, model, collator, debug: bool = False) -
     wall = time.perf_counter() - start
     train_seconds = wall - (speed.total_eval_wct - eval_seconds_before)
     tokens = int(trainer.state.timestamp.token) - tokens_before
-    export_dir = export_at_end(model.model, run_dir, data) if save and dist.get_global_rank() == 0 else None
+    export_dir = export_run(model.model, run_dir, data, sharded=cfg.training.fsdp is not None) if save else None
     mfu = None
     if tokens and peak and train_seconds > 0:  # training time only: evaluation does no backward pass
         mfu = tokens / train_seconds * model.model.flops_per_token(cfg.data.block_size) / (peak * placement.world)
@@ -326,11 +326,30 @@ def fit(trainer: Trainer, stopper: StopOnSignal, cfg: Config, run_dir: Path) -> 
     return loss_start, loss_end
 
 
-def export_at_end(model: torch.nn.Module, run_dir: Path, data: PreparedData) -> Path | None:
-    """RUN/export in Hugging Face format, or None, saying why: after hours of training, the checkpoints matter more
-    than the export, so a model the HF layout cannot express (a new module, RMSNorm) leaves only them."""
+def full_weights(module: torch.nn.Module, sharded: bool) -> torch.nn.Module | None:
+    """The model to export, on rank 0 (None elsewhere). Under FSDP each rank holds a shard, and gathering the full
+    weights is a collective: every rank must call it (rank 0 alone would wait for the others forever). Rank 0 then
+    gets an unsharded copy of the same class holding them."""
+    if not sharded:
+        return module if dist.get_global_rank() == 0 else None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.get_global_rank() != 0:
+        return None
+    copy = type(module)(module.cfg)
+    copy.load_state_dict(state, strict=True)
+    return copy
+
+
+def export_run(module: torch.nn.Module, run_dir: Path, data: PreparedData, sharded: bool = False) -> Path | None:
+    """RUN/export in Hugging Face format; after hours of training a failed export must not fail the run: the
+    checkpoints are already safe, so say why there is none and where they are."""
+    module = full_weights(module, sharded)
+    if module is None:
+        return None
     try:
-        return export_model(model, run_dir / EXPORT_DIR, data)
+        return export_model(module, run_dir / EXPORT_DIR, data)
     except WeightsError as err:
         print(f"rafale: no Hugging Face export: {err}; the checkpoints are in {run_dir / 'checkpoints'}")
         return None

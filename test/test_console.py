@@ -20,3 +20,19 @@ def test_eval_line_names_each_validation_metric():
     assert format_eval_line(logged) == "validation: loss 1.0100 | perplexity 2.75 | bits/byte 0.4123"
     assert format_eval_line({"metrics/eval/CrossEntropy": 0.3, "metrics/eval/Accuracy": 0.98}) == (
         "validation: loss 0.3000 | accuracy 0.9800")
+
+
+def test_every_command_has_its_own_help_with_an_example(capsys):
+    import pytest
+
+    from rafale.main import COMMANDS, main
+
+    for name in COMMANDS:
+        with pytest.raises(SystemExit) as exit:
+            main([name, "--help"])
+        out = capsys.readouterr().out
+        assert exit.value.code == 0 and f"rafale {name}" in out and "example: rafale" in out, name
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert all(f"rafale {name} " in out for name in COMMANDS)  # the top-level help lists every command

@@ -136,3 +136,31 @@ def test_unsupported_generation_arguments_are_refused(exported):
     model, tokenizer, _ = exported
     with pytest.raises(RafaleError, match="num_beams"):
         RafaleLM(model, tokenizer).generate_until(requests("generate_until", [("Once", {"until": ["."], "num_beams": 4})]))
+
+
+def test_rolling_loglikelihood_gives_bits_per_byte_equal_to_lm_evals(exported, tmp_path, capsys, monkeypatch):
+    """A perplexity task: rafale prints bits per byte, which must equal lm-eval's own bits_per_byte metric."""
+    model, tokenizer, folder = exported
+    texts = [f"Story {i}: Tom had a red ball. The dog was happy and ran to the park." for i in range(6)]
+    (tmp_path / "docs.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in texts))
+    (tmp_path / "docs.yaml").write_text(f"""task: rafale_docs
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {tmp_path / "docs.jsonl"}
+test_split: test
+output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: "{{{{text}}}}"
+metric_list:
+  - metric: bits_per_byte
+""")
+    out = tmp_path / "results.json"
+    code, printed, err = run_in_process(["lm-eval", str(folder), "--tasks", "rafale_docs", "--include-path",
+                                         str(tmp_path), "--out", str(out)], capsys, monkeypatch)
+    assert code == 0, err[-2000:]
+    results = json.loads(out.read_text())
+    ours = results["rafale_rolling"]["bits_per_byte"]
+    assert results["rafale_rolling"]["bytes"] == sum(len(t.encode()) for t in texts)
+    assert ours == pytest.approx(results["rafale_docs"]["bits_per_byte,none"], rel=1e-6)
+    assert f"{ours:.4f} bits per byte" in printed

@@ -80,7 +80,8 @@ def test_the_data_order_follows_run_seed(trainer_arguments):
 
 
 def composer_accepts(warmup: str, max_duration: str) -> bool:
-    cfg = SimpleNamespace(training=SimpleNamespace(warmup=warmup, schedule="cosine", lr_final_ratio=0.1))
+    cfg = SimpleNamespace(training=SimpleNamespace(warmup=warmup, schedule="cosine", lr_final_ratio=0.1,
+                                                   optimizer={"name": "adamw"}))
     scheduler = make_scheduler(cfg, debug=False)
     assert isinstance(scheduler, CosineAnnealingWithWarmupScheduler)
     state = SimpleNamespace(max_duration=Time.from_timestring(max_duration), dataloader_len=Time(10, "ba"),
@@ -152,7 +153,7 @@ def test_microbatching_leaves_the_step_unchanged(trainer_arguments, kind):
     examples = uneven_batch(kind)
     reference = tiny_model(kind)  # plain PyTorch: mean cross-entropy over the labelled tokens of the whole batch
     batch = stack(examples)
-    logits = reference(batch)
+    logits = reference.eval_forward(batch)  # (B, T, V): the wrappers' forward returns the loss itself
     F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE_INDEX).backward()
     with torch.no_grad():
         for p in reference.parameters():
@@ -257,3 +258,24 @@ def test_debug_trains_without_dropout(trainer_arguments):
     encoder = {"type": "bert", "task": "classification", "preset": "bert-tiny"}
     assert max(dropout_rates(trainer_arguments(model=encoder)["model"])) > 0  # a normal run keeps the preset's
     assert set(dropout_rates(trainer_arguments(model=encoder, env={"DEBUG": "1"})["model"])) == {0.0}
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5. the export of a sharded (FSDP) run gathers the full weights on every rank first
+
+
+def test_export_gathers_full_weights_into_an_unsharded_copy(monkeypatch):
+    """FSDP needs GPUs here, so this runs the gather on a plain model: torch's get_model_state_dict returns the full
+    weights for both, and rank 0 exports a fresh copy of the same class holding exactly them."""
+    from rafale import train
+
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(PYTHIA_PRESETS["pythia-debug"], vocab_size=64)
+    model = GPTNeoX(cfg)
+    assert train.full_weights(model, sharded=False) is model
+    copy = train.full_weights(model, sharded=True)
+    assert type(copy) is GPTNeoX and copy is not model
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(copy.state_dict()[name], tensor), name
+    monkeypatch.setattr(train.dist, "get_global_rank", lambda: 1)
+    assert train.full_weights(model, sharded=False) is None and train.full_weights(model, sharded=True) is None
