@@ -37,7 +37,7 @@ from filelock import FileLock
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from rafale.config import Config, DataConfig, split_source_files
-from rafale.errors import IGNORE_INDEX, DataError, RafaleError
+from rafale.errors import IGNORE_INDEX, DataError
 
 PIPELINE_VERSION = 2  # 2: caches named by the trained vocabulary size; trained tokenizers carry their post-processor
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "[SEP]")
