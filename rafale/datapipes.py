@@ -4,7 +4,9 @@ A datapipe loads a source (the embedded stories, a local file or folder, or a hu
 (a tokenizers JSON file, a hub tokenizer, or one trained here on the training split), and `_prepare`s the
 splits: tokenize, concatenate, cut into blocks. Everything except padding happens there, once; the result is
 saved with `datasets.save_to_disk` under the cache folder and memory-mapped back on later runs. Padding and
-label shifting are the collator's job, per batch.
+label shifting are the collator's job, per batch. The causal-LM datapipe streams instead of holding a split in
+memory: a .txt source is copied in pieces to an Arrow file, documents are tokenized a batch at a time, and the
+blocks are written a shard at a time straight into the cache folder's layout (`BlockWriter`, `save_split`).
 
 Cache folders are named `{source}_{tokenizer}_bs{block_size}_len{N}_{fingerprint}` (N training blocks, or
 examples); the fingerprint covers every
@@ -32,7 +34,6 @@ import numpy as np
 import pyarrow as pa
 import torch
 from datasets import Dataset, DatasetDict, Features, Sequence, Value, concatenate_datasets, load_dataset, load_from_disk
-from datasets.table import InMemoryTable
 from filelock import FileLock
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
@@ -69,27 +70,76 @@ def _safe_name(text: str) -> str:
 # sources
 
 
-def _read_text_documents(path: Path, separator: str, errors: str = "replace") -> list[str]:
-    raw = path.read_bytes()
+READ_PIECE_BYTES = 4 * 2**20  # a .txt source is read this much at a time
+TEXT_BATCH_BYTES = 4 * 2**20  # documents are written to the source's Arrow copy in record batches of about this size
+
+
+def iter_text_documents(path: Path, separator: str, errors: str = "replace", piece_bytes: int | None = None):
+    """The documents of a .txt source, stripped, empty ones dropped, reading `piece_bytes` at a time.
+
+    The bytes are split on the separator's UTF-8 bytes, then each document is decoded: a UTF-8 sequence never
+    starts inside another, so the cuts are those of splitting the decoded text, and a bad byte's offset is exact."""
+    sep, piece_bytes = separator.encode(), piece_bytes or READ_PIECE_BYTES
+    replaced, offset, rest = 0, 0, b""  # offset: where `rest` starts in the file
+    with path.open("rb") as f:
+        while True:
+            piece = f.read(piece_bytes)
+            parts = (rest + piece).split(sep)
+            rest = parts.pop() if piece else b""  # the last part may go on in the next piece (at the end it is a document)
+            for raw in parts:
+                text, bad = _decode_document(raw, offset, path, errors)
+                replaced += bad
+                offset += len(raw) + len(sep)
+                if text:
+                    yield text
+            if not piece:
+                break
+    # U+FFFD already in the file (as valid UTF-8) is not a replacement
+    if replaced:
+        print(f"rafale: data.source: replaced {replaced:,} invalid UTF-8 sequence(s) in {path} with U+FFFD "
+              "(data.decode_errors: error stops instead)")
+
+
+def _decode_document(raw: bytes, offset: int, path: Path, errors: str) -> tuple[str, int]:
+    """(the stripped text of one document's bytes, how many invalid UTF-8 sequences were replaced)."""
     try:
         text = raw.decode("utf-8", errors="strict" if errors == "error" else errors)
     except UnicodeDecodeError as err:
         raise DataError(
-            f"data.source: {path} is not UTF-8 at byte offset {err.start} ({raw[err.start:err.start + 4]!r}); "
+            f"data.source: {path} is not UTF-8 at byte offset {offset + err.start} ({raw[err.start:err.start + 4]!r}); "
             "fix the file or set data.decode_errors: replace"
         ) from None
-    # U+FFFD already in the file (as valid UTF-8) is not a replacement
-    replaced = text.count("\ufffd") - raw.count("\ufffd".encode())
-    if replaced:
-        print(f"rafale: data.source: replaced {replaced:,} invalid UTF-8 sequence(s) in {path} with U+FFFD "
-              "(data.decode_errors: error stops instead)")
-    return [doc.strip() for doc in text.split(separator) if doc.strip()]
+    replaced = text.count("\ufffd") - raw.count("\ufffd".encode()) if "\ufffd" in text else 0
+    return text.strip(), replaced
 
 
-def load_source(cfg: DataConfig, cache_dir: Path, labelled: bool = False) -> DatasetDict:
-    """The source as a DatasetDict with a 'train' and a 'validation' split, a 'text' and (labelled) a 'label' column."""
+def _text_source_dataset(path: Path, cfg: DataConfig, scratch: Path) -> Dataset:
+    """A .txt source's documents, written batch by batch to an Arrow file in `scratch` and memory-mapped back:
+    the text is never whole in memory, and the dataset is the one `Dataset.from_dict` of all documents gives."""
+    scratch.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(suffix=".arrow", prefix=f"{_safe_name(path.stem)}-", dir=scratch)
+    os.close(handle)
+    schema = Features({"text": Value("string")}).arrow_schema
+    with pa.OSFile(name, "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        batch, size = [], 0
+        for doc in iter_text_documents(path, cfg.doc_separator, cfg.decode_errors):
+            batch.append(doc)
+            size += len(doc)
+            if size >= TEXT_BATCH_BYTES:
+                writer.write_batch(pa.record_batch([pa.array(batch, pa.string())], schema=schema))
+                batch, size = [], 0
+        if batch:
+            writer.write_batch(pa.record_batch([pa.array(batch, pa.string())], schema=schema))
+    return Dataset.from_file(name)
+
+
+def load_source(cfg: DataConfig, scratch: Path, labelled: bool = False) -> DatasetDict:
+    """The source as a DatasetDict with a 'train' and a 'validation' split, a 'text' and (labelled) a 'label' column.
+
+    A .txt source is copied to an Arrow file in the folder `scratch` (the caller removes it once done)."""
     if isinstance(cfg.source, dict):  # {train: files, validation: files}
-        loaded = DatasetDict({split: _load_files(files, cfg, labelled) for split, files in split_source_files(cfg.source).items()})
+        loaded = DatasetDict({split: _load_files(files, cfg, labelled, scratch)
+                              for split, files in split_source_files(cfg.source).items()})
         return _with_splits(loaded if "validation" in loaded else loaded["train"], cfg, labelled)
     if cfg.source == "stories":
         if labelled:
@@ -115,21 +165,21 @@ def load_source(cfg: DataConfig, cache_dir: Path, labelled: bool = False) -> Dat
             except FileNotFoundError as err:
                 raise DataError(f"data.source: {path} is a folder but not one written by datasets.save_to_disk ({err})") from None
         else:
-            loaded = _load_file(path, cfg, labelled)
+            loaded = _load_file(path, cfg, labelled, scratch)
     return _with_splits(loaded, cfg, labelled)
 
 
-def _load_files(files: list[Path], cfg: DataConfig, labelled: bool) -> Dataset:
+def _load_files(files: list[Path], cfg: DataConfig, labelled: bool, scratch: Path) -> Dataset:
     """Several files of one split (shards), as one Dataset."""
-    parts = [_load_file(path, cfg, labelled) for path in files]
+    parts = [_load_file(path, cfg, labelled, scratch) for path in files]
     return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
 
 
-def _load_file(path: Path, cfg: DataConfig, labelled: bool = False) -> Dataset:
+def _load_file(path: Path, cfg: DataConfig, labelled: bool, scratch: Path) -> Dataset:
     """One .txt/.jsonl/.json/.parquet/.csv file as a Dataset; bad bytes and a missing column name the file and row."""
     if path.suffix == ".txt":
         # decode_errors is not in the cache fingerprint: 'error' either fails or reads what 'replace' reads
-        return Dataset.from_dict({"text": _read_text_documents(path, cfg.doc_separator, cfg.decode_errors)})
+        return _text_source_dataset(path, cfg, scratch)
     readers = {".jsonl": Dataset.from_json, ".json": Dataset.from_json, ".parquet": Dataset.from_parquet,
                ".csv": Dataset.from_csv}
     if path.suffix not in readers:
@@ -419,6 +469,7 @@ class DataPipe:
     name = "base"
     tokenizer_kind = "bpe"  # what `tokenizer: train` trains
     labelled = False  # whether the source must have a label column
+    scratch: Path | None = None  # while building: a folder inside the temporary cache for files `_prepare` streams
 
     def __init__(self, cfg: DataConfig, family: str = "pythia", num_proc: int = 0):
         self.cfg = cfg
@@ -489,9 +540,10 @@ class DataPipe:
         for stale in folder.glob(name + ".tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
         tmp = folder / f"{name}.tmp-{os.getpid()}"
+        self.scratch = tmp / "scratch"  # source copies and streamed splits while building; gone before the rename
         try:
             tmp.mkdir(parents=True)
-            raw = load_source(self.cfg, self.root, labelled=self.labelled)
+            raw = load_source(self.cfg, self.scratch, labelled=self.labelled)
             if self.cfg.tokenizer == "train":
                 tokenizer = train_tokenizer(raw["train"], self.cfg.vocab_size, self.tokenizer_kind)
                 warn_if_smaller(tokenizer.get_vocab_size(), self.cfg.vocab_size, self.tokenizer_kind)
@@ -512,8 +564,9 @@ class DataPipe:
             try:
                 tokenizer.save(str(tmp / "tokenizer.json"))
                 for split, ds in prepared.items():
-                    ds.save_to_disk(str(tmp / split))
+                    save_split(ds, tmp / split, self.scratch)
                     meta["splits"][split] = self._describe(ds)
+                shutil.rmtree(self.scratch, ignore_errors=True)
                 (tmp / "rafale.json").write_text(json.dumps(meta, indent=2))  # written last: marks the cache complete
                 os.replace(tmp, path)
                 if verbose and path.name != name:
@@ -585,23 +638,137 @@ def describe_blocks(ds: Dataset) -> dict:
     return {"examples": len(ds), "blocks": len(ds), "tokens": tokens}
 
 
+SHARD_TOKENS = 2**22  # tokens cut into blocks and written at a time (16 MiB of int32): about what a split holds in memory
+ENCODE_BATCH = 1000  # documents per encode_batch call, which tokenizes them in parallel
+PROGRESS_EVERY = 50_000_000  # tokens between progress lines when stderr is not a terminal
+
+
+class BlockWriter:
+    """Cut a token stream, given piece by piece, into blocks of block_size and write them to an Arrow file.
+
+    The blocks are those of cutting the whole stream at once (`chunk_into_blocks`, the last block may be short),
+    but they are written a shard of `shard_tokens` at a time: the tokens past a shard's last whole block are
+    carried into the next, so at most about one shard is held. Each shard is its own record batch, with its own
+    int32 offsets, so a split of any length fits (the file's own offsets are 64-bit)."""
+
+    def __init__(self, path: Path, block_size: int, shard_tokens: int = SHARD_TOKENS):
+        self.block_size = block_size
+        # whole blocks, and a shard's offsets fit in int32
+        self.shard_tokens = max(1, min(shard_tokens, INT32_MAX) // block_size) * block_size
+        self.pending, self.pending_tokens = [], 0  # token arrays not written yet
+        self.tokens = self.blocks = self.shards = self.most_held = 0
+        self.schema = TOKEN_FEATURES.arrow_schema
+        self.sink = pa.OSFile(str(path), "wb")
+        self.writer = pa.ipc.new_stream(self.sink, self.schema)
+
+    def add(self, tokens: np.ndarray):
+        self.pending.append(tokens)
+        self.pending_tokens += len(tokens)
+        self.most_held = max(self.most_held, self.pending_tokens)
+        if self.pending_tokens < self.shard_tokens:
+            return
+        stream = np.concatenate(self.pending)
+        whole = len(stream) // self.shard_tokens * self.shard_tokens
+        for start in range(0, whole, self.shard_tokens):
+            self._write(stream[start : start + self.shard_tokens])
+        self.pending, self.pending_tokens = [stream[whole:]], len(stream) - whole
+
+    def close(self):
+        if self.pending_tokens:
+            self._write(np.concatenate(self.pending))
+        self.pending, self.pending_tokens = [], 0
+        self.writer.close()
+        self.sink.close()
+
+    def _write(self, tokens: np.ndarray):
+        offsets = np.append(np.arange(0, len(tokens), self.block_size), len(tokens)).astype(np.int32)
+        blocks = pa.ListArray.from_arrays(pa.array(offsets), pa.array(tokens, pa.int32()))
+        self.writer.write_batch(pa.record_batch([blocks], schema=self.schema))
+        self.tokens += len(tokens)
+        self.blocks += len(offsets) - 1
+        self.shards += 1
+
+
+class TokenProgress:
+    """Tokens done so far: a tqdm bar on an interactive stderr, else a line every PROGRESS_EVERY tokens."""
+
+    def __init__(self, desc: str, every: int | None = None):
+        self.desc, self.every, self.count = desc, every or PROGRESS_EVERY, 0
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(desc=desc, unit="tok", unit_scale=True, file=sys.stderr)
+
+    def update(self, tokens: int):
+        before, self.count = self.count, self.count + tokens
+        if self.bar is not None:
+            self.bar.update(tokens)
+        elif self.count // self.every > before // self.every:
+            print(f"rafale: {self.desc}: {self.count:,} tokens", flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def token_stream(encodings, end_id: int) -> np.ndarray:
+    """The ids of encoded documents, each followed by `end_id`, as one int32 array."""
+    return pa.array([e.ids + [end_id] for e in encodings], pa.list_(pa.int32())).flatten().to_numpy()
+
+
+def write_blocks(texts: Dataset, tokenizer: Tokenizer, end_id: int, block_size: int, path: Path, desc: str,
+                 shard_tokens: int = SHARD_TOKENS) -> BlockWriter:
+    """Tokenize `texts` batch by batch, each document followed by `end_id`, and write the stream's blocks to `path`."""
+    writer = BlockWriter(path, block_size, shard_tokens)
+    progress = TokenProgress(desc)
+    try:
+        for batch in texts.iter(batch_size=ENCODE_BATCH):
+            tokens = token_stream(tokenizer.encode_batch(batch["text"], add_special_tokens=False), end_id)
+            writer.add(tokens)
+            progress.update(len(tokens))
+        writer.close()
+    except OSError as err:  # a full disk: the build's cleanup removes what was written
+        raise DataError(f"data.cache_dir: could not write the data cache ({path}): {err.strerror or err} "
+                        "(free space there, or point data.cache_dir / $RAFALE_CACHE elsewhere)") from None
+    finally:
+        progress.close()
+    return writer
+
+
+def save_split(ds: Dataset, path: Path, scratch: Path | None):
+    """Save a prepared split where `load_from_disk` finds it, as `save_to_disk` does.
+
+    A split streamed into one Arrow file in `scratch` is moved into place rather than copied (a copy would read
+    the whole split back through memory): `save_to_disk` of the split's first row writes the folder's metadata,
+    and the streamed file replaces that row's data file."""
+    files = [Path(f["filename"]).resolve() for f in ds.cache_files]
+    if scratch is None or len(files) != 1 or files[0].parent != scratch.resolve() or ds._indices is not None:
+        ds.save_to_disk(str(path))
+        return
+    Dataset.from_dict(ds[:1], features=ds.features).save_to_disk(str(path), num_shards=1)
+    (data_file,) = json.loads((path / "state.json").read_text())["_data_files"]
+    os.replace(files[0], path / data_file["filename"])
+
+
 class CausalLMDataPipe(DataPipe):
-    """Causal language modelling: documents joined by the end-of-text token, cut into blocks."""
+    """Causal language modelling: documents joined by the end-of-text token, cut into blocks.
+
+    Each split streams: tokenized a batch of documents at a time and written to disk a shard at a time, so
+    memory does not grow with the corpus."""
 
     name = "causal_lm"
+    shard_tokens = SHARD_TOKENS
 
     def _prepare(self, raw: DatasetDict, tokenizer: Tokenizer, meta: dict) -> DatasetDict:
-        eos = meta["eos_token_id"]
-
-        def tokenize(batch):
-            encodings = tokenizer.encode_batch(batch["text"], add_special_tokens=False)
-            return {"input_ids": [e.ids + [eos] for e in encodings]}
-
+        scratch = self.scratch or Path(tempfile.mkdtemp(prefix="rafale-blocks-"))
+        scratch.mkdir(parents=True, exist_ok=True)
         out = {}
         for split, ds in raw.items():
-            tokenized = self._tokenize(ds, split, tokenize, TOKEN_FEATURES)
-            blocks = chunk_into_blocks(tokenized.data.column("input_ids"), self.cfg.block_size)
-            out[split] = Dataset(InMemoryTable(pa.table({"input_ids": blocks})))
+            path = scratch / f"{split}-blocks.arrow"
+            write_blocks(ds, tokenizer, meta["eos_token_id"], self.cfg.block_size, path, f"tokenizing {split}",
+                         self.shard_tokens)
+            out[split] = Dataset.from_file(str(path))
             if len(out[split]) == 0:
                 raise DataError(f"data.source: the {split} split has no tokens after tokenization")
         return DatasetDict(out)

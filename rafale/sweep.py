@@ -76,13 +76,14 @@ def sweep_main(argv, train) -> int:
     parser.add_argument("axes", nargs="+", metavar="section.key=v1,v2", help="values to try for a config key")
     args = parser.parse_args(argv)
     points = grid(args.axes)
-    base = load_config(args.config)
+    fixed = grid([axis for axis in args.axes if len(grid([axis])) == 1])[0]  # one-value axes, e.g. run.output_dir=x
+    base = load_config(args.config, fixed)
     for point in points:  # a typo in the last combination should not wait for the first runs to finish
         resolve_model_config(load_config(args.config, point))
     out_dir = Path(base.run.output_dir).expanduser()
     rows, failed = [], 0
     for i, point in enumerate(points, 1):
-        name = run_name(base.run.name, point)
+        name = run_name(base.run.name, [item for item in point if item not in fixed])  # named by what varies
         run_dir = out_dir / name
         rows.append((name, point, run_dir))
         if (run_dir / SUMMARY_FILE).is_file():

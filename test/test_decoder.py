@@ -116,3 +116,35 @@ def test_composer_lm_loss_and_metrics():
     model.update_metric(batch, model.eval_forward(batch), metric)
     torch.testing.assert_close(metric.compute(), expected)
     assert model.flops_per_batch(batch) == model.model.flops_per_token(6) * 12 > 0
+
+
+def test_last_only_gives_the_logits_of_the_last_position():
+    model = tiny()
+    ids = torch.randint(0, V, (2, 9))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, :3] = 0  # left padding: positions come from the mask
+    for kw in ({}, {"attention_mask": mask}):
+        last = model(ids, last_only=True, **kw)
+        assert last.shape == (2, 1, V)
+        torch.testing.assert_close(last, model(ids, **kw)[:, -1:], atol=1e-6, rtol=1e-6)
+
+
+def test_rotary_tables_are_the_gpt_neox_formula():
+    # the precomputed tables must give what computing cos(position * inv_freq) in fp32 on the fly gives
+    rotary = tiny(rotary_pct=0.5).rotary
+    positions = torch.tensor([[0, 0, 1, 2, 3], [5, 6, 7, 8, 9]])  # (B, T), the first row left-padded
+    freqs = positions[:, :, None].float() * rotary.inv_freq[None, None, :]  # (B, T, dim/2)
+    emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, dim)
+    cos, sin = rotary(positions, torch.float32)
+    assert torch.equal(cos, emb.cos()) and torch.equal(sin, emb.sin())
+    cos, sin = rotary.span(5, 5, torch.float32)  # (1, 1, T, dim), positions 5..9
+    assert torch.equal(cos[0], emb.cos()[1]) and torch.equal(sin[0], emb.sin()[1])
+
+
+def test_generated_ids_work_in_a_training_forward():
+    # generate runs in inference mode; the ids it returns must still be usable where autograd records
+    model = tiny()
+    ids = model.generate(torch.randint(0, V, (2, 4)), max_new_tokens=3)
+    model.train()
+    model(ids).sum().backward()
+    assert model.embed_in.weight.grad is not None

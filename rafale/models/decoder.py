@@ -80,6 +80,9 @@ class KVCache:
         shape = (cfg.num_layers, batch_size, cfg.num_heads, max_len, cfg.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
+        # one (B, nh, max_len, hs) view per layer, taken once rather than indexed again at every step
+        self.layer_k = [self.k[i] for i in range(cfg.num_layers)]
+        self.layer_v = [self.v[i] for i in range(cfg.num_layers)]
         self.length = 0
 
     @property
@@ -88,25 +91,37 @@ class KVCache:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Store k, v (B, nh, T, hs) after the filled positions; return all keys and values (B, nh, length+T, hs)."""
-        end = self.length + k.shape[2]
-        self.k[layer, :, :, self.length : end] = k
-        self.v[layer, :, :, self.length : end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        start, end = self.length, self.length + k.shape[2]
+        k_all, v_all = self.layer_k[layer], self.layer_v[layer]  # (B, nh, max_len, hs)
+        k_all[:, :, start:end].copy_(k)
+        v_all[:, :, start:end].copy_(v)
+        return k_all[:, :, :end], v_all[:, :, :end]
 
 
 class RotaryEmbedding(nn.Module):
-    """cos and sin tables for rotary position embeddings (the GPT-NeoX, non-interleaved layout)."""
+    """cos and sin tables for rotary position embeddings (the GPT-NeoX, non-interleaved layout).
 
-    def __init__(self, dim: int, base: float):
+    Both are computed once in fp32, as GPT-NeoX computes them, for every position below max_len, so a forward
+    (and each decoding step) only indexes them.
+    """
+
+    def __init__(self, dim: int, base: float, max_len: int):
         super().__init__()
         inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+        freqs = torch.arange(max_len, dtype=torch.float32)[:, None] * inv_freq[None, :]  # (max_len, dim/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (max_len, dim)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("cos_table", emb.cos(), persistent=False)
+        self.register_buffer("sin_table", emb.sin(), persistent=False)
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype):
-        # position_ids: (B, T) -> cos, sin: (B, 1, T, dim), computed in fp32 as GPT-NeoX does
-        freqs = position_ids[:, :, None].float() * self.inv_freq[None, None, :]  # (B, T, dim/2)
-        emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, dim)
-        return emb.cos()[:, None].to(dtype), emb.sin()[:, None].to(dtype)
+        # position_ids: (B, T) -> cos, sin: (B, 1, T, dim)
+        return self.cos_table[position_ids][:, None].to(dtype), self.sin_table[position_ids][:, None].to(dtype)
+
+    def span(self, start: int, T: int, dtype: torch.dtype):
+        """cos, sin (1, 1, T, dim) of positions start, ..., start+T-1 (no padding): a slice, no gather."""
+        cos, sin = self.cos_table[start : start + T], self.sin_table[start : start + T]  # (T, dim)
+        return cos[None, None].to(dtype), sin[None, None].to(dtype)
 
 
 def rotate_half(x):
@@ -213,7 +228,7 @@ class GPTNeoX(nn.Module):
         cfg.validate()
         self.cfg = cfg
         self.embed_in = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.rotary = RotaryEmbedding(cfg.rotary_dim, cfg.rotary_base)
+        self.rotary = RotaryEmbedding(cfg.rotary_dim, cfg.rotary_base, cfg.max_position_embeddings)
         self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.num_layers))
         self.final_layer_norm = make_norm(cfg)
         self.embed_out = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
@@ -235,7 +250,7 @@ class GPTNeoX(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, kv_cache: Optional[KVCache] = None,
-                labels=None, vocab_size: Optional[int] = None):
+                labels=None, vocab_size: Optional[int] = None, last_only: bool = False):
         """input_ids: (B, T). attention_mask: (B, past+T) of 1/0, past counting the cached positions.
 
         position_ids default to 0, 1, 2, ... counted over real tokens only (so left padding works).
@@ -243,6 +258,8 @@ class GPTNeoX(nn.Module):
         the (B, T, vocab) logits never exist at once (`chunked_cross_entropy`); vocab_size, the tokenizer's true
         vocabulary when the embedding is padded, keeps the padding rows out of the softmax. The loss is computed
         here rather than by the caller so that a sharded (FSDP) embed_out is still gathered when it is used.
+        last_only: return the logits of the last position only, (B, 1, vocab_size), which is all generation
+        needs; the final norm and the vocabulary-sized projection then skip the other positions.
         """
         B, T = input_ids.shape
         past = kv_cache.length if kv_cache is not None else 0
@@ -250,11 +267,12 @@ class GPTNeoX(nn.Module):
             raise ValueError(
                 f"sequence of {past + T} tokens is longer than max_position_embeddings ({self.cfg.max_position_embeddings})"
             )
-        if position_ids is None:
-            if attention_mask is None:
-                position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
-            else:
+        if position_ids is None and attention_mask is None:
+            cos, sin = self.rotary.span(past, T, self.embed_in.weight.dtype)  # positions past, ..., past+T-1
+        else:
+            if position_ids is None:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
+            cos, sin = self.rotary(position_ids, self.embed_in.weight.dtype)
         # Without padding the mask is implicit: causal over the new tokens when there is no past (SDPA may use
         # flash attention), and none at all for one new token after a cache, which sees every key.
         attn_mask = None
@@ -265,15 +283,16 @@ class GPTNeoX(nn.Module):
         is_causal = attn_mask is None and T > 1
 
         x = self.embed_in(input_ids)  # (B, T, C)
-        cos, sin = self.rotary(position_ids, x.dtype)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, attn_mask, kv_cache, i, is_causal)
         if kv_cache is not None:
             kv_cache.length += T
+        if last_only:
+            x = x[:, -1:]  # (B, 1, C)
         x = self.final_layer_norm(x)
         if labels is not None:
             return chunked_cross_entropy(x.flatten(0, 1), self.embed_out.weight[:vocab_size], labels.flatten())
-        return self.embed_out(x)  # (B, T, vocab_size)
+        return self.embed_out(x)  # (B, T or 1, vocab_size)
 
     @torch.no_grad()
     def generate(
@@ -298,23 +317,40 @@ class GPTNeoX(nn.Module):
         B, T = input_ids.shape
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None  # no padding: the implicit causal mask is cheaper
+        # inference mode skips autograd's bookkeeping (version counters, view tracking) on every op; the ids
+        # returned are cloned outside it, so that they can be used like any tensor afterwards
+        with torch.inference_mode():
+            tokens = self._decode(input_ids, max_new_tokens, attention_mask, eos_token_id, use_cache, temperature,
+                                  top_k, top_p, generator, on_token)
+        return tokens.clone()
+
+    def _decode(self, input_ids, max_new_tokens, attention_mask, eos_token_id, use_cache, temperature, top_k, top_p,
+                generator, on_token):
+        """generate's loop; input_ids (B, T) -> (B, T + new), an inference tensor."""
+        B, T = input_ids.shape
+        positions = None
+        if attention_mask is not None:
+            # the mask and positions of all steps, built once: every new token is a real one
+            attention_mask = F.pad(attention_mask, (0, max_new_tokens), value=1)  # (B, T + new)
+            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T + new)
         cache = None
         if use_cache:
             param = next(self.parameters())
             cache = KVCache(self.cfg, B, T + max_new_tokens, param.device, param.dtype)
         done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         tokens = torch.cat([input_ids, input_ids.new_zeros(B, max_new_tokens)], dim=1)  # (B, T + new), filled below
-        length, step_input = T, input_ids
+        start, length = 0, T  # this step feeds tokens[:, start:length]: the prompt, then one token (or all)
         for _ in range(max_new_tokens):
-            mask = attention_mask if attention_mask is None else F.pad(attention_mask, (0, length - T), value=1)
-            logits = self(step_input, attention_mask=mask, kv_cache=cache)[:, -1]  # (B, V)
+            mask = None if attention_mask is None else attention_mask[:, :length]
+            pos = None if positions is None else positions[:, start:length]
+            logits = self(tokens[:, start:length], mask, pos, cache, last_only=True)[:, -1]  # (B, V)
             next_token = pick_next_token(logits, temperature, top_k, top_p, generator)  # (B,)
             if eos_token_id is not None:
                 next_token = torch.where(done, eos_token_id, next_token)
                 done |= next_token == eos_token_id
             tokens[:, length] = next_token
+            start = length if use_cache else 0
             length += 1
-            step_input = next_token[:, None] if use_cache else tokens[:, :length]
             if on_token is not None:
                 on_token(next_token)
             if eos_token_id is not None and done.all():
