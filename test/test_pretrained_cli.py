@@ -87,13 +87,13 @@ def test_pretrained_that_disagrees_with_the_config_is_an_error(tmp_path, cache_d
     export = str(run_dir / "export")
     bad_preset = write_config(tmp_path / "a.yaml", model={"pretrained": export, "preset": "pythia-tiny"})
     with pytest.raises(ConfigError, match=r"'model.preset'.*disagrees with the pretrained"):
-        load_config(bad_preset)
+        resolve_model_config(load_config(bad_preset))
     bad_size = write_config(tmp_path / "b.yaml", model={"pretrained": export, "preset": None, "num_layers": 5})
     with pytest.raises(ConfigError, match=r"'model.num_layers'.*disagrees"):
-        load_config(bad_size)
+        resolve_model_config(load_config(bad_size))
     bad_type = write_config(tmp_path / "c.yaml", model={"pretrained": export, "type": "bert", "preset": None})
     with pytest.raises(ConfigError, match=r"'model.type'.*GPTNeoXForCausalLM"):
-        load_config(bad_type)
+        resolve_model_config(load_config(bad_type))
     missing = write_config(tmp_path / "d.yaml", model={"pretrained": str(tmp_path / "nowhere")})
     with pytest.raises(ConfigError, match=r"'model.pretrained'.*config.json"):
-        load_config(missing)
+        resolve_model_config(load_config(missing))
