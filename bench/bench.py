@@ -49,7 +49,7 @@ def bench_train(label, preset, vocab, T, B, warmup, measure, rounds, workdir, pe
     """rafale as `rafale -c` runs it (rafale.train's Trainer, the config's default precision) against HF GPTNeoX
     in a plain fp32 eager loop (the headline), against HF in the same precision, and against rafale's own model in
     a plain loop at that precision (the Trainer's overhead); same weights and data, medians of every side."""
-    from rafale.models.decoder import ComposerLM
+    from rafale.models.composer import ComposerLM
 
     print(f"\n[train] {label}: preset {preset}, vocab {vocab}, T={T}, B={B}, warm-up {warmup}, "
           f"{measure} measured steps x {rounds} rounds", flush=True)

@@ -19,7 +19,9 @@ from composer.core import Callback
 from rafale.datapipes import cache_root
 from rafale.hardware import cached_cpu_peaks, cpu_model, cpu_peak_flops, cpu_peak_key, measure_cpu_peak  # noqa: F401
 from rafale.models.configurations import PYTHIA_PRESETS
-from rafale.models.decoder import IGNORE_INDEX, ComposerLM, GPTNeoX
+from rafale.errors import IGNORE_INDEX
+from rafale.models.composer import ComposerLM
+from rafale.models.decoder import GPTNeoX
 from rafale.models.hf import decoder_config_to_hf
 
 warnings.filterwarnings("ignore")

@@ -28,7 +28,7 @@ from common import (  # noqa: E402
     decoder_cfg, hf_from_rafale, make_rafale, matmul_peak, median, random_blocks, train_plain, train_rafale,
 )
 from rafale.hardware import gpu_peak_flops  # noqa: E402
-from rafale.models.decoder import ComposerLM  # noqa: E402
+from rafale.models.composer import ComposerLM  # noqa: E402
 
 
 def main():

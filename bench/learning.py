@@ -28,8 +28,10 @@ from torch.utils.data import DataLoader, DistributedSampler
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from rafale.config import Config, load_config, resolve_model_config  # noqa: E402
-from rafale.main import main as rafale_main, prepare_data  # noqa: E402
+from rafale.config import Config, load_config  # noqa: E402
+from rafale.datapipes import prepare_data  # noqa: E402
+from rafale.models.configurations import resolve_model_config  # noqa: E402
+from rafale.main import main as rafale_main  # noqa: E402
 from rafale.models.hf import decoder_config_to_hf  # noqa: E402
 from rafale.plots import read_metrics  # noqa: E402
 

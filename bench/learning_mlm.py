@@ -28,9 +28,10 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from composer.utils import reproducibility  # noqa: E402
 
-from rafale.config import load_config, resolve_model_config  # noqa: E402
-from rafale.datapipes import IGNORE_INDEX, MLMCollator, PreparedData  # noqa: E402
-from rafale.main import prepare_data  # noqa: E402
+from rafale.config import load_config  # noqa: E402
+from rafale.models.configurations import resolve_model_config  # noqa: E402
+from rafale.datapipes import MLMCollator, PreparedData, prepare_data  # noqa: E402
+from rafale.errors import IGNORE_INDEX  # noqa: E402
 from rafale.train import make_dataloader  # noqa: E402
 
 TOLERANCE = 1.01  # rafale's final loss may be at most 1% above the reference's

@@ -8,7 +8,7 @@ markdown table for the README, so the two cannot drift apart.
 
     run:      name: my-run                # where the run's files go, and how autoresume finds it
     data:     source: stories             # the embedded story generator, a local file, or hf:<name>
-    model:    type: pythia                # a key of rafale.main.model_config_dict
+    model:    type: pythia                # a key of rafale.models.configurations.model_config_dict
               preset: pythia-tiny         # a size from rafale/models/configurations.py
               num_layers: 4               # any field of the family's config overrides the preset
     training: max_duration: 1ep
@@ -18,6 +18,7 @@ import dataclasses
 import difflib
 import glob
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -27,14 +28,7 @@ from typing import Literal, Optional, Union
 import yaml
 
 
-class RafaleError(Exception):
-    """An error in what the user asked for; the CLI prints it in one line and exits non-zero."""
-
-
-class ConfigError(RafaleError):
-    def __init__(self, key: str, message: str):
-        self.key = key
-        super().__init__(f"config error at '{key}': {message}" if key else f"config error: {message}")
+from rafale.errors import ConfigError, RafaleError  # noqa: F401 (RafaleError: imported from here by older code)
 
 
 def option(default=dataclasses.MISSING, help: str = "", default_factory=dataclasses.MISSING):
@@ -111,9 +105,12 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    type: str = option("pythia", "Model family, a key of rafale.main.model_config_dict (pythia, bert, roberta).")
-    task: Optional[Literal["causal_lm", "mlm", "classification"]] = option(
-        None, "What to train: causal_lm (pythia), mlm or classification (bert, roberta). Default: the family's first."
+    type: str = option(
+        "pythia", "Model family, a key of model_config_dict in rafale/models/configurations.py (pythia, bert, roberta)."
+    )
+    task: Optional[str] = option(
+        None, "What to train: causal_lm (pythia), mlm or classification (bert, roberta); the family's entry in "
+        "TASKS (rafale/models/configurations.py) lists what it does. Default: the family's first."
     )
     preset: Optional[str] = option(
         None, "A size preset of that family (rafale/models/configurations.py). Default: the family's first (tiny) "
@@ -304,18 +301,36 @@ def build_dataclass(cls, values, path: str, allow_extra: bool = False):
 # checks across keys
 
 
-def _check_time(value: str, key: str, allow_dur: bool = True):
-    from composer.core import Time
+# Composer's time units (composer.core.TimeUnit), parsed here so that checking a config never imports Composer
+TIME_UNITS = ("iter", "ep", "ba", "sp", "tok", "dur", "sec")
+_TIME = re.compile(r"\s*([+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)\s*(" + "|".join(TIME_UNITS) + r")", re.IGNORECASE)
 
+
+def parse_time(text: str) -> tuple[int | float, str]:
+    """(value, unit) of a Composer time string ('2ep', '3e4tok', '0.1dur'), as composer.core.Time.from_timestring
+    reads it: a number then a unit (any case, spaces allowed); every unit but dur needs a whole number. Raises
+    ValueError otherwise. (Composer's wall-clock form '1h30m0s' is refused: no rafale setting is a wall-clock time.)"""
+    match = _TIME.fullmatch(text) if isinstance(text, str) else None
+    if match is None:
+        raise ValueError(f"not a time string: {text!r}")
+    value, unit = float(match.group(1)), match.group(2).lower()
+    if unit != "dur":
+        if value != int(value):
+            raise ValueError(f"{unit} needs a whole number, got {text!r}")
+        value = int(value)
+    return value, unit
+
+
+def _check_time(value: str, key: str, allow_dur: bool = True):
     try:
-        time = Time.from_timestring(value)
-    except (ValueError, TypeError):
+        number, unit = parse_time(value)
+    except ValueError:
         raise ConfigError(key, f"expected {TIME_HELP}, got {value!r}") from None
-    if time.value <= 0 and not key.endswith("warmup"):
+    if number <= 0 and not key.endswith("warmup"):
         raise ConfigError(key, f"must be positive, got {value!r}")
-    if time.value < 0:
+    if number < 0:
         raise ConfigError(key, f"must not be negative, got {value!r}")
-    if not allow_dur and time.unit.value == "dur":
+    if not allow_dur and unit == "dur":
         raise ConfigError(key, f"cannot be a fraction of the duration, got {value!r}")
 
 
@@ -324,16 +339,16 @@ def _check_warmup_unit(warmup: str, max_duration: str):
     (composer.optim.scheduler: _convert_time, _raise_if_warmup_and_max_incompatible); otherwise they fail at the
     first step, after the data is prepared. A fraction of the duration, or no warmup, suits any unit.
     (eval_interval and save_interval may be in any unit: Composer counts each in its own.)"""
-    from composer.core import Time
 
-    def unit(time):
-        return "ba" if time.unit.value == "ep" else time.unit.value  # Composer counts epochs as batches here
+    def unit(text):
+        number, name = parse_time(text)
+        return number, "ba" if name == "ep" else name  # Composer counts epochs as batches here
 
-    w, d = Time.from_timestring(warmup), Time.from_timestring(max_duration)
-    if w.value == 0 or w.unit.value == "dur" or unit(w) == unit(d):
+    (w_value, w), (_, d) = unit(warmup), unit(max_duration)
+    if w_value == 0 or w == "dur" or w == d:
         return
     raise ConfigError("training.warmup", f"{warmup!r} is not in the unit of training.max_duration ({max_duration!r}); "
-                      f"give it in {'ba or ep' if unit(d) == 'ba' else unit(d)}, or as a fraction such as '0.05dur'")
+                      f"give it in {'ba or ep' if d == 'ba' else d}, or as a fraction such as '0.05dur'")
 
 
 def _is_local_path(spec: str) -> bool:
@@ -365,8 +380,8 @@ def split_source_files(source: dict) -> dict[str, list[Path]]:
     return files
 
 
-def validate(cfg: Config, check_files: bool = True) -> None:
-    """Checks that need more than one field, or (with check_files) the file system. Raises ConfigError."""
+def _check_signs(cfg: Config) -> None:
+    """The numbers that must be positive, or at least not negative."""
     positive = {
         "data.vocab_size": cfg.data.vocab_size,
         "data.block_size": cfg.data.block_size,
@@ -388,6 +403,11 @@ def validate(cfg: Config, check_files: bool = True) -> None:
                        "training.weight_decay": cfg.training.weight_decay, "training.eps": cfg.training.eps}.items():
         if value < 0:
             raise ConfigError(key, f"must not be negative, got {value}")
+
+
+def validate(cfg: Config, check_files: bool = True) -> None:
+    """Checks that need more than one field, or (with check_files) the file system. Raises ConfigError."""
+    _check_signs(cfg)
     if not 0 < cfg.data.mlm_probability < 1:
         raise ConfigError("data.mlm_probability", f"must be between 0 and 1 (exclusive), got {cfg.data.mlm_probability}")
     if cfg.data.label_names is not None and (len(cfg.data.label_names) < 2 or len(set(cfg.data.label_names)) != len(cfg.data.label_names)):
@@ -401,9 +421,6 @@ def validate(cfg: Config, check_files: bool = True) -> None:
             raise ConfigError(f"training.betas[{i}]", f"must be in [0, 1), got {beta}")
     if cfg.training.layer_decay is not None and not 0 < cfg.training.layer_decay <= 1:
         raise ConfigError("training.layer_decay", f"must be in (0, 1], got {cfg.training.layer_decay}")
-    from rafale.optim import check_optimizer  # rafale.optim imports this module
-
-    check_optimizer(cfg.training)
     mb = cfg.training.microbatch_size
     if isinstance(mb, int) and mb > cfg.training.batch_size:
         raise ConfigError(
@@ -427,6 +444,9 @@ def validate(cfg: Config, check_files: bool = True) -> None:
         raise ConfigError("training.load_path", "eval_only needs a checkpoint to evaluate")
     if check_files:
         _check_files(cfg)
+    from rafale.optim import check_optimizer  # last: it imports torch, which the checks above do not need
+
+    check_optimizer(cfg.training)
 
 
 def _check_files(cfg: Config) -> None:
@@ -452,7 +472,10 @@ def _check_files(cfg: Config) -> None:
 
 def config_from_dict(raw, saved_run: bool = False) -> Config:
     """The checked Config of a YAML mapping. saved_run: a run folder's config.yaml, already resolved when the run
-    started; its data, tokenizer and pretrained files need not exist any more (the folder has what it needs)."""
+    started; its data, tokenizer and pretrained files need not exist any more (the folder has what it needs).
+
+    The model section is checked here as a schema only; its family, preset, task and overrides are checked by
+    rafale.models.configurations.resolve_model_config, which every command calls right after loading."""
     if raw is None:
         raise ConfigError("", "the config file is empty")
     if not isinstance(raw, dict):
@@ -478,7 +501,6 @@ def config_from_dict(raw, saved_run: bool = False) -> Config:
     # a pretrained model brings its tokenizer, unless the config names another
     if cfg.model.pretrained is not None and "tokenizer" not in (raw.get("data") or {}):
         cfg.data.tokenizer = pretrained_tokenizer(cfg.model.pretrained)
-    resolve_model_config(cfg)  # checks the family, preset and overrides
     return cfg
 
 
@@ -536,94 +558,12 @@ def apply_overrides(raw: dict, overrides) -> dict:
     return raw
 
 
-def resolve_model_config(cfg: Config):
-    """The model family's typed config: its preset with the config's overrides applied."""
-    from rafale.models import configurations
-
-    families = configurations.MODEL_FAMILIES
-    if cfg.model.type not in families:
-        raise _unknown_key(cfg.model.type, families, "model.type=")
-    presets = configurations.PRESETS[cfg.model.type]
-    if cfg.model.preset is not None and cfg.model.preset not in presets:
-        raise _unknown_key(cfg.model.preset, presets, "model.preset=")
-    tasks = configurations.TASKS[cfg.model.type]
-    if cfg.model.task is None:
-        cfg.model.task = tasks[0]
-    elif cfg.model.task not in tasks:
-        raise ConfigError("model.task", f"a {cfg.model.type} model does {' or '.join(tasks)}, not {cfg.model.task}")
-    if cfg.model.pretrained is not None:
-        base = pretrained_model_config(cfg)
-        if cfg.model.preset is not None:
-            _check_agrees(presets[cfg.model.preset], base, "model.preset", cfg.model.pretrained)
-    else:
-        base = presets[cfg.model.preset or next(iter(presets))]
-    fields = {f.name for f in dataclasses.fields(base)}
-    for key in cfg.model.overrides:
-        if key not in fields:
-            raise _unknown_key(key, fields | {f.name for f in dataclasses.fields(ModelConfig)}, "model.")
-    merged = dataclasses.asdict(base) | cfg.model.overrides
-    model_cfg = build_dataclass(type(base), merged, "model.")
-    if cfg.model.pretrained is not None:
-        _check_agrees(model_cfg, base, "model", cfg.model.pretrained, only=set(cfg.model.overrides))
-    try:
-        model_cfg.validate()
-    except ValueError as err:
-        raise ConfigError("model", str(err)) from None
-    longest = getattr(model_cfg, "max_seq_len", model_cfg.max_position_embeddings)
-    if cfg.data.block_size > longest:
-        raise ConfigError(
-            "data.block_size",
-            f"({cfg.data.block_size}) is larger than the model's max_position_embeddings ({longest})",
-        )
-    if cfg.model.task != "causal_lm" and cfg.data.block_size < 3:
-        raise ConfigError("data.block_size", f"must leave room for the two framing tokens, got {cfg.data.block_size}")
-    return model_cfg
-
-
-# settings a pretrained checkpoint does not fix: they may differ from its config.json
-TRAINING_SETTINGS = {"hidden_dropout", "attention_dropout", "classifier_dropout", "num_labels", "init_std", "vocab_size"}
-
-
-def _check_agrees(asked, checkpoint, key: str, where: str, only=None):
-    """A preset or override that contradicts the pretrained checkpoint's sizes is an error, never a silent choice."""
-    for f in dataclasses.fields(checkpoint):
-        if f.name in TRAINING_SETTINGS or (only is not None and f.name not in only):
-            continue
-        mine, theirs = getattr(asked, f.name), getattr(checkpoint, f.name)
-        if mine != theirs:
-            name = f"{key}.{f.name}" if key == "model" else key
-            raise ConfigError(name, f"{f.name} = {mine!r} disagrees with the pretrained {where} ({theirs!r}); "
-                              "leave it out to use the checkpoint's")
-
-
 def pretrained_folder(spec: str) -> Path:
     """The model folder that model.pretrained names: a Hugging Face folder, or a rafale run folder's export/."""
     folder = Path(spec).expanduser()
     if not (folder / "config.json").is_file() and (folder / "export" / "config.json").is_file():
         return folder / "export"
     return folder
-
-
-def pretrained_model_config(cfg: Config):
-    """The model config of model.pretrained, read from its config.json; checks the family."""
-    from rafale.models import hf
-
-    spec = cfg.model.pretrained
-    if spec.startswith("hf:"):
-        folder = hf.download_from_hub(spec[3:])
-    else:
-        folder = pretrained_folder(spec)
-    try:
-        raw, architecture = hf.read_config(folder)
-        family, _ = hf.ARCHITECTURES[architecture]
-        family = "pythia" if family == "gpt_neox" else family
-        if family != cfg.model.type:
-            raise ConfigError("model.type", f"is {cfg.model.type} but {spec} holds a {architecture} ({family})")
-        if family == "pythia":
-            return hf.decoder_config_from_hf(raw, folder / "config.json")
-        return hf.encoder_config_from_hf(raw, family, folder / "config.json")
-    except hf.WeightsError as err:
-        raise ConfigError("model.pretrained", str(err)) from None
 
 
 def to_dict(cfg: Config) -> dict:

@@ -37,18 +37,14 @@ from datasets import Dataset, DatasetDict, Features, Sequence, Value, concatenat
 from filelock import FileLock
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from rafale.config import DataConfig, RafaleError, split_source_files
+from rafale.config import Config, DataConfig, split_source_files
+from rafale.errors import IGNORE_INDEX, DataError
 
 PIPELINE_VERSION = 2  # 2: caches named by the trained vocabulary size; trained tokenizers carry their post-processor
-IGNORE_INDEX = -100
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "[SEP]")
 PAD_CANDIDATES = ("<|padding|>", "<pad>", "[PAD]")
 TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet", ".csv")
 TOKEN_FEATURES = Features({"input_ids": Sequence(Value("int32"))})
-
-
-class DataError(RafaleError):
-    pass
 
 
 def cache_root(cache_dir=None) -> Path:
@@ -464,17 +460,26 @@ def wait_for_cache(folder: Path, fingerprint: str, timeout_s: float = 24 * 3600,
 
 
 class DataPipe:
-    """Load, tokenize, chunk and cache one dataset. Subclasses define `_prepare` and the collator."""
+    """Load, tokenize, chunk and cache one dataset. Subclasses define `_prepare` and `collator`.
+
+    Every datapipe takes the same arguments: the data section, the model family it prepares for (model.type:
+    encoders frame texts with their family's special tokens) and the tokenization processes (0: data.num_proc).
+    A new task is a subclass and one line in DATAPIPES at the bottom of this file."""
 
     name = "base"
     tokenizer_kind = "bpe"  # what `tokenizer: train` trains
     labelled = False  # whether the source must have a label column
     scratch: Path | None = None  # while building: a folder inside the temporary cache for files `_prepare` streams
 
-    def __init__(self, cfg: DataConfig, num_proc: int = 0):
+    def __init__(self, cfg: DataConfig, family: str = "pythia", num_proc: int = 0):
         self.cfg = cfg
+        self.family = family
         self.num_proc = num_proc or cfg.num_proc or os.cpu_count() or 1
         self.root = cache_root(cfg.cache_dir)
+
+    def collator(self, meta: dict):
+        """The batch maker for this data: PreparedData.meta -> a callable from a list of examples to a batch."""
+        raise NotImplementedError
 
     def fingerprint_inputs(self) -> dict:
         return {
@@ -771,6 +776,9 @@ class CausalLMDataPipe(DataPipe):
     def _describe(self, ds: Dataset) -> dict:
         return describe_blocks(ds)
 
+    def collator(self, meta: dict):
+        return CausalLMCollator(pad_token_id=meta["pad_token_id"])
+
 
 @dataclass
 class CausalLMCollator:
@@ -804,8 +812,7 @@ class EncoderDataPipe(DataPipe):
     """What the MLM and classification datapipes share: BERT/RoBERTa special tokens and tokenizers."""
 
     def __init__(self, cfg: DataConfig, family: str = "bert", num_proc: int = 0):
-        super().__init__(cfg, num_proc)
-        self.family = family
+        super().__init__(cfg, family, num_proc)
         self.tokenizer_kind = "wordpiece" if family == "bert" else "bpe-roberta"
 
     def special_ids(self, tokenizer: Tokenizer) -> dict:
@@ -847,6 +854,15 @@ class MLMDataPipe(EncoderDataPipe):
 
     def _describe(self, ds: Dataset) -> dict:
         return describe_blocks(ds)
+
+    def collator(self, meta: dict):
+        return MLMCollator(
+            pad_token_id=meta["pad_token_id"],
+            mask_token_id=meta["mask_token_id"],
+            special_ids=tuple(meta[k] for k in ("cls_token_id", "sep_token_id", "pad_token_id", "mask_token_id")),
+            vocab_size=meta["vocab_size"],
+            mlm_probability=self.cfg.mlm_probability,
+        )
 
 
 class ClassificationDataPipe(EncoderDataPipe):
@@ -910,6 +926,9 @@ class ClassificationDataPipe(EncoderDataPipe):
     def _describe(self, ds: Dataset) -> dict:
         counts = np.bincount(np.asarray(ds.data.column("label")))
         return {"examples": len(ds), "examples_per_class": counts.tolist()}
+
+    def collator(self, meta: dict):
+        return ClassificationCollator(pad_token_id=meta["pad_token_id"])
 
 
 def pad_batch(sequences: list, pad_token_id: int):
@@ -991,4 +1010,21 @@ class ClassificationCollator:
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+# model.task -> the datapipe that prepares its data and makes its batches; a new task is one line here (and its
+# name in the TASKS entry of each model family that does it, rafale/models/configurations.py)
 DATAPIPES = {"causal_lm": CausalLMDataPipe, "mlm": MLMDataPipe, "classification": ClassificationDataPipe}
+
+
+def datapipe_for(cfg: Config) -> DataPipe:
+    """The datapipe of model.task (by default the family's first task), preparing data for model.type."""
+    task = cfg.model.task
+    if task is None:
+        from rafale.models.configurations import TASKS
+
+        task = TASKS[cfg.model.type][0]
+    return DATAPIPES[task](cfg.data, family=cfg.model.type)
+
+
+def prepare_data(cfg: Config) -> PreparedData:
+    """The config's data, from the cache or prepared now."""
+    return datapipe_for(cfg).load()

@@ -15,10 +15,12 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from rafale.config import Config, RafaleError, build_dataclass, load_config, resolve_model_config
+from rafale.config import Config, build_dataclass, load_config
 from rafale.datapipes import PreparedData
+from rafale.errors import RafaleError, WeightsError
+from rafale.models.configurations import PRESETS, model_config_dict, resolve_model_config
 from rafale.models.hf import save_pretrained
-from rafale.resilience import LATEST_CHECKPOINT, read_checkpoint
+from rafale.resilience import LATEST_CHECKPOINT, batch_number, read_checkpoint
 
 EXPORT_DIR = "export"
 MODEL_FILE = "model.json"  # the nn.Module's config (sizes, vocabulary, padding id) as the run built it
@@ -44,11 +46,6 @@ def latest_checkpoint(run_dir: Path) -> Path:
     return checkpoints[-1]
 
 
-def batch_number(checkpoint: Path) -> int:
-    """The batch of a checkpoint named by rafale's save_filename, ep{epoch}-ba{batch}-rank{rank}.pt."""
-    return int(checkpoint.name.split("-ba")[1].split("-")[0])
-
-
 def read_checkpoint_weights(path: Path) -> dict:
     """The model's tensors from a Composer checkpoint, named as in the nn.Module (no `model.` prefix)."""
     weights = read_checkpoint(path)["state"]["model"]
@@ -64,8 +61,6 @@ def run_model_config(run_dir: Path, cfg: Config):
     """The model config a run was built with: its model.json, or (folders written before it) resolved again."""
     if not (run_dir / MODEL_FILE).is_file():
         return resolve_model_config(cfg)
-    from rafale.models.configurations import PRESETS
-
     family_config = type(next(iter(PRESETS[cfg.model.type].values())))
     return build_dataclass(family_config, json.loads((run_dir / MODEL_FILE).read_text()), "model.")
 
@@ -75,8 +70,6 @@ def load_run_model(run_dir: Path, checkpoint: Path | None = None):
 
     Needs only the folder: the saved config is read without looking for its data, tokenizer or pretrained files
     (they may have moved, be relative to another directory, or be on the hub while offline)."""
-    from rafale.main import model_config_dict
-
     for name in ("config.yaml", "tokenizer.json", "data.json"):
         if not (run_dir / name).is_file():
             raise RafaleError(f"{run_dir} is not a rafale run folder: it has no {name}")
@@ -88,8 +81,8 @@ def load_run_model(run_dir: Path, checkpoint: Path | None = None):
         meta=json.loads((run_dir / "data.json").read_text()),
     )
     model_cfg = run_model_config(run_dir, cfg)
-    cfg.model.pretrained = None  # the checkpoint has all the weights
-    composer_model, _ = model_config_dict[cfg.model.type](model_cfg, data, cfg)
+    # built without model.pretrained's weights: the checkpoint has all of them
+    composer_model = model_config_dict[cfg.model.type](model_cfg, cfg.model.task, data.meta, data.tokenizer)
     checkpoint = checkpoint or latest_checkpoint(run_dir)
     composer_model.model.load_state_dict(read_checkpoint_weights(checkpoint), strict=True)
     return cfg, data, composer_model.model.eval()
@@ -109,6 +102,9 @@ def export_main(argv) -> int:
     else:
         raise RafaleError(f"no such run folder or checkpoint: {path}")
     _, data, model = load_run_model(run_dir, checkpoint)
-    out = export_model(model, Path(args.out).expanduser() if args.out else run_dir / EXPORT_DIR, data)
+    try:
+        out = export_model(model, Path(args.out).expanduser() if args.out else run_dir / EXPORT_DIR, data)
+    except WeightsError as err:  # the same reason the end of the run gave
+        raise WeightsError(f"{run_dir}: no Hugging Face export: {err}; its checkpoints hold the weights") from None
     print(f"rafale: exported {checkpoint or latest_checkpoint(run_dir)} to {out}")
     return 0

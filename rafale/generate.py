@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from rafale.config import RafaleError
+from rafale.errors import RafaleError
 from rafale.datapipes import special_token_ids
 
 

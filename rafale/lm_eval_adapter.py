@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from rafale.config import RafaleError
+from rafale.errors import RafaleError
 from rafale.datapipes import special_token_ids
 
 try:

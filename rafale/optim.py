@@ -26,7 +26,7 @@ import re
 import torch
 from torch import nn
 
-from rafale.config import ConfigError, RafaleError, TrainingConfig
+from rafale.errors import ConfigError, RafaleError
 
 OPTIM_EXTRA = "pip install 'rafale[optim]'"
 DEFAULT_OPTIMIZER = "adamw"
@@ -71,7 +71,7 @@ def embedding_params(model: nn.Module) -> set[int]:
     return {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
 
 
-def param_groups(model: nn.Module, t: TrainingConfig, split_hidden_matrices: bool = False) -> list[dict]:
+def param_groups(model: nn.Module, t: "TrainingConfig", split_hidden_matrices: bool = False) -> list[dict]:
     """The model's trainable parameters in groups that share a weight decay and a learning-rate scale.
 
     No weight decay on biases and norm weights (vectors), nor on embeddings unless decay_embeddings. With
@@ -134,32 +134,32 @@ def _construct(cls, groups, defaults: dict, args: dict):
         raise ConfigError("training.optimizer", f"{cls.__name__}: {err}") from None
 
 
-def adamw(groups, t: TrainingConfig, args: dict, device: str):
+def adamw(groups, t: "TrainingConfig", args: dict, device: str):
     """AdamW, whose weight decay is decoupled from the gradient (Loshchilov & Hutter); fused on a GPU."""
     defaults = {"lr": t.lr, "betas": t.betas, "eps": t.eps, "fused": device == "gpu"}
     return _construct(torch.optim.AdamW, _with_lr(groups, t.lr), defaults, args)
 
 
-def schedulefree_adamw(groups, t: TrainingConfig, args: dict, device: str, warmup_steps: int = 0):
+def schedulefree_adamw(groups, t: "TrainingConfig", args: dict, device: str, warmup_steps: int = 0):
     """Schedule-free AdamW (Defazio et al. 2024): no decay schedule, its own warmup; evaluate the averaged weights."""
     sf = _import("schedulefree")
     defaults = {"lr": t.lr, "betas": t.betas, "eps": t.eps, "warmup_steps": warmup_steps}
     return _construct(sf.AdamWScheduleFree, _with_lr(groups, t.lr), defaults, args)
 
 
-def soap(groups, t: TrainingConfig, args: dict, device: str):
+def soap(groups, t: "TrainingConfig", args: dict, device: str):
     """SOAP (Vyas et al. 2024): Adam in the eigenbasis of Shampoo's preconditioner (pytorch-optimizer's)."""
     po = _import("pytorch_optimizer")
     return _construct(po.SOAP, _with_lr(groups, t.lr), {"lr": t.lr}, args)
 
 
-def lion(groups, t: TrainingConfig, args: dict, device: str):
+def lion(groups, t: "TrainingConfig", args: dict, device: str):
     """Lion (Chen et al. 2023): sign of an interpolated momentum; wants a 3-10x smaller lr than AdamW."""
     po = _import("pytorch_optimizer")
     return _construct(po.Lion, _with_lr(groups, t.lr), {"lr": t.lr}, args)
 
 
-def muon(groups, t: TrainingConfig, args: dict, device: str):
+def muon(groups, t: "TrainingConfig", args: dict, device: str):
     """Muon (Jordan et al. 2024) on the blocks' 2-D matrices, AdamW on the rest (embeddings, head, norms, biases),
     as its authors do. training.lr, betas and eps are the AdamW part's; `lr` in the mapping is Muon's (0.02)."""
     po = _import("pytorch_optimizer")
@@ -197,15 +197,15 @@ def torch_optimizer_class(path: str):
     return cls
 
 
-def optimizer_name(t: TrainingConfig) -> str:
+def optimizer_name(t: "TrainingConfig") -> str:
     return t.optimizer.get("name", DEFAULT_OPTIMIZER)
 
 
-def is_schedule_free(t: TrainingConfig) -> bool:
+def is_schedule_free(t: "TrainingConfig") -> bool:
     return optimizer_name(t) == "schedulefree_adamw"
 
 
-def build_optimizer(model: nn.Module, t: TrainingConfig, device: str, warmup_steps: int = 0):
+def build_optimizer(model: nn.Module, t: "TrainingConfig", device: str, warmup_steps: int = 0):
     """The optimizer training.optimizer names, over param_groups(model). warmup_steps: schedule-free's own
     warmup, in batches (its Composer schedule stays constant)."""
     name = optimizer_name(t)
@@ -227,7 +227,7 @@ def build_optimizer(model: nn.Module, t: TrainingConfig, device: str, warmup_ste
     return _construct(cls, _with_lr(groups, t.lr), {"lr": t.lr}, args)
 
 
-def check_optimizer(t: TrainingConfig) -> None:
+def check_optimizer(t: "TrainingConfig") -> None:
     """Build the optimizer on a tiny stand-in model, so a wrong name, argument or value is a ConfigError when the
     config loads, not after the data is prepared. A missing package is one too, naming the extra to install."""
     stand_in = nn.ModuleDict({"embed": nn.Embedding(4, 4), "layers": nn.ModuleList([nn.Linear(4, 4)]),

@@ -11,7 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
-from rafale.config import RafaleError
+from rafale.errors import RafaleError
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "metrics.png"

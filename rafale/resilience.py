@@ -22,7 +22,7 @@ import torch
 from composer import Callback
 from composer.callbacks import CheckpointSaver
 
-from rafale.config import RafaleError
+from rafale.errors import CheckpointError, RafaleError
 
 LATEST_CHECKPOINT = "latest-rank0.pt"  # the symlink Composer's autoresume reads in the checkpoints folder
 # what a Composer checkpoint holds besides tensors and plain containers: timings, the torch version, numpy RNG
@@ -37,10 +37,6 @@ CHECKPOINT_SAFE_GLOBALS = [
 ]
 DIVERGED_HINT = ("lower training.lr, keep gradient clipping on (training.clip_norm), "
                  "or use precision amp_bf16 instead of amp_fp16")
-
-
-class CheckpointError(RafaleError):
-    pass
 
 
 class TrainingDiverged(RafaleError):
@@ -114,7 +110,8 @@ def checkpoint_readable(path: Path) -> str | None:
         return str(err) or type(err).__name__
 
 
-def _batch_of(checkpoint: Path) -> int:
+def batch_number(checkpoint: Path) -> int:
+    """The batch of a checkpoint named by rafale's save_filename, ep{epoch}-ba{batch}-rank{rank}.pt."""
     return int(checkpoint.name.split("-ba")[1].split("-")[0])
 
 
@@ -129,7 +126,7 @@ def check_resume_checkpoint(folder: Path, fallback: bool, trust: bool = False) -
     # a checkpoint newer than the symlink was being written when the run was killed; Composer refuses to train
     # into a folder that holds one (FileExistsError), so set it aside
     for newer in folder.glob("ep*-ba*-rank0.pt"):
-        if _batch_of(newer) > _batch_of(target):
+        if batch_number(newer) > batch_number(target):
             newer.rename(newer.with_name(newer.name + ".unfinished"))
             print(f"rafale: {newer} is newer than {LATEST_CHECKPOINT} (a save cut short); set aside as {newer.name}.unfinished")
     problem = checkpoint_readable(target) if target.exists() else "it does not exist"
@@ -145,7 +142,7 @@ def check_resume_checkpoint(folder: Path, fallback: bool, trust: bool = False) -
         target.rename(target.with_name(target.name + ".corrupt"))
     print(f"rafale: the latest checkpoint {target} is unreadable ({problem}); set aside as {target.name}.corrupt")
     latest.unlink()
-    for candidate in sorted(folder.glob("ep*-ba*-rank0.pt"), key=_batch_of, reverse=True):
+    for candidate in sorted(folder.glob("ep*-ba*-rank0.pt"), key=batch_number, reverse=True):
         if checkpoint_readable(candidate) is None:
             check_checkpoint_safe(candidate, "autoresume", trust)
             os.symlink(candidate.name, latest)

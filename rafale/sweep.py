@@ -14,6 +14,7 @@ import itertools
 from pathlib import Path
 
 from rafale.config import ConfigError, RafaleError, load_config
+from rafale.models.configurations import resolve_model_config
 from rafale.plots import SUMMARY_FILE, best_validation, plot_runs, run_row
 
 
@@ -78,7 +79,7 @@ def sweep_main(argv, train) -> int:
     fixed = grid([axis for axis in args.axes if len(grid([axis])) == 1])[0]  # one-value axes, e.g. run.output_dir=x
     base = load_config(args.config, fixed)
     for point in points:  # a typo in the last combination should not wait for the first runs to finish
-        load_config(args.config, point)
+        resolve_model_config(load_config(args.config, point))
     out_dir = Path(base.run.output_dir).expanduser()
     rows, failed = [], 0
     for i, point in enumerate(points, 1):

@@ -1,8 +1,8 @@
 """The training run: a Composer Trainer built from the config.
 
-`run(cfg, ...)` prepares the data, builds the model, then trains (or only evaluates) with Composer: AdamW, a
-warmup + cosine/linear/constant schedule, gradient clipping, gradient accumulation, mixed precision on a GPU,
-evaluation, checkpoints and autoresume, and the callbacks that report speed, learning rate and time left.
+`train(cfg, model_cfg)` is what `rafale -c` does once the config is loaded: prepare the data, build the model,
+`run` it, report. `run` is a few named steps: the run folder, the Trainer (`build_trainer`: loaders, optimizer,
+schedule, clipping, callbacks, loggers, checkpoints and autoresume), fit, and the Hugging Face export.
 """
 
 import dataclasses
@@ -28,13 +28,14 @@ from composer.optim import (
     LinearWithWarmupScheduler,
 )
 from composer.core import Time
-from composer.utils import dist
+from composer.utils import dist, reproducibility
 from torch.utils.data import DataLoader
 
-from rafale.config import Config, ConfigError, RafaleError, save_config
-from rafale.datapipes import IGNORE_INDEX, PreparedData, cache_root
+from rafale.config import Config, pretrained_folder, save_config
+from rafale.datapipes import PreparedData, cache_root, datapipe_for
+from rafale.errors import IGNORE_INDEX, ConfigError, DataError, RafaleError, WeightsError
 from rafale.hardware import peak_flops
-from rafale.models.hf import WeightsError
+from rafale.models.configurations import model_config_dict
 from rafale.loggers import ConsoleLog, MetricsFile
 from rafale.plots import SUMMARY_FILE, best_validation
 from rafale.export import EXPORT_DIR, MODEL_FILE, export_model, write_model_file
@@ -237,14 +238,34 @@ def set_run_folder_aside(run_dir: Path) -> None:
 
 
 def run(cfg: Config, data: PreparedData, model, collator, debug: bool = False) -> RunResult:
-    """Train (or with training.eval_only, evaluate) `model` on `data`, as the config says."""
-    t = cfg.training
+    """Train (or with training.eval_only, evaluate) `model` on `data`, as the config says: the run folder, the
+    Trainer (loaders, optimizer, callbacks), fit, and the Hugging Face export."""
     placement = place(cfg, model)
-    world = placement.world
-
     run_name = cfg.run.name + ("-debug" if debug else "")
+    save = not debug and not cfg.training.eval_only
+    run_dir = prepare_run_folder(cfg, data, model, run_name, save)
+    trainer, stopper, peak = build_trainer(cfg, data, model, collator, placement, run_dir, run_name, debug)
+    start = time.perf_counter()
+    speed = next(c for c in trainer.state.callbacks if isinstance(c, SpeedMonitor))
+    eval_seconds_before = speed.total_eval_wct  # a resumed run restores Composer's count
+    tokens_before = int(trainer.state.timestamp.token)
+    loss_start, loss_end = fit(trainer, stopper, cfg, run_dir)
+    wall = time.perf_counter() - start
+    train_seconds = wall - (speed.total_eval_wct - eval_seconds_before)
+    tokens = int(trainer.state.timestamp.token) - tokens_before
+    export_dir = export_run(model.model, run_dir, data, sharded=cfg.training.fsdp is not None) if save else None
+    mfu = None
+    if tokens and peak and train_seconds > 0:  # training time only: evaluation does no backward pass
+        mfu = tokens / train_seconds * model.model.flops_per_token(cfg.data.block_size) / (peak * placement.world)
+    return RunResult(run_dir, trainer, loss_start, loss_end, wall, tokens, export_dir, mfu, train_seconds,
+                     precision_label(placement.precision, placement.autocast_dtype))
+
+
+def prepare_run_folder(cfg: Config, data: PreparedData, model, run_name: str, save: bool) -> Path:
+    """RUN = output_dir/run_name, with what rebuilds the model without the data: the resolved config, the tokenizer,
+    the data's description and the model's sizes. A folder whose checkpoints came from other inputs is an error
+    (or, with run.restart, set aside)."""
     run_dir = Path(cfg.run.output_dir).expanduser() / run_name
-    save = not debug and not t.eval_only
     if dist.get_global_rank() == 0:
         if cfg.run.restart:
             set_run_folder_aside(run_dir)
@@ -268,13 +289,13 @@ def run(cfg: Config, data: PreparedData, model, collator, debug: bool = False) -
         write_model_file(model.model, run_dir)  # ... and without model.pretrained
         if "label_names" in data.meta:  # class id -> name, for whoever reads the predictions
             (run_dir / "labels.json").write_text(json.dumps(data.meta["label_names"]))
+    return run_dir
 
-    trainer, stopper, peak = build_trainer(cfg, data, model, collator, placement, run_dir, run_name, debug)
 
-    start = time.perf_counter()
-    speed = next(c for c in trainer.state.callbacks if isinstance(c, SpeedMonitor))
-    eval_seconds_before = speed.total_eval_wct  # a resumed run restores Composer's count
-    tokens_before = int(trainer.state.timestamp.token)
+def fit(trainer: Trainer, stopper: StopOnSignal, cfg: Config, run_dir: Path) -> tuple[float | None, float | None]:
+    """Train to max_duration (resuming where the checkpoints left off), or only evaluate; the validation loss
+    (start, end). A SIGINT/SIGTERM saves a checkpoint and exits with the shell's code."""
+    t = cfg.training
     loss_start = loss_end = None
     fresh = int(trainer.state.timestamp.batch) == 0
     done = False
@@ -302,15 +323,7 @@ def run(cfg: Config, data: PreparedData, model, collator, debug: bool = False) -
             trainer.close()
             sys.exit(128 + stopper.signum)  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
         loss_end = eval_loss(trainer)
-    wall = time.perf_counter() - start
-    train_seconds = wall - (speed.total_eval_wct - eval_seconds_before)
-    tokens = int(trainer.state.timestamp.token) - tokens_before
-    export_dir = export_run(model.model, run_dir, data, sharded=t.fsdp is not None) if save else None
-    mfu = None
-    if tokens and peak and train_seconds > 0:  # training time only: evaluation does no backward pass
-        mfu = tokens / train_seconds * model.model.flops_per_token(cfg.data.block_size) / (peak * world)
-    return RunResult(run_dir, trainer, loss_start, loss_end, wall, tokens, export_dir, mfu, train_seconds,
-                     precision_label(placement.precision, placement.autocast_dtype))
+    return loss_start, loss_end
 
 
 def full_weights(module: torch.nn.Module, sharded: bool) -> torch.nn.Module | None:
@@ -378,40 +391,12 @@ def build_trainer(cfg: Config, data: PreparedData, model, collator, placement: P
     """The Trainer `rafale -c` runs (loaders, optimizer, schedule, clipping, callbacks, loggers, checkpoints), its
     signal handler, and the device's peak FLOP/s. bench/ builds its Trainer here too, so it times the real thing."""
     t = cfg.training
-    device, precision, per_rank_batch, microbatch = (placement.device, placement.precision,
-                                                     placement.per_rank_batch, placement.microbatch)
-    train_set, eval_set = data.splits["train"], data.splits["validation"]
-    if len(train_set) < t.batch_size:
-        raise RafaleError(
-            f"training.batch_size ({t.batch_size}) is larger than the training split ({len(train_set)} blocks "
-            f"of data.block_size {cfg.data.block_size}); use a smaller batch or more data"
-        )
-    if debug:
-        # One fixed batch, evaluated on itself. An epoch shows it DEBUG_STEPS_PER_EPOCH times (no shuffling, so
-        # every step sees exactly that batch): 10 epochs are enough steps for a healthy model to overfit it.
-        eval_set = train_set.select(range(t.batch_size))
-        train_set = train_set.select(list(range(t.batch_size)) * DEBUG_STEPS_PER_EPOCH)
-    pin = device == "gpu"
-    seed = cfg.run.seed
-    train_loader = make_dataloader(train_set, per_rank_batch, collator, not debug, True, cfg.data.num_workers, pin, seed=seed)
-    # MLM: evaluation masks are drawn from each example, so every evaluation scores the same masks
-    eval_collator = collator.for_evaluation() if hasattr(collator, "for_evaluation") else collator
-    eval_loader = make_dataloader(eval_set, per_rank_batch, eval_collator, False, False, cfg.data.num_workers, pin, seed=seed)
-
+    train_loader, eval_loader = make_loaders(cfg, data, collator, placement, debug)
     save = not debug and not t.eval_only
     stopper = StopOnSignal(save)
-    peak = peak_flops(device, precision, cache_root(cfg.data.cache_dir))
-    callbacks = [SpeedMonitor(window_size=10, gpu_flops_available=peak), LRMonitor(), RuntimeEstimator(),
-                 FiniteLossMonitor(), stopper, schedule_free_switch()]
-    if device == "gpu":
-        callbacks.append(MemoryMonitor())
-    loggers = make_loggers(cfg, run_dir) if dist.get_global_rank() == 0 else []
-    algorithms = [GradientClipping(clipping_type="norm", clipping_threshold=t.clip_norm)] if t.clip_norm else []
+    peak = peak_flops(placement.device, placement.precision, cache_root(cfg.data.cache_dir))
     autoresume = save and cfg.run.autoresume
-    if autoresume and dist.get_global_rank() == 0:
-        check_resume_checkpoint(run_dir / "checkpoints", cfg.run.resume_fallback, t.trust_checkpoint)
-    if t.load_path is not None:  # Composer unpickles it
-        check_checkpoint_safe(Path(t.load_path).expanduser(), "training.load_path", t.trust_checkpoint)
+    check_checkpoints(cfg, run_dir, autoresume)
     warmup_steps = 0  # schedule-free warms up itself, counting batches
     if is_schedule_free(t) and not debug:
         warmup_steps = batches_in(t.warmup, t.max_duration, len(train_loader), t.batch_size, cfg.data.block_size)
@@ -425,19 +410,19 @@ def build_trainer(cfg: Config, data: PreparedData, model, collator, placement: P
             train_dataloader=None if t.eval_only else train_loader,
             eval_dataloader=eval_loader,
             max_duration=f"{DEBUG_EPOCHS}ep" if debug else t.max_duration,
-            optimizers=build_optimizer(model, t, device, warmup_steps),
+            optimizers=build_optimizer(model, t, placement.device, warmup_steps),
             schedulers=make_scheduler(cfg, debug),
             step_schedulers_every_batch=True,
-            algorithms=algorithms,
-            callbacks=callbacks,
-            loggers=loggers,
+            algorithms=[GradientClipping(clipping_type="norm", clipping_threshold=t.clip_norm)] if t.clip_norm else [],
+            callbacks=make_callbacks(placement.device, peak, stopper),
+            loggers=make_loggers(cfg, run_dir) if dist.get_global_rank() == 0 else [],
             compile_config={} if t.compile else None,
             parallelism_config={"fsdp": t.fsdp} if t.fsdp is not None else None,
             eval_interval="1ep" if debug else t.eval_interval,
             eval_subset_num_batches=-1 if t.eval_batches is None else t.eval_batches,
-            device=device,
-            precision=precision,
-            device_train_microbatch_size=microbatch,
+            device=placement.device,
+            precision=placement.precision,
+            device_train_microbatch_size=placement.microbatch,
             accumulate_train_batch_on_tokens=True,  # a step's loss is its mean over count_tokens' loss_generating
             seed=cfg.run.seed,
             progress_bar=False,  # rafale.loggers.ConsoleLog draws the bar and prints the lines
@@ -452,6 +437,45 @@ def build_trainer(cfg: Config, data: PreparedData, model, collator, placement: P
             python_log_level=None,
         )
     return trainer, stopper, peak
+
+
+def make_loaders(cfg: Config, data: PreparedData, collator, placement: Placement, debug: bool):
+    """(train, validation) DataLoaders; under DEBUG, one fixed batch for both."""
+    t = cfg.training
+    train_set, eval_set = data.splits["train"], data.splits["validation"]
+    if len(train_set) < t.batch_size:
+        raise RafaleError(
+            f"training.batch_size ({t.batch_size}) is larger than the training split ({len(train_set)} blocks "
+            f"of data.block_size {cfg.data.block_size}); use a smaller batch or more data"
+        )
+    if debug:
+        # One fixed batch, evaluated on itself. An epoch shows it DEBUG_STEPS_PER_EPOCH times (no shuffling, so
+        # every step sees exactly that batch): 10 epochs are enough steps for a healthy model to overfit it.
+        eval_set = train_set.select(range(t.batch_size))
+        train_set = train_set.select(list(range(t.batch_size)) * DEBUG_STEPS_PER_EPOCH)
+    pin, batch, workers, seed = placement.device == "gpu", placement.per_rank_batch, cfg.data.num_workers, cfg.run.seed
+    # MLM: evaluation masks are drawn from each example, so every evaluation scores the same masks
+    eval_collator = collator.for_evaluation() if hasattr(collator, "for_evaluation") else collator
+    return (make_dataloader(train_set, batch, collator, not debug, True, workers, pin, seed=seed),
+            make_dataloader(eval_set, batch, eval_collator, False, False, workers, pin, seed=seed))
+
+
+def make_callbacks(device: str, peak: float | None, stopper: StopOnSignal) -> list:
+    """Speed (with MFU against `peak`), learning rate, time left, NaN losses, signals, schedule-free's modes."""
+    callbacks = [SpeedMonitor(window_size=10, gpu_flops_available=peak), LRMonitor(), RuntimeEstimator(),
+                 FiniteLossMonitor(), stopper, schedule_free_switch()]
+    if device == "gpu":
+        callbacks.append(MemoryMonitor())
+    return callbacks
+
+
+def check_checkpoints(cfg: Config, run_dir: Path, autoresume: bool) -> None:
+    """Refuse a checkpoint Composer would unpickle unless it holds only plain data (or trust_checkpoint says so)."""
+    t = cfg.training
+    if autoresume and dist.get_global_rank() == 0:
+        check_resume_checkpoint(run_dir / "checkpoints", cfg.run.resume_fallback, t.trust_checkpoint)
+    if t.load_path is not None:  # Composer unpickles it
+        check_checkpoint_safe(Path(t.load_path).expanduser(), "training.load_path", t.trust_checkpoint)
 
 
 def describe(result: RunResult, num_params: int) -> str:
@@ -503,3 +527,76 @@ def write_summary(result: RunResult, cfg: Config, num_params: int) -> Path:
     tmp.replace(path)
     return path
 
+
+# ----------------------------------------------------------------------------------------------------
+# the `rafale -c cfg.yaml` command, once the config is loaded and its model section resolved
+
+
+def train(cfg: Config, model_cfg, data_only: bool = False, debug: bool = False) -> int:
+    """Prepare the data (cached), build the model, train and evaluate it, report. Returns the exit code."""
+    pipe = datapipe_for(cfg)
+    data = pipe.load()
+    print_data_summary(data)
+    if data_only:
+        return 0
+    reproducibility.seed_all(cfg.run.seed)  # the initial weights too, not only what the Trainer draws
+    if debug:
+        model_cfg = without_dropout(model_cfg)
+    model = build_model(cfg, model_cfg, data)
+    collator = pipe.collator(data.meta)
+    if debug and hasattr(collator, "fixed_seed"):  # the same masks every step, so the target holds still
+        collator.fixed_seed = cfg.run.seed
+    result = run(cfg, data, model, collator, debug=debug)
+    num_params = sum(p.numel() for p in model.parameters())
+    print(describe(result, num_params))
+    if dist.get_global_rank() == 0:
+        write_summary(result, cfg, num_params)
+    print(f"rafale: {describe_vocabulary(data)}")
+    if debug and result.eval_loss_start is not None:
+        print(f"rafale: DEBUG: loss on the batch went from {result.eval_loss_start:.4f} to {result.eval_loss_end:.4f} "
+              f"in {DEBUG_EPOCHS} epochs of {DEBUG_STEPS_PER_EPOCH} steps ({result.eval_loss_end / result.eval_loss_start:.1%} of the start)")
+    return 0
+
+
+def build_model(cfg: Config, model_cfg, data: PreparedData):
+    """The Composer model of model.type (its builder in model_config_dict), with model.pretrained's weights."""
+    check_fits_data(cfg, model_cfg, data.meta)
+    model = model_config_dict[cfg.model.type](model_cfg, cfg.model.task, data.meta, data.tokenizer)
+    if cfg.model.pretrained is not None:
+        from rafale.models.hf import copy_pretrained, from_pretrained
+
+        spec = cfg.model.pretrained
+        source = spec if spec.startswith("hf:") else pretrained_folder(spec)
+        copy_pretrained(from_pretrained(source, dtype=torch.float32), model.model)  # in place
+    return model
+
+
+def check_fits_data(cfg: Config, model_cfg, meta: dict) -> None:
+    """What the config asked for that the data contradicts: a pretrained encoder's padding id, model.num_labels."""
+    pad = meta.get("pad_token_id")
+    if cfg.model.pretrained is not None and getattr(model_cfg, "pad_token_id", pad) != pad:
+        raise DataError(
+            f"data.tokenizer: its padding id {pad} differs from the pretrained model's "
+            f"pad_token_id {model_cfg.pad_token_id}; use the checkpoint's tokenizer"
+        )
+    if "num_labels" in cfg.model.overrides and "label_names" in meta and model_cfg.num_labels != len(meta["label_names"]):
+        raise DataError(f"model.num_labels ({model_cfg.num_labels}) differs from the data's {len(meta['label_names'])} classes")
+
+
+def describe_vocabulary(data: PreparedData) -> str:
+    """The vocabulary the model gets: a trained tokenizer may have fewer tokens than data.vocab_size asked for."""
+    asked = data.meta.get("vocab_size_asked")
+    if asked is None:
+        return f"vocabulary: {data.vocab_size:,} tokens"
+    shortfall = f", fewer than the {asked:,} data.vocab_size asked for" if data.vocab_size < asked else ""
+    return f"vocabulary: {data.vocab_size:,} tokens (tokenizer trained here{shortfall})"
+
+
+def print_data_summary(data: PreparedData):
+    print(f"rafale: data cache: {data.path}")
+    print(f"rafale:   {describe_vocabulary(data)}")
+    for split, info in data.meta["splits"].items():
+        if "blocks" in info:
+            print(f"rafale:   {split}: {info['tokens']:,} tokens in {info['blocks']:,} blocks")
+        else:
+            print(f"rafale:   {split}: {info['examples']:,} examples")

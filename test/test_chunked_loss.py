@@ -7,7 +7,9 @@ import torch.nn.functional as F
 
 import rafale.models.decoder as decoder
 from rafale.config import config_from_dict
-from rafale.models.decoder import IGNORE_INDEX, ComposerLM, DecoderConfig, GPTNeoX, chunked_cross_entropy
+from rafale.errors import IGNORE_INDEX
+from rafale.models.composer import ComposerLM
+from rafale.models.decoder import DecoderConfig, GPTNeoX, chunked_cross_entropy
 from rafale.train import pick_precision
 
 PADDED_V, TRUE_V = 64, 59  # the embedding is padded to a multiple of 64; the tokenizer has 59 tokens

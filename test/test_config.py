@@ -4,8 +4,8 @@ import textwrap
 import pytest
 import yaml
 
-from rafale.config import Config, ConfigError, config_from_dict, config_reference, load_config, resolve_model_config, save_config
-from rafale.models.configurations import PRESETS
+from rafale.config import Config, ConfigError, config_from_dict, config_reference, load_config, save_config
+from rafale.models.configurations import PRESETS, resolve_model_config
 from conftest import RAFALE, ROOT, run_cli
 
 BASE = yaml.safe_load((ROOT / "test" / "pythia_debug.yaml").read_text())
@@ -19,8 +19,9 @@ def with_changes(**sections):
 
 
 def error_of(raw) -> str:
+    """The error of loading `raw` as the CLI does: the schema, then the model section against its family."""
     with pytest.raises(ConfigError) as info:
-        config_from_dict(raw)
+        resolve_model_config(config_from_dict(raw))
     return str(info.value)
 
 

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from rafale.models.configurations import PYTHIA_PRESETS
-from rafale.models.decoder import ComposerLM, DecoderConfig, GPTNeoX, KVCache
+from rafale.models.composer import ComposerLM
+from rafale.models.decoder import DecoderConfig, GPTNeoX, KVCache
 
 V = 97
 

@@ -8,9 +8,8 @@ import torch.nn.functional as F
 import transformers
 
 from rafale.models.configurations import BERT_PRESETS, ROBERTA_PRESETS
+from rafale.models.composer import ComposerClassifier, ComposerMLM
 from rafale.models.encoder import (
-    ComposerClassifier,
-    ComposerMLM,
     EncoderConfig,
     build_encoder,
     create_position_ids_from_input_ids,

@@ -14,6 +14,7 @@ from torch import nn
 from conftest import run_in_process, write_config
 from rafale import optim
 from rafale.config import ConfigError, TrainingConfig, config_from_dict
+from rafale.models.configurations import resolve_model_config
 from rafale.export import read_checkpoint_weights
 from rafale.models.configurations import PRESETS
 from rafale.models.decoder import GPTNeoX
@@ -104,7 +105,7 @@ def test_layer_decay_ratios_survive_composer_schedulers():
     from composer.devices import DeviceCPU
     from composer.optim import CosineAnnealingWithWarmupScheduler, compile_composer_scheduler
 
-    from rafale.models.decoder import ComposerLM
+    from rafale.models.composer import ComposerLM
 
     model = ComposerLM(decoder())
     opt = optim.build_optimizer(model, TrainingConfig(lr=1e-3, layer_decay=0.5), "cpu")
@@ -248,7 +249,7 @@ def schedule_free_config(tmp_path: Path, **training) -> Path:
 
 
 def read_checkpoint(path: Path) -> dict:
-    from rafale.export import CHECKPOINT_SAFE_GLOBALS
+    from rafale.resilience import CHECKPOINT_SAFE_GLOBALS
 
     with torch.serialization.safe_globals(CHECKPOINT_SAFE_GLOBALS):
         return torch.load(path, map_location="cpu", weights_only=True)["state"]
@@ -312,7 +313,7 @@ def test_rmsnorm_init_and_formula():
 
 def test_rmsnorm_is_a_model_option_checked_by_the_config():
     with pytest.raises(ConfigError, match=r"'model.norm'.*'layernorm' or 'rmsnorm'"):
-        config_from_dict({"model": {"type": "pythia", "preset": "pythia-debug", "norm": "batchnorm"}})
+        resolve_model_config(config_from_dict({"model": {"type": "pythia", "preset": "pythia-debug", "norm": "batchnorm"}}))
 
 
 def test_rmsnorm_has_no_hf_export_and_the_run_keeps_its_checkpoints(tmp_path, cache_dir, capsys, monkeypatch):

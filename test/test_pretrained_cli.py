@@ -6,7 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rafale.config import ConfigError, load_config, resolve_model_config
+from rafale.config import ConfigError, load_config
+from rafale.models.configurations import resolve_model_config
 from rafale.models.hf import from_pretrained
 from conftest import run_in_process, write_config
 
@@ -56,7 +57,8 @@ def test_run_exports_hf_weights_and_finetunes_from_them(tmp_path, cache_dir, cap
 
 
 def test_classifier_starts_from_an_mlm_runs_encoder(tmp_path, cache_dir, capsys, monkeypatch):
-    from rafale.main import model_config_dict, prepare_data
+    from rafale.datapipes import prepare_data
+    from rafale.train import build_model
 
     model = {"type": "bert", "task": "mlm", "preset": "bert-tiny"}
     _, run_dir, _ = train(tmp_path, capsys, monkeypatch, "mlm", model=model)
@@ -67,8 +69,9 @@ def test_classifier_starts_from_an_mlm_runs_encoder(tmp_path, cache_dir, capsys,
     )
     cfg = load_config(cfg_path)
     assert cfg.data.tokenizer == str(run_dir / "export" / "tokenizer.json")
+    model_cfg = resolve_model_config(cfg)
     data = prepare_data(cfg)
-    composer_model, _ = model_config_dict["bert"](resolve_model_config(cfg), data, cfg)
+    composer_model = build_model(cfg, model_cfg, data)
     mlm = from_pretrained(run_dir / "export")
     ours = composer_model.model.state_dict()
     for name, tensor in mlm.bert.state_dict().items():
@@ -84,13 +87,13 @@ def test_pretrained_that_disagrees_with_the_config_is_an_error(tmp_path, cache_d
     export = str(run_dir / "export")
     bad_preset = write_config(tmp_path / "a.yaml", model={"pretrained": export, "preset": "pythia-tiny"})
     with pytest.raises(ConfigError, match=r"'model.preset'.*disagrees with the pretrained"):
-        load_config(bad_preset)
+        resolve_model_config(load_config(bad_preset))
     bad_size = write_config(tmp_path / "b.yaml", model={"pretrained": export, "preset": None, "num_layers": 5})
     with pytest.raises(ConfigError, match=r"'model.num_layers'.*disagrees"):
-        load_config(bad_size)
+        resolve_model_config(load_config(bad_size))
     bad_type = write_config(tmp_path / "c.yaml", model={"pretrained": export, "type": "bert", "preset": None})
     with pytest.raises(ConfigError, match=r"'model.type'.*GPTNeoXForCausalLM"):
-        load_config(bad_type)
+        resolve_model_config(load_config(bad_type))
     missing = write_config(tmp_path / "d.yaml", model={"pretrained": str(tmp_path / "nowhere")})
     with pytest.raises(ConfigError, match=r"'model.pretrained'.*config.json"):
-        load_config(missing)
+        resolve_model_config(load_config(missing))

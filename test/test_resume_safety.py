@@ -217,14 +217,18 @@ def test_generate_and_export_need_only_the_run_folder(trained, tmp_path, capsys,
 
 def test_run_folder_is_complete_and_consistent(trained):
     transformers = pytest.importorskip("transformers")
-    from rafale.main import prepare_data
+    from rafale.datapipes import prepare_data
 
     cfg_path, run_dir = trained
     for name in ("config.yaml", "tokenizer.json", "data.json", "model.json", "metrics.jsonl", "metrics.png",
                  "checkpoints/latest-rank0.pt", "export/config.json", "export/model.safetensors", "export/tokenizer.json"):
         assert (run_dir / name).is_file(), name
     # config.yaml reproduces the run
-    assert load_config(run_dir / "config.yaml") == load_config(cfg_path)
+    from rafale.models.configurations import resolve_model_config
+
+    saved, original = load_config(run_dir / "config.yaml"), load_config(cfg_path)
+    resolve_model_config(original)  # the saved config was resolved when the run started (model.task filled in)
+    assert saved == original
     # tokenizer.json is the one the data (and so the checkpoint) was made with
     data = prepare_data(load_config(cfg_path))
     assert (run_dir / "tokenizer.json").read_bytes() == (data.path / "tokenizer.json").read_bytes()

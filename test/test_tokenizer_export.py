@@ -8,10 +8,10 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from rafale.config import load_config, resolve_model_config  # noqa: E402
+from rafale.config import load_config  # noqa: E402
+from rafale.models.configurations import model_config_dict, resolve_model_config  # noqa: E402
 from rafale.datapipes import ClassificationCollator, ClassificationDataPipe, CausalLMDataPipe, load_source  # noqa: E402
 from rafale.export import export_model  # noqa: E402
-from rafale.main import model_config_dict  # noqa: E402
 from rafale.models.hf import save_pretrained  # noqa: E402
 from conftest import write_config  # noqa: E402
 
@@ -29,7 +29,7 @@ def classifier_export(tmp_path, family):
     data = ClassificationDataPipe(cfg.data, family=family).load(verbose=False)
     texts = list(load_source(cfg.data, tmp_path, labelled=True)["validation"]["text"])
     torch.manual_seed(0)
-    composer_model, _ = model_config_dict[family](resolve_model_config(cfg), data, cfg)
+    composer_model = model_config_dict[family](resolve_model_config(cfg), "classification", data.meta, data.tokenizer)
     model = composer_model.model.eval()
     return data, texts, model, export_model(model, tmp_path / "export", data)
 

@@ -18,10 +18,12 @@ from torch.utils.data import DataLoader, DistributedSampler
 import rafale.train
 from conftest import run_in_process, write_config
 from rafale.config import ConfigError, load_config
-from rafale.datapipes import IGNORE_INDEX, CausalLMCollator, ClassificationCollator, MLMCollator
+from rafale.datapipes import CausalLMCollator, ClassificationCollator, MLMCollator
+from rafale.errors import IGNORE_INDEX
+from rafale.models.composer import ComposerLM, ComposerMLM
 from rafale.models.configurations import BERT_PRESETS, PYTHIA_PRESETS
-from rafale.models.decoder import ComposerLM, GPTNeoX
-from rafale.models.encoder import ComposerMLM, build_encoder
+from rafale.models.decoder import GPTNeoX
+from rafale.models.encoder import build_encoder
 from rafale.resilience import FiniteLossMonitor, TrainingDiverged
 from rafale.train import count_tokens, make_dataloader, make_scheduler
 

@@ -1,5 +1,15 @@
-"""rafale's models: plain nn.Modules, one file per family, and their thin Composer wrappers."""
+"""rafale's models: plain nn.Modules, one file per family (decoder.py, encoder.py, clip.py), their thin Composer
+wrappers (composer.py), their sizes and builders (configurations.py), and Hugging Face weights (hf.py).
 
-from rafale.models.hf import from_pretrained, save_pretrained
+`rafale.models.from_pretrained` and `save_pretrained` are hf.py's, loaded on first use: importing one model file
+loads that file only."""
 
 __all__ = ["from_pretrained", "save_pretrained"]
+
+
+def __getattr__(name):
+    if name in __all__:
+        from rafale.models import hf
+
+        return getattr(hf, name)
+    raise AttributeError(f"module 'rafale.models' has no attribute {name!r}")

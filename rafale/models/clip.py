@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from rafale.config import RafaleError
+from rafale.errors import RafaleError
 
 # the activations HF's CLIP and SigLIP configs name (hidden_act)
 ACTIVATIONS = {

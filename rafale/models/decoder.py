@@ -10,7 +10,7 @@ here is `layers.0.attention.query_key_value`), so loading real weights is a rena
 `scaled_dot_product_attention` (flash / memory-efficient kernels on a GPU). Rotary embeddings cover the first
 `rotary_pct` of each head. `generate` decodes greedily with a `KVCache`.
 
-`ComposerLM` at the bottom is the thin Composer wrapper; the `nn.Module`s above it know nothing of Composer.
+The module imports torch only; its Composer wrapper, `ComposerLM`, is in rafale/models/composer.py.
 """
 
 from dataclasses import dataclass
@@ -19,6 +19,8 @@ from typing import Literal, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from rafale.errors import IGNORE_INDEX
 
 
 @dataclass
@@ -437,68 +439,3 @@ def chunked_cross_entropy(hidden, weight, labels, chunk_rows: Optional[int] = No
     # forward runs without grad mode, so whether a backward can follow is decided here
     want_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     return _ChunkedLinearCrossEntropy.apply(hidden, weight, labels, chunk_rows, want_grad)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Composer wrapper
-
-from composer.metrics import LanguageCrossEntropy, LanguagePerplexity  # noqa: E402
-from composer.models import ComposerModel  # noqa: E402
-
-IGNORE_INDEX = -100
-
-
-class ComposerLM(ComposerModel):
-    """Causal language modelling with the Composer Trainer. Batches hold input_ids and (shifted) labels.
-
-    forward(batch) returns the training loss, computed by the model in chunks (the full logits never exist);
-    eval_forward(batch) returns the logits for the metrics.
-    vocab_size: the tokenizer's true vocabulary when the model's embedding is padded (to a multiple of 64, for
-    fast matmuls); logits are cut to it, so the padding rows never enter the softmax.
-    autocast_dtype: run forward and eval_forward under torch.autocast("cpu", dtype) (bfloat16 on a CPU with
-    bf16 matmul units, where Composer's own amp_bf16 is refused); None runs in the parameters' dtype.
-    token_bytes: each token id's UTF-8 length (rafale.metrics.token_bytes), to report validation bits per byte,
-    which unlike the loss compares across tokenizers.
-    """
-
-    def __init__(self, model: nn.Module, vocab_size: int | None = None, autocast_dtype: torch.dtype | None = None,
-                 token_bytes: torch.Tensor | None = None):
-        super().__init__()
-        self.model = model
-        self.vocab_size = vocab_size
-        self.autocast_dtype = autocast_dtype
-        self.train_metrics = {}
-        self.val_metrics = {
-            "LanguageCrossEntropy": LanguageCrossEntropy(ignore_index=IGNORE_INDEX),
-            "LanguagePerplexity": LanguagePerplexity(ignore_index=IGNORE_INDEX),
-        }
-        if token_bytes is not None:
-            from rafale.metrics import BitsPerByte
-
-            self.val_metrics["BitsPerByte"] = BitsPerByte(token_bytes, ignore_index=IGNORE_INDEX)
-
-    def autocast(self):
-        return torch.autocast("cpu", dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
-
-    def forward(self, batch):
-        with self.autocast():
-            return self.model(batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                              labels=batch["labels"], vocab_size=self.vocab_size)
-
-    def loss(self, outputs, batch):
-        return outputs  # forward already computed it
-
-    def eval_forward(self, batch, outputs=None):
-        with self.autocast():
-            logits = self.model(batch["input_ids"], attention_mask=batch.get("attention_mask"))
-        return logits[..., : self.vocab_size].float()
-
-    def get_metrics(self, is_train: bool = False):
-        return self.train_metrics if is_train else self.val_metrics
-
-    def update_metric(self, batch, outputs, metric):
-        metric.update(outputs, batch["labels"])
-
-    def flops_per_batch(self, batch):
-        B, T = batch["input_ids"].shape
-        return self.model.flops_per_token(T) * B * T

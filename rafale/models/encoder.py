@@ -16,8 +16,8 @@ Module names mirror the Hugging Face checkpoints (`bert.encoder.layer.0.attentio
 `lm_head.layer_norm`, ...), so loading real weights is an identity: `model.load_state_dict(hf.state_dict())`.
 Attention goes through `scaled_dot_product_attention` with a padding mask.
 
-`ComposerMLM` and `ComposerClassifier` at the bottom are the thin Composer wrappers; the `nn.Module`s above them
-know nothing of Composer.
+The module imports torch only; its Composer wrappers, `ComposerMLM` and `ComposerClassifier`, are in
+rafale/models/composer.py.
 """
 
 from dataclasses import dataclass
@@ -434,85 +434,3 @@ def build_encoder(cfg: EncoderConfig, head: Literal["base", "mlm", "classificati
     if head not in heads:
         raise ValueError(f"head must be one of {sorted(heads)}, got {head!r}")
     return heads[head](cfg)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Composer wrappers
-
-from composer.metrics import CrossEntropy, LanguageCrossEntropy, MaskedAccuracy  # noqa: E402
-from composer.models import ComposerModel  # noqa: E402
-from torchmetrics.classification import BinaryF1Score, MulticlassAccuracy  # noqa: E402
-
-IGNORE_INDEX = -100
-
-
-class ComposerEncoder(ComposerModel):
-    """What both wrappers share. Batches hold input_ids, labels and optionally attention_mask, token_type_ids."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-        self.train_metrics = {}
-        self.val_metrics = {}
-
-    def forward(self, batch):
-        return self.model(
-            batch["input_ids"], attention_mask=batch.get("attention_mask"), token_type_ids=batch.get("token_type_ids")
-        )
-
-    def eval_forward(self, batch, outputs=None):
-        return outputs if outputs is not None else self.forward(batch)
-
-    def get_metrics(self, is_train: bool = False):
-        return self.train_metrics if is_train else self.val_metrics
-
-    def flops_per_batch(self, batch):
-        B, T = batch["input_ids"].shape
-        return self.model.flops_per_token(T) * B * T
-
-
-class ComposerMLM(ComposerEncoder):
-    """Masked language modelling: labels (B, T) hold the original id at masked positions and -100 elsewhere.
-
-    vocab_size: the tokenizer's true vocabulary when the embedding is padded; logits are cut to it."""
-
-    def __init__(self, model: nn.Module, vocab_size: int | None = None):
-        super().__init__(model)
-        self.vocab_size = vocab_size
-        self.val_metrics = {
-            "LanguageCrossEntropy": LanguageCrossEntropy(ignore_index=IGNORE_INDEX),
-            # argmax over the last dim, so (B, T, V) logits against (B, T) labels need no reshape
-            "MaskedAccuracy": MaskedAccuracy(ignore_index=IGNORE_INDEX),
-        }
-
-    def forward(self, batch):
-        return super().forward(batch)[..., : self.vocab_size]
-
-    def loss(self, outputs, batch):
-        # mean over the masked positions only; fp32 because a bf16 log-softmax over the vocabulary is coarse
-        return F.cross_entropy(outputs.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE_INDEX)
-
-    def update_metric(self, batch, outputs, metric):
-        metric.update(outputs, batch["labels"])
-
-
-class ComposerClassifier(ComposerEncoder):
-    """Sequence classification: labels (B,) of class ids; cross-entropy, accuracy, and F1 of class 1 when there are two."""
-
-    def __init__(self, model: nn.Module, num_labels: int):
-        super().__init__(model)
-        self.val_metrics = {
-            "CrossEntropy": CrossEntropy(),
-            "Accuracy": MulticlassAccuracy(num_classes=num_labels, average="micro"),
-        }
-        if num_labels == 2:
-            self.val_metrics["F1"] = BinaryF1Score()
-
-    def loss(self, outputs, batch):
-        return F.cross_entropy(outputs.float(), batch["labels"])
-
-    def update_metric(self, batch, outputs, metric):
-        if isinstance(metric, CrossEntropy):
-            metric.update(outputs.float(), batch["labels"])
-        else:
-            metric.update(outputs.argmax(dim=-1), batch["labels"])  # (B, num_labels) -> (B,) predicted ids

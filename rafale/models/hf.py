@@ -27,13 +27,9 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
-from rafale.config import RafaleError
+from rafale.errors import WeightsError
 from rafale.models.decoder import DecoderConfig, GPTNeoX
 from rafale.models.encoder import MODEL_CLASSES, EncoderConfig, build_encoder
-
-
-class WeightsError(RafaleError):
-    pass
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -581,15 +577,38 @@ def check_framing(tokenizer: Tokenizer, special: dict, architecture: str):
 
 
 def architecture_of(model: nn.Module) -> str:
-    if isinstance(model, GPTNeoX):
+    """The HF architecture `model` is, exactly: a subclass (a researcher's variant) is not the class it extends."""
+    if type(model) is GPTNeoX:
         return "GPTNeoXForCausalLM"
     for architecture, (family, head) in ARCHITECTURES.items():
         if family in MODEL_CLASSES and type(model) is MODEL_CLASSES[family][head]:
             return architecture
     raise WeightsError(
         f"save_pretrained: expected a rafale GPTNeoX or encoder nn.Module, got {type(model).__name__} "
-        "(for a Composer wrapper, pass its .model)"
+        "(a class of its own, or a Composer wrapper: pass its .model), which the Hugging Face layouts in hf.py "
+        "do not describe"
     )
+
+
+# the modules an exported model may be made of: rafale's own family files, and torch's building blocks
+KNOWN_MODULES = ("rafale.models.decoder", "rafale.models.encoder")
+
+
+def check_exportable(model: nn.Module) -> str:
+    """The HF architecture of `model`, or a WeightsError saying why transformers would load something else.
+
+    The name map only says where tensors go; transformers rebuilds the computation from config.json. So a module
+    whose class the family's file does not define (a researcher's own attention, even one with no parameters of
+    its own) would be exported as plain GPT-NeoX or BERT and silently compute something else once loaded."""
+    architecture = architecture_of(model)
+    for name, module in model.named_modules():
+        where = type(module).__module__
+        if where not in KNOWN_MODULES and not where.startswith("torch.nn."):
+            raise WeightsError(
+                f"save_pretrained: {name or 'the model'} is a {type(module).__name__} (from {where}), which "
+                f"{architecture} in transformers does not have; an export would load as something else"
+            )
+    return architecture
 
 
 def vocab_rows(architecture: str) -> tuple:
@@ -641,7 +660,7 @@ def save_pretrained(
     into place, so an interrupted export leaves nothing half-written; an existing non-empty `folder` is
     replaced only with overwrite=True. label_names: a classifier's class names, in id order (config.json's id2label).
     """
-    architecture = architecture_of(model)
+    architecture = check_exportable(model)
     cfg = model.cfg
     if getattr(cfg, "norm", "layernorm") != "layernorm":
         raise WeightsError(f"save_pretrained: {architecture} has no {cfg.norm} (model.norm); transformers would load "
@@ -678,6 +697,12 @@ def save_pretrained(
     stored_dtype = dtype or next(t.dtype for t in tensors.values() if t.is_floating_point())
     hf["dtype"] = hf["torch_dtype"] = dtype_name(stored_dtype)  # transformers 5 reads dtype, 4 torch_dtype
 
+    write_model_folder(folder, hf, tensors, tokenizer, special, max_len)
+
+
+def write_model_folder(folder: Path, hf: dict, tensors: dict, tokenizer: Optional[Tokenizer], special: dict,
+                       max_len: int):
+    """config.json, model.safetensors and the tokenizer files, written beside `folder` and renamed into place."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
