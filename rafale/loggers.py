@@ -131,8 +131,15 @@ class ConsoleLog(LoggerDestination):
             except (TypeError, ValueError):
                 continue
 
+    def after_load(self, state: State, logger: Logger) -> None:
+        # the length in batches is read once the training loader is set: during an evaluation, state.dataloader_len
+        # is the validation loader's
+        self.total = total_batches(state)
+
+    total = None
+
     def _prefix(self, state: State) -> str:
-        step, total = int(state.timestamp.batch), total_batches(state)
+        step, total = int(state.timestamp.batch), self.total
         if total:
             return f"[{step:>{len(str(total))}}/{total} {step / total:4.0%}]"
         return f"[step {step}]"
@@ -147,7 +154,8 @@ class ConsoleLog(LoggerDestination):
         if self.bar_wanted:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total_batches(state), initial=int(state.timestamp.batch), unit="step",
+            self.total = total_batches(state)
+            self.bar = tqdm(total=self.total, initial=int(state.timestamp.batch), unit="step",
                             file=self.stream, dynamic_ncols=True, leave=True)
 
     def batch_end(self, state: State, logger: Logger) -> None:
