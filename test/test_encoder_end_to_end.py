@@ -33,8 +33,10 @@ def test_short_classification_run_beats_chance(tmp_path, cache_dir, capsys, monk
         run={"output_dir": str(tmp_path / "runs"), "name": "cls"},
         data={"num_train_stories": 1200, "num_val_stories": 150, "block_size": 192, "vocab_size": 1024},
         model={"type": "bert", "task": "classification", "preset": "bert-tiny"},
-        training={"batch_size": 16, "lr": 1.0e-3, "max_duration": "1ep", "eval_interval": "1ep", "save_interval": "1ep",
-                  "warmup": "0.1dur"},
+        # the recipe of test/bert_cls_stories.yaml (lr 5e-4, weight decay 0.01, linear decay) on less data, for 2
+        # epochs: the loss sits at chance for the first ~50 steps before it falls
+        training={"batch_size": 16, "lr": 5.0e-4, "weight_decay": 0.01, "schedule": "linear", "max_duration": "2ep",
+                  "eval_interval": "2ep", "save_interval": "2ep", "warmup": "0.06dur"},
     )
     code, out, err = run_in_process(["-c", str(cfg)], capsys, monkeypatch)
     assert code == 0, err[-3000:]
