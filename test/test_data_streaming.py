@@ -148,4 +148,6 @@ def test_memory_does_not_grow_with_the_corpus(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     small, large = [json.loads(line) for line in out.stdout.strip().splitlines()[-2:]]
     assert large["tokens"] - small["tokens"] > 3_500_000  # 14 MB more as int32
-    assert large["peak_grown_kb"] - small["peak_grown_kb"] < 3 * 1024, (small, large)
+    # measured: +4 MB for 8x the corpus (allocator and Arrow pools); unbounded shards grew +35 MB, and the former
+    # in-memory path ~100 bytes per token (~400 MB here)
+    assert large["peak_grown_kb"] - small["peak_grown_kb"] < 16 * 1024, (small, large)
