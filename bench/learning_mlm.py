@@ -135,7 +135,7 @@ def train_reference(cfg, data: PreparedData, log_every: int = 0, losses: list | 
     model = hf_masked_lm(cfg, data)
     collator = mlm_collator(data, cfg.data.mlm_probability)
     loader = make_dataloader(data.splits["train"], t.batch_size, collator, shuffle=True, drop_last=True,
-                             num_workers=0, pin=False)
+                             num_workers=0, pin=False, seed=cfg.run.seed).dataloader  # rafale's sampler and seed
     max_steps = to_steps(t.max_duration, 0, len(loader))
     warmup = to_steps(t.warmup, max_steps, len(loader))
     optimizer = reference_optimizer(model, t)

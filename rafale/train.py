@@ -399,7 +399,7 @@ def build_trainer(cfg: Config, data: PreparedData, model, collator, placement: P
     check_checkpoints(cfg, run_dir, autoresume)
     warmup_steps = 0  # schedule-free warms up itself, counting batches
     if is_schedule_free(t) and not debug:
-        warmup_steps = batches_in(t.warmup, t.max_duration, len(train_loader), t.batch_size, cfg.data.block_size)
+        warmup_steps = batches_in(t.warmup, t.max_duration, len(train_loader.dataloader), t.batch_size, cfg.data.block_size)
     # the last evaluation batch is usually short; Composer says so on every evaluation
     warnings.filterwarnings("ignore", message="Cannot split tensor of length")
     with warnings.catch_warnings():

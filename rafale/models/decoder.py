@@ -248,6 +248,8 @@ class GPTNeoX(nn.Module):
             if isinstance(m, nn.LayerNorm):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+            if isinstance(m, nn.RMSNorm):  # model.norm: rmsnorm (HF's GPT-NeoX has none)
+                nn.init.ones_(m.weight)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, kv_cache: Optional[KVCache] = None,
                 labels=None, vocab_size: Optional[int] = None, last_only: bool = False):
