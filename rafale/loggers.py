@@ -123,6 +123,7 @@ class ConsoleLog(LoggerDestination):
         self.due = create_interval_scheduler(interval, include_end_of_training=True, checkpoint_events=False)
         self.latest: dict[str, float] = {}
         self.bar = None
+        self.total = None  # the run's length in batches, set once the training loader is (after_load)
 
     def log_metrics(self, metrics: dict, step=None) -> None:
         for name, value in metrics.items():
@@ -132,11 +133,8 @@ class ConsoleLog(LoggerDestination):
                 continue
 
     def after_load(self, state: State, logger: Logger) -> None:
-        # the length in batches is read once the training loader is set: during an evaluation, state.dataloader_len
-        # is the validation loader's
+        # read now, with the training loader set: during an evaluation, state.dataloader_len is the validation one's
         self.total = total_batches(state)
-
-    total = None
 
     def _prefix(self, state: State) -> str:
         step, total = int(state.timestamp.batch), self.total
@@ -154,7 +152,6 @@ class ConsoleLog(LoggerDestination):
         if self.bar_wanted:
             from tqdm.auto import tqdm
 
-            self.total = total_batches(state)
             self.bar = tqdm(total=self.total, initial=int(state.timestamp.batch), unit="step",
                             file=self.stream, dynamic_ncols=True, leave=True)
 
