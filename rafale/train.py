@@ -27,7 +27,8 @@ from composer.optim import (
     CosineAnnealingWithWarmupScheduler,
     LinearWithWarmupScheduler,
 )
-from composer.core import Time
+from composer.core import Callback, State, Time
+from composer.loggers import Logger
 from composer.utils import dist, reproducibility
 from torch.utils.data import DataLoader
 
@@ -154,6 +155,30 @@ def make_scheduler(cfg: Config, debug: bool):
     if t.schedule == "linear":
         return LinearWithWarmupScheduler(t_warmup=warmup, alpha_f=t.lr_final_ratio)
     return ConstantWithWarmupScheduler(t_warmup=warmup)
+
+
+class ScheduleAtBatchStart(Callback):
+    """Sets each batch's learning rate when the batch starts: group lr = its initial lr x schedule(this batch).
+
+    Composer steps its schedulers after a batch but before its clock moves past that batch, so handed the schedule
+    itself it would run batch i at the value for batch i - 1 (two batches at lr 0 after a warmup from 0, and the
+    last batch one step short of the end). Evaluated here, batch i gets schedule(i), as the formula, Hugging Face's
+    schedulers and a plain PyTorch loop give it. The scheduler is Composer's own and stateless; each group's
+    `initial_lr` (torch's name for it) is saved with the optimizer, so a resumed run continues the same curve."""
+
+    def __init__(self, scheduler):
+        self.scheduler = scheduler
+
+    def fit_start(self, state: State, logger: Logger) -> None:
+        for optimizer in state.optimizers:
+            for group in optimizer.param_groups:
+                group.setdefault("initial_lr", group["lr"])
+
+    def batch_start(self, state: State, logger: Logger) -> None:
+        factor = self.scheduler(state)
+        for optimizer in state.optimizers:
+            for group in optimizer.param_groups:
+                group["lr"] = group["initial_lr"] * factor
 
 
 def eval_metrics(trainer: Trainer) -> dict[str, float]:
@@ -400,6 +425,7 @@ def build_trainer(cfg: Config, data: PreparedData, model, collator, placement: P
     warmup_steps = 0  # schedule-free warms up itself, counting batches
     if is_schedule_free(t) and not debug:
         warmup_steps = batches_in(t.warmup, t.max_duration, len(train_loader.dataloader), t.batch_size, cfg.data.block_size)
+    schedule = ScheduleAtBatchStart(make_scheduler(cfg, debug))
     # the last evaluation batch is usually short; Composer says so on every evaluation
     warnings.filterwarnings("ignore", message="Cannot split tensor of length")
     with warnings.catch_warnings():
@@ -411,10 +437,8 @@ def build_trainer(cfg: Config, data: PreparedData, model, collator, placement: P
             eval_dataloader=eval_loader,
             max_duration=f"{DEBUG_EPOCHS}ep" if debug else t.max_duration,
             optimizers=build_optimizer(model, t, placement.device, warmup_steps),
-            schedulers=make_scheduler(cfg, debug),
-            step_schedulers_every_batch=True,
             algorithms=[GradientClipping(clipping_type="norm", clipping_threshold=t.clip_norm)] if t.clip_norm else [],
-            callbacks=make_callbacks(placement.device, peak, stopper),
+            callbacks=make_callbacks(placement.device, peak, stopper, schedule),
             loggers=make_loggers(cfg, run_dir) if dist.get_global_rank() == 0 else [],
             compile_config={} if t.compile else None,
             parallelism_config={"fsdp": t.fsdp} if t.fsdp is not None else None,
@@ -460,9 +484,10 @@ def make_loaders(cfg: Config, data: PreparedData, collator, placement: Placement
             make_dataloader(eval_set, batch, eval_collator, False, False, workers, pin, seed=seed))
 
 
-def make_callbacks(device: str, peak: float | None, stopper: StopOnSignal) -> list:
-    """Speed (with MFU against `peak`), learning rate, time left, NaN losses, signals, schedule-free's modes."""
-    callbacks = [SpeedMonitor(window_size=10, gpu_flops_available=peak), LRMonitor(), RuntimeEstimator(),
+def make_callbacks(device: str, peak: float | None, stopper: StopOnSignal, schedule: ScheduleAtBatchStart) -> list:
+    """The learning-rate schedule, speed (with MFU against `peak`), learning rate, time left, NaN losses, signals,
+    schedule-free's modes."""
+    callbacks = [schedule, SpeedMonitor(window_size=10, gpu_flops_available=peak), LRMonitor(), RuntimeEstimator(),
                  FiniteLossMonitor(), stopper, schedule_free_switch()]
     if device == "gpu":
         callbacks.append(MemoryMonitor())

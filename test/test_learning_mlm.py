@@ -89,10 +89,11 @@ def test_mlm_learns_as_the_hf_reference_does_in_a_plain_loop(tmp_path, cache_dir
     assert reference_loss < initial_loss - 0.3
     assert rafale_loss <= reference_loss * learning_mlm.TOLERANCE
 
-    # the sharp part: the same weights, batches and masks give the same training loss, as long as the two updates
-    # have not yet drifted apart (the first update is at lr 0, so steps 1 and 2 see the initial weights).
-    # Per-sample averaging moves the loss by ~1e-2, another mlm_probability or another batch order by more.
+    # the sharp part: the same weights, batches, masks, schedule and updates give the same training losses, step by
+    # step, until float rounding makes the two runs drift apart. The first update is at lr 0, so step 3 is the
+    # first to see an update: a schedule one batch late (Composer's own stepping: lr 0 twice) moves it by ~5e-2,
+    # per-sample averaging by ~1e-2, another mlm_probability or another batch order by more.
     rafale_steps = [row["loss/train/total"] for row in rows if "loss/train/total" in row]
-    print("training loss, rafale:", [round(x, 5) for x in rafale_steps[:4]], "reference:",
-          [round(x, 5) for x in reference_steps[:4]])
-    assert rafale_steps[:2] == pytest.approx(reference_steps[:2], rel=1e-4)
+    print("training loss, rafale:", [round(x, 5) for x in rafale_steps[:6]], "reference:",
+          [round(x, 5) for x in reference_steps[:6]])
+    assert rafale_steps[:6] == pytest.approx(reference_steps[:6], rel=1e-4)
