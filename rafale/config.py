@@ -170,6 +170,10 @@ class TrainingConfig:
     )
     log_interval: str = option("10ba", "How often the console prints metrics.")
     compile: bool = option(False, "Compile the model with torch.compile (through Composer's compile_config).")
+    activation_checkpointing: bool = option(
+        False, "Keep only each transformer block's input during the forward pass and recompute the rest in the "
+        "backward pass: less activation memory for bigger models or batches, about a third more compute."
+    )
     fsdp: Optional[dict] = option(
         None, "Shard the model with FSDP: Composer's FSDP settings (e.g. {sharding_strategy: FULL_SHARD, "
         "mixed_precision: DEFAULT}), passed as parallelism_config={'fsdp': ...}. GPUs only."

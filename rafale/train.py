@@ -593,7 +593,19 @@ def build_model(cfg: Config, model_cfg, data: PreparedData):
         spec = cfg.model.pretrained
         source = spec if spec.startswith("hf:") else pretrained_folder(spec)
         copy_pretrained(from_pretrained(source, dtype=torch.float32), model.model)  # in place
+    if cfg.training.activation_checkpointing:
+        enable_activation_checkpointing(model.model, cfg.model.type)
     return model
+
+
+def enable_activation_checkpointing(module: torch.nn.Module, model_type: str) -> None:
+    """Turn on the block-wise recomputation of every part of `module` that offers it (an `activation_checkpointing`
+    attribute: the decoder, the encoders' layer stacks); a model with none refuses the key rather than ignore it."""
+    parts = [m for m in module.modules() if hasattr(m, "activation_checkpointing")]
+    if not parts:
+        raise ConfigError("training.activation_checkpointing", f"model.type {model_type} does not support it")
+    for part in parts:
+        part.activation_checkpointing = True
 
 
 def check_fits_data(cfg: Config, model_cfg, meta: dict) -> None:

@@ -19,6 +19,7 @@ from typing import Literal, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from rafale.errors import IGNORE_INDEX
 
@@ -232,6 +233,7 @@ class GPTNeoX(nn.Module):
         self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.num_layers))
         self.final_layer_norm = make_norm(cfg)
         self.embed_out = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.activation_checkpointing = False  # training.activation_checkpointing; see forward
         self.reset_parameters()
 
     @torch.no_grad()
@@ -286,7 +288,11 @@ class GPTNeoX(nn.Module):
 
         x = self.embed_in(input_ids)  # (B, T, C)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, attn_mask, kv_cache, i, is_causal)
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                # keep only each block's input; the backward pass recomputes the rest (less memory, ~1/3 more compute)
+                x = checkpoint(layer, x, cos, sin, attn_mask, None, i, is_causal, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, attn_mask, kv_cache, i, is_causal)
         if kv_cache is not None:
             kv_cache.length += T
         if last_only:

@@ -26,6 +26,7 @@ from typing import Literal, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -210,10 +211,15 @@ class Encoder(nn.Module):
     def __init__(self, cfg: EncoderConfig):
         super().__init__()
         self.layer = nn.ModuleList(Layer(cfg) for _ in range(cfg.num_layers))  # `encoder.layer.{i}`
+        self.activation_checkpointing = False  # training.activation_checkpointing
 
     def forward(self, x, attn_mask=None):
         for layer in self.layer:
-            x = layer(x, attn_mask)
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                # keep only each block's input; the backward pass recomputes the rest (less memory, ~1/3 more compute)
+                x = checkpoint(layer, x, attn_mask, use_reentrant=False)
+            else:
+                x = layer(x, attn_mask)
         return x
 
 
