@@ -7,7 +7,7 @@ rafale trains through `rafale.main.main(["-c", cfg])`, exactly what `rafale -c c
 transformers' `GPTNeoXForCausalLM`, built from the same sizes with its own initialisation and trained by the plain
 PyTorch loop below with the same recipe: AdamW with weight decay on the matrices only, linear warmup then cosine
 to lr_final_ratio (stepped every batch), gradient-norm clipping, the same tokenizer and blocks (rafale's data
-cache), the same batch order (a DistributedSampler with Composer's seed 0, reshuffled each epoch), the same number
+cache), the same batch order (a DistributedSampler seeded with run.seed, reshuffled each epoch), the same number
 of steps, torch seeded with run.seed before the model is built. The weights differ (two inits drawn from the same
 distribution), so the losses agree only up to seed noise. Both sides run fp32 on the CPU. rafale passes when its
 loss is at most 1% above the reference's. test/test_learning.py runs the same comparison on pythia_debug.yaml.
@@ -131,7 +131,7 @@ def reference_validation_loss(cfg: Config) -> float:
         [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=t.lr, betas=t.betas, eps=t.eps,
     )
-    sampler = DistributedSampler(train_set, num_replicas=1, rank=0, shuffle=True, seed=0, drop_last=True)
+    sampler = DistributedSampler(train_set, num_replicas=1, rank=0, shuffle=True, seed=cfg.run.seed, drop_last=True)
     loader = DataLoader(train_set, batch_size=t.batch_size, sampler=sampler, collate_fn=collate, drop_last=True)
     total = steps_of(t.max_duration, len(loader))
     warmup = steps_of(t.warmup, len(loader), total)
