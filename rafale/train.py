@@ -10,6 +10,7 @@ import json
 import math
 import shutil
 import signal
+import statistics
 import sys
 import time
 import warnings
@@ -69,6 +70,9 @@ class RunResult:
     mfu: float | None = None  # model FLOPs utilization while training (evaluation left out), against the device's peak
     train_time_s: float | None = None  # wall_time_s less the time spent evaluating
     precision: str | None = None  # what ran, e.g. fp32 on a CPU that lacks bf16 units though amp_bf16 was asked
+    compiled: bool = False  # training.compile
+    first_batch_s: float | None = None  # with compile, includes the compilation
+    batch_s: float | None = None  # the median of the next batches
 
 
 def pick_device(cfg: Config) -> str:
@@ -181,6 +185,29 @@ class ScheduleAtBatchStart(Callback):
                 group["lr"] = group["initial_lr"] * factor
 
 
+class BatchTimes(Callback):
+    """Wall seconds of the first training batches of this process. With training.compile the first one includes
+    torch.compile's compilation, so its excess over the median of the next ones is what compiling cost."""
+
+    KEEP = 21
+
+    def __init__(self):
+        self.seconds: list[float] = []
+        self._start = 0.0
+
+    def batch_start(self, state: State, logger: Logger) -> None:
+        self._start = time.perf_counter()
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        if len(self.seconds) < self.KEEP:
+            self.seconds.append(time.perf_counter() - self._start)
+
+    def first_and_median(self) -> tuple[float | None, float | None]:
+        if len(self.seconds) < 2:
+            return None, None
+        return self.seconds[0], statistics.median(self.seconds[1:])
+
+
 def eval_metrics(trainer: Trainer) -> dict[str, float]:
     return {name: float(m.compute()) for name, m in trainer.state.eval_metrics.get("eval", {}).items()}
 
@@ -282,8 +309,10 @@ def run(cfg: Config, data: PreparedData, model, collator, debug: bool = False) -
     mfu = None
     if tokens and peak and train_seconds > 0:  # training time only: evaluation does no backward pass
         mfu = tokens / train_seconds * model.model.flops_per_token(cfg.data.block_size) / (peak * placement.world)
+    times = next(c for c in trainer.state.callbacks if isinstance(c, BatchTimes))
     return RunResult(run_dir, trainer, loss_start, loss_end, wall, tokens, export_dir, mfu, train_seconds,
-                     precision_label(placement.precision, placement.autocast_dtype))
+                     precision_label(placement.precision, placement.autocast_dtype), cfg.training.compile,
+                     *times.first_and_median())
 
 
 def prepare_run_folder(cfg: Config, data: PreparedData, model, run_name: str, save: bool) -> Path:
@@ -485,10 +514,10 @@ def make_loaders(cfg: Config, data: PreparedData, collator, placement: Placement
 
 
 def make_callbacks(device: str, peak: float | None, stopper: StopOnSignal, schedule: ScheduleAtBatchStart) -> list:
-    """The learning-rate schedule, speed (with MFU against `peak`), learning rate, time left, NaN losses, signals,
-    schedule-free's modes."""
-    callbacks = [schedule, SpeedMonitor(window_size=10, gpu_flops_available=peak), LRMonitor(), RuntimeEstimator(),
-                 FiniteLossMonitor(), stopper, schedule_free_switch()]
+    """The learning-rate schedule, batch times (compile's cost), speed (with MFU against `peak`), learning rate,
+    time left, NaN losses, signals, schedule-free's modes."""
+    callbacks = [schedule, BatchTimes(), SpeedMonitor(window_size=10, gpu_flops_available=peak), LRMonitor(),
+                 RuntimeEstimator(), FiniteLossMonitor(), stopper, schedule_free_switch()]
     if device == "gpu":
         callbacks.append(MemoryMonitor())
     return callbacks
@@ -508,6 +537,11 @@ def describe(result: RunResult, num_params: int) -> str:
     lines = [f"run folder: {result.run_dir}", f"parameters: {num_params:,}"]
     if result.precision is not None:
         lines.append(f"precision: {result.precision}")
+    if result.first_batch_s is not None:
+        compiled = "on" if result.compiled else "off (training.compile)"
+        cost = f": about {result.first_batch_s - result.batch_s:.1f} s of compiling" if result.compiled else ""
+        lines.append(f"torch.compile: {compiled}; first batch {result.first_batch_s:.2f} s, the next ones "
+                     f"{result.batch_s:.3f} s (median){cost}")
     if result.tokens:
         mfu = f", MFU {result.mfu:.1%}" if result.mfu is not None else ""
         train_s = result.train_time_s or result.wall_time_s
@@ -543,6 +577,9 @@ def write_summary(result: RunResult, cfg: Config, num_params: int) -> Path:
         "train_time_s": round(result.train_time_s, 2) if result.train_time_s else None,
         "tokens_per_s": round(result.tokens / (result.train_time_s or result.wall_time_s), 1) if result.tokens else None,
         "mfu": result.mfu,
+        "compile": result.compiled,
+        "first_batch_s": round(result.first_batch_s, 3) if result.first_batch_s is not None else None,
+        "batch_s_median": round(result.batch_s, 4) if result.batch_s is not None else None,
         "validation": eval_metrics(result.trainer),
         "validation_loss_start": result.eval_loss_start,
     }

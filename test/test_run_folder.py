@@ -1,5 +1,6 @@
 """What a run leaves behind: metrics, plots, summary, optional loggers, and `rafale plot`."""
 
+import json
 import re
 
 import pytest
@@ -86,7 +87,14 @@ def test_compile_option_trains_the_same_model(tmp_path, cache_dir, capsys, monke
         code, out, err = run_in_process(["-c", str(cfg)], capsys, monkeypatch)
         assert code == 0, err[-3000:]
         losses[compile_] = float(re.search(r"validation loss at end: ([\d.]+)", out).group(1))
+        # the summary says whether it was on and, when it was, what compiling cost (the first batch's excess)
+        summary = json.loads((tmp_path / "runs" / f"compile-{compile_}" / "summary.json").read_text())
+        assert summary["compile"] is compile_ and summary["batch_s_median"] > 0 and summary["first_batch_s"] > 0
+        line = re.search(r"torch.compile: (on|off).*first batch ([\d.]+) s, the next ones ([\d.]+) s \(median\)(.*)", out)
+        assert line and line.group(1) == ("on" if compile_ else "off"), out
+        assert ("of compiling" in line.group(4)) is compile_
     assert abs(losses[True] - losses[False]) < 1e-3, losses
+    assert summary["first_batch_s"] > 10 * summary["batch_s_median"]  # compiling takes seconds, a batch milliseconds
 
 
 def test_on_a_terminal_a_progress_bar_carries_the_same_fields(tmp_path, cache_dir, capsys, monkeypatch):
