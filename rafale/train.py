@@ -96,9 +96,9 @@ def cpu_has_fast_bf16() -> bool:
 def pick_precision(cfg: Config, device: str, model=None) -> tuple[str, torch.dtype | None]:
     """(Composer's precision, the dtype the model wrapper autocasts itself to or None).
 
-    Composer refuses amp_bf16 on a CPU, so there a wrapper that can autocast itself (ComposerLM's autocast_dtype)
-    runs its forward under torch.autocast("cpu", bfloat16) while Composer stays fp32, on a CPU with bf16 matmul
-    units; anything else on a CPU runs fp32, said once.
+    Composer refuses amp_bf16 on a CPU, so there a wrapper that can autocast itself (the autocast_dtype of
+    ComposerLM and the encoders' wrappers) runs its forward under torch.autocast("cpu", bfloat16) while Composer
+    stays fp32, on a CPU with bf16 matmul units; anything else on a CPU runs fp32, said once.
     """
     precision = cfg.training.precision
     if device != "cpu" or precision == "fp32":

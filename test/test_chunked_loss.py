@@ -149,3 +149,28 @@ def test_pick_precision_on_a_cpu(monkeypatch, capsys):
     monkeypatch.setattr(train, "cpu_has_fast_bf16", lambda: False)
     assert pick_precision(config("amp_bf16"), "cpu", lm) == ("fp32", None)
     assert "running fp32 on the CPU" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("task", ["mlm", "classification"])
+def test_the_encoders_autocast_too_and_their_losses_and_metrics_read_fp32(task):
+    from rafale.models.composer import ComposerClassifier, ComposerMLM
+    from rafale.models.encoder import EncoderConfig, build_encoder
+
+    torch.manual_seed(0)
+    cfg = EncoderConfig(family="bert", hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64,
+                        max_position_embeddings=32, vocab_size=64, hidden_dropout=0.0, attention_dropout=0.0)
+    module = build_encoder(cfg, task)
+    wrap = (lambda m: ComposerMLM(m, vocab_size=60)) if task == "mlm" else (lambda m: ComposerClassifier(m, 2))
+    ids = torch.randint(5, 60, (4, 16))
+    labels = torch.where(torch.rand(4, 16) < 0.3, ids, IGNORE_INDEX) if task == "mlm" else torch.tensor([0, 1, 1, 0])
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    fp32, bf16 = wrap(module), wrap(module)
+    bf16.autocast_dtype = torch.bfloat16
+    dtypes, out32 = matmul_dtypes(fp32, lambda: fp32(batch))
+    assert dtypes == {torch.float32}
+    dtypes, out16 = matmul_dtypes(bf16, lambda: bf16(batch))
+    assert dtypes == {torch.bfloat16}
+    loss16 = bf16.loss(out16, batch)
+    assert loss16.dtype == torch.float32
+    torch.testing.assert_close(loss16, fp32.loss(out32, batch), rtol=2e-2, atol=0)
+    assert bf16.eval_forward(batch).dtype == torch.float32  # the metrics get fp32 logits

@@ -70,21 +70,25 @@ class ComposerLM(ComposerModel):
 
 
 class ComposerEncoder(ComposerModel):
-    """What both wrappers share. Batches hold input_ids, labels and optionally attention_mask, token_type_ids."""
+    """What both wrappers share. Batches hold input_ids, labels and optionally attention_mask, token_type_ids.
+
+    autocast_dtype: as ComposerLM's, the forward under torch.autocast("cpu", dtype) on a CPU with bf16 matmul
+    units; the losses and metrics then read the outputs in fp32."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
+        self.autocast_dtype: torch.dtype | None = None
         self.train_metrics = {}
         self.val_metrics = {}
 
     def forward(self, batch):
-        return self.model(
-            batch["input_ids"], attention_mask=batch.get("attention_mask"), token_type_ids=batch.get("token_type_ids")
-        )
+        with torch.autocast("cpu", dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            return self.model(batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                              token_type_ids=batch.get("token_type_ids"))
 
     def eval_forward(self, batch, outputs=None):
-        return outputs if outputs is not None else self.forward(batch)
+        return (outputs if outputs is not None else self.forward(batch)).float()
 
     def get_metrics(self, is_train: bool = False):
         return self.train_metrics if is_train else self.val_metrics
