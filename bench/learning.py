@@ -44,13 +44,18 @@ VAL_LOSS = "metrics/eval/LanguageCrossEntropy"
 # rafale: the real command
 
 
-def rafale_validation_loss(config_path: Path) -> float:
-    """Train with `rafale -c config_path` (in this process) and return the last validation loss it logged."""
+def run_rafale(config_path: Path) -> None:
+    """`rafale -c config_path`, in this process; an error if it fails."""
     try:
         rafale_main(["-c", str(config_path)])
     except SystemExit as exit:
         if exit.code not in (0, None):
             raise RuntimeError(f"rafale -c {config_path} exited with {exit.code}") from None
+
+
+def rafale_validation_loss(config_path: Path) -> float:
+    """Train with `rafale -c config_path` (in this process) and return the last validation loss it logged."""
+    run_rafale(config_path)
     cfg = load_config(config_path)
     series = read_metrics(Path(cfg.run.output_dir) / cfg.run.name)
     return series[VAL_LOSS][-1][1]

@@ -29,10 +29,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from learning import hf_model, steps_of  # noqa: E402
+from learning import hf_model, run_rafale, steps_of  # noqa: E402
 from rafale.config import load_config  # noqa: E402
 from rafale.datapipes import prepare_data  # noqa: E402
-from rafale.main import main as rafale_main  # noqa: E402
 from rafale.plots import read_metrics  # noqa: E402
 
 VAL_LOSS = "metrics/eval/LanguageCrossEntropy"
@@ -49,11 +48,7 @@ def first_crossing(points: list[tuple[int, float, float]], target: float):
 
 def rafale_points(config_path: Path) -> list[tuple[int, float, float]]:
     """(step, seconds since training started, validation loss) at each evaluation of `rafale -c config_path`."""
-    try:
-        rafale_main(["-c", str(config_path)])
-    except SystemExit as exit:
-        if exit.code not in (0, None):
-            raise RuntimeError(f"rafale -c {config_path} exited with {exit.code}") from None
+    run_rafale(config_path)
     cfg = load_config(config_path)
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
     hours = {}  # step -> Composer's time/total (wall hours since fit start, evaluations included)
