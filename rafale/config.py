@@ -463,7 +463,8 @@ def validate(cfg: Config, check_files: bool = True) -> None:
         raise ConfigError("training.load_path", "eval_only needs a checkpoint to evaluate")
     for template in cfg.data.prompt_templates or []:
         if "{}" not in template:
-            raise ConfigError("data.prompt_templates", f"each template needs '{{}}' for the class name, got {template!r}")
+            raise ConfigError("data.prompt_templates",
+                              f"each template needs '{{}}' for the class name, got {template!r}")
     if check_files:
         _check_files(cfg)
     from rafale.optim import check_optimizer  # last: it imports torch, which the checks above do not need

@@ -1095,8 +1095,8 @@ class ImageTextCollator:
     family: str
     pad_token_id: int
     text_length: int | None = None
-    augment: bool = False  # a random mild crop of each image: a zoom and shift; no flips or colour changes, which
-    fixed_seed: int | None = None  # captions describe. DEBUG=1 sets fixed_seed: no augmentation, the batch holds still
+    augment: bool = False  # a random mild crop of each image (no flips or colour changes, which captions describe)
+    fixed_seed: int | None = None  # DEBUG=1 sets it: no augmentation, so the batch holds still
 
     def for_evaluation(self) -> "ImageTextCollator":
         return replace(self, augment=False)

@@ -209,7 +209,7 @@ def resume_conflicts(run_dir: Path, data: PreparedData, model_cfg) -> list[str]:
     if "fingerprint_inputs" in old_data:  # (not in caches built by an older rafale)
         old_inputs, new_inputs = dict(old_data["fingerprint_inputs"]), dict(data.meta["fingerprint_inputs"])
         source = data.meta["config"]["source"]
-        if source != "stories" and not source.startswith("hf:"):
+        if source not in ("stories", "shapes") and not source.startswith("hf:"):
             # a local file is known by its path and modification time, which moving or copying it changes: compare
             # what it yields instead (tokens, blocks or examples per split)
             del old_inputs["source"], new_inputs["source"]

@@ -133,6 +133,23 @@ def test_two_ranks_gather_features_into_the_loss_of_the_whole_batch(tmp_path):
             torch.testing.assert_close(mine["text_grad"], text.grad[4 * rank: 4 * rank + 4])
 
 
+def test_pairs_count_as_the_loss_is_averaged_and_a_pretrained_clip_keeps_its_image_size_and_end_of_text():
+    from rafale.train import check_fits_images, count_tokens
+
+    batch = {"pixel_values": torch.zeros(3, 3, 4, 4), "input_ids": torch.tensor([[5, 0, 1], [6, 7, 0], [8, 0, 1]]),
+             "attention_mask": torch.tensor([[1, 1, 0], [1, 1, 1], [1, 1, 0]])}
+    assert count_tokens(batch) == {"total": 7, "loss_generating": 3}  # the loss is a mean over the 3 pairs
+    cfg = copy.deepcopy(CLIP_PRESETS["clip-debug"])
+    cfg.text.vocab_size, cfg.text.eos_token_id = 50, 49
+    check_fits_images(cfg, {"image_size": 32, "eos_token_id": 49})
+    with pytest.raises(DataError, match=r"data.image_size \(64\) differs from the pretrained model's image size"):
+        check_fits_images(cfg, {"image_size": 64, "eos_token_id": 49})
+    with pytest.raises(DataError, match=r"end-of-text id 0 differs from the id the pretrained CLIP pools its text"):
+        check_fits_images(cfg, {"image_size": 32, "eos_token_id": 0})
+    cfg.text.eos_token_id = None  # pools at the highest id, 49: the same token
+    check_fits_images(cfg, {"image_size": 32, "eos_token_id": 49})
+
+
 def test_logit_scale_is_clamped_after_each_step():
     from types import SimpleNamespace
 
@@ -204,6 +221,7 @@ def test_training_run_logs_metrics_and_exports_what_transformers_loads(tmp_path,
     imported = from_pretrained(run_dir / "export")
     with torch.no_grad():
         torch.testing.assert_close(imported.get_image_features(batch["pixel_values"]), expected[0])
+    assert last["metrics/eval/ZeroShotAccuracy"] == pytest.approx(plain_zero_shot_accuracy(model, data, pipe, family))
     if family == "clip":
         assert model.logit_scale.item() <= math.log(100) + 1e-6
 
@@ -212,6 +230,31 @@ def test_training_run_logs_metrics_and_exports_what_transformers_loads(tmp_path,
         assert code == 0 and "resumed" in out and "at batch 3" in out, (out[-2000:], err[-2000:])
         assert list((run_dir / "checkpoints").glob("ep*-ba6-rank0.pt")), "the resumed run did not reach batch 6"
         zero_shot_command_checks(tmp_path, run_dir)
+
+
+def plain_zero_shot_accuracy(model, data, pipe, family):
+    """Zero-shot accuracy written out with plain torch: each class is the normalised mean of its prompts' normalised
+    text features; each image goes to the class of highest cosine."""
+    info = data.meta["zero_shot"]
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in NORMALIZATION[family])
+    split = pipe.splits["zero_shot"][:]
+    pixels = (split["pixel_values"].permute(0, 3, 1, 2).float() / 255 - mean) / std
+    classes = []
+    with torch.no_grad():
+        for name in info["classes"]:
+            texts = [t.format(name) for t in info["templates"]]
+            ids = [data.tokenizer.encode(t).ids + [data.eos_token_id] for t in texts]
+            length = 32 if family == "siglip" else max(map(len, ids))  # SigLIP: block_size, no mask
+            input_ids = torch.tensor([i + [data.pad_token_id] * (length - len(i)) for i in ids])
+            lengths = torch.tensor([len(i) for i in ids])
+            mask = None if family == "siglip" else (torch.arange(length)[None] < lengths[:, None]).long()
+            text = model.get_text_features(input_ids, mask)
+            classes.append((text / text.norm(dim=-1, keepdim=True)).mean(dim=0))
+        classes = torch.stack(classes)
+        image = model.get_image_features(pixels)
+        classes = classes / classes.norm(dim=-1, keepdim=True)  # (C, P)
+        predicted = (image / image.norm(dim=-1, keepdim=True) @ classes.t()).argmax(-1)  # (N,)
+    return (predicted == split["label"]).float().mean().item()
 
 
 def zero_shot_command_checks(tmp_path, run_dir):

@@ -1,6 +1,7 @@
 """The thin Composer wrappers: a rafale nn.Module as a ComposerModel (batches in, loss and metrics out).
 
-The models in decoder.py, encoder.py and clip.py know nothing of Composer; swapping the trainer means replacing this file.
+The models in decoder.py, encoder.py and clip.py know nothing of Composer; swapping the trainer means replacing this
+file.
 """
 
 from dataclasses import dataclass
