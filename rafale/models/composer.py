@@ -189,7 +189,7 @@ class ComposerContrastive(ComposerModel):
         self.model = model
         self.zero_shot = zero_shot
         self.eval_chunk = eval_chunk  # zero-shot images per forward
-        self.callbacks = [ClampLogitScale()]  # rafale.train.make_callbacks adds a wrapper's own callbacks
+        self.callbacks = [ClampLogitScale()]  # rafale.train.build_trainer adds them to the Trainer's
         self.train_metrics = {}
         self.val_metrics = {"ContrastiveLoss": ContrastiveLoss()}
         for k in (1, 5):
