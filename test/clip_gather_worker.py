@@ -21,12 +21,17 @@ def features_and_model(family: str):
     return image, text, model
 
 
-def gathered_loss_worker(rank: int, port: int, out: str):
+def gathered_loss_worker(rank: int, store: str, out: str):
     """Rank `rank` of 2 holds pairs 4*rank .. 4*rank+3; saves its loss and its features' gradients."""
+    from datetime import timedelta
+
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    # a file store: with a TCP store, the rank that hosts it may exit first and leave the other's
+    # destroy_process_group waiting for it (seen once under load); a timeout turns any wait into a failure
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=60))
     results = {}
     for family in FAMILIES:
         image, text, model = features_and_model(family)
@@ -36,4 +41,5 @@ def gathered_loss_worker(rank: int, port: int, out: str):
         loss.backward()
         results[family] = {"loss": loss.detach(), "image_grad": mine_image.grad, "text_grad": mine_text.grad}
     torch.save(results, f"{out}.{rank}")
+    dist.barrier()  # neither leaves while the other may still need it
     dist.destroy_process_group()

@@ -6,7 +6,7 @@ import copy
 import json
 import math
 import re
-import socket
+import time
 from pathlib import Path
 
 import numpy as np
@@ -109,17 +109,18 @@ def test_collator_pads_clip_with_a_mask_and_siglip_to_a_fixed_length():
 # ---------------------------------------------------------------- loss across ranks
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_ranks_gather_features_into_the_loss_of_the_whole_batch(tmp_path):
     """open_clip's gather: each rank's loss is the global batch's, and its gradients are those of its own pairs."""
     from clip_gather_worker import FAMILIES, features_and_model, gathered_loss_worker
 
-    torch.multiprocessing.spawn(gathered_loss_worker, args=(free_port(), str(tmp_path / "out")), nprocs=2)
+    ranks = torch.multiprocessing.spawn(gathered_loss_worker, args=(str(tmp_path / "store"), str(tmp_path / "out")),
+                                        nprocs=2, join=False)
+    deadline = time.monotonic() + 180
+    while not ranks.join(timeout=2):  # a hung rank fails the test instead of blocking the suite
+        if time.monotonic() > deadline:
+            for process in ranks.processes:
+                process.kill()
+            pytest.fail("the two ranks did not finish within 180 s")
     got = [torch.load(tmp_path / f"out.{rank}", weights_only=True) for rank in range(2)]
     for family in FAMILIES:
         image, text, model = features_and_model(family)
