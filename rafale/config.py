@@ -98,6 +98,20 @@ class DataConfig:
     )
     num_train_stories: int = option(20000, "Stories generated for the training split (source: stories).")
     num_val_stories: int = option(1000, "Stories generated for the validation split (source: stories).")
+    image_size: int = option(224, "CLIP/SigLIP: images are resized and centre-cropped to this side (pixels); the "
+                             "model's vision.image_size follows it.")
+    image_column: str = option("image", "CLIP/SigLIP: column holding the image path (captions file) or image (hub).")
+    num_train_images: int = option(5000, "Image-caption pairs generated for training (source: shapes).")
+    num_val_images: int = option(500, "Image-caption pairs generated for validation (source: shapes).")
+    num_zero_shot_images: int = option(
+        360, "Images generated for zero-shot evaluation (source: shapes), cycling through its 36 colour-shape classes.")
+    zero_shot_source: Optional[str] = option(
+        None, "CLIP/SigLIP: a folder with one sub-folder of images per class ('_' in a name reads as a space) for "
+        "zero-shot accuracy at every evaluation. Default: the shapes' classes with source: shapes, else none.")
+    prompt_templates: Optional[list[str]] = option(
+        None, "CLIP/SigLIP: zero-shot prompts, '{}' standing for the class name; a class's embedding is the mean "
+        "over them. Default: the shapes' four templates (source: shapes), else ['a photo of a {}.'].")
+    augment: bool = option(True, "CLIP/SigLIP: a random mild crop (85-100% of the area) of each training image.")
     num_proc: int = option(0, "Processes for tokenization; 0 means one per CPU core.")
     cache_dir: Optional[str] = option(None, "Cache folder; default: $RAFALE_CACHE, else ~/.rafale_cache.")
     num_workers: int = option(0, "DataLoader worker processes.")
@@ -106,11 +120,12 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     type: str = option(
-        "pythia", "Model family, a key of model_config_dict in rafale/models/configurations.py (pythia, bert, roberta)."
+        "pythia", "Model family, a key of model_config_dict in rafale/models/configurations.py (pythia, bert, roberta, "
+        "clip, siglip)."
     )
     task: Optional[str] = option(
-        None, "What to train: causal_lm (pythia), mlm or classification (bert, roberta); the family's entry in "
-        "TASKS (rafale/models/configurations.py) lists what it does. Default: the family's first."
+        None, "What to train: causal_lm (pythia), mlm or classification (bert, roberta), contrastive (clip, siglip); "
+        "the family's entry in TASKS (rafale/models/configurations.py) lists what it does. Default: the family's first."
     )
     preset: Optional[str] = option(
         None, "A size preset of that family (rafale/models/configurations.py). Default: the family's first (tiny) "
@@ -356,7 +371,7 @@ def _check_warmup_unit(warmup: str, max_duration: str):
 
 
 def _is_local_path(spec: str) -> bool:
-    return not spec.startswith("hf:") and spec not in ("stories", "train")
+    return not spec.startswith("hf:") and spec not in ("stories", "shapes", "train")
 
 
 SOURCE_SPLITS = ("train", "validation")
@@ -391,6 +406,10 @@ def _check_signs(cfg: Config) -> None:
         "data.block_size": cfg.data.block_size,
         "data.num_train_stories": cfg.data.num_train_stories,
         "data.num_val_stories": cfg.data.num_val_stories,
+        "data.image_size": cfg.data.image_size,
+        "data.num_train_images": cfg.data.num_train_images,
+        "data.num_val_images": cfg.data.num_val_images,
+        "data.num_zero_shot_images": cfg.data.num_zero_shot_images,
         "training.batch_size": cfg.training.batch_size,
         "training.lr": cfg.training.lr,
     }
@@ -446,6 +465,10 @@ def validate(cfg: Config, check_files: bool = True) -> None:
             raise ConfigError(f"run.{key}", f"must be a plain folder name, got {value!r}")
     if cfg.training.eval_only and cfg.training.load_path is None:
         raise ConfigError("training.load_path", "eval_only needs a checkpoint to evaluate")
+    for template in cfg.data.prompt_templates or []:
+        if "{}" not in template:
+            raise ConfigError("data.prompt_templates",
+                              f"each template needs '{{}}' for the class name, got {template!r}")
     if check_files:
         _check_files(cfg)
     from rafale.optim import check_optimizer  # last: it imports torch, which the checks above do not need
@@ -466,6 +489,8 @@ def _check_files(cfg: Config) -> None:
     if pretrained is not None and not pretrained.startswith("hf:") and not (pretrained_folder(pretrained) / "config.json").is_file():
         raise ConfigError("model.pretrained", f"{pretrained} is neither a model folder with a config.json nor a run "
                           "folder with an export/ (or use 'hf:<name>')")
+    if cfg.data.zero_shot_source is not None and not Path(cfg.data.zero_shot_source).expanduser().is_dir():
+        raise ConfigError("data.zero_shot_source", f"no such folder: {cfg.data.zero_shot_source}")
     if cfg.training.load_path is not None and not Path(cfg.training.load_path).expanduser().exists():
         raise ConfigError("training.load_path", f"no such checkpoint: {cfg.training.load_path}")
 

@@ -543,7 +543,7 @@ class DataPipe:
         self.scratch = tmp / "scratch"  # source copies and streamed splits while building; gone before the rename
         try:
             tmp.mkdir(parents=True)
-            raw = load_source(self.cfg, self.scratch, labelled=self.labelled)
+            raw = self.load_raw()
             if self.cfg.tokenizer == "train":
                 tokenizer = train_tokenizer(raw["train"], self.cfg.vocab_size, self.tokenizer_kind)
                 warn_if_smaller(tokenizer.get_vocab_size(), self.cfg.vocab_size, self.tokenizer_kind)
@@ -578,6 +578,10 @@ class DataPipe:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return path
+
+    def load_raw(self) -> DatasetDict:
+        """The source's splits of texts (and labels); a trained tokenizer learns from raw["train"]."""
+        return load_source(self.cfg, self.scratch, labelled=self.labelled)
 
     def _describe(self, ds: Dataset) -> dict:
         return {"examples": len(ds)}
@@ -1010,9 +1014,115 @@ class ClassificationCollator:
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+# ----------------------------------------------------------------------------------------------------
+# image-text pairs for CLIP and SigLIP (the sources and the image conversion are in rafale/image_text.py)
+
+
+class ImageTextDataPipe(DataPipe):
+    """Contrastive image-text pairs: uint8 images (H, W, 3) and caption ids ending with the end-of-text token (at
+    most block_size), plus a `zero_shot` split of labelled images whose classes and prompts go in the meta."""
+
+    name = "contrastive"
+
+    def fingerprint_inputs(self) -> dict:
+        cfg = self.cfg
+        if cfg.source == "shapes":
+            generator = Path(__file__).with_name("shapes.py").read_bytes()
+            source = ["shapes", cfg.num_train_images, cfg.num_val_images, cfg.num_zero_shot_images,
+                      hashlib.sha256(generator).hexdigest()]
+        elif cfg.source.startswith("hf:"):
+            source = [cfg.source, cfg.hub_config]
+        else:  # the captions file's folder: the file and the images it names
+            path = Path(cfg.source).expanduser()
+            source = _file_identity(path if path.is_dir() else path.parent)
+        zero_shot = None if cfg.zero_shot_source is None else _file_identity(Path(cfg.zero_shot_source).expanduser())
+        return {
+            "pipeline": [self.name, PIPELINE_VERSION],
+            "source": [source, cfg.image_column, cfg.text_column, cfg.val_fraction, cfg.split_seed],
+            "tokenizer": tokenizer_identity(cfg, self.tokenizer_kind),
+            "block_size": cfg.block_size,
+            "images": [cfg.image_size, zero_shot, cfg.prompt_templates],
+        }
+
+    def load_raw(self) -> DatasetDict:
+        """The captions as a DatasetDict of texts (what the tokenizer trains on); the images wait in self.images."""
+        from rafale.image_text import hub_pairs, local_pairs, shapes_pairs
+
+        cfg = self.cfg
+        pairs = shapes_pairs(cfg) if cfg.source == "shapes" else hub_pairs(cfg) if cfg.source.startswith("hf:") \
+            else local_pairs(cfg)
+        self.images = {split: images for split, (_, images) in pairs.items()}
+        return DatasetDict({split: Dataset.from_dict({"text": texts}) for split, (texts, _) in pairs.items()})
+
+    def _prepare(self, raw: DatasetDict, tokenizer: Tokenizer, meta: dict) -> DatasetDict:
+        from rafale.image_text import images_dataset, pixel_features, zero_shot_source
+        from rafale.models.clip import encode_texts
+
+        size = self.cfg.image_size
+        out = {}
+        for split, ds in raw.items():
+            ids = encode_texts(tokenizer, ds["text"], meta["eos_token_id"], self.cfg.block_size)
+            features = pixel_features(size, input_ids=Sequence(Value("int32")))
+            out[split] = images_dataset(self.images[split], {"input_ids": ids}, features, size)
+        zero_shot = zero_shot_source(self.cfg)
+        if zero_shot is not None:  # {classes, templates, held_out} go in the meta, for the model's builder
+            features = pixel_features(size, label=Value("int64"))
+            labels = {"label": zero_shot.pop("labels")}
+            out["zero_shot"] = images_dataset(zero_shot.pop("images"), labels, features, size)
+            meta["zero_shot"] = zero_shot
+        meta["image_size"] = size
+        return DatasetDict(out)
+
+    def _describe(self, ds: Dataset) -> dict:
+        info = {"examples": len(ds), "images": len(ds), "image_size": self.cfg.image_size,
+                "image_bytes": len(ds) * self.cfg.image_size ** 2 * 3}
+        if "input_ids" in ds.column_names:
+            info["tokens"] = len(ds.data.column("input_ids").combine_chunks().flatten())
+        return info
+
+    def collator(self, meta: dict):
+        from rafale.models.clip import text_length
+
+        return ImageTextCollator(self.family, meta["pad_token_id"], text_length(self.family, self.cfg.block_size),
+                                 augment=self.cfg.augment)
+
+
+@dataclass
+class ImageTextCollator:
+    """Stack images (augmented when training) into pixel_values (B, 3, H, W), normalised for the family, and pad
+    the texts: input_ids (B, T) with attention_mask (CLIP), or to text_length without a mask (SigLIP)."""
+
+    family: str
+    pad_token_id: int
+    text_length: int | None = None
+    augment: bool = False  # a random mild crop of each image (no flips or colour changes, which captions describe)
+    fixed_seed: int | None = None  # DEBUG=1 sets it: no augmentation, so the batch holds still
+
+    def for_evaluation(self) -> "ImageTextCollator":
+        return replace(self, augment=False)
+
+    def __call__(self, examples: list[dict]) -> dict:
+        from rafale.models.clip import normalize, pad_texts
+
+        # datasets hands uint8 columns over as int64 tensors; the crop wants uint8
+        pixels = torch.stack([torch.as_tensor(e["pixel_values"]).to(torch.uint8) for e in examples])  # (B, H, W, 3)
+        pixels = pixels.permute(0, 3, 1, 2)  # (B, 3, H, W)
+        if self.augment and self.fixed_seed is None:
+            from torchvision.transforms import v2
+
+            crop = v2.RandomResizedCrop(pixels.shape[-1], scale=(0.85, 1.0), ratio=(0.9, 1.1), antialias=True)
+            pixels = torch.stack([crop(p) for p in pixels])  # a different crop per image
+        input_ids, attention_mask = pad_texts([e["input_ids"] for e in examples], self.pad_token_id, self.text_length)
+        batch = {"pixel_values": normalize(pixels, self.family), "input_ids": input_ids}
+        if attention_mask is not None:
+            batch["attention_mask"] = attention_mask
+        return batch
+
+
 # model.task -> the datapipe that prepares its data and makes its batches; a new task is one line here (and its
 # name in the TASKS entry of each model family that does it, rafale/models/configurations.py)
-DATAPIPES = {"causal_lm": CausalLMDataPipe, "mlm": MLMDataPipe, "classification": ClassificationDataPipe}
+DATAPIPES = {"causal_lm": CausalLMDataPipe, "mlm": MLMDataPipe, "classification": ClassificationDataPipe,
+             "contrastive": ImageTextDataPipe}
 
 
 def datapipe_for(cfg: Config) -> DataPipe:

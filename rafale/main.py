@@ -8,6 +8,7 @@
     rafale generate RUN --prompt P  generate text with a trained decoder (a run or a Hugging Face folder)
     rafale lm-eval RUN --tasks T    score a decoder with lm-evaluation-harness
     rafale plot RUN [RUN ...]       draw a run's curves, or overlay several runs
+    rafale zero-shot RUN --images DIR --classes "cat,dog"   classify images with a CLIP or SigLIP
 
 This module is the command line only (arguments, commands, exit codes); each command imports what it needs
 when it runs, so `rafale --help` and a config error answer without loading torch or Composer. Nothing imports
@@ -108,6 +109,12 @@ def runs_command(argv) -> int:
     return runs_main(argv)
 
 
+def zero_shot_command(argv) -> int:
+    from rafale.zero_shot import zero_shot_main
+
+    return zero_shot_main(argv)
+
+
 def sweep_command(argv) -> int:
     from rafale.sweep import sweep_main
 
@@ -122,6 +129,7 @@ COMMANDS = {
     "plot": (plot_command, "draw a run's curves, or overlay several runs"),
     "runs": (runs_command, "one line per run: model, size, tokens, time, final validation metrics"),
     "sweep": (sweep_command, "train a grid of config overrides one after another, then compare them"),
+    "zero-shot": (zero_shot_command, "classify a folder of images with a CLIP or SigLIP (a run or an HF folder)"),
 }
 
 

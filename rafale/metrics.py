@@ -7,6 +7,9 @@ Bits per byte divides the same summed loss by the text's size instead:
 
 `token_bytes(tokenizer)` gives each id's UTF-8 length (special tokens such as <|endoftext|> cover no text: 0);
 `BitsPerByte` sums both parts over a validation set (and over ranks) and divides once at the end.
+
+CLIP and SigLIP's validation metrics are here too: `ContrastiveLoss`, `RetrievalRecall` (recall@k, image to text
+and text to image, over all validation pairs) and `ZeroShotAccuracy` (rafale.models.composer.ComposerContrastive).
 """
 
 import json
@@ -73,3 +76,75 @@ class BitsPerByte(Metric):
 
     def compute(self) -> torch.Tensor:
         return self.nats / (math.log(2) * self.bytes.clamp(min=1))
+
+
+# ----------------------------------------------------------------------------------------------------
+# CLIP and SigLIP
+
+
+class ContrastiveLoss(Metric):
+    """The model's loss on each validation batch (its negatives are that batch), averaged over pairs."""
+
+    full_state_update = False
+    higher_is_better = False
+
+    def __init__(self):
+        super().__init__()
+        self.add_state("total", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, loss: torch.Tensor, n: int) -> None:
+        self.total += loss.detach().double() * n
+        self.count += n
+
+    def compute(self) -> torch.Tensor:
+        return (self.total / self.count).float()
+
+
+class RetrievalRecall(Metric):
+    """Recall@k over all validation pairs: the fraction of images whose own caption is among the k texts nearest
+    to it ("image_to_text"), or of captions whose image is among the k nearest images ("text_to_image")."""
+
+    full_state_update = False
+
+    def __init__(self, direction: str, k: int):
+        super().__init__()
+        self.direction, self.k = direction, k
+        self.add_state("image", default=[], dist_reduce_fx="cat")
+        self.add_state("text", default=[], dist_reduce_fx="cat")
+
+    def update(self, image: torch.Tensor, text: torch.Tensor) -> None:
+        self.image.append(image.detach().float())
+        self.text.append(text.detach().float())
+
+    def compute(self) -> torch.Tensor:
+        image = torch.cat(self.image) if isinstance(self.image, list) else self.image  # (N, P)
+        text = torch.cat(self.text) if isinstance(self.text, list) else self.text  # (N, P)
+        similarity = image @ text.t()  # (N images, N texts)
+        if self.direction == "text_to_image":
+            similarity = similarity.t()
+        own = similarity.diagonal()[:, None]  # (N, 1)
+        rank = (similarity > own).sum(dim=1)  # how many candidates score above the true one
+        return (rank < self.k).float().mean()
+
+
+class ZeroShotAccuracy(Metric):
+    """Accuracy of zero-shot classification. The wrapper classifies its zero-shot images once per evaluation (on
+    the first batch) and updates with (predicted, true) class ids."""
+
+    full_state_update = False
+
+    def __init__(self, subset: str = "all"):
+        super().__init__()
+        self.subset = subset  # which images and classes (rafale.models.composer.ZeroShotSet.subset)
+        self.add_state("correct", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("total", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("done", torch.tensor(0, dtype=torch.long), dist_reduce_fx="max")
+
+    def update(self, predicted: torch.Tensor, labels: torch.Tensor) -> None:
+        self.correct += (predicted == labels).sum()
+        self.total += labels.numel()
+        self.done.fill_(1)
+
+    def compute(self) -> torch.Tensor:
+        return self.correct.float() / self.total.clamp(min=1)

@@ -16,8 +16,11 @@ from rafale.errors import RafaleError
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "metrics.png"
 TRAIN_LOSS = "loss/train/total"
-VAL_LOSSES = ("metrics/eval/LanguageCrossEntropy", "metrics/eval/CrossEntropy")
-VAL_QUALITY = ("metrics/eval/LanguagePerplexity", "metrics/eval/BitsPerByte", "metrics/eval/Accuracy", "metrics/eval/MaskedAccuracy", "metrics/eval/F1")
+VAL_LOSSES = ("metrics/eval/LanguageCrossEntropy", "metrics/eval/CrossEntropy", "metrics/eval/ContrastiveLoss")
+VAL_QUALITY = ("metrics/eval/LanguagePerplexity", "metrics/eval/BitsPerByte", "metrics/eval/Accuracy",
+               "metrics/eval/MaskedAccuracy", "metrics/eval/F1", "metrics/eval/ZeroShotAccuracy",
+               "metrics/eval/ZeroShotHeldOutAccuracy", "metrics/eval/ImageToTextRecall@1",
+               "metrics/eval/TextToImageRecall@1")
 
 
 def read_metrics(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -127,8 +130,9 @@ def plot_runs(run_dirs: list[Path], out: Path) -> Path:
 
 SUMMARY_FILE = "summary.json"  # written by rafale.train.write_summary at the end of a run
 # columns of `rafale runs`: header -> the summary's validation metric it shows
-TABLE_METRICS = {"val loss": ("LanguageCrossEntropy", "CrossEntropy"), "ppl": ("LanguagePerplexity",),
-                 "bits/byte": ("BitsPerByte",), "accuracy": ("Accuracy", "MaskedAccuracy")}
+TABLE_METRICS = {"val loss": ("LanguageCrossEntropy", "CrossEntropy", "ContrastiveLoss"),
+                 "ppl": ("LanguagePerplexity",), "bits/byte": ("BitsPerByte",),
+                 "accuracy": ("Accuracy", "MaskedAccuracy", "ZeroShotAccuracy")}
 
 
 def run_folders(paths: list[Path]) -> list[Path]:

@@ -119,11 +119,14 @@ def precision_label(precision: str, autocast_dtype) -> str:
 
 def count_tokens(batch: dict) -> dict[str, int]:
     """Composer's token counts of a batch. 'total' leaves out padding (tokens/s, max_duration in tok);
-    'loss_generating' is what the loss is a mean over (labelled tokens for LM and MLM, examples for classification),
-    so that gradient accumulation and DDP weigh each of them equally (accumulate_train_batch_on_tokens)."""
-    input_ids, labels = batch["input_ids"], batch["labels"]
+    'loss_generating' is what the loss is a mean over (labelled tokens for LM and MLM, examples for classification,
+    image-text pairs for CLIP and SigLIP), so that gradient accumulation and DDP weigh each of them equally
+    (accumulate_train_batch_on_tokens)."""
+    input_ids, labels = batch["input_ids"], batch.get("labels")
     mask = batch.get("attention_mask")
     total = int(mask.sum()) if mask is not None else input_ids.numel()
+    if labels is None:  # contrastive pairs (a caption each)
+        return {"total": total, "loss_generating": len(input_ids)}
     per_token = labels.shape == input_ids.shape
     return {"total": total, "loss_generating": int((labels != IGNORE_INDEX).sum()) if per_token else len(labels)}
 
@@ -214,7 +217,7 @@ def eval_metrics(trainer: Trainer) -> dict[str, float]:
 
 def eval_loss(trainer: Trainer) -> float | None:
     metrics = eval_metrics(trainer)
-    return metrics.get("LanguageCrossEntropy", metrics.get("CrossEntropy"))
+    return metrics.get("LanguageCrossEntropy", metrics.get("CrossEntropy", metrics.get("ContrastiveLoss")))
 
 
 def make_loggers(cfg: Config, run_dir: Path) -> list:
@@ -258,7 +261,7 @@ def resume_conflicts(run_dir: Path, data: PreparedData, model_cfg) -> list[str]:
     if "fingerprint_inputs" in old_data:  # (not in caches built by an older rafale)
         old_inputs, new_inputs = dict(old_data["fingerprint_inputs"]), dict(data.meta["fingerprint_inputs"])
         source = data.meta["config"]["source"]
-        if source != "stories" and not source.startswith("hf:"):
+        if source not in ("stories", "shapes") and not source.startswith("hf:"):
             # a local file is known by its path and modification time, which moving or copying it changes: compare
             # what it yields instead (tokens, blocks or examples per split)
             del old_inputs["source"], new_inputs["source"]
@@ -307,7 +310,7 @@ def run(cfg: Config, data: PreparedData, model, collator, debug: bool = False) -
     tokens = int(trainer.state.timestamp.token) - tokens_before
     export_dir = export_run(model.model, run_dir, data, sharded=cfg.training.fsdp is not None) if save else None
     mfu = None
-    if tokens and peak and train_seconds > 0:  # training time only: evaluation does no backward pass
+    if tokens and peak and train_seconds > 0 and hasattr(model.model, "flops_per_token"):  # training time only
         mfu = tokens / train_seconds * model.model.flops_per_token(cfg.data.block_size) / (peak * placement.world)
     times = next(c for c in trainer.state.callbacks if isinstance(c, BatchTimes))
     return RunResult(run_dir, trainer, loss_start, loss_end, wall, tokens, export_dir, mfu, train_seconds,
@@ -467,7 +470,7 @@ def build_trainer(cfg: Config, data: PreparedData, model, collator, placement: P
             max_duration=f"{DEBUG_EPOCHS}ep" if debug else t.max_duration,
             optimizers=build_optimizer(model, t, placement.device, warmup_steps),
             algorithms=[GradientClipping(clipping_type="norm", clipping_threshold=t.clip_norm)] if t.clip_norm else [],
-            callbacks=make_callbacks(placement.device, peak, stopper, schedule),
+            callbacks=make_callbacks(placement.device, peak, stopper, schedule) + getattr(model, "callbacks", []),
             loggers=make_loggers(cfg, run_dir) if dist.get_global_rank() == 0 else [],
             compile_config={} if t.compile else None,
             parallelism_config={"fsdp": t.fsdp} if t.fsdp is not None else None,
@@ -632,6 +635,8 @@ def build_model(cfg: Config, model_cfg, data: PreparedData):
         copy_pretrained(from_pretrained(source, dtype=torch.float32), model.model)  # in place
     if cfg.training.activation_checkpointing:
         enable_activation_checkpointing(model.model, cfg.model.type)
+    if hasattr(model, "attach_splits"):  # a wrapper that evaluates on more than the validation split (CLIP's zero-shot)
+        model.attach_splits(data.splits)
     return model
 
 
@@ -646,7 +651,8 @@ def enable_activation_checkpointing(module: torch.nn.Module, model_type: str) ->
 
 
 def check_fits_data(cfg: Config, model_cfg, meta: dict) -> None:
-    """What the config asked for that the data contradicts: a pretrained encoder's padding id, model.num_labels."""
+    """What the config asked for that the data contradicts: a pretrained encoder's padding id, model.num_labels, a
+    pretrained CLIP's image size and end-of-text id."""
     pad = meta.get("pad_token_id")
     if cfg.model.pretrained is not None and getattr(model_cfg, "pad_token_id", pad) != pad:
         raise DataError(
@@ -655,6 +661,22 @@ def check_fits_data(cfg: Config, model_cfg, meta: dict) -> None:
         )
     if "num_labels" in cfg.model.overrides and "label_names" in meta and model_cfg.num_labels != len(meta["label_names"]):
         raise DataError(f"model.num_labels ({model_cfg.num_labels}) differs from the data's {len(meta['label_names'])} classes")
+    if cfg.model.pretrained is not None and hasattr(model_cfg, "vision"):
+        check_fits_images(model_cfg, meta)
+
+
+def check_fits_images(model_cfg, meta: dict) -> None:
+    """A pretrained CLIP or SigLIP keeps its image size, and CLIP the token it pools its text at (the builder takes
+    both from the data)."""
+    size = meta.get("image_size")
+    if model_cfg.vision.image_size != size:
+        raise DataError(f"data.image_size ({size}) differs from the pretrained model's image size "
+                        f"({model_cfg.vision.image_size}); set data.image_size: {model_cfg.vision.image_size}")
+    text = model_cfg.text
+    pooled = text.vocab_size - 1 if text.eos_token_id is None else text.eos_token_id  # None: at the highest id
+    if model_cfg.family == "clip" and pooled != meta["eos_token_id"]:
+        raise DataError(f"data.tokenizer: its end-of-text id {meta['eos_token_id']} differs from the id the pretrained "
+                        f"CLIP pools its text at ({pooled}); use the checkpoint's tokenizer")
 
 
 def describe_vocabulary(data: PreparedData) -> str:
@@ -670,7 +692,11 @@ def print_data_summary(data: PreparedData):
     print(f"rafale: data cache: {data.path}")
     print(f"rafale:   {describe_vocabulary(data)}")
     for split, info in data.meta["splits"].items():
-        if "blocks" in info:
+        if "images" in info:
+            side, tokens = info["image_size"], f", {info['tokens']:,} caption tokens" if "tokens" in info else ""
+            print(f"rafale:   {split}: {info['images']:,} images of {side}x{side} "
+                  f"({info['image_bytes'] / 1e6:.1f} MB as uint8){tokens}")
+        elif "blocks" in info:
             print(f"rafale:   {split}: {info['tokens']:,} tokens in {info['blocks']:,} blocks")
         else:
             print(f"rafale:   {split}: {info['examples']:,} examples")

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -122,6 +123,11 @@ class ClipConfig:
     logit_scale_init: float = math.log(1 / 0.07)  # CLIP: temperature 0.07; SigLIP paper: log 10
     logit_bias_init: float = -10.0  # SigLIP only: starts every pair at "no match" (the paper's b = -10)
     init_std: float = 0.02  # CLIP's initializer_range (patch and position embeddings)
+
+    @property
+    def max_seq_len(self) -> int:
+        """The longest text (what data.block_size is checked against)."""
+        return self.text.max_position_embeddings
 
     def validate(self):
         if self.family not in ("clip", "siglip"):
@@ -398,6 +404,31 @@ def siglip_loss(logits_per_image):
     return -F.logsigmoid(z * logits_per_image).sum() / n
 
 
+# With several processes (DDP), the loss of each rank is computed over the features of all of them, as open_clip
+# does: the negatives of a step are the global batch (of a microbatch, with gradient accumulation).
+
+
+def gather_features(image, text):
+    """Every rank's (image, text) features, concatenated in rank order; this rank's own slice keeps its gradient
+    (all_gather returns tensors without one), so each rank back-propagates the global loss into its own features."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return image, text
+    rank, world = dist.get_rank(), dist.get_world_size()
+
+    def gather(x):
+        parts = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(parts, x.contiguous())
+        parts[rank] = x
+        return torch.cat(parts)  # (world * B, P)
+
+    return gather(image), gather(text)
+
+
+def contrastive_logits(model, image, text):
+    """logits_per_image (images, texts) from normalised features, in fp32 (as the model's forward computes them)."""
+    return model.logit_scale.exp().float() * image.float() @ text.float().t() + model.bias()
+
+
 # ----------------------------------------------------------------------------------------------------
 # The models
 
@@ -547,6 +578,72 @@ MODEL_CLASSES = {"clip": CLIP, "siglip": SigLIP}
 
 def build_model(cfg: ClipConfig) -> ContrastiveModel:
     return MODEL_CLASSES[cfg.family](cfg)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Feeding the model (what HF's CLIPProcessor does): pixels normalised with the family's constants, texts ending
+# with the end-of-text token and padded, and zero-shot classes as the mean of their prompts' embeddings. The
+# image-text datapipe, the Composer wrapper and `rafale zero-shot` share these.
+
+# per-channel mean and std of the pixels in [0, 1]: OpenAI CLIP's (from its training set), and SigLIP's (to [-1, 1])
+NORMALIZATION = {
+    "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+    "siglip": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+}
+
+
+def normalize(pixels, family: str):
+    """uint8 (B, 3, H, W) -> float (B, 3, H, W) with the family's normalisation constants."""
+    mean, std = (torch.tensor(v, device=pixels.device).view(1, 3, 1, 1) for v in NORMALIZATION[family])
+    return (pixels.float() / 255 - mean) / std
+
+
+def encode_texts(tokenizer, texts: list, eos_token_id: int, max_len: int) -> list:
+    """Token ids of each text (a `tokenizers.Tokenizer`), ending with the end-of-text token (CLIP pools there), at
+    most max_len of them. The tokenizer's own special tokens are kept (an HF CLIP tokenizer adds its start and end)."""
+    out = []
+    for encoding in tokenizer.encode_batch(list(texts)):
+        ids = encoding.ids
+        if not ids or ids[-1] != eos_token_id:
+            ids = ids + [eos_token_id]
+        if len(ids) > max_len:
+            ids = ids[: max_len - 1] + [eos_token_id]
+        out.append(ids)
+    return out
+
+
+def text_length(family: str, block_size: int) -> Optional[int]:
+    """SigLIP's fixed text length (every text padded to it, no mask, as its checkpoints were trained: it pools the
+    last position, so padding changes the embedding); None for CLIP (pad to the longest, with a mask)."""
+    return block_size if family == "siglip" else None
+
+
+def pad_texts(sequences: list, pad_token_id: int, fixed_length: Optional[int] = None):
+    """(input_ids (B, T) right-padded, attention_mask (B, T)), the mask None with fixed_length (SigLIP)."""
+    T = fixed_length or max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), T), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), T), dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        input_ids[i, : len(seq)] = torch.as_tensor(seq)
+        attention_mask[i, : len(seq)] = 1
+    return input_ids, None if fixed_length else attention_mask
+
+
+@torch.no_grad()
+def class_embeddings(model, input_ids, attention_mask, num_templates: int):
+    """One unit vector per class from its prompts (class-major, num_templates each): the mean of their normalised
+    text features, normalised (CLIP's recipe)."""
+    text = F.normalize(model.get_text_features(input_ids, attention_mask).float(), dim=-1)  # (C*K, P)
+    text = text.view(-1, num_templates, text.shape[-1]).mean(dim=1)  # (C, P)
+    return F.normalize(text, dim=-1)
+
+
+@torch.no_grad()
+def zero_shot_probabilities(model, pixel_values, classes):
+    """(N, C) probabilities of each class (a softmax over the model's logits; SigLIP's bias is left out, as it
+    changes no ranking)."""
+    image = F.normalize(model.get_image_features(pixel_values).float(), dim=-1)  # (N, P)
+    return (model.logit_scale.exp().float() * image @ classes.t()).softmax(dim=-1)  # (N, C)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -1,16 +1,24 @@
 """The thin Composer wrappers: a rafale nn.Module as a ComposerModel (batches in, loss and metrics out).
 
-The models in decoder.py and encoder.py know nothing of Composer; swapping the trainer means replacing this file.
+The models in decoder.py, encoder.py and clip.py know nothing of Composer; swapping the trainer means replacing this
+file.
 """
 
+from dataclasses import dataclass
+
 import torch
+import torch.distributed as torch_dist
 import torch.nn as nn
 import torch.nn.functional as F
+from composer.core import Callback
 from composer.metrics import CrossEntropy, LanguageCrossEntropy, LanguagePerplexity, MaskedAccuracy
 from composer.models import ComposerModel
 from torchmetrics.classification import BinaryF1Score, MulticlassAccuracy
 
 from rafale.errors import IGNORE_INDEX
+from rafale.metrics import ContrastiveLoss, RetrievalRecall, ZeroShotAccuracy
+from rafale.models.clip import (class_embeddings, contrastive_logits, gather_features, normalize,
+                                zero_shot_probabilities)
 
 
 class ComposerLM(ComposerModel):
@@ -143,3 +151,115 @@ class ComposerClassifier(ComposerEncoder):
             metric.update(outputs.float(), batch["labels"])
         else:
             metric.update(outputs.argmax(dim=-1), batch["labels"])  # (B, num_labels) -> (B,) predicted ids
+
+
+# ----------------------------------------------------------------------------------------------------
+# CLIP and SigLIP (rafale/models/clip.py). Batches hold pixel_values (B, 3, H, W), input_ids (B, T) and, for CLIP,
+# attention_mask (B, T). A contrastive loss depends on the batch: with gradient accumulation each microbatch is its
+# own set of negatives, and with several processes the features of every rank are gathered first (open_clip's
+# `gather_features`), so the negatives of one step are the whole global microbatch.
+
+
+class ClampLogitScale(Callback):
+    """Keep exp(logit_scale) <= 100 after every optimizer step, as open_clip does."""
+
+    def batch_end(self, state, logger):
+        composer_model = getattr(state.model, "module", state.model)  # under DDP, the wrapped model
+        composer_model.model.clamp_logit_scale_()
+
+
+@dataclass
+class ZeroShotSet:
+    """Labelled images and the class prompts (each class's templates, class-major) to classify them with."""
+
+    prompts: tuple  # (input_ids (C*K, T), attention_mask (C*K, T) or None)
+    num_templates: int
+    held_out: list  # class ids whose colour-shape pair training never showed (shapes); empty otherwise
+    pixels: torch.Tensor | None = None  # (N, 3, H, W) uint8, attached with the data (ComposerContrastive.attach_splits)
+    labels: torch.Tensor | None = None  # (N,) class ids
+
+    def images(self, subset: str) -> torch.Tensor:
+        """Indices of the images a ZeroShotAccuracy of this subset scores: all of them, or the held-out classes'."""
+        index = torch.arange(len(self.labels))
+        return index if subset == "all" else index[torch.isin(self.labels, torch.tensor(self.held_out))]
+
+
+class ComposerContrastive(ComposerModel):
+    """CLIP or SigLIP trained by the Composer Trainer: the loss over the (gathered) batch, the logit-scale clamp,
+    and the validation metrics: contrastive loss, retrieval recall@1/@5 both ways, zero-shot accuracy."""
+
+    def __init__(self, model: nn.Module, zero_shot: ZeroShotSet | None = None, eval_chunk: int = 256):
+        super().__init__()
+        self.model = model
+        self.zero_shot = zero_shot
+        self.eval_chunk = eval_chunk  # zero-shot images per forward
+        self.callbacks = [ClampLogitScale()]  # rafale.train.build_trainer adds them to the Trainer's
+        self.train_metrics = {}
+        self.val_metrics = {"ContrastiveLoss": ContrastiveLoss()}
+        for k in (1, 5):
+            self.val_metrics[f"ImageToTextRecall@{k}"] = RetrievalRecall("image_to_text", k)
+            self.val_metrics[f"TextToImageRecall@{k}"] = RetrievalRecall("text_to_image", k)
+        self._classified = None  # (the eval batch's outputs, predictions): the zero-shot set is classified once
+
+    def attach_splits(self, splits) -> None:
+        """Take the data's zero_shot split of labelled images (rafale.train.build_model calls this), and score it at
+        every evaluation: all its images, and those of the held-out classes, each among all the classes."""
+        if self.zero_shot is None or "zero_shot" not in splits:
+            return
+        images = splits["zero_shot"][:]  # the whole split, as tensors
+        self.zero_shot.pixels = images["pixel_values"].to(torch.uint8).permute(0, 3, 1, 2)  # (N, 3, H, W)
+        self.zero_shot.labels = images["label"]
+        self.val_metrics["ZeroShotAccuracy"] = ZeroShotAccuracy("all")
+        if self.zero_shot.held_out:
+            self.val_metrics["ZeroShotHeldOutAccuracy"] = ZeroShotAccuracy("held_out")
+
+    def forward(self, batch):
+        """(image, text) normalised features, (B, P) each."""
+        image = F.normalize(self.model.get_image_features(batch["pixel_values"]), dim=-1)
+        text = F.normalize(self.model.get_text_features(batch["input_ids"], batch.get("attention_mask")), dim=-1)
+        return image, text
+
+    def loss(self, outputs, batch):
+        image, text = gather_features(*outputs)
+        return self.model.loss(contrastive_logits(self.model, image, text))
+
+    def eval_forward(self, batch, outputs=None):
+        image, text = outputs if outputs is not None else self.forward(batch)
+        # the validation loss of this batch alone, on every rank alike
+        return {"image": image, "text": text, "loss": self.model.loss(contrastive_logits(self.model, image, text))}
+
+    def get_metrics(self, is_train: bool = False):
+        return self.train_metrics if is_train else self.val_metrics
+
+    def update_metric(self, batch, outputs, metric):
+        if isinstance(metric, ContrastiveLoss):
+            metric.update(outputs["loss"], outputs["image"].shape[0])
+        elif isinstance(metric, RetrievalRecall):
+            metric.update(outputs["image"], outputs["text"])
+        elif isinstance(metric, ZeroShotAccuracy) and not metric.done:  # once per evaluation
+            if self._classified is None or self._classified[0] is not outputs:  # once for all zero-shot metrics
+                self._classified = (outputs, self.zero_shot_predictions())
+            predicted, labels = self._classified[1]
+            index = self.zero_shot_share(self.zero_shot.images(metric.subset))
+            metric.update(predicted[index], labels[index])
+
+    @staticmethod
+    def zero_shot_share(index):
+        """This rank's share of the zero-shot images (the metric sums over ranks)."""
+        if torch_dist.is_available() and torch_dist.is_initialized():
+            return index[torch_dist.get_rank()::torch_dist.get_world_size()]
+        return index
+
+    @torch.no_grad()
+    def zero_shot_predictions(self):
+        """(predicted, true) class ids of all the zero-shot images (a few hundred: every rank classifies them all,
+        and counts its share)."""
+        zs, family = self.zero_shot, self.model.cfg.family
+        device = next(self.model.parameters()).device
+        input_ids, attention_mask = (t if t is None else t.to(device) for t in zs.prompts)
+        classes = class_embeddings(self.model, input_ids, attention_mask, zs.num_templates)
+        predicted = [
+            zero_shot_probabilities(self.model, normalize(pixels.to(device), family), classes).argmax(dim=-1)
+            for pixels in zs.pixels.split(self.eval_chunk)  # (n, 3, H, W) each
+        ]
+        return torch.cat(predicted), zs.labels.to(device)

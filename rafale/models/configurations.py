@@ -11,6 +11,7 @@ import dataclasses
 
 from rafale.config import Config, ModelConfig, _unknown_key, build_dataclass, pretrained_folder
 from rafale.errors import ConfigError, DataError, WeightsError
+from rafale.models.clip import CLIP_PRESETS, SIGLIP_PRESETS, ClipConfig
 from rafale.models.decoder import DecoderConfig, GPTNeoX
 from rafale.models.encoder import EncoderConfig, build_encoder as build_encoder_module
 
@@ -64,12 +65,16 @@ PRESETS = {
     "pythia": PYTHIA_PRESETS,
     "bert": BERT_PRESETS,
     "roberta": ROBERTA_PRESETS,
+    "clip": CLIP_PRESETS,  # rafale/models/clip.py: clip-tiny, clip-debug, clip-vit-b-16
+    "siglip": SIGLIP_PRESETS,
 }
 # model.type -> the tasks it trains for (model.task); the first is the default
 TASKS = {
     "pythia": ("causal_lm",),
     "bert": ("mlm", "classification"),
     "roberta": ("mlm", "classification"),
+    "clip": ("contrastive",),
+    "siglip": ("contrastive",),
 }
 MODEL_FAMILIES = tuple(PRESETS)
 
@@ -119,11 +124,41 @@ def build_encoder(model_cfg: EncoderConfig, task: str, meta: dict, tokenizer):
     return ComposerClassifier(build_encoder_module(model_cfg, "classification"), model_cfg.num_labels)
 
 
+def build_contrastive(model_cfg: ClipConfig, task: str, meta: dict, tokenizer):
+    """A CLIP or SigLIP. Its vocabulary, image size and (CLIP) end-of-text id come from the data; the prompts of
+    the zero-shot classes in meta are tokenized here, and their images attached with the data
+    (ComposerContrastive.attach_splits)."""
+    from rafale.models.clip import build_model, encode_texts, pad_texts, text_length
+    from rafale.models.composer import ComposerContrastive, ZeroShotSet
+
+    model_cfg.text.vocab_size = model_vocab_size(model_cfg.text.vocab_size, meta["vocab_size"])
+    model_cfg.vision.image_size = meta["image_size"]
+    if model_cfg.family == "clip":
+        if meta["eos_token_id"] == 2:  # transformers reads a CLIP eos_token_id of 2 as "pool at the highest id"
+            raise DataError("data.tokenizer: its end-of-text id is 2, which an exported CLIP cannot express "
+                            "(transformers pools at the highest id then); use a tokenizer with another id")
+        model_cfg.text.eos_token_id = meta["eos_token_id"]
+    try:
+        model_cfg.validate()
+    except ValueError as err:
+        raise ConfigError("data.image_size" if "image_size" in str(err) else "model", str(err)) from None
+    zero_shot = None
+    if "zero_shot" in meta:
+        info, block_size = meta["zero_shot"], meta["config"]["block_size"]
+        prompts = [t.format(c) for c in info["classes"] for t in info["templates"]]  # class-major
+        ids = encode_texts(tokenizer, prompts, meta["eos_token_id"], block_size)
+        padded = pad_texts(ids, meta["pad_token_id"], text_length(model_cfg.family, block_size))
+        zero_shot = ZeroShotSet(padded, len(info["templates"]), info["held_out"])
+    return ComposerContrastive(build_model(model_cfg), zero_shot)
+
+
 # model.type (in the config) -> its builder. A new family: its presets in PRESETS, its tasks in TASKS, a builder here.
 model_config_dict = {
     "pythia": build_pythia,
     "bert": build_encoder,
     "roberta": build_encoder,
+    "clip": build_contrastive,
+    "siglip": build_contrastive,
 }
 
 
@@ -154,7 +189,9 @@ def resolve_model_config(cfg: Config):
     for key in cfg.model.overrides:
         if key not in fields:
             raise _unknown_key(key, fields | {f.name for f in dataclasses.fields(ModelConfig)}, "model.")
-    merged = dataclasses.asdict(base) | cfg.model.overrides
+    merged = dataclasses.asdict(base)
+    for key, value in cfg.model.overrides.items():  # a nested section (CLIP's vision: {...}) changes only its keys
+        merged[key] = merged[key] | value if isinstance(merged.get(key), dict) and isinstance(value, dict) else value
     model_cfg = build_dataclass(type(base), merged, "model.")
     if cfg.model.pretrained is not None:
         _check_agrees(model_cfg, base, "model", cfg.model.pretrained, only=set(cfg.model.overrides))
@@ -162,7 +199,7 @@ def resolve_model_config(cfg: Config):
         model_cfg.validate()
     except ValueError as err:
         raise ConfigError("model", str(err)) from None
-    longest = getattr(model_cfg, "max_seq_len", model_cfg.max_position_embeddings)
+    longest = model_cfg.max_seq_len if hasattr(model_cfg, "max_seq_len") else model_cfg.max_position_embeddings
     if cfg.data.block_size > longest:
         raise ConfigError(
             "data.block_size",
@@ -206,6 +243,8 @@ def pretrained_model_config(cfg: Config):
             raise ConfigError("model.type", f"is {cfg.model.type} but {spec} holds a {architecture} ({family})")
         if family == "pythia":
             return hf.decoder_config_from_hf(raw, folder / "config.json")
+        if family in ("clip", "siglip"):
+            return hf.contrastive_config_from_hf(raw)
         return hf.encoder_config_from_hf(raw, family, folder / "config.json")
     except WeightsError as err:
         raise ConfigError("model.pretrained", str(err)) from None

@@ -9,10 +9,12 @@ Loading is strict both ways: every tensor of the rafale model must be found with
 the files must be used, except the buffers listed in each layout's `ignored` (each one says why). All the
 problems are gathered and raised as one `WeightsError`, so a wrong checkpoint is diagnosed in one go.
 
-Supported: GPTNeoXForCausalLM (Pythia), and BERT / RoBERTa as Model, ForMaskedLM, ForSequenceClassification.
+Supported: GPTNeoXForCausalLM (Pythia), BERT / RoBERTa as Model, ForMaskedLM, ForSequenceClassification, and
+CLIPModel / SiglipModel (their name maps and config.json readers live in clip.py; this file dispatches to them).
 This file reads and writes the formats only; it never imports transformers (the tests use it as a reference).
 """
 
+import dataclasses
 import json
 import os
 import re
@@ -28,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
 from rafale.errors import WeightsError
+from rafale.models import clip
 from rafale.models.decoder import DecoderConfig, GPTNeoX
 from rafale.models.encoder import MODEL_CLASSES, EncoderConfig, build_encoder
 
@@ -43,10 +46,13 @@ ARCHITECTURES = {
     "RobertaModel": ("roberta", "base"),
     "RobertaForMaskedLM": ("roberta", "mlm"),
     "RobertaForSequenceClassification": ("roberta", "classification"),
+    "CLIPModel": ("clip", "contrastive"),
+    "SiglipModel": ("siglip", "contrastive"),
 }
 # without `architectures`, a model_type means what AutoModel would build. GPTNeoXModel (no output projection)
 # is not accepted: rafale's GPTNeoX always has one, and inventing it would hide a wrong checkpoint.
-DEFAULT_ARCHITECTURE = {"gpt_neox": "GPTNeoXForCausalLM", "bert": "BertModel", "roberta": "RobertaModel"}
+DEFAULT_ARCHITECTURE = {"gpt_neox": "GPTNeoXForCausalLM", "bert": "BertModel", "roberta": "RobertaModel",
+                        "clip": "CLIPModel", "siglip": "SiglipModel"}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -498,14 +504,16 @@ def from_pretrained(path: Union[str, Path], dtype: Optional[torch.dtype] = None)
     hf, architecture = read_config(folder)
     family, head = ARCHITECTURES[architecture]
     config_path = folder / "config.json"
-    if family == "gpt_neox":
-        model = GPTNeoX(decoder_config_from_hf(hf, config_path))
+    if family in ("clip", "siglip"):  # clip.py holds their name maps and config.json reader
+        model = clip.build_model(contrastive_config_from_hf(hf))
+        state = read_checkpoint(folder)
+        load_contrastive_state(model, state, f"{folder} ({architecture})")
     else:
-        model = build_encoder(encoder_config_from_hf(hf, family, config_path), head)
-
-    tensors = read_checkpoint(folder)
-    state = match_tensors(tensors, model, layout_for(architecture), f"{folder} ({architecture})")
-    model.load_state_dict(state, strict=True)  # copies into the (tied) parameters
+        model = GPTNeoX(decoder_config_from_hf(hf, config_path)) if family == "gpt_neox" else \
+            build_encoder(encoder_config_from_hf(hf, family, config_path), head)
+        tensors = read_checkpoint(folder)
+        state = match_tensors(tensors, model, layout_for(architecture), f"{folder} ({architecture})")
+        model.load_state_dict(state, strict=True)  # copies into the (tied) parameters
 
     # the dtype of the weights used, not of dropped buffers (fp16 Pythia files keep their inv_freq in fp32)
     stored = {t.dtype for t in state.values() if t.is_floating_point()}
@@ -513,6 +521,32 @@ def from_pretrained(path: Union[str, Path], dtype: Optional[torch.dtype] = None)
     cast_parameters(model, target)
     model.hf_config = hf
     return model.eval()
+
+
+def contrastive_config_from_hf(hf: dict) -> "clip.ClipConfig":
+    try:
+        return clip.config_from_hf(hf)
+    except clip.ClipWeightsError as err:
+        raise WeightsError(str(err)) from None
+
+
+def load_contrastive_state(model: "clip.ContrastiveModel", tensors: dict, where: str):
+    try:
+        clip.load_hf_state_dict(model, tensors, where)
+    except clip.ClipWeightsError as err:
+        raise WeightsError(str(err)) from None
+
+
+def contrastive_export(model: "clip.ContrastiveModel", vocab_size: int) -> tuple[dict, dict]:
+    """(HF tensors, config.json) of a CLIP or SigLIP, its token embedding cut to the tokenizer's vocab_size."""
+    cfg = model.cfg
+    if not 0 < vocab_size <= cfg.text.vocab_size:
+        raise WeightsError(f"save_pretrained: vocab_size must be in [1, {cfg.text.vocab_size}], got {vocab_size}")
+    tensors = clip.hf_state_dict(model)
+    embedding = "text_model.embeddings.token_embedding.weight"
+    tensors[embedding] = tensors[embedding][:vocab_size]  # the rows of real tokens only
+    hf = clip.config_to_hf(dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, vocab_size=vocab_size)))
+    return {name: t.detach().cpu().contiguous().clone() for name, t in tensors.items()}, hf
 
 
 def copy_pretrained(pretrained: nn.Module, model: nn.Module) -> nn.Module:
@@ -580,6 +614,8 @@ def architecture_of(model: nn.Module) -> str:
     """The HF architecture `model` is, exactly: a subclass (a researcher's variant) is not the class it extends."""
     if type(model) is GPTNeoX:
         return "GPTNeoXForCausalLM"
+    if type(model) in (clip.CLIP, clip.SigLIP):
+        return {"clip": "CLIPModel", "siglip": "SiglipModel"}[model.cfg.family]
     for architecture, (family, head) in ARCHITECTURES.items():
         if family in MODEL_CLASSES and type(model) is MODEL_CLASSES[family][head]:
             return architecture
@@ -591,7 +627,7 @@ def architecture_of(model: nn.Module) -> str:
 
 
 # the modules an exported model may be made of: rafale's own family files, and torch's building blocks
-KNOWN_MODULES = ("rafale.models.decoder", "rafale.models.encoder")
+KNOWN_MODULES = ("rafale.models.decoder", "rafale.models.encoder", "rafale.models.clip")
 
 
 def check_exportable(model: nn.Module) -> str:
@@ -661,6 +697,8 @@ def save_pretrained(
     replaced only with overwrite=True. label_names: a classifier's class names, in id order (config.json's id2label).
     """
     architecture = check_exportable(model)
+    if ARCHITECTURES[architecture][1] == "contrastive":
+        return save_contrastive(model, Path(folder).expanduser(), tokenizer, dtype, vocab_size, overwrite)
     cfg = model.cfg
     if getattr(cfg, "norm", "layernorm") != "layernorm":
         raise WeightsError(f"save_pretrained: {architecture} has no {cfg.norm} (model.norm); transformers would load "
@@ -698,6 +736,20 @@ def save_pretrained(
     hf["dtype"] = hf["torch_dtype"] = dtype_name(stored_dtype)  # transformers 5 reads dtype, 4 torch_dtype
 
     write_model_folder(folder, hf, tensors, tokenizer, special, max_len)
+
+
+def save_contrastive(model: "clip.ContrastiveModel", folder: Path, tokenizer: Optional[Tokenizer],
+                     dtype: Optional[torch.dtype], vocab_size: Optional[int], overwrite: bool):
+    """save_pretrained for a CLIP or SigLIP: clip.py's names and config.json, written the same way."""
+    vocab_size = model.cfg.text.vocab_size if vocab_size is None else vocab_size
+    if folder.exists() and any(folder.iterdir()) and not overwrite:
+        raise WeightsError(f"save_pretrained: {folder} exists and is not empty (pass overwrite=True to replace it)")
+    tensors, hf = contrastive_export(model, vocab_size)
+    if dtype is not None:
+        tensors = {name: t.to(dtype) if t.is_floating_point() else t for name, t in tensors.items()}
+    hf["dtype"] = hf["torch_dtype"] = dtype_name(dtype or next(iter(tensors.values())).dtype)
+    special = special_tokens_of(tokenizer) if tokenizer is not None else {}
+    write_model_folder(folder, hf, tensors, tokenizer, special, model.cfg.text.max_position_embeddings)
 
 
 def write_model_folder(folder: Path, hf: dict, tensors: dict, tokenizer: Optional[Tokenizer], special: dict,
