@@ -260,8 +260,7 @@ def resume_conflicts(run_dir: Path, data: PreparedData, model_cfg) -> list[str]:
     old_data = json.loads((run_dir / "data.json").read_text()) if (run_dir / "data.json").is_file() else {}
     if "fingerprint_inputs" in old_data:  # (not in caches built by an older rafale)
         old_inputs, new_inputs = dict(old_data["fingerprint_inputs"]), dict(data.meta["fingerprint_inputs"])
-        source = data.meta["config"]["source"]
-        if source not in ("stories", "shapes") and not source.startswith("hf:"):
+        if is_local_source(data.meta["config"]["source"]):
             # a local file is known by its path and modification time, which moving or copying it changes: compare
             # what it yields instead (tokens, blocks or examples per split)
             del old_inputs["source"], new_inputs["source"]
@@ -273,6 +272,16 @@ def resume_conflicts(run_dir: Path, data: PreparedData, model_cfg) -> list[str]:
     if (run_dir / MODEL_FILE).is_file():
         conflicts += changed("model", json.loads((run_dir / MODEL_FILE).read_text()), dataclasses.asdict(model_cfg))
     return conflicts
+
+
+def is_local_source(source) -> bool:
+    """data.source names local files: a path or glob, a list of them, or one per split (not a built-in generator
+    nor a hub dataset)."""
+    if isinstance(source, dict):
+        return any(is_local_source(s) for s in source.values())
+    if isinstance(source, list):
+        return any(is_local_source(s) for s in source)
+    return source not in ("stories", "shapes") and not source.startswith("hf:")
 
 
 def _short(value, limit: int = 60) -> str:

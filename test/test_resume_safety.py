@@ -106,6 +106,12 @@ def test_a_moved_data_file_still_resumes_but_other_contents_do_not(tmp_path):
     edited = PreparedData(None, None, cache, meta("/old/stories.txt", 3, 9))
     assert resume_conflicts(run_dir, edited, None) == [
         "data split train was {'tokens': 640, 'blocks': 10}, now {'tokens': 640, 'blocks': 9}"]
+    # the same with a file per split (data.source: {train: ..., validation: ...})
+    (run_dir / "data.json").write_text(json.dumps(meta({"train": "/old/t.txt", "validation": "/old/v.txt"}, 1, 10)))
+    moved = PreparedData(None, None, cache, meta({"train": "/new/t.txt", "validation": "/new/v.txt"}, 2, 10))
+    assert resume_conflicts(run_dir, moved, None) == []
+    edited = PreparedData(None, None, cache, meta({"train": "/old/t.txt", "validation": "/old/v.txt"}, 3, 9))
+    assert len(resume_conflicts(run_dir, edited, None)) == 1
 
 
 def test_changing_only_durations_intervals_and_loggers_resumes(trained, tmp_path, capsys, monkeypatch):
