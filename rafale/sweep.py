@@ -52,17 +52,20 @@ def run_name(base: str, point: list[str]) -> str:
     return f"{base}-{safe}"
 
 
-def sweep_table(rows: list[tuple[str, list[str], Path]]) -> str:
-    """A markdown table: run, overrides, final and best validation loss, wall time, tokens/s."""
-    lines = ["| run | overrides | final validation loss | best | wall | tokens/s |", "|---|---|---|---|---|---|"]
+def sweep_table(rows: list[tuple[str, list[str], Path]], fixed: list[str] = ()) -> str:
+    """A markdown table: run, overrides, final and best validation loss, wall time, tokens/s. The overrides every
+    run shares (`fixed`, the one-value axes) are said once above it."""
+    lines = [f"Every run: {' '.join(fixed)}\n"] if fixed else []
+    lines += ["| run | overrides | final validation loss | best | wall | tokens/s |", "|---|---|---|---|---|---|"]
     for name, point, run_dir in rows:
+        varied = " ".join(item for item in point if item not in fixed)
         if not (run_dir / SUMMARY_FILE).is_file():
-            lines.append(f"| {name} | {' '.join(point)} | failed | | | |")
+            lines.append(f"| {name} | {varied} | failed | | | |")
             continue
         row = run_row(run_dir)
         best = best_validation(run_dir)
         best_text = f"{best[1]:.4f} (step {best[2]})" if best else ""
-        lines.append(f"| {name} | {' '.join(point)} | {row.get('val loss') or row.get('accuracy')} | {best_text} "
+        lines.append(f"| {name} | {varied} | {row.get('val loss') or row.get('accuracy')} | {best_text} "
                      f"| {row['wall']} | {row['tok/s']} |")
     return "\n".join(lines) + "\n"
 
@@ -97,7 +100,7 @@ def sweep_main(argv, train) -> int:
             failed += 1
             print(f"rafale: sweep: {name} failed: {err}")
     table = out_dir / f"sweep-{base.run.name}.md"
-    table.write_text(sweep_table(rows))
+    table.write_text(sweep_table(rows, fixed))
     finished = [run_dir for _, _, run_dir in rows if (run_dir / SUMMARY_FILE).is_file()]
     if finished:
         plot_runs(finished, out_dir / f"sweep-{base.run.name}.png")

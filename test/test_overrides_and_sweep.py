@@ -58,6 +58,8 @@ def test_sweep_runs_the_grid_records_overrides_and_skips_finished_runs(tmp_path,
     table = (tmp_path / "runs" / "sweep-sw.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| sw-")]
     assert len(rows) == 2 and all(re.search(r"\| \d\.\d{4} \| \d\.\d{4} \(step 4\) \|", r) for r in rows), table
+    # the row names what varies; what every run shares is said once, above the table
+    assert "| sw-lr=1e-3 | training.lr=1e-3 |" in table and table.startswith("Every run: training.max_duration=4ba\n")
     assert (tmp_path / "runs" / "sweep-sw.png").read_bytes()[:4] == b"\x89PNG"
     code, out, _ = run_in_process(["sweep", "-c", str(cfg), "training.lr=1e-3,1e-2"], capsys, monkeypatch)
     assert code == 0 and out.count("finished before; skipped") == 2
