@@ -8,6 +8,7 @@ so `rafale plot` and `rafale runs` answer at once.
 """
 
 import argparse
+import itertools
 import json
 from pathlib import Path
 
@@ -110,19 +111,22 @@ def plot_runs(run_dirs: list[Path], out: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5), constrained_layout=True)
-    for run_dir in run_dirs:
+    colours = plt.get_cmap("tab10" if len(run_dirs) <= 10 else "tab20").colors  # one colour per run, never reused
+    for run_dir, colour in zip(run_dirs, itertools.cycle(colours)):
         series = read_metrics(run_dir)
         per_step = tokens_per_step(series) or 1.0
-        for names, style, kind in (([TRAIN_LOSS], "-", "train"), (VAL_LOSSES, "o--", "validation")):
+        for names, style, kind, alpha in (([TRAIN_LOSS], "-", "train", 0.35), (VAL_LOSSES, "o--", "validation", 1.0)):
             for name in names:
                 if series.get(name):
                     steps, values = zip(*series[name])
-                    ax.plot([s * per_step for s in steps], values, style, ms=4, label=f"{Path(run_dir).name} {kind}")
+                    # a run's training loss in a lighter shade of its colour, labelled once (by its validation)
+                    ax.plot([s * per_step for s in steps], values, style, ms=4, color=colour, alpha=alpha,
+                            label=Path(run_dir).name if kind == "validation" else None)
     ax.set_xlabel("tokens")
     ax.set_ylabel("loss")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, title="validation (dots); training (light line)", title_fontsize=8)
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
