@@ -139,8 +139,10 @@ def train_rafale(lm: ComposerLM, blocks, batch_size, steps, workdir, precision=N
 
 
 def train_plain(model, blocks, batch_size, steps, kind="rafale", device="cpu", autocast_dtype=None, step_ctx=None):
-    """A plain PyTorch AdamW loop. kind 'rafale': ComposerLM forward + loss; 'hf': HF forward, same loss."""
-    lm = ComposerLM(model) if kind == "rafale" else model
+    """A plain PyTorch AdamW loop. kind 'rafale': ComposerLM forward + loss; 'hf': HF forward, same loss.
+    autocast_dtype: bf16 autocast on the CPU; rafale's wrapper is given it, as `rafale -c` gives it (an outer
+    autocast would not reach inside: the wrapper's own torch.autocast(enabled=False) switches it off there)."""
+    lm = ComposerLM(model, autocast_dtype=autocast_dtype if device == "cpu" else None) if kind == "rafale" else model
     lm.to(device).train()
     opt = adamw(lm, device == "cuda")
     times = []
