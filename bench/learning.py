@@ -165,9 +165,11 @@ def reference_validation_loss(cfg: Config) -> float:
 # ----------------------------------------------------------------------------------------------------
 
 
-def compare(config_path: Path, out: Path, **sections) -> tuple[float, float]:
+def compare(config_path: Path, out: Path, same_init: bool = False, **sections) -> tuple[float, float]:
     """(rafale's final validation loss, the reference's) for a Pythia config, its runs written under `out`;
-    `sections` change config keys as in test/conftest.py's write_config: compare(p, out, training={...})."""
+    `sections` change config keys as in test/conftest.py's write_config: compare(p, out, training={...}).
+    same_init: rafale starts from the reference's initial weights (through model.pretrained), so that the two
+    runs differ only in their code, not in their random draws."""
     raw = yaml.safe_load(Path(config_path).read_text())
     for section, values in sections.items():
         raw.setdefault(section, {}).update(values)
@@ -176,6 +178,11 @@ def compare(config_path: Path, out: Path, **sections) -> tuple[float, float]:
     local = out / "config.yaml"
     out.mkdir(parents=True, exist_ok=True)
     local.write_text(yaml.safe_dump(raw, sort_keys=False))
+    if same_init:  # the reference's model as reference_validation_loss draws it, saved for rafale to load
+        cfg = load_config(local)
+        hf_model(cfg, prepare_data(cfg).vocab_size).save_pretrained(out / "init")
+        raw.setdefault("model", {})["pretrained"] = str(out / "init")
+        local.write_text(yaml.safe_dump(raw, sort_keys=False))
     ours = rafale_validation_loss(local)
     reference = reference_validation_loss(load_config(local))
     return ours, reference
@@ -185,10 +192,11 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("-c", "--config", default=str(ROOT / "test" / "pythia_tinystories.yaml"))
     parser.add_argument("--out", default=None, help="folder for the runs (default: a temporary one)")
+    parser.add_argument("--same-init", action="store_true", help="rafale starts from the reference's initial weights")
     args = parser.parse_args(argv)
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="rafale-learning-"))
     start = time.perf_counter()
-    ours, reference = compare(Path(args.config), out)
+    ours, reference = compare(Path(args.config), out, same_init=args.same_init)
     ratio = ours / reference
     print(f"config: {args.config}")
     print(f"validation loss  rafale {ours:.4f}   transformers + plain loop {reference:.4f}   "
