@@ -97,8 +97,9 @@ class StepTimer(Callback):
         return times
 
 
-def adamw(model, device_is_gpu=False):
-    return torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0, fused=device_is_gpu)
+def adamw(model, device_is_gpu=False, fused=None):
+    """The plain loops' AdamW: torch's default (fused on a GPU only), or fused as rafale's own when fused=True."""
+    return torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0, fused=device_is_gpu if fused is None else fused)
 
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "test" / "pythia_tinystories.yaml"
@@ -144,7 +145,7 @@ def train_plain(model, blocks, batch_size, steps, kind="rafale", device="cpu", a
     autocast would not reach inside: the wrapper's own torch.autocast(enabled=False) switches it off there)."""
     lm = ComposerLM(model, autocast_dtype=autocast_dtype if device == "cpu" else None) if kind == "rafale" else model
     lm.to(device).train()
-    opt = adamw(lm, device == "cuda")
+    opt = adamw(lm, device == "cuda", fused=True if kind == "rafale" else None)  # rafale's plain loop: its optimizer
     times = []
     it = iter(loader(blocks, batch_size))
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)

@@ -135,8 +135,10 @@ def _construct(cls, groups, defaults: dict, args: dict):
 
 
 def adamw(groups, t: "TrainingConfig", args: dict, device: str):
-    """AdamW, whose weight decay is decoupled from the gradient (Loshchilov & Hutter); fused on a GPU."""
-    defaults = {"lr": t.lr, "betas": t.betas, "eps": t.eps, "fused": device == "gpu"}
+    """AdamW, whose weight decay is decoupled from the gradient (Loshchilov & Hutter). Fused (one kernel for all
+    the parameters' updates) on a GPU and on a CPU, where torch's default loop over the tensors took 540-720 ms per
+    step for the 70m shape against 94 ms fused (one thread): a fifth of a 70m training step."""
+    defaults = {"lr": t.lr, "betas": t.betas, "eps": t.eps, "fused": device in ("gpu", "cpu")}
     return _construct(torch.optim.AdamW, _with_lr(groups, t.lr), defaults, args)
 
 

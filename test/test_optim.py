@@ -55,7 +55,7 @@ def test_default_is_the_old_adamw():
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     ref = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=t.lr, betas=t.betas, eps=t.eps, fused=False)
+                            lr=t.lr, betas=t.betas, eps=t.eps, fused=True)  # fused on CPUs and GPUs
     assert type(opt) is torch.optim.AdamW
     assert [[id(p) for p in g["params"]] for g in opt.param_groups] == [[id(p) for p in g["params"]] for g in ref.param_groups]
     for mine, theirs in zip(opt.param_groups, ref.param_groups):
