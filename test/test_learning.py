@@ -9,8 +9,8 @@ import pytest
 from conftest import ROOT
 
 pytest.importorskip("transformers")
-sys.path.insert(0, str(ROOT))
-from bench import learning  # noqa: E402
+sys.path.insert(0, str(ROOT / "bench"))  # as test_learning_mlm.py does (`bench` alone would name bench/bench.py)
+import learning  # noqa: E402
 
 
 def test_decoder_learns_as_well_as_transformers(tmp_path, cache_dir, capsys):
