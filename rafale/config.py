@@ -374,6 +374,16 @@ def _is_local_path(spec: str) -> bool:
     return not spec.startswith("hf:") and spec not in ("stories", "shapes", "train")
 
 
+def is_local_source(source) -> bool:
+    """data.source names local files: a path or glob, a list of them, or one per split (not a built-in generator
+    nor a hub dataset)."""
+    if isinstance(source, dict):
+        return any(is_local_source(s) for s in source.values())
+    if isinstance(source, list):
+        return any(is_local_source(s) for s in source)
+    return _is_local_path(source)
+
+
 SOURCE_SPLITS = ("train", "validation")
 
 

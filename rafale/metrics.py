@@ -18,6 +18,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
 
 IGNORE_INDEX = -100
 
@@ -118,8 +119,7 @@ class RetrievalRecall(Metric):
         self.text.append(text.detach().float())
 
     def compute(self) -> torch.Tensor:
-        image = torch.cat(self.image) if isinstance(self.image, list) else self.image  # (N, P)
-        text = torch.cat(self.text) if isinstance(self.text, list) else self.text  # (N, P)
+        image, text = dim_zero_cat(self.image), dim_zero_cat(self.text)  # (N, P) each
         similarity = image @ text.t()  # (N images, N texts)
         if self.direction == "text_to_image":
             similarity = similarity.t()

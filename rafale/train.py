@@ -33,7 +33,7 @@ from composer.loggers import Logger
 from composer.utils import dist, reproducibility
 from torch.utils.data import DataLoader
 
-from rafale.config import Config, pretrained_folder, save_config
+from rafale.config import Config, is_local_source, pretrained_folder, save_config
 from rafale.datapipes import PreparedData, cache_root, datapipe_for
 from rafale.errors import IGNORE_INDEX, ConfigError, DataError, RafaleError, WeightsError
 from rafale.hardware import peak_flops
@@ -272,16 +272,6 @@ def resume_conflicts(run_dir: Path, data: PreparedData, model_cfg) -> list[str]:
     if (run_dir / MODEL_FILE).is_file():
         conflicts += changed("model", json.loads((run_dir / MODEL_FILE).read_text()), dataclasses.asdict(model_cfg))
     return conflicts
-
-
-def is_local_source(source) -> bool:
-    """data.source names local files: a path or glob, a list of them, or one per split (not a built-in generator
-    nor a hub dataset)."""
-    if isinstance(source, dict):
-        return any(is_local_source(s) for s in source.values())
-    if isinstance(source, list):
-        return any(is_local_source(s) for s in source)
-    return source not in ("stories", "shapes") and not source.startswith("hf:")
 
 
 def _short(value, limit: int = 60) -> str:

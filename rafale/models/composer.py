@@ -7,18 +7,23 @@ file.
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as torch_dist
 import torch.nn as nn
 import torch.nn.functional as F
 from composer.core import Callback
 from composer.metrics import CrossEntropy, LanguageCrossEntropy, LanguagePerplexity, MaskedAccuracy
 from composer.models import ComposerModel
+from composer.utils import dist
 from torchmetrics.classification import BinaryF1Score, MulticlassAccuracy
 
 from rafale.errors import IGNORE_INDEX
 from rafale.metrics import ContrastiveLoss, RetrievalRecall, ZeroShotAccuracy
 from rafale.models.clip import (class_embeddings, contrastive_logits, gather_features, normalize,
                                 zero_shot_probabilities)
+
+
+def cpu_autocast(dtype: torch.dtype | None):
+    """torch.autocast("cpu", dtype), or a no-op when dtype is None (the wrappers' own autocast on a CPU)."""
+    return torch.autocast("cpu", dtype=dtype, enabled=dtype is not None)
 
 
 class ComposerLM(ComposerModel):
@@ -51,7 +56,7 @@ class ComposerLM(ComposerModel):
             self.val_metrics["BitsPerByte"] = BitsPerByte(token_bytes, ignore_index=IGNORE_INDEX)
 
     def autocast(self):
-        return torch.autocast("cpu", dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
+        return cpu_autocast(self.autocast_dtype)
 
     def forward(self, batch):
         with self.autocast():
@@ -91,7 +96,7 @@ class ComposerEncoder(ComposerModel):
         self.val_metrics = {}
 
     def forward(self, batch):
-        with torch.autocast("cpu", dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+        with cpu_autocast(self.autocast_dtype):
             return self.model(batch["input_ids"], attention_mask=batch.get("attention_mask"),
                               token_type_ids=batch.get("token_type_ids"))
 
@@ -246,9 +251,7 @@ class ComposerContrastive(ComposerModel):
     @staticmethod
     def zero_shot_share(index):
         """This rank's share of the zero-shot images (the metric sums over ranks)."""
-        if torch_dist.is_available() and torch_dist.is_initialized():
-            return index[torch_dist.get_rank()::torch_dist.get_world_size()]
-        return index
+        return index[dist.get_global_rank()::dist.get_world_size()]
 
     @torch.no_grad()
     def zero_shot_predictions(self):
