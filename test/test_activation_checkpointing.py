@@ -76,3 +76,23 @@ def test_the_config_key_reaches_the_model_and_a_model_without_it_refuses(tmp_pat
         model.eval()(torch.randint(0, 128, (1, 8)))
     with pytest.raises(ConfigError, match=r"training\.activation_checkpointing.*model.type mlp does not support it"):
         enable_activation_checkpointing(torch.nn.Linear(2, 2), "mlp")
+
+
+def test_rafale_c_with_the_key_recomputes_every_block(tmp_path, cache_dir, capsys, monkeypatch):
+    """Through the real path (`rafale -c`): every block of every training step goes through the checkpoint."""
+    import rafale.models.decoder as decoder_module
+    from conftest import run_in_process, write_config
+
+    calls, real = [], decoder_module.checkpoint
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(decoder_module, "checkpoint", counting)
+    cfg = write_config(tmp_path / "cfg.yaml", run={"output_dir": str(tmp_path / "runs")},
+                       training={"max_duration": "2ba", "eval_interval": "2ba", "save_interval": "2ba",
+                                 "activation_checkpointing": True})
+    code, out, err = run_in_process(["-c", str(cfg)], capsys, monkeypatch)
+    assert code == 0, err[-3000:]
+    assert len(calls) == 2 * 2  # 2 steps x pythia-debug's 2 layers; evaluation never recomputes
