@@ -184,11 +184,11 @@ def nproc():
         return os.cpu_count()
 
 
-def matmul_peak(threads, n=2048, repeats=10, cache=True, reprobe=False):
-    """(fp32 matmul FLOP/s at `threads`, whether it came from the cache): rafale's own probe (rafale.hardware),
+def matmul_peak(threads, n=2048, repeats=10, cache=True, reprobe=False, dtype=torch.float32):
+    """(`dtype` matmul FLOP/s at `threads`, whether it came from the cache): rafale's own probe (rafale.hardware),
     cached in the rafale cache folder's cpu_peak.json, or measured afresh with cache=False."""
     torch.set_num_threads(threads)
     if not cache:
-        return measure_cpu_peak(n, repeats), False
-    known = not reprobe and isinstance(cached_cpu_peaks(cache_root()).get(cpu_peak_key()), float)
-    return cpu_peak_flops(cache_root(), reprobe=reprobe), known
+        return measure_cpu_peak(n, repeats, dtype=dtype), False
+    known = not reprobe and isinstance(cached_cpu_peaks(cache_root()).get(cpu_peak_key(dtype)), float)
+    return cpu_peak_flops(cache_root(), reprobe=reprobe, dtype=dtype), known

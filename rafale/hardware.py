@@ -1,8 +1,9 @@
 """The device's peak FLOP/s, the denominator of MFU (model FLOPs utilization).
 
 GPUs: the datasheet's dense peak for the precision. CPUs have no datasheet number that means anything here, so
-the peak is measured once with a large fp32 matmul at the current thread count and cached in the rafale cache
-folder (`cpu_peak.json`), keyed by CPU model, threads and torch version.
+the peak is measured once with a large matmul in the dtype the model computes in (fp32, or bf16 where rafale's CPU
+autocast runs) at the current thread count, and cached in the rafale cache folder (`cpu_peak.json`), keyed by CPU
+model, threads, torch version and dtype.
 """
 
 import json
@@ -85,11 +86,11 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def measure_cpu_peak(n: int = 2048, repeats: int = 10, rounds: int = 3) -> float:
-    """FLOP/s of n x n fp32 matmuls (2 n^3 FLOPs each): the median of `repeats` timings, taken `rounds` times,
-    keeping the best round, since other processes on the machine can only slow a probe down (and a low peak
-    would inflate every MFU)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def measure_cpu_peak(n: int = 2048, repeats: int = 10, rounds: int = 3, dtype: torch.dtype = torch.float32) -> float:
+    """FLOP/s of n x n matmuls in `dtype` (2 n^3 FLOPs each): the median of `repeats` timings, taken `rounds`
+    times, keeping the best round, since other processes on the machine can only slow a probe down (and a low
+    peak would inflate every MFU)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     for _ in range(3):
         torch.mm(a, b)  # warm-up
     medians = []
@@ -110,16 +111,17 @@ def cached_cpu_peaks(cache_dir: Path) -> dict:
         return {}
 
 
-def cpu_peak_key() -> str:
-    return f"{cpu_model()} | threads {torch.get_num_threads()} | torch {torch.__version__}"
+def cpu_peak_key(dtype: torch.dtype = torch.float32) -> str:
+    key = f"{cpu_model()} | threads {torch.get_num_threads()} | torch {torch.__version__}"
+    return key if dtype == torch.float32 else f"{key} | {str(dtype).removeprefix('torch.')}"
 
 
-def cpu_peak_flops(cache_dir: Path, reprobe: bool = False) -> float:
-    key = cpu_peak_key()
+def cpu_peak_flops(cache_dir: Path, reprobe: bool = False, dtype: torch.dtype = torch.float32) -> float:
+    key = cpu_peak_key(dtype)
     path = Path(cache_dir) / "cpu_peak.json"
     cached = cached_cpu_peaks(cache_dir)
     if reprobe or not isinstance(cached.get(key), float):
-        cached[key] = measure_cpu_peak()
+        cached[key] = measure_cpu_peak(dtype=dtype)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(cached, indent=2))
@@ -127,8 +129,9 @@ def cpu_peak_flops(cache_dir: Path, reprobe: bool = False) -> float:
     return cached[key]
 
 
-def peak_flops(device: str, precision: str, cache_dir: Path) -> float | None:
-    """Peak FLOP/s of this process's device at `precision`, or None for an unknown GPU."""
+def peak_flops(device: str, precision: str, cache_dir: Path, cpu_dtype: torch.dtype | None = None) -> float | None:
+    """Peak FLOP/s of this process's device at `precision`, or None for an unknown GPU. On a CPU, the probed
+    peak of `cpu_dtype`'s matmuls (the model's own autocast dtype; None: fp32)."""
     if device == "gpu":
         return gpu_peak_flops(precision)
-    return cpu_peak_flops(cache_dir)
+    return cpu_peak_flops(cache_dir, dtype=cpu_dtype or torch.float32)

@@ -450,7 +450,7 @@ def build_trainer(cfg: Config, data: PreparedData, model, collator, placement: P
     train_loader, eval_loader = make_loaders(cfg, data, collator, placement, debug)
     save = not debug and not t.eval_only
     stopper = StopOnSignal(save)
-    peak = peak_flops(placement.device, placement.precision, cache_root(cfg.data.cache_dir))
+    peak = peak_flops(placement.device, placement.precision, cache_root(cfg.data.cache_dir), placement.autocast_dtype)
     autoresume = save and cfg.run.autoresume
     check_checkpoints(cfg, run_dir, autoresume)
     warmup_steps = 0  # schedule-free warms up itself, counting batches

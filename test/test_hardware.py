@@ -51,3 +51,63 @@ def test_unknown_gpu_has_no_peak_and_says_mfu_is_unavailable(name, capsys):
 def test_precision_without_tensor_cores_has_no_peak(capsys):
     assert gpu_peak_flops("amp_bf16", "Tesla T4") is None
     assert "MFU is unavailable" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------------
+# CPUs: the peak is probed in the dtype the model's matmuls run in
+
+
+def test_cpu_peak_is_probed_and_cached_per_dtype(tmp_path, monkeypatch):
+    import torch
+
+    from rafale import hardware
+
+    probed = []
+    monkeypatch.setattr(hardware, "measure_cpu_peak", lambda dtype: probed.append(dtype) or {torch.float32: 1e9, torch.bfloat16: 3e9}[dtype])
+    assert hardware.peak_flops("cpu", "fp32", tmp_path) == 1e9
+    assert hardware.peak_flops("cpu", "fp32", tmp_path, torch.bfloat16) == 3e9  # rafale's own bf16 autocast
+    assert hardware.peak_flops("cpu", "fp32", tmp_path, torch.bfloat16) == 3e9
+    assert hardware.peak_flops("cpu", "fp32", tmp_path) == 1e9
+    assert probed == [torch.float32, torch.bfloat16]  # once each, then from cpu_peak.json
+    assert set(hardware.cached_cpu_peaks(tmp_path)) == {hardware.cpu_peak_key(), hardware.cpu_peak_key(torch.bfloat16)}
+
+
+def test_the_probe_multiplies_in_the_dtype_asked(monkeypatch):
+    import torch
+
+    from rafale import hardware
+
+    seen = set()
+    real_mm = torch.mm
+    monkeypatch.setattr(torch, "mm", lambda a, b: seen.add((a.dtype, b.dtype)) or real_mm(a, b))
+    assert hardware.measure_cpu_peak(n=64, repeats=2, rounds=1, dtype=torch.bfloat16) > 0
+    assert seen == {(torch.bfloat16, torch.bfloat16)}
+
+
+def test_a_bf16_run_reports_mfu_against_the_bf16_peak(tmp_path, cache_dir, capsys, monkeypatch):
+    """A run that autocasts itself to bf16 on a CPU divides by the bf16 probe, not the fp32 one."""
+    import json
+
+    import torch
+
+    from conftest import run_in_process, write_config
+    from rafale import hardware, train
+
+    monkeypatch.setattr(train, "cpu_has_fast_bf16", lambda: True)  # emulated bf16 where the CPU lacks it: still bf16
+    peaks = json.loads((cache_dir / "cpu_peak.json").read_text()) if (cache_dir / "cpu_peak.json").exists() else {}
+    peaks |= {hardware.cpu_peak_key(): 1e30, hardware.cpu_peak_key(torch.bfloat16): 1e9}
+    (cache_dir / "cpu_peak.json").write_text(json.dumps(peaks))
+    cfg = write_config(tmp_path / "cfg.yaml", run={"output_dir": str(tmp_path / "runs"), "name": "bf16-mfu"},
+                       training={"precision": "amp_bf16", "max_duration": "4ba", "eval_interval": "4ba",
+                                 "save_interval": "4ba"})
+    try:
+        code, out, err = run_in_process(["-c", str(cfg)], capsys, monkeypatch)
+        assert code in (0, None), err
+        summary = json.loads((tmp_path / "runs" / "bf16-mfu" / "summary.json").read_text())
+    finally:
+        peaks.pop(hardware.cpu_peak_key(), None), peaks.pop(hardware.cpu_peak_key(torch.bfloat16), None)
+        (cache_dir / "cpu_peak.json").write_text(json.dumps(peaks))  # other tests probe for real
+    flops_per_token = summary["mfu"] * 1e9 / summary["tokens_per_s"]
+    # the debug model's ~6N FLOPs per token, within a factor of 100; against the fp32 entry (1e30) it would be
+    # ~1e-15, 21 orders of magnitude smaller
+    assert 6 * summary["parameters"] / 100 < flops_per_token < 6 * summary["parameters"] * 100
