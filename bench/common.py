@@ -109,7 +109,9 @@ def train_rafale(lm: ComposerLM, blocks, batch_size, steps, workdir, precision=N
     """What `rafale -c` runs: the default config (test/pythia_tinystories.yaml) with this batch, block length and
     number of steps, and the Trainer rafale.train builds for it (loaders, collator, optimizer, schedule, clipping,
     callbacks, metrics file, final checkpoint). precision None keeps the config's (amp_bf16: on a CPU, the
-    model's own bf16 autocast where the CPU has bf16 units). Returns (step times, what precision ran)."""
+    model's own bf16 autocast where the CPU has bf16 units). The optimizer is rafale's AdamW (the default job's
+    Muon is a recipe choice, measured by bench/time_to_target.py; step times compare like with like). Returns
+    (step times, what precision ran)."""
     from datasets import Dataset
 
     from rafale.config import load_config
@@ -123,6 +125,7 @@ def train_rafale(lm: ComposerLM, blocks, batch_size, steps, workdir, precision=N
     cfg.training.batch_size, cfg.training.max_duration = batch_size, f"{steps}ba"
     cfg.training.eval_interval = cfg.training.save_interval = f"{steps}ba"  # both after the timed steps
     cfg.training.eval_batches = 1
+    cfg.training.optimizer = {"name": "adamw"}
     if precision is not None:
         cfg.training.precision = precision
     split = Dataset.from_dict({"input_ids": [b["input_ids"].tolist() for b in blocks]}).with_format("torch")

@@ -5,7 +5,8 @@
 
 rafale trains through `rafale.main.main(["-c", cfg])`, exactly what `rafale -c cfg` runs. The reference is
 transformers' `GPTNeoXForCausalLM`, built from the same sizes with its own initialisation and trained by the plain
-PyTorch loop below with the same recipe: AdamW with weight decay on the matrices only, linear warmup then cosine
+PyTorch loop below with the same recipe: AdamW with weight decay on the matrices only (or Muon on the layers'
+matrices and AdamW on the rest, as the default job does; pytorch-optimizer's Muon on both sides), linear warmup then cosine
 to lr_final_ratio (stepped every batch), gradient-norm clipping, the same tokenizer and blocks (rafale's data
 cache), the same batch order (a DistributedSampler seeded with run.seed, reshuffled each epoch), the same number
 of steps, torch seeded with run.seed before the model is built. The weights differ (two inits drawn from the same
@@ -124,18 +125,40 @@ def validation_loss(model, dataset, batch_size: int) -> float:
     return total / count
 
 
+def reference_optimizer(model, t) -> torch.optim.Optimizer:
+    """AdamW with weight decay on the matrices only; or, for `training.optimizer: {name: muon}`, pytorch-optimizer's
+    Muon on the 2-D weights inside the transformer layers and AdamW on the rest, grouped here from HF's names."""
+    name = t.optimizer.get("name", "adamw")
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    if name == "adamw":
+        return torch.optim.AdamW(
+            [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=t.lr, betas=t.betas, eps=t.eps,
+        )
+    if name != "muon":
+        raise ValueError(f"the reference loop implements adamw and muon, not {name!r}")
+    import pytorch_optimizer
+
+    args = {k: v for k, v in t.optimizer.items() if k != "name"}
+    muon_lr = args.pop("lr", 0.02)
+    hidden = [p for n, p in model.named_parameters() if p.dim() >= 2 and n.startswith("gpt_neox.layers.")]
+    rest = [p for p in decay if all(p is not h for h in hidden)]
+    return pytorch_optimizer.Muon(
+        [{"params": hidden, "use_muon": True, "lr": muon_lr, "weight_decay": t.weight_decay},
+         {"params": rest, "use_muon": False, "lr": t.lr, "weight_decay": t.weight_decay},
+         {"params": no_decay, "use_muon": False, "lr": t.lr, "weight_decay": 0.0}],
+        adamw_betas=t.betas, adamw_eps=t.eps, **args,
+    )
+
+
 def reference_validation_loss(cfg: Config) -> float:
     """Train transformers' GPT-NeoX on rafale's prepared data with the config's recipe; its final validation loss."""
     t = cfg.training
     data = prepare_data(cfg)  # the cached blocks rafale trained on
     train_set, val_set = data.splits["train"], data.splits["validation"]
     model = hf_model(cfg, data.vocab_size)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=t.lr, betas=t.betas, eps=t.eps,
-    )
+    optimizer = reference_optimizer(model, t)
     sampler = DistributedSampler(train_set, num_replicas=1, rank=0, shuffle=True, seed=cfg.run.seed, drop_last=True)
     loader = DataLoader(train_set, batch_size=t.batch_size, sampler=sampler, collate_fn=collate, drop_last=True)
     total = steps_of(t.max_duration, len(loader))

@@ -7,8 +7,10 @@
 Both sides train the config's model from scratch on the same blocks (rafale's data cache), with the same batch
 size, peak learning rate, warmup, cosine decay to lr_final_ratio over max_duration, AdamW betas/eps/weight decay
 and gradient clipping, and evaluate the whole validation split every `--every` batches. rafale runs its defaults
-(the config's precision: bf16 autocast on a CPU that has bf16 matmuls, rafale's chunked loss); HF's Trainer runs
-its own defaults, fp32 (or bf16 autocast with --hf-bf16), with transformers' `GPTNeoXForCausalLM`. Each side's
+(the config's precision: bf16 autocast on a CPU that has bf16 matmuls, rafale's chunked loss; the config's
+optimizer: the default job trains the blocks' matrices with Muon, AdamW at the same lr on the rest); HF's Trainer
+runs its own defaults, AdamW and fp32 (or bf16 autocast with --hf-bf16), with transformers' `GPTNeoXForCausalLM`.
+`--rafale-set training.optimizer.name=adamw` (any rafale overrides) separates the optimizer from the step time. Each side's
 time to target is the wall time from the start of training to the first evaluation at or below the target,
 evaluations included (the figure a user waits for); HF's Trainer stops there, rafale finishes its run. The ratio is
 HF's time / rafale's (goal >= 1.5). Recipe differences that remain, by design: HF's Trainer decays the embeddings
@@ -30,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from learning import hf_model, run_rafale, steps_of  # noqa: E402
-from rafale.config import load_config  # noqa: E402
+from rafale.config import apply_overrides, load_config  # noqa: E402
 from rafale.datapipes import prepare_data  # noqa: E402
 from rafale.plots import read_metrics  # noqa: E402
 
@@ -118,17 +120,21 @@ def main(argv=None):
     parser.add_argument("--every", type=int, default=20, help="evaluate every this many batches (default 20)")
     parser.add_argument("--hf-bf16", action="store_true", help="HF's Trainer in bf16 autocast (default fp32)")
     parser.add_argument("--out", default=None, help="folder for the runs (default: a temporary one)")
+    parser.add_argument("--rafale-set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="overrides for rafale's side only, e.g. training.optimizer.name=adamw")
     args = parser.parse_args(argv)
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="rafale-ttt-"))
     out.mkdir(parents=True, exist_ok=True)
     raw = yaml.safe_load(Path(args.config).read_text())
     raw.setdefault("run", {}).update(output_dir=str(out), name="rafale", restart=True)
     raw.setdefault("training", {}).update(eval_interval=f"{args.every}ba", save_interval=raw["training"]["max_duration"])
+    shared = out / "config-hf.yaml"  # HF's side reads the config without rafale's overrides
+    shared.write_text(yaml.safe_dump(raw, sort_keys=False))
     local = out / "config.yaml"
-    local.write_text(yaml.safe_dump(raw, sort_keys=False))
+    local.write_text(yaml.safe_dump(apply_overrides(raw, args.rafale_set), sort_keys=False))
 
     ours = rafale_points(local)
-    reference = hf_points(load_config(local), args.target, args.every, args.hf_bf16, out)
+    reference = hf_points(load_config(shared), args.target, args.every, args.hf_bf16, out)
     hf_label = f"HF Trainer ({'bf16 autocast' if args.hf_bf16 else 'fp32'})"
     print(f"\nconfig: {args.config}; target validation loss {args.target}; evaluation every {args.every} batches")
     for label, points in (("rafale -c", ours), (hf_label, reference)):

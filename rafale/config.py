@@ -157,7 +157,7 @@ class TrainingConfig:
     optimizer: dict = option(
         default_factory=lambda: {"name": "adamw"},
         help="The optimizer: {name: adamw | schedulefree_adamw | soap | muon | lion | a dotted path such as "
-        "torch.optim.SGD, <its arguments>}; see rafale/optim.py. All but adamw need `pip install 'rafale[optim]'`.",
+        "torch.optim.SGD, <its arguments>}; see rafale/optim.py. schedulefree_adamw needs `pip install 'rafale[optim]'`.",
     )
     decay_embeddings: bool = option(True, "Apply weight_decay to the embedding matrices too.")
     layer_decay: Optional[float] = option(
