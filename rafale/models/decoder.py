@@ -265,6 +265,14 @@ class GPTNeoX(nn.Module):
         last_only: return the logits of the last position only, (B, 1, vocab_size), which is all generation
         needs; the final norm and the vocabulary-sized projection then skip the other positions.
         """
+        x = self.hidden_states(input_ids, attention_mask, position_ids, kv_cache, last_only)
+        if labels is not None:
+            return chunked_cross_entropy(x.flatten(0, 1), self.embed_out.weight[:vocab_size], labels.flatten())
+        return self.embed_out(x)  # (B, T or 1, vocab_size)
+
+    def hidden_states(self, input_ids, attention_mask=None, position_ids=None, kv_cache: Optional[KVCache] = None,
+                      last_only: bool = False):
+        """forward's (B, T or 1, C) output of the final layer norm, before the vocabulary projection."""
         B, T = input_ids.shape
         past = kv_cache.length if kv_cache is not None else 0
         if past + T > self.cfg.max_position_embeddings:
@@ -297,10 +305,7 @@ class GPTNeoX(nn.Module):
             kv_cache.length += T
         if last_only:
             x = x[:, -1:]  # (B, 1, C)
-        x = self.final_layer_norm(x)
-        if labels is not None:
-            return chunked_cross_entropy(x.flatten(0, 1), self.embed_out.weight[:vocab_size], labels.flatten())
-        return self.embed_out(x)  # (B, T or 1, vocab_size)
+        return self.final_layer_norm(x)
 
     @torch.no_grad()
     def generate(
@@ -345,13 +350,19 @@ class GPTNeoX(nn.Module):
         if use_cache:
             param = next(self.parameters())
             cache = KVCache(self.cfg, B, T + max_new_tokens, param.device, param.dtype)
+        # The output projection, transposed once to (C, V): a few rows times a (C, V) matrix reads it in stride,
+        # which on a CPU was 1.3-2x faster than F.linear's (V, C) for pythia-70m's 50k x 512 head, the biggest
+        # matmul of a decoding step (the same fp32 products, summed in another order)
+        weight = self.embed_out.weight
+        head = weight.t().contiguous() if weight.device.type == "cpu" else weight.t()  # (C, V)
         done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         tokens = torch.cat([input_ids, input_ids.new_zeros(B, max_new_tokens)], dim=1)  # (B, T + new), filled below
         start, length = 0, T  # this step feeds tokens[:, start:length]: the prompt, then one token (or all)
         for _ in range(max_new_tokens):
             mask = None if attention_mask is None else attention_mask[:, :length]
             pos = None if positions is None else positions[:, start:length]
-            logits = self(tokens[:, start:length], mask, pos, cache, last_only=True)[:, -1]  # (B, V)
+            hidden = self.hidden_states(tokens[:, start:length], mask, pos, cache, last_only=True)[:, -1]  # (B, C)
+            logits = hidden @ head  # (B, V)
             next_token = pick_next_token(logits, temperature, top_k, top_p, generator)  # (B,)
             if eos_token_id is not None:
                 next_token = torch.where(done, eos_token_id, next_token)
