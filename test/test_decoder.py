@@ -148,3 +148,32 @@ def test_generated_ids_work_in_a_training_forward():
     model.train()
     model(ids).sum().backward()
     assert model.embed_in.weight.grad is not None
+
+
+def test_long_decoding_uses_transposed_weights_with_the_same_tokens_and_restores_the_modules(monkeypatch):
+    """From TRANSPOSE_FROM_TOKENS new tokens on a CPU, generate multiplies by transposed copies of every Linear's
+    weight (decoder.TransposedLinears): the same greedy tokens as the plain path, and afterwards the modules are
+    the ones they were (no instance forward left behind, even when decoding raises)."""
+    from rafale.models import decoder
+
+    model = tiny()
+    prompt = torch.randint(0, V, (2, 5))
+    n = decoder.TRANSPOSE_FROM_TOKENS + 3
+    calls = []
+    real = decoder._linear_transposed
+    monkeypatch.setattr(decoder, "_linear_transposed", lambda *a: calls.append(1) or real(*a))
+    fast = model.generate(prompt, n)
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(calls) == n * len(linears)  # every Linear, every step (the head included)
+    monkeypatch.setattr(decoder, "TRANSPOSE_FROM_TOKENS", 10**9)
+    plain = model.generate(prompt, n)
+    assert len(calls) == n * len(linears)  # the plain path did not use them
+    assert torch.equal(fast, plain)
+    assert all("forward" not in m.__dict__ for m in linears)
+    x = torch.randn(3, 32)
+    with pytest.raises(RuntimeError, match="stop"):
+        with decoder.TransposedLinears(model):
+            assert torch.allclose(model.layers[0].mlp.dense_h_to_4h(x), torch.nn.functional.linear(
+                x, model.layers[0].mlp.dense_h_to_4h.weight, model.layers[0].mlp.dense_h_to_4h.bias), atol=1e-6)
+            raise RuntimeError("stop")
+    assert all("forward" not in m.__dict__ for m in linears)
