@@ -182,7 +182,7 @@ class _null:
 
 def nproc():
     try:
-        return int(subprocess.check_output(["nproc"]).strip())
+        return int(subprocess.check_output(["nproc", "--all"]).strip())
     except Exception:
         return os.cpu_count()
 

@@ -1,7 +1,7 @@
 """Time to a target validation loss: rafale's `rafale -c` against Hugging Face's `Trainer`, same model and data.
 
     python bench/time_to_target.py                                   # the default job, target loss 1.2
-    python bench/time_to_target.py -c test/pythia_tinystories_sample.yaml --target 3.0
+    python bench/time_to_target.py -c test/pythia_tinystories_sample.yaml --target 5.0
     python bench/time_to_target.py --hf-bf16                         # HF Trainer in bf16 autocast too
 
 Both sides train the config's model from scratch on the same blocks (rafale's data cache), with the same batch
