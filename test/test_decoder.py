@@ -158,6 +158,7 @@ def test_long_decoding_uses_transposed_weights_with_the_same_tokens_and_restores
 
     model = tiny()
     prompt = torch.randint(0, V, (2, 5))
+    monkeypatch.setattr(decoder, "TRANSPOSE_FROM_TOKENS", 20)  # the tiny model holds 64 positions
     n = decoder.TRANSPOSE_FROM_TOKENS + 3
     calls = []
     real = decoder._linear_transposed

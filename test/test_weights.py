@@ -164,7 +164,12 @@ def test_encoder_parity(tmp_path, family, head):
     assert_same_outputs(model, hf, family, head)
 
 
-def test_greedy_generation_matches_transformers(tmp_path):
+@pytest.mark.parametrize("transposed", [False, True])
+def test_greedy_generation_matches_transformers(tmp_path, monkeypatch, transposed):
+    """Both decoding paths: plain, and with the transposed weight copies that long generations use on a CPU."""
+    from rafale.models import decoder
+
+    monkeypatch.setattr(decoder, "TRANSPOSE_FROM_TOKENS", 1 if transposed else 10**9)
     hf = hf_model("gpt_neox", "causal_lm", seed=3)
     hf.save_pretrained(tmp_path)
     model = from_pretrained(tmp_path)
