@@ -23,10 +23,14 @@ def features_and_model(family: str):
 
 def gathered_loss_worker(rank: int, store: str, out: str):
     """Rank `rank` of 2 holds pairs 4*rank .. 4*rank+3; saves its loss and its features' gradients."""
+    import faulthandler
     from datetime import timedelta
 
     import torch.distributed as dist
 
+    # the test gives up after 180 s; if this rank is still alive at 150 s, its threads' stacks go to stderr, which
+    # the failure report shows (a hang was seen once in a whole-suite run and not reproduced alone)
+    faulthandler.dump_traceback_later(150, exit=False)
     torch.set_num_threads(1)
     # a file store: with a TCP store, the rank that hosts it may exit first and leave the other's
     # destroy_process_group waiting for it (seen once under load); a timeout turns any wait into a failure
