@@ -2,6 +2,7 @@
 
     python bench/profile_steps.py                      # train step (70m shape, T=512, B=2) and greedy decoding (B=1, 8)
     python bench/profile_steps.py --what decode --new-tokens 64
+    python bench/profile_steps.py --what train --preset pythia-tiny --vocab 50304 --T 128 --B 32   # the sample config
 
 train: one step of rafale's model (its chunked loss, the default config's bf16 autocast on a CPU with bf16 matrix
 units, rafale's fused AdamW) against HF's GPTNeoXForCausalLM in the same autocast with torch's default AdamW, the
@@ -70,10 +71,10 @@ def table(title: str, sides: dict[str, dict[str, float]], per: float, unit: str)
     return "\n".join(lines)
 
 
-def profile_train(T: int, B: int, steps: int) -> str:
+def profile_train(T: int, B: int, steps: int, preset: str = "pythia-70m", vocab: int | None = None) -> str:
     bf16 = cpu_has_fast_bf16()
     dtype = torch.bfloat16 if bf16 else None
-    cfg = decoder_cfg("pythia-70m", None, T)
+    cfg = decoder_cfg(preset, vocab, T)
     base = make_rafale(cfg)
     blocks = random_blocks(B, T, cfg.vocab_size)
     batch = {k: torch.stack([b[k] for b in blocks]) for k in ("input_ids", "labels")}
@@ -107,7 +108,7 @@ def profile_train(T: int, B: int, steps: int) -> str:
             walls[name] = (time.perf_counter() - start) / steps
         sides[name] = by_kind(prof)
     precision = "bf16 autocast" if bf16 else "fp32"
-    title = (f"train step, pythia-70m shape, T={T}, B={B}, {precision}, {torch.get_num_threads()} thread(s); wall per "
+    title = (f"train step, {preset} shape, vocabulary {cfg.vocab_size}, T={T}, B={B}, {precision}, {torch.get_num_threads()} thread(s); wall per "
              f"step under the profiler: rafale {walls['rafale'] * 1e3:.0f} ms, HF {walls['HF'] * 1e3:.0f} ms")
     return table(title, sides, steps, "step")
 
@@ -163,6 +164,8 @@ def main(argv=None):
     p.add_argument("--T", type=int, default=512)
     p.add_argument("--B", type=int, default=2)
     p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--preset", default="pythia-70m", help="the training step's model shape")
+    p.add_argument("--vocab", type=int, default=None, help="its vocabulary (default: the preset's)")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
@@ -170,7 +173,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     what = set(args.what.split(","))
     if "train" in what:
-        print(profile_train(args.T, args.B, args.steps), flush=True)
+        print(profile_train(args.T, args.B, args.steps, args.preset, args.vocab), flush=True)
     if "decode" in what:
         print(profile_decode(args.new_tokens), flush=True)
 
