@@ -297,14 +297,6 @@ class GPTNeoX(nn.Module):
         last_only: return the logits of the last position only, (B, 1, vocab_size), which is all generation
         needs; the final norm and the vocabulary-sized projection then skip the other positions.
         """
-        x = self.hidden_states(input_ids, attention_mask, position_ids, kv_cache, last_only)
-        if labels is not None:
-            return chunked_cross_entropy(x.flatten(0, 1), self.embed_out.weight[:vocab_size], labels.flatten())
-        return self.embed_out(x)  # (B, T or 1, vocab_size)
-
-    def hidden_states(self, input_ids, attention_mask=None, position_ids=None, kv_cache: Optional[KVCache] = None,
-                      last_only: bool = False):
-        """forward's (B, T or 1, C) output of the final layer norm, before the vocabulary projection."""
         B, T = input_ids.shape
         past = kv_cache.length if kv_cache is not None else 0
         if past + T > self.cfg.max_position_embeddings:
@@ -337,7 +329,10 @@ class GPTNeoX(nn.Module):
             kv_cache.length += T
         if last_only:
             x = x[:, -1:]  # (B, 1, C)
-        return self.final_layer_norm(x)
+        x = self.final_layer_norm(x)
+        if labels is not None:
+            return chunked_cross_entropy(x.flatten(0, 1), self.embed_out.weight[:vocab_size], labels.flatten())
+        return self.embed_out(x)  # (B, T or 1, vocab_size)
 
     @torch.no_grad()
     def generate(
