@@ -21,7 +21,7 @@ sys.path.insert(0, str(HERE))
 import torch  # noqa: E402
 
 from common import (  # noqa: E402
-    cpu_model, decoder_cfg, hf_from_rafale, make_rafale, matmul_peak, median, nproc, random_blocks,
+    cpu_model, decoder_cfg, hf_from_rafale, make_rafale, matmul_peak, median, nproc, random_blocks, seconds,
     train_plain, train_rafale,
 )
 from rafale.train import cpu_has_fast_bf16  # noqa: E402
@@ -159,17 +159,11 @@ def bench_generate(new_tokens, nocache_tokens, repeats, prompt_len=8):
             for i in range(repeats):
                 pair = ((t_c, True), (t_nc, False)) if i % 2 == 0 else ((t_nc, False), (t_c, True))
                 for acc, use_cache in pair:
-                    acc.append(_time(lambda: ours(n, use_cache=use_cache)))
+                    acc.append(seconds(lambda: ours(n, use_cache=use_cache)))
             t_c, t_nc = median(t_c), median(t_nc)
             ratio = t_nc / t_c
             row(f"generate tok/s B=1, {n} new: rafale KV cache vs rafale use_cache=False", fmt(n / t_c), fmt(n / t_nc),
                 ratio, ">= 5.0", ratio >= 5.0)
-
-
-def _time(fn):
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -230,8 +224,8 @@ def bench_data(data_path, tokenizer_path, n_stories, repeats, workdir: Path):
         prepared = CausalLMDataPipe(cfg).load(verbose=False)
         t_reload.append(time.perf_counter() - t)
         del prepared
-        t_naive.append(_time(naive))
-        t_batch.append(_time(batch))
+        t_naive.append(seconds(naive))
+        t_batch.append(seconds(batch))
         print(f"    repeat {i}: rafale build {t_build[-1]:.2f}s, reload {t_reload[-1]:.3f}s, naive {t_naive[-1]:.2f}s, "
               f"encode_batch {t_batch[-1]:.2f}s", flush=True)
     n_naive = naive()

@@ -31,6 +31,13 @@ def median(xs):
     return statistics.median(xs) if xs else float("nan")
 
 
+def seconds(fn) -> float:
+    """Wall seconds of one call of fn()."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
 def decoder_cfg(preset: str, vocab_size=None, max_len=None):
     cfg = copy.deepcopy(PYTHIA_PRESETS[preset])
     if vocab_size is not None:

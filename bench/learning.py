@@ -143,7 +143,7 @@ def reference_optimizer(model, t) -> torch.optim.Optimizer:
     args = {k: v for k, v in t.optimizer.items() if k != "name"}
     muon_lr = args.pop("lr", 0.02)
     hidden = [p for n, p in model.named_parameters() if p.dim() >= 2 and n.startswith("gpt_neox.layers.")]
-    rest = [p for p in decay if all(p is not h for h in hidden)]
+    rest = [p for p in decay if not any(p is h for h in hidden)]
     return pytorch_optimizer.Muon(
         [{"params": hidden, "use_muon": True, "lr": muon_lr, "weight_decay": t.weight_decay},
          {"params": rest, "use_muon": False, "lr": t.lr, "weight_decay": t.weight_decay},

@@ -25,7 +25,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
-from common import decoder_cfg, hf_from_rafale, make_rafale, random_blocks  # noqa: E402
+from common import decoder_cfg, hf_from_rafale, make_rafale, random_blocks, seconds  # noqa: E402
 from rafale.errors import IGNORE_INDEX  # noqa: E402
 from rafale.models.composer import ComposerLM  # noqa: E402
 from rafale.optim import build_optimizer  # noqa: E402
@@ -118,14 +118,8 @@ def bandwidth_gbs(mb: int = 512, repeats: int = 5) -> float:
     src = torch.empty(mb * 2**20 // 4)
     dst = torch.empty_like(src)
     dst.copy_(src)
-    best = min(_timed(lambda: dst.copy_(src)) for _ in range(repeats))
+    best = min(seconds(lambda: dst.copy_(src)) for _ in range(repeats))
     return 2 * src.numel() * 4 / best / 1e9
-
-
-def _timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def profile_decode(new_tokens: int, prompt_len: int = 8) -> str:
@@ -149,7 +143,7 @@ def profile_decode(new_tokens: int, prompt_len: int = 8) -> str:
             with torch.no_grad():
                 run()
                 with profile(activities=[ProfilerActivity.CPU]) as prof:
-                    walls[name] = _timed(run) / new_tokens
+                    walls[name] = seconds(run) / new_tokens
             sides[name] = by_kind(prof)
         title = (f"greedy decoding, pythia-70m shape, B={B}, {new_tokens} new tokens, fp32, {torch.get_num_threads()} "
                  f"thread(s); wall per step under the profiler: rafale {walls['rafale'] * 1e3:.1f} ms, HF "

@@ -63,7 +63,8 @@ def test_cpu_peak_is_probed_and_cached_per_dtype(tmp_path, monkeypatch):
     from rafale import hardware
 
     probed = []
-    monkeypatch.setattr(hardware, "measure_cpu_peak", lambda dtype: probed.append(dtype) or {torch.float32: 1e9, torch.bfloat16: 3e9}[dtype])
+    peaks = {torch.float32: 1e9, torch.bfloat16: 3e9}
+    monkeypatch.setattr(hardware, "measure_cpu_peak", lambda dtype: probed.append(dtype) or peaks[dtype])
     assert hardware.peak_flops("cpu", "fp32", tmp_path) == 1e9
     assert hardware.peak_flops("cpu", "fp32", tmp_path, torch.bfloat16) == 3e9  # rafale's own bf16 autocast
     assert hardware.peak_flops("cpu", "fp32", tmp_path, torch.bfloat16) == 3e9
@@ -94,9 +95,10 @@ def test_a_bf16_run_reports_mfu_against_the_bf16_peak(tmp_path, cache_dir, capsy
     from rafale import hardware, train
 
     monkeypatch.setattr(train, "cpu_has_fast_bf16", lambda: True)  # emulated bf16 where the CPU lacks it: still bf16
-    peaks = json.loads((cache_dir / "cpu_peak.json").read_text()) if (cache_dir / "cpu_peak.json").exists() else {}
-    peaks |= {hardware.cpu_peak_key(): 1e30, hardware.cpu_peak_key(torch.bfloat16): 1e9}
-    (cache_dir / "cpu_peak.json").write_text(json.dumps(peaks))
+    cached = cache_dir / "cpu_peak.json"  # the session's cache: other tests read it, so it is restored below
+    before = cached.read_text() if cached.exists() else None
+    fake = {hardware.cpu_peak_key(): 1e30, hardware.cpu_peak_key(torch.bfloat16): 1e9}
+    cached.write_text(json.dumps(hardware.cached_cpu_peaks(cache_dir) | fake))
     cfg = write_config(tmp_path / "cfg.yaml", run={"output_dir": str(tmp_path / "runs"), "name": "bf16-mfu"},
                        training={"precision": "amp_bf16", "max_duration": "4ba", "eval_interval": "4ba",
                                  "save_interval": "4ba"})
@@ -105,8 +107,7 @@ def test_a_bf16_run_reports_mfu_against_the_bf16_peak(tmp_path, cache_dir, capsy
         assert code in (0, None), err
         summary = json.loads((tmp_path / "runs" / "bf16-mfu" / "summary.json").read_text())
     finally:
-        peaks.pop(hardware.cpu_peak_key(), None), peaks.pop(hardware.cpu_peak_key(torch.bfloat16), None)
-        (cache_dir / "cpu_peak.json").write_text(json.dumps(peaks))  # other tests probe for real
+        cached.write_text(before) if before is not None else cached.unlink()
     flops_per_token = summary["mfu"] * 1e9 / summary["tokens_per_s"]
     # the debug model's ~6N FLOPs per token, within a factor of 100; against the fp32 entry (1e30) it would be
     # ~1e-15, 21 orders of magnitude smaller
