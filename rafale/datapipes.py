@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from datasets import Dataset, DatasetDict, Features, Sequence, Value, concatenate_datasets, load_dataset, load_from_disk
 from filelock import FileLock
@@ -566,6 +567,7 @@ class DataPipe:
                 for split, ds in prepared.items():
                     save_split(ds, tmp / split, self.scratch)
                     meta["splits"][split] = self._describe(ds)
+                    meta["splits"][split]["sha256"] = content_digest(load_from_disk(str(tmp / split)))
                 shutil.rmtree(self.scratch, ignore_errors=True)
                 (tmp / "rafale.json").write_text(json.dumps(meta, indent=2))  # written last: marks the cache complete
                 os.replace(tmp, path)
@@ -738,6 +740,32 @@ def write_blocks(texts: Dataset, tokenizer: Tokenizer, end_id: int, block_size: 
     finally:
         progress.close()
     return writer
+
+
+def content_digest(ds: Dataset) -> str:
+    """sha256 of a split's values, column by column. The same examples give the same digest however the Arrow
+    table is chunked and wherever the cache lives, so the resume guard can tell a corpus edited without changing
+    its size (two words swapped) from the same corpus moved to another folder."""
+    digest = hashlib.sha256()
+    for name in sorted(ds.column_names):
+        digest.update(name.encode() + b"\0")
+        for chunk in ds.data.column(name).chunks:
+            _digest_array(digest, chunk)
+    return digest.hexdigest()
+
+
+def _digest_array(digest, array: pa.Array):
+    if isinstance(array, pa.ExtensionArray):  # datasets' ArrayND image columns
+        array = array.storage
+    while pa.types.is_list(array.type) or pa.types.is_large_list(array.type) or pa.types.is_fixed_size_list(array.type):
+        digest.update(pc.list_value_length(array).to_numpy(zero_copy_only=False).astype(np.int64).tobytes())
+        array = pc.list_flatten(array)
+    if pa.types.is_string(array.type) or pa.types.is_large_string(array.type) or pa.types.is_binary(array.type):
+        for value in array.to_pylist():
+            data = value.encode() if isinstance(value, str) else (value or b"")
+            digest.update(len(data).to_bytes(8, "little") + data)
+    else:
+        digest.update(array.to_numpy(zero_copy_only=False).tobytes())
 
 
 def save_split(ds: Dataset, path: Path, scratch: Path | None):

@@ -18,6 +18,7 @@ this module. To add a model, a datapipe or an optimizer, see the README's "Addin
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as `python rafale/main.py`: make the package importable
@@ -76,7 +77,8 @@ def train_main(args) -> int:
     model_cfg = resolve_model_config(cfg)  # the model section's errors before any data work
     from rafale.train import train  # Composer: only once the config is known to be good
 
-    return train(cfg, model_cfg, data_only=args.data_only or env_flag("DATA"), debug=args.debug or env_flag("DEBUG"))
+    return train(cfg, model_cfg, data_only=args.data_only or env_flag("DATA"), debug=args.debug or env_flag("DEBUG"),
+                 started=getattr(args, "started", None))
 
 
 def export_command(argv) -> int:
@@ -134,12 +136,15 @@ COMMANDS = {
 
 
 def main(argv=None):
+    started = time.perf_counter()  # a run's start-up time counts from here
     argv = sys.argv[1:] if argv is None else argv
     try:
         if argv and argv[0] in COMMANDS:
             code = COMMANDS[argv[0]][0](argv[1:])
         else:
-            code = train_main(parse_args(argv))
+            args = parse_args(argv)
+            args.started = started
+            code = train_main(args)
     except RafaleError as err:
         print(f"rafale: error: {err}", file=sys.stderr)
         code = 2

@@ -132,7 +132,7 @@ def plot_runs(run_dirs: list[Path], out: Path) -> Path:
     return out
 
 
-SUMMARY_FILE = "summary.json"  # written by rafale.train.write_summary at the end of a run
+SUMMARY_FILE = "summary.json"  # written by rafale.record.RunRecord (a training run) or write_eval_record
 # columns of `rafale runs`: header -> the summary's validation metric it shows
 TABLE_METRICS = {"val loss": ("LanguageCrossEntropy", "CrossEntropy", "ContrastiveLoss"),
                  "ppl": ("LanguagePerplexity",), "bits/byte": ("BitsPerByte",),
@@ -163,7 +163,9 @@ def run_row(run_dir: Path) -> dict:
         last = {name.rsplit("/", 1)[-1]: points[-1][1] for name, points in series.items() if name.startswith("metrics/eval/")}
         tokens = series.get("time/token", [(0, 0)])[-1][1]
         summary = {"name": run_dir.name, "model": "(unfinished)", "tokens": int(tokens), "validation": last}
-    row = {"run": summary["name"], "model": summary.get("model", "?"),
+    status = summary.get("status", "complete")  # a summary of a run that stopped or failed says where it stands
+    model = summary.get("model", "?") + ("" if status == "complete" else f" ({status} at batch {summary.get('batches')})")
+    row = {"run": summary["name"], "model": model,
            "params": f"{summary['parameters'] / 1e6:.2f}M" if summary.get("parameters") else "",
            "tokens": f"{summary.get('tokens', 0):,}",
            "wall": f"{summary['wall_time_s'] / 60:.1f} min" if summary.get("wall_time_s") else "",

@@ -59,7 +59,8 @@ class FiniteLossMonitor(Callback):
 
 
 class StopOnSignal(Callback):
-    """On SIGINT or SIGTERM, finish the current batch, save a checkpoint and stop, so the run can be resumed.
+    """On SIGINT or SIGTERM, finish the current batch, save a checkpoint and stop (without the end-of-training
+    evaluation), so the run can be resumed.
 
     The handlers only set a flag (nothing is saved from inside a signal handler); a second SIGINT interrupts at once.
     """
@@ -94,6 +95,10 @@ class StopOnSignal(Callback):
             if saver.last_checkpoint_batch != state.timestamp.batch:  # not just saved by save_interval
                 saver._save_checkpoint(state, logger)
             self.saved = saver.saved_checkpoints[-1] if saver.saved_checkpoints else None
+        # no end-of-training evaluation on the way out: a preempted job has seconds left, and the resumed run
+        # evaluates at the run's own intervals (so its record matches a run never stopped)
+        for evaluator in state.evaluators:
+            evaluator.eval_interval = lambda state, event: False
         state.stop_training()
 
 

@@ -5,15 +5,20 @@
 runs the 4 combinations, each in its own run folder (`<run.name>-name=soap-lr=3e-3`), then writes
 `<output_dir>/sweep-<run.name>.md` (run, overrides, final and best validation loss, wall time, tokens/s) and
 `sweep-<run.name>.png` (the runs' losses overlaid). Every combination's config is checked before the first run
-starts. A rerun of the same command skips the runs that finished (they wrote summary.json) and resumes an
-interrupted one from its checkpoint, so a sweep survives being stopped.
+starts. A sweep run is known by its whole resolved config, not only by the values that vary in its name: a rerun
+of the same command skips the runs that completed with the same config and resumes an interrupted one from its
+checkpoint, so a sweep survives being stopped; a run folder whose config.yaml differs in anything a resume
+would not apply (a changed base value, say) is refused before anything runs, naming the differences, unless
+`--restart` starts those runs over (their old folders kept as NAME.old-<time>).
 """
 
 import argparse
 import itertools
 from pathlib import Path
 
-from rafale.config import ConfigError, RafaleError, load_config
+import json
+
+from rafale.config import Config, ConfigError, RafaleError, load_config
 from rafale.models.configurations import resolve_model_config
 from rafale.plots import SUMMARY_FILE, best_validation, plot_runs, run_row
 
@@ -59,8 +64,8 @@ def sweep_table(rows: list[tuple[str, list[str], Path]], fixed: list[str] = ()) 
     lines += ["| run | overrides | final validation loss | best | wall | tokens/s |", "|---|---|---|---|---|---|"]
     for name, point, run_dir in rows:
         varied = " ".join(item for item in point if item not in fixed)
-        if not (run_dir / SUMMARY_FILE).is_file():
-            lines.append(f"| {name} | {varied} | failed | | | |")
+        if run_status(run_dir) != "complete":
+            lines.append(f"| {name} | {varied} | {run_status(run_dir) or 'failed'} | | | |")
             continue
         row = run_row(run_dir)
         best = best_validation(run_dir)
@@ -70,6 +75,40 @@ def sweep_table(rows: list[tuple[str, list[str], Path]], fixed: list[str] = ()) 
     return "\n".join(lines) + "\n"
 
 
+def run_status(run_dir: Path) -> str | None:
+    """summary.json's status ('complete', 'stopped', 'in progress', 'failed'), or None without one."""
+    try:
+        return json.loads((run_dir / SUMMARY_FILE).read_text()).get("status", "complete")
+    except (OSError, ValueError):
+        return None
+
+
+def plan(point_configs: list[tuple[str, Config]], out_dir: Path, restart: bool) -> dict[str, str]:
+    """run name -> what to do with it: 'run' (new, or resumed), 'skip' (complete with this very config), or
+    'restart'. A folder whose config.yaml differs in what a resume would not apply is an error listing every such
+    run, before any runs, unless `restart`."""
+    from rafale.record import differences_not_applied_on_resume, reached, read_summary, saved_config
+
+    actions, changed = {}, []
+    for name, cfg in point_configs:
+        run_dir = out_dir / name
+        old = saved_config(run_dir) if (run_dir / "config.yaml").is_file() else None
+        differences = differences_not_applied_on_resume(old, cfg) if old is not None else []
+        summary = read_summary(run_dir) or {}
+        if differences:
+            changed.append(f"{name} ({'; '.join(differences)})")
+            actions[name] = "restart"
+        elif summary.get("status") == "complete" and reached(cfg.training.max_duration, summary):
+            actions[name] = "skip"
+        else:
+            actions[name] = "run"
+    if changed and not restart:
+        raise ConfigError("run.name", f"this sweep's run folders in {out_dir} were trained with another config: "
+                          f"{', '.join(changed)}. Use another run.name for this sweep, or rafale sweep --restart to "
+                          "train those runs again (their old folders are kept as NAME.old-<time>)")
+    return actions
+
+
 def sweep_main(argv, train) -> int:
     """`train(args)` runs one training job (rafale.main.train_main); it is passed in so nothing imports main."""
     parser = argparse.ArgumentParser(
@@ -77,31 +116,36 @@ def sweep_main(argv, train) -> int:
         epilog="example: rafale sweep -c test/pythia_tinystories.yaml training.lr=1e-3,3e-3 training.batch_size=16,32")
     parser.add_argument("-c", "--config", required=True, help="the base YAML config")
     parser.add_argument("axes", nargs="+", metavar="section.key=v1,v2", help="values to try for a config key")
+    parser.add_argument("--restart", action="store_true",
+                        help="train again the runs whose folders hold another config (kept as NAME.old-<time>)")
     args = parser.parse_args(argv)
     points = grid(args.axes)
     fixed = grid([axis for axis in args.axes if len(grid([axis])) == 1])[0]  # one-value axes, e.g. run.output_dir=x
     base = load_config(args.config, fixed)
+    named = []  # (run name, its point, its whole resolved config)
     for point in points:  # a typo in the last combination should not wait for the first runs to finish
-        resolve_model_config(load_config(args.config, point))
-    out_dir = Path(base.run.output_dir).expanduser()
-    rows, failed = [], 0
-    for i, point in enumerate(points, 1):
         name = run_name(base.run.name, [item for item in point if item not in fixed])  # named by what varies
-        run_dir = out_dir / name
-        rows.append((name, point, run_dir))
-        if (run_dir / SUMMARY_FILE).is_file():
-            print(f"rafale: sweep {i}/{len(points)}: {name} finished before; skipped")
+        cfg = load_config(args.config, [*point, f"run.name={name}"])
+        resolve_model_config(cfg)
+        named.append((name, point, cfg))
+    out_dir = Path(base.run.output_dir).expanduser()
+    actions = plan([(name, cfg) for name, _, cfg in named], out_dir, args.restart)
+    rows, failed = [], 0
+    for i, (name, point, _) in enumerate(named, 1):
+        rows.append((name, point, out_dir / name))
+        if actions[name] == "skip":
+            print(f"rafale: sweep {i}/{len(points)}: {name} completed before with this config; skipped")
             continue
         print(f"rafale: sweep {i}/{len(points)}: {name} ({' '.join(point)})", flush=True)
         try:
-            train(argparse.Namespace(config=args.config, data_only=False, debug=False, restart=False,
-                                     overrides=[*point, f"run.name={name}"]))
+            train(argparse.Namespace(config=args.config, data_only=False, debug=False,
+                                     restart=actions[name] == "restart", overrides=[*point, f"run.name={name}"]))
         except RafaleError as err:
             failed += 1
             print(f"rafale: sweep: {name} failed: {err}")
     table = out_dir / f"sweep-{base.run.name}.md"
     table.write_text(sweep_table(rows, fixed))
-    finished = [run_dir for _, _, run_dir in rows if (run_dir / SUMMARY_FILE).is_file()]
+    finished = [run_dir for _, _, run_dir in rows if run_status(run_dir) == "complete"]
     if finished:
         plot_runs(finished, out_dir / f"sweep-{base.run.name}.png")
     print(table.read_text() + f"rafale: wrote {table} and {table.with_suffix('.png')}")

@@ -1,16 +1,16 @@
 """The training run: a Composer Trainer built from the config.
 
 `train(cfg, model_cfg)` is what `rafale -c` does once the config is loaded: prepare the data, build the model,
-`run` it, report. `run` is a few named steps: the run folder, the Trainer (`build_trainer`: loaders, optimizer,
-schedule, clipping, callbacks, loggers, checkpoints and autoresume), fit, and the Hugging Face export.
+`run` it, report. `run` is a few named steps: check the run folder (restart, the resume guard, a run already
+complete), write its files, the Trainer (`build_trainer`: loaders, optimizer, schedule, clipping, callbacks,
+loggers, checkpoints and autoresume), fit, and the Hugging Face export. What the run folder records of it
+(summary.json over every segment, metrics.jsonl, an evaluation's own folder) is rafale.record's.
 """
 
 import dataclasses
 import json
-import math
 import shutil
 import signal
-import statistics
 import sys
 import time
 import warnings
@@ -33,16 +33,18 @@ from composer.loggers import Logger
 from composer.utils import dist, reproducibility
 from torch.utils.data import DataLoader
 
-from rafale.config import Config, is_local_source, pretrained_folder, save_config
+from rafale.config import Config, pretrained_folder, save_config
 from rafale.datapipes import PreparedData, cache_root, datapipe_for
 from rafale.errors import IGNORE_INDEX, ConfigError, DataError, RafaleError, WeightsError
 from rafale.hardware import peak_flops
 from rafale.models.configurations import model_config_dict
 from rafale.loggers import ConsoleLog, MetricsFile
-from rafale.plots import SUMMARY_FILE, best_validation
-from rafale.export import EXPORT_DIR, MODEL_FILE, export_model, write_model_file
+from rafale.export import EXPORT_DIR, export_model, latest_checkpoint, write_model_file
 from rafale.optim import batches_in, build_optimizer, is_schedule_free, schedule_free_switch
-from rafale.resilience import FiniteLossMonitor, StopOnSignal, check_checkpoint_safe, check_resume_checkpoint
+from rafale.record import (ResumeConflict, RunClock, RunRecord, compact_metrics, describe, eval_folder, read_summary,
+                           reached, resume_changes, validation_loss, write_eval_record)
+from rafale.resilience import (FiniteLossMonitor, StopOnSignal, batch_number, check_checkpoint_safe,
+                               check_resume_checkpoint)
 
 
 DEBUG_EPOCHS = 10
@@ -56,23 +58,6 @@ def without_dropout(model_cfg):
     for a step (measured on bert-tiny classification), and a jump in the last steps fails the check."""
     present = {f.name for f in fields(model_cfg)} & set(DROPOUT_FIELDS)
     return dataclass_replace(model_cfg, **{name: 0.0 for name in present})
-
-
-@dataclass
-class RunResult:
-    run_dir: Path
-    trainer: Trainer
-    eval_loss_start: float | None
-    eval_loss_end: float | None
-    wall_time_s: float
-    tokens: int
-    export_dir: Path | None = None
-    mfu: float | None = None  # model FLOPs utilization while training (evaluation left out), against the device's peak
-    train_time_s: float | None = None  # wall_time_s less the time spent evaluating
-    precision: str | None = None  # what ran, e.g. fp32 on a CPU that lacks bf16 units though amp_bf16 was asked
-    compiled: bool = False  # training.compile
-    first_batch_s: float | None = None  # with compile, includes the compilation
-    batch_s: float | None = None  # the median of the next batches
 
 
 def pick_device(cfg: Config) -> str:
@@ -188,38 +173,6 @@ class ScheduleAtBatchStart(Callback):
                 group["lr"] = group["initial_lr"] * factor
 
 
-class BatchTimes(Callback):
-    """Wall seconds of the first training batches of this process. With training.compile the first one includes
-    torch.compile's compilation, so its excess over the median of the next ones is what compiling cost."""
-
-    KEEP = 21
-
-    def __init__(self):
-        self.seconds: list[float] = []
-        self._start = 0.0
-
-    def batch_start(self, state: State, logger: Logger) -> None:
-        self._start = time.perf_counter()
-
-    def batch_end(self, state: State, logger: Logger) -> None:
-        if len(self.seconds) < self.KEEP:
-            self.seconds.append(time.perf_counter() - self._start)
-
-    def first_and_median(self) -> tuple[float | None, float | None]:
-        if len(self.seconds) < 2:
-            return None, None
-        return self.seconds[0], statistics.median(self.seconds[1:])
-
-
-def eval_metrics(trainer: Trainer) -> dict[str, float]:
-    return {name: float(m.compute()) for name, m in trainer.state.eval_metrics.get("eval", {}).items()}
-
-
-def eval_loss(trainer: Trainer) -> float | None:
-    metrics = eval_metrics(trainer)
-    return metrics.get("LanguageCrossEntropy", metrics.get("CrossEntropy", metrics.get("ContrastiveLoss")))
-
-
 def make_loggers(cfg: Config, run_dir: Path) -> list:
     """The console lines and RUN/metrics.jsonl (and its plots) always; TensorBoard and Weights & Biases when
     run.loggers asks."""
@@ -242,43 +195,6 @@ def make_loggers(cfg: Config, run_dir: Path) -> list:
     return loggers
 
 
-class ResumeConflict(RafaleError):
-    pass
-
-
-def resume_conflicts(run_dir: Path, data: PreparedData, model_cfg) -> list[str]:
-    """What the run folder's checkpoints were trained with that this run changes: the data (the cache's
-    fingerprint inputs), the tokenizer, the model's sizes. Anything else (max_duration, the eval, save and log
-    intervals, loggers, ...) may change when a run is resumed."""
-
-    def changed(what: str, old: dict, new: dict) -> list[str]:
-        new = json.loads(json.dumps(new))  # tuples as lists, as the saved file has them
-        return [f"{what} {key} was {_short(old.get(key))}, now {_short(new.get(key))}"
-                for key in sorted(old.keys() | new.keys()) if old.get(key) != new.get(key)]
-
-    conflicts = []
-    old_data = json.loads((run_dir / "data.json").read_text()) if (run_dir / "data.json").is_file() else {}
-    if "fingerprint_inputs" in old_data:  # (not in caches built by an older rafale)
-        old_inputs, new_inputs = dict(old_data["fingerprint_inputs"]), dict(data.meta["fingerprint_inputs"])
-        if is_local_source(data.meta["config"]["source"]):
-            # a local file is known by its path and modification time, which moving or copying it changes: compare
-            # what it yields instead (tokens, blocks or examples per split)
-            del old_inputs["source"], new_inputs["source"]
-            conflicts += changed("data split", old_data.get("splits", {}), data.meta["splits"])
-        conflicts += changed("data", old_inputs, new_inputs)
-    if (run_dir / "tokenizer.json").is_file():
-        same = json.loads((run_dir / "tokenizer.json").read_text()) == json.loads((data.path / "tokenizer.json").read_text())
-        conflicts += [] if same else ["the tokenizer differs from the run's tokenizer.json"]
-    if (run_dir / MODEL_FILE).is_file():
-        conflicts += changed("model", json.loads((run_dir / MODEL_FILE).read_text()), dataclasses.asdict(model_cfg))
-    return conflicts
-
-
-def _short(value, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def set_run_folder_aside(run_dir: Path) -> None:
     """run.restart: keep the old run folder as NAME.old-<time> and start with an empty one."""
     if not run_dir.exists():
@@ -291,95 +207,137 @@ def set_run_folder_aside(run_dir: Path) -> None:
     print(f"rafale: restarting {run_dir.name}; the previous run folder is now {aside}")
 
 
-def run(cfg: Config, data: PreparedData, model, collator, debug: bool = False) -> RunResult:
+def run(cfg: Config, data: PreparedData, model, collator, debug: bool = False,
+        started: float | None = None) -> tuple[dict, Path]:
     """Train (or with training.eval_only, evaluate) `model` on `data`, as the config says: the run folder, the
-    Trainer (loaders, optimizer, callbacks), fit, and the Hugging Face export."""
+    Trainer (loaders, optimizer, callbacks), fit, and the Hugging Face export. Returns (the run's summary, the
+    folder it is in). `started`: when the command started (time.perf_counter()), for the start-up time."""
+    started = time.perf_counter() if started is None else started
     placement = place(cfg, model)
+    if cfg.training.eval_only:
+        return evaluate_checkpoint(cfg, data, model, collator, placement, started)
     run_name = cfg.run.name + ("-debug" if debug else "")
-    save = not debug and not cfg.training.eval_only
-    run_dir = prepare_run_folder(cfg, data, model, run_name, save)
-    trainer, stopper, peak = build_trainer(cfg, data, model, collator, placement, run_dir, run_name, debug)
-    start = time.perf_counter()
-    speed = next(c for c in trainer.state.callbacks if isinstance(c, SpeedMonitor))
-    eval_seconds_before = speed.total_eval_wct  # a resumed run restores Composer's count
-    tokens_before = int(trainer.state.timestamp.token)
-    loss_start, loss_end = fit(trainer, stopper, cfg, run_dir)
-    wall = time.perf_counter() - start
-    train_seconds = wall - (speed.total_eval_wct - eval_seconds_before)
-    tokens = int(trainer.state.timestamp.token) - tokens_before
-    export_dir = export_run(model.model, run_dir, data, sharded=cfg.training.fsdp is not None) if save else None
-    mfu = None
-    if tokens and peak and train_seconds > 0 and hasattr(model.model, "flops_per_token"):  # training time only
-        mfu = tokens / train_seconds * model.model.flops_per_token(cfg.data.block_size) / (peak * placement.world)
-    times = next(c for c in trainer.state.callbacks if isinstance(c, BatchTimes))
-    return RunResult(run_dir, trainer, loss_start, loss_end, wall, tokens, export_dir, mfu, train_seconds,
-                     precision_label(placement.precision, placement.autocast_dtype), cfg.training.compile,
-                     *times.first_and_median())
-
-
-def prepare_run_folder(cfg: Config, data: PreparedData, model, run_name: str, save: bool) -> Path:
-    """RUN = output_dir/run_name, with what rebuilds the model without the data: the resolved config, the tokenizer,
-    the data's description and the model's sizes. A folder whose checkpoints came from other inputs is an error
-    (or, with run.restart, set aside)."""
+    save = not debug
     run_dir = Path(cfg.run.output_dir).expanduser() / run_name
+    changes, complete = check_run_folder(cfg, data, model, run_dir, save)
+    if complete is not None:  # a re-run of a finished run: nothing to train, and its record stays as it is
+        unapplied = f"; not applied, since nothing is left to train: {', '.join(changes)}" if changes else ""
+        print(f"rafale: {run_dir} at batch {complete['batches']}: already complete (training.max_duration "
+              f"{cfg.training.max_duration}); nothing was run and its record is unchanged{unapplied}")
+        return complete, run_dir
+    write_run_folder(cfg, data, model, run_dir)
+    clock = RunClock()
+    trainer, stopper, peak = build_trainer(cfg, data, model, collator, placement, run_dir, run_name, debug, clock)
+    record = RunRecord(run_dir, cfg, sum(p.numel() for p in model.parameters()), clock, started,
+                       writes=dist.get_global_rank() == 0, mfu=mfu_of(model, cfg, placement, peak),
+                       precision=precision_label(placement.precision, placement.autocast_dtype), changes=changes)
+    record.begin(trainer.state)
+    fit(trainer, stopper, cfg, run_dir, record)
+    record.export_dir = export_run(model.model, run_dir, data, sharded=cfg.training.fsdp is not None) if save else None
+    trainer.close()  # flushes the metrics file
     if dist.get_global_rank() == 0:
-        if cfg.run.restart:
-            set_run_folder_aside(run_dir)
-        elif save and list(run_dir.glob("checkpoints/*.pt")):  # before anything in the folder is overwritten
-            conflicts = resume_conflicts(run_dir, data, model.model.cfg)
-            if conflicts:
-                raise ResumeConflict(
-                    f"cannot resume {run_dir}: its checkpoints were trained with other inputs ({'; '.join(conflicts)}). "
-                    f"Use a new run.name, or start over with --restart (or run.restart: true), which keeps the old "
-                    f"folder as {run_name}.old-<time>"
-                )
+        compact_metrics(run_dir)
+    return record.save(trainer.state, "complete"), run_dir
+
+
+def mfu_of(model, cfg: Config, placement: "Placement", peak: float | None):
+    """tokens/s -> model FLOPs utilization against the device's peak, or None without a peak or a FLOPs count."""
+    flops_per_token = getattr(model.model, "flops_per_token", None)
+    if not peak or flops_per_token is None:
+        return None
+    return lambda tokens_per_s: tokens_per_s * flops_per_token(cfg.data.block_size) / (peak * placement.world)
+
+
+def check_run_folder(cfg: Config, data: PreparedData, model, run_dir: Path, save: bool) -> tuple[dict, dict | None]:
+    """Before anything in RUN is written: set it aside (run.restart), or check what a resume of its checkpoints
+    would change (rafale.record.resume_changes: a ResumeConflict for anything it may not). Returns (the config
+    changes a resume applies, the run's summary when it is already complete under this config, else None)."""
+    if cfg.run.restart and dist.get_global_rank() == 0:
+        set_run_folder_aside(run_dir)
+    previous = read_summary(run_dir)
+    if not save or not list(run_dir.glob("checkpoints/*.pt")):
+        if save and previous is not None and previous.get("status") == "complete":
+            raise ResumeConflict(f"{run_dir} holds a complete run (its summary.json) but no checkpoint to resume "
+                                 "from; train it again with --restart (the old folder is kept as "
+                                 f"{run_dir.name}.old-<time>) or use a new run.name")
+        return {}, None
+    changes = resume_changes(run_dir, cfg, data, model.model.cfg)
+    complete = (previous is not None and previous.get("status") == "complete"
+                and batch_number(latest_checkpoint(run_dir)) >= previous["batches"]  # its checkpoints reach its end
+                and reached(cfg.training.max_duration, previous))
+    return changes, previous if complete else None
+
+
+def write_run_folder(cfg: Config, data: PreparedData, model, run_dir: Path) -> None:
+    """What rebuilds the model without the data: the resolved config, the tokenizer, the data's description and
+    the model's sizes (and a classifier's class names)."""
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise ConfigError("run.output_dir", f"cannot create the run folder {run_dir}: {err}") from None
-    if dist.get_global_rank() == 0:
-        # restart is what this command did, not a setting of the run: rerunning config.yaml must resume it
-        save_config(dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, restart=False)), run_dir / "config.yaml")
-        shutil.copyfile(data.path / "tokenizer.json", run_dir / "tokenizer.json")
-        (run_dir / "data.json").write_text(json.dumps(data.meta, indent=2))  # to rebuild the model without the data
-        write_model_file(model.model, run_dir)  # ... and without model.pretrained
-        if "label_names" in data.meta:  # class id -> name, for whoever reads the predictions
-            (run_dir / "labels.json").write_text(json.dumps(data.meta["label_names"]))
-    return run_dir
+    if dist.get_global_rank() != 0:
+        return
+    # restart is what this command did, not a setting of the run: rerunning config.yaml must resume it
+    save_config(dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, restart=False)), run_dir / "config.yaml")
+    shutil.copyfile(data.path / "tokenizer.json", run_dir / "tokenizer.json")
+    (run_dir / "data.json").write_text(json.dumps(data.meta, indent=2))  # to rebuild the model without the data
+    write_model_file(model.model, run_dir)  # ... and without model.pretrained
+    if "label_names" in data.meta:  # class id -> name, for whoever reads the predictions
+        (run_dir / "labels.json").write_text(json.dumps(data.meta["label_names"]))
 
 
-def fit(trainer: Trainer, stopper: StopOnSignal, cfg: Config, run_dir: Path) -> tuple[float | None, float | None]:
-    """Train to max_duration (resuming where the checkpoints left off), or only evaluate; the validation loss
-    (start, end). A SIGINT/SIGTERM saves a checkpoint and exits with the shell's code."""
-    t = cfg.training
-    loss_start = loss_end = None
-    fresh = int(trainer.state.timestamp.batch) == 0
-    done = False
-    if not fresh and not t.eval_only:
-        limit = trainer.state.max_duration
-        done = trainer.state.timestamp.get(limit.unit).value >= limit.value
-        print(f"rafale: resumed {run_dir} at batch {int(trainer.state.timestamp.batch)}"
-              + (f": already complete (training.max_duration {t.max_duration}); evaluating only" if done else ""))
-    if t.eval_only or fresh:
+def fit(trainer: Trainer, stopper: StopOnSignal, cfg: Config, run_dir: Path, record: RunRecord) -> None:
+    """Train to max_duration, resuming where the checkpoints left off (a fresh run is evaluated first). A SIGINT or
+    SIGTERM saves a checkpoint and the record, and exits with the shell's code; a failure is recorded too."""
+    state, fresh = trainer.state, record.start_batch == 0
+    done = state.timestamp.get(state.max_duration.unit).value >= state.max_duration.value
+    if not fresh:
+        print(f"rafale: resumed {run_dir} at batch {record.start_batch}"
+              + (": already trained to training.max_duration; evaluating only" if done else ""))
+        for key, (was, now) in record.changes.items():
+            print(f"rafale:   {key}: {was} -> {now}, from batch {record.start_batch}")
+    if fresh or done:
         trainer.eval()
-        loss_start = eval_loss(trainer)
     if done:  # Composer's fit refuses a run past its max_duration
-        trainer.eval()
-        loss_end = eval_loss(trainer)
-    elif not t.eval_only:
-        stopper.install()
+        return
+    stopper.install()
+    try:
+        trainer.fit()  # evaluates at each eval_interval and at the end
+    except Exception as err:
+        record.save(state, "failed", error=f"{type(err).__name__}: {err}")
+        raise
+    finally:
+        stopper.uninstall()
+    if stopper.signum is not None:
+        name = signal.Signals(stopper.signum).name
+        trainer.close()
+        if dist.get_global_rank() == 0:
+            compact_metrics(run_dir)
+        record.save(state, "stopped", stopped_by=name)
+        where = f"checkpoint saved to {stopper.saved}" if stopper.saved else "no checkpoint saved"
+        print(f"rafale: stopped by {name} at batch {int(state.timestamp.batch)}; {where}; run the same command "
+              "to resume", file=sys.stderr)
+        sys.exit(128 + stopper.signum)  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+
+
+def evaluate_checkpoint(cfg: Config, data: PreparedData, model, collator, placement: "Placement",
+                        started: float) -> tuple[dict, Path]:
+    """training.eval_only: evaluate training.load_path on the validation split, with a record of its own in
+    RUN/evals/<time>/ (config.yaml, summary.json, metrics.jsonl): a training run's own files are never touched."""
+    folder = eval_folder(Path(cfg.run.output_dir).expanduser() / cfg.run.name)
+    if dist.get_global_rank() == 0:
         try:
-            trainer.fit()  # evaluates at each eval_interval and at the end
-        finally:
-            stopper.uninstall()
-        if stopper.signum is not None:
-            where = f"checkpoint saved to {stopper.saved}" if stopper.saved else "no checkpoint saved"
-            print(f"rafale: stopped by {signal.Signals(stopper.signum).name} at batch "
-                  f"{int(trainer.state.timestamp.batch)}; {where}; run the same command to resume", file=sys.stderr)
-            trainer.close()
-            sys.exit(128 + stopper.signum)  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
-        loss_end = eval_loss(trainer)
-    return loss_start, loss_end
+            folder.mkdir(parents=True)
+        except OSError as err:
+            raise ConfigError("run.output_dir", f"cannot create the evaluation's folder {folder}: {err}") from None
+    clock = RunClock()
+    trainer, _, _ = build_trainer(cfg, data, model, collator, placement, folder, cfg.run.name, clock=clock)
+    trainer.eval()
+    trainer.close()
+    summary = write_eval_record(folder, cfg, trainer.state, clock, started, sum(p.numel() for p in model.parameters()),
+                                writes=dist.get_global_rank() == 0)
+    print(f"rafale: evaluated {cfg.training.load_path} (batch {summary['batches']}); its record: {folder}")
+    return summary, folder
 
 
 def full_weights(module: torch.nn.Module, sharded: bool) -> torch.nn.Module | None:
@@ -443,9 +401,11 @@ def place(cfg: Config, model) -> Placement:
 
 
 def build_trainer(cfg: Config, data: PreparedData, model, collator, placement: Placement, run_dir: Path,
-                  run_name: str, debug: bool = False) -> tuple[Trainer, StopOnSignal, float | None]:
+                  run_name: str, debug: bool = False,
+                  clock: RunClock | None = None) -> tuple[Trainer, StopOnSignal, float | None]:
     """The Trainer `rafale -c` runs (loaders, optimizer, schedule, clipping, callbacks, loggers, checkpoints), its
-    signal handler, and the device's peak FLOP/s. bench/ builds its Trainer here too, so it times the real thing."""
+    signal handler, and the device's peak FLOP/s. bench/ builds its Trainer here too, so it times the real thing.
+    `clock` times the run for its record (rafale.record.RunClock); the metrics go to run_dir/metrics.jsonl."""
     t = cfg.training
     train_loader, eval_loader = make_loaders(cfg, data, collator, placement, debug)
     save = not debug and not t.eval_only
@@ -469,7 +429,8 @@ def build_trainer(cfg: Config, data: PreparedData, model, collator, placement: P
             max_duration=f"{DEBUG_EPOCHS}ep" if debug else t.max_duration,
             optimizers=build_optimizer(model, t, placement.device, warmup_steps),
             algorithms=[GradientClipping(clipping_type="norm", clipping_threshold=t.clip_norm)] if t.clip_norm else [],
-            callbacks=make_callbacks(placement.device, peak, stopper, schedule) + getattr(model, "callbacks", []),
+            callbacks=(make_callbacks(placement.device, peak, stopper, schedule) + [clock or RunClock()]
+                       + getattr(model, "callbacks", [])),
             loggers=make_loggers(cfg, run_dir) if dist.get_global_rank() == 0 else [],
             compile_config={} if t.compile else None,
             parallelism_config={"fsdp": t.fsdp} if t.fsdp is not None else None,
@@ -516,9 +477,11 @@ def make_loaders(cfg: Config, data: PreparedData, collator, placement: Placement
 
 
 def make_callbacks(device: str, peak: float | None, stopper: StopOnSignal, schedule: ScheduleAtBatchStart) -> list:
-    """The learning-rate schedule, batch times (compile's cost), speed (with MFU against `peak`), learning rate,
-    time left, NaN losses, signals, schedule-free's modes."""
-    callbacks = [schedule, BatchTimes(), SpeedMonitor(window_size=10, gpu_flops_available=peak), LRMonitor(),
+    """The learning-rate schedule, speed (with MFU against `peak`, probed again if the run outruns it), the learning
+    rates each batch applied, time left, NaN losses, signals, schedule-free's modes."""
+    from rafale.loggers import CheckedSpeedMonitor, LearningRates
+
+    callbacks = [schedule, CheckedSpeedMonitor(10, peak, device), LearningRates(),
                  RuntimeEstimator(), FiniteLossMonitor(), stopper, schedule_free_switch()]
     if device == "gpu":
         callbacks.append(MemoryMonitor())
@@ -534,70 +497,14 @@ def check_checkpoints(cfg: Config, run_dir: Path, autoresume: bool) -> None:
         check_checkpoint_safe(Path(t.load_path).expanduser(), "training.load_path", t.trust_checkpoint)
 
 
-def describe(result: RunResult, num_params: int) -> str:
-    """The end-of-run summary."""
-    lines = [f"run folder: {result.run_dir}", f"parameters: {num_params:,}"]
-    if result.precision is not None:
-        lines.append(f"precision: {result.precision}")
-    if result.first_batch_s is not None:
-        compiled = "on" if result.compiled else "off (training.compile)"
-        cost = f": about {result.first_batch_s - result.batch_s:.1f} s of compiling" if result.compiled else ""
-        lines.append(f"torch.compile: {compiled}; first batch {result.first_batch_s:.2f} s, the next ones "
-                     f"{result.batch_s:.3f} s (median){cost}")
-    if result.tokens:
-        mfu = f", MFU {result.mfu:.1%}" if result.mfu is not None else ""
-        train_s = result.train_time_s or result.wall_time_s
-        lines.append(f"tokens trained: {result.tokens:,} in {result.wall_time_s:.1f} s, {train_s:.1f} s of it training "
-                     f"({result.tokens / train_s:,.0f} tokens/s while training{mfu})")
-    if result.export_dir is not None:
-        lines.append(f"checkpoints: {result.run_dir / 'checkpoints'}; Hugging Face export: {result.export_dir}")
-    metrics = eval_metrics(result.trainer)
-    for label, loss in (("start", result.eval_loss_start), ("end", result.eval_loss_end)):
-        if loss is not None:
-            perplexity = f" (perplexity {math.exp(min(loss, 50)):.2f})" if "LanguagePerplexity" in metrics else ""
-            lines.append(f"validation loss at {label}: {loss:.4f}{perplexity}")
-    others = {k: v for k, v in metrics.items() if "CrossEntropy" not in k and "Perplexity" not in k}
-    if others:
-        lines.append("validation " + ", ".join(f"{k}: {v:.4f}" for k, v in others.items()))
-    best = best_validation(result.run_dir)
-    if best is not None:
-        name, value, step = best
-        lines.append(f"best validation {name}: {value:.4f} at step {step}; curves: {result.run_dir / 'metrics.png'}")
-    return "\n".join("rafale: " + line for line in lines)
-
-
-
-def write_summary(result: RunResult, cfg: Config, num_params: int) -> Path:
-    """RUN/summary.json: what `rafale runs` tabulates (model, size, tokens, time, final validation metrics)."""
-    summary = {
-        "name": result.run_dir.name,
-        "model": cfg.model.type + (f" {cfg.model.preset}" if cfg.model.preset else ""),
-        "task": cfg.model.task,
-        "parameters": num_params,
-        "tokens": result.tokens,
-        "wall_time_s": round(result.wall_time_s, 2),
-        "train_time_s": round(result.train_time_s, 2) if result.train_time_s else None,
-        "tokens_per_s": round(result.tokens / (result.train_time_s or result.wall_time_s), 1) if result.tokens else None,
-        "mfu": result.mfu,
-        "compile": result.compiled,
-        "first_batch_s": round(result.first_batch_s, 3) if result.first_batch_s is not None else None,
-        "batch_s_median": round(result.batch_s, 4) if result.batch_s is not None else None,
-        "validation": eval_metrics(result.trainer),
-        "validation_loss_start": result.eval_loss_start,
-    }
-    path = result.run_dir / SUMMARY_FILE
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(summary, indent=2))
-    tmp.replace(path)
-    return path
-
-
 # ----------------------------------------------------------------------------------------------------
 # the `rafale -c cfg.yaml` command, once the config is loaded and its model section resolved
 
 
-def train(cfg: Config, model_cfg, data_only: bool = False, debug: bool = False) -> int:
-    """Prepare the data (cached), build the model, train and evaluate it, report. Returns the exit code."""
+def train(cfg: Config, model_cfg, data_only: bool = False, debug: bool = False, started: float | None = None) -> int:
+    """Prepare the data (cached), build the model, train and evaluate it, report. Returns the exit code.
+    `started`: when the command started (time.perf_counter()), for the run's start-up time."""
+    started = time.perf_counter() if started is None else started
     pipe = datapipe_for(cfg)
     data = pipe.load()
     print_data_summary(data)
@@ -607,18 +514,20 @@ def train(cfg: Config, model_cfg, data_only: bool = False, debug: bool = False) 
     if debug:
         model_cfg = without_dropout(model_cfg)
     model = build_model(cfg, model_cfg, data)
+    if not debug and not cfg.training.eval_only and dist.get_global_rank() == 0:  # runs that end with an export
+        from rafale.export import say_if_no_export
+
+        say_if_no_export(model.model)  # before training, not after it; the run itself goes ahead
     collator = pipe.collator(data.meta)
     if debug and hasattr(collator, "fixed_seed"):  # the same masks every step, so the target holds still
         collator.fixed_seed = cfg.run.seed
-    result = run(cfg, data, model, collator, debug=debug)
-    num_params = sum(p.numel() for p in model.parameters())
-    print(describe(result, num_params))
-    if dist.get_global_rank() == 0:
-        write_summary(result, cfg, num_params)
+    summary, folder = run(cfg, data, model, collator, debug=debug, started=started)
+    print(describe(summary, folder))
     print(f"rafale: {describe_vocabulary(data)}")
-    if debug and result.eval_loss_start is not None:
-        print(f"rafale: DEBUG: loss on the batch went from {result.eval_loss_start:.4f} to {result.eval_loss_end:.4f} "
-              f"in {DEBUG_EPOCHS} epochs of {DEBUG_STEPS_PER_EPOCH} steps ({result.eval_loss_end / result.eval_loss_start:.1%} of the start)")
+    start, end = summary.get("validation_loss_start"), validation_loss(summary.get("validation", {}))
+    if debug and start is not None and end is not None:
+        print(f"rafale: DEBUG: loss on the batch went from {start:.4f} to {end:.4f} in {DEBUG_EPOCHS} epochs of "
+              f"{DEBUG_STEPS_PER_EPOCH} steps ({end / start:.1%} of the start)")
     return 0
 
 
@@ -679,11 +588,17 @@ def check_fits_images(model_cfg, meta: dict) -> None:
 
 
 def describe_vocabulary(data: PreparedData) -> str:
-    """The vocabulary the model gets: a trained tokenizer may have fewer tokens than data.vocab_size asked for."""
+    """The vocabulary the model gets: a trained tokenizer may have fewer tokens than data.vocab_size asked for (it
+    ran out of merges), or more (the size asked is below its alphabet plus its special tokens)."""
+    from rafale.datapipes import smallest_vocabulary
+
     asked = data.meta.get("vocab_size_asked")
     if asked is None:
         return f"vocabulary: {data.vocab_size:,} tokens"
     shortfall = f", fewer than the {asked:,} data.vocab_size asked for" if data.vocab_size < asked else ""
+    if data.vocab_size > asked:  # a trained tokenizer's fingerprint input is [kind, the size asked]
+        kind = data.meta["fingerprint_inputs"]["tokenizer"][0]
+        shortfall = f", more than the {asked:,} data.vocab_size asked for: {smallest_vocabulary(kind, data.vocab_size)}"
     return f"vocabulary: {data.vocab_size:,} tokens (tokenizer trained here{shortfall})"
 
 
@@ -699,3 +614,8 @@ def print_data_summary(data: PreparedData):
             print(f"rafale:   {split}: {info['tokens']:,} tokens in {info['blocks']:,} blocks")
         else:
             print(f"rafale:   {split}: {info['examples']:,} examples")
+    from rafale.datapipes import small_validation_warning
+
+    small = small_validation_warning(data.meta)  # here, so that DATA=1 says it too
+    if small is not None:
+        print(f"rafale: {small}")

@@ -62,7 +62,7 @@ def test_sweep_runs_the_grid_records_overrides_and_skips_finished_runs(tmp_path,
     assert "| sw-lr=1e-3 | training.lr=1e-3 |" in table and table.startswith("Every run: training.max_duration=4ba\n")
     assert (tmp_path / "runs" / "sweep-sw.png").read_bytes()[:4] == b"\x89PNG"
     code, out, _ = run_in_process(["sweep", "-c", str(cfg), "training.lr=1e-3,1e-2"], capsys, monkeypatch)
-    assert code == 0 and out.count("finished before; skipped") == 2
+    assert code == 0 and out.count("completed before with this config; skipped") == 2
 
 
 def test_sweep_checks_every_combination_before_the_first_run(tmp_path, cache_dir, capsys, monkeypatch):

@@ -16,7 +16,7 @@ from rafale.config import load_config
 from rafale.datapipes import PreparedData
 from rafale.export import latest_checkpoint, load_run_model
 from rafale.resilience import read_checkpoint
-from rafale.train import resume_conflicts
+from rafale.record import data_conflicts
 
 # two checkpoints (batches 2 and 4), the last one at the end of training, so the export equals it
 SHORT = {"max_duration": "4ba", "save_interval": "2ba", "eval_interval": "4ba", "eval_batches": 1,
@@ -70,8 +70,8 @@ def write_payload(path: Path, marker: Path):
 
 
 @pytest.mark.parametrize("change, expected", [
-    ({"model": {"hidden_size": 32, "intermediate_size": 128}}, "model hidden_size was 64, now 32"),
-    ({"data": {"block_size": 32}}, "data block_size was 64, now 32"),
+    ({"model": {"hidden_size": 32, "intermediate_size": 128}}, "the model's hidden_size was 64, now 32"),
+    ({"data": {"block_size": 32}}, "data.block_size was 64, now 32"),
     ({"data": {"vocab_size": 400}}, "the tokenizer differs from the run's tokenizer.json"),
 ])
 def test_resuming_with_other_data_or_model_is_an_error_that_changes_nothing(trained, tmp_path, capsys, monkeypatch,
@@ -89,29 +89,33 @@ def test_resuming_with_other_data_or_model_is_an_error_that_changes_nothing(trai
 
 def test_a_moved_data_file_still_resumes_but_other_contents_do_not(tmp_path):
     """A local file's cache fingerprint holds its path and modification time: moving or copying it must not block
-    a resume, a file that yields other blocks must."""
+    a resume; other contents must, even of the same size (each split's sha256 digest). Run folders written before
+    the digests compare what the splits yield instead (tokens, blocks)."""
     run_dir, cache = tmp_path / "run", tmp_path / "cache"
     run_dir.mkdir(), cache.mkdir()
     (cache / "tokenizer.json").write_text('{"model": {"vocab": {"a": 0}}}')
     shutil.copy(cache / "tokenizer.json", run_dir / "tokenizer.json")
 
-    def meta(path, mtime, train_blocks):
-        return {"config": {"source": path}, "splits": {"train": {"tokens": 640, "blocks": train_blocks}},
+    def meta(path, mtime, train_blocks, sha=None):
+        split = {"tokens": 640, "blocks": train_blocks} | ({"sha256": sha} if sha else {})
+        return {"config": {"source": path}, "splits": {"train": split},
                 "fingerprint_inputs": {"pipeline": ["causal_lm", 1], "source": [[[path, 100, mtime]], "text"],
                                        "tokenizer": ["bpe", 500], "block_size": 64}}
 
-    (run_dir / "data.json").write_text(json.dumps(meta("/old/stories.txt", 1, 10)))
-    moved = PreparedData(None, None, cache, meta("/new/stories.txt", 2, 10))
-    assert resume_conflicts(run_dir, moved, None) == []
-    edited = PreparedData(None, None, cache, meta("/old/stories.txt", 3, 9))
-    assert resume_conflicts(run_dir, edited, None) == [
-        "data split train was {'tokens': 640, 'blocks': 10}, now {'tokens': 640, 'blocks': 9}"]
-    # the same with a file per split (data.source: {train: ..., validation: ...})
+    for sha_old, sha_edited in ((None, None), ("aaaa", "bbbb")):
+        (run_dir / "data.json").write_text(json.dumps(meta("/old/stories.txt", 1, 10, sha_old)))
+        moved = PreparedData(None, None, cache, meta("/new/stories.txt", 2, 10, sha_old))
+        assert data_conflicts(run_dir, moved, {}) == []
+        edited = PreparedData(None, None, cache, meta("/old/stories.txt", 3, 10 if sha_old else 9, sha_edited))
+        expected = ("the data's train split has other content (sha256 aaaa, now bbbb)" if sha_old else
+                    "data split train was {'tokens': 640, 'blocks': 10}, now {'tokens': 640, 'blocks': 9}")
+        assert data_conflicts(run_dir, edited, {}) == [expected]
+    # the same with a file per split (data.source: {train: ..., validation: ...}), before the digests
     (run_dir / "data.json").write_text(json.dumps(meta({"train": "/old/t.txt", "validation": "/old/v.txt"}, 1, 10)))
     moved = PreparedData(None, None, cache, meta({"train": "/new/t.txt", "validation": "/new/v.txt"}, 2, 10))
-    assert resume_conflicts(run_dir, moved, None) == []
+    assert data_conflicts(run_dir, moved, {}) == []
     edited = PreparedData(None, None, cache, meta({"train": "/old/t.txt", "validation": "/old/v.txt"}, 3, 9))
-    assert len(resume_conflicts(run_dir, edited, None)) == 1
+    assert len(data_conflicts(run_dir, edited, {})) == 1
 
 
 def test_changing_only_durations_intervals_and_loggers_resumes(trained, tmp_path, capsys, monkeypatch):
