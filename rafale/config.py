@@ -229,7 +229,8 @@ _NOT = object()
 
 
 def _coerce(value, tp):
-    """Return value as type tp, or _NOT. YAML reads 1e-3 as a string, so floats also accept numeric strings."""
+    """Return value as type tp, or _NOT. YAML reads 1e-3 as a string, so floats also accept numeric strings; and a
+    number where a string is expected (run.name: 2024) becomes its string."""
     origin = typing.get_origin(tp)
     if tp is type(None):
         return None if value is None else _NOT
@@ -266,6 +267,9 @@ def _coerce(value, tp):
                 return _NOT
         return _NOT
     if tp is str:
+        # `name: 2024` or `warmup: 0` is a YAML number; what the user typed is its text (true/false are not)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
         return value if isinstance(value, str) else _NOT
     if tp is dict:
         return value if isinstance(value, dict) else _NOT
@@ -351,6 +355,14 @@ def _check_time(value: str, key: str, allow_dur: bool = True):
         raise ConfigError(key, f"must not be negative, got {value!r}")
     if not allow_dur and unit == "dur":
         raise ConfigError(key, f"cannot be a fraction of the duration, got {value!r}")
+
+
+def _normalise_warmup(cfg: Config) -> None:
+    """`training.warmup: 0` (a bare zero, no unit) means no warmup: written '0dur', which Composer reads and which
+    suits any unit of max_duration (a bare number is otherwise no time string: 100 of what?)."""
+    text = cfg.training.warmup.strip()
+    if re.fullmatch(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?", text) and float(text) == 0:
+        cfg.training.warmup = "0dur"
 
 
 def _check_warmup_unit(warmup: str, max_duration: str):
@@ -486,6 +498,19 @@ def validate(cfg: Config, check_files: bool = True) -> None:
     check_optimizer(cfg.training)
 
 
+def _check_creatable(folder: Path, key: str, what: str) -> None:
+    """`folder` is a writable folder, or can be made one: its nearest existing ancestor is a writable folder.
+    Creates nothing (these checks run before any work, and a config error must leave no trace)."""
+    folder = folder.expanduser().absolute()
+    existing = folder
+    while not existing.exists() and existing != existing.parent:  # exists() is False under a regular file too
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(key, f"cannot create {what} {folder}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(key, f"cannot create {what} {folder}: {existing} is not writable")
+
+
 def _check_files(cfg: Config) -> None:
     if isinstance(cfg.data.source, dict):
         split_source_files(cfg.data.source)
@@ -503,6 +528,8 @@ def _check_files(cfg: Config) -> None:
         raise ConfigError("data.zero_shot_source", f"no such folder: {cfg.data.zero_shot_source}")
     if cfg.training.load_path is not None and not Path(cfg.training.load_path).expanduser().exists():
         raise ConfigError("training.load_path", f"no such checkpoint: {cfg.training.load_path}")
+    # the run folder is made only once the data is prepared: say now, not minutes later, that it cannot be
+    _check_creatable(Path(cfg.run.output_dir) / cfg.run.name, "run.output_dir", "the run folder")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -534,6 +561,7 @@ def config_from_dict(raw, saved_run: bool = False) -> Config:
     model.overrides = overrides
     cfg = build_dataclass(Config, raw, "")
     cfg.model = model
+    _normalise_warmup(cfg)
     validate(cfg, check_files=not saved_run)
     if saved_run:
         return cfg

@@ -20,6 +20,7 @@ To add a datapipe: subclass `DataPipe`, give it a `name` and a `_prepare(raw, to
 `DatasetDict` of texts to a `DatasetDict` of examples, and a collator for its batches.
 """
 
+import contextlib
 import hashlib
 import json
 import os
@@ -73,26 +74,45 @@ def _safe_name(text: str) -> str:
 
 READ_PIECE_BYTES = 4 * 2**20  # a .txt source is read this much at a time
 TEXT_BATCH_BYTES = 4 * 2**20  # documents are written to the source's Arrow copy in record batches of about this size
+# A .txt source with more than this share of its characters invalid UTF-8 or control bytes is not text: an
+# executable measured 65% (/bin/ls) and 89% (python), UTF-16 text is half NULs; real UTF-8 text with a few bad bytes,
+# Latin-1 accents in French or German (a few %) or ANSI colour codes in a log stay far below
+MAX_NON_TEXT_SHARE = 0.2
+# C0 control bytes other than whitespace (\t \n \v \f \r), and DEL: never part of a multi-byte UTF-8 sequence,
+# so counting them in the bytes counts them in the text
+CONTROL_BYTES = bytes([*range(0x09), *range(0x0E, 0x20), 0x7F])
+NOT_CONTROL_BYTES = bytes(b for b in range(256) if b not in CONTROL_BYTES)
 
 
 def iter_text_documents(path: Path, separator: str, errors: str = "replace", piece_bytes: int | None = None):
     """The documents of a .txt source, stripped, empty ones dropped, reading `piece_bytes` at a time.
 
     The bytes are split on the separator's UTF-8 bytes, then each document is decoded: a UTF-8 sequence never
-    starts inside another, so the cuts are those of splitting the decoded text, and a bad byte's offset is exact."""
+    starts inside another, so the cuts are those of splitting the decoded text, and a bad byte's offset is exact.
+    A file whose characters are mostly invalid UTF-8 or control bytes (an executable, UTF-16) is a DataError,
+    checked after each piece: it does not look like text, and replacing its bytes would train on noise."""
     sep, piece_bytes = separator.encode(), piece_bytes or READ_PIECE_BYTES
     replaced, offset, rest = 0, 0, b""  # offset: where `rest` starts in the file
+    characters = controls = 0  # so far, for the share of what is not text
     with path.open("rb") as f:
         while True:
             piece = f.read(piece_bytes)
             parts = (rest + piece).split(sep)
             rest = parts.pop() if piece else b""  # the last part may go on in the next piece (at the end it is a document)
             for raw in parts:
-                text, bad = _decode_document(raw, offset, path, errors)
+                text, bad, length = _decode_document(raw, offset, path, errors)
                 replaced += bad
+                characters += length
+                controls += len(raw.translate(None, NOT_CONTROL_BYTES))  # the control bytes are what is left
                 offset += len(raw) + len(sep)
                 if text:
                     yield text
+            if characters and (replaced + controls) / characters > MAX_NON_TEXT_SHARE:
+                raise DataError(
+                    f"data.source: {path} does not look like text: {replaced + controls:,} of the first "
+                    f"{characters:,} characters are invalid UTF-8 or control bytes such as NUL "
+                    f"({(replaced + controls) / characters:.0%}; at most {MAX_NON_TEXT_SHARE:.0%} is taken for text). "
+                    "Is it a binary file, or text in another encoding (UTF-16, Latin-1)? Convert it to UTF-8")
             if not piece:
                 break
     # U+FFFD already in the file (as valid UTF-8) is not a replacement
@@ -101,8 +121,9 @@ def iter_text_documents(path: Path, separator: str, errors: str = "replace", pie
               "(data.decode_errors: error stops instead)")
 
 
-def _decode_document(raw: bytes, offset: int, path: Path, errors: str) -> tuple[str, int]:
-    """(the stripped text of one document's bytes, how many invalid UTF-8 sequences were replaced)."""
+def _decode_document(raw: bytes, offset: int, path: Path, errors: str) -> tuple[str, int, int]:
+    """(the stripped text of one document's bytes, how many invalid UTF-8 sequences were replaced, how many
+    characters the decoded document has before stripping)."""
     try:
         text = raw.decode("utf-8", errors="strict" if errors == "error" else errors)
     except UnicodeDecodeError as err:
@@ -111,7 +132,7 @@ def _decode_document(raw: bytes, offset: int, path: Path, errors: str) -> tuple[
             "fix the file or set data.decode_errors: replace"
         ) from None
     replaced = text.count("\ufffd") - raw.count("\ufffd".encode()) if "\ufffd" in text else 0
-    return text.strip(), replaced
+    return text.strip(), replaced, len(text)
 
 
 def _text_source_dataset(path: Path, cfg: DataConfig, scratch: Path) -> Dataset:
@@ -257,7 +278,8 @@ def _with_splits(loaded, cfg: DataConfig, labelled: bool = False) -> DatasetDict
             loaded = loaded["train"]
     if isinstance(loaded, Dataset):
         if len(loaded) < 2:
-            raise DataError(f"data.source: {cfg.source} holds {len(loaded)} documents; need at least 2 to split")
+            raise DataError(f"data.source: {cfg.source} holds {len(loaded)} document{'' if len(loaded) == 1 else 's'}; "
+                            f"need at least 2 to split{_separator_hint(cfg) if len(loaded) == 1 else ''}")
         loaded = loaded.train_test_split(test_size=cfg.val_fraction, seed=cfg.split_seed)
         loaded = DatasetDict({"train": loaded["train"], "validation": loaded["test"]})
     columns = {"text": ("data.text_column", cfg.text_column)}
@@ -276,6 +298,16 @@ def _with_splits(loaded, cfg: DataConfig, labelled: bool = False) -> DatasetDict
         ds = ds.select_columns([column for _, column in columns.values()])
         out[split] = ds.rename_columns({column: name for name, (_, column) in columns.items() if column != name})
     return DatasetDict(out)
+
+
+def _separator_hint(cfg: DataConfig) -> str:
+    """For a .txt source that came out as one document: most such files are one document per line, or documents
+    between blank lines, which data.doc_separator (default <|endoftext|>) must then say."""
+    files = split_source_files(cfg.source)["train"] if isinstance(cfg.source, dict) else [Path(cfg.source)]
+    if not any(f.suffix == ".txt" for f in files):
+        return ""
+    return (f" (a .txt source is cut into documents at data.doc_separator, here {cfg.doc_separator!r}: set "
+            "data.doc_separator: \"\\n\" for one document per line, or \"\\n\\n\" for documents separated by a blank line)")
 
 
 def _story_texts(cfg: DataConfig) -> dict[str, list[str]]:
@@ -383,12 +415,28 @@ def encoder_post_processor(kind: str):
     raise ValueError(f"no post-processor for a {kind} tokenizer")
 
 
+def smallest_vocabulary(kind: str, size: int) -> str:
+    """What the smallest vocabulary of a `kind` tokenizer trained here is made of, `size` tokens in all: the
+    trainer always keeps its whole alphabet (every byte for byte-level BPE; for WordPiece every character of the
+    training text, and as '##c' each that continues a word) and its special tokens, so data.vocab_size below that
+    gets that."""
+    specials = len(TRAINED_SPECIALS[kind])
+    if kind == "wordpiece":
+        return (f"the smallest a WordPiece tokenizer can be is the characters of the corpus, with their ## "
+                f"continuation forms ({size - specials:,}), plus its {specials} special tokens: {size:,}")
+    return f"the smallest a byte-level BPE can be is its byte alphabet (256) plus its {specials} special tokens: {size:,}"
+
+
 def warn_if_smaller(trained: int, asked: int, kind: str):
-    """Say when the trainer learned fewer tokens than data.vocab_size asks for: the model and the cache name
-    use the size it got, and a researcher comparing vocabulary sizes must know."""
+    """Say when the trainer learned another number of tokens than data.vocab_size asks for: fewer (it ran out of
+    merges) or more (the size asked is below the smallest possible). The model and the cache name use the size it
+    got, and a researcher comparing vocabulary sizes must know."""
     if trained < asked:
         print(f"rafale: warning: data.vocab_size asks for {asked:,} tokens but the {kind} tokenizer trained on this "
               f"data has {trained:,} (the trainer ran out of merges); using {trained:,}")
+    elif trained > asked:
+        print(f"rafale: warning: data.vocab_size asks for {asked:,} tokens but {smallest_vocabulary(kind, trained)}; "
+              f"using {trained:,}")
 
 
 def load_tokenizer(spec: str) -> Tokenizer:
@@ -438,6 +486,38 @@ class PreparedData:
     @property
     def vocab_size(self) -> int:
         return self.meta["vocab_size"]
+
+
+MIN_VALIDATION_EXAMPLES = 10  # fewer validation blocks (or examples) than this give a noisy validation loss
+
+
+def small_validation_warning(meta: dict) -> str | None:
+    """A warning when the validation split holds fewer than MIN_VALIDATION_EXAMPLES blocks (or examples): its loss
+    and bits per byte then rest on a few (maybe one padded) blocks. None when it is large enough."""
+    info = meta["splits"].get("validation")
+    if info is None:
+        return None
+    count, unit = (info["blocks"], "block") if "blocks" in info else (info["examples"], "example")
+    if count >= MIN_VALIDATION_EXAMPLES:
+        return None
+    tokens = f" ({info['tokens']:,} tokens)" if "tokens" in info else ""
+    return (f"warning: the validation split holds only {count:,} {unit}{'' if count == 1 else 's'}{tokens}, fewer "
+            f"than {MIN_VALIDATION_EXAMPLES}: its loss and metrics will be noisy; give it more data "
+            "(data.val_fraction, or a larger validation file)")
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether process `pid` runs on this machine. Elsewhere than on POSIX (where os.kill(pid, 0) would signal
+    it), say yes: a stale folder left in place costs disk space, a live build removed costs a crash."""
+    if os.name != "posix":
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it runs, as another user
+        return True
+    return True
 
 
 def find_cache(folder: Path, fingerprint: str) -> Path | None:
@@ -519,13 +599,25 @@ class DataPipe:
         # Between unrelated processes, the lock lets one build while the others wait, then find the cache.
         if int(os.environ.get("LOCAL_RANK", "0")) > 0:
             wait_for_cache(folder, self.fingerprint)
-        with FileLock(str(folder / self.cache_name()) + ".lock"):
-            path = find_cache(folder, self.fingerprint)
-            if path is not None:
-                if verbose:
-                    print(f"rafale: using cached data at {path}")
-            else:
-                path = self._build(folder, verbose)
+        lock = folder / (self.cache_name() + ".lock")
+        with FileLock(str(lock)):
+            try:
+                path = find_cache(folder, self.fingerprint)
+                if path is not None:
+                    if verbose:
+                        print(f"rafale: using cached data at {path}")
+                else:
+                    path = self._build(folder, verbose)
+            finally:
+                # No lock file is left behind, after a build, a failed build or a cache hit. It is removed while
+                # still held: a process already waiting on it then gets a lock on an unlinked file, which filelock
+                # sees (st_nlink 0) and retries on a fresh file, so one process at a time still holds the lock
+                # (removing it after the release could delete a newcomer's live lock file instead). And should two
+                # processes ever hold it at once (an older filelock, a file system without flock), the lock only
+                # saves work: each builds into its own .tmp-<pid> folder, a live builder's folder is never taken
+                # for a stale one, and the second to finish keeps the first's cache (`_build`).
+                with contextlib.suppress(OSError):  # on Windows filelock removes it itself
+                    lock.unlink()
         meta = json.loads((path / "rafale.json").read_text())
         splits = DatasetDict({split: load_from_disk(str(path / split)) for split in meta["splits"]})
         tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
@@ -537,9 +629,12 @@ class DataPipe:
         name = self.cache_name()
         if verbose:
             print(f"rafale: preparing data into {folder / name}")
-        # under the lock, any other temporary folder of this cache is what a killed build left behind
+        # a temporary folder of this cache whose builder (the pid in its name) is gone is what a killed build left
+        # behind; one whose builder still runs is being built (see load: the lock does not guarantee it is not)
         for stale in folder.glob(name + ".tmp-*"):
-            shutil.rmtree(stale, ignore_errors=True)
+            pid = stale.name.rpartition(".tmp-")[2]
+            if not (pid.isdigit() and int(pid) != os.getpid() and _process_alive(int(pid))):
+                shutil.rmtree(stale, ignore_errors=True)
         tmp = folder / f"{name}.tmp-{os.getpid()}"
         self.scratch = tmp / "scratch"  # source copies and streamed splits while building; gone before the rename
         try:
@@ -570,7 +665,13 @@ class DataPipe:
                     meta["splits"][split]["sha256"] = content_digest(load_from_disk(str(tmp / split)))
                 shutil.rmtree(self.scratch, ignore_errors=True)
                 (tmp / "rafale.json").write_text(json.dumps(meta, indent=2))  # written last: marks the cache complete
-                os.replace(tmp, path)
+                try:
+                    os.replace(tmp, path)
+                except OSError:
+                    if not (path / "rafale.json").is_file():
+                        raise
+                    # another process built the same cache meanwhile (see load): keep theirs, drop ours
+                    shutil.rmtree(tmp, ignore_errors=True)
                 if verbose and path.name != name:
                     print(f"rafale: data cached at {path}")
             except OSError as err:  # a full disk or a read-only folder: the except below removes what was written
@@ -957,7 +1058,8 @@ class ClassificationDataPipe(EncoderDataPipe):
 
     def _describe(self, ds: Dataset) -> dict:
         counts = np.bincount(np.asarray(ds.data.column("label")))
-        return {"examples": len(ds), "examples_per_class": counts.tolist()}
+        tokens = sum(len(chunk.flatten()) for chunk in ds.data.column("input_ids").chunks)
+        return {"examples": len(ds), "examples_per_class": counts.tolist(), "tokens": tokens}
 
     def collator(self, meta: dict):
         return ClassificationCollator(pad_token_id=meta["pad_token_id"])

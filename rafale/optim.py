@@ -10,7 +10,8 @@
 `OPTIMIZERS` below is the registry: a plain dict of name -> factory; adding an optimizer is one function and one
 line. A dotted path (`name: torch.optim.SGD`) names any `torch.optim.Optimizer` class instead. Each factory gets
 the parameter groups and the mapping's other keys, which are checked against the class's own arguments, so a
-typo is a ConfigError naming `training.optimizer.<arg>`.
+typo is a ConfigError naming `training.optimizer.<arg>`. YAML 1.1 reads `5e-3` (no dot) as a string, so a numeric
+string given for an argument that takes a number (by its default or its annotation) becomes that number.
 
 Schedule-free AdamW keeps two sequences of weights: training steps at one (y), evaluation and export want the
 averaged one (x). `schedule_free_switch()` switches the optimizer to train mode for each batch only, so evaluation,
@@ -22,6 +23,8 @@ import importlib
 import inspect
 import math
 import re
+import types
+import typing
 
 import torch
 from torch import nn
@@ -118,8 +121,66 @@ def _import(module: str):
         raise MissingPackage(f"training.optimizer needs the package {module}; install it with {OPTIM_EXTRA}") from None
 
 
+_NUMBER = re.compile(r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?")  # what YAML 1.1 may leave a string: 5e-3
+
+
+def _number(key: str, value, kind: type):
+    """value as a number of `kind` (int or float) when it is a numeric string ('5e-3'); other values unchanged.
+    A string that is not a number is a ConfigError naming training.optimizer.<key>."""
+    if not isinstance(value, str):
+        return value
+    if not _NUMBER.fullmatch(value.strip()):
+        raise ConfigError(f"training.optimizer.{key}", f"expected a number, got {value!r}")
+    number = float(value)
+    # an int argument given as '1e3' gets 1000; '1.5' stays a float, as YAML's 1.5 would, for the class to judge
+    return int(number) if kind is int and number.is_integer() else number
+
+
+def _annotated_types(annotation) -> set:
+    """The plain types an annotation admits (`float | None` -> {float, NoneType}); a postponed (string)
+    annotation by the names it mentions."""
+    if isinstance(annotation, str):
+        return {t for t in (bool, int, float, str) if re.search(rf"\b{t.__name__}\b", annotation)}
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return set().union(*(_annotated_types(a) for a in typing.get_args(annotation)))
+    return {annotation}
+
+
+def _number_kind(parameter: inspect.Parameter) -> type | None:
+    """int or float when the argument takes a number, by its default, else its annotation; None when it does not
+    (or also takes words, like Muon's ns_coeffs='original', whose strings must reach the class as they are)."""
+    default = parameter.default
+    annotated = set() if parameter.annotation is parameter.empty else _annotated_types(parameter.annotation)
+    if str in annotated or isinstance(default, (str, bool)):
+        return None
+    if float in annotated or isinstance(default, float):
+        return float
+    if int in annotated or isinstance(default, int):
+        return int
+    return None
+
+
+def _coerce_arguments(cls, args: dict) -> dict:
+    """args with numeric strings turned into numbers where cls's argument takes a number, element by element for a
+    tuple of numbers (betas: ['9e-1', 0.99])."""
+    parameters = inspect.signature(cls.__init__).parameters
+    out = {}
+    for key, value in args.items():
+        parameter = parameters[key]
+        default = parameter.default
+        if isinstance(value, (list, tuple)) and isinstance(default, tuple) and default and all(
+                isinstance(d, (int, float)) and not isinstance(d, bool) for d in default):
+            kind = float if any(isinstance(d, float) for d in default) else int
+            value = type(value)(_number(key, v, kind) for v in value)  # a YAML list stays a list, as before
+        elif (kind := _number_kind(parameter)) is not None:
+            value = _number(key, value, kind)
+        out[key] = value
+    return out
+
+
 def _construct(cls, groups, defaults: dict, args: dict):
-    """cls(groups, **defaults, **args), after checking that each of args is a named argument of cls."""
+    """cls(groups, **defaults, **args), after checking that each of args is a named argument of cls (and turning
+    numeric strings into numbers where it takes a number)."""
     accepted = {n for n, p in inspect.signature(cls.__init__).parameters.items()
                 if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - {"self", "params"}
     for key in args:
@@ -128,6 +189,7 @@ def _construct(cls, groups, defaults: dict, args: dict):
         if key not in accepted:
             valid = ", ".join(sorted(accepted - set(RESERVED)))
             raise ConfigError(f"training.optimizer.{key}", f"{cls.__name__} has no argument {key!r}; it takes {valid}")
+    args = _coerce_arguments(cls, args)
     try:
         return cls(groups, **(defaults | args))
     except (TypeError, ValueError) as err:
@@ -166,7 +228,7 @@ def muon(groups, t: "TrainingConfig", args: dict, device: str):
     as its authors do. training.lr, betas and eps are the AdamW part's; `lr` in the mapping is Muon's (0.02)."""
     po = _import("pytorch_optimizer")
     args = dict(args)
-    muon_lr = args.pop("lr", 0.02)
+    muon_lr = _number("lr", args.pop("lr", 0.02), float)  # Muon's own lr never reaches _construct's coercion
     if not (isinstance(muon_lr, (int, float)) and muon_lr > 0):
         raise ConfigError("training.optimizer.lr", f"Muon's learning rate must be a positive number, got {muon_lr!r}")
     torch_groups = _with_lr(groups, t.lr, hidden_lr=float(muon_lr))
