@@ -19,7 +19,7 @@ from rafale.config import Config, build_dataclass, load_config
 from rafale.datapipes import PreparedData
 from rafale.errors import RafaleError, WeightsError
 from rafale.models.configurations import PRESETS, model_config_dict, resolve_model_config
-from rafale.models.hf import save_pretrained
+from rafale.models.hf import export_refusal, save_pretrained
 from rafale.resilience import LATEST_CHECKPOINT, batch_number, read_checkpoint
 
 EXPORT_DIR = "export"
@@ -33,6 +33,16 @@ def export_model(model: torch.nn.Module, folder: Path, data: PreparedData) -> Pa
         label_names=data.meta.get("label_names"),
     )
     return folder
+
+
+def say_if_no_export(model: torch.nn.Module) -> str | None:
+    """Before training: one line saying why `model` (the nn.Module) will have no Hugging Face export, if it will
+    not (a research variant still trains; its checkpoints hold the weights), and the reason; None otherwise. The
+    end of the run, which tries the export anyway, says the same."""
+    refusal = export_refusal(model)
+    if refusal is not None:
+        print(f"rafale: no Hugging Face export for this run: {refusal}; the checkpoints will hold the weights")
+    return refusal
 
 
 def latest_checkpoint(run_dir: Path) -> Path:
@@ -102,6 +112,9 @@ def export_main(argv) -> int:
     else:
         raise RafaleError(f"no such run folder or checkpoint: {path}")
     _, data, model = load_run_model(run_dir, checkpoint)
+    refusal = export_refusal(model)
+    if refusal is not None:  # the reason the run gave before it trained
+        raise WeightsError(f"{run_dir}: no Hugging Face export: {refusal}; its checkpoints hold the weights")
     try:
         out = export_model(model, Path(args.out).expanduser() if args.out else run_dir / EXPORT_DIR, data)
     except WeightsError as err:  # the same reason the end of the run gave

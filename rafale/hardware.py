@@ -1,9 +1,15 @@
 """The device's peak FLOP/s, the denominator of MFU (model FLOPs utilization).
 
 GPUs: the datasheet's dense peak for the precision. CPUs have no datasheet number that means anything here, so
-the peak is measured once with a large matmul in the dtype the model computes in (fp32, or bf16 where rafale's CPU
+the peak is measured once with matmuls in the dtype the model computes in (fp32, or bf16 where rafale's CPU
 autocast runs) at the current thread count, and cached in the rafale cache folder (`cpu_peak.json`), keyed by CPU
-model, threads, torch version and dtype.
+model, threads, torch version, dtype and the probe's version. The probe keeps the fastest of many short timings:
+other processes can only slow a matmul down, and a peak measured low makes every MFU high (8.95 GFLOP/s probed on
+a busy machine once gave MFUs of 62-228%).
+
+A run that computes faster than its peak says the peak is wrong (or the FLOPs count): `check_peak` probes the CPU
+again (the console's per-step MFU, rafale.loggers.CheckedSpeedMonitor) and `confirm_peak` also rewrites the cache
+entry (the end-of-run summary); where the run is still above the peak, MFU is unavailable, said in one line.
 """
 
 import json
@@ -86,22 +92,34 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def measure_cpu_peak(n: int = 2048, repeats: int = 10, rounds: int = 3, dtype: torch.dtype = torch.float32) -> float:
-    """FLOP/s of n x n matmuls in `dtype` (2 n^3 FLOPs each): the median of `repeats` timings, taken `rounds`
-    times, keeping the best round, since other processes on the machine can only slow a probe down (and a low
-    peak would inflate every MFU)."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    for _ in range(3):
-        torch.mm(a, b)  # warm-up
-    medians = []
-    for _ in range(rounds):
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            torch.mm(a, b)
-            times.append(time.perf_counter() - start)
-        medians.append(sorted(times)[len(times) // 2])
-    return 2 * n**3 / min(medians)
+# Matrix sides the probe multiplies, each timed many times: the fastest side depends on the dtype and the
+# machine (on this project's EPYC, one thread: fp32 about the same at every side, ~100 GFLOP/s; bf16 477 GFLOP/s
+# at 512, 412 at 2048), and a short matmul is more likely than a long one to run while no other process does.
+PROBE_SIZES = (512, 1024, 2048)
+PROBE_ROUND_S = 0.25  # a round of timings of one side stops after this long (but times `repeats` at most)
+PROBE_VERSION = 2  # in the cache key: peaks cached by the median-of-long-timings probe (version 1) are probed again
+
+
+def measure_cpu_peak(n: int | None = None, repeats: int = 20, rounds: int = 3, dtype: torch.dtype = torch.float32) -> float:
+    """FLOP/s of the fastest single n x n matmul in `dtype` (2 n^3 FLOPs): `rounds` rounds, a short pause apart,
+    of up to `repeats` timings (PROBE_ROUND_S at most) for each side (n, or each of PROBE_SIZES). The maximum over
+    all timings, not a median: other processes on the machine can only slow a timing down, never speed it up."""
+    best = 0.0
+    for side in (n,) if n else PROBE_SIZES:
+        a, b = torch.randn(side, side, dtype=dtype), torch.randn(side, side, dtype=dtype)
+        torch.mm(a, b)  # warm-up: the first call of a shape allocates and packs
+        for round_ in range(rounds):
+            if round_:
+                time.sleep(0.02)  # another moment of the other processes' load
+            round_end = time.perf_counter() + PROBE_ROUND_S
+            for _ in range(repeats):
+                start = time.perf_counter()
+                torch.mm(a, b)
+                end = time.perf_counter()
+                best = max(best, 2 * side**3 / (end - start))
+                if end >= round_end:
+                    break
+    return best
 
 
 def cached_cpu_peaks(cache_dir: Path) -> dict:
@@ -112,21 +130,28 @@ def cached_cpu_peaks(cache_dir: Path) -> dict:
 
 
 def cpu_peak_key(dtype: torch.dtype = torch.float32) -> str:
-    key = f"{cpu_model()} | threads {torch.get_num_threads()} | torch {torch.__version__}"
+    key = f"{cpu_model()} | threads {torch.get_num_threads()} | torch {torch.__version__} | probe {PROBE_VERSION}"
     return key if dtype == torch.float32 else f"{key} | {str(dtype).removeprefix('torch.')}"
 
 
-def cpu_peak_flops(cache_dir: Path, reprobe: bool = False, dtype: torch.dtype = torch.float32) -> float:
-    key = cpu_peak_key(dtype)
+def write_cpu_peak(cache_dir: Path, dtype: torch.dtype, peak: float) -> None:
+    """Set this machine's cached peak of `dtype` in cpu_peak.json (written aside and renamed: other runs read it)."""
     path = Path(cache_dir) / "cpu_peak.json"
     cached = cached_cpu_peaks(cache_dir)
-    if reprobe or not isinstance(cached.get(key), float):
-        cached[key] = measure_cpu_peak(dtype=dtype)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(cached, indent=2))
-        tmp.replace(path)
-    return cached[key]
+    cached[cpu_peak_key(dtype)] = float(peak)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(cached, indent=2))
+    tmp.replace(path)
+
+
+def cpu_peak_flops(cache_dir: Path, reprobe: bool = False, dtype: torch.dtype = torch.float32) -> float:
+    """The cached CPU peak of `dtype`, probed (and cached) when there is none or `reprobe` asks."""
+    cached = cached_cpu_peaks(cache_dir).get(cpu_peak_key(dtype))
+    if reprobe or not isinstance(cached, float):
+        cached = measure_cpu_peak(dtype=dtype)
+        write_cpu_peak(cache_dir, dtype, cached)
+    return cached
 
 
 def peak_flops(device: str, precision: str, cache_dir: Path, cpu_dtype: torch.dtype | None = None) -> float | None:
@@ -135,3 +160,44 @@ def peak_flops(device: str, precision: str, cache_dir: Path, cpu_dtype: torch.dt
     if device == "gpu":
         return gpu_peak_flops(precision)
     return cpu_peak_flops(cache_dir, dtype=cpu_dtype or torch.float32)
+
+
+def check_peak(achieved_flops_per_s: float, peak: float | None, device: str, cpu_dtype: torch.dtype | None = None,
+               cache_dir: Path | None = None) -> float | None:
+    """The peak to divide `achieved_flops_per_s` (a run's FLOP/s per device) by, given the `peak` it was measured
+    against: `peak` itself when the run stayed at or below it, or None when there is none.
+
+    A run above its peak means the peak or the FLOPs count is wrong. On a CPU the probe may have run while the
+    machine was busy, so it is probed again (the best of the old and the new probe; with `cache_dir`, written to
+    its cpu_peak.json), one line says so, and the new peak is returned if the run is below it. Otherwise (and
+    always on a GPU, whose datasheet peak cannot be beaten) the line says that MFU is unavailable, and None."""
+    if not peak or achieved_flops_per_s <= peak:
+        return peak or None
+    achieved = f"{achieved_flops_per_s / 1e9:,.1f} GFLOP/s"
+    if device == "gpu":
+        print(f"rafale: MFU unavailable: the run computed {achieved} per GPU, above the datasheet peak of "
+              f"{peak / 1e9:,.0f} GFLOP/s (rafale/hardware.py GPU_PEAKS); the model's FLOPs count must be wrong")
+        return None
+    dtype = cpu_dtype or torch.float32
+    new = max(peak, measure_cpu_peak(dtype=dtype))
+    where = ""
+    if cache_dir is not None:
+        write_cpu_peak(cache_dir, dtype, new)
+        where = f", now in {Path(cache_dir) / 'cpu_peak.json'}"
+    still_above = achieved_flops_per_s > new
+    verdict = ("; MFU unavailable: the run is faster still, so the peak or the model's FLOPs count (flops_per_token) "
+               "is wrong") if still_above else ""
+    name = str(dtype).removeprefix("torch.")
+    print(f"rafale: the run computed {achieved}, above the CPU's {name} matmul peak of {peak / 1e9:,.1f} GFLOP/s "
+          f"(probed while the machine was busy?); probed again: {new / 1e9:,.1f} GFLOP/s{where}{verdict}")
+    return None if still_above else new
+
+
+def confirm_peak(achieved_flops_per_s: float, device: str, precision: str, cache_dir: Path,
+                 cpu_dtype: torch.dtype | None = None) -> float | None:
+    """The peak a run's MFU is against, once the run has measured `achieved_flops_per_s` per device: what
+    `peak_flops` gives (the cached probe on a CPU) when the run stayed below it; when the run went faster, the CPU
+    is probed again, cpu_peak.json rewritten, and the new peak returned, or None (MFU unavailable) if the run is
+    still above it. Each case that is not the plain one prints one line (see check_peak)."""
+    return check_peak(achieved_flops_per_s, peak_flops(device, precision, cache_dir, cpu_dtype), device, cpu_dtype,
+                      cache_dir if device != "gpu" else None)

@@ -7,8 +7,15 @@ the end. `ConsoleLog` is what a person reads: one line per log interval and one 
     [ 120/400  30%] loss 2.3412 | 10,030 tok/s | MFU 37.1% | lr 9.1e-04 | 1.2 min elapsed, 2.9 min left
     [ 200/400  50%] validation: loss 1.0100 | perplexity 2.75 | bits/byte 0.412
 
-and on a terminal a progress bar that carries the same fields. Both only read what Composer's callbacks
-(SpeedMonitor, LRMonitor, RuntimeEstimator) and the evaluation already log; neither changes it.
+and on a terminal a progress bar that carries the same fields. Both only read what the callbacks and the
+evaluation log; neither changes it. Two of those callbacks are here:
+
+- `LearningRates` logs the learning rate each batch was trained at: `lr-base`, training.lr as scheduled (the
+  console's `lr`), and every param group's under a name that says which group it is (`lr-AdamW/group0-decay`,
+  `lr-Muon/group0-muon-decay`, `lr-AdamW/group2-block0-decay` under layer decay), as applied: a schedule-free
+  optimizer's warmup included.
+- `CheckedSpeedMonitor` is Composer's SpeedMonitor (tokens/s, FLOP/s, MFU over a window of batches) whose MFU
+  never goes above 100% unremarked: a window faster than the peak probes the CPU again (rafale.hardware.check_peak).
 """
 
 import json
@@ -16,10 +23,13 @@ import math
 import sys
 from pathlib import Path
 
-from composer.core import Event, State, TimeUnit
+from composer.callbacks import SpeedMonitor
+from composer.core import Callback, Event, State, TimeUnit
 from composer.loggers import Logger, LoggerDestination
 from composer.utils.misc import create_interval_scheduler
 
+from rafale.hardware import check_peak
+from rafale.optim import layer_depth, num_blocks
 from rafale.plots import METRICS_FILE, plot_run
 
 
@@ -92,7 +102,8 @@ def format_train_line(metrics: dict, elapsed_s: float) -> str:
         parts.append(f"{metrics['throughput/tokens_per_sec']:,.0f} tok/s")
     if "throughput/device/mfu" in metrics:
         parts.append(f"MFU {metrics['throughput/device/mfu']:.1%}")
-    lr = next((v for k, v in metrics.items() if k.startswith("lr-")), None)
+    # training.lr as scheduled (LearningRates); a group's rate only where nothing logs the base one
+    lr = metrics.get(BASE_LR, next((v for k, v in metrics.items() if k.startswith("lr-")), None))
     if lr is not None:
         parts.append(f"lr {lr:.1e}")
     timing = f"{elapsed_s / 60:.1f} min elapsed"
@@ -164,6 +175,10 @@ class ConsoleLog(LoggerDestination):
                 self.bar.set_postfix_str(line, refresh=True)
             else:
                 self._print(f"{self._prefix(state)} {line}")
+            # SpeedMonitor's figures are over its window as of the batch that logged them: a line shows fresh ones
+            # only (no MFU from before CheckedSpeedMonitor found the peak wrong)
+            for name in [n for n in self.latest if n.startswith("throughput/")]:
+                del self.latest[name]
 
     def eval_end(self, state: State, logger: Logger) -> None:
         self._print(f"{self._prefix(state)} {format_eval_line(self.latest)}")
@@ -177,3 +192,107 @@ class ConsoleLog(LoggerDestination):
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+# ----------------------------------------------------------------------------------------------------
+# callbacks that log what the console shows
+
+
+BASE_LR = "lr-base"  # training.lr as scheduled, what the console's `lr` shows
+
+
+def applied_lr(group: dict) -> float:
+    """The rate a param group's last step applied. Schedule-free optimizers warm up inside step(), from the group's
+    `lr` (which rafale's schedule holds constant for them), and record what they applied as `scheduled_lr`."""
+    return float(group.get("scheduled_lr", group["lr"]))
+
+
+def base_group(optimizer) -> dict:
+    """The param group that learns at training.lr itself: the highest initial rate among the groups that are not
+    Muon's (layer decay only lowers rates, training.layer_decay being at most 1, and leaves the head at training.lr;
+    Muon's own groups, at its 0.02, are marked use_muon)."""
+    groups = [g for g in optimizer.param_groups if not g.get("use_muon", False)] or optimizer.param_groups
+    return max(groups, key=lambda g: g.get("initial_lr", g["lr"]))
+
+
+def group_label(group: dict, names: list[str], num_layers: int) -> str:
+    """Which parameters a group holds, in a few words joined by '-': Muon's part or AdamW's (under Muon); the
+    embeddings, block i or the head when they are all at one depth (layer decay); decayed or not."""
+    parts = ["muon" if group["use_muon"] else "adamw"] if "use_muon" in group else []
+    depths = {layer_depth(name, num_layers) for name in names}
+    if len(depths) == 1:
+        depth = depths.pop()
+        parts.append("embeddings" if depth == 0 else "head" if depth == num_layers + 1 else f"block{depth - 1}")
+    parts.append("decay" if group.get("weight_decay") else "no_decay")
+    return "-".join(parts)
+
+
+class LearningRates(Callback):
+    """After each batch, the learning rates it was trained at: `lr-base` (training.lr as scheduled, the console's
+    `lr`) and each param group's applied rate as `lr-<optimizer class>/group<i>-<group_label>`.
+
+    (Composer's LRMonitor logs each group's `lr` by its index only: a schedule-free warmup read as a flat rate, and
+    the console's `lr`, group 0's, was the embeddings' reduced rate under layer decay and Muon's 0.02 under Muon.)"""
+
+    def __init__(self):
+        self.names: list[list[str]] | None = None  # per optimizer, per group: its metric name
+
+    def group_names(self, state: State) -> list[list[str]]:
+        model = getattr(state.model, "module", state.model)  # under DDP, the wrapped model
+        param_names = {id(p): name for name, p in model.named_parameters()}
+        num_layers = num_blocks(model)
+        return [[f"lr-{type(optimizer).__name__}/group{i}-"
+                 + group_label(group, [param_names[id(p)] for p in group["params"] if id(p) in param_names], num_layers)
+                 for i, group in enumerate(optimizer.param_groups)]
+                for optimizer in state.optimizers]
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        if not state.optimizers:
+            return
+        if self.names is None:
+            self.names = self.group_names(state)
+        metrics = {BASE_LR: applied_lr(base_group(state.optimizers[0]))}
+        for optimizer, names in zip(state.optimizers, self.names):
+            metrics.update((name, applied_lr(group)) for name, group in zip(names, optimizer.param_groups))
+        logger.log_metrics(metrics)
+
+
+class _Collect:
+    """A stand-in for Composer's Logger that keeps what is logged (CheckedSpeedMonitor checks it before it goes on)."""
+
+    def __init__(self):
+        self.metrics: dict = {}
+
+    def log_metrics(self, metrics: dict, step=None) -> None:
+        self.metrics.update(metrics)
+
+
+class CheckedSpeedMonitor(SpeedMonitor):
+    """Composer's SpeedMonitor (window_size batches per figure) with MFU against `peak`, which it checks: a window
+    that computed faster than the peak has rafale.hardware.check_peak probe the CPU again (one line), and the MFU
+    goes on against the new peak, or stops being logged where the run is still faster (the peak or the FLOPs count
+    is wrong; one line says so). So the console never shows an MFU above 100%. `device`: 'cpu' or 'gpu';
+    `cache_dir`: the rafale cache whose cpu_peak.json gets the new peak (None: the new peak serves this run only)."""
+
+    def __init__(self, window_size: int, peak: float | None, device: str, cache_dir: Path | None = None):
+        super().__init__(window_size=window_size, gpu_flops_available=peak)
+        self.device = device
+        self.cache_dir = cache_dir
+
+    def batch_end(self, state: State, logger: Logger) -> None:
+        window = _Collect()
+        super().batch_end(state, window)
+        metrics = window.metrics
+        achieved = metrics.get("throughput/device/flops_per_sec")
+        if achieved is not None and self.gpu_flops_available and achieved > self.gpu_flops_available:
+            model = getattr(state.model, "module", state.model)
+            # the dtype the probe must multiply in: the model's own CPU autocast (bf16), else fp32
+            self.gpu_flops_available = check_peak(achieved, self.gpu_flops_available, self.device,
+                                                  getattr(model, "autocast_dtype", None), self.cache_dir)
+            metrics.pop("throughput/device/mfu", None)
+            if self.gpu_flops_available:
+                metrics["throughput/device/mfu"] = achieved / self.gpu_flops_available
+            # the next window starts after the probe, whose seconds are no training time
+            for history in (self.history_samples, self.history_tokens, self.history_wct, self.history_flops):
+                history.clear()
+        logger.log_metrics(metrics)

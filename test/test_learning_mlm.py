@@ -70,7 +70,7 @@ def test_mlm_learns_as_the_hf_reference_does_in_a_plain_loop(tmp_path, cache_dir
 
     # rafale ran the reference's schedule: metrics.jsonl's row `step` holds the lr of batch step - 1
     rows = [json.loads(line) for line in (tmp_path / "runs" / "mlm" / "metrics.jsonl").read_text().splitlines()]
-    logged = {row["step"] - 1: row["lr-AdamW/group0"] for row in rows if "lr-AdamW/group0" in row}
+    logged = {row["step"] - 1: row["lr-base"] for row in rows if "lr-base" in row}  # training.lr as scheduled
     assert len(logged) == STEPS
     for step, lr in logged.items():
         assert lr == pytest.approx(cfg.training.lr * learning_mlm.lr_factor(step, WARMUP, STEPS, "cosine", 0.1),

@@ -21,7 +21,7 @@ def test_run_folder_has_metrics_plots_and_a_summary(tmp_path, cache_dir, capsys,
     series = read_metrics(run)
     assert [step for step, _ in series["metrics/eval/LanguageCrossEntropy"]] == [0, 10, 20]
     assert len(series["loss/train/total"]) == 20 and series["time/token"][-1] == (20, 20 * 8 * 64)
-    assert series["throughput/tokens_per_sec"] and series["lr-AdamW/group0"]
+    assert series["throughput/tokens_per_sec"] and series["lr-base"] and series["lr-AdamW/group0-decay"]
     png = (run / "metrics.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
     # the summary: parameters, tokens, speed and MFU, best validation loss, where things are

@@ -414,8 +414,18 @@ class GPTNeoX(nn.Module):
         return n - self.embed_in.weight.numel() if non_embedding else n
 
     def flops_per_token(self, seq_len: int) -> int:
-        """Training FLOPs per token: 6N for the weights plus 12 * L * T * C for attention (PaLM, appendix B)."""
-        return 6 * self.num_params() + 12 * self.cfg.num_layers * seq_len * self.cfg.hidden_size
+        """Matmul FLOPs per token of a training step at sequence length seq_len: 3x the forward's (the backward
+        multiplies twice as much), 2 FLOPs per multiply-add. Per layer: q, k, v (3 C^2 multiply-adds), attention
+        scores and values (2 T C), the output projection (C^2), the MLP (2 C I); then embed_out (C V, every token).
+        embed_in is a lookup; biases, norms and the softmax are not matmuls (a few percent more work, uncounted).
+
+        The attention term is PaLM's (appendix B: 6N + 12 L T C) and is not halved for the causal mask: it is the
+        convention published MFUs use, bench/ divides rafale's and HF's times by this same count, and the CPU's
+        attention kernels do not all skip the masked half either."""
+        c = self.cfg
+        C, L, T = c.hidden_size, c.num_layers, seq_len
+        per_layer = 3 * C * C + 2 * T * C + C * C + 2 * C * c.intermediate_size
+        return 6 * (L * per_layer + C * c.vocab_size)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -243,7 +243,8 @@ def padding_mask(attention_mask):
 
 
 class EncoderModule(nn.Module):
-    """What every model below shares: the config, HF's initialisation, and the parameter count for FLOPs."""
+    """What every model below shares: the config, HF's initialisation, the parameter count and the FLOPs count
+    (each head adds its own, `head_macs_per_token`)."""
 
     def __init__(self, cfg: EncoderConfig):
         super().__init__()
@@ -281,9 +282,21 @@ class EncoderModule(nn.Module):
             )
         return n
 
-    def flops_per_token(self, seq_len: int) -> int:
-        """Training FLOPs per token: 6N for the weights plus 12 * L * T * C for attention (PaLM, appendix B)."""
-        return 6 * self.num_params() + 12 * self.cfg.num_layers * seq_len * self.cfg.hidden_size
+    def flops_per_token(self, seq_len: int) -> float:
+        """Matmul FLOPs per token of a training step at sequence length seq_len: 3x the forward's (the backward
+        multiplies twice as much), 2 FLOPs per multiply-add. Per layer: query, key, value (3 C^2 multiply-adds),
+        attention scores and values over all T positions (2 T C: bidirectional, nothing masked), the attention's
+        output dense (C^2), the MLP (2 C I); then the head's (`head_macs_per_token`). The embeddings are lookups;
+        biases, norms and the softmax are not matmuls (a few percent more work, uncounted)."""
+        c = self.cfg
+        C, T = c.hidden_size, seq_len
+        per_layer = 3 * C * C + 2 * T * C + C * C + 2 * C * c.intermediate_size
+        return 6 * (c.num_layers * per_layer + self.head_macs_per_token(seq_len))
+
+    def head_macs_per_token(self, seq_len: int) -> float:
+        """Multiply-adds per token of what follows the encoder: none for the bare encoder (its pooler is built for
+        the checkpoints, not called)."""
+        return 0
 
 
 class BertModel(EncoderModule):
@@ -354,6 +367,11 @@ class BertForMaskedLM(EncoderModule):
     def forward(self, input_ids, attention_mask=None, token_type_ids=None):
         return self.cls["predictions"](self.bert(input_ids, attention_mask, token_type_ids))
 
+    def head_macs_per_token(self, seq_len: int) -> float:
+        # the transform's dense (C^2), then the decoder (C V, tied to the word embeddings) on every token: the
+        # logits of all positions are computed, the loss reads the masked ones
+        return self.cfg.hidden_size * (self.cfg.hidden_size + self.cfg.vocab_size)
+
 
 class BertForSequenceClassification(EncoderModule):
     """forward(input_ids, attention_mask, token_type_ids) -> logits (B, num_labels), from the pooled [CLS]."""
@@ -369,6 +387,10 @@ class BertForSequenceClassification(EncoderModule):
     def forward(self, input_ids, attention_mask=None, token_type_ids=None):
         pooled = self.bert.pooler(self.bert(input_ids, attention_mask, token_type_ids))  # (B, C)
         return self.classifier(self.dropout(pooled))  # (B, num_labels)
+
+    def head_macs_per_token(self, seq_len: int) -> float:
+        # the pooler (C^2) and the classifier (C x num_labels) run once per sequence, on its first token
+        return self.cfg.hidden_size * (self.cfg.hidden_size + self.cfg.num_labels) / seq_len
 
 
 class RobertaLMHead(nn.Module):
@@ -398,6 +420,10 @@ class RobertaForMaskedLM(EncoderModule):
     def forward(self, input_ids, attention_mask=None, token_type_ids=None):
         return self.lm_head(self.roberta(input_ids, attention_mask, token_type_ids))
 
+    def head_macs_per_token(self, seq_len: int) -> float:
+        # dense (C^2), then the decoder tied to the word embeddings (C V), on every token
+        return self.cfg.hidden_size * (self.cfg.hidden_size + self.cfg.vocab_size)
+
 
 class RobertaClassificationHead(nn.Module):
     """BERT's pooler and classifier in one module: RoBERTa has no next-sentence task to pretrain a pooler."""
@@ -426,6 +452,10 @@ class RobertaForSequenceClassification(EncoderModule):
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None):
         return self.classifier(self.roberta(input_ids, attention_mask, token_type_ids))
+
+    def head_macs_per_token(self, seq_len: int) -> float:
+        # dense (C^2) and out_proj (C x num_labels), once per sequence, on its <s> token
+        return self.cfg.hidden_size * (self.cfg.hidden_size + self.cfg.num_labels) / seq_len
 
 
 MODEL_CLASSES = {

@@ -9,6 +9,10 @@ Loading is strict both ways: every tensor of the rafale model must be found with
 the files must be used, except the buffers listed in each layout's `ignored` (each one says why). All the
 problems are gathered and raised as one `WeightsError`, so a wrong checkpoint is diagnosed in one go.
 
+Writing refuses (`export_refusal`, which a run also asks before it trains) any model transformers would load as
+something else: a module class the family's file does not define, or a config field whose value does not come
+back equal through the config.json written (model.norm: rmsnorm on GPT-NeoX, a variant's new field).
+
 Supported: GPTNeoXForCausalLM (Pythia), BERT / RoBERTa as Model, ForMaskedLM, ForSequenceClassification, and
 CLIPModel / SiglipModel (their name maps and config.json readers live in clip.py; this file dispatches to them).
 This file reads and writes the formats only; it never imports transformers (the tests use it as a reference).
@@ -647,6 +651,85 @@ def check_exportable(model: nn.Module) -> str:
     return architecture
 
 
+# Config fields that only set up training, or that the export writes from elsewhere: the round trip below does not
+# hold them to come back equal
+TRAINING_ONLY_FIELDS = (
+    "vocab_size",  # the export has the tokenizer's vocabulary: the padding rows (to a multiple of 64) are cut off
+    "init_std",  # how the weights started; the weights themselves are exported
+    "hidden_dropout", "attention_dropout", "classifier_dropout",  # training only (transformers' eval mode)
+    "num_labels",  # a masked LM's unused default; a classifier's is its head's shape and id2label, exported
+    "logit_scale_init", "logit_bias_init",  # CLIP/SigLIP: the starting values of parameters that are exported
+)
+_MISSING = object()
+
+
+def config_round_trip(cfg, architecture: str):
+    """`cfg` as transformers would read it back from the config.json save_pretrained writes: the rafale config
+    turned into that dict, through JSON, and read again as from_pretrained reads it. A WeightsError where the
+    reader refuses it."""
+    family, head = ARCHITECTURES[architecture]
+    here = Path("config.json")
+    if family == "gpt_neox":
+        return decoder_config_from_hf(json.loads(json.dumps(decoder_config_to_hf(cfg, cfg.vocab_size))), here)
+    if head == "contrastive":
+        return contrastive_config_from_hf(json.loads(json.dumps(clip.config_to_hf(cfg))))
+    hf = encoder_config_to_hf(cfg, architecture, cfg.vocab_size, None)
+    return encoder_config_from_hf(json.loads(json.dumps(hf)), family, here)
+
+
+def lost_fields(cfg, back, where: str = "model.") -> list[tuple[str, object, object]]:
+    """(key, value, value read back) of each field of `cfg` that `back` does not give back equal, training-only
+    fields left out, nested configs (CLIP's towers) field by field. A field that `back` lacks (one a dataclass
+    subclass added) comes back as its default: what an export that cannot say it would load."""
+    lost = []
+    for f in dataclasses.fields(cfg):
+        if f.name in TRAINING_ONLY_FIELDS:
+            continue
+        value = getattr(cfg, f.name)
+        if hasattr(back, f.name):
+            returned = getattr(back, f.name)
+        elif f.default is not dataclasses.MISSING:
+            returned = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            returned = f.default_factory()
+        else:
+            returned = _MISSING
+        if dataclasses.is_dataclass(value) and dataclasses.is_dataclass(returned):
+            lost += lost_fields(value, returned, f"{where}{f.name}.")
+        elif value != returned:
+            lost.append((where + f.name, value, "nothing" if returned is _MISSING else returned))
+    return lost
+
+
+def export_refusal(model: nn.Module) -> Optional[str]:
+    """Why save_pretrained would refuse `model`, in a sentence, or None when it would write it. rafale's training
+    asks before the first batch (so a run learns it before hours of training, not after them).
+
+    Two checks, both general. The modules: a class the family's file does not define (check_exportable). The
+    config: each field must come back equal through the config.json transformers reads (config_round_trip), so
+    a field HF's class cannot express (model.norm: rmsnorm, or a variant's new field at another value than its
+    default) is named with its value, instead of being written as a plain GPT-NeoX or BERT that computes
+    something else once loaded."""
+    try:
+        architecture = check_exportable(model)
+    except WeightsError as err:
+        return str(err).removeprefix("save_pretrained: ")
+    return config_refusal(model.cfg, architecture)
+
+
+def config_refusal(cfg, architecture: str) -> Optional[str]:
+    """export_refusal's config half: each field of `cfg` that `architecture`'s config.json cannot express, named
+    with its value and what an export would load instead; None when every field comes back."""
+    try:
+        lost = lost_fields(cfg, config_round_trip(cfg, architecture))
+    except WeightsError as err:  # a value transformers' reader refuses outright
+        return str(err)
+    if not lost:
+        return None
+    return "; ".join(f"{architecture} has no {value} for {key} (an export would load as {returned})"
+                     for key, value, returned in lost)
+
+
 def vocab_rows(architecture: str) -> tuple:
     """HF names of the tensors with one row per token: sliced when exporting fewer tokens than the model has."""
     family, head = ARCHITECTURES[architecture]
@@ -695,14 +778,15 @@ def save_pretrained(
     of 64); the extra rows are left out. Files are written to a temporary folder beside `folder` and renamed
     into place, so an interrupted export leaves nothing half-written; an existing non-empty `folder` is
     replaced only with overwrite=True. label_names: a classifier's class names, in id order (config.json's id2label).
+    A model transformers would load as something else is a WeightsError saying why (export_refusal).
     """
-    architecture = check_exportable(model)
+    refusal = export_refusal(model)  # a module or a config value transformers' class would not reproduce
+    if refusal is not None:
+        raise WeightsError(f"save_pretrained: {refusal}")
+    architecture = architecture_of(model)
     if ARCHITECTURES[architecture][1] == "contrastive":
         return save_contrastive(model, Path(folder).expanduser(), tokenizer, dtype, vocab_size, overwrite)
     cfg = model.cfg
-    if getattr(cfg, "norm", "layernorm") != "layernorm":
-        raise WeightsError(f"save_pretrained: {architecture} has no {cfg.norm} (model.norm); transformers would load "
-                           "LayerNorms in its place, so rafale writes no such export (use the run's checkpoints)")
     vocab_size = cfg.vocab_size if vocab_size is None else vocab_size
     if not 0 < vocab_size <= cfg.vocab_size:
         raise WeightsError(f"save_pretrained: vocab_size must be in [1, {cfg.vocab_size}], got {vocab_size}")
