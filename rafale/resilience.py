@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from composer import Callback
 from composer.callbacks import CheckpointSaver
+from composer.utils import dist
 
 from rafale.errors import CheckpointError, RafaleError
 
@@ -63,6 +64,9 @@ class StopOnSignal(Callback):
     evaluation), so the run can be resumed.
 
     The handlers only set a flag (nothing is saved from inside a signal handler); a second SIGINT interrupts at once.
+    With several processes the flag is shared after each batch (a MAX all-reduce of one number): a scheduler's
+    SIGTERM reaches the processes of a job at slightly different times, and a process that stopped a batch before
+    the others would leave them waiting in that batch's collectives.
     """
 
     def __init__(self, save: bool):
@@ -88,6 +92,10 @@ class StopOnSignal(Callback):
               "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
 
     def batch_checkpoint(self, state, logger):
+        if dist.get_world_size() > 1:  # every process stops after the same batch, whichever ones got the signal
+            signum = state.device.tensor_to_device(torch.tensor([self.signum or 0]))
+            dist.all_reduce(signum, reduce_operation="MAX")
+            self.signum = int(signum.item()) or None
         if self.signum is None:
             return
         if self.save:
@@ -120,13 +128,13 @@ def batch_number(checkpoint: Path) -> int:
     return int(checkpoint.name.split("-ba")[1].split("-")[0])
 
 
-def check_resume_checkpoint(folder: Path, fallback: bool, trust: bool = False) -> None:
-    """Before autoresume loads the latest checkpoint: stop with a clear error if it is unreadable, or with
-    run.resume_fallback set it aside and point autoresume at the newest readable one before it. A whole checkpoint
+def check_resume_checkpoint(folder: Path, fallback: bool, trust: bool = False) -> Path | None:
+    """The checkpoint a run resumes from (None: there is none): the latest one, checked first. An unreadable one is
+    a clear error, or with run.resume_fallback set aside for the newest readable one before it. A whole checkpoint
     that holds more than Composer stores is refused (check_checkpoint_safe)."""
     latest = folder / LATEST_CHECKPOINT
     if not latest.is_symlink() and not latest.exists():
-        return
+        return None
     target = latest.resolve()
     # a checkpoint newer than the symlink was being written when the run was killed; Composer refuses to train
     # into a folder that holds one (FileExistsError), so set it aside
@@ -137,7 +145,7 @@ def check_resume_checkpoint(folder: Path, fallback: bool, trust: bool = False) -
     problem = checkpoint_readable(target) if target.exists() else "it does not exist"
     if problem is None:
         check_checkpoint_safe(target, "autoresume", trust)
-        return
+        return target
     if not fallback:
         raise CheckpointError(
             f"cannot resume: the latest checkpoint {target} is unreadable ({problem}), probably cut short by a crash; "
@@ -152,9 +160,10 @@ def check_resume_checkpoint(folder: Path, fallback: bool, trust: bool = False) -
             check_checkpoint_safe(candidate, "autoresume", trust)
             os.symlink(candidate.name, latest)
             print(f"rafale: resuming from the previous checkpoint {candidate}")
-            return
+            return candidate
         print(f"rafale: {candidate} is unreadable too; skipping it")
     print(f"rafale: no readable checkpoint left in {folder}; starting from the beginning")
+    return None
 
 
 def read_checkpoint(path: Path) -> dict:

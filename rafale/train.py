@@ -9,6 +9,7 @@ loggers, checkpoints and autoresume), fit, and the Hugging Face export. What the
 
 import dataclasses
 import json
+import os
 import shutil
 import signal
 import sys
@@ -21,7 +22,7 @@ from pathlib import Path
 import torch
 from composer import DataSpec, Trainer
 from composer.algorithms import GradientClipping
-from composer.callbacks import LRMonitor, MemoryMonitor, RuntimeEstimator, SpeedMonitor
+from composer.callbacks import MemoryMonitor, RuntimeEstimator
 from composer.optim import (
     ConstantScheduler,
     ConstantWithWarmupScheduler,
@@ -36,9 +37,9 @@ from torch.utils.data import DataLoader
 from rafale.config import Config, pretrained_folder, save_config
 from rafale.datapipes import PreparedData, cache_root, datapipe_for
 from rafale.errors import IGNORE_INDEX, ConfigError, DataError, RafaleError, WeightsError
-from rafale.hardware import peak_flops
+from rafale.hardware import confirm_peak, peak_flops
 from rafale.models.configurations import model_config_dict
-from rafale.loggers import ConsoleLog, MetricsFile
+from rafale.loggers import CheckedSpeedMonitor, ConsoleLog, LearningRates, MetricsFile
 from rafale.export import EXPORT_DIR, export_model, latest_checkpoint, write_model_file
 from rafale.optim import batches_in, build_optimizer, is_schedule_free, schedule_free_switch
 from rafale.record import (ResumeConflict, RunClock, RunRecord, compact_metrics, describe, eval_folder, read_summary,
@@ -184,14 +185,7 @@ def make_loggers(cfg: Config, run_dir: Path) -> list:
     if "wandb" in cfg.run.loggers:
         from composer.loggers import WandBLogger
 
-        class MetricsOnlyWandBLogger(WandBLogger):
-            """Checkpoints live in the run folder: autoresume must not ask W&B for one (that fails offline)."""
-
-            def download_file(self, *args, **kwargs):
-                raise FileNotFoundError("rafale keeps checkpoints in the run folder")
-
-        loggers.append(MetricsOnlyWandBLogger(project=cfg.run.wandb_project, name=run_dir.name,
-                                              init_kwargs={"dir": str(run_dir)}))
+        loggers.append(WandBLogger(project=cfg.run.wandb_project, name=run_dir.name, init_kwargs={"dir": str(run_dir)}))
     return loggers
 
 
@@ -219,6 +213,10 @@ def run(cfg: Config, data: PreparedData, model, collator, debug: bool = False,
     run_name = cfg.run.name + ("-debug" if debug else "")
     save = not debug
     run_dir = Path(cfg.run.output_dir).expanduser() / run_name
+    if cfg.run.restart and dist.get_global_rank() == 0:
+        set_run_folder_aside(run_dir)
+    if dist.get_world_size() > 1:
+        check_shared_run_folder(run_dir)
     changes, complete = check_run_folder(cfg, data, model, run_dir, save)
     if complete is not None:  # a re-run of a finished run: nothing to train, and its record stays as it is
         unapplied = f"; not applied, since nothing is left to train: {', '.join(changes)}" if changes else ""
@@ -241,19 +239,26 @@ def run(cfg: Config, data: PreparedData, model, collator, debug: bool = False,
 
 
 def mfu_of(model, cfg: Config, placement: "Placement", peak: float | None):
-    """tokens/s -> model FLOPs utilization against the device's peak, or None without a peak or a FLOPs count."""
+    """tokens/s over the run -> model FLOPs utilization against the device's peak, or None without a peak or a FLOPs
+    count. A run that measures above the cached peak has the CPU probed again (rafale.hardware.confirm_peak): an
+    MFU above 100% is a wrong peak, and is never reported."""
     flops_per_token = getattr(model.model, "flops_per_token", None)
     if not peak or flops_per_token is None:
         return None
-    return lambda tokens_per_s: tokens_per_s * flops_per_token(cfg.data.block_size) / (peak * placement.world)
+
+    def mfu(tokens_per_s: float) -> float | None:
+        achieved = tokens_per_s * flops_per_token(cfg.data.block_size) / placement.world  # per device
+        confirmed = confirm_peak(achieved, placement.device, placement.precision, cache_root(cfg.data.cache_dir),
+                                 placement.autocast_dtype)
+        return achieved / confirmed if confirmed else None
+
+    return mfu
 
 
 def check_run_folder(cfg: Config, data: PreparedData, model, run_dir: Path, save: bool) -> tuple[dict, dict | None]:
-    """Before anything in RUN is written: set it aside (run.restart), or check what a resume of its checkpoints
-    would change (rafale.record.resume_changes: a ResumeConflict for anything it may not). Returns (the config
-    changes a resume applies, the run's summary when it is already complete under this config, else None)."""
-    if cfg.run.restart and dist.get_global_rank() == 0:
-        set_run_folder_aside(run_dir)
+    """Before anything in RUN is written: check what a resume of its checkpoints would change
+    (rafale.record.resume_changes: a ResumeConflict for anything it may not). Returns (the config changes a resume
+    applies, the run's summary when it is already complete under this config, else None)."""
     previous = read_summary(run_dir)
     if not save or not list(run_dir.glob("checkpoints/*.pt")):
         if save and previous is not None and previous.get("status") == "complete":
@@ -266,6 +271,35 @@ def check_run_folder(cfg: Config, data: PreparedData, model, run_dir: Path, save
                 and batch_number(latest_checkpoint(run_dir)) >= previous["batches"]  # its checkpoints reach its end
                 and reached(cfg.training.max_duration, previous))
     return changes, previous if complete else None
+
+
+def check_shared_run_folder(run_dir: Path) -> None:
+    """Several processes train one run: they must all see one run folder. Rank 0 writes a marker file there and
+    every process looks for it; one that cannot see it is on a node with a disk of its own, where a resume would
+    find no checkpoint (they are on node 0's disk) and silently start over. Every process then stops with the
+    same error. (Also the first collective of the run: the process group starts here, before the Trainer.)"""
+    import secrets
+
+    dist.initialize_dist("gpu" if torch.cuda.is_available() else "cpu")
+    token = [secrets.token_hex(8) if dist.get_global_rank() == 0 else None]
+    dist.broadcast_object_list(token, src=0)
+    marker = run_dir / f".shared-by-every-node-{token[0]}"
+    if dist.get_global_rank() == 0:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            marker.write_text(token[0])
+        except OSError:
+            pass  # the run folder's own error comes from write_run_folder, on every process
+    dist.barrier()
+    seen = dist.all_gather_object((marker.is_file(), os.environ.get("NODE_RANK", "0"), dist.get_global_rank()))
+    dist.barrier()
+    if dist.get_global_rank() == 0:
+        marker.unlink(missing_ok=True)
+    blind = sorted({f"node {node} (rank {rank})" for sees, node, rank in seen if not sees})
+    if blind:
+        raise ConfigError("run.output_dir", f"{run_dir} is not shared by every node: {', '.join(blind)} cannot see "
+                          "what rank 0 writes there (a disk of its own?). Resuming needs a run.output_dir on a disk "
+                          "every node shares (a cluster's /scratch or /project), where node 0's checkpoints are")
 
 
 def write_run_folder(cfg: Config, data: PreparedData, model, run_dir: Path) -> None:
@@ -411,8 +445,9 @@ def build_trainer(cfg: Config, data: PreparedData, model, collator, placement: P
     save = not debug and not t.eval_only
     stopper = StopOnSignal(save)
     peak = peak_flops(placement.device, placement.precision, cache_root(cfg.data.cache_dir), placement.autocast_dtype)
-    autoresume = save and cfg.run.autoresume
-    check_checkpoints(cfg, run_dir, autoresume)
+    resume_from = resume_checkpoint(cfg, run_dir) if save and cfg.run.autoresume else None
+    if t.load_path is not None:  # Composer unpickles it
+        check_checkpoint_safe(Path(t.load_path).expanduser(), "training.load_path", t.trust_checkpoint)
     warmup_steps = 0  # schedule-free warms up itself, counting batches
     if is_schedule_free(t) and not debug:
         warmup_steps = batches_in(t.warmup, t.max_duration, len(train_loader.dataloader), t.batch_size, cfg.data.block_size)
@@ -429,7 +464,7 @@ def build_trainer(cfg: Config, data: PreparedData, model, collator, placement: P
             max_duration=f"{DEBUG_EPOCHS}ep" if debug else t.max_duration,
             optimizers=build_optimizer(model, t, placement.device, warmup_steps),
             algorithms=[GradientClipping(clipping_type="norm", clipping_threshold=t.clip_norm)] if t.clip_norm else [],
-            callbacks=(make_callbacks(placement.device, peak, stopper, schedule) + [clock or RunClock()]
+            callbacks=(make_callbacks(placement.device, peak, stopper, schedule, cache_root(cfg.data.cache_dir)) + [clock or RunClock()]
                        + getattr(model, "callbacks", [])),
             loggers=make_loggers(cfg, run_dir) if dist.get_global_rank() == 0 else [],
             compile_config={} if t.compile else None,
@@ -443,13 +478,15 @@ def build_trainer(cfg: Config, data: PreparedData, model, collator, placement: P
             seed=cfg.run.seed,
             progress_bar=False,  # rafale.loggers.ConsoleLog draws the bar and prints the lines
             log_to_console=False,
-            load_path=t.load_path,
-            load_weights_only=not t.eval_only and t.load_path is not None,
+            # a resume loads the whole state (weights, optimizer, schedule, RNG, data position); a fresh run may start
+            # from training.load_path's weights; eval_only evaluates that checkpoint as it was saved
+            load_path=str(resume_from) if resume_from is not None else t.load_path,
+            load_weights_only=resume_from is None and not t.eval_only and t.load_path is not None,
             save_folder=str(run_dir / "checkpoints") if save else None,
             save_filename="ep{epoch}-ba{batch}-rank{rank}.pt",
             save_interval=t.save_interval,
             save_num_checkpoints_to_keep=t.checkpoints_to_keep,
-            autoresume=autoresume,
+            autoresume=False,  # rafale resumes itself: see resume_checkpoint
             python_log_level=None,
         )
     return trainer, stopper, peak
@@ -476,25 +513,35 @@ def make_loaders(cfg: Config, data: PreparedData, collator, placement: Placement
             make_dataloader(eval_set, batch, eval_collator, False, False, workers, pin, seed=seed))
 
 
-def make_callbacks(device: str, peak: float | None, stopper: StopOnSignal, schedule: ScheduleAtBatchStart) -> list:
-    """The learning-rate schedule, speed (with MFU against `peak`, probed again if the run outruns it), the learning
-    rates each batch applied, time left, NaN losses, signals, schedule-free's modes."""
-    from rafale.loggers import CheckedSpeedMonitor, LearningRates
-
-    callbacks = [schedule, CheckedSpeedMonitor(10, peak, device), LearningRates(),
+def make_callbacks(device: str, peak: float | None, stopper: StopOnSignal, schedule: ScheduleAtBatchStart,
+                   cache_dir: Path | None = None) -> list:
+    """The learning-rate schedule, speed (with MFU against `peak`, probed again if the run outruns it; the new peak
+    goes to `cache_dir`'s cpu_peak.json), the learning rates each batch applied, time left, NaN losses, signals,
+    schedule-free's modes."""
+    callbacks = [schedule, CheckedSpeedMonitor(10, peak, device, cache_dir), LearningRates(),
                  RuntimeEstimator(), FiniteLossMonitor(), stopper, schedule_free_switch()]
     if device == "gpu":
         callbacks.append(MemoryMonitor())
     return callbacks
 
 
-def check_checkpoints(cfg: Config, run_dir: Path, autoresume: bool) -> None:
-    """Refuse a checkpoint Composer would unpickle unless it holds only plain data (or trust_checkpoint says so)."""
-    t = cfg.training
-    if autoresume and dist.get_global_rank() == 0:
-        check_resume_checkpoint(run_dir / "checkpoints", cfg.run.resume_fallback, t.trust_checkpoint)
-    if t.load_path is not None:  # Composer unpickles it
-        check_checkpoint_safe(Path(t.load_path).expanduser(), "training.load_path", t.trust_checkpoint)
+def resume_checkpoint(cfg: Config, run_dir: Path) -> Path | None:
+    """The checkpoint of run_dir/checkpoints this run resumes from (None: a fresh start), the same on every process.
+
+    Rank 0 picks the latest one and checks it (rafale.resilience.check_resume_checkpoint: readable, nothing to
+    unpickle but Composer's plain types, run.resume_fallback), then hands its path to every process, which load it
+    as Composer's load_path. Composer's own autoresume is not used: on a run folder that several nodes share it
+    crashes, because it names the signal file each node's first process writes and removes after node 0 on every
+    node (llm-foundry issues 417 and 1736, Composer PR 2363 still open), so the nodes remove each other's file.
+    Loading the same checkpoint through load_path restores exactly what autoresume would."""
+    chosen = None
+    if dist.get_global_rank() == 0:
+        chosen = check_resume_checkpoint(run_dir / "checkpoints", cfg.run.resume_fallback, cfg.training.trust_checkpoint)
+    if dist.get_world_size() > 1:
+        shared = [str(chosen) if chosen is not None else None]
+        dist.broadcast_object_list(shared, src=0)
+        chosen = Path(shared[0]) if shared[0] is not None else None
+    return chosen
 
 
 # ----------------------------------------------------------------------------------------------------
