@@ -1265,6 +1265,37 @@ def datapipe_for(cfg: Config) -> DataPipe:
     return DATAPIPES[task](cfg.data, family=cfg.model.type)
 
 
+def describe_vocabulary(data: PreparedData) -> str:
+    """The vocabulary the model gets: a trained tokenizer may have fewer tokens than data.vocab_size asked for (it
+    ran out of merges), or more (the size asked is below its alphabet plus its special tokens)."""
+    asked = data.meta.get("vocab_size_asked")
+    if asked is None:
+        return f"vocabulary: {data.vocab_size:,} tokens"
+    shortfall = f", fewer than the {asked:,} data.vocab_size asked for" if data.vocab_size < asked else ""
+    if data.vocab_size > asked:  # a trained tokenizer's fingerprint input is [kind, the size asked]
+        kind = data.meta["fingerprint_inputs"]["tokenizer"][0]
+        shortfall = f", more than the {asked:,} data.vocab_size asked for: {smallest_vocabulary(kind, data.vocab_size)}"
+    return f"vocabulary: {data.vocab_size:,} tokens (tokenizer trained here{shortfall})"
+
+
+def print_data_summary(data: PreparedData):
+    """What DATA=1 and every run print of the prepared data."""
+    print(f"rafale: data cache: {data.path}")
+    print(f"rafale:   {describe_vocabulary(data)}")
+    for split, info in data.meta["splits"].items():
+        if "images" in info:
+            side, tokens = info["image_size"], f", {info['tokens']:,} caption tokens" if "tokens" in info else ""
+            print(f"rafale:   {split}: {info['images']:,} images of {side}x{side} "
+                  f"({info['image_bytes'] / 1e6:.1f} MB as uint8){tokens}")
+        elif "blocks" in info:
+            print(f"rafale:   {split}: {info['tokens']:,} tokens in {info['blocks']:,} blocks")
+        else:
+            print(f"rafale:   {split}: {info['examples']:,} examples")
+    small = small_validation_warning(data.meta)  # here, so that DATA=1 says it too
+    if small is not None:
+        print(f"rafale: {small}")
+
+
 def prepare_data(cfg: Config) -> PreparedData:
     """The config's data, from the cache or prepared now."""
     return datapipe_for(cfg).load()

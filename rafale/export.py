@@ -64,7 +64,10 @@ def read_checkpoint_weights(path: Path) -> dict:
 
 def write_model_file(model: torch.nn.Module, run_dir: Path) -> None:
     """Save the built model's config, so the run's model can be rebuilt from its folder alone."""
-    (run_dir / MODEL_FILE).write_text(json.dumps(dataclasses.asdict(model.cfg), indent=2))
+    path = run_dir / MODEL_FILE  # written whole or not at all: another process may read it
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(dataclasses.asdict(model.cfg), indent=2))
+    tmp.replace(path)
 
 
 def run_model_config(run_dir: Path, cfg: Config):

@@ -75,6 +75,11 @@ def train_main(args) -> int:
     from rafale.models.configurations import resolve_model_config  # torch: the model files define the sizes
 
     model_cfg = resolve_model_config(cfg)  # the model section's errors before any data work
+    if args.data_only or env_flag("DATA"):  # the data alone needs neither Composer nor the model
+        from rafale.datapipes import datapipe_for, print_data_summary
+
+        print_data_summary(datapipe_for(cfg).load())
+        return 0
     from rafale.train import train  # Composer: only once the config is known to be good
 
     return train(cfg, model_cfg, data_only=args.data_only or env_flag("DATA"), debug=args.debug or env_flag("DEBUG"),

@@ -35,7 +35,7 @@ from composer.utils import dist, reproducibility
 from torch.utils.data import DataLoader
 
 from rafale.config import Config, pretrained_folder, save_config
-from rafale.datapipes import PreparedData, cache_root, datapipe_for
+from rafale.datapipes import PreparedData, cache_root, datapipe_for, describe_vocabulary, print_data_summary
 from rafale.errors import IGNORE_INDEX, ConfigError, DataError, RafaleError, WeightsError
 from rafale.hardware import confirm_peak, peak_flops
 from rafale.models.configurations import model_config_dict
@@ -43,7 +43,7 @@ from rafale.loggers import CheckedSpeedMonitor, ConsoleLog, LearningRates, Metri
 from rafale.export import EXPORT_DIR, export_model, latest_checkpoint, write_model_file
 from rafale.optim import batches_in, build_optimizer, is_schedule_free, schedule_free_switch
 from rafale.record import (ResumeConflict, RunClock, RunRecord, compact_metrics, describe, eval_folder, read_summary,
-                           reached, resume_changes, validation_loss, write_eval_record)
+                           reached, resume_changes, validation_loss, write_eval_record, write_json)
 from rafale.resilience import (FiniteLossMonitor, StopOnSignal, batch_number, check_checkpoint_safe,
                                check_resume_checkpoint)
 
@@ -218,6 +218,8 @@ def run(cfg: Config, data: PreparedData, model, collator, debug: bool = False,
     if dist.get_world_size() > 1:
         check_shared_run_folder(run_dir)
     changes, complete = check_run_folder(cfg, data, model, run_dir, save)
+    if dist.get_world_size() > 1:
+        dist.barrier()  # every process has read the folder's files before rank 0 writes them anew
     if complete is not None:  # a re-run of a finished run: nothing to train, and its record stays as it is
         unapplied = f"; not applied, since nothing is left to train: {', '.join(changes)}" if changes else ""
         print(f"rafale: {run_dir} at batch {complete['batches']}: already complete (training.max_duration "
@@ -314,10 +316,10 @@ def write_run_folder(cfg: Config, data: PreparedData, model, run_dir: Path) -> N
     # restart is what this command did, not a setting of the run: rerunning config.yaml must resume it
     save_config(dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, restart=False)), run_dir / "config.yaml")
     shutil.copyfile(data.path / "tokenizer.json", run_dir / "tokenizer.json")
-    (run_dir / "data.json").write_text(json.dumps(data.meta, indent=2))  # to rebuild the model without the data
+    write_json(run_dir / "data.json", data.meta)  # to rebuild the model without the data
     write_model_file(model.model, run_dir)  # ... and without model.pretrained
     if "label_names" in data.meta:  # class id -> name, for whoever reads the predictions
-        (run_dir / "labels.json").write_text(json.dumps(data.meta["label_names"]))
+        write_json(run_dir / "labels.json", data.meta["label_names"])
 
 
 def fit(trainer: Trainer, stopper: StopOnSignal, cfg: Config, run_dir: Path, record: RunRecord) -> None:
@@ -555,7 +557,7 @@ def train(cfg: Config, model_cfg, data_only: bool = False, debug: bool = False, 
     pipe = datapipe_for(cfg)
     data = pipe.load()
     print_data_summary(data)
-    if data_only:
+    if data_only:  # (main.train_main prepares the data itself, without importing Composer)
         return 0
     reproducibility.seed_all(cfg.run.seed)  # the initial weights too, not only what the Trainer draws
     if debug:
@@ -632,37 +634,3 @@ def check_fits_images(model_cfg, meta: dict) -> None:
     if model_cfg.family == "clip" and pooled != meta["eos_token_id"]:
         raise DataError(f"data.tokenizer: its end-of-text id {meta['eos_token_id']} differs from the id the pretrained "
                         f"CLIP pools its text at ({pooled}); use the checkpoint's tokenizer")
-
-
-def describe_vocabulary(data: PreparedData) -> str:
-    """The vocabulary the model gets: a trained tokenizer may have fewer tokens than data.vocab_size asked for (it
-    ran out of merges), or more (the size asked is below its alphabet plus its special tokens)."""
-    from rafale.datapipes import smallest_vocabulary
-
-    asked = data.meta.get("vocab_size_asked")
-    if asked is None:
-        return f"vocabulary: {data.vocab_size:,} tokens"
-    shortfall = f", fewer than the {asked:,} data.vocab_size asked for" if data.vocab_size < asked else ""
-    if data.vocab_size > asked:  # a trained tokenizer's fingerprint input is [kind, the size asked]
-        kind = data.meta["fingerprint_inputs"]["tokenizer"][0]
-        shortfall = f", more than the {asked:,} data.vocab_size asked for: {smallest_vocabulary(kind, data.vocab_size)}"
-    return f"vocabulary: {data.vocab_size:,} tokens (tokenizer trained here{shortfall})"
-
-
-def print_data_summary(data: PreparedData):
-    print(f"rafale: data cache: {data.path}")
-    print(f"rafale:   {describe_vocabulary(data)}")
-    for split, info in data.meta["splits"].items():
-        if "images" in info:
-            side, tokens = info["image_size"], f", {info['tokens']:,} caption tokens" if "tokens" in info else ""
-            print(f"rafale:   {split}: {info['images']:,} images of {side}x{side} "
-                  f"({info['image_bytes'] / 1e6:.1f} MB as uint8){tokens}")
-        elif "blocks" in info:
-            print(f"rafale:   {split}: {info['tokens']:,} tokens in {info['blocks']:,} blocks")
-        else:
-            print(f"rafale:   {split}: {info['examples']:,} examples")
-    from rafale.datapipes import small_validation_warning
-
-    small = small_validation_warning(data.meta)  # here, so that DATA=1 says it too
-    if small is not None:
-        print(f"rafale: {small}")

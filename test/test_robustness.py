@@ -59,11 +59,18 @@ def assert_same_weights(a: Path, b: Path):
 
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory, cache_dir):
-    """An uninterrupted run of the resumable config: its folder and its output."""
+    """An uninterrupted run of the resumable config (in this process): its folder and its output."""
+    import contextlib
+    import io
+
+    from rafale.main import main
+
     tmp = tmp_path_factory.mktemp("reference")
-    result = run_cli([*RAFALE, "-c", str(config(tmp, training=RESUMABLE))])
-    assert result.returncode == 0, result.stderr[-3000:]
-    return tmp / "runs" / "pythia-debug", result.stdout
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit:
+        main(["-c", str(config(tmp, training=RESUMABLE))])
+    assert exit.value.code == 0, out.getvalue()[-3000:]
+    return tmp / "runs" / "pythia-debug", out.getvalue()
 
 
 def reference_until(reference_dir: Path, tmp_path: Path, batch: int) -> Path:
@@ -115,8 +122,27 @@ def test_run_killed_then_rerun_ends_exactly_like_an_uninterrupted_one(reference_
 # 2. SIGINT / SIGTERM
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_signal_saves_a_checkpoint_and_the_rerun_resumes_from_it(reference_run, tmp_path, capsys, monkeypatch, signum):
+def test_sigint_saves_a_checkpoint_where_it_lands_and_exits_130(tmp_path, cache_dir, capsys, monkeypatch):
+    """Ctrl-C (SIGINT) at the end of batch 13, in this process: the run stops after that batch with a checkpoint."""
+    import rafale.train as train_module
+    from composer.core import Callback
+
+    class CtrlC(Callback):
+        def batch_end(self, state, logger):
+            if int(state.timestamp.batch) == 13:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    callbacks = train_module.make_callbacks
+    monkeypatch.setattr(train_module, "make_callbacks", lambda *args: callbacks(*args) + [CtrlC()])
+    code, out, err = run_in_process(["-c", str(config(tmp_path, training=RESUMABLE))], capsys, monkeypatch)
+    assert code == 130, err[-3000:]
+    saved = tmp_path / "runs" / "pythia-debug" / "checkpoints" / "ep0-ba13-rank0.pt"
+    assert f"stopped by SIGINT at batch 13; checkpoint saved to {saved}" in err and "Traceback" not in err, err
+    assert read_checkpoint_weights(saved)  # whole and readable
+
+
+def test_signal_saves_a_checkpoint_and_the_rerun_resumes_from_it(reference_run, tmp_path, capsys, monkeypatch):
+    signum = signal.SIGTERM
     ref_dir, ref_out = reference_run
     cfg = config(tmp_path, training=RESUMABLE)
     checkpoints = reference_until(ref_dir, tmp_path, 10)
@@ -134,8 +160,6 @@ def test_signal_saves_a_checkpoint_and_the_rerun_resumes_from_it(reference_run, 
     assert "Traceback" not in err
 
     assert read_checkpoint_weights(saved)  # whole and readable
-    if signum == signal.SIGINT:
-        return  # the same path as SIGTERM from here; one rerun is enough
     code, out, err = run_in_process(["-c", str(cfg)], capsys, monkeypatch)
     assert code == 0, err[-3000:]
     assert f"at batch {batch}" in out

@@ -1,0 +1,286 @@
+"""Several nodes, simulated on one host with Composer's own launcher: one launcher per "node" (--node_rank 0 and 1,
+--nproc 1 each, gloo on the CPU), the run folder and the data cache shared, as on a cluster's shared disk. Every
+wait is bounded: a stuck node fails the test within minutes, naming the node and showing its processes' output."""
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from conftest import ROOT, write_config
+from rafale.export import read_checkpoint_weights
+
+# long enough (60 batches, a checkpoint every 10) for a signal to land mid-run however fast the machine is
+RUN = {"max_duration": "60ba", "save_interval": "10ba", "eval_interval": "20ba", "eval_batches": 2,
+       "checkpoints_to_keep": -1, "batch_size": 8, "precision": "fp32"}
+LAUNCHER = [sys.executable, "-c", "import sys; from composer.cli.launcher import main; sys.exit(main())"]
+WAIT_S = 600  # for a whole launch (about 1 min here): a node whose rank hangs in a collective is killed after this
+
+# Records every file a process writes, renames or removes under $RAFALE_AUDIT_ROOT (Python's audit hooks), so that
+# the test can tell what rank 1 wrote into the shared run folder
+AUDIT = '''
+import os, sys
+root = os.environ.get("RAFALE_AUDIT_ROOT")
+if root:
+    log = open(os.environ["RAFALE_AUDIT_LOG"], "a", buffering=1)
+    def hook(event, args):
+        if event == "open" and args and isinstance(args[0], (str, bytes, os.PathLike)):
+            mode, flags = args[1], args[2] if len(args) > 2 else 0
+            writes = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
+                isinstance(flags, int) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT))
+            paths = [args[0]] if writes else []
+        elif event in ("os.rename", "os.replace", "os.remove", "os.symlink", "os.truncate"):
+            paths = [a for a in args[:2] if isinstance(a, (str, bytes, os.PathLike))]
+        else:
+            return
+        for path in paths:
+            path = os.path.abspath(os.fsdecode(path))
+            if path.startswith(root):
+                log.write(f"{event} {path}\\n")
+    sys.addaudithook(hook)
+'''
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def config(tmp_path: Path, name: str) -> Path:
+    return write_config(tmp_path / f"{name}.yaml", run={"output_dir": str(tmp_path / "runs"), "name": name},
+                        training=RUN)
+
+
+def launch(node: int, cfg: Path, port: int, logs: Path, env: dict, *overrides) -> subprocess.Popen:
+    """One node's launcher, in a session of its own so that a signal can reach its processes as SLURM's would."""
+    logs.mkdir(parents=True, exist_ok=True)
+    command = [*LAUNCHER, "--world_size", "2",
+               "--node_rank", str(node), "--nproc", "1", "--master_addr", "127.0.0.1", "--master_port", str(port),
+               "--stdout", str(logs / f"node{node}.out"), "--stderr", str(logs / f"node{node}.err"),
+               str(ROOT / "rafale" / "main.py"), "-c", str(cfg), *overrides]
+    with open(logs / f"launcher{node}.log", "a") as out:
+        return subprocess.Popen(command, cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1", **env),
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def output(logs: Path, node: int) -> str:
+    return "".join((logs / f"{name}{node}.{ext}").read_text() if (logs / f"{name}{node}.{ext}").exists() else ""
+                   for name, ext in (("node", "out"), ("node", "err"), ("launcher", "log")))
+
+
+def wait_all(processes: dict[int, subprocess.Popen], logs: Path, timeout: float = WAIT_S) -> dict[int, int]:
+    """Exit codes by node; a node still running at the deadline is killed and the test fails naming it."""
+    deadline = time.monotonic() + timeout
+    while any(p.poll() is None for p in processes.values()):
+        if time.monotonic() > deadline:
+            stuck = [node for node, p in processes.items() if p.poll() is None]
+            for p in processes.values():
+                if p.poll() is None:
+                    os.killpg(p.pid, signal.SIGKILL)
+            pytest.fail(f"node(s) {stuck} still running after {timeout:.0f} s:\n"
+                        + "\n".join(f"--- node {n}:\n{output(logs, n)[-3000:]}" for n in stuck))
+        time.sleep(0.1)
+    return {node: p.returncode for node, p in processes.items()}
+
+
+def two_nodes(cfg: Path, logs: Path, env: dict, node1_env: dict) -> dict[int, subprocess.Popen]:
+    port = free_port()
+    return {0: launch(0, cfg, port, logs, env), 1: launch(1, cfg, port, logs, {**env, **node1_env})}
+
+
+def wait_for_batch(run_dir: Path, batch: int, processes, logs: Path):
+    """Until the run's record (saved with each checkpoint) stands at `batch` or later."""
+    deadline = time.monotonic() + WAIT_S
+    while True:
+        try:
+            summary = json.loads((run_dir / "summary.json").read_text())
+            if summary["batches"] >= batch and summary["status"] == "in progress":
+                return summary["batches"]
+        except (OSError, ValueError, KeyError):
+            pass
+        for node, p in processes.items():
+            if p.poll() is not None:
+                pytest.fail(f"node {node} ended (code {p.returncode}) before batch {batch}:\n{output(logs, node)[-3000:]}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"the run never reached batch {batch}")
+        time.sleep(0.005)
+
+
+def training_processes(process: subprocess.Popen) -> list[psutil.Process]:
+    return [c for c in psutil.Process(process.pid).children(recursive=True) if "main.py" in " ".join(c.cmdline())]
+
+
+def same_weights(a: Path, b: Path):
+    wa, wb = read_checkpoint_weights(a), read_checkpoint_weights(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), key  # gloo's all-reduce on a CPU is deterministic: bit for bit
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, cache_dir):
+    """An uninterrupted one-process run (in this process) and an uninterrupted two-node run of the same config
+    (the same global batch), the two nodes starting on an empty shared cache, the writes of node 1's processes
+    into the run folders recorded."""
+    from rafale.main import main
+
+    tmp = tmp_path_factory.mktemp("multinode")
+    (tmp / "audit").mkdir()
+    (tmp / "audit" / "sitecustomize.py").write_text(AUDIT)
+    cache = tmp / "cache"
+    with pytest.raises(SystemExit) as exit:
+        main(["-c", str(config(tmp, "one"))])
+    assert exit.value.code == 0
+    audit = {"PYTHONPATH": str(tmp / "audit"), "RAFALE_AUDIT_ROOT": str(tmp / "runs"),
+             "RAFALE_AUDIT_LOG": str(tmp / "node1-writes.log")}
+    logs = tmp / "logs-two"
+    nodes = two_nodes(config(tmp, "two"), logs, {"RAFALE_CACHE": str(cache)}, audit)
+    assert wait_all(nodes, logs) == {0: 0, 1: 0}, output(logs, 0)[-3000:] + output(logs, 1)[-3000:]
+    return tmp, logs
+
+
+def test_two_nodes_build_the_cache_once_and_train_what_one_process_does(reference):
+    tmp, logs = reference
+    both = output(logs, 0) + output(logs, 1)
+    assert both.count("rafale: preparing data into") == 1 and "using cached data" in both, both[-3000:]
+    assert len(list((tmp / "cache" / "causal_lm").glob("*/rafale.json"))) == 1
+    one, two = (json.loads((tmp / "runs" / name / "summary.json").read_text()) for name in ("one", "two"))
+    assert two["status"] == "complete" and two["batches"] == 60 and two["tokens"] == one["tokens"]
+    for name in ("LanguageCrossEntropy", "BitsPerByte"):
+        assert abs(two["validation"][name] - one["validation"][name]) < 1e-4, (name, one, two)
+    # only rank 0 wrote the record and the export: node 1's processes wrote nothing into the run folder
+    node1_writes = (tmp / "node1-writes.log").read_text() if (tmp / "node1-writes.log").exists() else ""
+    assert node1_writes == "", node1_writes[:2000]
+    assert (tmp / "runs" / "two" / "export" / "model.safetensors").is_file()
+    rows = [json.loads(line)["step"] for line in (tmp / "runs" / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert rows == sorted(set(rows))  # one row per step: one writer
+
+
+def test_two_processes_of_one_launcher_train_what_one_process_does(reference):
+    """One node, two processes (--nproc 2, as on a machine with 2 GPUs): the second waits for the first's cache."""
+    tmp, _ = reference
+    logs = tmp / "logs-nproc2"
+    logs.mkdir()
+    with open(logs / "launcher0.log", "w") as out:
+        launcher = subprocess.Popen([*LAUNCHER, "-n", "2", "--master_port", str(free_port()),
+                                     "--stdout", str(logs / "node0.out"), "--stderr", str(logs / "node0.err"),
+                                     str(ROOT / "rafale" / "main.py"), "-c", str(config(tmp, "nproc2"))],
+                                    cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                    env=dict(os.environ, PYTHONUNBUFFERED="1", RAFALE_CACHE=str(tmp / "cache")))
+    assert wait_all({0: launcher}, logs) == {0: 0}, output(logs, 0)[-3000:]
+    one, two = (json.loads((tmp / "runs" / name / "summary.json").read_text()) for name in ("one", "nproc2"))
+    assert abs(two["validation"]["LanguageCrossEntropy"] - one["validation"]["LanguageCrossEntropy"]) < 1e-4
+    # each process took half of each global batch and the gradients were averaged: the same step as one process
+    wa = read_checkpoint_weights(tmp / "runs" / "one" / "checkpoints" / "ep0-ba60-rank0.pt")
+    wb = read_checkpoint_weights(tmp / "runs" / "nproc2" / "checkpoints" / "ep0-ba60-rank0.pt")
+    for key in wa:
+        torch.testing.assert_close(wb[key], wa[key], atol=1e-4, rtol=1e-3)
+
+
+def test_a_run_folder_the_nodes_do_not_share_is_an_error_on_every_node(reference, tmp_path):
+    """Node 1 with a run folder of its own (a node-local disk): both nodes stop at once with one clear error."""
+    cfg, logs, port = config(tmp_path, "apart"), tmp_path / "logs", free_port()
+    env = {"RAFALE_CACHE": str(reference[0] / "cache")}
+    nodes = {0: launch(0, cfg, port, logs, env),
+             1: launch(1, cfg, port, logs, env, f"run.output_dir={tmp_path / 'node1-disk'}")}
+    codes = wait_all(nodes, logs)
+    assert codes[0] != 0 and codes[1] != 0
+    for node in (0, 1):
+        text = output(logs, node)
+        assert "is not shared by every node: node 1 (rank 1) cannot see" in text and "Traceback" not in text, text[-3000:]
+    assert not (tmp_path / "runs" / "apart" / "checkpoints").exists()
+
+
+def test_the_slurm_script_stops_requeues_and_resumes_on_every_node(reference, tmp_path):
+    """test/slurm_multinode.sbatch as a cluster user submits it, under stand-ins for srun (one copy of the command
+    per node, SLURM_NODEID set, SIGTERM forwarded) and scontrol: SIGTERM to every process of the job step (the time
+    limit near) saves and requeues; the requeued job resumes on every node; a rank SIGKILLed fails the job, whose
+    next submission resumes from the newest checkpoint; the end is the uninterrupted two-node run's weights."""
+    ref_tmp, _ = reference
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f'''#!/bin/bash
+case "$1 $2" in
+  "show hostnames") echo 127.0.0.1; echo 127.0.0.2 ;;
+  "requeue "*) echo "requeue $2" >> {tmp_path / "requeued.log"} ;;
+  *) echo "scontrol stand-in: $*" >&2; exit 1 ;;
+esac
+''')
+    (bin_dir / "srun").write_text('''#!/bin/bash
+# one copy of the command per node (SLURM_NODEID 0..SLURM_NNODES-1), or one with --nodes=1 --ntasks=1
+nodes=$SLURM_NNODES
+while [[ "$1" == --* ]]; do case "$1" in --nodes=1) nodes=1 ;; esac; shift; done
+pids=()
+for ((i = 0; i < nodes; i++)); do SLURM_NODEID=$i SLURM_PROCID=$i "$@" & pids+=($!); done
+trap 'kill -TERM "${pids[@]}" 2>/dev/null' TERM
+code=0
+for pid in "${pids[@]}"; do
+  while true; do wait "$pid"; c=$?; kill -0 "$pid" 2>/dev/null || break; done  # a trapped signal interrupts wait
+  [ "$c" -gt "$code" ] && code=$c
+done
+exit $code
+''')
+    for stand_in in ("srun", "scontrol"):
+        (bin_dir / stand_in).chmod(0o755)
+    cfg = config(tmp_path, "two")  # the reference two-node run's config, in another folder
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_NNODES="2", SLURM_GPUS_PER_NODE="1",
+               SLURM_JOB_NODELIST="node[1-2]", SLURM_JOB_ID="4242", RAFALE_CACHE=str(tmp_path / "cache"),
+               RAFALE_OUTPUT_DIR=str(tmp_path / "shared-runs"), PYTHONUNBUFFERED="1")
+    run_dir = tmp_path / "shared-runs" / "two"
+
+    def submit(job: int) -> subprocess.Popen:
+        env["MASTER_PORT"] = str(free_port())
+        with open(tmp_path / f"job{job}.out", "w") as out:
+            return subprocess.Popen(["bash", "test/slurm_multinode.sbatch", str(cfg)], cwd=ROOT, env=env,
+                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def finish(job: int, process: subprocess.Popen) -> tuple[int, str]:
+        try:
+            process.wait(timeout=WAIT_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            pytest.fail(f"job {job} still running after {WAIT_S} s:\n{(tmp_path / f'job{job}.out').read_text()[-3000:]}")
+        return process.returncode, (tmp_path / f"job{job}.out").read_text()
+
+    # job 1: SIGTERM to every process of the job step, as SLURM sends it two minutes before the time limit
+    job = submit(1)
+    wait_for_batch(run_dir, 10, {1: job}, tmp_path)
+    for process in [*training_processes(job), *(p for p in psutil.Process(job.pid).children(recursive=True)
+                                               if "composer.cli.launcher" in " ".join(p.cmdline()))]:
+        process.send_signal(signal.SIGTERM)
+    code, out = finish(1, job)
+    assert code == 143 and "requeueing job 4242" in out, out[-3000:]
+    assert (tmp_path / "requeued.log").read_text() == "requeue 4242\n"
+    assert out.count("rafale: preparing data into") == 1  # the --data-only step, before the training step
+    stopped = json.loads((run_dir / "summary.json").read_text())
+    assert stopped["status"] == "stopped" and 10 <= stopped["batches"] < 60
+    assert len(set(re.findall(r"stopped by SIGTERM at batch (\d+)", out))) == 1  # both ranks, the same batch
+    # job 2 (the requeued one): resumes on every rank, then one rank is SIGKILLed after a later checkpoint
+    job = submit(2)
+    later = wait_for_batch(run_dir, stopped["batches"] + 10, {2: job}, tmp_path)
+    rank1 = [p for p in training_processes(job) if "RANK" in p.environ() and p.environ()["RANK"] == "1"]
+    assert len(rank1) == 1
+    rank1[0].kill()
+    code, out = finish(2, job)
+    assert code not in (0, 143) and out.count(f"resumed {run_dir} at batch {stopped['batches']}") == 2, out[-3000:]
+    # job 3: resumes from the newest checkpoint on every rank, and ends where the uninterrupted run ended
+    code, out = finish(3, submit(3))
+    assert code == 0, out[-3000:]
+    resumed = [int(b) for b in re.findall(rf"resumed {re.escape(str(run_dir))} at batch (\d+)", out)]
+    assert len(resumed) == 2 and len(set(resumed)) == 1 and resumed[0] >= later, out[-3000:]
+    assert "using cached data" in out and "preparing data" not in out
+    same_weights(ref_tmp / "runs" / "two" / "checkpoints" / "ep0-ba60-rank0.pt", run_dir / "checkpoints" / "ep0-ba60-rank0.pt")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "complete" and summary["validation"] == json.loads(
+        (ref_tmp / "runs" / "two" / "summary.json").read_text())["validation"]
+    assert [s["batches"][0] for s in summary["segments"]] == [0, stopped["batches"], resumed[0]]
