@@ -46,11 +46,13 @@ class RunConfig:
     output_dir: str = option("runs", "Folder that holds one sub-folder per run (config, checkpoints, logs).")
     seed: int = option(42, "Seed for weights, data order and dropout.")
     device: Literal["auto", "cpu", "gpu"] = option("auto", "'auto' uses a GPU when there is one.")
-    autoresume: bool = option(True, "Resume from the run folder's latest checkpoint when there is one.")
+    autoresume: bool = option(True, "Resume from the run folder's latest checkpoint when there is one (rafale's "
+                              "own resume: every process loads the checkpoint rank 0 picked and checked).")
     restart: bool = option(
         False, "Start this run.name over: set the existing run folder aside as NAME.old-<timestamp> (also: "
-        "--restart). Without it, a run folder whose checkpoints were trained on other data, another tokenizer or "
-        "other model sizes is an error."
+        "--restart). Without it, resuming a run folder whose checkpoints were trained with another config (other "
+        "data, tokenizer, model, optimizer or schedule; see rafale/record.py APPLIED_ON_RESUME for what may change) "
+        "is an error."
     )
     resume_fallback: bool = option(
         False, "When the latest checkpoint is unreadable (cut short by a crash), set it aside and resume from the "
@@ -180,7 +182,7 @@ class TrainingConfig:
     eval_only: bool = option(False, "Only evaluate load_path on the validation split (no training).")
     load_path: Optional[str] = option(None, "A checkpoint to start from (weights, or the full state for eval_only).")
     trust_checkpoint: bool = option(
-        False, "Let Composer unpickle load_path and the checkpoint autoresume loads even when they hold more than "
+        False, "Let Composer unpickle load_path and the checkpoint a resume loads even when they hold more than "
         "the plain types of a Composer checkpoint. Only for files you trust: unpickling can run any code."
     )
     log_interval: str = option("10ba", "How often the console prints metrics.")
