@@ -63,7 +63,7 @@ def hf_from_rafale(model: GPTNeoX, attn_implementation="sdpa"):
     hf = GPTNeoXForCausalLM._from_config(hf_cfg, attn_implementation=attn_implementation)
     state = {}
     for name, t in model.state_dict().items():
-        if name.startswith("rotary."):
+        if name.startswith("positions."):
             continue
         state["lm_head.weight" if name == "embed_out.weight" else "gpt_neox." + name] = t
     missing, unexpected = hf.load_state_dict(state, strict=False)

@@ -99,7 +99,7 @@ def param_groups(model: nn.Module, t: "TrainingConfig", split_hidden_matrices: b
     return [groups[key] for key in sorted(groups, key=lambda k: (k[0] is False, k[1], k[2] is False))]
 
 
-def _with_lr(groups: list[dict], lr: float, hidden_lr: float | None = None) -> list[dict]:
+def groups_with_lr(groups: list[dict], lr: float, hidden_lr: float | None = None) -> list[dict]:
     """Groups as torch wants them: lr_scale and hidden turned into each group's own lr (Composer's schedulers
     then scale each group's initial lr, so layerwise ratios hold all along the schedule)."""
     out = []
@@ -178,7 +178,7 @@ def _coerce_arguments(cls, args: dict) -> dict:
     return out
 
 
-def _construct(cls, groups, defaults: dict, args: dict):
+def construct_optimizer(cls, groups, defaults: dict, args: dict):
     """cls(groups, **defaults, **args), after checking that each of args is a named argument of cls (and turning
     numeric strings into numbers where it takes a number)."""
     accepted = {n for n, p in inspect.signature(cls.__init__).parameters.items()
@@ -201,26 +201,26 @@ def adamw(groups, t: "TrainingConfig", args: dict, device: str):
     the parameters' updates) on a GPU and on a CPU, where torch's default loop over the tensors took 540-720 ms per
     step for the 70m shape against 94 ms fused (one thread): a fifth of a 70m training step."""
     defaults = {"lr": t.lr, "betas": t.betas, "eps": t.eps, "fused": device in ("gpu", "cpu")}
-    return _construct(torch.optim.AdamW, _with_lr(groups, t.lr), defaults, args)
+    return construct_optimizer(torch.optim.AdamW, groups_with_lr(groups, t.lr), defaults, args)
 
 
 def schedulefree_adamw(groups, t: "TrainingConfig", args: dict, device: str, warmup_steps: int = 0):
     """Schedule-free AdamW (Defazio et al. 2024): no decay schedule, its own warmup; evaluate the averaged weights."""
     sf = _import("schedulefree")
     defaults = {"lr": t.lr, "betas": t.betas, "eps": t.eps, "warmup_steps": warmup_steps}
-    return _construct(sf.AdamWScheduleFree, _with_lr(groups, t.lr), defaults, args)
+    return construct_optimizer(sf.AdamWScheduleFree, groups_with_lr(groups, t.lr), defaults, args)
 
 
 def soap(groups, t: "TrainingConfig", args: dict, device: str):
     """SOAP (Vyas et al. 2024): Adam in the eigenbasis of Shampoo's preconditioner (pytorch-optimizer's)."""
     po = _import("pytorch_optimizer")
-    return _construct(po.SOAP, _with_lr(groups, t.lr), {"lr": t.lr}, args)
+    return construct_optimizer(po.SOAP, groups_with_lr(groups, t.lr), {"lr": t.lr}, args)
 
 
 def lion(groups, t: "TrainingConfig", args: dict, device: str):
     """Lion (Chen et al. 2023): sign of an interpolated momentum; wants a 3-10x smaller lr than AdamW."""
     po = _import("pytorch_optimizer")
-    return _construct(po.Lion, _with_lr(groups, t.lr), {"lr": t.lr}, args)
+    return construct_optimizer(po.Lion, groups_with_lr(groups, t.lr), {"lr": t.lr}, args)
 
 
 def muon(groups, t: "TrainingConfig", args: dict, device: str):
@@ -228,14 +228,14 @@ def muon(groups, t: "TrainingConfig", args: dict, device: str):
     as its authors do. training.lr, betas and eps are the AdamW part's; `lr` in the mapping is Muon's (0.02)."""
     po = _import("pytorch_optimizer")
     args = dict(args)
-    muon_lr = _number("lr", args.pop("lr", 0.02), float)  # Muon's own lr never reaches _construct's coercion
+    muon_lr = _number("lr", args.pop("lr", 0.02), float)  # Muon's own lr never reaches construct_optimizer's coercion
     if not (isinstance(muon_lr, (int, float)) and muon_lr > 0):
         raise ConfigError("training.optimizer.lr", f"Muon's learning rate must be a positive number, got {muon_lr!r}")
-    torch_groups = _with_lr(groups, t.lr, hidden_lr=float(muon_lr))
+    torch_groups = groups_with_lr(groups, t.lr, hidden_lr=float(muon_lr))
     for group, g in zip(torch_groups, groups):
         group["use_muon"] = g["hidden"]
     defaults = {"lr": float(muon_lr), "adamw_lr": t.lr, "adamw_betas": t.betas, "adamw_eps": t.eps}
-    return _construct(po.Muon, torch_groups, defaults, args)
+    return construct_optimizer(po.Muon, torch_groups, defaults, args)
 
 
 # name -> factory(groups, training config, the mapping's other keys, device)
@@ -288,7 +288,7 @@ def build_optimizer(model: nn.Module, t: "TrainingConfig", device: str, warmup_s
         raise ConfigError("training.optimizer.name", f"unknown optimizer {name!r}; valid: {', '.join(OPTIMIZERS)}, "
                           "or the dotted path of a torch.optim.Optimizer class (torch.optim.SGD)")
     cls = torch_optimizer_class(name)
-    return _construct(cls, _with_lr(groups, t.lr), {"lr": t.lr}, args)
+    return construct_optimizer(cls, groups_with_lr(groups, t.lr), {"lr": t.lr}, args)
 
 
 def check_optimizer(t: "TrainingConfig") -> None:

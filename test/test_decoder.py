@@ -131,7 +131,7 @@ def test_last_only_gives_the_logits_of_the_last_position():
 
 def test_rotary_tables_are_the_gpt_neox_formula():
     # the precomputed tables must give what computing cos(position * inv_freq) in fp32 on the fly gives
-    rotary = tiny(rotary_pct=0.5).rotary
+    rotary = tiny(rotary_pct=0.5).positions
     positions = torch.tensor([[0, 0, 1, 2, 3], [5, 6, 7, 8, 9]])  # (B, T), the first row left-padded
     freqs = positions[:, :, None].float() * rotary.inv_freq[None, None, :]  # (B, T, dim/2)
     emb = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, dim)

@@ -103,7 +103,7 @@ def test_adding_an_optimizer_trains(tmp_path, cache_dir, capsys, monkeypatch):
     def sgd_nesterov(groups, t, args, device):
         """SGD with Nesterov momentum; `momentum` may be set in training.optimizer."""
         built.append(args)
-        return optim._construct(torch.optim.SGD, optim._with_lr(groups, t.lr),
+        return optim.construct_optimizer(torch.optim.SGD, optim.groups_with_lr(groups, t.lr),
                                 {"lr": t.lr, "momentum": 0.9, "nesterov": True}, args)
 
     monkeypatch.setitem(optim.OPTIMIZERS, "sgd_nesterov", sgd_nesterov)
@@ -113,3 +113,66 @@ def test_adding_an_optimizer_trains(tmp_path, cache_dir, capsys, monkeypatch):
     assert code == 0, err
     assert {"momentum": 0.8} in built  # the run's optimizer, its argument from the config
     assert json.loads((tmp_path / "runs" / "sgd" / "summary.json").read_text())["tokens"] > 0
+
+
+# ---- A new position scheme: ALiBi, the README's code block run as it would sit in rafale/models/decoder.py ----
+
+def readme_section(title: str) -> str:
+    from conftest import ROOT
+
+    readme = (ROOT / "README.md").read_text()
+    return readme.split(f"### {title}\n", 1)[1].split("\n### ", 1)[0]
+
+
+def alibi_from_readme():
+    """The README's ALiBi class, defined in the namespace of rafale/models/decoder.py (a copy of it), so that it
+    is what pasting it into that file gives."""
+    import re
+
+    section = readme_section("A new attention or position scheme")
+    (code,) = re.findall(r"```python\n(.*?)```", section, re.S)
+    namespace = dict(vars(decoder))
+    exec(code, namespace)
+    return namespace["ALiBi"], section
+
+
+def test_alibi_as_the_readme_writes_it_trains_decodes_and_is_refused_by_the_export(tmp_path, cache_dir, capsys,
+                                                                                   monkeypatch):
+    import re
+
+    ALiBi, section = alibi_from_readme()
+    # the recipe touches one file, and its registry line is the one the test adds
+    assert re.findall(r"Files: (.*?)\. ", section) == ["`rafale/models/decoder.py`"]
+    assert '`"alibi": ALiBi,`' in section
+    monkeypatch.setitem(decoder.POSITIONS, "alibi", ALiBi)
+
+    # the same tokens greedily with and without the KV cache, left padding included
+    torch.manual_seed(0)
+    model = decoder.GPTNeoX(decoder.DecoderConfig(vocab_size=96, hidden_size=32, num_layers=2, num_heads=4,
+                                                  intermediate_size=64, max_position_embeddings=64,
+                                                  positions="alibi")).eval()
+    assert isinstance(model.positions, ALiBi)
+    ids = torch.randint(2, 96, (2, 7))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    for kwargs in ({}, {"attention_mask": mask}):
+        cached = model.generate(ids, 12, use_cache=True, **kwargs)
+        full = model.generate(ids, 12, use_cache=False, **kwargs)
+        assert torch.equal(cached, full), kwargs
+    # the scores really depend on distance: a head's bias grows linearly with it
+    span = decoder.Span(past=0, T=5)
+    bias, is_causal = model.positions.mask(span, torch.float32)
+    assert not is_causal and bias.shape == (1, 4, 5, 5) and bias[0, 0, 4, 0] == -4 * model.positions.slopes[0]
+
+    # through rafale -c: refused by the export before training starts, trains, overfits in DEBUG
+    cfg = write_config(tmp_path / "cfg.yaml", run={"output_dir": str(tmp_path / "runs"), "name": "alibi"},
+                       model={"positions": "alibi"}, training=SHORT)
+    code, out, err = run_in_process(["-c", str(cfg)], capsys, monkeypatch)
+    assert code == 0, err
+    refusal = "no Hugging Face export for this run: GPTNeoXForCausalLM has no alibi for model.positions"
+    assert refusal in out and out.index(refusal) < out.index("[0/4"), out  # before the first evaluation
+    assert not (tmp_path / "runs" / "alibi" / "export").exists()
+    code, out, err = run_in_process(["-c", str(cfg)], capsys, monkeypatch, env={"DEBUG": "1"})
+    assert code == 0, err
+    start, end = (float(x) for x in re.search(r"DEBUG: loss on the batch went from ([\d.]+) to ([\d.]+)", out).groups())
+    assert end < 0.3 * start, out

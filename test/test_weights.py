@@ -242,7 +242,7 @@ def test_dtype_kept_or_converted(tmp_path):
     save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
     model = from_pretrained(tmp_path)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
-    assert model.rotary.inv_freq.dtype == torch.float32  # rotary tables stay fp32, as in transformers
+    assert model.positions.inv_freq.dtype == torch.float32  # rotary tables stay fp32, as in transformers
     torch.testing.assert_close(model.embed_out.weight, hf.lm_head.weight, atol=0, rtol=0)
     assert {p.dtype for p in from_pretrained(tmp_path, dtype=torch.float32).parameters()} == {torch.float32}
 

@@ -7,13 +7,19 @@
 
 Module names mirror the Hugging Face GPT-NeoX checkpoint (`gpt_neox.layers.0.attention.query_key_value`
 here is `layers.0.attention.query_key_value`), so loading real weights is a rename. Attention goes through
-`scaled_dot_product_attention` (flash / memory-efficient kernels on a GPU). Rotary embeddings cover the first
-`rotary_pct` of each head. `generate` decodes greedily with a `KVCache`.
+`scaled_dot_product_attention` (flash / memory-efficient kernels on a GPU). `generate` decodes greedily with a
+`KVCache`.
+
+How positions enter attention is a part of its own, chosen by `model.positions` from `POSITIONS`: `Rotary`
+(GPT-NeoX's, on the first `rotary_pct` of each head) by default. A part may change the queries and keys
+(`rotate`) and the scores' mask and bias (`mask`); it reads where the forward pass stands from a `Span` (the
+cached length from the KV cache, the new tokens' positions, the padding). A new scheme is a subclass of
+`Positions` and one line in `POSITIONS` (README, "Adding a model"; ALiBi is the worked example).
 
 The module imports torch only; its Composer wrapper, `ComposerLM`, is in rafale/models/composer.py.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Literal, Optional
 
@@ -39,6 +45,7 @@ class DecoderConfig:
     layer_norm_eps: float = 1e-5
     init_std: float = 0.02
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"  # rmsnorm has no Hugging Face export (GPT-NeoX has none)
+    positions: str = "rotary"  # how positions enter attention: a key of POSITIONS (only rotary exports to HF)
 
     @property
     def head_dim(self) -> int:
@@ -62,6 +69,8 @@ class DecoderConfig:
             raise ValueError(f"rotary_pct * head_dim must be even, got {self.rotary_dim}")
         if self.norm not in NORMS:
             raise ValueError(f"norm must be one of {', '.join(NORMS)}, got {self.norm!r}")
+        if self.positions not in POSITIONS:
+            raise ValueError(f"positions must be one of {', '.join(POSITIONS)}, got {self.positions!r}")
 
 
 # x / sqrt(mean(x^2) + eps) * weight, without LayerNorm's centring and bias (Zhang & Sennrich 2019)
@@ -131,15 +140,87 @@ def _linear_transposed(weight_t, bias, x):
     return y.view(*x.shape[:-1], weight_t.shape[1])
 
 
-class RotaryEmbedding(nn.Module):
-    """cos and sin tables for rotary position embeddings (the GPT-NeoX, non-interleaved layout).
+@dataclass
+class Span:
+    """Where one forward pass stands, for the position part: `past` positions already in the KV cache (the cache's
+    own count), `T` new ones, the new tokens' position ids (B, T) and which of the past+T keys are real tokens
+    (B, past+T) (both None without padding), the dtype the model computes its tables in and its device. What a
+    part derives from it (the rotary rows, the mask) goes in `memo`: the first layer computes it, the others read it."""
 
-    Both are computed once in fp32, as GPT-NeoX computes them, for every position below max_len, so a forward
+    past: int
+    T: int
+    position_ids: Optional[torch.Tensor] = None
+    key_mask: Optional[torch.Tensor] = None
+    dtype: torch.dtype = torch.float32
+    device: Optional[torch.device] = None
+    memo: dict = field(default_factory=dict)
+
+
+def attention_mask_for(attention_mask, past: int, T: int):
+    """Boolean mask (B, 1, T, past+T): causal, and no attention to padding keys.
+
+    attention_mask: (B, past+T), 1 for real tokens, 0 for padding. A padded query still sees itself, so
+    no row is all False (which would give NaNs); its output is ignored anyway.
+    """
+    S = past + T
+    device = attention_mask.device
+    q_pos = torch.arange(past, S, device=device)[:, None]  # (T, 1)
+    k_pos = torch.arange(S, device=device)[None, :]  # (1, S)
+    causal = k_pos <= q_pos  # (T, S)
+    mask = causal[None, None] & attention_mask[:, None, None, :].bool()  # (B, 1, T, S)
+    return mask | (k_pos == q_pos)[None, None]
+
+
+def allowed_keys(span: Span) -> torch.Tensor:
+    """(1 or B, 1, T, past+T) bool: which keys each new token may attend to (causal, and real tokens only)."""
+    keys = span.key_mask
+    if keys is None:
+        keys = torch.ones(1, span.past + span.T, dtype=torch.bool, device=span.device)
+    return attention_mask_for(keys, span.past, span.T)
+
+
+def key_positions(span: Span) -> torch.Tensor:
+    """(1 or B, past+T) the position of every key: 0, 1, 2, ... counted over real tokens only (left padding)."""
+    if span.key_mask is None:
+        return torch.arange(span.past + span.T, device=span.device)[None]
+    return (span.key_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class Positions(nn.Module):
+    """How positions enter attention, for a decoder with no positions of its own (NoPE): this base class leaves
+    queries and keys as they are and masks causally and padding keys. A scheme overrides `rotate` (positions in q
+    and k, as rotary does) or `mask` (positions in the scores, as ALiBi does), or both."""
+
+    def __init__(self, cfg: "DecoderConfig"):
+        super().__init__()
+
+    def rotate(self, q, k, span: Span):
+        """q, k (B, nh, T, hs) with positions applied."""
+        return q, k
+
+    def mask(self, span: Span, dtype: torch.dtype) -> tuple[Optional[torch.Tensor], bool]:
+        """(attn_mask, is_causal) for scaled_dot_product_attention, the same for every layer (kept in span.memo).
+        Without padding the mask is implicit: causal over the new tokens when nothing is cached (SDPA may then use
+        flash attention), and none at all for one new token after a cache, which sees every key."""
+        if "mask" not in span.memo:
+            if span.key_mask is None and (span.past == 0 or span.T == 1):
+                span.memo["mask"] = (None, span.past == 0 and span.T > 1)
+            else:
+                span.memo["mask"] = (allowed_keys(span), False)
+        return span.memo["mask"]
+
+
+class Rotary(Positions):
+    """Rotary position embeddings (the GPT-NeoX, non-interleaved layout) on the first rotary_dim dims of each head.
+
+    cos and sin are computed once in fp32, as GPT-NeoX computes them, for every position below max_len, so a forward
     (and each decoding step) only indexes them.
     """
 
-    def __init__(self, dim: int, base: float, max_len: int):
-        super().__init__()
+    def __init__(self, cfg: "DecoderConfig"):
+        super().__init__(cfg)
+        self.rotary_dim = cfg.rotary_dim
+        dim, base, max_len = cfg.rotary_dim, cfg.rotary_base, cfg.max_position_embeddings
         inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
         freqs = torch.arange(max_len, dtype=torch.float32)[:, None] * inv_freq[None, :]  # (max_len, dim/2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (max_len, dim)
@@ -156,6 +237,13 @@ class RotaryEmbedding(nn.Module):
         cos, sin = self.cos_table[start : start + T], self.sin_table[start : start + T]  # (T, dim)
         return cos[None, None].to(dtype), sin[None, None].to(dtype)
 
+    def rotate(self, q, k, span: Span):
+        if "cos_sin" not in span.memo:
+            span.memo["cos_sin"] = (self.span(span.past, span.T, span.dtype) if span.position_ids is None
+                                    else self(span.position_ids, span.dtype))
+        cos, sin = span.memo["cos_sin"]
+        return apply_rotary(q, cos, sin, self.rotary_dim), apply_rotary(k, cos, sin, self.rotary_dim)
+
 
 def rotate_half(x):
     x1, x2 = x.chunk(2, dim=-1)
@@ -168,23 +256,28 @@ def apply_rotary(x, cos, sin, rotary_dim: int):
     return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), dim=-1)
 
 
+# model.positions -> the part; a new scheme is one subclass of Positions and one line here
+POSITIONS = {
+    "rotary": Rotary,
+}
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
-        self.num_heads, self.head_dim, self.rotary_dim = cfg.num_heads, cfg.head_dim, cfg.rotary_dim
+        self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
         self.query_key_value = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
         self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
 
-    def forward(self, x, cos, sin, attn_mask=None, kv_cache: Optional[KVCache] = None, layer: int = 0,
-                is_causal: bool = True):
+    def forward(self, x, positions: Positions, span: Span, kv_cache: Optional[KVCache] = None, layer: int = 0):
         B, T, C = x.shape
         # GPT-NeoX lays out the fused projection per head: [q_h, k_h, v_h] for each head h
         qkv = self.query_key_value(x).view(B, T, self.num_heads, 3 * self.head_dim)  # (B, T, nh, 3*hs)
         q, k, v = qkv.transpose(1, 2).split(self.head_dim, dim=-1)  # each (B, nh, T, hs)
-        q = apply_rotary(q, cos, sin, self.rotary_dim)
-        k = apply_rotary(k, cos, sin, self.rotary_dim)
+        q, k = positions.rotate(q, k, span)
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)  # (B, nh, past+T, hs)
+        attn_mask, is_causal = positions.mask(span, q.dtype)  # (B or 1, 1 or nh, T, past+T), or implicit
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, nh*hs)
         return self.dense(y)
@@ -209,27 +302,12 @@ class Layer(nn.Module):
         self.attention = Attention(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, attn_mask=None, kv_cache=None, layer=0, is_causal=True):
-        attn = self.attention(self.input_layernorm(x), cos, sin, attn_mask, kv_cache, layer, is_causal)
+    def forward(self, x, positions: Positions, span: Span, kv_cache=None, layer=0):
+        attn = self.attention(self.input_layernorm(x), positions, span, kv_cache, layer)
         if self.parallel_residual:
             return x + attn + self.mlp(self.post_attention_layernorm(x))
         x = x + attn
         return x + self.mlp(self.post_attention_layernorm(x))
-
-
-def attention_mask_for(attention_mask, past: int, T: int):
-    """Boolean mask (B, 1, T, past+T): causal, and no attention to padding keys.
-
-    attention_mask: (B, past+T), 1 for real tokens, 0 for padding. A padded query still sees itself, so
-    no row is all False (which would give NaNs); its output is ignored anyway.
-    """
-    S = past + T
-    device = attention_mask.device
-    q_pos = torch.arange(past, S, device=device)[:, None]  # (T, 1)
-    k_pos = torch.arange(S, device=device)[None, :]  # (1, S)
-    causal = k_pos <= q_pos  # (T, S)
-    mask = causal[None, None] & attention_mask[:, None, None, :].bool()  # (B, 1, T, S)
-    return mask | (k_pos == q_pos)[None, None]
 
 
 def pick_next_token(logits, temperature: float = 0.0, top_k=None, top_p=None, generator=None):
@@ -261,7 +339,7 @@ class GPTNeoX(nn.Module):
         cfg.validate()
         self.cfg = cfg
         self.embed_in = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.rotary = RotaryEmbedding(cfg.rotary_dim, cfg.rotary_base, cfg.max_position_embeddings)
+        self.positions = POSITIONS[cfg.positions](cfg)
         self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.num_layers))
         self.final_layer_norm = make_norm(cfg)
         self.embed_out = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
@@ -303,28 +381,18 @@ class GPTNeoX(nn.Module):
             raise ValueError(
                 f"sequence of {past + T} tokens is longer than max_position_embeddings ({self.cfg.max_position_embeddings})"
             )
-        if position_ids is None and attention_mask is None:
-            cos, sin = self.rotary.span(past, T, self.embed_in.weight.dtype)  # positions past, ..., past+T-1
-        else:
-            if position_ids is None:
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]
-            cos, sin = self.rotary(position_ids, self.embed_in.weight.dtype)
-        # Without padding the mask is implicit: causal over the new tokens when there is no past (SDPA may use
-        # flash attention), and none at all for one new token after a cache, which sees every key.
-        attn_mask = None
-        if attention_mask is not None or (past > 0 and T > 1):
-            if attention_mask is None:
-                attention_mask = torch.ones(B, past + T, dtype=torch.bool, device=input_ids.device)
-            attn_mask = attention_mask_for(attention_mask, past, T)
-        is_causal = attn_mask is None and T > 1
+        if position_ids is None and attention_mask is not None:
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # (B, T)
+        key_mask = attention_mask.bool() if attention_mask is not None else None  # (B, past+T)
+        span = Span(past, T, position_ids, key_mask, self.embed_in.weight.dtype, input_ids.device)
 
         x = self.embed_in(input_ids)  # (B, T, C)
         for i, layer in enumerate(self.layers):
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
                 # keep only each block's input; the backward pass recomputes the rest (less memory, ~1/3 more compute)
-                x = checkpoint(layer, x, cos, sin, attn_mask, None, i, is_causal, use_reentrant=False)
+                x = checkpoint(layer, x, self.positions, span, None, i, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, attn_mask, kv_cache, i, is_causal)
+                x = layer(x, self.positions, span, kv_cache, i)
         if kv_cache is not None:
             kv_cache.length += T
         if last_only:
