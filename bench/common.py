@@ -16,13 +16,13 @@ import torch
 import torch.nn.functional as F
 from composer.core import Callback
 
-from rafale.datapipes import cache_root
+from rafale.data.cache import cache_root
 from rafale.hardware import cached_cpu_peaks, cpu_model, cpu_peak_flops, cpu_peak_key, measure_cpu_peak  # noqa: F401
-from rafale.models.configurations import PYTHIA_PRESETS
+from rafale.models.pythia import PRESETS as PYTHIA_PRESETS
 from rafale.errors import IGNORE_INDEX
 from rafale.models.composer import ComposerLM
 from rafale.models.decoder import GPTNeoX
-from rafale.models.hf import decoder_config_to_hf
+from rafale.models.pythia import config_to_hf as decoder_config_to_hf
 
 warnings.filterwarnings("ignore")
 
@@ -59,7 +59,7 @@ def hf_from_rafale(model: GPTNeoX, attn_implementation="sdpa"):
     """transformers.GPTNeoXForCausalLM with the same config and weights (a state-dict copy)."""
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-    hf_cfg = GPTNeoXConfig(**decoder_config_to_hf(model.cfg, model.cfg.vocab_size))
+    hf_cfg = GPTNeoXConfig(**decoder_config_to_hf(model.cfg, vocab_size=model.cfg.vocab_size))
     hf = GPTNeoXForCausalLM._from_config(hf_cfg, attn_implementation=attn_implementation)
     state = {}
     for name, t in model.state_dict().items():
@@ -73,7 +73,7 @@ def hf_from_rafale(model: GPTNeoX, attn_implementation="sdpa"):
 
 
 def random_blocks(n, T, vocab, seed=0):
-    """A list of dicts shaped like rafale.datapipes.CausalLMCollator's output rows."""
+    """A list of dicts shaped like rafale.data.causal_lm.CausalLMCollator's output rows."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(2, vocab, (n, T), generator=g)
     labels = torch.full_like(ids, IGNORE_INDEX)
@@ -122,7 +122,7 @@ def train_rafale(lm: ComposerLM, blocks, batch_size, steps, workdir, precision=N
     from datasets import Dataset
 
     from rafale.config import load_config
-    from rafale.datapipes import CausalLMCollator
+    from rafale.data.causal_lm import CausalLMCollator
     from rafale.train import build_trainer, place, precision_label
 
     T = len(blocks[0]["input_ids"])

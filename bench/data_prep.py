@@ -8,7 +8,7 @@ by default the TinyStories sample), with the same tokenizer (by default Pythia's
 - in one child process per corpus, rafale's build from an empty cache: seconds, tokens, peak RSS (VmHWM,
   which counts memory-mapped file pages the kernel may drop) and peak anonymous memory (sampled), cache size;
 - in this process, on the same text: rafale's build again and bare `encode_batch` (documents already split and
-  in memory, batches of datapipes.ENCODE_BATCH documents, only the ids counted): tokens/s and their ratio
+  in memory, batches of rafale.data.causal_lm.ENCODE_BATCH documents, only the ids counted): tokens/s and their ratio
   (goal >= 0.8).
 
 Goal for memory: the peaks stay about flat as the corpus grows. Timings on a shared machine are noisy.
@@ -49,7 +49,7 @@ def du_bytes(path: Path) -> int:
 def rafale_build(corpus: Path, tokenizer: Path, workdir: Path) -> dict:
     """rafale's DATA=1 path from an empty cache: seconds, tokens and cache size."""
     from rafale.config import DataConfig
-    from rafale.datapipes import CausalLMDataPipe
+    from rafale.data.causal_lm import CausalLMDataPipe
 
     cache = Path(tempfile.mkdtemp(prefix="cache-", dir=workdir))
     cfg = DataConfig(source=str(corpus), tokenizer=str(tokenizer), block_size=2048, cache_dir=str(cache))
@@ -72,7 +72,7 @@ def child(corpus: Path, tokenizer: Path, workdir: Path):
             peak[0] = max(peak[0], anon_kb())
             time.sleep(0.005)
 
-    import rafale.datapipes  # noqa: F401  (imports outside the measured growth)
+    import rafale.data  # noqa: F401  (imports outside the measured growth)
 
     start_anon, start_hwm = anon_kb(), hwm_kb()
     threading.Thread(target=sample, daemon=True).start()
@@ -82,7 +82,7 @@ def child(corpus: Path, tokenizer: Path, workdir: Path):
 
 
 def bare_encode_batch(docs: list[str], tokenizer) -> tuple[float, int]:
-    from rafale.datapipes import ENCODE_BATCH
+    from rafale.data.causal_lm import ENCODE_BATCH
 
     t = time.perf_counter()
     tokens = 0
@@ -111,7 +111,7 @@ def default_tokenizer(workdir: Path) -> Path:
         return pythia
     from datasets import Dataset
 
-    from rafale.datapipes import train_tokenizer
+    from rafale.data.tokenizers import train_tokenizer
     from rafale.stories import generate_stories
 
     path = workdir / "tokenizer.json"
@@ -122,7 +122,7 @@ def default_tokenizer(workdir: Path) -> Path:
 def measure(name: str, corpus: Path, tokenizer_path: Path, repeats: int, workdir: Path) -> dict:
     from tokenizers import Tokenizer
 
-    from rafale.datapipes import iter_text_documents
+    from rafale.data.sources import iter_text_documents
 
     size = corpus.stat().st_size
     print(f"\n[{name}] {corpus} ({size / 2**20:.1f} MiB)", flush=True)

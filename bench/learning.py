@@ -30,10 +30,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from rafale.config import Config, load_config  # noqa: E402
-from rafale.datapipes import prepare_data  # noqa: E402
-from rafale.models.configurations import resolve_model_config  # noqa: E402
+from rafale.train import prepare_data  # noqa: E402
+from rafale.resolve import resolve_model_config  # noqa: E402
 from rafale.main import main as rafale_main  # noqa: E402
-from rafale.models.hf import decoder_config_to_hf  # noqa: E402
+from rafale.models.pythia import config_to_hf as decoder_config_to_hf  # noqa: E402
 from rafale.plots import read_metrics  # noqa: E402
 
 TOLERANCE = 1.01  # rafale's loss may be at most 1% above the reference's
@@ -105,7 +105,7 @@ def hf_model(cfg: Config, vocab_size: int):
     """transformers' GPT-NeoX with the config's sizes (no dropout, untied output), initialised by transformers."""
     import transformers
 
-    fields = decoder_config_to_hf(resolve_model_config(cfg), vocab_size)
+    fields = decoder_config_to_hf(resolve_model_config(cfg), vocab_size=vocab_size)
     fields.pop("architectures")
     config = transformers.AutoConfig.for_model(**fields)
     torch.manual_seed(cfg.run.seed)

@@ -29,10 +29,11 @@ import torch.nn.functional as F  # noqa: E402
 from composer.utils import reproducibility  # noqa: E402
 
 from rafale.config import load_config  # noqa: E402
-from rafale.models.configurations import resolve_model_config  # noqa: E402
-from rafale.datapipes import MLMCollator, PreparedData, prepare_data  # noqa: E402
+from rafale.resolve import resolve_model_config  # noqa: E402
+from rafale.data.cache import PreparedData  # noqa: E402
+from rafale.data.mlm import MLMCollator  # noqa: E402
 from rafale.errors import IGNORE_INDEX  # noqa: E402
-from rafale.train import make_dataloader  # noqa: E402
+from rafale.train import make_dataloader, prepare_data  # noqa: E402
 
 TOLERANCE = 1.01  # rafale's final loss may be at most 1% above the reference's
 VALIDATION_SEED = 1234  # the fixed masks of the validation set: batch i is masked with seed VALIDATION_SEED + i

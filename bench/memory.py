@@ -31,8 +31,8 @@ import json, resource, sys
 import torch
 sys.path.insert(0, {root!r})
 from rafale.config import TrainingConfig
-from rafale.models.configurations import PYTHIA_PRESETS
-from rafale.models.hf import decoder_config_to_hf
+from rafale.models.pythia import PRESETS as PYTHIA_PRESETS
+from rafale.models.pythia import config_to_hf as decoder_config_to_hf
 from rafale.optim import build_optimizer
 side, preset, T, B, device, checkpointing, bf16, plain_adamw = {args!r}
 torch.manual_seed(0)
@@ -44,7 +44,7 @@ if side == "rafale":
     step_loss = lambda ids: model(ids, labels=ids.roll(-1, 1))
 else:
     import transformers
-    fields = decoder_config_to_hf(cfg, cfg.vocab_size)
+    fields = decoder_config_to_hf(cfg, vocab_size=cfg.vocab_size)
     fields.pop("architectures")
     model = transformers.GPTNeoXForCausalLM(transformers.AutoConfig.for_model(**fields))
     step_loss = lambda ids: model(ids, labels=ids).loss

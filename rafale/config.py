@@ -8,8 +8,8 @@ markdown table for the README, so the two cannot drift apart.
 
     run:      name: my-run                # where the run's files go, and how autoresume finds it
     data:     source: stories             # the embedded story generator, a local file, or hf:<name>
-    model:    type: pythia                # a key of rafale.models.configurations.model_config_dict
-              preset: pythia-tiny         # a size from rafale/models/configurations.py
+    model:    type: pythia                # a model family: a key of FAMILIES (rafale/models/families.py)
+              preset: pythia-tiny         # a size from the family's presets (rafale/models/pythia.py)
               num_layers: 4               # any field of the family's config overrides the preset
     training: max_duration: 1ep
 """
@@ -122,15 +122,15 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     type: str = option(
-        "pythia", "Model family, a key of model_config_dict in rafale/models/configurations.py (pythia, bert, roberta, "
-        "clip, siglip)."
+        "pythia", "Model family: a key of FAMILIES in rafale/models/families.py (each family's file, e.g. "
+        "rafale/models/pythia.py, holds its presets and heads); an unknown name is an error listing them."
     )
     task: Optional[str] = option(
-        None, "What to train: causal_lm (pythia), mlm or classification (bert, roberta), contrastive (clip, siglip); "
-        "the family's entry in TASKS (rafale/models/configurations.py) lists what it does. Default: the family's first."
+        None, "What to train: a key of DATAPIPES in rafale/data/__init__.py (causal_lm, mlm, classification, "
+        "contrastive, ...) whose head the family has (its `heads`). Default: the family's first head."
     )
     preset: Optional[str] = option(
-        None, "A size preset of that family (rafale/models/configurations.py). Default: the family's first (tiny) "
+        None, "A size preset of that family (its `presets`, in its file under rafale/models/). Default: its first (tiny) "
         "preset, or the sizes of `pretrained`."
     )
     pretrained: Optional[str] = option(
@@ -194,6 +194,14 @@ class TrainingConfig:
     fsdp: Optional[dict] = option(
         None, "Shard the model with FSDP: Composer's FSDP settings (e.g. {sharding_strategy: FULL_SHARD, "
         "mixed_precision: DEFAULT}), passed as parallelism_config={'fsdp': ...}. GPUs only."
+    )
+    keep_best: Optional[str] = option(
+        None, "A validation metric (LanguageCrossEntropy, BitsPerByte, Accuracy, ...): the weights of the evaluation "
+        "where it was best are exported to RUN/export-best/ (Hugging Face format), and the summary says at which step."
+    )
+    early_stopping: Optional[dict] = option(
+        None, "{metric: <a validation metric>, patience: <a time string, e.g. 200ba or 2ep>}: stop training at the first "
+        "evaluation more than that long after the metric's best (Composer's EarlyStopper); the summary says where."
     )
 
 
@@ -487,6 +495,7 @@ def validate(cfg: Config, check_files: bool = True) -> None:
         value = getattr(cfg.run, key)
         if not value or "/" in value or value in (".", ".."):
             raise ConfigError(f"run.{key}", f"must be a plain folder name, got {value!r}")
+    _check_early_stopping(cfg.training.early_stopping)
     if cfg.training.eval_only and cfg.training.load_path is None:
         raise ConfigError("training.load_path", "eval_only needs a checkpoint to evaluate")
     for template in cfg.data.prompt_templates or []:
@@ -511,6 +520,26 @@ def _check_creatable(folder: Path, key: str, what: str) -> None:
         raise ConfigError(key, f"cannot create {what} {folder}: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(key, f"cannot create {what} {folder}: {existing} is not writable")
+
+
+def _check_early_stopping(spec) -> None:
+    """training.early_stopping: {metric, patience}; the metric's name is checked against the model's metrics once
+    the model is built (rafale.outcomes.validation_metric)."""
+    if spec is None:
+        return
+    unknown = set(spec) - {"metric", "patience"}
+    if unknown:
+        raise _unknown_key(sorted(unknown)[0], ("metric", "patience"), "training.early_stopping.")
+    if not isinstance(spec.get("metric"), str):
+        raise ConfigError("training.early_stopping.metric", f"expected a validation metric's name, got {spec.get('metric')!r}")
+    patience = spec.get("patience", "1ep")
+    try:
+        _, unit = parse_time(patience)
+    except ValueError:
+        unit = None
+    if unit not in ("ba", "ep"):
+        raise ConfigError("training.early_stopping.patience", f"expected a time in batches or epochs (e.g. 200ba, 2ep), "
+                          f"got {patience!r}")
 
 
 def _check_files(cfg: Config) -> None:
@@ -543,7 +572,7 @@ def config_from_dict(raw, saved_run: bool = False) -> Config:
     started; its data, tokenizer and pretrained files need not exist any more (the folder has what it needs).
 
     The model section is checked here as a schema only; its family, preset, task and overrides are checked by
-    rafale.models.configurations.resolve_model_config, which every command calls right after loading."""
+    rafale.resolve.resolve_model_config, which every command calls right after loading."""
     if raw is None:
         raise ConfigError("", "the config file is empty")
     if not isinstance(raw, dict):

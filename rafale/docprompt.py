@@ -4,10 +4,11 @@
     python -m rafale.docprompt --check    exit 1 if either is out of date (the tests run this)
 
 llm-docprompt.txt is what an LLM needs to answer questions on using and extending rafale, in one message (at most
-about 160 KB): the README (with the config reference), the model files in full (what a researcher changes
-first), and for every other module its docstring and its outline: each public function's and class's signature
-and docstring, dataclass fields, and the registries (short module-level dicts such as OPTIMIZERS). Function bodies
-are left out, so editing one changes nothing here.
+about 160 KB, `MAX_BYTES`): the README (with the config reference; its measurements, `LEFT_OUT_SECTIONS`, stay in
+README.md), the decoder in full (what a researcher changes first), and for every
+other module its outline: the first paragraph of its docstring, each public function's and method's signature, a
+class's first docstring line, and the registries (short module-level dicts such as OPTIMIZERS). Function bodies
+and docstrings are left out, so editing one changes nothing here.
 """
 
 import ast
@@ -18,8 +19,11 @@ from rafale.config import config_reference
 
 ROOT = Path(__file__).resolve().parent.parent
 START, END = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
-# the model files, in full: the nn.Modules a new attention, norm or position scheme changes
-FULL_FILES = ("rafale/models/decoder.py", "rafale/models/encoder.py", "rafale/models/clip.py")
+# in full: the decoder, what a new attention, norm or position scheme changes
+FULL_FILES = ("rafale/models/decoder.py",)
+GENERATORS = ("rafale/stories.py", "rafale/shapes.py")  # word and shape tables: their docstring and functions only
+LEFT_OUT_SECTIONS = ("Speed", "Measured here")  # the README's figures: no question on using rafale needs them
+MAX_BYTES = 165_000  # "at most about 160 KB": what most LLMs take in one message
 REGISTRY_LINES = 16  # a module-level constant this short is shown whole (registries, tables); a longer one by name
 
 
@@ -57,14 +61,16 @@ def _public(name: str) -> bool:
 def _outline_class(node: ast.ClassDef, source: str) -> list[str]:
     bases = ", ".join(ast.unparse(b) for b in node.bases + node.keywords)
     lines = [f"@{ast.unparse(d)}" for d in node.decorator_list]
-    lines += [f"class {node.name}({bases}):" if bases else f"class {node.name}:"] + _docstring(node, "    ", paragraph=True)
-    body = len(lines)
+    lines.append(f"class {node.name}({bases}):" if bases else f"class {node.name}:")
+    doc = (ast.get_docstring(node) or "").split("\n")[0]
+    lines += [f'    """{doc}"""'] if doc else []
     for item in node.body:
-        if isinstance(item, ast.AnnAssign):  # a dataclass field, with its default
-            lines.append("    " + ast.get_source_segment(source, item).splitlines()[0])
+        if isinstance(item, ast.AnnAssign) and any(isinstance(d, ast.Name) and d.id == "dataclass" or
+                                                   "dataclass" in ast.unparse(d) for d in node.decorator_list):
+            lines.append(f"    {ast.unparse(item.target)}: {ast.unparse(item.annotation)}")  # a dataclass field
         elif isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef)) and _public(item.name):
-            lines += _signature(item, "    ") + (_docstring(item, "        ") or ["        ..."])
-    return lines if len(lines) > body or ast.get_docstring(node) else lines + ["    ..."]
+            lines += _signature(item, "    ")
+    return lines
 
 
 def _constant(node, name: str, source: str) -> str:
@@ -78,14 +84,18 @@ def _constant(node, name: str, source: str) -> str:
     return f"{name} = ...  # {len(segment.splitlines())} lines"
 
 
-def outline(source: str) -> str:
-    """A module without its function bodies: docstring, imports of rafale modules, signatures and docstrings of
-    public functions, classes and methods, dataclass fields, and short module-level constants."""
+def outline(source: str, tables: bool = True) -> str:
+    """A module without its function bodies: the first paragraph of its docstring, imports of rafale modules,
+    signatures of public functions, classes and methods, dataclass fields, and short module-level constants
+    (`tables`: and its classes and constants; else its functions only)."""
     tree = ast.parse(source)
-    parts = ['"""' + ast.get_docstring(tree) + '\n"""'] if ast.get_docstring(tree) else []
+    doc = ast.get_docstring(tree)
+    parts = ['"""' + doc.split("\n\n")[0] + '"""'] if doc else []
     for node in tree.body:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and _public(node.name):
-            parts.append("\n".join(_signature(node, "") + (_docstring(node, "    ") or ["    ..."])))
+            parts.append("\n".join(_signature(node, "")))
+        elif not tables:
+            continue
         elif isinstance(node, ast.ClassDef) and _public(node.name):
             parts.append("\n".join(_outline_class(node, source)))
         elif isinstance(node, (ast.Assign, ast.AnnAssign)):
@@ -95,24 +105,34 @@ def outline(source: str) -> str:
                 parts.append(_constant(node, names[0], source))
         elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("rafale"):
             parts.append(ast.unparse(node))
-    return "\n\n".join(parts) + "\n"
+    return "\n".join(parts) + "\n"
+
+
+def without_sections(readme: str, titles=LEFT_OUT_SECTIONS) -> str:
+    """The README less its `## <title>` sections, each replaced by a line saying where it is."""
+    parts = readme.split("\n## ")
+    kept = [parts[0]]
+    for part in parts[1:]:
+        title = part.split("\n", 1)[0].strip()
+        kept.append(f"{title}\n\n(left out here: see this section in README.md)\n" if title in titles else part)
+    return "\n## ".join(kept)
 
 
 def docprompt(readme: str) -> str:
     parts = [
         "# rafale: documentation and source code\n",
-        "The README comes first (with the config reference), then the model files in full, then every other module "
-        "of the `rafale` package as an outline: its docstring and its public signatures (function bodies left "
-        "out; read the file for those).\n\n",
-        "=" * 100 + "\nREADME.md\n" + "=" * 100 + "\n" + readme,
+        "The README comes first (with the config reference), then the decoder in full, then every other module "
+        "of the `rafale` package as an outline: its docstring's first paragraph and its public signatures (bodies "
+        "left out; read the file for those). Each file starts with a `#### path` line.\n\n",
+        "\n#### README.md\n" + without_sections(readme),
     ]
     paths = sorted((ROOT / "rafale").rglob("*.py"))
     for path in [p for p in paths if str(p.relative_to(ROOT)) in FULL_FILES]:
-        parts.append("\n" + "=" * 100 + f"\n{path.relative_to(ROOT)} (in full)\n" + "=" * 100 + "\n" + path.read_text())
+        parts.append(f"\n#### {path.relative_to(ROOT)} (in full)\n" + path.read_text())
     for path in [p for p in paths if str(p.relative_to(ROOT)) not in FULL_FILES]:
-        text = outline(path.read_text())
+        text = outline(path.read_text(), tables=str(path.relative_to(ROOT)) not in GENERATORS)
         if text.strip():
-            parts.append("\n" + "=" * 100 + f"\n{path.relative_to(ROOT)} (outline)\n" + "=" * 100 + "\n" + text)
+            parts.append(f"\n#### {path.relative_to(ROOT)} (outline)\n" + text)
     return "".join(parts)
 
 

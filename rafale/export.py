@@ -16,13 +16,14 @@ import torch
 from tokenizers import Tokenizer
 
 from rafale.config import Config, build_dataclass, load_config
-from rafale.datapipes import PreparedData
+from rafale.data.cache import PreparedData
 from rafale.errors import RafaleError, WeightsError
-from rafale.models.configurations import PRESETS, model_config_dict, resolve_model_config
+from rafale.resolve import family_of, head_of, resolve_model_config
 from rafale.models.hf import export_refusal, save_pretrained
-from rafale.resilience import LATEST_CHECKPOINT, batch_number, read_checkpoint
+from rafale.checkpoints import LATEST_CHECKPOINT, batch_number, read_checkpoint  # (rafale.resilience imports Composer)
 
 EXPORT_DIR = "export"
+BEST_DIR = "export-best"  # training.keep_best: the weights of the best evaluation
 MODEL_FILE = "model.json"  # the nn.Module's config (sizes, vocabulary, padding id) as the run built it
 
 
@@ -74,8 +75,7 @@ def run_model_config(run_dir: Path, cfg: Config):
     """The model config a run was built with: its model.json, or (folders written before it) resolved again."""
     if not (run_dir / MODEL_FILE).is_file():
         return resolve_model_config(cfg)
-    family_config = type(next(iter(PRESETS[cfg.model.type].values())))
-    return build_dataclass(family_config, json.loads((run_dir / MODEL_FILE).read_text()), "model.")
+    return build_dataclass(family_of(cfg).config, json.loads((run_dir / MODEL_FILE).read_text()), "model.")
 
 
 def load_run_model(run_dir: Path, checkpoint: Path | None = None):
@@ -93,12 +93,15 @@ def load_run_model(run_dir: Path, checkpoint: Path | None = None):
         path=run_dir,
         meta=json.loads((run_dir / "data.json").read_text()),
     )
-    model_cfg = run_model_config(run_dir, cfg)
-    # built without model.pretrained's weights: the checkpoint has all of them
-    composer_model = model_config_dict[cfg.model.type](model_cfg, cfg.model.task, data.meta, data.tokenizer)
-    checkpoint = checkpoint or latest_checkpoint(run_dir)
-    composer_model.model.load_state_dict(read_checkpoint_weights(checkpoint), strict=True)
-    return cfg, data, composer_model.model.eval()
+    model_cfg, family = run_model_config(run_dir, cfg), family_of(cfg)
+    # built without model.pretrained's weights: the checkpoint has all of them. model.json has the sizes as built,
+    # so the bare module is built directly; without Composer, whose import takes longer than the rest of a command
+    if (run_dir / MODEL_FILE).is_file() and family.hf is not None:
+        module = family.hf.module(model_cfg, head_of(cfg))
+    else:  # a folder from before model.json: the Composer model's build resolves the sizes from data.json
+        module = family.build(model_cfg, head_of(cfg), data.meta, data.tokenizer).model
+    module.load_state_dict(read_checkpoint_weights(checkpoint or latest_checkpoint(run_dir)), strict=True)
+    return cfg, data, module.eval()
 
 
 def export_main(argv) -> int:

@@ -16,7 +16,7 @@ import torch
 from tokenizers import Tokenizer
 
 from rafale.errors import RafaleError
-from rafale.datapipes import special_token_ids
+from rafale.data.tokenizers import special_token_ids
 
 
 def load_decoder(path: Path):
@@ -25,8 +25,11 @@ def load_decoder(path: Path):
         from rafale.export import load_run_model
 
         cfg, data, model = load_run_model(path)
-        if cfg.model.type != "pythia":
-            raise RafaleError(f"{path}: a {cfg.model.type} run cannot generate text; only decoders (pythia) can")
+        from rafale.resolve import FAMILIES, family_of
+
+        if not family_of(cfg).can_generate:
+            raise RafaleError(f"{path}: a {cfg.model.type} run cannot generate text; only decoders can "
+                              f"({', '.join(f.name for f in FAMILIES.values() if f.can_generate)})")
         return model.shrink_vocab(data.vocab_size), data.tokenizer
     if (path / "config.json").is_file():
         from rafale.models.decoder import GPTNeoX

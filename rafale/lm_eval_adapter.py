@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from rafale.errors import RafaleError
-from rafale.datapipes import special_token_ids
+from rafale.data.tokenizers import special_token_ids
 
 try:
     from lm_eval.api.model import LM

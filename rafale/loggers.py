@@ -26,6 +26,7 @@ from pathlib import Path
 from composer.callbacks import SpeedMonitor
 from composer.core import Callback, Event, State, TimeUnit
 from composer.loggers import Logger, LoggerDestination
+from composer.utils import dist
 from composer.utils.misc import create_interval_scheduler
 
 from rafale.hardware import check_peak
@@ -122,6 +123,19 @@ def format_eval_line(metrics: dict) -> str:
             parts.append(f"{label} {value:.2f}" if name == "LanguagePerplexity" and math.isfinite(value) else f"{label} {value:.4f}")
     parts += [f"{name} {value:.4f}" for name, value in values.items() if name not in EVAL_LABELS]
     return "validation: " + " | ".join(parts)
+
+
+def eval_subset_batches(eval_batches: int | None, available: int) -> int:
+    """Composer's `eval_subset_num_batches` for training.eval_batches: -1 (all) when unset, and never more than the
+    validation loader's `available` batches, said once here (Composer would warn and clamp on its own)."""
+    if eval_batches is None:
+        return -1
+    if eval_batches > available:
+        if dist.get_global_rank() == 0:
+            print(f"rafale: training.eval_batches is {eval_batches} but the validation split has {available} "
+                  f"batch{'' if available == 1 else 'es'}: evaluating on {available}")
+        return available
+    return eval_batches
 
 
 class ConsoleLog(LoggerDestination):

@@ -9,6 +9,8 @@
     rafale lm-eval RUN --tasks T    score a decoder with lm-evaluation-harness
     rafale plot RUN [RUN ...]       draw a run's curves, or overlay several runs
     rafale zero-shot RUN --images DIR --classes "cat,dog"   classify images with a CLIP or SigLIP
+    rafale predict RUN --file rows.csv   classify a file's texts with a trained classifier
+    rafale score RUN --file text.txt     loss, perplexity and bits per byte of a file under a language model
 
 This module is the command line only (arguments, commands, exit codes); each command imports what it needs
 when it runs, so `rafale --help` and a config error answer without loading torch or Composer. Nothing imports
@@ -72,13 +74,16 @@ def train_main(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     cfg.run.restart = cfg.run.restart or getattr(args, "restart", False)
-    from rafale.models.configurations import resolve_model_config  # torch: the model files define the sizes
+    from rafale.resolve import resolve_model_config  # torch: the model files define the sizes
 
     model_cfg = resolve_model_config(cfg)  # the model section's errors before any data work
     if args.data_only or env_flag("DATA"):  # the data alone needs neither Composer nor the model
-        from rafale.datapipes import datapipe_for, print_data_summary
+        from rafale.data import DATAPIPES
+        from rafale.data.cache import print_data_summary
+        from rafale.resolve import family_of
 
-        print_data_summary(datapipe_for(cfg).load())
+        # rafale.train.datapipe_for, without importing Composer (resolve_model_config has set model.task)
+        print_data_summary(DATAPIPES[cfg.model.task](cfg.data, **family_of(cfg).data).load())
         return 0
     from rafale.train import train  # Composer: only once the config is known to be good
 
@@ -122,6 +127,18 @@ def zero_shot_command(argv) -> int:
     return zero_shot_main(argv)
 
 
+def predict_command(argv) -> int:
+    from rafale.predict import predict_main
+
+    return predict_main(argv)
+
+
+def score_command(argv) -> int:
+    from rafale.score import score_main
+
+    return score_main(argv)
+
+
 def sweep_command(argv) -> int:
     from rafale.sweep import sweep_main
 
@@ -134,7 +151,9 @@ COMMANDS = {
     "generate": (generate_command, "generate text with a trained decoder (a run or a Hugging Face folder)"),
     "lm-eval": (lm_eval_command, "score a decoder with lm-evaluation-harness"),
     "plot": (plot_command, "draw a run's curves, or overlay several runs"),
+    "predict": (predict_command, "classify the texts of a file with a trained classifier (labels, probabilities)"),
     "runs": (runs_command, "one line per run: model, size, tokens, time, final validation metrics"),
+    "score": (score_command, "loss, perplexity and bits per byte of a text file under a trained language model"),
     "sweep": (sweep_command, "train a grid of config overrides one after another, then compare them"),
     "zero-shot": (zero_shot_command, "classify a folder of images with a CLIP or SigLIP (a run or an HF folder)"),
 }

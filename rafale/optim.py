@@ -22,7 +22,9 @@ operations of an uninterrupted one.
 import importlib
 import inspect
 import math
+import os
 import re
+import sys
 import types
 import typing
 
@@ -248,11 +250,23 @@ OPTIMIZERS = {
 }
 
 
+def import_with_working_directory(module_name: str):
+    """importlib.import_module, with the working directory on the path as `python -m` has it (the `rafale` script
+    starts with its own folder there instead), so a `my_optimizers.py` beside the config is found."""
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name != module_name.split(".")[0] or os.getcwd() in sys.path:
+            raise
+    sys.path.append(os.getcwd())  # last: it shadows nothing that is installed
+    return importlib.import_module(module_name)
+
+
 def torch_optimizer_class(path: str):
     """The Optimizer class a dotted path names (`torch.optim.SGD`, `mypackage.optim.Sophia`)."""
     module_name, _, class_name = path.rpartition(".")
     try:
-        module = importlib.import_module(module_name)
+        module = import_with_working_directory(module_name)
     except (ImportError, ValueError) as err:  # ValueError: an empty module name (".SGD")
         raise ConfigError("training.optimizer.name", f"cannot import {module_name} for {path}: {err}") from None
     cls = getattr(module, class_name, None)

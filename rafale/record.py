@@ -50,6 +50,7 @@ APPLIED_ON_RESUME = {
     "training.max_duration", "training.eval_interval", "training.eval_batches", "training.save_interval",
     "training.checkpoints_to_keep", "training.log_interval", "training.compile", "training.activation_checkpointing",
     "training.microbatch_size", "training.precision", "training.trust_checkpoint", "training.fsdp",
+    "training.keep_best", "training.early_stopping",
 }
 # data keys the collators read while training; every other data key is judged by the cache it builds (its
 # content digest and tokenizer), so a moved file or another spelling of the same data still resumes
@@ -298,6 +299,7 @@ class RunRecord:
         self.previous: dict = {}
         self.start_batch = self.start_tokens = 0
         self.export_dir: Path | None = None
+        self.outcome = dict  # () -> what the summary adds (training.keep_best's best evaluation, an early stop)
         clock.on_save.append(self.checkpointed)
 
     def begin(self, state: State) -> None:
@@ -387,6 +389,7 @@ class RunRecord:
             "validation_step": last_eval[0] if last_eval else self.previous.get("validation_step"),
             "export": str(self.export_dir) if self.export_dir else None,
             "segments": segments,
+            **self.outcome(),
             **extra,
         }
         return summary

@@ -3,14 +3,11 @@
 `train(cfg, model_cfg)` is what `rafale -c` does once the config is loaded: prepare the data, build the model,
 `run` it, report. `run` is a few named steps: check the run folder (restart, the resume guard, a run already
 complete), write its files, the Trainer (`build_trainer`: loaders, optimizer, schedule, clipping, callbacks,
-loggers, checkpoints and autoresume), fit, and the Hugging Face export. What the run folder records of it
-(summary.json over every segment, metrics.jsonl, an evaluation's own folder) is rafale.record's.
+loggers, checkpoints and the resume), fit, and the Hugging Face export. The run folder's checks and files are
+rafale.run_folder's; what it records of the run (summary.json over every segment, metrics.jsonl, an evaluation's
+own folder) is rafale.record's; keep_best and early stopping are rafale.outcomes'.
 """
 
-import dataclasses
-import json
-import os
-import shutil
 import signal
 import sys
 import time
@@ -34,18 +31,21 @@ from composer.loggers import Logger
 from composer.utils import dist, reproducibility
 from torch.utils.data import DataLoader
 
-from rafale.config import Config, pretrained_folder, save_config
-from rafale.datapipes import PreparedData, cache_root, datapipe_for, describe_vocabulary, print_data_summary
+from rafale.config import Config, pretrained_folder
+from rafale.data import DATAPIPES
+from rafale.data.cache import DataPipe, PreparedData, cache_root, describe_vocabulary, print_data_summary
 from rafale.errors import IGNORE_INDEX, ConfigError, DataError, RafaleError, WeightsError
 from rafale.hardware import confirm_peak, peak_flops
-from rafale.models.configurations import model_config_dict
-from rafale.loggers import CheckedSpeedMonitor, ConsoleLog, LearningRates, MetricsFile
-from rafale.export import EXPORT_DIR, export_model, latest_checkpoint, write_model_file
+from rafale.resolve import family_of, head_of
+from rafale.loggers import CheckedSpeedMonitor, ConsoleLog, LearningRates, MetricsFile, eval_subset_batches
+from rafale.export import BEST_DIR, EXPORT_DIR, export_model
+from rafale.models.hf import export_refusal
 from rafale.optim import batches_in, build_optimizer, is_schedule_free, schedule_free_switch
-from rafale.record import (ResumeConflict, RunClock, RunRecord, compact_metrics, describe, eval_folder, read_summary,
-                           reached, resume_changes, validation_loss, write_eval_record, write_json)
-from rafale.resilience import (FiniteLossMonitor, StopOnSignal, batch_number, check_checkpoint_safe,
-                               check_resume_checkpoint)
+from rafale.outcomes import outcome, outcome_callbacks, resume_outcome
+from rafale.run_folder import (check_run_folder, check_shared_run_folder, resume_checkpoint, set_run_folder_aside,
+                               write_run_folder)
+from rafale.record import RunClock, RunRecord, compact_metrics, describe, eval_folder, validation_loss, write_eval_record
+from rafale.resilience import FiniteLossMonitor, StopOnSignal, check_checkpoint_safe
 
 
 DEBUG_EPOCHS = 10
@@ -189,18 +189,6 @@ def make_loggers(cfg: Config, run_dir: Path) -> list:
     return loggers
 
 
-def set_run_folder_aside(run_dir: Path) -> None:
-    """run.restart: keep the old run folder as NAME.old-<time> and start with an empty one."""
-    if not run_dir.exists():
-        return
-    aside = run_dir.with_name(f"{run_dir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-    try:
-        run_dir.rename(aside)
-    except OSError as err:
-        raise ConfigError("run.restart", f"cannot set the run folder {run_dir} aside as {aside}: {err}") from None
-    print(f"rafale: restarting {run_dir.name}; the previous run folder is now {aside}")
-
-
 def run(cfg: Config, data: PreparedData, model, collator, debug: bool = False,
         started: float | None = None) -> tuple[dict, Path]:
     """Train (or with training.eval_only, evaluate) `model` on `data`, as the config says: the run folder, the
@@ -231,13 +219,24 @@ def run(cfg: Config, data: PreparedData, model, collator, debug: bool = False,
     record = RunRecord(run_dir, cfg, sum(p.numel() for p in model.parameters()), clock, started,
                        writes=dist.get_global_rank() == 0, mfu=mfu_of(model, cfg, placement, peak),
                        precision=precision_label(placement.precision, placement.autocast_dtype), changes=changes)
+    record.outcome = lambda: outcome(trainer, cfg)
     record.begin(trainer.state)
+    resume_outcome(trainer, record.previous)
     fit(trainer, stopper, cfg, run_dir, record)
     record.export_dir = export_run(model.model, run_dir, data, sharded=cfg.training.fsdp is not None) if save else None
     trainer.close()  # flushes the metrics file
     if dist.get_global_rank() == 0:
         compact_metrics(run_dir)
-    return record.save(trainer.state, "complete"), run_dir
+    summary = record.save(trainer.state, "complete")
+    if summary.get("best"):
+        best = summary["best"]
+        where = f"; exported to {best['export']}" if best["export"] else " (no export: see above)"
+        print(f"rafale: best {best['metric']}: {best['value']:.4f} at step {best['step']}{where}")
+    if summary.get("early_stopped"):
+        stop = summary["early_stopped"]
+        print(f"rafale: stopped early at batch {stop['at_batch']}: {stop['metric']} had not improved on its best "
+              f"({stop['best']:.4f} at step {stop['best_step']}) for {stop['patience']}")
+    return summary, run_dir
 
 
 def mfu_of(model, cfg: Config, placement: "Placement", peak: float | None):
@@ -255,71 +254,6 @@ def mfu_of(model, cfg: Config, placement: "Placement", peak: float | None):
         return achieved / confirmed if confirmed else None
 
     return mfu
-
-
-def check_run_folder(cfg: Config, data: PreparedData, model, run_dir: Path, save: bool) -> tuple[dict, dict | None]:
-    """Before anything in RUN is written: check what a resume of its checkpoints would change
-    (rafale.record.resume_changes: a ResumeConflict for anything it may not). Returns (the config changes a resume
-    applies, the run's summary when it is already complete under this config, else None)."""
-    previous = read_summary(run_dir)
-    if not save or not list(run_dir.glob("checkpoints/*.pt")):
-        if save and previous is not None and previous.get("status") == "complete":
-            raise ResumeConflict(f"{run_dir} holds a complete run (its summary.json) but no checkpoint to resume "
-                                 "from; train it again with --restart (the old folder is kept as "
-                                 f"{run_dir.name}.old-<time>) or use a new run.name")
-        return {}, None
-    changes = resume_changes(run_dir, cfg, data, model.model.cfg)
-    complete = (previous is not None and previous.get("status") == "complete"
-                and batch_number(latest_checkpoint(run_dir)) >= previous["batches"]  # its checkpoints reach its end
-                and reached(cfg.training.max_duration, previous))
-    return changes, previous if complete else None
-
-
-def check_shared_run_folder(run_dir: Path) -> None:
-    """Several processes train one run: they must all see one run folder. Rank 0 writes a marker file there and
-    every process looks for it; one that cannot see it is on a node with a disk of its own, where a resume would
-    find no checkpoint (they are on node 0's disk) and silently start over. Every process then stops with the
-    same error. (Also the first collective of the run: the process group starts here, before the Trainer.)"""
-    import secrets
-
-    dist.initialize_dist("gpu" if torch.cuda.is_available() else "cpu")
-    token = [secrets.token_hex(8) if dist.get_global_rank() == 0 else None]
-    dist.broadcast_object_list(token, src=0)
-    marker = run_dir / f".shared-by-every-node-{token[0]}"
-    if dist.get_global_rank() == 0:
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            marker.write_text(token[0])
-        except OSError:
-            pass  # the run folder's own error comes from write_run_folder, on every process
-    dist.barrier()
-    seen = dist.all_gather_object((marker.is_file(), os.environ.get("NODE_RANK", "0"), dist.get_global_rank()))
-    dist.barrier()
-    if dist.get_global_rank() == 0:
-        marker.unlink(missing_ok=True)
-    blind = sorted({f"node {node} (rank {rank})" for sees, node, rank in seen if not sees})
-    if blind:
-        raise ConfigError("run.output_dir", f"{run_dir} is not shared by every node: {', '.join(blind)} cannot see "
-                          "what rank 0 writes there (a disk of its own?). Resuming needs a run.output_dir on a disk "
-                          "every node shares (a cluster's /scratch or /project), where node 0's checkpoints are")
-
-
-def write_run_folder(cfg: Config, data: PreparedData, model, run_dir: Path) -> None:
-    """What rebuilds the model without the data: the resolved config, the tokenizer, the data's description and
-    the model's sizes (and a classifier's class names)."""
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ConfigError("run.output_dir", f"cannot create the run folder {run_dir}: {err}") from None
-    if dist.get_global_rank() != 0:
-        return
-    # restart is what this command did, not a setting of the run: rerunning config.yaml must resume it
-    save_config(dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, restart=False)), run_dir / "config.yaml")
-    shutil.copyfile(data.path / "tokenizer.json", run_dir / "tokenizer.json")
-    write_json(run_dir / "data.json", data.meta)  # to rebuild the model without the data
-    write_model_file(model.model, run_dir)  # ... and without model.pretrained
-    if "label_names" in data.meta:  # class id -> name, for whoever reads the predictions
-        write_json(run_dir / "labels.json", data.meta["label_names"])
 
 
 def fit(trainer: Trainer, stopper: StopOnSignal, cfg: Config, run_dir: Path, record: RunRecord) -> None:
@@ -392,14 +326,15 @@ def full_weights(module: torch.nn.Module, sharded: bool) -> torch.nn.Module | No
     return copy
 
 
-def export_run(module: torch.nn.Module, run_dir: Path, data: PreparedData, sharded: bool = False) -> Path | None:
+def export_run(module: torch.nn.Module, run_dir: Path, data: PreparedData, sharded: bool = False,
+               folder: str = EXPORT_DIR) -> Path | None:
     """RUN/export in Hugging Face format; after hours of training a failed export must not fail the run: the
     checkpoints are already safe, so say why there is none and where they are."""
     module = full_weights(module, sharded)
     if module is None:
         return None
     try:
-        return export_model(module, run_dir / EXPORT_DIR, data)
+        return export_model(module, run_dir / folder, data)
     except WeightsError as err:
         print(f"rafale: no Hugging Face export: {err}; the checkpoints are in {run_dir / 'checkpoints'}")
         return None
@@ -466,13 +401,14 @@ def build_trainer(cfg: Config, data: PreparedData, model, collator, placement: P
             max_duration=f"{DEBUG_EPOCHS}ep" if debug else t.max_duration,
             optimizers=build_optimizer(model, t, placement.device, warmup_steps),
             algorithms=[GradientClipping(clipping_type="norm", clipping_threshold=t.clip_norm)] if t.clip_norm else [],
-            callbacks=(make_callbacks(placement.device, peak, stopper, schedule, cache_root(cfg.data.cache_dir)) + [clock or RunClock()]
-                       + getattr(model, "callbacks", [])),
+            callbacks=(make_callbacks(placement.device, peak, stopper, schedule, cache_root(cfg.data.cache_dir))
+                       + [clock or RunClock()] + getattr(model, "callbacks", [])
+                       + ([] if debug or t.eval_only else outcome_callbacks(cfg, model, best_exporter(cfg, model, run_dir, data)))),
             loggers=make_loggers(cfg, run_dir) if dist.get_global_rank() == 0 else [],
             compile_config={} if t.compile else None,
             parallelism_config={"fsdp": t.fsdp} if t.fsdp is not None else None,
             eval_interval="1ep" if debug else t.eval_interval,
-            eval_subset_num_batches=-1 if t.eval_batches is None else t.eval_batches,
+            eval_subset_num_batches=eval_subset_batches(t.eval_batches, len(eval_loader.dataloader)),
             device=placement.device,
             precision=placement.precision,
             device_train_microbatch_size=placement.microbatch,
@@ -492,6 +428,15 @@ def build_trainer(cfg: Config, data: PreparedData, model, collator, placement: P
             python_log_level=None,
         )
     return trainer, stopper, peak
+
+
+def best_exporter(cfg: Config, model, run_dir: Path, data: PreparedData):
+    """training.keep_best's export of the best weights to RUN/export-best/, or None for a model that cannot be
+    exported."""
+    module, sharded = model.model, cfg.training.fsdp is not None
+    if export_refusal(module) is not None:
+        return None
+    return lambda state: export_run(module, run_dir, data, sharded=sharded, folder=BEST_DIR)
 
 
 def make_loaders(cfg: Config, data: PreparedData, collator, placement: Placement, debug: bool):
@@ -527,27 +472,19 @@ def make_callbacks(device: str, peak: float | None, stopper: StopOnSignal, sched
     return callbacks
 
 
-def resume_checkpoint(cfg: Config, run_dir: Path) -> Path | None:
-    """The checkpoint of run_dir/checkpoints this run resumes from (None: a fresh start), the same on every process.
-
-    Rank 0 picks the latest one and checks it (rafale.resilience.check_resume_checkpoint: readable, nothing to
-    unpickle but Composer's plain types, run.resume_fallback), then hands its path to every process, which load it
-    as Composer's load_path. Composer's own autoresume is not used: on a run folder that several nodes share it
-    crashes, because it names the signal file each node's first process writes and removes after node 0 on every
-    node (llm-foundry issues 417 and 1736, Composer PR 2363 still open), so the nodes remove each other's file.
-    Loading the same checkpoint through load_path restores exactly what autoresume would."""
-    chosen = None
-    if dist.get_global_rank() == 0:
-        chosen = check_resume_checkpoint(run_dir / "checkpoints", cfg.run.resume_fallback, cfg.training.trust_checkpoint)
-    if dist.get_world_size() > 1:
-        shared = [str(chosen) if chosen is not None else None]
-        dist.broadcast_object_list(shared, src=0)
-        chosen = Path(shared[0]) if shared[0] is not None else None
-    return chosen
-
-
 # ----------------------------------------------------------------------------------------------------
 # the `rafale -c cfg.yaml` command, once the config is loaded and its model section resolved
+
+
+def datapipe_for(cfg: Config) -> DataPipe:
+    """The datapipe of model.task (by default the family's first task), with what the family wants of its data."""
+    family = family_of(cfg)
+    return DATAPIPES[cfg.model.task or family.heads[0]](cfg.data, **family.data)
+
+
+def prepare_data(cfg: Config) -> PreparedData:
+    """The config's data, from the cache or prepared now."""
+    return datapipe_for(cfg).load()
 
 
 def train(cfg: Config, model_cfg, data_only: bool = False, debug: bool = False, started: float | None = None) -> int:
@@ -581,9 +518,9 @@ def train(cfg: Config, model_cfg, data_only: bool = False, debug: bool = False, 
 
 
 def build_model(cfg: Config, model_cfg, data: PreparedData):
-    """The Composer model of model.type (its builder in model_config_dict), with model.pretrained's weights."""
+    """The Composer model of model.type (its family's build), with model.pretrained's weights."""
     check_fits_data(cfg, model_cfg, data.meta)
-    model = model_config_dict[cfg.model.type](model_cfg, cfg.model.task, data.meta, data.tokenizer)
+    model = family_of(cfg).build(model_cfg, head_of(cfg), data.meta, data.tokenizer)
     if cfg.model.pretrained is not None:
         from rafale.models.hf import copy_pretrained, from_pretrained
 
@@ -631,6 +568,6 @@ def check_fits_images(model_cfg, meta: dict) -> None:
                         f"({model_cfg.vision.image_size}); set data.image_size: {model_cfg.vision.image_size}")
     text = model_cfg.text
     pooled = text.vocab_size - 1 if text.eos_token_id is None else text.eos_token_id  # None: at the highest id
-    if model_cfg.family == "clip" and pooled != meta["eos_token_id"]:
+    if text.pooling == "eos" and pooled != meta["eos_token_id"]:  # (SigLIP pools the last position)
         raise DataError(f"data.tokenizer: its end-of-text id {meta['eos_token_id']} differs from the id the pretrained "
                         f"CLIP pools its text at ({pooled}); use the checkpoint's tokenizer")

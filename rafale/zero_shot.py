@@ -11,18 +11,11 @@ from pathlib import Path
 
 import torch
 
-from rafale.datapipes import special_token_ids
+from rafale.data.image_text import DEFAULT_TEMPLATES, IMAGE_SUFFIXES, encode_texts, normalize, open_image, pad_texts
+from rafale.data.tokenizers import special_token_ids
 from rafale.errors import RafaleError
-from rafale.image_text import DEFAULT_TEMPLATES, IMAGE_SUFFIXES, open_image
-from rafale.models.clip import (
-    ContrastiveModel,
-    class_embeddings,
-    encode_texts,
-    normalize,
-    pad_texts,
-    text_length,
-    zero_shot_probabilities,
-)
+from rafale.models.clip import ContrastiveModel, class_embeddings, zero_shot_probabilities
+from rafale.models.families import FAMILIES
 
 
 def load_contrastive(path: Path):
@@ -59,16 +52,16 @@ def image_files(folder: Path) -> list[Path]:
 def classify(model, tokenizer, eos: int, pad: int, max_len: int, files: list[Path], classes: list[str],
              templates: list[str], batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """(predicted class ids (N,), their probabilities (N,)) of the images in `files`."""
-    family = model.cfg.family
+    fmt = FAMILIES[model.cfg.family].data  # the text length and pixel normalisation it was trained with
     prompts = [t.format(c) for c in classes for t in templates]  # class-major, as class_embeddings expects
     ids = encode_texts(tokenizer, prompts, eos, max_len)
-    input_ids, attention_mask = pad_texts(ids, pad, text_length(family, max_len))
+    input_ids, attention_mask = pad_texts(ids, pad, max_len if fmt["fixed_text_length"] else None)
     class_vectors = class_embeddings(model, input_ids, attention_mask, len(templates))
     size = model.cfg.vision.image_size
     predicted, probability = [], []
     for start in range(0, len(files), batch_size):
         pixels = torch.stack([torch.from_numpy(open_image(p, size).copy()) for p in files[start:start + batch_size]])
-        pixel_values = normalize(pixels.permute(0, 3, 1, 2), family)  # (B, H, W, 3) -> (B, 3, H, W)
+        pixel_values = normalize(pixels.permute(0, 3, 1, 2), fmt["image_mean"], fmt["image_std"])  # (B, 3, H, W)
         best = zero_shot_probabilities(model, pixel_values, class_vectors).max(dim=-1)
         predicted.append(best.indices)
         probability.append(best.values)

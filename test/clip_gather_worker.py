@@ -6,7 +6,8 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from rafale.models.clip import CLIP_PRESETS, SIGLIP_PRESETS, build_model, contrastive_logits, gather_features
+from rafale.models.clip import build_model, contrastive_logits, gather_features
+from rafale.models.contrastive import CLIP_PRESETS, SIGLIP_PRESETS
 
 FAMILIES = ("clip", "siglip")
 

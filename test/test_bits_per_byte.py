@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer
 
 from rafale.config import DataConfig
-from rafale.datapipes import train_tokenizer
+from rafale.data.tokenizers import train_tokenizer
 from rafale.metrics import BitsPerByte, token_bytes
 from conftest import SHARED_DATA
 

@@ -58,6 +58,7 @@ def batch_of(B=3, T=12):
 
 def test_composer_lm_training_loss_and_gradients_equal_the_plain_computation(monkeypatch):
     monkeypatch.setattr(decoder, "LOSS_CHUNK_ELEMENTS", 5 * TRUE_V)  # 5 rows per chunk: several chunks
+    monkeypatch.setattr(decoder, "LOSS_CHUNK_MIN_ROWS", 1)
     lm, batch = tiny_lm(), batch_of()
     loss = lm.loss(lm(batch), batch)
     loss.backward()

@@ -9,18 +9,15 @@ import torch
 import torch.nn.functional as F
 import transformers
 
-from rafale.models.clip import (
+from rafale.errors import WeightsError
+from rafale.models.clip import ClipConfig, build_model, clip_loss, siglip_loss
+from rafale.models.contrastive import (
     CLIP_PRESETS,
     SIGLIP_PRESETS,
-    ClipConfig,
-    ClipWeightsError,
-    build_model,
-    clip_loss,
     config_from_hf,
     config_to_hf,
     hf_state_dict,
     load_hf_state_dict,
-    siglip_loss,
 )
 
 VOCAB, PAD = 99, 1
@@ -220,7 +217,7 @@ def test_strict_loading_names_every_problem(make_hf):
     tensors["vision_model.encoder.layers.7.mlp.fc1.weight"] = torch.zeros(37, 32)  # a layer the model lacks
     tensors["text_model.pooler.weight"] = torch.zeros(3)
     tensors["logit_scale"] = torch.zeros(2, 2)
-    with pytest.raises(ClipWeightsError) as err:
+    with pytest.raises(WeightsError) as err:
         load_hf_state_dict(model, tensors, "ckpt")
     message = str(err.value)
     assert "missing: text_model.final_layer_norm.bias" in message
@@ -233,7 +230,7 @@ def test_strict_loading_names_every_problem(make_hf):
 
 def test_clip_weights_do_not_load_into_siglip():
     siglip = build_model(config_from_hf(hf_siglip().config.to_dict()))
-    with pytest.raises(ClipWeightsError, match="missing: .*logit_bias"):
+    with pytest.raises(WeightsError, match="missing: .*logit_bias"):
         load_hf_state_dict(siglip, hf_clip(VOCAB - 1).state_dict())
 
 

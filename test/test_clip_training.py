@@ -16,10 +16,12 @@ from PIL import Image
 
 from conftest import run_in_process, write_config
 from rafale.config import DataConfig
-from rafale.datapipes import ImageTextCollator, ImageTextDataPipe
+from rafale.data.image_text import ImageTextCollator, ImageTextDataPipe
 from rafale.errors import DataError
-from rafale.models.clip import CLIP_PRESETS, NORMALIZATION, build_model, contrastive_logits
+from rafale.models.clip import build_model, contrastive_logits
+from rafale.models.contrastive import CLIP_PRESETS
 from rafale.models.composer import ClampLogitScale, ComposerContrastive
+from rafale.models.families import FAMILIES
 from rafale.shapes import HELD_OUT_CLASSES, ZERO_SHOT_CLASSES, draw, sample_plan
 
 TINY_DATA = dict(source="shapes", tokenizer="train", vocab_size=512, block_size=32, image_size=32,
@@ -39,7 +41,7 @@ def one_thread():
 
 
 def test_shapes_datapipe_caches_uint8_images_and_captions_ending_with_eos(cache_dir, capsys):
-    data = ImageTextDataPipe(DataConfig(**TINY_DATA), family="clip").load()
+    data = ImageTextDataPipe(DataConfig(**TINY_DATA), **FAMILIES["clip"].data).load()
     train = data.splits["train"]
     assert len(train) == 48 and len(data.splits["validation"]) == 16 and len(data.splits["zero_shot"]) == 36
     first = train[0]
@@ -58,7 +60,7 @@ def test_shapes_datapipe_caches_uint8_images_and_captions_ending_with_eos(cache_
     assert data.meta["splits"]["train"]["image_bytes"] == 48 * 32 * 32 * 3
     # the second load finds the finished cache
     capsys.readouterr()
-    again = ImageTextDataPipe(DataConfig(**TINY_DATA), family="clip").load()
+    again = ImageTextDataPipe(DataConfig(**TINY_DATA), **FAMILIES["clip"].data).load()
     assert again.path == data.path and "using cached data" in capsys.readouterr().out
 
 
@@ -77,7 +79,7 @@ def test_captions_file_and_zero_shot_folders(tmp_path, cache_dir):
         write_image(tmp_path / "zs" / name / "a.png", colour)
     cfg = DataConfig(source=str(tmp_path / "pairs"), tokenizer="train", vocab_size=280, block_size=16,
                      image_size=16, val_fraction=0.34, zero_shot_source=str(tmp_path / "zs"))
-    data = ImageTextDataPipe(cfg, family="clip").load()
+    data = ImageTextDataPipe(cfg, **FAMILIES["clip"].data).load()
     assert len(data.splits["train"]) == 4 and len(data.splits["validation"]) == 2
     assert data.meta["zero_shot"]["classes"] == ["blue thing", "red thing"]
     # 40 x 30 resized to 21 x 16 and centre-cropped to 16 x 16; the colour of each file survives
@@ -89,19 +91,20 @@ def test_captions_file_and_zero_shot_folders(tmp_path, cache_dir):
     rows[3]["image"] = "img/missing.png"
     (tmp_path / "pairs" / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(DataError, match=r"data.image_column: row 3 of .*captions.jsonl names .*missing.png"):
-        ImageTextDataPipe(cfg, family="clip").load()
+        ImageTextDataPipe(cfg, **FAMILIES["clip"].data).load()
 
 
 def test_collator_pads_clip_with_a_mask_and_siglip_to_a_fixed_length():
     examples = [{"pixel_values": torch.full((4, 4, 3), 255, dtype=torch.uint8), "input_ids": torch.tensor([5, 6, 0])},
                 {"pixel_values": torch.zeros((4, 4, 3), dtype=torch.uint8), "input_ids": torch.tensor([7, 0])}]
-    clip = ImageTextCollator("clip", pad_token_id=1)(examples)
+    clip_format, siglip_format = FAMILIES["clip"].data, FAMILIES["siglip"].data
+    clip = ImageTextCollator(1, clip_format["image_mean"], clip_format["image_std"])(examples)
     assert clip["input_ids"].tolist() == [[5, 6, 0], [7, 0, 1]]
     assert clip["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
-    mean, std = NORMALIZATION["clip"]
+    mean, std = clip_format["image_mean"], clip_format["image_std"]
     assert clip["pixel_values"].shape == (2, 3, 4, 4)
     torch.testing.assert_close(clip["pixel_values"][0, :, 0, 0], (1 - torch.tensor(mean)) / torch.tensor(std))
-    siglip = ImageTextCollator("siglip", pad_token_id=1, text_length=5)(examples)
+    siglip = ImageTextCollator(1, siglip_format["image_mean"], siglip_format["image_std"], text_length=5)(examples)
     assert siglip["input_ids"].tolist() == [[5, 6, 0, 1, 1], [7, 0, 1, 1, 1]] and "attention_mask" not in siglip
     torch.testing.assert_close(siglip["pixel_values"][:, 0, 0, 0], torch.tensor([1.0, -1.0]))
 
@@ -212,8 +215,9 @@ def test_training_run_logs_metrics_and_exports_what_transformers_loads(tmp_path,
     from rafale.models.hf import from_pretrained
 
     cfg, data, model = load_run_model(run_dir)
-    collator = ImageTextCollator(family, data.pad_token_id, 32 if family == "siglip" else None)
-    pipe = ImageTextDataPipe(cfg.data, family=family).load(verbose=False)
+    collator = ImageTextCollator(data.pad_token_id, FAMILIES[family].data["image_mean"], FAMILIES[family].data["image_std"],
+                                 32 if family == "siglip" else None)
+    pipe = ImageTextDataPipe(cfg.data, **FAMILIES[family].data).load(verbose=False)
     batch = collator([pipe.splits["validation"][i] for i in range(6)])
     with torch.no_grad():
         expected = (model.get_image_features(batch["pixel_values"]),
@@ -239,7 +243,7 @@ def plain_zero_shot_accuracy(model, data, pipe, family):
     """Zero-shot accuracy written out with plain torch: each class is the normalised mean of its prompts' normalised
     text features; each image goes to the class of highest cosine."""
     info = data.meta["zero_shot"]
-    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in NORMALIZATION[family])
+    mean, std = (torch.tensor(FAMILIES[family].data[k]).view(1, 3, 1, 1) for k in ("image_mean", "image_std"))
     split = pipe.splits["zero_shot"][:]
     pixels = (split["pixel_values"].permute(0, 3, 1, 2).float() / 255 - mean) / std
     classes = []

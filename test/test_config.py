@@ -5,7 +5,8 @@ import pytest
 import yaml
 
 from rafale.config import Config, ConfigError, config_from_dict, config_reference, load_config, save_config
-from rafale.models.configurations import PRESETS, resolve_model_config
+from rafale.resolve import resolve_model_config
+from rafale.models.families import FAMILIES
 from conftest import RAFALE, ROOT, run_cli
 
 BASE = yaml.safe_load((ROOT / "test" / "pythia_debug.yaml").read_text())
@@ -94,8 +95,8 @@ def test_model_overrides_apply_to_the_preset():
     cfg = config_from_dict(with_changes(model={"num_layers": 3, "rotary_pct": 1.0}))
     model_cfg = resolve_model_config(cfg)
     assert (model_cfg.num_layers, model_cfg.rotary_pct) == (3, 1.0)
-    assert model_cfg.hidden_size == PRESETS["pythia"]["pythia-debug"].hidden_size
-    assert PRESETS["pythia"]["pythia-debug"].num_layers == 2  # the preset itself is untouched
+    assert model_cfg.hidden_size == FAMILIES["pythia"].presets["pythia-debug"].hidden_size
+    assert FAMILIES["pythia"].presets["pythia-debug"].num_layers == 2  # the preset itself is untouched
 
 
 def test_yaml_syntax_error_gives_the_line(tmp_path):

@@ -5,7 +5,7 @@ import torch
 from datasets import Dataset, load_from_disk
 from datasets.table import InMemoryTable
 
-from rafale.datapipes import INT32_MAX, CausalLMCollator, block_chunks, chunk_into_blocks
+from rafale.data.causal_lm import INT32_MAX, CausalLMCollator, block_chunks, chunk_into_blocks
 
 
 def test_block_chunks_of_a_split_past_int32_offsets():

@@ -12,16 +12,10 @@ import pytest
 from datasets import Dataset, load_from_disk
 
 from rafale.config import DataConfig
-from rafale.datapipes import (
-    BlockWriter,
-    CausalLMDataPipe,
-    INT32_MAX,
-    DataError,
-    chunk_into_blocks,
-    iter_text_documents,
-    load_source,
-    train_tokenizer,
-)
+from rafale.data.causal_lm import INT32_MAX, BlockWriter, CausalLMDataPipe, chunk_into_blocks
+from rafale.data.sources import iter_text_documents, load_source
+from rafale.data.tokenizers import train_tokenizer
+from rafale.errors import DataError
 
 DOCS = [f"Story {i}: Tom {'ran to the park' * (i % 4)} and smiled. Café " for i in range(200)]
 
@@ -86,15 +80,15 @@ def test_txt_read_in_small_pieces_gives_the_documents_of_the_whole_file(tmp_path
 
 
 def test_progress_is_a_line_per_n_tokens_when_not_on_a_terminal(tmp_path, capsys, monkeypatch):
-    import rafale.datapipes as datapipes
+    import rafale.data.causal_lm as causal_lm
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     tokenizer = Tokenizer(models.WordLevel({"a": 0, "b": 1, "[UNK]": 2}, unk_token="[UNK]"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    monkeypatch.setattr(datapipes, "PROGRESS_EVERY", 100)
-    monkeypatch.setattr(datapipes, "ENCODE_BATCH", 10)
+    monkeypatch.setattr(causal_lm, "PROGRESS_EVERY", 100)
+    monkeypatch.setattr(causal_lm, "ENCODE_BATCH", 10)
     texts = Dataset.from_dict({"text": ["a b a b"] * 60})  # 5 tokens each with the end id: 300 tokens
-    writer = datapipes.write_blocks(texts, tokenizer, 2, 8, tmp_path / "blocks.arrow", "tokenizing train")
+    writer = causal_lm.write_blocks(texts, tokenizer, 2, 8, tmp_path / "blocks.arrow", "tokenizing train")
     assert writer.tokens == 300
     lines = [line for line in capsys.readouterr().out.splitlines() if "tokenizing train" in line]
     # batches of 50 tokens: a line each time the count passes a multiple of 100
@@ -103,7 +97,8 @@ def test_progress_is_a_line_per_n_tokens_when_not_on_a_terminal(tmp_path, capsys
 
 MEASURE = textwrap.dedent("""
     import json, sys, threading, time
-    import rafale.datapipes as datapipes
+    import rafale.data.causal_lm as causal_lm
+    import rafale.data.sources as sources
     from rafale.config import DataConfig
 
     def anon_kb():
@@ -117,13 +112,13 @@ MEASURE = textwrap.dedent("""
             time.sleep(0.002)
 
     tokenizer, *corpora = sys.argv[1:]
-    datapipes.READ_PIECE_BYTES = datapipes.TEXT_BATCH_BYTES = 2**16
-    datapipes.ENCODE_BATCH = 50
+    sources.READ_PIECE_BYTES = sources.TEXT_BATCH_BYTES = 2**16
+    causal_lm.ENCODE_BATCH = 50
     start = anon_kb()
     threading.Thread(target=sample, daemon=True).start()
     for corpus in corpora:  # one after the other, each from the same start
         cfg = DataConfig(source=corpus, tokenizer=tokenizer, cache_dir=corpus + ".cache", block_size=64)
-        pipe = datapipes.CausalLMDataPipe(cfg)
+        pipe = causal_lm.CausalLMDataPipe(cfg)
         pipe.shard_tokens = 2**14
         data = pipe.load(verbose=False)
         print(json.dumps({"peak_grown_kb": peak[0] - start, "tokens": data.meta["splits"]["train"]["tokens"]}))

@@ -5,14 +5,9 @@ import torch
 from datasets import Dataset, DatasetDict
 
 from rafale.config import DataConfig
-from rafale.datapipes import (
-    IGNORE_INDEX,
-    CausalLMCollator,
-    CausalLMDataPipe,
-    DataError,
-    chunk_into_blocks,
-    load_source,
-)
+from rafale.data.causal_lm import CausalLMCollator, CausalLMDataPipe, chunk_into_blocks
+from rafale.data.sources import load_source
+from rafale.errors import IGNORE_INDEX, DataError
 from conftest import SHARED_DATA
 
 DOCS = [f"Story number {i}. Tom had a red ball and {'a big dog' if i % 2 else 'a small cat'}." for i in range(300)]

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from rafale.models.configurations import PYTHIA_PRESETS
+from rafale.models.pythia import PRESETS as PYTHIA_PRESETS
 from rafale.models.composer import ComposerLM
 from rafale.models.decoder import DecoderConfig, GPTNeoX, KVCache
 
@@ -150,31 +150,40 @@ def test_generated_ids_work_in_a_training_forward():
     assert model.embed_in.weight.grad is not None
 
 
-def test_long_decoding_uses_transposed_weights_with_the_same_tokens_and_restores_the_modules(monkeypatch):
-    """From TRANSPOSE_FROM_TOKENS new tokens on a CPU, generate multiplies by transposed copies of every Linear's
-    weight (decoder.TransposedLinears): the same greedy tokens as the plain path, and afterwards the modules are
-    the ones they were (no instance forward left behind, even when decoding raises)."""
+def test_cpu_decoding_linears_give_the_same_tokens_and_restore_the_modules(monkeypatch):
+    """On a CPU, generate multiplies each step's few rows its own way (decoder.DecodingLinears): one row (B=1) by
+    transposed copies of every Linear's weight from TRANSPOSE_FROM_TOKENS new tokens on, a few rows (B=2) as
+    weight @ x.T. Both give the same greedy tokens as plain F.linear, and afterwards the modules are the ones they
+    were (no instance forward left behind, even when decoding raises)."""
     from rafale.models import decoder
 
     model = tiny()
-    prompt = torch.randint(0, V, (2, 5))
     monkeypatch.setattr(decoder, "TRANSPOSE_FROM_TOKENS", 20)  # the tiny model holds 64 positions
     n = decoder.TRANSPOSE_FROM_TOKENS + 3
-    calls = []
-    real = decoder._linear_transposed
-    monkeypatch.setattr(decoder, "_linear_transposed", lambda *a: calls.append(1) or real(*a))
-    fast = model.generate(prompt, n)
+    prompts = {B: torch.randint(0, V, (B, 5), generator=torch.Generator().manual_seed(B)) for B in (1, 2)}
+    calls = []  # (rows, whether a transposed copy was at hand) of every Linear call
+    real = decoder._decoding_linear
+    monkeypatch.setattr(decoder, "_decoding_linear",
+                        lambda w, w_t, b, x: calls.append((x.numel() // x.shape[-1], w_t is not None)) or real(w, w_t, b, x))
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    assert len(calls) == n * len(linears)  # every Linear, every step (the head included)
-    monkeypatch.setattr(decoder, "TRANSPOSE_FROM_TOKENS", 10**9)
-    plain = model.generate(prompt, n)
-    assert len(calls) == n * len(linears)  # the plain path did not use them
-    assert torch.equal(fast, plain)
+    fast = {B: model.generate(prompt, n) for B, prompt in prompts.items()}
+    per_run = n * len(linears)  # every Linear, every step (the head included)
+    one, two = calls[:per_run], calls[per_run:]
+    assert len(two) == per_run and all(copy for _, copy in one) and not any(copy for _, copy in two)
+    # the prompt's 5 rows (the head sees only the last one), then one row a step; with B=2, 10 rows, then 2 a step
+    assert {rows for rows, _ in one} == {5, 1} and {rows for rows, _ in two} == {10, 2}
+    with torch.inference_mode():  # generate's loop without DecodingLinears: F.linear everywhere
+        plain = {B: model._decode(prompt, n, None, None, True, 0.0, None, None, None, None)
+                 for B, prompt in prompts.items()}
+    for B in prompts:
+        assert torch.equal(fast[B], plain[B]), B
     assert all("forward" not in m.__dict__ for m in linears)
-    x = torch.randn(3, 32)
+    monkeypatch.setattr(decoder, "_decoding_linear", real)
+    mlp_in = model.layers[0].mlp.dense_h_to_4h  # (64, 32): more outputs than inputs
     with pytest.raises(RuntimeError, match="stop"):
-        with decoder.TransposedLinears(model):
-            assert torch.allclose(model.layers[0].mlp.dense_h_to_4h(x), torch.nn.functional.linear(
-                x, model.layers[0].mlp.dense_h_to_4h.weight, model.layers[0].mlp.dense_h_to_4h.bias), atol=1e-6)
+        with decoder.DecodingLinears(model):
+            for rows in (1, 3, 9):  # a transposed copy, weight @ x.T, F.linear
+                x = torch.randn(rows, 32)
+                torch.testing.assert_close(mlp_in(x), torch.nn.functional.linear(x, mlp_in.weight, mlp_in.bias))
             raise RuntimeError("stop")
     assert all("forward" not in m.__dict__ for m in linears)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 
-from rafale.models.configurations import BERT_PRESETS, ROBERTA_PRESETS
+from rafale.models.bert import BERT_PRESETS, ROBERTA_PRESETS
 from rafale.models.composer import ComposerClassifier, ComposerMLM
 from rafale.models.encoder import (
     EncoderConfig,

@@ -6,14 +6,10 @@ import pytest
 import torch
 
 from rafale.config import DataConfig
-from rafale.datapipes import (
-    IGNORE_INDEX,
-    ClassificationCollator,
-    ClassificationDataPipe,
-    DataError,
-    MLMCollator,
-    MLMDataPipe,
-)
+from rafale.data.classification import ClassificationCollator, ClassificationDataPipe
+from rafale.data.mlm import MLMCollator, MLMDataPipe
+from rafale.errors import IGNORE_INDEX, DataError
+from rafale.models.families import FAMILIES
 
 SPECIALS = {"bert": ("[CLS]", "[SEP]", "[PAD]", "[MASK]"), "roberta": ("<s>", "</s>", "<pad>", "<mask>")}
 
@@ -26,7 +22,7 @@ def cfg(tmp_path, **kw) -> DataConfig:
 
 @pytest.mark.parametrize("family", ["bert", "roberta"])
 def test_mlm_blocks_are_framed_and_cover_the_stream(tmp_path, family):
-    data = MLMDataPipe(cfg(tmp_path), family=family).load(verbose=False)
+    data = MLMDataPipe(cfg(tmp_path), **FAMILIES[family].data).load(verbose=False)
     cls, sep, pad, mask = (data.tokenizer.token_to_id(t) for t in SPECIALS[family])
     assert (data.meta["cls_token_id"], data.meta["sep_token_id"], data.meta["pad_token_id"], data.meta["mask_token_id"]) == (cls, sep, pad, mask)
     assert pad == (0 if family == "bert" else 1)  # the ids the presets (and the real checkpoints) use
@@ -40,7 +36,7 @@ def test_mlm_blocks_are_framed_and_cover_the_stream(tmp_path, family):
 
 
 def test_bert_tokenizer_is_a_lowercased_wordpiece(tmp_path):
-    data = MLMDataPipe(cfg(tmp_path), family="bert").load(verbose=False)
+    data = MLMDataPipe(cfg(tmp_path), tokenizer_kind="wordpiece").load(verbose=False)
     tokens = data.tokenizer.encode("Lily LOVED her red ball.", add_special_tokens=False).tokens
     assert "".join(t.removeprefix("##") for t in tokens) == "lilylovedherredball."  # lower-cased pieces
     assert data.tokenizer.decode(data.tokenizer.encode("the dog ran home").ids) == "the dog ran home"
@@ -95,7 +91,7 @@ def test_mlm_probability_is_configurable():
 
 @pytest.mark.parametrize("family", ["bert", "roberta"])
 def test_labelled_stories_are_truncated_and_mapped(tmp_path, family):
-    data = ClassificationDataPipe(cfg(tmp_path, block_size=32), family=family).load(verbose=False)
+    data = ClassificationDataPipe(cfg(tmp_path, block_size=32), **FAMILIES[family].data).load(verbose=False)
     assert data.meta["label_names"] == ["happy", "sad", "surprised"]
     train = data.splits["train"]
     assert max(len(x) for x in train["input_ids"]) == 32  # stories are longer than 32 tokens: truncated
@@ -114,19 +110,19 @@ def test_classification_from_a_local_file_with_named_columns(tmp_path):
     rows = [{"review": f"review {i} was {'good' if i % 2 else 'bad'}", "stars": "pos" if i % 2 else "neg"} for i in range(60)]
     source = write_jsonl(tmp_path / "reviews.jsonl", rows)
     c = cfg(tmp_path, source=source, text_column="review", label_column="stars", val_fraction=0.2)
-    data = ClassificationDataPipe(c, family="bert").load(verbose=False)
+    data = ClassificationDataPipe(c, tokenizer_kind="wordpiece").load(verbose=False)
     assert data.meta["label_names"] == ["neg", "pos"]
     example = data.splits["validation"][0]
     text = data.tokenizer.decode(example["input_ids"].tolist())
     assert ("good" in text) == (example["label"].item() == 1)
     # configured classes fix the order
     c2 = cfg(tmp_path, source=source, text_column="review", label_column="stars", label_names=["pos", "neg"])
-    assert ClassificationDataPipe(c2, family="bert").load(verbose=False).meta["label_names"] == ["pos", "neg"]
+    assert ClassificationDataPipe(c2, tokenizer_kind="wordpiece").load(verbose=False).meta["label_names"] == ["pos", "neg"]
 
 
 def test_integer_labels(tmp_path):
     rows = [{"text": f"text number {i}", "label": i % 3} for i in range(30)]
-    data = ClassificationDataPipe(cfg(tmp_path, source=write_jsonl(tmp_path / "d.jsonl", rows)), family="bert").load(verbose=False)
+    data = ClassificationDataPipe(cfg(tmp_path, source=write_jsonl(tmp_path / "d.jsonl", rows)), tokenizer_kind="wordpiece").load(verbose=False)
     assert data.meta["label_names"] == ["0", "1", "2"]
 
 
@@ -143,7 +139,7 @@ def test_integer_labels(tmp_path):
 def test_bad_classification_data_names_the_row_or_column(tmp_path, rows, kw, message):
     c = cfg(tmp_path, source=write_jsonl(tmp_path / "d.jsonl", rows), **kw)
     with pytest.raises(DataError, match=message):
-        ClassificationDataPipe(c, family="bert").load(verbose=False)
+        ClassificationDataPipe(c, tokenizer_kind="wordpiece").load(verbose=False)
 
 
 def test_classification_collator_pads_with_an_attention_mask():
@@ -157,8 +153,8 @@ def test_classification_collator_pads_with_an_attention_mask():
 
 
 def test_tokenizer_without_encoder_specials_is_rejected(tmp_path):
-    from rafale.datapipes import CausalLMDataPipe
+    from rafale.data.causal_lm import CausalLMDataPipe
 
     gpt_style = CausalLMDataPipe(cfg(tmp_path)).load(verbose=False).path / "tokenizer.json"
     with pytest.raises(DataError, match=r"data.tokenizer: the tokenizer has no \[CLS\] or <s> token"):
-        MLMDataPipe(cfg(tmp_path, tokenizer=str(gpt_style)), family="bert").load(verbose=False)
+        MLMDataPipe(cfg(tmp_path, tokenizer=str(gpt_style)), tokenizer_kind="wordpiece").load(verbose=False)

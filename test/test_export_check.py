@@ -9,15 +9,14 @@ import pytest
 
 from conftest import run_in_process, write_config
 from rafale.models import clip
-from rafale.models.configurations import PRESETS, TASKS
+from rafale.models.families import FAMILIES
 from rafale.models.decoder import DecoderConfig, GPTNeoX
 from rafale.models.encoder import EncoderConfig, build_encoder
-from rafale.models.hf import (ARCHITECTURES, TRAINING_ONLY_FIELDS, WeightsError, config_refusal, export_refusal,
+from rafale.models.hf import (TRAINING_ONLY_FIELDS, WeightsError, architectures, config_refusal, export_refusal,
                               save_pretrained)
 
 # (family, task) -> the architecture save_pretrained writes
-ARCHITECTURE = {(family if family != "gpt_neox" else "pythia", head if head != "causal_lm" else "causal_lm"): name
-                for name, (family, head) in ARCHITECTURES.items()}
+ARCHITECTURE = {(family.name, head): name for name, (family, head) in architectures().items()}
 
 
 def with_vocab(cfg):
@@ -29,9 +28,9 @@ def with_vocab(cfg):
 
 def test_every_preset_of_every_family_is_exportable():
     checked = 0
-    for family, presets in PRESETS.items():
+    for family, presets in ((name, f.presets) for name, f in FAMILIES.items()):
         for name, cfg in presets.items():
-            for task in TASKS[family]:
+            for task in FAMILIES[family].heads:
                 architecture = ARCHITECTURE[(family, task)]
                 assert config_refusal(with_vocab(cfg), architecture) is None, (family, name, task)
                 checked += 1
@@ -39,15 +38,15 @@ def test_every_preset_of_every_family_is_exportable():
 
 
 def test_tiny_models_of_every_head_are_exportable():
-    assert export_refusal(GPTNeoX(with_vocab(PRESETS["pythia"]["pythia-debug"]))) is None
+    assert export_refusal(GPTNeoX(with_vocab(FAMILIES["pythia"].presets["pythia-debug"]))) is None
     for family, preset in (("bert", "bert-tiny"), ("roberta", "roberta-tiny")):
         for head in ("base", "mlm", "classification"):
-            assert export_refusal(build_encoder(with_vocab(PRESETS[family][preset]), head)) is None, (family, head)
-    assert export_refusal(clip.build_model(with_vocab(PRESETS["siglip"]["siglip-debug"]))) is None
+            assert export_refusal(build_encoder(with_vocab(FAMILIES[family].presets[preset]), head)) is None, (family, head)
+    assert export_refusal(clip.build_model(with_vocab(FAMILIES["siglip"].presets["siglip-debug"]))) is None
 
 
 def test_rmsnorm_is_refused_by_name_with_its_value(tmp_path):
-    model = GPTNeoX(dataclasses.replace(with_vocab(PRESETS["pythia"]["pythia-debug"]), norm="rmsnorm"))
+    model = GPTNeoX(dataclasses.replace(with_vocab(FAMILIES["pythia"].presets["pythia-debug"]), norm="rmsnorm"))
     why = export_refusal(model)
     assert why is not None and "model.norm" in why and "rmsnorm" in why and "layernorm" in why, why
     with pytest.raises(WeightsError, match=r"model\.norm"):
@@ -77,7 +76,7 @@ def test_each_field_either_comes_back_or_is_refused_by_name(base):
     """Change each field of the config, one at a time: the export writes it (and transformers reads the same value
     back, which the round trip sees) or refuses it, naming it."""
     family, preset, architecture = base
-    cfg = with_vocab(PRESETS[family][preset])
+    cfg = with_vocab(FAMILIES[family].presets[preset])
     refused = set()
     for f in dataclasses.fields(cfg):
         if f.name in TRAINING_ONLY_FIELDS:
@@ -111,19 +110,19 @@ class GatedEncoderConfig(EncoderConfig):
 
 
 def test_a_new_field_at_another_value_than_its_default_is_refused_by_name():
-    cfg = QKNormDecoderConfig(**dataclasses.asdict(with_vocab(PRESETS["pythia"]["pythia-debug"])))
+    cfg = QKNormDecoderConfig(**dataclasses.asdict(with_vocab(FAMILIES["pythia"].presets["pythia-debug"])))
     assert export_refusal(GPTNeoX(cfg)) is None  # at its default the variant is the plain model
     why = export_refusal(GPTNeoX(dataclasses.replace(cfg, qk_norm=True)))
     assert why == "GPTNeoXForCausalLM has no True for model.qk_norm (an export would load as False)", why
 
-    cfg = GatedEncoderConfig(**dataclasses.asdict(with_vocab(PRESETS["bert"]["bert-tiny"])))
+    cfg = GatedEncoderConfig(**dataclasses.asdict(with_vocab(FAMILIES["bert"].presets["bert-tiny"])))
     assert export_refusal(build_encoder(cfg, "mlm")) is None
     why = export_refusal(build_encoder(dataclasses.replace(cfg, gate="glu"), "mlm"))
     assert why is not None and "model.gate" in why and "glu" in why, why
 
 
 def test_clip_towers_are_checked_field_by_field():
-    cfg = with_vocab(PRESETS["clip"]["clip-debug"])
+    cfg = with_vocab(FAMILIES["clip"].presets["clip-debug"])
     assert config_refusal(cfg, "CLIPModel") is None
     # CLIPModel's config.json has no pooling of its own: the family says it, so a text tower pooled otherwise
     # cannot be written (the config check refuses that value for a CLIP; the round trip would too)

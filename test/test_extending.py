@@ -1,58 +1,97 @@
-"""The README's "Adding a model", "Adding a datapipe" and "Adding an optimizer", followed literally: each
-registers a tiny new piece the way the README says (the dicts are monkeypatched, standing in for the one-line
-edit) and trains it for a few steps with `rafale -c`. If the instructions go stale, these fail."""
+"""The README's recipes under "Hacking on rafale", followed literally: each case takes the code block of its
+section as the file the recipe names (written in a temporary folder and imported under the module name it would
+have in the package), adds the registry line the section gives (monkeypatched, standing in for the edit), checks
+the section's list of files, and trains it through `rafale -c`. If the instructions go stale, these fail."""
 
+import importlib.util
 import json
+import re
+import sys
 
 import torch
 
-from conftest import run_in_process, write_config
-from rafale import datapipes, optim
-from rafale.models import configurations, decoder
-from rafale.models.composer import ComposerLM
+from conftest import ROOT, run_in_process, write_config
+from rafale.data import DATAPIPES
+from rafale.models import decoder
+from rafale.models.families import FAMILIES
 
 SHORT = {"max_duration": "4ba", "eval_interval": "4ba", "save_interval": "4ba", "warmup": "0ba", "eval_batches": 2}
 
 
-# ---- Adding a model: an attention variant, defined here as it would be in rafale/models/decoder.py ----
-
-class NoRotaryAttention(decoder.Attention):
-    """GPT-NeoX attention without rotary positions (cos 1, sin 0): no parameter of its own, other maths."""
-
-    def forward(self, x, cos, sin, *args, **kwargs):
-        return super().forward(x, torch.ones_like(cos), torch.zeros_like(sin), *args, **kwargs)
+def readme_section(title: str) -> str:
+    readme = (ROOT / "README.md").read_text()
+    return readme.split(f"### {title}\n", 1)[1].split("\n### ", 1)[0].split("\n## ", 1)[0]
 
 
-class NoRotaryGPTNeoX(decoder.GPTNeoX):
-    def __init__(self, cfg: decoder.DecoderConfig):
-        super().__init__(cfg)
-        for layer in self.layers:
-            layer.attention = NoRotaryAttention(cfg)
-        self.reset_parameters()
+def recipe(title: str) -> tuple[str, list[str], str]:
+    """(the section, the files it says it touches, its one code block)."""
+    section = readme_section(title)
+    (files,) = re.findall(r"Files: (.*?)\.\s", section, re.S)
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    return section, re.findall(r"`([^`]+)`", files), blocks[0] if blocks else ""
 
 
-def build_norotary(model_cfg, task, meta, tokenizer):
-    model_cfg.vocab_size = configurations.model_vocab_size(model_cfg.vocab_size, meta["vocab_size"])
-    return ComposerLM(NoRotaryGPTNeoX(model_cfg), vocab_size=meta["vocab_size"])
+def module_from(tmp_path, monkeypatch, name: str, source: str):
+    """`source` imported as the module `name` (rafale.models.sequential, ...), what the new file would be: written
+    in tmp_path instead, so that the package stays as it is."""
+    path = tmp_path / (name.rsplit(".", 1)[-1] + ".py")
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, name, module)
+    spec.loader.exec_module(module)
+    return module
 
 
-def test_adding_a_model_trains_and_its_export_is_refused_honestly(tmp_path, cache_dir, capsys, monkeypatch):
-    monkeypatch.setitem(configurations.PRESETS, "norotary", {"norotary-debug": configurations.PYTHIA_PRESETS["pythia-debug"]})
-    monkeypatch.setitem(configurations.TASKS, "norotary", ("causal_lm",))
-    monkeypatch.setitem(configurations.model_config_dict, "norotary", build_norotary)
-    cfg = write_config(tmp_path / "cfg.yaml", run={"output_dir": str(tmp_path / "runs"), "name": "norotary"},
-                       model={"type": "norotary", "preset": "norotary-debug"}, training=SHORT)
+# ---- Adding a model family: a decoder family of its own, reusing GPT-NeoX ----
+
+def test_a_new_family_as_the_readme_writes_it_trains_exports_generates_and_runs_lm_eval(tmp_path, cache_dir, capsys,
+                                                                                        monkeypatch):
+    from test_lm_eval import write_task
+
+    section, files, code = recipe("Adding a model family")
+    assert files == ["rafale/models/sequential.py", "rafale/models/families.py"]
+    assert '`"sequential": SEQUENTIAL,`' in section
+    sequential = module_from(tmp_path, monkeypatch, "rafale.models.sequential", code)
+    monkeypatch.setitem(FAMILIES, "sequential", sequential.SEQUENTIAL)  # its line in rafale/models/families.py
+
+    cfg = write_config(tmp_path / "cfg.yaml", run={"output_dir": str(tmp_path / "runs"), "name": "seq"},
+                       model={"type": "sequential", "preset": "sequential-debug"}, training=SHORT)
     code, out, err = run_in_process(["-c", str(cfg)], capsys, monkeypatch)
     assert code == 0, err
-    run_dir = tmp_path / "runs" / "norotary"
-    assert json.loads((run_dir / "summary.json").read_text())["tokens"] > 0
-    # trained, checkpointed, and not exported as the plain GPT-NeoX it is not
-    assert list((run_dir / "checkpoints").glob("ep*-ba4-rank0.pt"))
-    assert not (run_dir / "export").exists()
-    assert "no Hugging Face export" in out and "NoRotaryGPTNeoX" in out
-    code, out, err = run_in_process(["export", str(run_dir)], capsys, monkeypatch)
-    assert code == 2 and "no Hugging Face export" in err and "NoRotaryGPTNeoX" in err
-    assert not (run_dir / "export").exists()
+    run_dir = tmp_path / "runs" / "seq"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["tokens"] > 0 and summary["model"] == "sequential sequential-debug"
+    assert json.loads((run_dir / "model.json").read_text())["parallel_residual"] is False  # its preset, not Pythia's
+    assert json.loads((run_dir / "export" / "config.json").read_text())["use_parallel_residual"] is False
+
+    code, out, err = run_in_process(["generate", str(run_dir), "--prompt", "Once upon a time", "--max-new-tokens", "5"],
+                                    capsys, monkeypatch)
+    assert code == 0 and out.startswith("Once upon a time"), err
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    write_task(tasks, [{"question": f"Story {i}: the dog was", "choices": [" happy", " sad"], "answer": i % 2}
+                       for i in range(4)])
+    code, out, err = run_in_process(["lm-eval", str(run_dir), "--tasks", "rafale_toy", "--include-path", str(tasks)],
+                                    capsys, monkeypatch)
+    assert code == 0 and "rafale_toy" in out, err[-2000:]
+
+
+def test_a_family_that_cannot_generate_is_refused_by_generate_by_what_it_is(tmp_path, cache_dir, capsys, monkeypatch):
+    """`rafale generate` asks the family, not its name: the same decoder under a family that says it cannot
+    generate is refused, naming the families that can."""
+    import dataclasses
+
+    from rafale.models import pythia
+
+    monkeypatch.setitem(FAMILIES, "mute", dataclasses.replace(pythia.PYTHIA, name="mute", can_generate=False))
+    cfg = write_config(tmp_path / "cfg.yaml", run={"output_dir": str(tmp_path / "runs"), "name": "mute"},
+                       model={"type": "mute", "preset": "pythia-debug"}, training=SHORT)
+    code, out, err = run_in_process(["-c", str(cfg)], capsys, monkeypatch)
+    assert code == 0, err
+    code, out, err = run_in_process(["generate", str(tmp_path / "runs" / "mute"), "--prompt", "Once"], capsys,
+                                    monkeypatch)
+    assert code != 0 and "a mute run cannot generate text; only decoders can (pythia)" in err, err
 
 
 def test_a_module_of_its_own_inside_a_known_model_is_not_exported(tmp_path):
@@ -62,30 +101,26 @@ def test_a_module_of_its_own_inside_a_known_model_is_not_exported(tmp_path):
     from rafale.errors import WeightsError
     from rafale.models.hf import save_pretrained
 
-    cfg = configurations.PYTHIA_PRESETS["pythia-debug"]
+    class MyAttention(decoder.Attention):
+        pass
+
+    cfg = FAMILIES["pythia"].presets["pythia-debug"]
     model = decoder.GPTNeoX(decoder.DecoderConfig(**{**cfg.__dict__, "vocab_size": 128}))
     save_pretrained(model, tmp_path / "plain")  # the model as it is exports
-    model.layers[1].attention = NoRotaryAttention(model.cfg)
-    with pytest.raises(WeightsError, match="layers.1.attention is a NoRotaryAttention"):
+    model.layers[1].attention = MyAttention(model.cfg)
+    with pytest.raises(WeightsError, match="layers.1.attention is a MyAttention"):
         save_pretrained(model, tmp_path / "variant")
     assert not (tmp_path / "variant").exists()
 
 
-# ---- Adding a datapipe: a task defined here as it would be in rafale/datapipes.py ----
+# ---- Adding a data task: a task in its own file ----
 
-class ReversedLMDataPipe(datapipes.CausalLMDataPipe):
-    """Causal LM on each document read backwards, word by word."""
-
-    name = "reversed_lm"
-
-    def _prepare(self, raw, tokenizer, meta):
-        backwards = raw.map(lambda ex: {"text": " ".join(reversed(ex["text"].split(" ")))})
-        return super()._prepare(backwards, tokenizer, meta)
-
-
-def test_adding_a_datapipe_trains(tmp_path, cache_dir, capsys, monkeypatch):
-    monkeypatch.setitem(datapipes.DATAPIPES, "reversed_lm", ReversedLMDataPipe)
-    monkeypatch.setitem(configurations.TASKS, "pythia", ("causal_lm", "reversed_lm"))
+def test_a_new_data_task_as_the_readme_writes_it_trains(tmp_path, cache_dir, capsys, monkeypatch):
+    section, files, code = recipe("Adding a data task")
+    assert files == ["rafale/data/reversed_lm.py", "rafale/data/__init__.py"]
+    assert '`"reversed_lm": ReversedLMDataPipe,`' in section
+    reversed_lm = module_from(tmp_path, monkeypatch, "rafale.data.reversed_lm", code)
+    monkeypatch.setitem(DATAPIPES, "reversed_lm", reversed_lm.ReversedLMDataPipe)  # its line in rafale/data/__init__.py
     cfg = write_config(tmp_path / "cfg.yaml", run={"output_dir": str(tmp_path / "runs"), "name": "reversed"},
                        model={"task": "reversed_lm"}, training=SHORT)
     code, out, err = run_in_process(["-c", str(cfg)], capsys, monkeypatch)
@@ -93,36 +128,52 @@ def test_adding_a_datapipe_trains(tmp_path, cache_dir, capsys, monkeypatch):
     summary = json.loads((tmp_path / "runs" / "reversed" / "summary.json").read_text())
     assert summary["task"] == "reversed_lm" and summary["tokens"] > 0
     assert "/reversed_lm/" in out  # its own cache folder
+    # an encoder has no causal-LM head: the task is refused for it, naming what it does
+    bert = write_config(tmp_path / "bert.yaml", model={"type": "bert", "preset": "bert-tiny", "task": "reversed_lm"})
+    code, out, err = run_in_process(["-c", str(bert)], capsys, monkeypatch)
+    assert code == 2 and "model.task" in err and "mlm or classification" in err, err
 
 
-# ---- Adding an optimizer: a factory as it would be in rafale/optim.py ----
+# ---- Adding an optimizer: a class by its dotted path, no edit ----
 
-def test_adding_an_optimizer_trains(tmp_path, cache_dir, capsys, monkeypatch):
-    built = []
+SIGN_SGD = '''import torch
 
-    def sgd_nesterov(groups, t, args, device):
-        """SGD with Nesterov momentum; `momentum` may be set in training.optimizer."""
-        built.append(args)
-        return optim.construct_optimizer(torch.optim.SGD, optim.groups_with_lr(groups, t.lr),
-                                {"lr": t.lr, "momentum": 0.9, "nesterov": True}, args)
+BUILT = []  # (the test's window on what the run built)
 
-    monkeypatch.setitem(optim.OPTIMIZERS, "sgd_nesterov", sgd_nesterov)
-    cfg = write_config(tmp_path / "cfg.yaml", run={"output_dir": str(tmp_path / "runs"), "name": "sgd"},
-                       training=SHORT | {"optimizer": {"name": "sgd_nesterov", "momentum": 0.8}})
+
+class SignSGD(torch.optim.Optimizer):
+    """signSGD (Bernstein et al. 2018): each parameter moves by lr against the sign of its gradient."""
+
+    def __init__(self, params, lr=1e-3, weight_decay=0.0):
+        super().__init__(params, {"lr": lr, "weight_decay": weight_decay})
+        BUILT.append(self)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.mul_(1 - group["lr"] * group["weight_decay"]).add_(p.grad.sign(), alpha=-group["lr"])
+'''
+
+
+def test_an_optimizer_by_its_dotted_path_trains_with_no_edit(tmp_path, cache_dir, capsys, monkeypatch):
+    section, files, _ = recipe("Adding an optimizer")
+    assert files == [] and "Files: none." in section
+    (tmp_path / "my_optimizers.py").write_text(SIGN_SGD)
+    monkeypatch.chdir(tmp_path)  # beside the config, in the working directory, as the README says
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    cfg = write_config(tmp_path / "cfg.yaml", run={"output_dir": str(tmp_path / "runs"), "name": "sign"},
+                       training=SHORT | {"optimizer": {"name": "my_optimizers.SignSGD"}})
     code, out, err = run_in_process(["-c", str(cfg)], capsys, monkeypatch)
     assert code == 0, err
-    assert {"momentum": 0.8} in built  # the run's optimizer, its argument from the config
-    assert json.loads((tmp_path / "runs" / "sgd" / "summary.json").read_text())["tokens"] > 0
+    built = sys.modules["my_optimizers"].BUILT  # the run's optimizer was the file's class,
+    assert built and {group["weight_decay"] for group in built[-1].param_groups} == {0.1, 0.0}  # with rafale's groups
+    assert json.loads((tmp_path / "runs" / "sign" / "summary.json").read_text())["tokens"] > 0
+    monkeypatch.delitem(sys.modules, "my_optimizers")
 
 
 # ---- A new position scheme: ALiBi, the README's code block run as it would sit in rafale/models/decoder.py ----
-
-def readme_section(title: str) -> str:
-    from conftest import ROOT
-
-    readme = (ROOT / "README.md").read_text()
-    return readme.split(f"### {title}\n", 1)[1].split("\n### ", 1)[0]
-
 
 def alibi_from_readme():
     """The README's ALiBi class, defined in the namespace of rafale/models/decoder.py (a copy of it), so that it
@@ -142,7 +193,7 @@ def test_alibi_as_the_readme_writes_it_trains_decodes_and_is_refused_by_the_expo
 
     ALiBi, section = alibi_from_readme()
     # the recipe touches one file, and its registry line is the one the test adds
-    assert re.findall(r"Files: (.*?)\. ", section) == ["`rafale/models/decoder.py`"]
+    assert recipe("A new attention or position scheme")[1] == ["rafale/models/decoder.py"]
     assert '`"alibi": ALiBi,`' in section
     monkeypatch.setitem(decoder.POSITIONS, "alibi", ALiBi)
 

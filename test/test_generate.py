@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from rafale.config import DataConfig
-from rafale.datapipes import CausalLMDataPipe
+from rafale.data.causal_lm import CausalLMDataPipe
 from rafale.generate import generate_text
 from rafale.models.decoder import DecoderConfig, GPTNeoX, pick_next_token
 from conftest import run_in_process, write_config

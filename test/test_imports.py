@@ -90,7 +90,7 @@ def test_the_cycle_finder_finds_a_cycle():
 
 def test_the_package_imports_have_no_cycle():
     graph = import_graph()
-    assert "rafale.config" in graph and "rafale.models.configurations" in graph["rafale.train"]
+    assert "rafale.config" in graph and "rafale.resolve" in graph["rafale.train"]
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
@@ -100,13 +100,53 @@ def test_nothing_imports_the_cli():
     assert importers == []
 
 
+MODEL_LAYER = ("rafale.models", "rafale.errors", "rafale.metrics")  # (metrics: the models' Composer metrics)
+
+
 def test_the_layers_run_one_way():
-    """The leaf (errors) imports nothing of rafale; config imports no model; a model file imports no datapipe."""
+    """errors imports nothing of rafale; config imports no model; the models import nothing from the data, the run
+    or the commands; the data imports no model."""
     graph = import_graph()
     assert graph["rafale.errors"] == set()
     assert {d for d in graph["rafale.config"] if d.startswith("rafale.models")} == set()
-    for name in ("rafale.models.decoder", "rafale.models.encoder", "rafale.models.hf", "rafale.models.configurations"):
-        assert not {d for d in graph[name] if d in ("rafale.datapipes", "rafale.train", "rafale.export")}, name
+    models = [name for name in graph if name.startswith("rafale.models")]
+    data = [name for name in graph if name.startswith("rafale.data")]
+    assert len(models) >= 10 and len(data) >= 8  # (the walk found the packages)
+    for name in models:
+        outside = {d for d in graph[name] if not d.startswith(MODEL_LAYER)}
+        assert outside == set(), f"{name} imports {sorted(outside)}"
+    for name in data:
+        assert {d for d in graph[name] if d.startswith("rafale.models")} == set(), name
+
+
+def family_name_comparisons(tree: ast.Module, names: set[str], anywhere: bool) -> list[str]:
+    """`x == "pythia"`-like comparisons: of model.type (or a model_type) with a family's name, or, when
+    `anywhere`, of anything with one."""
+    found = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Compare):
+            continue
+        sides = [node.left, *node.comparators]
+        literals = {c.value for side in sides for c in ast.walk(side) if isinstance(c, ast.Constant)}
+        if literals & names and (anywhere or "type" in ast.unparse(node)):
+            found.append(f"line {node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def test_no_module_compares_model_type_to_a_family_name():
+    """The families are asked (rafale/models/families.py), never named. Only a family's own files tell its members
+    apart (BERT from RoBERTa, CLIP from SigLIP), and never by model.type."""
+    from rafale.models.families import FAMILIES
+
+    names = set(FAMILIES)
+    assert family_name_comparisons(ast.parse('if cfg.model.type != "pythia": pass'), names, anywhere=False)
+    assert family_name_comparisons(ast.parse('ok = fmt.family in ("clip", "siglip")'), names, anywhere=True)
+    found = {}
+    for name, tree in modules().items():
+        hits = family_name_comparisons(tree, names, anywhere=not name.startswith("rafale.models"))
+        if hits:
+            found[name] = hits
+    assert found == {}
 
 
 def loaded_after(code: str) -> dict:

@@ -10,40 +10,31 @@ import copy
 import pytest
 import torch
 
-from rafale.models.configurations import BERT_PRESETS, PYTHIA_PRESETS, ROBERTA_PRESETS
-from rafale.models.decoder import GPTNeoX
-from rafale.models.encoder import build_encoder
-from rafale.models.hf import (
-    ARCHITECTURES,
-    decoder_config_to_hf,
-    encoder_config_to_hf,
-    expand_names,
-    layout_for,
-)
+from rafale.models import bert, pythia
+from rafale.models.hf import architectures
+from rafale.models.layout import expand_names
 
 transformers = pytest.importorskip("transformers")
 
 VOCAB = 512
-PRESETS = {"gpt_neox": PYTHIA_PRESETS["pythia-debug"], "bert": BERT_PRESETS["bert-tiny"],
-           "roberta": ROBERTA_PRESETS["roberta-tiny"]}
+PRESETS = {"pythia": pythia.PRESETS["pythia-debug"], "bert": bert.BERT_PRESETS["bert-tiny"],
+           "roberta": bert.ROBERTA_PRESETS["roberta-tiny"]}
+LAYOUTS = {"pythia": lambda architecture: pythia.LAYOUT, "bert": bert.layout, "roberta": bert.layout}
 STD_RTOL = 0.2  # the sample std of the smallest matrix (2 x 128 classifier) is within ~5% of the true one
 MEAN_SIGMAS = 6  # a sample mean is within a few std / sqrt(n) of the true one
 
 
 def rafale_model(architecture: str, seed: int = 0):
-    family, head = ARCHITECTURES[architecture]
-    cfg = copy.deepcopy(PRESETS[family])
+    family, head = architectures()[architecture]
+    cfg = copy.deepcopy(PRESETS[family.name])
     cfg.vocab_size = VOCAB
     torch.manual_seed(seed)
-    return GPTNeoX(cfg) if family == "gpt_neox" else build_encoder(cfg, head)
+    return family.hf.module(cfg, head)
 
 
 def hf_model(architecture: str, model, seed: int = 1):
-    family, _ = ARCHITECTURES[architecture]
-    if family == "gpt_neox":
-        fields = decoder_config_to_hf(model.cfg, VOCAB)
-    else:
-        fields = encoder_config_to_hf(model.cfg, architecture, VOCAB, None)
+    family, _ = architectures()[architecture]
+    fields = family.hf.config_to_hf(model.cfg, architecture, VOCAB, None)
     fields.pop("architectures")
     config = transformers.AutoConfig.for_model(**fields)
     torch.manual_seed(seed)
@@ -53,7 +44,7 @@ def hf_model(architecture: str, model, seed: int = 1):
 def paired_parameters(architecture: str, model, hf) -> list:
     """[(HF name, rafale tensor, HF tensor)] for every HF parameter, each tied tensor once; every rafale
     parameter must be paired too, so a module one side lacks cannot be skipped silently."""
-    layout = layout_for(architecture)
+    layout = LAYOUTS[architectures()[architecture][0].name](architecture)
     names = expand_names({**layout.names, **layout.aliases}, model)  # HF name -> rafale name
     ours = dict(model.named_parameters())
     pairs, paired = [], set()

@@ -163,7 +163,7 @@ def test_a_binary_file_as_a_txt_source_is_refused(tmp_path, capsys, monkeypatch)
 
 
 def test_utf16_text_is_refused_as_not_utf8(tmp_path):
-    from rafale.datapipes import iter_text_documents
+    from rafale.data.sources import iter_text_documents
     from rafale.errors import DataError
 
     source = tmp_path / "utf16.txt"
@@ -216,7 +216,7 @@ def test_a_vocab_size_below_the_byte_alphabet_says_what_it_got(tmp_path, capsys,
 def test_a_vocab_size_below_wordpieces_alphabet_says_what_it_got(capsys):
     from datasets import Dataset
 
-    from rafale.datapipes import train_tokenizer, warn_if_smaller
+    from rafale.data.tokenizers import train_tokenizer, warn_if_smaller
 
     texts = ["the cat sat on the mat", "a dog ran after it"] * 10
     tokenizer = train_tokenizer(Dataset.from_dict({"text": texts}), 10, "wordpiece")
@@ -327,7 +327,7 @@ def test_no_lock_file_is_left_after_a_build_a_cache_hit_or_a_failed_build(tmp_pa
 
 def small_pipe(tmp_path):
     from rafale.config import DataConfig
-    from rafale.datapipes import CausalLMDataPipe
+    from rafale.data.causal_lm import CausalLMDataPipe
 
     return CausalLMDataPipe(DataConfig(source="stories", num_train_stories=40, num_val_stories=10, vocab_size=300,
                                        block_size=32, cache_dir=str(tmp_path / "cache")))
@@ -429,7 +429,7 @@ def test_bits_per_byte_of_a_run_on_indented_code(tmp_path, capsys, monkeypatch):
     """The run's validation BitsPerByte against its definition, counted without rafale's byte table: summed nats
     over the scored tokens / (ln 2 x the UTF-8 bytes of the text those tokens decode to)."""
     from rafale.config import load_config
-    from rafale.datapipes import datapipe_for
+    from rafale.train import datapipe_for
     from rafale.plots import read_metrics
 
     functions = [CODE.replace("area", f"area_{i}").replace("Shape", f"Shape{i}") for i in range(40)]

@@ -16,7 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import run_in_process, write_config
 from rafale import hardware
-from rafale.models.configurations import PRESETS
+from rafale.models.families import FAMILIES
 from rafale.models.decoder import GPTNeoX
 from rafale.models.encoder import build_encoder
 
@@ -44,10 +44,10 @@ def hand_count(cfg, T: int, head: str) -> float:
 
 
 def models():
-    yield "pythia-debug", "causal_lm", GPTNeoX(dataclasses.replace(PRESETS["pythia"]["pythia-debug"], vocab_size=VOCAB))
+    yield "pythia-debug", "causal_lm", GPTNeoX(dataclasses.replace(FAMILIES["pythia"].presets["pythia-debug"], vocab_size=VOCAB))
     for family, preset in (("bert", "bert-tiny"), ("roberta", "roberta-tiny")):
         for head in ("mlm", "classification"):
-            cfg = dataclasses.replace(PRESETS[family][preset], vocab_size=VOCAB, num_labels=LABELS)
+            cfg = dataclasses.replace(FAMILIES[family].presets[preset], vocab_size=VOCAB, num_labels=LABELS)
             yield preset, head, build_encoder(cfg, head)
 
 
@@ -63,7 +63,7 @@ def test_the_count_leaves_out_lookups_and_counts_a_per_sequence_head_once():
     # twice the vocabulary: the output projection's share doubles, the input embedding (a lookup) adds nothing
     bigger = GPTNeoX(dataclasses.replace(cfg, vocab_size=2 * VOCAB))
     assert bigger.flops_per_token(64) - decoder.flops_per_token(64) == 6 * cfg.hidden_size * VOCAB
-    cls = build_encoder(dataclasses.replace(PRESETS["bert"]["bert-tiny"], vocab_size=VOCAB, num_labels=LABELS),
+    cls = build_encoder(dataclasses.replace(FAMILIES["bert"].presets["bert-tiny"], vocab_size=VOCAB, num_labels=LABELS),
                         "classification")
     C = cls.cfg.hidden_size
     head = 6 * (C * C + C * LABELS)  # per sequence

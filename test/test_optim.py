@@ -14,9 +14,9 @@ from torch import nn
 from conftest import run_in_process, write_config
 from rafale import optim
 from rafale.config import ConfigError, TrainingConfig, config_from_dict
-from rafale.models.configurations import resolve_model_config
+from rafale.resolve import resolve_model_config
 from rafale.export import read_checkpoint_weights
-from rafale.models.configurations import PRESETS
+from rafale.models.families import FAMILIES
 from rafale.models.decoder import GPTNeoX
 from rafale.models.encoder import build_encoder
 from rafale.models.hf import WeightsError, from_pretrained, save_pretrained
@@ -32,11 +32,11 @@ OPTIMIZERS = {  # name -> training keys that make it overfit the debug batch
 
 
 def decoder(**overrides):
-    return GPTNeoX(dataclasses.replace(PRESETS["pythia"]["pythia-debug"], vocab_size=128, **overrides))
+    return GPTNeoX(dataclasses.replace(FAMILIES["pythia"].presets["pythia-debug"], vocab_size=128, **overrides))
 
 
 def encoder():
-    return build_encoder(dataclasses.replace(PRESETS["bert"]["bert-tiny"], vocab_size=128), "classification")
+    return build_encoder(dataclasses.replace(FAMILIES["bert"].presets["bert-tiny"], vocab_size=128), "classification")
 
 
 def group_of(optimizer) -> dict:

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from rafale.config import ConfigError, load_config
-from rafale.models.configurations import resolve_model_config
+from rafale.resolve import resolve_model_config
 from rafale.models.hf import from_pretrained
 from conftest import run_in_process, write_config
 
@@ -57,7 +57,7 @@ def test_run_exports_hf_weights_and_finetunes_from_them(tmp_path, cache_dir, cap
 
 
 def test_classifier_starts_from_an_mlm_runs_encoder(tmp_path, cache_dir, capsys, monkeypatch):
-    from rafale.datapipes import prepare_data
+    from rafale.train import prepare_data
     from rafale.train import build_model
 
     model = {"type": "bert", "task": "mlm", "preset": "bert-tiny"}

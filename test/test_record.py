@@ -76,7 +76,7 @@ def test_a_corpus_edited_without_changing_its_size_is_not_resumed_but_a_moved_on
                                                                                     monkeypatch):
     from datasets import Dataset
 
-    from rafale.datapipes import train_tokenizer
+    from rafale.data.tokenizers import train_tokenizer
     from rafale.stories import story_splits
 
     stories = story_splits(120, 0, seed=0)["train"]
@@ -109,20 +109,22 @@ def test_a_corpus_edited_without_changing_its_size_is_not_resumed_but_a_moved_on
 
 def test_a_resume_under_another_model_type_is_refused(tmp_path, cache_dir, capsys, monkeypatch):
     """A decoder variant registered as its own model.type, re-run as plain pythia: the same sizes, another model."""
-    from rafale.models import configurations
+    import dataclasses
+
+    from rafale.models import pythia
     from rafale.models.decoder import GPTNeoX
+    from rafale.models.families import FAMILIES
 
     class Variant(GPTNeoX):
         pass
 
-    def build_variant(model_cfg, task, meta, tokenizer):
-        lm = configurations.build_pythia(model_cfg, task, meta, tokenizer)
+    def build_variant(model_cfg, head, meta, tokenizer):
+        lm = pythia.build(model_cfg, head, meta, tokenizer)
         lm.model.__class__ = Variant
         return lm
 
-    monkeypatch.setitem(configurations.PRESETS, "pythia-variant", configurations.PRESETS["pythia"])
-    monkeypatch.setitem(configurations.TASKS, "pythia-variant", ("causal_lm",))
-    monkeypatch.setitem(configurations.model_config_dict, "pythia-variant", build_variant)
+    variant = dataclasses.replace(pythia.PYTHIA, name="pythia-variant", build=build_variant)
+    monkeypatch.setitem(FAMILIES, "pythia-variant", variant)
     cfg = config(tmp_path, training={"max_duration": "4ba"}, model={"type": "pythia-variant"})
     train(cfg, capsys, monkeypatch)
     out = train(config(tmp_path, training={"max_duration": "6ba"}), capsys, monkeypatch, expect=2)
@@ -275,11 +277,11 @@ def test_a_sweep_rerun_with_a_changed_base_value_is_refused_or_restarted_never_r
     code, out, err = run_in_process(["sweep", "-c", str(cfg), *axes, "model.num_layers=1"], capsys, monkeypatch)
     assert code == 0, err[-3000:]
     runs = tmp_path / "runs"
-    one_layer = {name: record_files(runs / name) for name in ("sw-lr=1e-3", "sw-lr=3e-3")}
+    one_layer = {name: record_files(runs / name) for name in ("sw-lr-1e-3", "sw-lr-3e-3")}
     # the same sweep on a changed base: refused before anything runs, naming the runs and what differs
     code, out, err = run_in_process(["sweep", "-c", str(cfg), *axes, "model.num_layers=2"], capsys, monkeypatch)
     assert code == 2 and "skipped" not in out, out + err
-    assert "sw-lr=1e-3 (model.num_layers was 1, now 2)" in err and "--restart" in err, err
+    assert "sw-lr-1e-3 (model.num_layers was 1, now 2)" in err and "--restart" in err, err
     assert {name: record_files(runs / name) for name in one_layer} == one_layer
     # with --restart the runs are trained again, and the table describes the runs it lists
     code, out, err = run_in_process(["sweep", "-c", str(cfg), *axes, "model.num_layers=2", "--restart"], capsys,
@@ -291,8 +293,8 @@ def test_a_sweep_rerun_with_a_changed_base_value_is_refused_or_restarted_never_r
         assert record_files(aside) == one_layer[name]
     table = (runs / "sweep-sw.md").read_text()
     assert table.startswith("Every run: model.num_layers=2\n")
-    two_layer_params = summary_of(runs / "sw-lr=1e-3")["parameters"]
-    assert two_layer_params > json.loads(one_layer["sw-lr=1e-3"]["summary.json"])["parameters"]
+    two_layer_params = summary_of(runs / "sw-lr-1e-3")["parameters"]
+    assert two_layer_params > json.loads(one_layer["sw-lr-1e-3"]["summary.json"])["parameters"]
     # and a rerun of that sweep skips both: they completed with this very config
     code, out, err = run_in_process(["sweep", "-c", str(cfg), *axes, "model.num_layers=2"], capsys, monkeypatch)
     assert code == 0 and out.count("completed before with this config; skipped") == 2, out + err

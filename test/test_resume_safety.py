@@ -13,7 +13,7 @@ import yaml
 
 from conftest import run_in_process, write_config
 from rafale.config import load_config
-from rafale.datapipes import PreparedData
+from rafale.data.cache import PreparedData
 from rafale.export import latest_checkpoint, load_run_model
 from rafale.resilience import read_checkpoint
 from rafale.record import data_conflicts
@@ -227,14 +227,14 @@ def test_generate_and_export_need_only_the_run_folder(trained, tmp_path, capsys,
 
 def test_run_folder_is_complete_and_consistent(trained):
     transformers = pytest.importorskip("transformers")
-    from rafale.datapipes import prepare_data
+    from rafale.train import prepare_data
 
     cfg_path, run_dir = trained
     for name in ("config.yaml", "tokenizer.json", "data.json", "model.json", "metrics.jsonl", "metrics.png",
                  "checkpoints/latest-rank0.pt", "export/config.json", "export/model.safetensors", "export/tokenizer.json"):
         assert (run_dir / name).is_file(), name
     # config.yaml reproduces the run
-    from rafale.models.configurations import resolve_model_config
+    from rafale.resolve import resolve_model_config
 
     saved, original = load_config(run_dir / "config.yaml"), load_config(cfg_path)
     resolve_model_config(original)  # the saved config was resolved when the run started (model.task filled in)

@@ -6,7 +6,9 @@ import json
 import pytest
 
 from rafale.config import ConfigError, config_from_dict
-from rafale.datapipes import CausalLMDataPipe, DataError, load_source
+from rafale.data.causal_lm import CausalLMDataPipe
+from rafale.data.sources import load_source
+from rafale.errors import DataError
 from test_datapipes import DOCS, small_cfg, write_txt
 
 

@@ -9,8 +9,11 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from rafale.config import load_config  # noqa: E402
-from rafale.models.configurations import model_config_dict, resolve_model_config  # noqa: E402
-from rafale.datapipes import ClassificationCollator, ClassificationDataPipe, CausalLMDataPipe, load_source  # noqa: E402
+from rafale.resolve import resolve_model_config  # noqa: E402
+from rafale.models.families import FAMILIES  # noqa: E402
+from rafale.data.causal_lm import CausalLMDataPipe  # noqa: E402
+from rafale.data.classification import ClassificationCollator, ClassificationDataPipe  # noqa: E402
+from rafale.data.sources import load_source  # noqa: E402
 from rafale.export import export_model  # noqa: E402
 from rafale.models.hf import save_pretrained  # noqa: E402
 from conftest import write_config  # noqa: E402
@@ -26,10 +29,10 @@ def classifier_export(tmp_path, family):
                               "cache_dir": str(tmp_path / "cache")},
                         model={"type": family, "task": "classification", "preset": f"{family}-tiny"})
     cfg = load_config(path)
-    data = ClassificationDataPipe(cfg.data, family=family).load(verbose=False)
+    data = ClassificationDataPipe(cfg.data, **FAMILIES[family].data).load(verbose=False)
     texts = list(load_source(cfg.data, tmp_path, labelled=True)["validation"]["text"])
     torch.manual_seed(0)
-    composer_model = model_config_dict[family](resolve_model_config(cfg), "classification", data.meta, data.tokenizer)
+    composer_model = FAMILIES[family].build(resolve_model_config(cfg), "classification", data.meta, data.tokenizer)
     model = composer_model.model.eval()
     return data, texts, model, export_model(model, tmp_path / "export", data)
 
@@ -88,7 +91,7 @@ def test_a_user_tokenizer_file_is_exported_as_given(tmp_path, capsys):
                         data={"tokenizer": str(tmp_path / "user.json"), "block_size": BLOCK, "num_train_stories": 150,
                               "num_val_stories": 12, "cache_dir": str(tmp_path / "cache")},
                         model={"type": "bert", "task": "classification", "preset": "bert-tiny"})
-    user_data = ClassificationDataPipe(load_config(path).data, family="bert").load(verbose=False)
+    user_data = ClassificationDataPipe(load_config(path).data, tokenizer_kind="wordpiece").load(verbose=False)
     assert [ids.tolist() for ids in user_data.splits["validation"]["input_ids"]] == \
         [ids.tolist() for ids in data.splits["validation"]["input_ids"]]  # the datapipe frames either way
     capsys.readouterr()

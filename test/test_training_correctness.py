@@ -18,10 +18,13 @@ from torch.utils.data import DataLoader, DistributedSampler
 import rafale.train
 from conftest import run_in_process, write_config
 from rafale.config import ConfigError, load_config
-from rafale.datapipes import CausalLMCollator, ClassificationCollator, MLMCollator
+from rafale.data.causal_lm import CausalLMCollator
+from rafale.data.classification import ClassificationCollator
+from rafale.data.mlm import MLMCollator
 from rafale.errors import IGNORE_INDEX
 from rafale.models.composer import ComposerLM, ComposerMLM
-from rafale.models.configurations import BERT_PRESETS, PYTHIA_PRESETS
+from rafale.models.bert import BERT_PRESETS
+from rafale.models.pythia import PRESETS as PYTHIA_PRESETS
 from rafale.models.decoder import GPTNeoX
 from rafale.models.encoder import build_encoder
 from rafale.resilience import FiniteLossMonitor, TrainingDiverged

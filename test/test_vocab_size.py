@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 
 from rafale.config import DataConfig
-from rafale.datapipes import CausalLMDataPipe
+from rafale.data.causal_lm import CausalLMDataPipe
 from conftest import run_in_process, write_config
 
 ASKED = 5000  # far more than a BPE can learn from 100 stories

@@ -166,7 +166,8 @@ def test_encoder_parity(tmp_path, family, head):
 
 @pytest.mark.parametrize("transposed", [False, True])
 def test_greedy_generation_matches_transformers(tmp_path, monkeypatch, transposed):
-    """Both decoding paths: plain, and with the transposed weight copies that long generations use on a CPU."""
+    """Both decoding paths on a CPU: without and with the transposed weight copies that long generations of one
+    prompt use (decoder.DecodingLinears), each for one prompt and for two."""
     from rafale.models import decoder
 
     monkeypatch.setattr(decoder, "TRANSPOSE_FROM_TOKENS", 1 if transposed else 10**9)
@@ -174,11 +175,11 @@ def test_greedy_generation_matches_transformers(tmp_path, monkeypatch, transpose
     hf.save_pretrained(tmp_path)
     model = from_pretrained(tmp_path)
     g = torch.Generator().manual_seed(0)
-    for length in (1, 5, 12):
-        prompt = torch.randint(0, VOCAB, (2, length), generator=g)
+    for B, length in ((1, 1), (2, 1), (1, 5), (2, 5), (1, 12), (2, 12)):  # B=1: one row a step; B=2: a few rows
+        prompt = torch.randint(0, VOCAB, (B, length), generator=g)
         ours = model.generate(prompt, 32)
         theirs = hf.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=32)
-        assert ours.shape == (2, length + 32)
+        assert ours.shape == (B, length + 32)
         assert torch.equal(ours, theirs)
 
 

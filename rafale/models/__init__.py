@@ -1,5 +1,6 @@
-"""rafale's models: plain nn.Modules, one file per family (decoder.py, encoder.py, clip.py), their thin Composer
-wrappers (composer.py), their sizes and builders (configurations.py), and Hugging Face weights (hf.py).
+"""rafale's models: plain nn.Modules (decoder.py, encoder.py, clip.py); one file per family with its presets, heads,
+builder and Hugging Face format (pythia.py, bert.py, contrastive.py), listed in families.py; their thin Composer
+wrappers (composer.py); and the Hugging Face machinery they share (hf.py).
 
 `rafale.models.from_pretrained` and `save_pretrained` are hf.py's, loaded on first use: importing one model file
 loads that file only."""

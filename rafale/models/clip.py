@@ -11,12 +11,11 @@
 
 CLIP learns with a symmetric softmax cross-entropy over the batch (`clip_loss`), SigLIP with an independent
 sigmoid per image-text pair (`siglip_loss`). Module names mirror the Hugging Face checkpoints (`CLIPModel`,
-`SiglipModel`), including HF's `pre_layrnorm` typo, so loading real weights is the identity map in
-`LAYOUTS`, checked strictly by `load_hf_state_dict` (`hf_state_dict` exports; `config_from_hf` and
-`config_to_hf` translate config.json). Attention goes through
-`scaled_dot_product_attention`.
+`SiglipModel`), including HF's `pre_layrnorm` typo, so loading real weights is the identity map that
+rafale/models/contrastive.py writes out (with the presets, the builder and config.json both ways). Attention goes
+through `scaled_dot_product_attention`.
 
-This file imports torch and rafale's error base only; transformers is a test-time reference, never imported.
+This file imports torch only; transformers is a test-time reference, never imported.
 """
 
 import math
@@ -28,7 +27,6 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from rafale.errors import RafaleError
 
 # the activations HF's CLIP and SigLIP configs name (hidden_act)
 ACTIVATIONS = {
@@ -148,52 +146,6 @@ class ClipConfig:
                 f"projection_dim ({self.projection_dim})"
             )
 
-
-def clip_preset(vision: dict, text: dict, projection_dim: int) -> ClipConfig:
-    return ClipConfig(
-        family="clip", vision=VisionConfig(**vision), text=TextConfig(**text), projection_dim=projection_dim
-    )
-
-
-def siglip_preset(vision: dict, text: dict) -> ClipConfig:
-    siglip = dict(hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6)
-    return ClipConfig(
-        family="siglip",
-        vision=VisionConfig(pooling="map", **siglip, **vision),
-        text=TextConfig(pooling="last", **siglip, **text),
-        projection_dim=vision["hidden_size"],
-        logit_scale_init=math.log(10),
-    )
-
-
-TINY_VISION = dict(image_size=32, patch_size=4, hidden_size=128, num_layers=4, num_heads=4, intermediate_size=512)
-TINY_TEXT = dict(hidden_size=128, num_layers=4, num_heads=4, intermediate_size=512, max_position_embeddings=32)
-DEBUG_VISION = dict(image_size=32, patch_size=8, hidden_size=64, num_layers=2, num_heads=4, intermediate_size=256)
-DEBUG_TEXT = dict(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=256, max_position_embeddings=32)
-
-CLIP_PRESETS = {
-    # tiny and debug: CPU sizes for the shapes data and the tests (vocab_size None: taken from the tokenizer)
-    "clip-tiny": clip_preset(TINY_VISION, TINY_TEXT, projection_dim=128),
-    "clip-debug": clip_preset(DEBUG_VISION, DEBUG_TEXT, projection_dim=64),
-    # openai/clip-vit-base-patch16 (config.json on the hub)
-    "clip-vit-b-16": clip_preset(
-        dict(image_size=224, patch_size=16, hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072),
-        dict(vocab_size=49408, hidden_size=512, num_layers=12, num_heads=8, intermediate_size=2048,
-             max_position_embeddings=77, eos_token_id=49407),
-        projection_dim=512,
-    ),
-}
-
-SIGLIP_PRESETS = {
-    "siglip-tiny": siglip_preset(TINY_VISION, TINY_TEXT),
-    "siglip-debug": siglip_preset(DEBUG_VISION, DEBUG_TEXT),
-    # google/siglip-base-patch16-224 (config.json on the hub); its tokenizer pads to 64 tokens without a mask
-    "siglip-vit-b-16": siglip_preset(
-        dict(image_size=224, patch_size=16, hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072),
-        dict(vocab_size=32000, hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072,
-             max_position_embeddings=64),
-    ),
-}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -581,52 +533,8 @@ def build_model(cfg: ClipConfig) -> ContrastiveModel:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Feeding the model (what HF's CLIPProcessor does): pixels normalised with the family's constants, texts ending
-# with the end-of-text token and padded, and zero-shot classes as the mean of their prompts' embeddings. The
-# image-text datapipe, the Composer wrapper and `rafale zero-shot` share these.
-
-# per-channel mean and std of the pixels in [0, 1]: OpenAI CLIP's (from its training set), and SigLIP's (to [-1, 1])
-NORMALIZATION = {
-    "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
-    "siglip": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
-}
-
-
-def normalize(pixels, family: str):
-    """uint8 (B, 3, H, W) -> float (B, 3, H, W) with the family's normalisation constants."""
-    mean, std = (torch.tensor(v, device=pixels.device).view(1, 3, 1, 1) for v in NORMALIZATION[family])
-    return (pixels.float() / 255 - mean) / std
-
-
-def encode_texts(tokenizer, texts: list, eos_token_id: int, max_len: int) -> list:
-    """Token ids of each text (a `tokenizers.Tokenizer`), ending with the end-of-text token (CLIP pools there), at
-    most max_len of them. The tokenizer's own special tokens are kept (an HF CLIP tokenizer adds its start and end)."""
-    out = []
-    for encoding in tokenizer.encode_batch(list(texts)):
-        ids = encoding.ids
-        if not ids or ids[-1] != eos_token_id:
-            ids = ids + [eos_token_id]
-        if len(ids) > max_len:
-            ids = ids[: max_len - 1] + [eos_token_id]
-        out.append(ids)
-    return out
-
-
-def text_length(family: str, block_size: int) -> Optional[int]:
-    """SigLIP's fixed text length (every text padded to it, no mask, as its checkpoints were trained: it pools the
-    last position, so padding changes the embedding); None for CLIP (pad to the longest, with a mask)."""
-    return block_size if family == "siglip" else None
-
-
-def pad_texts(sequences: list, pad_token_id: int, fixed_length: Optional[int] = None):
-    """(input_ids (B, T) right-padded, attention_mask (B, T)), the mask None with fixed_length (SigLIP)."""
-    T = fixed_length or max(len(s) for s in sequences)
-    input_ids = torch.full((len(sequences), T), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), T), dtype=torch.long)
-    for i, seq in enumerate(sequences):
-        input_ids[i, : len(seq)] = torch.as_tensor(seq)
-        attention_mask[i, : len(seq)] = 1
-    return input_ids, None if fixed_length else attention_mask
+# Zero-shot classification: each class is the mean of its prompts' embeddings. The prompts arrive tokenized and
+# the pixels normalised (rafale/data/image_text.py); the Composer wrapper and `rafale zero-shot` share these.
 
 
 @torch.no_grad()
@@ -644,192 +552,3 @@ def zero_shot_probabilities(model, pixel_values, classes):
     changes no ranking)."""
     image = F.normalize(model.get_image_features(pixel_values).float(), dim=-1)  # (N, P)
     return (model.logit_scale.exp().float() * image @ classes.t()).softmax(dim=-1)  # (N, C)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Hugging Face weights. Names are templates: `{}` is a layer index, counted in the tower the name belongs to.
-
-
-class ClipWeightsError(RafaleError):
-    pass
-
-
-@dataclass
-class WeightLayout:
-    """How one family's checkpoint names map onto the model's (an identity here, written out so that a
-    module renamed in this file fails loudly instead of loading nothing)."""
-
-    names: dict  # HF template -> rafale template
-    ignored: tuple = ()  # HF names that checkpoints may hold and rafale knowingly drops
-
-
-LAYER = (
-    "encoder.layers.{}.layer_norm1.weight", "encoder.layers.{}.layer_norm1.bias",
-    "encoder.layers.{}.self_attn.q_proj.weight", "encoder.layers.{}.self_attn.q_proj.bias",
-    "encoder.layers.{}.self_attn.k_proj.weight", "encoder.layers.{}.self_attn.k_proj.bias",
-    "encoder.layers.{}.self_attn.v_proj.weight", "encoder.layers.{}.self_attn.v_proj.bias",
-    "encoder.layers.{}.self_attn.out_proj.weight", "encoder.layers.{}.self_attn.out_proj.bias",
-    "encoder.layers.{}.layer_norm2.weight", "encoder.layers.{}.layer_norm2.bias",
-    "encoder.layers.{}.mlp.fc1.weight", "encoder.layers.{}.mlp.fc1.bias",
-    "encoder.layers.{}.mlp.fc2.weight", "encoder.layers.{}.mlp.fc2.bias",
-)
-TEXT = (
-    "embeddings.token_embedding.weight", "embeddings.position_embedding.weight",
-    *LAYER, "final_layer_norm.weight", "final_layer_norm.bias",
-)
-VISION = ("embeddings.patch_embedding.weight", "embeddings.position_embedding.weight", *LAYER,
-          "post_layernorm.weight", "post_layernorm.bias")
-FAMILY_NAMES = {
-    "clip": (
-        *("text_model." + name for name in TEXT),
-        *("vision_model." + name for name in VISION),
-        "vision_model.embeddings.class_embedding",
-        "vision_model.pre_layrnorm.weight", "vision_model.pre_layrnorm.bias",
-        "visual_projection.weight", "text_projection.weight", "logit_scale",
-    ),
-    "siglip": (
-        *("text_model." + name for name in TEXT),
-        "text_model.head.weight", "text_model.head.bias",
-        *("vision_model." + name for name in VISION),
-        "vision_model.embeddings.patch_embedding.bias",
-        "vision_model.head.probe",
-        "vision_model.head.attention.in_proj_weight", "vision_model.head.attention.in_proj_bias",
-        "vision_model.head.attention.out_proj.weight", "vision_model.head.attention.out_proj.bias",
-        "vision_model.head.layernorm.weight", "vision_model.head.layernorm.bias",
-        "vision_model.head.mlp.fc1.weight", "vision_model.head.mlp.fc1.bias",
-        "vision_model.head.mlp.fc2.weight", "vision_model.head.mlp.fc2.bias",
-        "logit_scale", "logit_bias",
-    ),
-}
-LAYOUTS = {
-    family: WeightLayout(
-        names={name: name for name in names},
-        # arange buffers that transformers 4.2x saved in the checkpoints; positions are computed here
-        ignored=("text_model.embeddings.position_ids", "vision_model.embeddings.position_ids"),
-    )
-    for family, names in FAMILY_NAMES.items()
-}
-
-
-def expand_names(names: dict, cfg: ClipConfig) -> dict:
-    """Templates written out for every layer of their tower: {HF name: rafale name}."""
-    expanded = {}
-    for hf_template, rafale_template in names.items():
-        tower = cfg.vision if hf_template.startswith("vision_model.") else cfg.text
-        for i in range(tower.num_layers) if "{}" in hf_template else [None]:
-            expanded[hf_template.format(i)] = rafale_template.format(i)
-    return expanded
-
-
-def hf_state_dict(model: ContrastiveModel) -> dict:
-    """The model's tensors under HF's names (CLIPModel / SiglipModel); every parameter must have one."""
-    names = expand_names(LAYOUTS[model.cfg.family].names, model.cfg)
-    state = model.state_dict()
-    left_out = sorted(set(state) - set(names.values()))
-    if left_out:
-        raise ClipWeightsError(f"no HF name for {', '.join(left_out)} (update FAMILY_NAMES in clip.py)")
-    return {hf_name: state[rafale_name] for hf_name, rafale_name in names.items()}
-
-
-def load_hf_state_dict(model: ContrastiveModel, tensors: dict, where: str = "the state dict"):
-    """Copy HF-named tensors into the model, strictly: one ClipWeightsError lists every missing, unexpected
-    and mis-shaped tensor."""
-    layout = LAYOUTS[model.cfg.family]
-    names = expand_names(layout.names, model.cfg)
-    expected = model.state_dict()
-    state, unexpected, wrong_shape = {}, [], []
-    for hf_name, tensor in tensors.items():
-        if hf_name in layout.ignored:
-            continue
-        if hf_name not in names:
-            unexpected.append(hf_name)
-        elif tuple(tensor.shape) != tuple(expected[names[hf_name]].shape):
-            shapes = f"expected {tuple(expected[names[hf_name]].shape)}, found {tuple(tensor.shape)}"
-            wrong_shape.append(f"{hf_name} ({shapes})")
-        else:
-            state[names[hf_name]] = tensor
-    missing = [hf_name for hf_name in names if hf_name not in tensors]
-    problems = [f"{kind}: {', '.join(items)}" for kind, items in
-                (("missing", missing), ("unexpected", sorted(unexpected)), ("wrong shape", wrong_shape)) if items]
-    if problems:
-        family = {"clip": "CLIPModel", "siglip": "SiglipModel"}[model.cfg.family]
-        raise ClipWeightsError(f"weights in {where} do not fit the {family}:\n  " + "\n  ".join(problems))
-    model.load_state_dict(state, strict=True)
-    return model
-
-
-# config.json <-> ClipConfig
-
-
-def config_from_hf(hf: dict) -> ClipConfig:
-    """A ClipConfig from a CLIPModel or SiglipModel config.json (as a dict)."""
-    family = {"clip": "clip", "siglip": "siglip"}.get(hf.get("model_type"))
-    if family is None:
-        raise ClipWeightsError(f"model_type must be 'clip' or 'siglip', got {hf.get('model_type')!r}")
-    vision, text = hf.get("vision_config") or {}, hf.get("text_config") or {}
-    for where, sub in (("vision_config", vision), ("text_config", text)):
-        if sub.get("attention_dropout", 0.0):
-            raise ClipWeightsError(f"{where}.attention_dropout must be 0: rafale's CLIP has no dropout")
-    if family == "siglip" and not vision.get("vision_use_head", True):
-        raise ClipWeightsError("vision_config.vision_use_head must be true: SigLIP's embedding is the head's output")
-    defaults = CLIP_PRESETS["clip-vit-b-16"] if family == "clip" else SIGLIP_PRESETS["siglip-vit-b-16"]
-    eos = text.get("eos_token_id", 49407)  # CLIPTextConfig's default
-    cfg = ClipConfig(
-        family=family,
-        vision=VisionConfig(
-            image_size=vision.get("image_size", 224),
-            patch_size=vision.get("patch_size", 32 if family == "clip" else 16),
-            num_channels=vision.get("num_channels", 3),
-            hidden_size=vision.get("hidden_size", 768),
-            num_layers=vision.get("num_hidden_layers", 12),
-            num_heads=vision.get("num_attention_heads", 12),
-            intermediate_size=vision.get("intermediate_size", 3072),
-            hidden_act=vision.get("hidden_act", defaults.vision.hidden_act),
-            layer_norm_eps=vision.get("layer_norm_eps", defaults.vision.layer_norm_eps),
-            pooling=defaults.vision.pooling,
-        ),
-        text=TextConfig(
-            vocab_size=text.get("vocab_size", defaults.text.vocab_size),
-            hidden_size=text.get("hidden_size", defaults.text.hidden_size),
-            num_layers=text.get("num_hidden_layers", 12),
-            num_heads=text.get("num_attention_heads", defaults.text.num_heads),
-            intermediate_size=text.get("intermediate_size", defaults.text.intermediate_size),
-            max_position_embeddings=text.get("max_position_embeddings", defaults.text.max_position_embeddings),
-            hidden_act=text.get("hidden_act", defaults.text.hidden_act),
-            layer_norm_eps=text.get("layer_norm_eps", defaults.text.layer_norm_eps),
-            pooling=defaults.text.pooling,
-            # HF's CLIP pools at the highest id when eos_token_id is 2 (the configs from before the fix);
-            # SigLIP pools at the last position whatever the token
-            eos_token_id=None if family == "siglip" or eos == 2 else eos,
-        ),
-        projection_dim=(hf.get("projection_dim", 512) if family == "clip"
-                        else text.get("projection_size") or text.get("hidden_size", 768)),
-        logit_scale_init=hf.get("logit_scale_init_value", math.log(1 / 0.07)) if family == "clip" else math.log(10),
-    )
-    try:
-        cfg.validate()
-    except ValueError as err:
-        raise ClipWeightsError(f"config.json: {err}") from None
-    return cfg
-
-
-def config_to_hf(cfg: ClipConfig) -> dict:
-    """The config.json of the CLIPModel or SiglipModel that hf_state_dict's tensors load into."""
-    tower = lambda c: dict(  # noqa: E731
-        hidden_size=c.hidden_size, num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
-        intermediate_size=c.intermediate_size, hidden_act=c.hidden_act, layer_norm_eps=c.layer_norm_eps,
-        attention_dropout=0.0,
-    )
-    vision = dict(tower(cfg.vision), image_size=cfg.vision.image_size, patch_size=cfg.vision.patch_size,
-                  num_channels=cfg.vision.num_channels)
-    text = dict(tower(cfg.text), vocab_size=cfg.text.vocab_size,
-                max_position_embeddings=cfg.text.max_position_embeddings)
-    if cfg.family == "clip":
-        # eos_token_id 2 tells HF to pool at the highest id, what rafale does when it is None
-        text["eos_token_id"] = 2 if cfg.text.eos_token_id is None else cfg.text.eos_token_id
-        text["projection_dim"] = vision["projection_dim"] = cfg.projection_dim
-        return {"architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": cfg.projection_dim,
-                "logit_scale_init_value": cfg.logit_scale_init, "vision_config": vision, "text_config": text}
-    text["projection_size"] = cfg.projection_dim
-    vision["vision_use_head"] = True
-    return {"architectures": ["SiglipModel"], "model_type": "siglip", "vision_config": vision, "text_config": text}

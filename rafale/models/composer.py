@@ -17,8 +17,7 @@ from torchmetrics.classification import BinaryF1Score, MulticlassAccuracy
 
 from rafale.errors import IGNORE_INDEX
 from rafale.metrics import ContrastiveLoss, RetrievalRecall, ZeroShotAccuracy
-from rafale.models.clip import (class_embeddings, contrastive_logits, gather_features, normalize,
-                                zero_shot_probabilities)
+from rafale.models.clip import class_embeddings, contrastive_logits, gather_features, zero_shot_probabilities
 
 
 def cpu_autocast(dtype: torch.dtype | None):
@@ -180,6 +179,8 @@ class ZeroShotSet:
     prompts: tuple  # (input_ids (C*K, T), attention_mask (C*K, T) or None)
     num_templates: int
     held_out: list  # class ids whose colour-shape pair training never showed (shapes); empty otherwise
+    image_mean: list  # the per-channel mean and std the data normalises pixels in [0, 1] by (the data's meta)
+    image_std: list
     pixels: torch.Tensor | None = None  # (N, 3, H, W) uint8, attached with the data (ComposerContrastive.attach_splits)
     labels: torch.Tensor | None = None  # (N,) class ids
 
@@ -257,12 +258,13 @@ class ComposerContrastive(ComposerModel):
     def zero_shot_predictions(self):
         """(predicted, true) class ids of all the zero-shot images (a few hundred: every rank classifies them all,
         and counts its share)."""
-        zs, family = self.zero_shot, self.model.cfg.family
+        zs = self.zero_shot
         device = next(self.model.parameters()).device
         input_ids, attention_mask = (t if t is None else t.to(device) for t in zs.prompts)
         classes = class_embeddings(self.model, input_ids, attention_mask, zs.num_templates)
-        predicted = [
-            zero_shot_probabilities(self.model, normalize(pixels.to(device), family), classes).argmax(dim=-1)
+        mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (zs.image_mean, zs.image_std))
+        predicted = [  # the pixels normalised as the collator does (rafale.data.image_text.normalize)
+            zero_shot_probabilities(self.model, (pixels.to(device).float() / 255 - mean) / std, classes).argmax(dim=-1)
             for pixels in zs.pixels.split(self.eval_chunk)  # (n, 3, H, W) each
         ]
         return torch.cat(predicted), zs.labels.to(device)

@@ -109,22 +109,33 @@ class KVCache:
         return k_all[:, :, :end], v_all[:, :, :end]
 
 
-TRANSPOSE_FROM_TOKENS = 64  # the copies (~150 ms for pythia-70m) cost about what 30-60 decoding steps save
+TRANSPOSE_FROM_TOKENS = 64  # one row at a time from this many new tokens: the copies (~100 ms for pythia-70m, most
+# of it the 50k x 512 head's) cost about what 30-60 decoding steps save
+FEW_ROWS = 8  # up to this many rows, weight @ x.T beat F.linear for a weight with at least as many outputs as inputs
 
 
-class TransposedLinears:
-    """Within this context, every nn.Linear of `model` multiplies by a copy of its weight transposed once to
-    (in, out). Decoding multiplies a few rows by each matrix, and on a CPU a few rows times an (in, out) matrix
-    read in stride ran 1.5x faster than F.linear's (out, in) for pythia-70m's weights streamed from memory (2x for
-    its 50k x 512 output projection, the biggest): the same fp32 products, summed in another order (greedy tokens
-    equal HF's, tested). The copies take the weights' memory again until the context ends."""
+class DecodingLinears:
+    """Within this context every nn.Linear of `model` multiplies the few rows of a decoding step the fastest way
+    measured on this project's CPU (torch 2.7's MKL, AMD EPYC; pythia-70m's weights streamed from memory), each
+    the same fp32 products summed in another order (greedy tokens equal HF's, tested):
 
-    def __init__(self, model: nn.Module, enabled: bool = True):
-        self.linears = [m for m in model.modules() if isinstance(m, nn.Linear)] if enabled else []
+    - one row, with `transposed`: by a copy of the weight transposed once to (in, out), read at ~25 GB/s where
+      F.linear's (out, in) was read at ~13 GB/s (the 50k x 512 head: 3.9 ms instead of 7.4);
+    - 2 to FEW_ROWS rows, for a weight with at least as many outputs as inputs (q/k/v, the MLP's first matrix, the
+      head): weight @ x.T, (out, n), 1.3-3x faster than F.linear (the head at 2, 4, 8 rows: 4, 9, 9 ms instead of
+      14, 14-20, 14), where the transposed copies were no faster;
+    - anything else (a long prompt, a bigger batch): F.linear.
+
+    The copies take the weights' memory again until the context ends."""
+
+    def __init__(self, model: nn.Module, transposed: bool = True):
+        self.linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        self.transposed = transposed
 
     def __enter__(self):
         for m in self.linears:  # an instance attribute shadows the class's forward until deleted
-            m.forward = partial(_linear_transposed, m.weight.detach().t().contiguous(), m.bias)
+            weight_t = m.weight.detach().t().contiguous() if self.transposed else None  # (in, out)
+            m.forward = partial(_decoding_linear, m.weight.detach(), weight_t, m.bias)
         return self
 
     def __exit__(self, *exc):
@@ -133,11 +144,18 @@ class TransposedLinears:
         return False
 
 
-def _linear_transposed(weight_t, bias, x):
-    """F.linear(x, weight_t.T, bias) for weight_t (in, out) contiguous."""
-    rows = x.reshape(-1, x.shape[-1])
-    y = torch.addmm(bias, rows, weight_t) if bias is not None else rows @ weight_t
-    return y.view(*x.shape[:-1], weight_t.shape[1])
+def _decoding_linear(weight, weight_t, bias, x):
+    """F.linear(x, weight, bias), computed as DecodingLinears says; weight (out, in), weight_t its (in, out) copy or
+    None."""
+    rows = x.reshape(-1, x.shape[-1])  # (n, in)
+    (n, _), (out, inp) = rows.shape, weight.shape
+    if n == 1 and weight_t is not None:
+        y = torch.addmm(bias, rows, weight_t) if bias is not None else rows @ weight_t  # (1, out)
+    elif 2 <= n <= FEW_ROWS and out >= inp:
+        y = (torch.addmm(bias[:, None], weight, rows.t()) if bias is not None else weight @ rows.t()).t()  # (n, out)
+    else:
+        return F.linear(x, weight, bias)
+    return y.view(*x.shape[:-1], out)
 
 
 @dataclass
@@ -427,10 +445,14 @@ class GPTNeoX(nn.Module):
             attention_mask = None  # no padding: the implicit causal mask is cheaper
         # inference mode skips autograd's bookkeeping (version counters, view tracking) on every op; the ids
         # returned are cloned outside it, so that they can be used like any tensor afterwards
-        transposed = input_ids.device.type == "cpu" and max_new_tokens >= TRANSPOSE_FROM_TOKENS
-        with torch.inference_mode(), TransposedLinears(self, enabled=transposed):
-            tokens = self._decode(input_ids, max_new_tokens, attention_mask, eos_token_id, use_cache, temperature,
-                                  top_k, top_p, generator, on_token)
+        with torch.inference_mode():
+            if input_ids.device.type != "cpu":
+                tokens = self._decode(input_ids, max_new_tokens, attention_mask, eos_token_id, use_cache,
+                                      temperature, top_k, top_p, generator, on_token)
+            else:  # a CPU multiplies the few rows of each step its own fastest way (DecodingLinears)
+                with DecodingLinears(self, transposed=B == 1 and max_new_tokens >= TRANSPOSE_FROM_TOKENS):
+                    tokens = self._decode(input_ids, max_new_tokens, attention_mask, eos_token_id, use_cache,
+                                          temperature, top_k, top_p, generator, on_token)
         return tokens.clone()
 
     def _decode(self, input_ids, max_new_tokens, attention_mask, eos_token_id, use_cache, temperature, top_k, top_p,
@@ -500,8 +522,11 @@ class GPTNeoX(nn.Module):
 # Cross-entropy in chunks: the logits of a small model with a 50k vocabulary are its biggest tensor (13 GB in
 # fp32 for pythia-70m at T=2048, batch 32), and the plain loss keeps them, and their softmax, for backward.
 
-LOSS_CHUNK_ELEMENTS = 2**25  # logits per chunk: 128 MiB in fp32, 667 rows of a 50k vocabulary (as fast as 2**26
-# on this project's CPU; 2**24 was ~10% slower: each chunk re-reads the whole output embedding)
+LOSS_CHUNK_ELEMENTS = 2**22  # logits per chunk: 16 MiB in fp32, small enough for the allocator to reuse: a chunk
+# above 32 MiB is mapped afresh and page-faulted every time (the default job's 2,816-token vocabulary: a whole
+# batch in one 23-46 MiB chunk ran its loss 15-17% slower than chunks of 2**21-2**22 on this project's CPU)
+LOSS_CHUNK_MIN_ROWS = 640  # but never fewer rows: each chunk re-reads the output embedding and its gradient (a 50k
+# vocabulary at 2**22 would be 83 rows, ~10% slower than 667; 640-667 rows, 128 MiB, was the fastest there)
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -535,9 +560,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 lse = (top + sums.log()).squeeze(1)  # (n,)
                 loss += ((lse - picked) * keep).sum()
                 if want_grad:
-                    probs = exps.div_(sums)  # softmax, in the same memory
-                    probs.scatter_add_(1, target, -torch.ones_like(target, dtype=probs.dtype))  # - one_hot
-                    probs.mul_((keep / count)[:, None])  # (n, V): d loss / d logits
+                    weight_of_row = (keep / count)[:, None]  # (n, 1)
+                    probs = exps.mul_(weight_of_row / sums)  # softmax * keep / count, in the same memory (one pass)
+                    probs.scatter_add_(1, target, -weight_of_row)  # - one_hot * keep / count: (n, V) d loss / d logits
                     probs = probs.to(dtype)
                     grad_hidden[start : start + chunk_rows] = probs @ w  # (n, C)
                     if dtype == grad_weight.dtype:
@@ -559,7 +584,7 @@ def chunked_cross_entropy(hidden, weight, labels, chunk_rows: Optional[int] = No
     F.cross_entropy(F.linear(hidden, weight).float(), labels, ignore_index=IGNORE_INDEX) without ever holding
     the (N, V) logits. hidden: (N, C); weight: (V, C); labels: (N,)."""
     if chunk_rows is None:
-        chunk_rows = max(1, LOSS_CHUNK_ELEMENTS // weight.shape[0])
+        chunk_rows = max(LOSS_CHUNK_MIN_ROWS, LOSS_CHUNK_ELEMENTS // weight.shape[0])
     # forward runs without grad mode, so whether a backward can follow is decided here
     want_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     return _ChunkedLinearCrossEntropy.apply(hidden, weight, labels, chunk_rows, want_grad)

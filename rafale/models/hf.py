@@ -13,18 +13,19 @@ Writing refuses (`export_refusal`, which a run also asks before it trains) any m
 something else: a module class the family's file does not define, or a config field whose value does not come
 back equal through the config.json written (model.norm: rmsnorm on GPT-NeoX, a variant's new field).
 
-Supported: GPTNeoXForCausalLM (Pythia), BERT / RoBERTa as Model, ForMaskedLM, ForSequenceClassification, and
-CLIPModel / SiglipModel (their name maps and config.json readers live in clip.py; this file dispatches to them).
-This file reads and writes the formats only; it never imports transformers (the tests use it as a reference).
+This file is the machinery every family shares: reading safetensors (or weights_only .bin) files, strict
+matching through a name map (`WeightLayout`, rafale/models/layout.py), the export's checks, and writing the folder. What is a family's own
+(the architectures it reads and writes, its config.json both ways, its name maps) is in its `HFFormat`, in the
+family's file (rafale/models/pythia.py: GPTNeoXForCausalLM; bert.py: BERT / RoBERTa as Model, ForMaskedLM,
+ForSequenceClassification; contrastive.py: CLIPModel / SiglipModel), found through rafale/models/families.py.
+It reads and writes the formats only; it never imports transformers (the tests use it as a reference).
 """
 
 import dataclasses
 import json
 import os
-import re
 import shutil
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
 
@@ -34,313 +35,28 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
 from rafale.errors import WeightsError
-from rafale.models import clip
-from rafale.models.decoder import DecoderConfig, GPTNeoX
-from rafale.models.encoder import MODEL_CLASSES, EncoderConfig, build_encoder
+from rafale.models.families import FAMILIES
 
 
 # ----------------------------------------------------------------------------------------------------
-# Architectures: the config.json `architectures[0]` we accept, and the rafale family and head it becomes.
-
-ARCHITECTURES = {
-    "GPTNeoXForCausalLM": ("gpt_neox", "causal_lm"),
-    "BertModel": ("bert", "base"),
-    "BertForMaskedLM": ("bert", "mlm"),
-    "BertForSequenceClassification": ("bert", "classification"),
-    "RobertaModel": ("roberta", "base"),
-    "RobertaForMaskedLM": ("roberta", "mlm"),
-    "RobertaForSequenceClassification": ("roberta", "classification"),
-    "CLIPModel": ("clip", "contrastive"),
-    "SiglipModel": ("siglip", "contrastive"),
-}
-# without `architectures`, a model_type means what AutoModel would build. GPTNeoXModel (no output projection)
-# is not accepted: rafale's GPTNeoX always has one, and inventing it would hide a wrong checkpoint.
-DEFAULT_ARCHITECTURE = {"gpt_neox": "GPTNeoXForCausalLM", "bert": "BertModel", "roberta": "RobertaModel",
-                        "clip": "CLIPModel", "siglip": "SiglipModel"}
+# Architectures: each family's HFFormat lists the config.json `architectures[0]` it reads and writes
 
 
-# ----------------------------------------------------------------------------------------------------
-# Weight layouts. Names are templates: `{}` stands for the layer index (litgpt's convention).
+def architectures() -> dict:
+    """config.json architecture -> (its Family, the head it is), over every family with a Hugging Face format."""
+    return {name: (family, head) for family in FAMILIES.values() if family.hf is not None
+            for name, head in family.hf.architectures.items()}
 
 
-@dataclass
-class WeightLayout:
-    """How one architecture's checkpoint names map onto a rafale model's parameter names."""
-
-    names: dict  # HF template -> rafale template; export writes exactly these names
-    aliases: dict = field(default_factory=dict)  # other HF names some checkpoints use for the same tensors (import)
-    ignored: tuple = ()  # HF templates in checkpoints that rafale knowingly drops (each documented where listed)
-
-
-GPT_NEOX_LAYOUT = WeightLayout(
-    names={
-        "gpt_neox.embed_in.weight": "embed_in.weight",
-        "gpt_neox.layers.{}.input_layernorm.weight": "layers.{}.input_layernorm.weight",
-        "gpt_neox.layers.{}.input_layernorm.bias": "layers.{}.input_layernorm.bias",
-        "gpt_neox.layers.{}.post_attention_layernorm.weight": "layers.{}.post_attention_layernorm.weight",
-        "gpt_neox.layers.{}.post_attention_layernorm.bias": "layers.{}.post_attention_layernorm.bias",
-        # the fused q/k/v keeps NeoX's per-head interleaving; rafale's Attention splits it the same way
-        "gpt_neox.layers.{}.attention.query_key_value.weight": "layers.{}.attention.query_key_value.weight",
-        "gpt_neox.layers.{}.attention.query_key_value.bias": "layers.{}.attention.query_key_value.bias",
-        "gpt_neox.layers.{}.attention.dense.weight": "layers.{}.attention.dense.weight",
-        "gpt_neox.layers.{}.attention.dense.bias": "layers.{}.attention.dense.bias",
-        "gpt_neox.layers.{}.mlp.dense_h_to_4h.weight": "layers.{}.mlp.dense_h_to_4h.weight",
-        "gpt_neox.layers.{}.mlp.dense_h_to_4h.bias": "layers.{}.mlp.dense_h_to_4h.bias",
-        "gpt_neox.layers.{}.mlp.dense_4h_to_h.weight": "layers.{}.mlp.dense_4h_to_h.weight",
-        "gpt_neox.layers.{}.mlp.dense_4h_to_h.bias": "layers.{}.mlp.dense_4h_to_h.bias",
-        "gpt_neox.final_layer_norm.weight": "final_layer_norm.weight",
-        "gpt_neox.final_layer_norm.bias": "final_layer_norm.bias",
-        # the name in the Pythia checkpoints, and still the one transformers 5 writes to files
-        "embed_out.weight": "embed_out.weight",
-    },
-    # transformers 5 calls the output projection `lm_head` in memory, so a state dict saved by hand has that name
-    aliases={"lm_head.weight": "embed_out.weight"},
-    ignored=(
-        "gpt_neox.layers.{}.attention.rotary_emb.inv_freq",  # rotary frequencies: recomputed from rotary_emb_base
-        "gpt_neox.rotary_emb.inv_freq",  # the same, where transformers 4.4x keeps one table for all layers
-        "gpt_neox.layers.{}.attention.bias",  # old checkpoints' causal-mask buffer: SDPA's is_causal does its job
-        "gpt_neox.layers.{}.attention.masked_bias",  # the -1e9 fill value that went with that mask
-    ),
-)
-
-# BERT and RoBERTa share the body's names; the heads' checkpoints put it under `bert.` / `roberta.`, BertModel's
-# at the top level. rafale's encoder uses these exact names, so the maps below are identities, written out so
-# that a renamed module in encoder.py fails loudly here instead of loading nothing.
-ENCODER_BODY = (
-    "embeddings.word_embeddings.weight",
-    "embeddings.position_embeddings.weight",
-    "embeddings.token_type_embeddings.weight",
-    "embeddings.LayerNorm.weight",
-    "embeddings.LayerNorm.bias",
-    "encoder.layer.{}.attention.self.query.weight",
-    "encoder.layer.{}.attention.self.query.bias",
-    "encoder.layer.{}.attention.self.key.weight",
-    "encoder.layer.{}.attention.self.key.bias",
-    "encoder.layer.{}.attention.self.value.weight",
-    "encoder.layer.{}.attention.self.value.bias",
-    "encoder.layer.{}.attention.output.dense.weight",
-    "encoder.layer.{}.attention.output.dense.bias",
-    "encoder.layer.{}.attention.output.LayerNorm.weight",
-    "encoder.layer.{}.attention.output.LayerNorm.bias",
-    "encoder.layer.{}.intermediate.dense.weight",
-    "encoder.layer.{}.intermediate.dense.bias",
-    "encoder.layer.{}.output.dense.weight",
-    "encoder.layer.{}.output.dense.bias",
-    "encoder.layer.{}.output.LayerNorm.weight",
-    "encoder.layer.{}.output.LayerNorm.bias",
-)
-POOLER = ("pooler.dense.weight", "pooler.dense.bias")
-ENCODER_HEADS = {
-    # HF writes the masked-LM decoder's weight and bias once, as the word embeddings and `*.bias`; the
-    # `decoder.*` names below are aliases, found in older checkpoints (bert-base-uncased) and tied in rafale
-    ("bert", "mlm"): (
-        "cls.predictions.transform.dense.weight",
-        "cls.predictions.transform.dense.bias",
-        "cls.predictions.transform.LayerNorm.weight",
-        "cls.predictions.transform.LayerNorm.bias",
-        "cls.predictions.bias",
-    ),
-    ("bert", "classification"): ("classifier.weight", "classifier.bias"),
-    ("roberta", "mlm"): (
-        "lm_head.dense.weight",
-        "lm_head.dense.bias",
-        "lm_head.layer_norm.weight",
-        "lm_head.layer_norm.bias",
-        "lm_head.bias",
-    ),
-    ("roberta", "classification"): (
-        "classifier.dense.weight",
-        "classifier.dense.bias",
-        "classifier.out_proj.weight",
-        "classifier.out_proj.bias",
-    ),
-}
-MLM_DECODER_ALIASES = {
-    "bert": ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias"),
-    "roberta": ("lm_head.decoder.weight", "lm_head.decoder.bias"),
-}
-
-
-def encoder_layout(family: str, head: str) -> WeightLayout:
-    prefix = "" if head == "base" else f"{family}."
-    # BertModel and BERT's classifier use the pooler; RoBERTa's classifier has its own dense layer instead
-    has_pooler = head == "base" or (family, head) == ("bert", "classification")
-    body = [prefix + name for name in ENCODER_BODY + (POOLER if has_pooler else ())]
-    names = body + list(ENCODER_HEADS.get((family, head), ()))
-    ignored = [
-        prefix + "embeddings.position_ids",  # arange(max_position_embeddings), a buffer in older checkpoints
-        prefix + "embeddings.token_type_ids",  # zeros, the default token types: a buffer in older checkpoints
-    ]
-    if head == "mlm":
-        # bert-base-uncased and roberta-base were saved with their pretraining heads: the pooler, and for BERT
-        # the next-sentence classifier. A masked LM has no use for them (HF drops them with a warning too).
-        ignored += [prefix + name for name in POOLER]
-        ignored += ["cls.seq_relationship.weight", "cls.seq_relationship.bias"] if family == "bert" else []
-    aliases = {name: name for name in MLM_DECODER_ALIASES[family]} if head == "mlm" else {}
-    return WeightLayout(names={name: name for name in names}, aliases=aliases, ignored=tuple(ignored))
-
-
-def layout_for(architecture: str) -> WeightLayout:
-    family, head = ARCHITECTURES[architecture]
-    return GPT_NEOX_LAYOUT if family == "gpt_neox" else encoder_layout(family, head)
-
-
-def split_layer_index(name: str) -> tuple[str, Optional[str]]:
-    """'gpt_neox.layers.3.mlp.dense_h_to_4h.weight' -> ('gpt_neox.layers.{}.mlp.dense_h_to_4h.weight', '3')."""
-    match = re.search(r"\.(\d+)\.", name)
-    if match is None:
-        return name, None
-    return name[: match.start()] + ".{}." + name[match.end() :], match.group(1)
-
-
-def legacy_layer_norm_name(name: str) -> str:
-    """Checkpoints converted from TensorFlow BERT call LayerNorm's weight and bias gamma and beta."""
-    return re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", name))
-
-
-# ----------------------------------------------------------------------------------------------------
-# config.json <-> rafale configs
-
-
-def _require(hf: dict, key: str, config_path: Path):
-    if key not in hf:
-        raise WeightsError(f"{config_path}: missing '{key}'")
-    return hf[key]
-
-
-def decoder_config_from_hf(hf: dict, config_path: Path) -> DecoderConfig:
-    if hf.get("hidden_act", "gelu") != "gelu":
-        raise WeightsError(f"{config_path}: hidden_act must be 'gelu' (rafale's GPT-NeoX), got {hf['hidden_act']!r}")
-    if hf.get("tie_word_embeddings", False):
-        raise WeightsError(f"{config_path}: tie_word_embeddings must be false: rafale's GPT-NeoX has its own embed_out")
-    if not hf.get("attention_bias", True):
-        raise WeightsError(f"{config_path}: attention_bias must be true: rafale's GPT-NeoX attention has biases")
-    # rope settings moved over the years: rotary_pct / rotary_emb_base (Pythia), partial_rotary_factor /
-    # rope_theta (transformers 4.5x), and in transformers 5 a `rope_parameters` dict, which is what it writes
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
-        raise WeightsError(f"{config_path}: rope type {rope_type!r} is not supported (only plain rotary, 'default')")
-    rotary_pct = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", hf.get("rotary_pct", 0.25)))
-    rotary_base = rope.get("rope_theta", hf.get("rope_theta", hf.get("rotary_emb_base", 10000.0)))
-    cfg = DecoderConfig(
-        vocab_size=_require(hf, "vocab_size", config_path),
-        hidden_size=_require(hf, "hidden_size", config_path),
-        num_layers=_require(hf, "num_hidden_layers", config_path),
-        num_heads=_require(hf, "num_attention_heads", config_path),
-        intermediate_size=_require(hf, "intermediate_size", config_path),
-        max_position_embeddings=_require(hf, "max_position_embeddings", config_path),
-        rotary_pct=float(rotary_pct),
-        rotary_base=float(rotary_base),
-        parallel_residual=hf.get("use_parallel_residual", True),
-        layer_norm_eps=hf.get("layer_norm_eps", 1e-5),
-        init_std=hf.get("initializer_range", 0.02),
-    )
-    try:
-        cfg.validate()
-    except ValueError as err:
-        raise WeightsError(f"{config_path}: {err}") from None
-    return cfg
-
-
-def encoder_config_from_hf(hf: dict, family: str, config_path: Path) -> EncoderConfig:
-    if hf.get("hidden_act", "gelu") != "gelu":
-        raise WeightsError(f"{config_path}: hidden_act must be 'gelu' (rafale's encoder MLP), got {hf['hidden_act']!r}")
-    if hf.get("position_embedding_type", "absolute") != "absolute":
-        kind = hf["position_embedding_type"]
-        raise WeightsError(f"{config_path}: position_embedding_type must be 'absolute', got {kind!r}")
-    if hf.get("add_cross_attention", False):
-        raise WeightsError(f"{config_path}: add_cross_attention must be false: rafale's encoder has none")
-    # HF's defaults for the optional fields (BertConfig / RobertaConfig); the sizes must be there
-    pad_token_id = hf.get("pad_token_id", 1 if family == "roberta" else 0)
-    num_labels = len(hf["id2label"]) if hf.get("id2label") else hf.get("num_labels", 2)
-    cfg = EncoderConfig(
-        family=family,
-        vocab_size=_require(hf, "vocab_size", config_path),
-        hidden_size=_require(hf, "hidden_size", config_path),
-        num_layers=_require(hf, "num_hidden_layers", config_path),
-        num_heads=_require(hf, "num_attention_heads", config_path),
-        intermediate_size=_require(hf, "intermediate_size", config_path),
-        max_position_embeddings=_require(hf, "max_position_embeddings", config_path),
-        type_vocab_size=hf.get("type_vocab_size", 2),
-        layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
-        hidden_dropout=hf.get("hidden_dropout_prob", 0.1),
-        attention_dropout=hf.get("attention_probs_dropout_prob", 0.1),
-        pad_token_id=pad_token_id,
-        # RoBERTa's real tokens count their positions from pad_token_id + 1 (see encoder.py)
-        position_offset=pad_token_id + 1 if family == "roberta" else 0,
-        num_labels=num_labels,
-        classifier_dropout=hf.get("classifier_dropout"),
-        init_std=hf.get("initializer_range", 0.02),
-    )
-    try:
-        cfg.validate()
-    except ValueError as err:
-        raise WeightsError(f"{config_path}: {err}") from None
-    return cfg
+def default_architecture(model_type: str) -> Optional[str]:
+    """What AutoModel builds from a config.json without `architectures`: the family's first (its bare model or its
+    only one). GPTNeoXModel (no output projection) is not accepted: rafale's GPTNeoX always has one, and inventing
+    it would hide a wrong checkpoint."""
+    return next((name for name, (family, _) in architectures().items() if family.hf.model_type == model_type), None)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")  # torch.bfloat16 -> "bfloat16", as config.json spells it
-
-
-def decoder_config_to_hf(cfg: DecoderConfig, vocab_size: int) -> dict:
-    return {
-        "architectures": ["GPTNeoXForCausalLM"],
-        "model_type": "gpt_neox",
-        "vocab_size": vocab_size,
-        "hidden_size": cfg.hidden_size,
-        "num_hidden_layers": cfg.num_layers,
-        "num_attention_heads": cfg.num_heads,
-        "intermediate_size": cfg.intermediate_size,
-        "max_position_embeddings": cfg.max_position_embeddings,
-        # both spellings of the rope settings: transformers 4 reads the first pair, transformers 5 the dict
-        # (and converts the first pair into it when the dict is absent)
-        "rotary_pct": cfg.rotary_pct,
-        "rotary_emb_base": cfg.rotary_base,
-        "rope_parameters": {
-            "rope_type": "default", "rope_theta": cfg.rotary_base, "partial_rotary_factor": cfg.rotary_pct,
-        },
-        "use_parallel_residual": cfg.parallel_residual,
-        "layer_norm_eps": cfg.layer_norm_eps,
-        "hidden_act": "gelu",
-        "tie_word_embeddings": False,
-        "attention_bias": True,
-        "hidden_dropout": 0.0,
-        "attention_dropout": 0.0,
-        "initializer_range": cfg.init_std,
-        "use_cache": True,
-    }
-
-
-def encoder_config_to_hf(cfg: EncoderConfig, architecture: str, vocab_size: int, id2label: Optional[dict]) -> dict:
-    hf = {
-        "architectures": [architecture],
-        "model_type": cfg.family,
-        "vocab_size": vocab_size,
-        "hidden_size": cfg.hidden_size,
-        "num_hidden_layers": cfg.num_layers,
-        "num_attention_heads": cfg.num_heads,
-        "intermediate_size": cfg.intermediate_size,
-        "hidden_act": "gelu",
-        "hidden_dropout_prob": cfg.hidden_dropout,
-        "attention_probs_dropout_prob": cfg.attention_dropout,
-        "classifier_dropout": cfg.classifier_dropout,
-        "max_position_embeddings": cfg.max_position_embeddings,
-        "type_vocab_size": cfg.type_vocab_size,
-        "layer_norm_eps": cfg.layer_norm_eps,
-        "pad_token_id": cfg.pad_token_id,
-        "position_embedding_type": "absolute",
-        "initializer_range": cfg.init_std,
-        "tie_word_embeddings": True,  # the masked LM's decoder is the word embeddings
-    }
-    if ARCHITECTURES[architecture][1] == "classification":
-        # keep the label names of an imported classifier when the number of classes did not change
-        if not id2label or len(id2label) != cfg.num_labels:
-            id2label = {str(i): f"LABEL_{i}" for i in range(cfg.num_labels)}
-        hf["id2label"] = {str(i): label for i, label in id2label.items()}
-        hf["label2id"] = {label: int(i) for i, label in id2label.items()}
-    return hf
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -411,81 +127,13 @@ def read_config(folder: Path) -> tuple[dict, str]:
         hf = json.loads(config_path.read_text())
     except ValueError as err:
         raise WeightsError(f"{config_path}: not valid JSON ({err})") from None
-    architectures = hf.get("architectures") or []
-    architecture = architectures[0] if architectures else DEFAULT_ARCHITECTURE.get(hf.get("model_type"))
-    if architecture not in ARCHITECTURES:
+    named = hf.get("architectures") or []
+    architecture = named[0] if named else default_architecture(hf.get("model_type"))
+    supported = architectures()
+    if architecture not in supported:
         named = architecture or f"model_type {hf.get('model_type')!r}"
-        raise WeightsError(f"{config_path}: unsupported architecture {named}; supported: {', '.join(ARCHITECTURES)}")
+        raise WeightsError(f"{config_path}: unsupported architecture {named}; supported: {', '.join(supported)}")
     return hf, architecture
-
-
-def match_tensors(tensors: dict, model: nn.Module, layout: WeightLayout, where: str) -> dict:
-    """Checkpoint tensors renamed to the model's names, every tied name filled; one WeightsError for all problems.
-
-    Tied parameters (the masked LM's decoder and word embeddings) are one tensor under several names: the
-    checkpoint needs to hold any one of them, and when it holds several they must agree.
-    """
-    model_names = set(model.state_dict())
-    found = {}  # rafale name -> [(checkpoint name, tensor)]
-    unexpected = []
-    ignored = set(layout.ignored)
-    for hf_name, tensor in tensors.items():
-        template, index = split_layer_index(legacy_layer_norm_name(hf_name))
-        if template in ignored:
-            continue
-        rafale_template = layout.names.get(template, layout.aliases.get(template))
-        rafale_name = None if rafale_template is None else rafale_template.format(index)
-        if rafale_name is None or rafale_name not in model_names:  # also a layer beyond num_layers
-            unexpected.append(hf_name)
-        else:
-            found.setdefault(rafale_name, []).append((hf_name, tensor))
-
-    # the names sharing one Parameter, in the model's order
-    groups = {}
-    for name, param in model.state_dict(keep_vars=True).items():
-        groups.setdefault(id(param), []).append((name, param))
-    export_name = {rafale: hf for hf, rafale in expand_names(layout.names, model).items()}
-
-    state, missing, wrong_shape, disagree = {}, [], [], []
-    for group in groups.values():
-        candidates = [pair for name, _ in group for pair in found.get(name, [])]
-        expected = tuple(group[0][1].shape)
-        if not candidates:
-            missing.append(export_name.get(group[0][0], group[0][0]))
-            continue
-        shaped = []
-        for hf_name, tensor in candidates:
-            if tuple(tensor.shape) != expected:
-                wrong_shape.append(f"{hf_name} (expected {expected}, found {tuple(tensor.shape)})")
-            else:
-                shaped.append((hf_name, tensor))
-        if len(shaped) > 1 and not all(torch.equal(shaped[0][1], t) for _, t in shaped[1:]):
-            disagree.append(" and ".join(hf_name for hf_name, _ in shaped))
-        if shaped:
-            state.update((name, shaped[0][1]) for name, _ in group)
-
-    problems = []
-    if missing:
-        problems.append("missing: " + ", ".join(missing))
-    if unexpected:
-        problems.append("unexpected: " + ", ".join(sorted(unexpected)))
-    if wrong_shape:
-        problems.append("wrong shape: " + ", ".join(wrong_shape))
-    if disagree:
-        problems.append("tied in rafale but stored with different values: " + ", ".join(disagree))
-    if problems:
-        raise WeightsError(f"weights in {where} do not fit the model:\n  " + "\n  ".join(problems))
-    return state
-
-
-def expand_names(names: dict, model: nn.Module) -> dict:
-    """Templates with `{}` written out for each layer: {HF name: rafale name}."""
-    expanded = {}
-    for hf_template, rafale_template in names.items():
-        layers = range(model.cfg.num_layers) if "{}" in hf_template else [None]
-        for i in layers:
-            expanded[hf_template.format(i)] = rafale_template.format(i)
-    return expanded
 
 
 def cast_parameters(model: nn.Module, dtype: torch.dtype):
@@ -506,51 +154,15 @@ def from_pretrained(path: Union[str, Path], dtype: Optional[torch.dtype] = None)
     else:
         folder = Path(path).expanduser()
     hf, architecture = read_config(folder)
-    family, head = ARCHITECTURES[architecture]
-    config_path = folder / "config.json"
-    if family in ("clip", "siglip"):  # clip.py holds their name maps and config.json reader
-        model = clip.build_model(contrastive_config_from_hf(hf))
-        state = read_checkpoint(folder)
-        load_contrastive_state(model, state, f"{folder} ({architecture})")
-    else:
-        model = GPTNeoX(decoder_config_from_hf(hf, config_path)) if family == "gpt_neox" else \
-            build_encoder(encoder_config_from_hf(hf, family, config_path), head)
-        tensors = read_checkpoint(folder)
-        state = match_tensors(tensors, model, layout_for(architecture), f"{folder} ({architecture})")
-        model.load_state_dict(state, strict=True)  # copies into the (tied) parameters
-
+    family, head = architectures()[architecture]
+    model = family.hf.module(family.hf.config_from_hf(hf, folder / "config.json"), head)
+    state = family.hf.load(model, read_checkpoint(folder), architecture, f"{folder} ({architecture})")
     # the dtype of the weights used, not of dropped buffers (fp16 Pythia files keep their inv_freq in fp32)
     stored = {t.dtype for t in state.values() if t.is_floating_point()}
     target = dtype or (stored.pop() if len(stored) == 1 else torch.float32)
     cast_parameters(model, target)
     model.hf_config = hf
     return model.eval()
-
-
-def contrastive_config_from_hf(hf: dict) -> "clip.ClipConfig":
-    try:
-        return clip.config_from_hf(hf)
-    except clip.ClipWeightsError as err:
-        raise WeightsError(str(err)) from None
-
-
-def load_contrastive_state(model: "clip.ContrastiveModel", tensors: dict, where: str):
-    try:
-        clip.load_hf_state_dict(model, tensors, where)
-    except clip.ClipWeightsError as err:
-        raise WeightsError(str(err)) from None
-
-
-def contrastive_export(model: "clip.ContrastiveModel", vocab_size: int) -> tuple[dict, dict]:
-    """(HF tensors, config.json) of a CLIP or SigLIP, its token embedding cut to the tokenizer's vocab_size."""
-    cfg = model.cfg
-    if not 0 < vocab_size <= cfg.text.vocab_size:
-        raise WeightsError(f"save_pretrained: vocab_size must be in [1, {cfg.text.vocab_size}], got {vocab_size}")
-    tensors = clip.hf_state_dict(model)
-    embedding = "text_model.embeddings.token_embedding.weight"
-    tensors[embedding] = tensors[embedding][:vocab_size]  # the rows of real tokens only
-    hf = clip.config_to_hf(dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, vocab_size=vocab_size)))
-    return {name: t.detach().cpu().contiguous().clone() for name, t in tensors.items()}, hf
 
 
 def copy_pretrained(pretrained: nn.Module, model: nn.Module) -> nn.Module:
@@ -605,7 +217,7 @@ def check_framing(tokenizer: Tokenizer, special: dict, architecture: str):
     <s> ... </s>): HF's `tokenizer(text)` on the export would then give the model ids it never saw in training.
     rafale's trained tokenizers carry that post-processor; a tokenizer file the user gave is left as it is."""
     cls, sep = special.get("cls_token"), special.get("sep_token")
-    if ARCHITECTURES[architecture][0] == "gpt_neox" or cls is None or sep is None:
+    if cls is None or sep is None:
         return
     ids = tokenizer.encode("a").ids
     if ids[:1] != [tokenizer.token_to_id(cls)] or ids[-1:] != [tokenizer.token_to_id(sep)]:
@@ -614,24 +226,21 @@ def check_framing(tokenizer: Tokenizer, special: dict, architecture: str):
               "the ids yourself, or give a tokenizer with a TemplateProcessing post-processor")
 
 
-def architecture_of(model: nn.Module) -> str:
-    """The HF architecture `model` is, exactly: a subclass (a researcher's variant) is not the class it extends."""
-    if type(model) is GPTNeoX:
-        return "GPTNeoXForCausalLM"
-    if type(model) in (clip.CLIP, clip.SigLIP):
-        return {"clip": "CLIPModel", "siglip": "SiglipModel"}[model.cfg.family]
-    for architecture, (family, head) in ARCHITECTURES.items():
-        if family in MODEL_CLASSES and type(model) is MODEL_CLASSES[family][head]:
-            return architecture
+def family_of(model: nn.Module):
+    """(Family, HF architecture) that `model` is exactly: a subclass (a researcher's variant) is not the class it
+    extends, and a Composer wrapper is not the model."""
+    for family in FAMILIES.values():
+        architecture = family.hf.architecture_of(model) if family.hf is not None else None
+        if architecture is not None:
+            return family, architecture
     raise WeightsError(
-        f"save_pretrained: expected a rafale GPTNeoX or encoder nn.Module, got {type(model).__name__} "
-        "(a class of its own, or a Composer wrapper: pass its .model), which the Hugging Face layouts in hf.py "
-        "do not describe"
+        f"save_pretrained: expected one of rafale's exportable nn.Modules, got {type(model).__name__} (a class of "
+        "its own, or a Composer wrapper: pass its .model), which no family's Hugging Face format describes"
     )
 
 
-# the modules an exported model may be made of: rafale's own family files, and torch's building blocks
-KNOWN_MODULES = ("rafale.models.decoder", "rafale.models.encoder", "rafale.models.clip")
+def architecture_of(model: nn.Module) -> str:
+    return family_of(model)[1]
 
 
 def check_exportable(model: nn.Module) -> str:
@@ -640,10 +249,10 @@ def check_exportable(model: nn.Module) -> str:
     The name map only says where tensors go; transformers rebuilds the computation from config.json. So a module
     whose class the family's file does not define (a researcher's own attention, even one with no parameters of
     its own) would be exported as plain GPT-NeoX or BERT and silently compute something else once loaded."""
-    architecture = architecture_of(model)
+    family, architecture = family_of(model)
     for name, module in model.named_modules():
         where = type(module).__module__
-        if where not in KNOWN_MODULES and not where.startswith("torch.nn."):
+        if where not in family.hf.module_files and not where.startswith("torch.nn."):
             raise WeightsError(
                 f"save_pretrained: {name or 'the model'} is a {type(module).__name__} (from {where}), which "
                 f"{architecture} in transformers does not have; an export would load as something else"
@@ -667,14 +276,9 @@ def config_round_trip(cfg, architecture: str):
     """`cfg` as transformers would read it back from the config.json save_pretrained writes: the rafale config
     turned into that dict, through JSON, and read again as from_pretrained reads it. A WeightsError where the
     reader refuses it."""
-    family, head = ARCHITECTURES[architecture]
-    here = Path("config.json")
-    if family == "gpt_neox":
-        return decoder_config_from_hf(json.loads(json.dumps(decoder_config_to_hf(cfg, cfg.vocab_size))), here)
-    if head == "contrastive":
-        return contrastive_config_from_hf(json.loads(json.dumps(clip.config_to_hf(cfg))))
-    hf = encoder_config_to_hf(cfg, architecture, cfg.vocab_size, None)
-    return encoder_config_from_hf(json.loads(json.dumps(hf)), family, here)
+    family, _ = architectures()[architecture]
+    written = json.loads(json.dumps(family.hf.config_to_hf(cfg, architecture, None, None)))
+    return family.hf.config_from_hf(written, Path("config.json"))
 
 
 def lost_fields(cfg, back, where: str = "model.") -> list[tuple[str, object, object]]:
@@ -730,38 +334,6 @@ def config_refusal(cfg, architecture: str) -> Optional[str]:
                      for key, value, returned in lost)
 
 
-def vocab_rows(architecture: str) -> tuple:
-    """HF names of the tensors with one row per token: sliced when exporting fewer tokens than the model has."""
-    family, head = ARCHITECTURES[architecture]
-    if family == "gpt_neox":
-        return ("gpt_neox.embed_in.weight", "embed_out.weight")
-    prefix = "" if head == "base" else f"{family}."
-    mlm_bias = {"bert": "cls.predictions.bias", "roberta": "lm_head.bias"}[family]
-    return (prefix + "embeddings.word_embeddings.weight",) + ((mlm_bias,) if head == "mlm" else ())
-
-
-def hf_tensors(model: nn.Module, architecture: str, vocab_size: int, dtype: Optional[torch.dtype]) -> dict:
-    """The model's tensors under HF names, each tied tensor once, as transformers writes them."""
-    state = model.state_dict(keep_vars=True)
-    names = expand_names(layout_for(architecture).names, model)
-    # every parameter must leave under some name: a module added to the model but not to the layout would
-    # otherwise be dropped from the export without a word
-    exported = {id(state[rafale]) for rafale in names.values()}
-    left_out = [name for name, p in state.items() if id(p) not in exported]
-    if left_out:
-        raise WeightsError(f"save_pretrained: no HF name for {', '.join(left_out)} (update the layout in hf.py)")
-    sliced = vocab_rows(architecture)
-    tensors = {}
-    for hf_name, rafale_name in names.items():
-        tensor = state[rafale_name].detach().cpu()
-        if hf_name in sliced:
-            tensor = tensor[:vocab_size]
-        if dtype is not None and tensor.is_floating_point():
-            tensor = tensor.to(dtype)
-        tensors[hf_name] = tensor.contiguous().clone()  # own storage: safetensors refuses shared or strided views
-    return tensors
-
-
 def save_pretrained(
     model: nn.Module,
     folder: Union[str, Path],
@@ -783,13 +355,12 @@ def save_pretrained(
     refusal = export_refusal(model)  # a module or a config value transformers' class would not reproduce
     if refusal is not None:
         raise WeightsError(f"save_pretrained: {refusal}")
-    architecture = architecture_of(model)
-    if ARCHITECTURES[architecture][1] == "contrastive":
-        return save_contrastive(model, Path(folder).expanduser(), tokenizer, dtype, vocab_size, overwrite)
+    family, architecture = family_of(model)
     cfg = model.cfg
-    vocab_size = cfg.vocab_size if vocab_size is None else vocab_size
-    if not 0 < vocab_size <= cfg.vocab_size:
-        raise WeightsError(f"save_pretrained: vocab_size must be in [1, {cfg.vocab_size}], got {vocab_size}")
+    rows = cfg.vocab_size if hasattr(cfg, "vocab_size") else cfg.text.vocab_size  # CLIP's is its text tower's
+    vocab_size = rows if vocab_size is None else vocab_size
+    if not 0 < vocab_size <= rows:
+        raise WeightsError(f"save_pretrained: vocab_size must be in [1, {rows}], got {vocab_size}")
     if tokenizer is not None and tokenizer.get_vocab_size(with_added_tokens=True) > vocab_size:
         raise WeightsError(
             f"save_pretrained: the tokenizer has {tokenizer.get_vocab_size(with_added_tokens=True)} tokens, "
@@ -799,41 +370,24 @@ def save_pretrained(
     if folder.exists() and any(folder.iterdir()) and not overwrite:
         raise WeightsError(f"save_pretrained: {folder} exists and is not empty (pass overwrite=True to replace it)")
 
-    tensors = hf_tensors(model, architecture, vocab_size, dtype)
+    tensors = {name: t.detach().cpu() for name, t in family.hf.tensors(model, architecture, vocab_size).items()}
+    if dtype is not None:
+        tensors = {name: t.to(dtype) if t.is_floating_point() else t for name, t in tensors.items()}
+    # own storage: safetensors refuses shared or strided views
+    tensors = {name: t.contiguous().clone() for name, t in tensors.items()}
     previous = getattr(model, "hf_config", {})  # set by from_pretrained
-    if architecture == "GPTNeoXForCausalLM":
-        hf = decoder_config_to_hf(cfg, vocab_size)
-        max_len = cfg.max_position_embeddings
-    else:
-        if cfg.pad_token_id >= vocab_size:
-            raise WeightsError(f"save_pretrained: pad_token_id {cfg.pad_token_id} is not below vocab_size {vocab_size}")
-        id2label = {str(i): name for i, name in enumerate(label_names)} if label_names else previous.get("id2label")
-        hf = encoder_config_to_hf(cfg, architecture, vocab_size, id2label)
-        max_len = cfg.max_seq_len
+    id2label = {str(i): name for i, name in enumerate(label_names)} if label_names else previous.get("id2label")
+    hf = family.hf.config_to_hf(cfg, architecture, vocab_size, id2label)
     special = special_tokens_of(tokenizer) if tokenizer is not None else {}
-    if tokenizer is not None:
+    if tokenizer is not None and family.hf.frames_text:
         check_framing(tokenizer, special, architecture)
-    for role in ("bos", "eos"):
+    for role in ("bos", "eos") if family.hf.special_ids else ():
         token = special.get(f"{role}_token")
         hf[f"{role}_token_id"] = tokenizer.token_to_id(token) if token else previous.get(f"{role}_token_id")
     stored_dtype = dtype or next(t.dtype for t in tensors.values() if t.is_floating_point())
     hf["dtype"] = hf["torch_dtype"] = dtype_name(stored_dtype)  # transformers 5 reads dtype, 4 torch_dtype
 
-    write_model_folder(folder, hf, tensors, tokenizer, special, max_len)
-
-
-def save_contrastive(model: "clip.ContrastiveModel", folder: Path, tokenizer: Optional[Tokenizer],
-                     dtype: Optional[torch.dtype], vocab_size: Optional[int], overwrite: bool):
-    """save_pretrained for a CLIP or SigLIP: clip.py's names and config.json, written the same way."""
-    vocab_size = model.cfg.text.vocab_size if vocab_size is None else vocab_size
-    if folder.exists() and any(folder.iterdir()) and not overwrite:
-        raise WeightsError(f"save_pretrained: {folder} exists and is not empty (pass overwrite=True to replace it)")
-    tensors, hf = contrastive_export(model, vocab_size)
-    if dtype is not None:
-        tensors = {name: t.to(dtype) if t.is_floating_point() else t for name, t in tensors.items()}
-    hf["dtype"] = hf["torch_dtype"] = dtype_name(dtype or next(iter(tensors.values())).dtype)
-    special = special_tokens_of(tokenizer) if tokenizer is not None else {}
-    write_model_folder(folder, hf, tensors, tokenizer, special, model.cfg.text.max_position_embeddings)
+    write_model_folder(folder, hf, tensors, tokenizer, special, family.hf.max_length(cfg))
 
 
 def write_model_folder(folder: Path, hf: dict, tensors: dict, tokenizer: Optional[Tokenizer], special: dict,

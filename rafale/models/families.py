@@ -1,0 +1,18 @@
+"""The model families rafale knows: `model.type` -> its Family (rafale/models/family.py), one line each.
+
+A new family is one file beside the others (its presets, tasks, builder and, to export it, its Hugging Face
+format; rafale/models/pythia.py is the smallest to copy) and one line here. Everything else (the config's help,
+the datapipes, generation, lm-eval, the export, the resume guard) asks the family, not its name.
+"""
+
+from rafale.models.bert import BERT, ROBERTA
+from rafale.models.contrastive import CLIP, SIGLIP
+from rafale.models.pythia import PYTHIA
+
+FAMILIES = {
+    "pythia": PYTHIA,
+    "bert": BERT,
+    "roberta": ROBERTA,
+    "clip": CLIP,
+    "siglip": SIGLIP,
+}

@@ -1,0 +1,71 @@
+"""Keeping the best evaluation (training.keep_best) and early stopping (training.early_stopping), on a run whose
+validation loss turns up: a tiny model at a high constant learning rate on 12 stories overfits them."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import run_in_process, write_config
+from rafale.export import read_checkpoint_weights
+
+OVERFIT = {"max_duration": "64ba", "eval_interval": "8ba", "save_interval": "8ba", "checkpoints_to_keep": -1,
+           "lr": 1e-2, "schedule": "constant", "warmup": 0, "eval_batches": 4}
+
+
+def config(tmp_path, name: str, **training):
+    return write_config(tmp_path / f"{name}.yaml", run={"output_dir": str(tmp_path / "runs"), "name": name},
+                        data={"num_train_stories": 12}, training={**OVERFIT, **training})
+
+
+def validation(run_dir) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["metrics/eval/LanguageCrossEntropy"] for r in rows if "metrics/eval/LanguageCrossEntropy" in r}
+
+
+def test_keep_best_exports_the_weights_of_the_best_evaluation(tmp_path, cache_dir, capsys, monkeypatch):
+    code, out, err = run_in_process(["-c", str(config(tmp_path, "best", keep_best="LanguageCrossEntropy"))],
+                                    capsys, monkeypatch)
+    assert code == 0, err[-3000:]
+    run_dir = tmp_path / "runs" / "best"
+    losses = validation(run_dir)
+    best_step = min(losses, key=losses.get)
+    assert 0 < best_step < 64 and losses[64] > losses[best_step]  # it did turn up: the case keep_best is for
+    best = json.loads((run_dir / "summary.json").read_text())["best"]
+    assert best["step"] == best_step and best["value"] == pytest.approx(losses[best_step], abs=1e-6)
+    assert f"best LanguageCrossEntropy: {losses[best_step]:.4f} at step {best_step}" in out
+    # export-best holds that evaluation's weights (the checkpoint saved at that step), export/ the last ones
+    exported = load_file(run_dir / "export-best" / "model.safetensors")
+    (checkpoint,) = (run_dir / "checkpoints").glob(f"ep*-ba{best_step}-rank0.pt")  # (12 stories: 8 batches an epoch)
+    saved = read_checkpoint_weights(checkpoint)
+    vocab = exported["embed_out.weight"].shape[0]
+    assert torch.equal(exported["embed_out.weight"], saved["embed_out.weight"][:vocab])
+    assert torch.equal(exported["gpt_neox.layers.0.mlp.dense_h_to_4h.weight"], saved["layers.0.mlp.dense_h_to_4h.weight"])
+    last = load_file(run_dir / "export" / "model.safetensors")
+    assert not torch.equal(last["embed_out.weight"], exported["embed_out.weight"])
+
+
+def test_early_stopping_stops_after_patience_without_improvement(tmp_path, cache_dir, capsys, monkeypatch):
+    cfg = config(tmp_path, "early", early_stopping={"metric": "LanguageCrossEntropy", "patience": "16ba"})
+    code, out, err = run_in_process(["-c", str(cfg)], capsys, monkeypatch)
+    assert code == 0, err[-3000:]
+    run_dir = tmp_path / "runs" / "early"
+    losses = validation(run_dir)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    stop = summary["early_stopped"]
+    best_step = min(losses, key=losses.get)
+    # it stopped at the first evaluation more than 16 batches past the best one (Composer's EarlyStopper counts
+    # strictly more than the patience), before max_duration
+    assert stop["best_step"] == best_step and stop["at_batch"] == best_step + 24 < 64, (losses, stop)
+    assert summary["batches"] == stop["at_batch"] and max(losses) == stop["at_batch"]
+    assert summary["status"] == "complete" and "stopped early at batch" in out
+    # a re-run is complete: it does not train on past the stop
+    code, out, err = run_in_process(["-c", str(cfg)], capsys, monkeypatch)
+    assert code == 0 and "already complete" in out, out
+
+
+def test_a_metric_the_model_does_not_have_is_refused_before_training(tmp_path, cache_dir, capsys, monkeypatch):
+    code, out, err = run_in_process(["-c", str(config(tmp_path, "typo", keep_best="Accuracy"))], capsys, monkeypatch)
+    assert code == 2 and "training.keep_best" in err and "LanguageCrossEntropy" in err, err
+    assert not (tmp_path / "runs" / "typo" / "checkpoints").exists()
