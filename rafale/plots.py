@@ -1,16 +1,27 @@
 """A run's metrics in pictures and tables, read from RUN/metrics.jsonl (written by rafale.loggers.MetricsFile).
 
-`plot_run` draws RUN/metrics.png: train and validation loss, perplexity or accuracy, learning rate and
-throughput, against steps (bottom axis) and tokens (top axis). This module imports neither torch nor Composer,
-so `rafale plot` and `rafale runs` answer at once.
+`plot_run` draws RUN/metrics.png: train and validation loss, perplexity or accuracy (bits per byte on an axis of
+its own), learning rate and throughput, against steps (bottom axis) and tokens (top axis). This module imports
+neither torch nor Composer, so `rafale plot` and `rafale runs` answer at once.
 
     rafale plot RUN [RUN ...] [--out FILE]     overlay several runs' losses against tokens
+    rafale runs DIR [DIR ...] [--sort KEY] [--reverse] [--csv]
+                                               one line per run, best final validation first
+
+Comparing runs starts from what differs between them: `what_differs` reads each run's config.yaml, flattens it
+to dotted keys (`training.optimizer.name`) and keeps the keys whose values are not the same in every run,
+named without their section where that is unambiguous (`optimizer.name`, `lr`). Those are the extra columns
+of `rafale runs` and the legend of an overlay (`lr=3e-3 optimizer.name=soap`).
 """
 
 import argparse
+import csv
+import io
 import itertools
 import json
 from pathlib import Path
+
+import yaml
 
 from rafale.errors import RafaleError
 
@@ -22,6 +33,7 @@ VAL_QUALITY = ("metrics/eval/LanguagePerplexity", "metrics/eval/BitsPerByte", "m
                "metrics/eval/MaskedAccuracy", "metrics/eval/F1", "metrics/eval/ZeroShotAccuracy",
                "metrics/eval/ZeroShotHeldOutAccuracy", "metrics/eval/ImageToTextRecall@1",
                "metrics/eval/TextToImageRecall@1")
+PERPLEXITY, BITS_PER_BYTE = "metrics/eval/LanguagePerplexity", "metrics/eval/BitsPerByte"
 
 
 def read_metrics(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -58,61 +70,98 @@ def tokens_per_step(series) -> float | None:
     return points[-1][1] / points[-1][0]
 
 
-def plot_run(run_dir: Path, out: Path | None = None) -> Path:
-    """Draw the run's curves into RUN/metrics.png (or `out`)."""
+def pyplot():
+    """matplotlib.pyplot on the Agg backend, which draws to files and needs no display."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def draw_curves(ax, series, curves, color=None) -> list:
+    """Plot against steps each (metric, label) of `curves` that the run logged; returns the lines drawn."""
+    lines = []
+    for name, label in curves:
+        if series.get(name):
+            steps, values = zip(*series[name])
+            lines += ax.plot(steps, values, marker="o" if len(steps) < 30 else None, ms=3, label=label, color=color)
+    return lines
+
+
+def draw_validation(ax, series) -> list:
+    """Perplexity (log scale) or accuracy on `ax`, and bits per byte on an axis of its own at the right: on
+    perplexity's log scale a fall from 3.1 to 1.8 bits per byte would look flat. Returns the lines drawn."""
+    lines = draw_curves(ax, series, [(name, name.rsplit("/", 1)[-1]) for name in VAL_QUALITY if name != BITS_PER_BYTE])
+    if series.get(PERPLEXITY):
+        ax.set_yscale("log")  # perplexity falls by orders of magnitude
+        ax.set_ylabel("perplexity")
+    if series.get(BITS_PER_BYTE):
+        bits_ax = ax.twinx() if lines else ax
+        lines += draw_curves(bits_ax, series, [(BITS_PER_BYTE, "bits per byte")], color=f"C{len(lines)}")
+        bits_ax.set_ylabel("bits per byte")
+    return lines
+
+
+def run_figure(run_dir: Path):
+    """The figure of RUN/metrics.png: loss, validation quality, learning rate and throughput, against steps
+    (bottom axis) and tokens (top axis)."""
+    plt = pyplot()
     run_dir = Path(run_dir)
     series = read_metrics(run_dir)
     panels = [
         ("loss", [(TRAIN_LOSS, "train")] + [(name, "validation") for name in VAL_LOSSES]),
-        ("validation", [(name, name.rsplit("/", 1)[-1]) for name in VAL_QUALITY]),
+        ("validation", None),  # drawn by draw_validation
         ("learning rate", [(name, name.split("/", 1)[0]) for name in series if name.startswith("lr-")][:1]),
         ("tokens / s", [("throughput/tokens_per_sec", "throughput")]),
     ]
     per_step = tokens_per_step(series)
     fig, axes = plt.subplots(2, 2, figsize=(11, 7), constrained_layout=True)
     for ax, (title, curves) in zip(axes.flat, panels):
-        drawn = False
-        for name, label in curves:
-            if series.get(name):
-                steps, values = zip(*series[name])
-                ax.plot(steps, values, marker="o" if len(steps) < 30 else None, ms=3, label=label)
-                drawn = True
+        lines = draw_validation(ax, series) if curves is None else draw_curves(ax, series, curves)
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-        if drawn:
-            ax.legend(fontsize=8)
-            if title == "validation" and series.get(VAL_QUALITY[0]):
-                ax.set_yscale("log")  # perplexity falls by orders of magnitude
+        if lines:
+            ax.legend(handles=lines, fontsize=8)
         else:
             ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, color="gray")
         if per_step:
             top = ax.secondary_xaxis("top", functions=(lambda s: s * per_step / 1e6, lambda t: t * 1e6 / per_step))
             top.set_xlabel("tokens (millions)")
     fig.suptitle(run_dir.name)
-    out = Path(out) if out else run_dir / PLOT_FILE
+    return fig
+
+
+def save_figure(fig, out: Path) -> Path:
+    """Write `fig` to the PNG `out` through a temporary file, so a reader never sees half a picture."""
+    out = Path(out)
     tmp = out.with_name(out.name + ".tmp.png")
     fig.savefig(tmp, dpi=100)
-    plt.close(fig)
+    pyplot().close(fig)
     tmp.replace(out)
     return out
 
 
-def plot_runs(run_dirs: list[Path], out: Path) -> Path:
-    """Overlay the train and validation losses of several runs against tokens."""
-    import matplotlib
+def plot_run(run_dir: Path, out: Path | None = None) -> Path:
+    """Draw the run's curves into RUN/metrics.png (or `out`)."""
+    return save_figure(run_figure(run_dir), Path(out) if out else Path(run_dir) / PLOT_FILE)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
+def run_labels(run_dirs: list[Path]) -> list[str]:
+    """Each run's name in a legend: the hyperparameters that differ between the runs (`lr=3e-3
+    optimizer.name=soap`), or its folder name where nothing differs (or it has no config.yaml)."""
+    return [" ".join(f"{key}={value}" for key, value in settings.items() if value) or Path(run_dir).name
+            for run_dir, settings in zip(run_dirs, what_differs(run_dirs))]
+
+
+def runs_figure(run_dirs: list[Path]):
+    """The train and validation losses of several runs against tokens, each run labelled by what differs."""
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 5), constrained_layout=True)
     colours = plt.get_cmap("tab10" if len(run_dirs) <= 10 else "tab20").colors  # one colour per run, never reused
-    for run_dir, colour in zip(run_dirs, itertools.cycle(colours)):
+    for run_dir, label, colour in zip(run_dirs, run_labels(run_dirs), itertools.cycle(colours)):
         series = read_metrics(run_dir)
         per_step = tokens_per_step(series) or 1.0
         for names, style, kind, alpha in (([TRAIN_LOSS], "-", "train", 0.35), (VAL_LOSSES, "o--", "validation", 1.0)):
@@ -121,15 +170,18 @@ def plot_runs(run_dirs: list[Path], out: Path) -> Path:
                     steps, values = zip(*series[name])
                     # a run's training loss in a lighter shade of its colour, labelled once (by its validation)
                     ax.plot([s * per_step for s in steps], values, style, ms=4, color=colour, alpha=alpha,
-                            label=Path(run_dir).name if kind == "validation" else None)
+                            label=label if kind == "validation" else None)
     ax.set_xlabel("tokens")
     ax.set_ylabel("loss")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, title="validation (dots); training (light line)", title_fontsize=8)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return fig
+
+
+def plot_runs(run_dirs: list[Path], out: Path) -> Path:
+    """Overlay the train and validation losses of several runs against tokens, into the PNG `out`."""
+    return save_figure(runs_figure(run_dirs), out)
 
 
 SUMMARY_FILE = "summary.json"  # written by rafale.record.RunRecord (a training run) or write_eval_record
@@ -137,6 +189,67 @@ SUMMARY_FILE = "summary.json"  # written by rafale.record.RunRecord (a training 
 TABLE_METRICS = {"val loss": ("LanguageCrossEntropy", "CrossEntropy", "ContrastiveLoss"),
                  "ppl": ("LanguagePerplexity",), "bits/byte": ("BitsPerByte",),
                  "accuracy": ("Accuracy", "MaskedAccuracy", "ZeroShotAccuracy")}
+
+
+CONFIG_FILE = "config.yaml"  # the run's resolved config, written by rafale.config.save_config
+# config keys that say where and how a run was kept, not what was trained: never a column or a legend
+NOT_HYPERPARAMETERS = {"run.name", "run.output_dir", "run.autoresume", "run.restart", "run.resume_fallback",
+                       "run.loggers", "run.wandb_project", "data.num_proc", "data.num_workers", "data.cache_dir",
+                       "training.log_interval", "training.checkpoints_to_keep", "training.trust_checkpoint"}
+# the columns that rank runs, best first: a validation loss, lowest first; else an accuracy, highest first
+RANKING_COLUMNS = ("val loss", "accuracy")
+HIGHEST_FIRST = {"accuracy"}
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """{'training': {'optimizer': {'name': 'soap'}}} -> {'training.optimizer.name': 'soap'}; lists stay values."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def read_config(run_dir: Path) -> dict | None:
+    """The run's config.yaml as dotted keys ('training.lr' -> 0.003), or None for a run folder without one."""
+    path = Path(run_dir) / CONFIG_FILE
+    return flatten(yaml.safe_load(path.read_text()) or {}) if path.is_file() else None
+
+
+def short_names(keys: list[str]) -> dict[str, str]:
+    """Dotted key -> the key without its section ('training.optimizer.name' -> 'optimizer.name'), or the whole
+    key where two keys would then read the same ('run.seed' and 'data.seed' stay as they are)."""
+    rest = {key: key.partition(".")[2] or key for key in keys}
+    return {key: short if list(rest.values()).count(short) == 1 else key for key, short in rest.items()}
+
+
+def format_value(value) -> str:
+    """A config value as the command line would spell it: 3e-3, 0.95, true, null, [0.9,0.95], soap."""
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    if isinstance(value, float) and value != 0 and abs(value) < 1e-2:
+        mantissa, exponent = f"{value:e}".split("e")
+        return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, list):
+        return "[" + ",".join(format_value(item) for item in value) + "]"
+    return str(value)
+
+
+def what_differs(run_dirs: list[Path]) -> list[dict[str, str]]:
+    """For each run, short key -> its value of every hyperparameter that is not the same in all the runs with a
+    config.yaml (a key that only some configs have counts as differing), in config order. A run without a
+    config.yaml, or without that key, has '' there."""
+    configs = [read_config(run_dir) for run_dir in run_dirs]
+    known = [config for config in configs if config is not None]
+    keys = [key for key in dict.fromkeys(key for config in known for key in config) if key not in NOT_HYPERPARAMETERS
+            and len({json.dumps(config.get(key), sort_keys=True) for config in known}) > 1]
+    names = short_names(keys)
+    return [{names[key]: format_value(config[key]) if config is not None and key in config else "" for key in keys}
+            for config in configs]
 
 
 def run_folders(paths: list[Path]) -> list[Path]:
@@ -177,10 +290,59 @@ def run_row(run_dir: Path) -> dict:
     return row
 
 
-def runs_table(run_dirs: list[Path]) -> str:
-    """A fixed-width table of runs, one line each (columns with no value in any run are left out)."""
-    rows = [run_row(d) for d in run_dirs]
-    headers = [h for h in rows[0] if any(r[h] for r in rows)]
+def ranking_column(rows: list[dict]) -> str | None:
+    """The column that ranks these runs: their final validation loss, or accuracy where no run has a loss."""
+    return next((header for header in RANKING_COLUMNS if any(row.get(header) for row in rows)), None)
+
+
+def sort_value(text: str):
+    """A cell as it sorts: by its leading number where it has one ('10,240', '0.17M', '2.5 min', '3e-3'), else
+    by its text."""
+    try:
+        return 0, float(text.split()[0].replace(",", "").rstrip("M")), ""
+    except ValueError:
+        return 1, 0.0, text
+
+
+def sort_rows(rows: list[dict], column: str, reverse: bool = False) -> list[dict]:
+    """Rows by `column`, lowest first (highest first for an accuracy; `reverse` turns either round); the rows
+    with nothing in that column last."""
+    filled = [row for row in rows if row.get(column)]
+    descending = (column in HIGHEST_FIRST) != reverse
+    return sorted(filled, key=lambda row: sort_value(row[column]), reverse=descending) + [
+        row for row in rows if not row.get(column)]
+
+
+def find_column(key: str, headers: list[str]) -> str:
+    """The column `--sort key` means: a header, or a dotted config key whose short name is one ('training.lr')."""
+    for header in (key, key.partition(".")[2]):
+        if header in headers:
+            return header
+    raise RafaleError(f"--sort {key}: no such column; the columns are {', '.join(headers)}")
+
+
+def table_rows(run_dirs: list[Path], sort: str | None = None, reverse: bool = False) -> tuple[list[str], list[dict]]:
+    """The headers (those with a value in some run) and the rows of `rafale runs`: run, the hyperparameters that
+    differ, then run_row's columns; best final validation first, or by the column `sort`."""
+    rows = [{"run": row.pop("run"), **settings, **row}
+            for row, settings in zip(map(run_row, run_dirs), what_differs(run_dirs))]
+    column = find_column(sort, list(rows[0])) if sort else ranking_column(rows)
+    if column:
+        rows = sort_rows(rows, column, reverse)
+    elif reverse:
+        rows = rows[::-1]
+    return [header for header in rows[0] if any(row[header] for row in rows)], rows
+
+
+def runs_table(run_dirs: list[Path], sort: str | None = None, reverse: bool = False, as_csv: bool = False) -> str:
+    """A fixed-width table of runs, one line each (columns with no value in any run are left out), or CSV."""
+    headers, rows = table_rows(run_dirs, sort, reverse)
+    if as_csv:
+        text = io.StringIO()
+        writer = csv.DictWriter(text, headers, extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        return text.getvalue().rstrip("\n")
     widths = {h: max(len(h), *(len(r[h]) for r in rows)) for h in headers}
     lines = ["  ".join(h.ljust(widths[h]) for h in headers), "  ".join("-" * widths[h] for h in headers)]
     lines += ["  ".join(r[h].ljust(widths[h]) for h in headers) for r in rows]
@@ -189,11 +351,18 @@ def runs_table(run_dirs: list[Path]) -> str:
 
 def runs_main(argv) -> int:
     parser = argparse.ArgumentParser(
-        prog="rafale runs", description="One line per run: model, size, tokens, time and final validation metrics.",
-        epilog="example: rafale runs runs/     (every run folder under runs/)")
+        prog="rafale runs", description="One line per run: the hyperparameters that differ between the runs (from "
+        "each config.yaml), model, size, tokens, time and final validation metrics; best final validation first.",
+        epilog="example: rafale runs runs/ --sort lr     (every run folder under runs/, by training.lr)")
     parser.add_argument("paths", nargs="*", default=["runs"], help="run folders, or folders of runs (default: runs)")
+    parser.add_argument("--sort", metavar="KEY", help="sort by this column: a hyperparameter (lr, optimizer.name, "
+                        "or its whole key) or a metric (val loss, bits/byte, tok/s, ...); lowest first, accuracy "
+                        "highest first")
+    parser.add_argument("--reverse", action="store_true", help="the other way round")
+    parser.add_argument("--csv", action="store_true", help="print CSV instead of a fixed-width table")
     args = parser.parse_args(argv)
-    print(runs_table(run_folders([Path(p).expanduser() for p in args.paths])))
+    runs = run_folders([Path(p).expanduser() for p in args.paths])
+    print(runs_table(runs, args.sort, args.reverse, args.csv))
     return 0
 
 

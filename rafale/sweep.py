@@ -2,10 +2,20 @@
 
     rafale sweep -c cfg.yaml training.optimizer.name=adamw,soap training.lr=1e-3,3e-3
 
-runs the 4 combinations, each in its own run folder (`<run.name>-name=soap-lr=3e-3`), then writes
-`<output_dir>/sweep-<run.name>.md` (run, overrides, final and best validation loss, wall time, tokens/s) and
-`sweep-<run.name>.png` (the runs' losses overlaid). Every combination's config is checked before the first run
-starts. A sweep run is known by its whole resolved config, not only by the values that vary in its name: a rerun
+runs the 4 combinations, each in its own run folder, then writes `<output_dir>/sweep-<run.name>.md` (run,
+overrides, final and best validation loss, bits per byte when the runs have it, wall time, tokens/s; a star marks
+the run with the best final validation loss, or accuracy for classifiers) and `sweep-<run.name>.png` (the runs'
+losses overlaid, each labelled by the values that differ). Every combination's config is checked before the
+first run starts.
+
+A run folder is named `<run.name>-<key>-<value>-<key>-<value>...`, one key and value per axis with more than one
+value, in the order of the command line: the key is the axis's whole dotted key without its section (the part
+before the first dot), unless two axes would then read the same, when both keep their whole key. Characters
+other than letters, digits, `-`, `.` and `_` become `_`. So with run.name `sw`, the point
+`training.optimizer.name=soap training.lr=3e-3` trains in `sw-optimizer.name-soap-lr-3e-3`, and
+`training.betas=[0.9,0.95]` in `sw-betas-_0.9_0.95_`.
+
+A sweep run is known by its whole resolved config, not only by the values that vary in its name: a rerun
 of the same command skips the runs that completed with the same config and resumes an interrupted one from its
 checkpoint, so a sweep survives being stopped; a run folder whose config.yaml differs in anything a resume
 would not apply (a changed base value, say) is refused before anything runs, naming the differences, unless
@@ -19,8 +29,8 @@ from pathlib import Path
 import json
 
 from rafale.config import Config, ConfigError, RafaleError, load_config
-from rafale.models.configurations import resolve_model_config
-from rafale.plots import SUMMARY_FILE, best_validation, plot_runs, run_row
+from rafale.resolve import resolve_model_config
+from rafale.plots import SUMMARY_FILE, best_validation, plot_runs, ranking_column, run_row, short_names
 
 
 def split_values(text: str) -> list[str]:
@@ -51,28 +61,49 @@ def grid(axes: list[str]) -> list[list[str]]:
 
 
 def run_name(base: str, point: list[str]) -> str:
-    """base-lr=3e-3-name=soap: the last part of each key and its value, in a folder-safe spelling."""
-    parts = [f"{item.partition('=')[0].rsplit('.', 1)[-1]}={item.partition('=')[2]}" for item in point]
-    safe = "".join(c if c.isalnum() or c in "-=._" else "_" for c in "-".join(parts))
+    """base-optimizer.name-soap-lr-3e-3 for ['training.optimizer.name=soap', 'training.lr=3e-3']: each key without
+    its section (see short_names) and its value, in a folder-safe spelling (see the module's docstring)."""
+    keys = short_names([item.partition("=")[0] for item in point])
+    parts = [f"{keys[item.partition('=')[0]]}-{item.partition('=')[2]}" for item in point]
+    safe = "".join(c if c.isalnum() or c in "-._" else "_" for c in "-".join(parts))
     return f"{base}-{safe}"
 
 
 def sweep_table(rows: list[tuple[str, list[str], Path]], fixed: list[str] = ()) -> str:
-    """A markdown table: run, overrides, final and best validation loss, wall time, tokens/s. The overrides every
-    run shares (`fixed`, the one-value axes) are said once above it."""
+    """A markdown table: run, overrides, final and best validation loss, bits per byte (when a run has it), wall
+    time, tokens/s; a star after the best final value (lowest loss, or highest accuracy), said below the table.
+    The overrides every run shares (`fixed`, the one-value axes) are said once above it."""
+    finished = {name: run_row(run_dir) for name, _, run_dir in rows if run_status(run_dir) == "complete"}
+    bits = any(row["bits/byte"] for row in finished.values())
+    winner, column = best_run(finished)
+    headers = ["run", "overrides", "final validation loss", "best"] + ["bits/byte"] * bits + ["wall", "tokens/s"]
     lines = [f"Every run: {' '.join(fixed)}\n"] if fixed else []
-    lines += ["| run | overrides | final validation loss | best | wall | tokens/s |", "|---|---|---|---|---|---|"]
+    lines += ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for name, point, run_dir in rows:
         varied = " ".join(item for item in point if item not in fixed)
-        if run_status(run_dir) != "complete":
-            lines.append(f"| {name} | {varied} | {run_status(run_dir) or 'failed'} | | | |")
+        if name not in finished:
+            lines.append(f"| {name} | {varied} | {run_status(run_dir) or 'failed'} |" + " |" * (len(headers) - 3))
             continue
-        row = run_row(run_dir)
+        row = finished[name]
         best = best_validation(run_dir)
-        best_text = f"{best[1]:.4f} (step {best[2]})" if best else ""
-        lines.append(f"| {name} | {varied} | {row.get('val loss') or row.get('accuracy')} | {best_text} "
-                     f"| {row['wall']} | {row['tok/s']} |")
+        final = (row.get("val loss") or row.get("accuracy")) + (" ★" if name == winner else "")
+        cells = [name, varied, final, f"{best[1]:.4f} (step {best[2]})" if best else ""]
+        cells += [row["bits/byte"]] * bits + [row["wall"], row["tok/s"]]
+        lines.append("| " + " | ".join(cells) + " |")
+    if winner:
+        lines.append(f"\n★ best final validation {'loss' if column == 'val loss' else column}: {winner}")
     return "\n".join(lines) + "\n"
+
+
+def best_run(finished: dict[str, dict]) -> tuple[str | None, str | None]:
+    """(name, column) of the run with the best final validation among `finished` (name -> its run_row): the lowest
+    loss, or where no run has one, the highest accuracy; (None, None) when no run has either."""
+    column = ranking_column(list(finished.values()))
+    scored = {name: float(row[column]) for name, row in finished.items() if column and row.get(column)}
+    if not scored:
+        return None, None
+    pick = max if column == "accuracy" else min
+    return pick(scored, key=scored.get), column
 
 
 def run_status(run_dir: Path) -> str | None:
@@ -128,6 +159,9 @@ def sweep_main(argv, train) -> int:
         cfg = load_config(args.config, [*point, f"run.name={name}"])
         resolve_model_config(cfg)
         named.append((name, point, cfg))
+    names = [name for name, _, _ in named]
+    if len(set(names)) < len(names):  # two values that differ only in characters a folder name cannot keep
+        raise ConfigError("axes", f"two sweep points would share a run folder: {', '.join(names)}")
     out_dir = Path(base.run.output_dir).expanduser()
     actions = plan([(name, cfg) for name, _, cfg in named], out_dir, args.restart)
     rows, failed = [], 0

@@ -36,3 +36,50 @@ def test_every_command_has_its_own_help_with_an_example(capsys):
         main(["--help"])
     out = capsys.readouterr().out
     assert all(f"rafale {name} " in out for name in COMMANDS)  # the top-level help lists every command
+
+
+def test_a_cache_build_draws_no_save_to_disk_bar(tmp_path):
+    """`datasets.save_to_disk` draws "Saving the dataset (0/1 shards)" for every split; rafale says it cached."""
+    from conftest import RAFALE, run_cli, write_config
+
+    cfg = write_config(tmp_path / "cfg.yaml", run={"output_dir": str(tmp_path / "runs")}, data={"num_train_stories": 200})
+    result = run_cli([*RAFALE, "-c", str(cfg)], env={"DATA": "1", "RAFALE_CACHE": str(tmp_path / "cache")})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "data cached at" in result.stdout  # built here, not found in a cache
+    assert "Saving the dataset" not in result.stdout + result.stderr, result.stderr[-2000:]
+
+
+def test_saving_a_split_leaves_the_datasets_progress_bars_as_they_were(tmp_path):
+    """The `map` that tokenizes a split keeps its bar (rafale shows none of its own for it)."""
+    import datasets
+
+    from rafale.data.cache import save_split
+
+    split = datasets.Dataset.from_dict({"input_ids": [[1, 2], [3, 4]]})
+    assert not datasets.are_progress_bars_disabled()
+    save_split(split, tmp_path / "train", scratch=None)
+    assert not datasets.are_progress_bars_disabled()
+    assert datasets.load_from_disk(str(tmp_path / "train"))["input_ids"] == [[1, 2], [3, 4]]
+
+
+def test_eval_batches_are_clamped_to_the_validation_batches(capsys):
+    from rafale.loggers import eval_subset_batches
+
+    assert eval_subset_batches(None, 12) == -1 and eval_subset_batches(5, 12) == 5 and eval_subset_batches(12, 12) == 12
+    assert capsys.readouterr().out == ""
+    assert eval_subset_batches(50, 12) == 12
+    assert capsys.readouterr().out == (
+        "rafale: training.eval_batches is 50 but the validation split has 12 batches: evaluating on 12\n")
+
+
+def test_more_eval_batches_than_validation_gives_one_rafale_line_and_no_composer_warning(tmp_path, cache_dir):
+    from conftest import RAFALE, run_cli, write_config
+
+    cfg = write_config(tmp_path / "cfg.yaml", run={"output_dir": str(tmp_path / "runs")},
+                       training={"max_duration": "1ba", "eval_batches": 50})
+    result = run_cli([*RAFALE, "-c", str(cfg)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    # pythia_debug's validation split: 206 blocks in batches of 8
+    line = "rafale: training.eval_batches is 50 but the validation split has 26 batches: evaluating on 26"
+    assert result.stdout.count(line) == 1, result.stdout[-2000:]
+    assert "DataloaderNumBatchesWarning" not in result.stdout + result.stderr, result.stderr[-2000:]

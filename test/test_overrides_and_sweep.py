@@ -43,7 +43,7 @@ def test_sweep_grid_and_names():
     assert split_values("[0.9,0.95],[0.9,0.99]") == ["[0.9,0.95]", "[0.9,0.99]"]
     assert grid(["training.lr=1,2", "model.num_layers=3"]) == [["training.lr=1", "model.num_layers=3"],
                                                                ["training.lr=2", "model.num_layers=3"]]
-    assert run_name("base", ["training.lr=3e-3", "training.betas=[0.9,0.95]"]) == "base-lr=3e-3-betas=_0.9_0.95_"
+    assert run_name("base", ["training.lr=3e-3", "training.betas=[0.9,0.95]"]) == "base-lr-3e-3-betas-_0.9_0.95_"
 
 
 def test_sweep_runs_the_grid_records_overrides_and_skips_finished_runs(tmp_path, cache_dir, capsys, monkeypatch):
@@ -53,13 +53,13 @@ def test_sweep_runs_the_grid_records_overrides_and_skips_finished_runs(tmp_path,
                                     capsys, monkeypatch)
     assert code == 0, err[-3000:]  # a one-value axis applies to every run and is left out of the names
     for lr in ("1e-3", "1e-2"):
-        saved = yaml.safe_load((tmp_path / "runs" / f"sw-lr={lr}" / "config.yaml").read_text())
+        saved = yaml.safe_load((tmp_path / "runs" / f"sw-lr-{lr}" / "config.yaml").read_text())
         assert saved["training"]["lr"] == float(lr)  # the override is in the run's resolved config
     table = (tmp_path / "runs" / "sweep-sw.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| sw-")]
-    assert len(rows) == 2 and all(re.search(r"\| \d\.\d{4} \| \d\.\d{4} \(step 4\) \|", r) for r in rows), table
+    assert len(rows) == 2 and all(re.search(r"\| \d\.\d{4}( ★)? \| \d\.\d{4} \(step 4\) \|", r) for r in rows), table
     # the row names what varies; what every run shares is said once, above the table
-    assert "| sw-lr=1e-3 | training.lr=1e-3 |" in table and table.startswith("Every run: training.max_duration=4ba\n")
+    assert "| sw-lr-1e-3 | training.lr=1e-3 |" in table and table.startswith("Every run: training.max_duration=4ba\n")
     assert (tmp_path / "runs" / "sweep-sw.png").read_bytes()[:4] == b"\x89PNG"
     code, out, _ = run_in_process(["sweep", "-c", str(cfg), "training.lr=1e-3,1e-2"], capsys, monkeypatch)
     assert code == 0 and out.count("completed before with this config; skipped") == 2

@@ -36,7 +36,7 @@ def test_run_folder_has_metrics_plots_and_a_summary(tmp_path, cache_dir, capsys,
     # the stream is scored except the first of each block, about 1 in 64 here
     import json, math
     from rafale.config import load_config
-    from rafale.datapipes import load_source
+    from rafale.data.sources import load_source
 
     meta = json.loads((run / "data.json").read_text())["splits"]["validation"]
     text_bytes = sum(len(t.encode("utf-8")) for t in load_source(load_config(cfg).data, tmp_path)["validation"]["text"])

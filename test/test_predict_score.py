@@ -1,0 +1,169 @@
+"""`rafale predict` and `rafale score` (rafale/predict.py, score.py) on tiny runs trained here: on a run's own
+validation file they give its validation figures, and neither imports Composer or transformers."""
+
+import contextlib
+import csv
+import io
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, write_config
+from rafale.stories import labelled_story_splits, story_splits
+
+
+def rafale(*args) -> tuple[int, str, str]:
+    """rafale.main.main(args) in this process: (exit code, stdout, stderr)."""
+    from rafale.main import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main(list(args))
+        except SystemExit as exit:
+            code = exit.code
+    return code, out.getvalue(), err.getvalue()
+
+
+def train(folder, name, data, model, **training):
+    cfg = write_config(folder / f"{name}.yaml", run={"name": name, "output_dir": str(folder / "runs")}, data=data,
+                       model=model, training={"max_duration": "4ba", "eval_interval": "4ba", "save_interval": "4ba",
+                                              "warmup": "1ba", "precision": "fp32", **training})
+    code, out, err = rafale("-c", str(cfg))
+    assert code == 0, (out + err)[-3000:]
+    run_dir = folder / "runs" / name
+    return run_dir, json.loads((run_dir / "summary.json").read_text())["validation"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, cache_dir):
+    """A causal LM, a masked LM and a classifier, each trained for a few batches on files with a validation file."""
+    folder = tmp_path_factory.mktemp("predict_score")
+    texts = story_splits(120, 20, seed=0)
+    for split, docs in texts.items():
+        (folder / f"{split}.txt").write_text("\n".join(docs))
+    text_data = {"source": {"train": str(folder / "train.txt"), "validation": str(folder / "validation.txt")},
+                 "doc_separator": "\n", "vocab_size": 400}
+    # 48 validation rows, 3 whole batches of 16: Composer's CrossEntropy averages the batches' means
+    for split, rows in labelled_story_splits(120, 48, seed=0).items():
+        with open(folder / f"cls_{split}.csv", "w", newline="") as f:
+            csv.writer(f).writerows([("text", "label"), *rows])
+    cls_data = {"source": {"train": str(folder / "cls_train.csv"), "validation": str(folder / "cls_validation.csv")},
+                "block_size": 32}  # shorter than the stories: predict must truncate as training did
+    return {
+        "folder": folder,
+        "lm": train(folder, "lm", text_data, {}),
+        "mlm": train(folder, "mlm", text_data, {"type": "roberta", "task": "mlm", "preset": "roberta-tiny"},
+                     max_duration="2ba", eval_interval="2ba", save_interval="2ba"),
+        "cls": train(folder, "cls", cls_data, {"type": "bert", "task": "classification", "preset": "bert-tiny"},
+                     batch_size=16, lr=3e-3),
+    }
+
+
+def table(text: str) -> list[dict]:
+    return list(csv.DictReader(io.StringIO(text)))
+
+
+def test_score_gives_the_runs_validation_loss_perplexity_and_bits_per_byte(runs):
+    run_dir, validation = runs["lm"]
+    code, out, err = rafale("score", str(run_dir), "--file", str(runs["folder"] / "validation.txt"))
+    assert code == 0, err
+    (row,) = table(out)
+    assert float(row["loss"]) == pytest.approx(validation["LanguageCrossEntropy"], rel=1e-4)
+    assert float(row["perplexity"]) == pytest.approx(validation["LanguagePerplexity"], rel=1e-4)
+    assert float(row["bits_per_byte"]) == pytest.approx(validation["BitsPerByte"], rel=1e-4)
+
+
+def test_score_per_line_scores_each_line_as_its_own_document(runs, tmp_path):
+    run_dir, _ = runs["lm"]
+    lines = ["Tom had a red ball.", "", "  Lily saw a big dog in the park.  ", "The cat sat."]
+    (tmp_path / "lines.txt").write_text("\n".join(lines))
+    code, out, err = rafale("score", str(run_dir), "--file", str(tmp_path / "lines.txt"), "--per-line")
+    assert code == 0, err
+    rows = table(out)
+    assert [r["line"] for r in rows] == ["1", "3", "4", "total"]  # the blank line is no document
+    assert int(rows[-1]["tokens"]) == sum(int(r["tokens"]) for r in rows[:-1])
+    # line 3 scores as a file that holds only it (its text stripped, as training strips documents)
+    (tmp_path / "one.txt").write_text(lines[2].strip())
+    code, out, err = rafale("score", str(run_dir), "--file", str(tmp_path / "one.txt"))
+    (alone,) = table(out)
+    assert {k: alone[k] for k in ("tokens", "loss", "bits_per_byte")} == {k: rows[1][k] for k in ("tokens", "loss", "bits_per_byte")}
+    # while the whole file, one stream of blocks, gives each line the lines before it as context
+    code, out, err = rafale("score", str(run_dir), "--file", str(tmp_path / "lines.txt"))
+    assert table(out)[0]["loss"] != rows[-1]["loss"]
+
+
+def test_score_of_a_masked_lm_is_its_validation_loss_on_the_same_masks(runs):
+    run_dir, validation = runs["mlm"]
+    code, out, err = rafale("score", str(run_dir), "--file", str(runs["folder"] / "validation.txt"))
+    assert code == 0, err
+    (row,) = table(out)
+    assert float(row["loss"]) == pytest.approx(validation["LanguageCrossEntropy"], rel=1e-4)
+    assert 0 < float(row["bits_per_byte"]) < 20
+
+
+def test_predict_gives_the_runs_classes_and_validation_accuracy(runs, tmp_path):
+    run_dir, validation = runs["cls"]
+    rows_file = runs["folder"] / "cls_validation.csv"
+    code, out, err = rafale("predict", str(run_dir), "--file", str(rows_file), "--batch-size", "5")
+    assert code == 0, err
+    rows, true = table(out), [r["label"] for r in table(rows_file.read_text())]
+    assert list(rows[0]) == ["row", "predicted", "p_happy", "p_sad", "p_surprised"] and len(rows) == 48
+    for r in rows:
+        p = {name: float(r[f"p_{name}"]) for name in ("happy", "sad", "surprised")}
+        assert sum(p.values()) == pytest.approx(1, abs=1e-5) and r["predicted"] == max(p, key=p.get)
+    accuracy = float(err.split("accuracy on cls_validation.csv: ")[1].split()[0])
+    assert accuracy == pytest.approx(validation["Accuracy"], abs=1e-6)
+    assert accuracy == pytest.approx(sum(r["predicted"] == t for r, t in zip(rows, true)) / len(true), abs=1e-6)
+    # the loss of the probabilities on the true classes: only the same framing and truncation give it
+    loss = sum(-math.log(float(r[f"p_{t}"])) for r, t in zip(rows, true)) / len(true)
+    assert loss == pytest.approx(validation["CrossEntropy"], rel=1e-4)
+    code, _, err = rafale("predict", str(run_dir), "--file", str(rows_file), "--out", str(tmp_path / "p.csv"))
+    assert code == 0 and table((tmp_path / "p.csv").read_text()) == rows, err
+
+
+def test_errors_name_the_task_the_file_and_the_column(runs, tmp_path):
+    (tmp_path / "rows.jsonl").write_text('{"sentence": "a story"}\n')
+    (tmp_path / "bad.csv").write_text("text,label\nTom was glad.,angry\n")
+    cases = {
+        ("predict", "lm", "rows.jsonl"): "is a causal_lm run; rafale predict needs a classifier",
+        ("score", "cls", "rows.jsonl"): "is a classification run; rafale score needs a language model",
+        ("predict", "cls", "rows.jsonl"): "no column 'text' in",
+        ("predict", "cls", "bad.csv"): "bad.csv: data.label_column: row 0 of the bad.csv file has label 'angry'",
+    }
+    for (command, run, file), message in cases.items():
+        code, _, err = rafale(command, str(runs[run][0]), "--file", str(tmp_path / file))
+        assert code == 2 and message in err, (command, run, err)
+    code, _, err = rafale("score", str(runs["lm"][0]), "--file", str(tmp_path / "rows.jsonl"))
+    assert code == 2 and "rows.jsonl" in err and "'text'" in err, err
+
+
+def test_scores_token_bytes_is_the_validations(runs):
+    from tokenizers import Tokenizer
+
+    from rafale.metrics import token_bytes
+    from rafale.score import token_bytes as copy
+
+    for run in ("lm", "mlm", "cls"):
+        tokenizer = Tokenizer.from_file(str(runs[run][0] / "tokenizer.json"))
+        assert copy(tokenizer).tolist() == token_bytes(tokenizer).tolist()
+
+
+def test_neither_command_imports_composer_or_transformers(runs):
+    folder, lm, cls = runs["folder"], runs["lm"][0], runs["cls"][0]
+    script = f"""
+import sys
+from rafale.main import main
+for args in (["score", {str(lm)!r}, "--file", {str(folder / "validation.txt")!r}],
+             ["predict", {str(cls)!r}, "--file", {str(folder / "cls_validation.csv")!r}]):
+    try:
+        main(args)
+    except SystemExit as exit:
+        assert exit.code == 0, args
+print("imported:", [m for m in ("composer", "transformers", "torchmetrics") if m in sys.modules])
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "imported: []" in done.stdout, done.stdout[-2000:] + done.stderr[-2000:]

@@ -1,0 +1,166 @@
+"""Comparing runs: `rafale runs` (the hyperparameters that differ, sorting, CSV), the sweep's folder names and
+table, and the pictures (metrics.png's own axis for bits per byte, an overlay's legend saying what differs).
+
+The run folders are made by hand, in the formats rafale writes: config.yaml by rafale.config.save_config,
+summary.json as rafale.record.RunRecord writes it, metrics.jsonl as rafale.loggers.MetricsFile does."""
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from rafale.config import Config, save_config
+from rafale.errors import RafaleError
+from rafale.plots import run_figure, runs_figure, runs_main, runs_table, what_differs
+from rafale.sweep import run_name, sweep_table
+
+LOSS, PPL, BPB = "metrics/eval/LanguageCrossEntropy", "metrics/eval/LanguagePerplexity", "metrics/eval/BitsPerByte"
+
+
+def fake_run(root: Path, name: str, losses: list[float], bits: list[float] | None = None, lr: float = 1e-3,
+             optimizer: str = "adamw", seed: int = 42, config: bool = True, accuracy: list[float] | None = None) -> Path:
+    """A complete run folder evaluated at steps 0, 10, 20, ...: config.yaml, metrics.jsonl and summary.json."""
+    run_dir = root / name
+    run_dir.mkdir(parents=True)
+    if config:
+        cfg = Config()
+        cfg.run.name, cfg.run.output_dir, cfg.run.seed = name, str(root), seed
+        cfg.training.lr, cfg.training.optimizer = lr, {"name": optimizer}
+        save_config(cfg, run_dir / "config.yaml")
+    rows, validation = [], {}
+    for i, loss in enumerate(losses):
+        if accuracy:
+            validation = {"CrossEntropy": loss, "Accuracy": accuracy[i]} if loss else {"Accuracy": accuracy[i]}
+        else:
+            validation = {"LanguageCrossEntropy": loss, "LanguagePerplexity": math.exp(loss)}
+            if bits:
+                validation["BitsPerByte"] = bits[i]
+        rows.append({"step": 10 * i, "time/token": 10 * i * 512, "loss/train/total": (loss or 1.0) + 0.1,
+                     "lr-base": lr, "throughput/tokens_per_sec": 1000.0,
+                     **{f"metrics/eval/{key}": value for key, value in validation.items()}})
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    steps = 10 * (len(losses) - 1)
+    summary = {"name": name, "model": "pythia pythia-debug", "task": "causal_lm", "parameters": 170_000,
+               "status": "complete", "batches": steps, "tokens": steps * 512, "wall_time_s": 60.0,
+               "tokens_per_s": 1000.0, "validation": validation, "validation_step": steps}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return run_dir
+
+
+@pytest.fixture
+def three_runs(tmp_path):
+    """a, b, c: alphabetical order is not the order of their final validation loss (b 1.5, c 2.0, a 2.5)."""
+    return [fake_run(tmp_path, "a", [6.0, 2.5], [3.1, 0.85], lr=3e-3),
+            fake_run(tmp_path, "b", [6.0, 1.5], [3.1, 0.52], lr=3e-3, optimizer="soap"),
+            fake_run(tmp_path, "c", [6.0, 2.0], [3.1, 0.70], lr=1e-3)]
+
+
+def table(run_dirs, *args) -> tuple[list[str], list[list[str]]]:
+    """`rafale runs`'s fixed-width table as its header and rows, split on runs of two or more spaces."""
+    lines = runs_table(run_dirs, *args).splitlines()
+    split = lambda line: [cell.strip() for cell in line.split("  ") if cell.strip()]
+    return split(lines[0]), [split(line) for line in lines[2:]]
+
+
+def test_the_table_shows_the_hyperparameters_that_differ_and_not_those_that_do_not(three_runs, tmp_path):
+    no_config = fake_run(tmp_path, "d", [6.0, 3.0], [3.1, 1.0], config=False)
+    header, rows = table(three_runs + [no_config])
+    assert header[:3] == ["run", "lr", "optimizer.name"]
+    # the same in every run (seed, batch_size), or bookkeeping that always differs (name, output_dir): no column
+    assert not {"seed", "batch_size", "name", "run.name", "output_dir", "restart"} & set(header)
+    by_run = {row[0]: dict(zip(header, row)) for row in rows}
+    assert by_run["b"]["lr"] == "3e-3" and by_run["b"]["optimizer.name"] == "soap"
+    assert by_run["c"]["lr"] == "1e-3" and by_run["c"]["optimizer.name"] == "adamw"
+    assert "d" in by_run  # a run without config.yaml still lists, with nothing in those columns
+    assert runs_table([no_config]).splitlines()[0].split()[:2] == ["run", "model"]
+    # a seed shows when it differs
+    assert what_differs([fake_run(tmp_path, "s1", [2.0], seed=1), fake_run(tmp_path, "s2", [2.0], seed=2)]) == [
+        {"seed": "1"}, {"seed": "2"}]
+
+
+def test_the_table_has_bits_per_byte_and_sorts_by_final_validation_loss(three_runs):
+    header, rows = table(three_runs)
+    assert [row[0] for row in rows] == ["b", "c", "a"]
+    assert "bits/byte" in header and [row[header.index("bits/byte")] for row in rows] == [
+        "0.5200", "0.7000", "0.8500"]
+
+
+def test_classifiers_sort_by_accuracy_highest_first(tmp_path):
+    runs = [fake_run(tmp_path, name, [None, None], accuracy=[0.5, value], lr=lr)
+            for name, value, lr in (("x", 0.7, 1e-3), ("y", 0.9, 2e-3), ("z", 0.8, 3e-3))]
+    header, rows = table(runs)
+    assert "val loss" not in header and [row[0] for row in rows] == ["y", "z", "x"]
+
+
+def test_sort_by_any_column(three_runs, capsys):
+    assert [row[0] for row in table(three_runs, "lr")[1]] == ["c", "a", "b"]
+    assert [row[0] for row in table(three_runs, "training.lr")[1]] == ["c", "a", "b"]  # the whole key works too
+    assert [row[0] for row in table(three_runs, "lr", True)[1]][-1] == "c"
+    assert [row[0] for row in table(three_runs, "optimizer.name")[1]] == ["a", "c", "b"]
+    assert [row[0] for row in table(three_runs, "bits/byte", True)[1]] == ["a", "c", "b"]
+    with pytest.raises(RafaleError, match="no such column"):
+        runs_table(three_runs, "momentum")
+    assert runs_main([str(three_runs[0].parent), "--sort", "lr"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines[2:]] == ["c", "a", "b"]
+
+
+def test_csv_has_the_same_rows_as_the_table(three_runs, capsys):
+    header, rows = table(three_runs)
+    assert runs_main([str(three_runs[0].parent), "--csv"]) == 0
+    parsed = list(csv.reader(io.StringIO(capsys.readouterr().out)))
+    assert parsed[0] == header and parsed[1:] == rows
+    assert "lr" in parsed[0] and "bits/byte" in parsed[0]
+
+
+def test_sweep_folder_names_keep_the_whole_key_without_its_section():
+    name = run_name("sw", ["training.optimizer.name=adamw", "training.lr=3e-3"])
+    assert name == "sw-optimizer.name-adamw-lr-3e-3" and "=" not in name
+    assert run_name("sw", ["model.num_layers=2"]) == "sw-num_layers-2"
+    assert run_name("sw", ["run.seed=1", "data.seed=2"]) == "sw-run.seed-1-data.seed-2"  # the same without section
+    assert run_name("sw", ["data.source=a/b c.txt"]) == "sw-source-a_b_c.txt"
+
+
+def test_the_sweep_table_has_bits_per_byte_and_marks_the_best_run(three_runs, tmp_path):
+    points = {"a": ["training.lr=3e-3"], "b": ["training.lr=3e-3", "training.optimizer.name=soap"],
+              "c": ["training.lr=1e-3"]}
+    text = sweep_table([(run_dir.name, points[run_dir.name], run_dir) for run_dir in three_runs])
+    lines = text.splitlines()
+    assert "bits/byte" in lines[0]
+    row = {line.split(" | ")[0].strip("| "): line for line in lines if line.startswith("| ") and "---" not in line}
+    assert "| 1.5000 ★ |" in row["b"] and "★" not in row["a"] + row["c"]
+    assert "| 0.5200 |" in row["b"] and "| 0.8500 |" in row["a"]
+    assert "★ best final validation loss: b" in text
+    # classifiers: the highest accuracy is best, and there is no bits/byte column
+    runs = [fake_run(tmp_path / "cls", name, [None, None], accuracy=[0.5, value]) for name, value in
+            (("x", 0.7), ("y", 0.9))]
+    text = sweep_table([(run_dir.name, [], run_dir) for run_dir in runs])
+    assert "bits/byte" not in text and "| 0.9000 ★ |" in text and "best final validation accuracy: y" in text
+
+
+def test_metrics_png_puts_bits_per_byte_on_an_axis_of_its_own(tmp_path):
+    run_dir = fake_run(tmp_path, "lm", [6.0, 3.0, 1.2], [3.1, 2.2, 1.77])
+    fig = run_figure(run_dir)
+    by_label = {ax.get_ylabel(): ax for ax in fig.axes if ax.get_ylabel()}
+    perplexity, bits = by_label["perplexity"], by_label["bits per byte"]
+    assert perplexity is not bits
+    assert perplexity.get_yscale() == "log" and bits.get_yscale() == "linear"
+    assert [list(line.get_ydata()) for line in bits.get_lines()] == [[3.1, 2.2, 1.77]]
+    assert [line.get_label() for line in perplexity.get_lines()] == ["LanguagePerplexity"]
+    low, high = bits.get_ylim()
+    assert low < 1.77 and 3.1 < high < 10  # its own scale, not perplexity's
+    # the one legend names both curves
+    legend = next(ax.get_legend() for ax in fig.axes if ax.get_legend() and ax.get_title() == "validation")
+    assert {text.get_text() for text in legend.get_texts()} == {"LanguagePerplexity", "bits per byte"}
+
+
+def test_the_overlay_legend_says_what_differs(three_runs, tmp_path):
+    fig = runs_figure(three_runs)
+    labels = [text.get_text() for text in fig.axes[0].get_legend().get_texts()]
+    assert labels == ["lr=3e-3 optimizer.name=adamw", "lr=3e-3 optimizer.name=soap", "lr=1e-3 optimizer.name=adamw"]
+    # runs that differ in nothing are named by their folders
+    same = [fake_run(tmp_path / "same", name, [6.0, 2.0]) for name in ("p", "q")]
+    assert [t.get_text() for t in runs_figure(same).axes[0].get_legend().get_texts()] == ["p", "q"]
