@@ -123,7 +123,7 @@ def docprompt(readme: str) -> str:
         "# rafale: documentation and source code\n",
         "The README comes first (with the config reference), then the decoder in full, then every other module "
         "of the `rafale` package as an outline: its docstring's first paragraph and its public signatures (bodies "
-        "left out; read the file for those). Each file starts with a `#### path` line.\n\n",
+        "left out; read the file for those). Each file starts with a `#### path` line (`(in full)` after the path of a file given whole).\n\n",
         "\n#### README.md\n" + without_sections(readme),
     ]
     paths = sorted((ROOT / "rafale").rglob("*.py"))
@@ -132,7 +132,7 @@ def docprompt(readme: str) -> str:
     for path in [p for p in paths if str(p.relative_to(ROOT)) not in FULL_FILES]:
         text = outline(path.read_text(), tables=str(path.relative_to(ROOT)) not in GENERATORS)
         if text.strip():
-            parts.append(f"\n#### {path.relative_to(ROOT)} (outline)\n" + text)
+            parts.append(f"\n#### {path.relative_to(ROOT)}\n" + text)
     return "".join(parts)
 
 
