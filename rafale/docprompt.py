@@ -114,7 +114,7 @@ def without_sections(readme: str, titles=LEFT_OUT_SECTIONS) -> str:
     kept = [parts[0]]
     for part in parts[1:]:
         title = part.split("\n", 1)[0].strip()
-        kept.append(f"{title}\n\n(left out here: see this section in README.md)\n" if title in titles else part)
+        kept.append(f"{title}\n\n(in README.md)\n" if title in titles else part)
     return "\n## ".join(kept)
 
 
@@ -123,7 +123,7 @@ def docprompt(readme: str) -> str:
         "# rafale: documentation and source code\n",
         "The README comes first (with the config reference), then the decoder in full, then every other module "
         "of the `rafale` package as an outline: its docstring's first paragraph and its public signatures (bodies "
-        "left out; read the file for those). Each file starts with a `#### path` line (`(in full)` after the path of a file given whole).\n\n",
+        "left out; read the file for those). Each file starts with a `#### path` line.\n\n",
         "\n#### README.md\n" + without_sections(readme),
     ]
     paths = sorted((ROOT / "rafale").rglob("*.py"))

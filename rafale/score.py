@@ -14,7 +14,6 @@ the total. The model runs in fp32 (on the GPU when there is one).
 
 import argparse
 import csv
-import json
 import math
 import sys
 import tempfile
@@ -27,46 +26,13 @@ import torch.nn.functional as F
 from datasets import Dataset, DatasetDict
 
 from rafale.data import DATAPIPES
+from rafale.data.tokenizers import token_bytes
 from rafale.errors import IGNORE_INDEX, ConfigError, DataError, RafaleError
 from rafale.export import load_run_model
 from rafale.predict import batches, device_of, read_file_rows
 from rafale.resolve import family_of, head_of
 
 SCORED_HEADS = ("causal_lm", "mlm")  # the model heads whose loss is a language model's
-
-
-def byte_level_alphabet() -> dict[str, int]:
-    """GPT-2's byte-level BPE writes each byte as one printable character: that character -> its byte."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    chars, extra = {}, 0
-    for byte in range(256):
-        if byte in printable:
-            chars[chr(byte)] = byte
-        else:
-            chars[chr(256 + extra)] = byte
-            extra += 1
-    return chars
-
-
-def token_bytes(tokenizer) -> torch.Tensor:
-    """(vocab_size,) int64: the UTF-8 bytes of text each token id stands for. A copy of rafale.metrics.token_bytes
-    (the validation's), which cannot be imported here: rafale.metrics imports torchmetrics, which imports
-    transformers (~12 s); test_predict_score checks that the two agree."""
-    spec = json.loads(tokenizer.to_str())
-    added = {t["id"]: t for t in spec.get("added_tokens", [])}
-    byte_level = (spec.get("decoder") or {}).get("type") == "ByteLevel"
-    alphabet = byte_level_alphabet()
-    sizes = torch.zeros(tokenizer.get_vocab_size(), dtype=torch.long)
-    for token, i in tokenizer.get_vocab().items():
-        if i >= len(sizes):
-            continue
-        if i in added:
-            sizes[i] = 0 if added[i].get("special") else len(added[i]["content"].encode("utf-8"))
-        elif byte_level:
-            sizes[i] = sum(1 for c in token if c in alphabet)
-        else:
-            sizes[i] = len(tokenizer.decode([i], skip_special_tokens=False).encode("utf-8"))
-    return sizes
 
 
 @dataclass
