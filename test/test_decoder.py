@@ -150,39 +150,67 @@ def test_generated_ids_work_in_a_training_forward():
     assert model.embed_in.weight.grad is not None
 
 
-def test_cpu_decoding_linears_give_the_same_tokens_and_restore_the_modules(monkeypatch):
-    """On a CPU, generate multiplies each step's few rows its own way (decoder.DecodingLinears): one row (B=1) by
-    transposed copies of every Linear's weight from TRANSPOSE_FROM_TOKENS new tokens on, a few rows (B=2) as
-    weight @ x.T. Both give the same greedy tokens as plain F.linear, and afterwards the modules are the ones they
-    were (no instance forward left behind, even when decoding raises)."""
-    from rafale.models import decoder
+def test_cpu_decoding_plan_follows_the_timings(monkeypatch):
+    """rafale/models/decoding.py keeps, for each weight, the way timed fastest over the whole generation: a
+    transposed copy only from TRANSPOSE_FROM_TOKENS new tokens on, its copy time spread over the steps; F.linear
+    for more rows than it times."""
+    from rafale.models import decoding
+
+    w = torch.zeros(4, 4)
+    times = [{"linear": 3.0, "weight_at_x": 2.0, "x_at_weight_t": 1.0, "copy": 100.0},
+             {"linear": 1.0, "weight_at_x": 2.0, "x_at_weight_t": 3.0, "copy": 1.0}]
+    monkeypatch.setattr(decoding, "timings", lambda weights, rows, ways: times)
+    assert decoding.plan([w, w], 2, 10) == ["weight_at_x", "linear"]  # too short for a copy
+    assert decoding.plan([w, w], 2, 64) == ["weight_at_x", "linear"]  # 64 * 1 + 100 > 64 * 2
+    assert decoding.plan([w, w], 2, 200) == ["x_at_weight_t", "linear"]  # 200 + 100 < 200 * 2
+    assert decoding.plan([w, w], decoding.MAX_TUNED_ROWS + 1, 200) == ["linear", "linear"]
+    monkeypatch.undo()
+    weights = [torch.randn(64, 32), torch.randn(32, 64)]
+    found = decoding.timings(weights, 3, decoding.WAYS)  # measured, once a process
+    assert [set(t) for t in found] == [set(decoding.WAYS) | {"copy"}] * 2
+    assert all(v > 0 for t in found for v in t.values())
+    assert decoding.timings([w.clone() for w in weights], 3, decoding.WAYS) is found
+
+
+@pytest.mark.parametrize("way", ["weight_at_x", "x_at_weight_t"])
+def test_cpu_decoding_linears_give_the_same_tokens_and_restore_the_modules(monkeypatch, way):
+    """Each way a CPU may multiply a step's rows (forced on every Linear) gives the same greedy tokens as plain
+    F.linear; the prompt's rows go through F.linear; afterwards the modules are the ones they were (no instance
+    forward left behind, even when decoding raises)."""
+    from rafale.models import decoding
 
     model = tiny()
-    monkeypatch.setattr(decoder, "TRANSPOSE_FROM_TOKENS", 20)  # the tiny model holds 64 positions
-    n = decoder.TRANSPOSE_FROM_TOKENS + 3
+    monkeypatch.setattr(decoding, "WAYS", (way,))
+    n = 20
     prompts = {B: torch.randint(0, V, (B, 5), generator=torch.Generator().manual_seed(B)) for B in (1, 2)}
-    calls = []  # (rows, whether a transposed copy was at hand) of every Linear call
-    real = decoder._decoding_linear
-    monkeypatch.setattr(decoder, "_decoding_linear",
-                        lambda w, w_t, b, x: calls.append((x.numel() // x.shape[-1], w_t is not None)) or real(w, w_t, b, x))
+    calls = []  # (rows, way) of every Linear call
+    real = decoding._decoding_linear
+    def spy(way_, n_rows, weight, weight_t, bias, x):
+        rows = x.numel() // x.shape[-1]
+        calls.append((rows, way_ if rows == n_rows else "linear"))
+        return real(way_, n_rows, weight, weight_t, bias, x)
+
+    monkeypatch.setattr(decoding, "_decoding_linear", spy)
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     fast = {B: model.generate(prompt, n) for B, prompt in prompts.items()}
     per_run = n * len(linears)  # every Linear, every step (the head included)
     one, two = calls[:per_run], calls[per_run:]
-    assert len(two) == per_run and all(copy for _, copy in one) and not any(copy for _, copy in two)
+    assert len(two) == per_run
     # the prompt's 5 rows (the head sees only the last one), then one row a step; with B=2, 10 rows, then 2 a step
     assert {rows for rows, _ in one} == {5, 1} and {rows for rows, _ in two} == {10, 2}
+    assert {w for rows, w in one + two if rows in (1, 2)} == {way}
+    assert {w for rows, w in one + two if rows > 2} == {"linear"}
     with torch.inference_mode():  # generate's loop without DecodingLinears: F.linear everywhere
         plain = {B: model._decode(prompt, n, None, None, True, 0.0, None, None, None, None)
                  for B, prompt in prompts.items()}
     for B in prompts:
         assert torch.equal(fast[B], plain[B]), B
     assert all("forward" not in m.__dict__ for m in linears)
-    monkeypatch.setattr(decoder, "_decoding_linear", real)
-    mlp_in = model.layers[0].mlp.dense_h_to_4h  # (64, 32): more outputs than inputs
+    monkeypatch.setattr(decoding, "_decoding_linear", real)
+    mlp_in = model.layers[0].mlp.dense_h_to_4h  # (64, 32)
     with pytest.raises(RuntimeError, match="stop"):
-        with decoder.DecodingLinears(model):
-            for rows in (1, 3, 9):  # a transposed copy, weight @ x.T, F.linear
+        with decoding.DecodingLinears(model, rows=3, steps=100):
+            for rows in (3, 9):  # the forced way, then F.linear
                 x = torch.randn(rows, 32)
                 torch.testing.assert_close(mlp_in(x), torch.nn.functional.linear(x, mlp_in.weight, mlp_in.bias))
             raise RuntimeError("stop")

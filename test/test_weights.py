@@ -164,13 +164,16 @@ def test_encoder_parity(tmp_path, family, head):
     assert_same_outputs(model, hf, family, head)
 
 
-@pytest.mark.parametrize("transposed", [False, True])
-def test_greedy_generation_matches_transformers(tmp_path, monkeypatch, transposed):
-    """Both decoding paths on a CPU: without and with the transposed weight copies that long generations of one
-    prompt use (decoder.DecodingLinears), each for one prompt and for two."""
-    from rafale.models import decoder
+@pytest.mark.parametrize("way", ["linear", "weight_at_x", "x_at_weight_t", "fastest"])
+def test_greedy_generation_matches_transformers(tmp_path, monkeypatch, way):
+    """Every way a CPU may multiply a decoding step's rows (rafale/models/decoding.py), each forced on every
+    weight, and the one timed fastest for each; for one prompt and for two."""
+    from rafale.models import decoding
 
-    monkeypatch.setattr(decoder, "TRANSPOSE_FROM_TOKENS", 1 if transposed else 10**9)
+    if way != "fastest":
+        monkeypatch.setattr(decoding, "WAYS", (way,))
+    called, multiply = [], decoding._multiply
+    monkeypatch.setattr(decoding, "_multiply", lambda w, *a: called.append(w) or multiply(w, *a))
     hf = hf_model("gpt_neox", "causal_lm", seed=3)
     hf.save_pretrained(tmp_path)
     model = from_pretrained(tmp_path)
@@ -181,6 +184,7 @@ def test_greedy_generation_matches_transformers(tmp_path, monkeypatch, transpose
         theirs = hf.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=32)
         assert ours.shape == (B, length + 32)
         assert torch.equal(ours, theirs)
+    assert way == "fastest" or way == "linear" or set(called) == {way}  # the forced way ran, and only it
 
 
 def test_sharded_checkpoint_loads(tmp_path):

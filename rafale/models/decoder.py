@@ -20,7 +20,6 @@ The module imports torch only; its Composer wrapper, `ComposerLM`, is in rafale/
 """
 
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Literal, Optional
 
 import torch
@@ -29,6 +28,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from rafale.errors import IGNORE_INDEX
+from rafale.models.decoding import DecodingLinears
 
 
 @dataclass
@@ -107,55 +107,6 @@ class KVCache:
         k_all[:, :, start:end].copy_(k)
         v_all[:, :, start:end].copy_(v)
         return k_all[:, :, :end], v_all[:, :, :end]
-
-
-TRANSPOSE_FROM_TOKENS = 64  # one row at a time from this many new tokens: the copies (~100 ms for pythia-70m, most
-# of it the 50k x 512 head's) cost about what 30-60 decoding steps save
-FEW_ROWS = 8  # up to this many rows, weight @ x.T beat F.linear for a weight with at least as many outputs as inputs
-
-
-class DecodingLinears:
-    """Within this context every nn.Linear of `model` multiplies the few rows of a decoding step the fastest way
-    measured on this project's CPU (torch 2.7's MKL, AMD EPYC; pythia-70m's weights streamed from memory), each
-    the same fp32 products summed in another order (greedy tokens equal HF's, tested):
-
-    - one row, with `transposed`: by a copy of the weight transposed once to (in, out), read at ~25 GB/s where
-      F.linear's (out, in) was read at ~13 GB/s (the 50k x 512 head: 3.9 ms instead of 7.4);
-    - 2 to FEW_ROWS rows, for a weight with at least as many outputs as inputs (q/k/v, the MLP's first matrix, the
-      head): weight @ x.T, (out, n), 1.3-3x faster than F.linear (the head at 2, 4, 8 rows: 4, 9, 9 ms instead of
-      14, 14-20, 14), where the transposed copies were no faster;
-    - anything else (a long prompt, a bigger batch): F.linear.
-
-    The copies take the weights' memory again until the context ends."""
-
-    def __init__(self, model: nn.Module, transposed: bool = True):
-        self.linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-        self.transposed = transposed
-
-    def __enter__(self):
-        for m in self.linears:  # an instance attribute shadows the class's forward until deleted
-            weight_t = m.weight.detach().t().contiguous() if self.transposed else None  # (in, out)
-            m.forward = partial(_decoding_linear, m.weight.detach(), weight_t, m.bias)
-        return self
-
-    def __exit__(self, *exc):
-        for m in self.linears:
-            del m.forward
-        return False
-
-
-def _decoding_linear(weight, weight_t, bias, x):
-    """F.linear(x, weight, bias), computed as DecodingLinears says; weight (out, in), weight_t its (in, out) copy or
-    None."""
-    rows = x.reshape(-1, x.shape[-1])  # (n, in)
-    (n, _), (out, inp) = rows.shape, weight.shape
-    if n == 1 and weight_t is not None:
-        y = torch.addmm(bias, rows, weight_t) if bias is not None else rows @ weight_t  # (1, out)
-    elif 2 <= n <= FEW_ROWS and out >= inp:
-        y = (torch.addmm(bias[:, None], weight, rows.t()) if bias is not None else weight @ rows.t()).t()  # (n, out)
-    else:
-        return F.linear(x, weight, bias)
-    return y.view(*x.shape[:-1], out)
 
 
 @dataclass
@@ -449,8 +400,8 @@ class GPTNeoX(nn.Module):
             if input_ids.device.type != "cpu":
                 tokens = self._decode(input_ids, max_new_tokens, attention_mask, eos_token_id, use_cache,
                                       temperature, top_k, top_p, generator, on_token)
-            else:  # a CPU multiplies the few rows of each step its own fastest way (DecodingLinears)
-                with DecodingLinears(self, transposed=B == 1 and max_new_tokens >= TRANSPOSE_FROM_TOKENS):
+            else:  # a CPU multiplies the few rows of each step its own fastest way (rafale/models/decoding.py)
+                with DecodingLinears(self, rows=B, steps=max_new_tokens):
                     tokens = self._decode(input_ids, max_new_tokens, attention_mask, eos_token_id, use_cache,
                                           temperature, top_k, top_p, generator, on_token)
         return tokens.clone()
