@@ -149,10 +149,12 @@ def train_rafale(lm: ComposerLM, blocks, batch_size, steps, workdir, precision=N
     return timer.step_times(), precision_label(placement.precision, placement.autocast_dtype)
 
 
-def train_plain(model, blocks, batch_size, steps, kind="rafale", device="cpu", autocast_dtype=None, step_ctx=None):
+def train_plain(model, blocks, batch_size, steps, kind="rafale", device="cpu", autocast_dtype=None, step_ctx=None,
+                clip_norm=None):
     """A plain PyTorch AdamW loop. kind 'rafale': ComposerLM forward + loss; 'hf': HF forward, same loss.
     autocast_dtype: bf16 autocast on the CPU; rafale's wrapper is given it, as `rafale -c` gives it (an outer
-    autocast would not reach inside: the wrapper's own torch.autocast(enabled=False) switches it off there)."""
+    autocast would not reach inside: the wrapper's own torch.autocast(enabled=False) switches it off there).
+    clip_norm: clip the gradient norm before each step, as `rafale -c` does at training.clip_norm."""
     lm = ComposerLM(model, autocast_dtype=autocast_dtype if device == "cpu" else None) if kind == "rafale" else model
     lm.to(device).train()
     opt = adamw(lm, device == "cuda", fused=True if kind == "rafale" else None)  # rafale's plain loop: its optimizer
@@ -170,6 +172,8 @@ def train_plain(model, blocks, batch_size, steps, kind="rafale", device="cpu", a
                 logits = lm(input_ids=batch["input_ids"]).logits
                 loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=IGNORE_INDEX)
         loss.backward()
+        if clip_norm:
+            torch.nn.utils.clip_grad_norm_(lm.parameters(), clip_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
         sync()

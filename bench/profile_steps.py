@@ -1,8 +1,9 @@
 """Where a step's time goes: torch.profiler over rafale and HF, ops grouped by kind, side by side.
 
     python bench/profile_steps.py                      # train step (70m shape, T=512, B=2) and greedy decoding (B=1, 8)
-    python bench/profile_steps.py --what decode --new-tokens 64
+    python bench/profile_steps.py --what decode --new-tokens 64 --batches 1,4,8
     python bench/profile_steps.py --what train --preset pythia-tiny --vocab 50304 --T 128 --B 32   # the sample config
+    python bench/profile_steps.py --what train --preset pythia-tiny --vocab 4096 --T 128 --B 16 --fp32  # the default, fp32
 
 train: one step of rafale's model (its chunked loss, the default config's bf16 autocast on a CPU with bf16 matrix
 units, rafale's fused AdamW) against HF's GPTNeoXForCausalLM in the same autocast with torch's default AdamW, the
@@ -71,8 +72,9 @@ def table(title: str, sides: dict[str, dict[str, float]], per: float, unit: str)
     return "\n".join(lines)
 
 
-def profile_train(T: int, B: int, steps: int, preset: str = "pythia-70m", vocab: int | None = None) -> str:
-    bf16 = cpu_has_fast_bf16()
+def profile_train(T: int, B: int, steps: int, preset: str = "pythia-70m", vocab: int | None = None,
+                  fp32: bool = False) -> str:
+    bf16 = cpu_has_fast_bf16() and not fp32
     dtype = torch.bfloat16 if bf16 else None
     cfg = decoder_cfg(preset, vocab, T)
     base = make_rafale(cfg)
@@ -122,7 +124,7 @@ def bandwidth_gbs(mb: int = 512, repeats: int = 5) -> float:
     return 2 * src.numel() * 4 / best / 1e9
 
 
-def profile_decode(new_tokens: int, prompt_len: int = 8) -> str:
+def profile_decode(new_tokens: int, batches=(1, 8), prompt_len: int = 8) -> str:
     cfg = decoder_cfg("pythia-70m")
     model = make_rafale(cfg).eval()
     hf = hf_from_rafale(model).eval()
@@ -131,7 +133,7 @@ def profile_decode(new_tokens: int, prompt_len: int = 8) -> str:
     out = [f"\nweights a decoding step reads (all but the input embedding, fp32): {weight_bytes / 1e6:.0f} MB; "
            f"memory bandwidth (512 MB copy): {gbs:.1f} GB/s; so a bandwidth-bound step takes at least "
            f"{weight_bytes / gbs / 1e6:.1f} ms"]
-    for B in (1, 8):
+    for B in batches:
         prompt = torch.randint(2, cfg.vocab_size, (B, prompt_len))
         runs = {
             "rafale": lambda: model.generate(prompt, new_tokens),
@@ -160,16 +162,18 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--preset", default="pythia-70m", help="the training step's model shape")
     p.add_argument("--vocab", type=int, default=None, help="its vocabulary (default: the preset's)")
+    p.add_argument("--fp32", action="store_true", help="train in fp32 on both sides (training.precision=fp32)")
     p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--batches", default="1,8", help="decode: comma-separated batch sizes")
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     what = set(args.what.split(","))
     if "train" in what:
-        print(profile_train(args.T, args.B, args.steps, args.preset, args.vocab), flush=True)
+        print(profile_train(args.T, args.B, args.steps, args.preset, args.vocab, args.fp32), flush=True)
     if "decode" in what:
-        print(profile_decode(args.new_tokens), flush=True)
+        print(profile_decode(args.new_tokens, [int(b) for b in args.batches.split(",")]), flush=True)
 
 
 if __name__ == "__main__":
