@@ -35,7 +35,7 @@ from rafale.config import Config, pretrained_folder
 from rafale.data import DATAPIPES
 from rafale.data.cache import DataPipe, PreparedData, cache_root, describe_vocabulary, print_data_summary
 from rafale.errors import IGNORE_INDEX, ConfigError, DataError, RafaleError, WeightsError
-from rafale.hardware import confirm_peak, peak_flops
+from rafale.hardware import confirm_peak, keep_freed_memory, peak_flops
 from rafale.resolve import family_of, head_of
 from rafale.loggers import CheckedSpeedMonitor, ConsoleLog, LearningRates, MetricsFile, eval_subset_batches
 from rafale.export import BEST_DIR, EXPORT_DIR, export_model
@@ -195,6 +195,7 @@ def run(cfg: Config, data: PreparedData, model, collator, debug: bool = False,
     Trainer (loaders, optimizer, callbacks), fit, and the Hugging Face export. Returns (the run's summary, the
     folder it is in). `started`: when the command started (time.perf_counter()), for the start-up time."""
     started = time.perf_counter() if started is None else started
+    keep_freed_memory()  # no page faults for each step's activations (rafale.hardware)
     placement = place(cfg, model)
     if cfg.training.eval_only:
         return evaluate_checkpoint(cfg, data, model, collator, placement, started)

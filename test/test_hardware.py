@@ -1,5 +1,11 @@
 """GPU peaks: real device names (as torch.cuda.get_device_name() spells them) get their own datasheet row."""
 
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from rafale.hardware import TFLOPS, gpu_peak_flops, gpu_peaks_of
@@ -113,3 +119,75 @@ def test_a_bf16_run_reports_mfu_against_the_bf16_peak(tmp_path, cache_dir, capsy
     # the debug model's ~6N FLOPs per token, within a factor of 100; against the fp32 entry (1e30) it would be
     # ~1e-15, 21 orders of magnitude smaller
     assert 6 * summary["parameters"] / 100 < flops_per_token < 6 * summary["parameters"] * 100
+
+
+STEP_FAULTS = """
+import ctypes, resource, sys
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+applied = None
+if sys.argv[1] == "keep":
+    from rafale.hardware import keep_freed_memory
+    applied = keep_freed_memory()
+def step():  # a training step's activations: a few blocks of some MB, written, then freed
+    blocks = [libc.malloc(8 << 20) for _ in range(3)]
+    for b in blocks:
+        libc.memset(b, 1, 8 << 20)
+    for b in blocks:
+        libc.free(b)
+for _ in range(3):
+    step()
+start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):
+    step()
+print(applied, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start) / 10)
+"""
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
+def test_keep_freed_memory_stops_each_step_from_page_faulting_anew():
+    """What `rafale -c` sets before training (rafale.hardware.keep_freed_memory): with glibc's defaults, the same
+    24 MB freed and allocated again each step is handed back to the OS and page-faults anew (6,112 faults a step
+    here); kept, it is reused (each side in a fresh process). The effect on training steps: bench/bench.py
+    --default-malloc."""
+    def faults(mode):
+        out = subprocess.run([sys.executable, "-c", STEP_FAULTS, mode], capture_output=True, text=True, check=True)
+        applied, per_step = out.stdout.split()
+        return applied, float(per_step)
+
+    (_, default), (applied, kept) = faults("default"), faults("keep")
+    assert applied == "True"
+    assert default > 3000 and kept < 100, (default, kept)
+
+
+HUGE_PAGES_PROBE = """
+import os, resource, sys
+import rafale.main as cli
+
+def probe(argv):  # a command, as `rafale <command>` runs it
+    assert "torch" not in sys.modules  # the setting is in place before torch's first allocation
+    print(os.environ.get("THP_MEM_ALLOC_ENABLE"))
+    import torch
+    x = torch.empty(0)
+    start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(5):
+        x = torch.ones(16 << 20)  # 64 MB: above glibc's mapping threshold, mapped and faulted in each time
+    print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start) / 5)
+    return 0
+
+cli.COMMANDS["probe"] = (probe, "")
+cli.main(["probe"])
+"""
+
+
+def test_rafale_commands_put_big_tensors_on_huge_pages():
+    """`rafale` sets torch's THP_MEM_ALLOC_ENABLE before torch is imported (rafale/main.py): a 64 MB tensor is then
+    faulted in by huge pages (tens of faults, not 16,384), where the system has transparent huge pages on."""
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    out = subprocess.run([sys.executable, "-c", HUGE_PAGES_PROBE], capture_output=True, text=True, env=env, check=True)
+    setting, faults = out.stdout.split()
+    assert setting == "1"
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if thp.is_file() and "[never]" not in thp.read_text():
+        assert float(faults) < 4096, faults  # 16,384 pages of 4 KB without huge pages
