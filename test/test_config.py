@@ -35,7 +35,7 @@ def test_good_config_round_trips(tmp_path):
 
 
 def test_default_configs_load():
-    for name in ("pythia_tinystories.yaml", "pythia_debug.yaml"):
+    for name in ("pythia_tinystories.yaml", "pythia_tinystories_full.yaml", "pythia_debug.yaml"):
         assert isinstance(load_config(ROOT / "test" / name), Config)
 
 
