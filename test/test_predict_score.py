@@ -121,8 +121,15 @@ def test_predict_gives_the_runs_classes_and_validation_accuracy(runs, tmp_path):
     # the loss of the probabilities on the true classes: only the same framing and truncation give it
     loss = sum(-math.log(float(r[f"p_{t}"])) for r, t in zip(rows, true)) / len(true)
     assert loss == pytest.approx(validation["CrossEntropy"], rel=1e-4)
-    code, _, err = rafale("predict", str(run_dir), "--file", str(rows_file), "--out", str(tmp_path / "p.csv"))
+    code, _, err = rafale("predict", str(run_dir), "--file", str(rows_file), "--batch-size", "5",
+                          "--out", str(tmp_path / "p.csv"))
     assert code == 0 and table((tmp_path / "p.csv").read_text()) == rows, err
+    # another batch size: the same classes, probabilities equal but for the last bits of the batched matmuls
+    code, out, err = rafale("predict", str(run_dir), "--file", str(rows_file))
+    assert code == 0, err
+    for r, other in zip(rows, table(out), strict=True):
+        assert other["predicted"] == r["predicted"]
+        assert all(float(other[k]) == pytest.approx(float(r[k]), abs=2e-6) for k in r if k.startswith("p_"))
 
 
 def test_errors_name_the_task_the_file_and_the_column(runs, tmp_path):
