@@ -1,4 +1,5 @@
-"""GPU peaks: real device names (as torch.cuda.get_device_name() spells them) get their own datasheet row."""
+"""GPU peaks: real device names (as torch.cuda.get_device_name() spells them) get their own datasheet row; and the
+CPU memory settings rafale makes (freed memory kept, huge pages for big tensors) take effect."""
 
 import os
 import platform
