@@ -28,7 +28,7 @@ from typing import Literal, Optional, Union
 import yaml
 
 
-from rafale.errors import ConfigError, RafaleError  # noqa: F401 (RafaleError: imported from here by older code)
+from rafale.errors import ConfigError, RafaleError, read_utf8  # noqa: F401 (RafaleError: imported from here by older code)
 
 
 def option(default=dataclasses.MISSING, help: str = "", default_factory=dataclasses.MISSING):
@@ -618,7 +618,7 @@ def load_config(path, overrides=(), saved_run: bool = False) -> Config:
     if not path.is_file():
         raise ConfigError("", f"no such config file: {path}")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(read_utf8(path, "config error"))
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""

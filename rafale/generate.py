@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from rafale.errors import RafaleError
+from rafale.errors import RafaleError, read_utf8
 from rafale.data.tokenizers import special_token_ids
 
 
@@ -123,7 +123,7 @@ def generate_main(argv) -> int:
         path = Path(args.prompt_file)
         if not path.is_file():
             raise RafaleError(f"--prompt-file: no such file: {path}")
-        prompts = [line for line in path.read_text().splitlines() if line.strip()]
+        prompts = [line for line in read_utf8(path, "--prompt-file").splitlines() if line.strip()]
         if not prompts:
             raise RafaleError(f"--prompt-file: {path} holds no prompts")
     else:

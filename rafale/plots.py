@@ -36,14 +36,28 @@ VAL_QUALITY = ("metrics/eval/LanguagePerplexity", "metrics/eval/BitsPerByte", "m
 PERPLEXITY, BITS_PER_BYTE = "metrics/eval/LanguagePerplexity", "metrics/eval/BitsPerByte"
 
 
+def metrics_rows(path: Path) -> list[dict]:
+    """The rows of a metrics.jsonl ({"step": 120, name: value, ...}), in file order: the one reader of the file
+    (the tables, the plots, the resume's compaction). A line cut short when a process was killed mid-write is
+    skipped (a resume compacts the file, so it is never followed by more rows)."""
+    rows = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows.append(row)
+    return rows
+
+
 def read_metrics(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     """metric name -> [(step, value)], sorted by step; a resumed run's repeated steps keep their last value."""
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         raise RafaleError(f"{run_dir}: no {METRICS_FILE} (is it a rafale run folder?)")
     series: dict[str, dict[int, float]] = {}
-    for line in path.read_text().splitlines():
-        row = json.loads(line)
+    for row in metrics_rows(path):
         step = row.pop("step")
         for name, value in row.items():
             series.setdefault(name, {})[step] = value

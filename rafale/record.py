@@ -36,7 +36,7 @@ from rafale.config import Config, load_config, parse_time, save_config, to_dict
 from rafale.errors import RafaleError
 from rafale.export import MODEL_FILE
 from rafale.loggers import MetricsFile
-from rafale.plots import METRICS_FILE, SUMMARY_FILE, best_validation
+from rafale.plots import METRICS_FILE, SUMMARY_FILE, best_validation, metrics_rows
 
 EVALS_DIR = "evals"
 
@@ -270,11 +270,7 @@ def compact_metrics(run_dir: Path, last_step: int | None = None) -> None:
     if not path.is_file():
         return
     rows: dict[int, dict] = {}
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue  # a line cut short when the process was killed
+    for row in metrics_rows(path):  # without a line cut short when the process was killed
         step = row.pop("step")
         if last_step is None or step <= last_step:
             rows.setdefault(step, {}).update(row)

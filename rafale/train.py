@@ -522,6 +522,9 @@ def build_model(cfg: Config, model_cfg, data: PreparedData):
     """The Composer model of model.type (its family's build), with model.pretrained's weights."""
     check_fits_data(cfg, model_cfg, data.meta)
     model = family_of(cfg).build(model_cfg, head_of(cfg), data.meta, data.tokenizer)
+    if head_of(cfg) == "causal_lm" and "BitsPerByte" not in getattr(model, "val_metrics", {}):
+        print("rafale: validation reports no BitsPerByte: the tokenizer is not a byte-level BPE, so a token's bytes "
+              "depend on the text around it (rafale.metrics); `rafale score RUN --file FILE` counts them in the text")
     if cfg.model.pretrained is not None:
         from rafale.models.hf import copy_pretrained, from_pretrained
 

@@ -13,6 +13,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 from datasets import Dataset
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
@@ -143,7 +144,13 @@ def special_token_ids(tokenizer: Tokenizer, where: str) -> tuple[int, int]:
 
 
 # ----------------------------------------------------------------------------------------------------
-# how many bytes of text each token stands for (validation's bits per byte, rafale score)
+# how many bytes of text each token covers (rafale score's bits per byte, validation's for byte-level BPE)
+#
+# The convention: a document's bytes are shared out among its tokens, so that they add up to len(text.encode())
+# less the text of special tokens spelled out in it. Each token covers its own text and the whitespace before it
+# (as byte-level BPE's "Ġword" does), so WordPiece's "cafe" covers " Café", 6 bytes, whatever its normalizer made
+# of it; the first token also covers the document's leading whitespace, the last its trailing whitespace. Special
+# tokens (<|endoftext|>, [SEP], and such a token spelled in the text) cover nothing: 0.
 
 
 def byte_level_alphabet() -> dict[str, int]:
@@ -159,16 +166,26 @@ def byte_level_alphabet() -> dict[str, int]:
     return chars
 
 
-def token_bytes(tokenizer) -> torch.Tensor:
-    """(vocab_size,) int64: how many UTF-8 bytes of text each token id stands for: what it decodes to.
+def special_tokens(tokenizer: Tokenizer) -> dict[int, str]:
+    """id -> text of the tokenizer's special tokens (an encoding's special_tokens_mask misses those spelled in a text)."""
+    return {i: token.content for i, token in tokenizer.get_added_tokens_decoder().items() if token.special}
 
-    Special tokens (<|endoftext|>) cover no text: 0. Added tokens that are not special (GPT-NeoX's 23 runs of 2 to
-    24 spaces, ids 50254-50276) are literal text, matched before the byte-level step: the UTF-8 length of their
-    content. Byte-level BPE's own entries (GPT-2, GPT-NeoX, RoBERTa, rafale's) are exact: each character of a
-    token is one byte. Other tokenizers (WordPiece) decode each token alone, which is exact for whole characters."""
+
+def token_bytes(tokenizer: Tokenizer) -> torch.Tensor | None:
+    """(vocab_size,) int64: how many UTF-8 bytes of text each token id stands for, for a byte-level BPE (GPT-2,
+    GPT-NeoX, RoBERTa, rafale's "bpe" and "bpe-roberta"); None for any other kind.
+
+    Byte-level BPE writes each byte of the text as one character of a token, so a token's length is exact without
+    its text: this is what validation's BitsPerByte takes, seeing only the ids of its blocks. Special tokens cover
+    no text: 0. Added tokens that are not special (GPT-NeoX's 23 runs of 2 to 24 spaces, ids 50254-50276) are
+    literal text, matched before the byte-level step: their content's UTF-8 length. A normalizer runs first
+    (GPT-NeoX's NFC): the table counts the normalised text's bytes, the same on NFC text, as nearly all text is.
+    Other kinds have no such table: WordPiece's "##e" is 1 byte of text but 3 when decoded alone, and its
+    normalizer lower-cases and strips accents ("café" -> "cafe"); their bytes come from the text (`covered_bytes`)."""
     spec = json.loads(tokenizer.to_str())
+    if (spec.get("decoder") or {}).get("type") != "ByteLevel":
+        return None
     added = {t["id"]: t for t in spec.get("added_tokens", [])}
-    byte_level = (spec.get("decoder") or {}).get("type") == "ByteLevel"
     alphabet = byte_level_alphabet()
     sizes = torch.zeros(tokenizer.get_vocab_size(), dtype=torch.long)
     for token, i in tokenizer.get_vocab().items():
@@ -176,8 +193,50 @@ def token_bytes(tokenizer) -> torch.Tensor:
             continue
         if i in added:
             sizes[i] = 0 if added[i].get("special") else len(added[i]["content"].encode("utf-8"))
-        elif byte_level:
-            sizes[i] = sum(1 for c in token if c in alphabet)
         else:
-            sizes[i] = len(tokenizer.decode([i], skip_special_tokens=False).encode("utf-8"))
+            sizes[i] = sum(1 for c in token if c in alphabet)
     return sizes
+
+
+def byte_offsets(text: str) -> np.ndarray:
+    """(len(text) + 1,) int64: the UTF-8 byte offset of each character offset of `text` (the tokenizers library's
+    offsets count characters)."""
+    code_points = np.frombuffer(text.encode("utf-32-le", errors="surrogatepass"), dtype=np.uint32)
+    lengths = 1 + (code_points >= 0x80) + (code_points >= 0x800) + (code_points >= 0x10000)
+    return np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+
+
+def covered_bytes(tokenizer: Tokenizer, texts: list[str], table: torch.Tensor | None = None,
+                  specials: dict[int, str] | None = None) -> list[tuple[list[int], list[int]]]:
+    """[(ids, bytes)] of each text encoded without special tokens (as the datapipes encode): how many UTF-8 bytes
+    of the text each token covers, by the convention above, from the tokens' offsets.
+
+    Each token covers from where the previous one stopped to the end of its own offsets. The offsets count
+    characters, and a byte-level BPE cuts characters into bytes: its pieces of "😀" all have the offsets of the
+    whole character, and a token may end inside a character ("±ä" ends in 東 and starts 京). So a byte-level
+    token covers at most its own length (`table`, `token_bytes`), which is exact; what a normalizer grew is given
+    to the tokens after it, and what is left at the end to the last token, so the sum is always the text's.
+    A special token spelled in the text covers nothing; an unknown token ([UNK], special too) covers its text."""
+    table = token_bytes(tokenizer) if table is None else table
+    lengths = None if table is None else table.tolist()
+    specials = special_tokens(tokenizer) if specials is None else specials
+    out = []
+    for text, encoding in zip(texts, tokenizer.encode_batch(texts, add_special_tokens=False)):
+        at = byte_offsets(text)
+        shares, cursor, last = [], 0, None
+        for i, (token, (start, stop)) in enumerate(zip(encoding.ids, encoding.offsets)):
+            end = int(at[stop])  # in bytes
+            if token in specials and text[start:stop] == specials[token]:
+                shares.append(0)
+                cursor = max(cursor, end)  # its text is not counted
+                continue
+            share = max(0, end - cursor)
+            if lengths is not None:
+                share = min(share, lengths[token])
+            shares.append(share)
+            cursor += share
+            last = i
+        if last is not None:
+            shares[last] += int(at[-1]) - cursor  # trailing whitespace, and what a byte-level normalizer grew
+        out.append((encoding.ids, shares))
+    return out
