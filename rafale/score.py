@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from datasets import Dataset, DatasetDict
 
 from rafale.data import DATAPIPES
-from rafale.data.tokenizers import covered_bytes, special_tokens, token_bytes
+from rafale.data.tokenizers import TextBytes
 from rafale.errors import IGNORE_INDEX, ConfigError, DataError, RafaleError
 from rafale.export import load_run_model
 from rafale.predict import batches, device_of, read_file_rows
@@ -81,13 +81,12 @@ def score_blocks(model, blocks: Dataset, block_bytes: list[list[int]], shift: in
     return score
 
 
-def bytes_of_blocks(blocks: Dataset, texts: list[str], tokenizer) -> list[list[int]]:
-    """The UTF-8 bytes each token of each block covers in `texts` (`covered_bytes`), the blocks being the datapipe's
-    cut of those texts: the texts' tokens in order, with special tokens added between them (<|endoftext|> between
-    documents, [CLS] ... [SEP] around blocks), which cover 0 bytes."""
-    specials = special_tokens(tokenizer)
-    stream = [(token, size) for ids, sizes in covered_bytes(tokenizer, texts, token_bytes(tokenizer), specials)
-              for token, size in zip(ids, sizes)]
+def bytes_of_blocks(blocks: Dataset, texts: list[str], text_bytes: TextBytes) -> list[list[int]]:
+    """The UTF-8 bytes each token of each block covers in `texts` (`text_bytes`, the tokenizer's TextBytes), the
+    blocks being the datapipe's cut of those texts: the texts' tokens in order, with special tokens added between
+    them (<|endoftext|> between documents, [CLS] ... [SEP] around blocks), which cover 0 bytes."""
+    specials = text_bytes.specials
+    stream = [(token, size) for ids, sizes in text_bytes(texts) for token, size in zip(ids, sizes)]
     out, next_token = [], 0
     for block in blocks.with_format(None)["input_ids"]:
         sizes = []
@@ -151,8 +150,8 @@ def score_main(argv) -> int:
             blocks = pipe._prepare(documents, data.tokenizer, dict(data.meta))
         except DataError as err:
             raise DataError(f"{path}: {err}") from None
-        shift = LABEL_SHIFT[head_of(cfg)]
-        scores = {name: score_blocks(model, split, bytes_of_blocks(split, documents[name]["text"], data.tokenizer),
+        shift, text_bytes = LABEL_SHIFT[head_of(cfg)], TextBytes(data.tokenizer)
+        scores = {name: score_blocks(model, split, bytes_of_blocks(split, documents[name]["text"], text_bytes),
                                      shift, collator, batch_size, data.vocab_size)
                   for name, split in blocks.items()}
     writer = csv.writer(sys.stdout, lineterminator="\n")

@@ -11,15 +11,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 from datasets import Dataset, DatasetDict
-from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from rafale.config import DataConfig
-from rafale.data.tokenizers import covered_bytes, train_tokenizer
+from rafale.data.tokenizers import TextBytes, covered_bytes, train_tokenizer
 from rafale.metrics import BitsPerByte, token_bytes
 
 # non-ASCII on purpose: accents (in NFC, and one in NFD), an emoji, CJK, mojibake, tabs, newlines, runs of spaces
 TEXTS = ["Tom had a red ball.", "Lily said: «où est le café?» 😀", "東京タワーは高い。", "Ã¢â‚¬Å“mojibake stays bytesÃ¢â‚¬Â",
-         "tabs\tand\nnewlines", "def f(x):\n        return x", " leading and trailing  ",
+         "tabs\tand\nnewlines", "def f(x):\n        return x", "The end.\n \nThe. \n  A", " leading and trailing  ",
          unicodedata.normalize("NFD", "Zoë a mangé une crème brûlée")]
 
 
@@ -30,11 +30,13 @@ def trained(kind):
 
 @functools.cache
 def pythia_like():
-    """A byte-level BPE built as GPT-NeoX's: NFC normalizer, special tokens, added plain-text runs of spaces."""
+    """A byte-level BPE built as GPT-NeoX's: NFC normalizer, special tokens, added plain-text runs of spaces, and
+    a post-processor that trims whitespace off the offsets ("\n " would seem to cover only the newline)."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.normalizer = normalizers.NFC()
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.post_processor = processors.ByteLevel(trim_offsets=True)
     trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|padding|>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tokenizer.train_from_iterator(TEXTS * 20, trainer)
@@ -127,7 +129,7 @@ def test_scores_bytes_of_the_datapipes_blocks_add_up_to_the_file(kind, task, tmp
     pipe.scratch = tmp_path
     meta = {"vocab_size": tokenizer.get_vocab_size(), **pipe.special_ids(tokenizer)}
     blocks = pipe._prepare(DatasetDict({"file": Dataset.from_dict({"text": TEXTS})}), tokenizer, meta)["file"]
-    sizes = bytes_of_blocks(blocks, TEXTS, tokenizer)
+    sizes = bytes_of_blocks(blocks, TEXTS, TextBytes(tokenizer))
     assert [len(s) for s in sizes] == [len(b) for b in blocks["input_ids"]]
     assert sum(map(sum, sizes)) == sum(len(t.encode()) for t in TEXTS)
 

@@ -179,6 +179,7 @@ def test_scores_bytes_are_the_validations_on_byte_level_bpe(runs):
     from rafale.data import CausalLMDataPipe
     from rafale.metrics import token_bytes
     from rafale.predict import read_file_rows
+    from rafale.data.tokenizers import TextBytes
     from rafale.score import bytes_of_blocks
 
     run_dir, folder = runs["lm"][0], runs["folder"]
@@ -190,7 +191,7 @@ def test_scores_bytes_are_the_validations_on_byte_level_bpe(runs):
     meta = {"vocab_size": tokenizer.get_vocab_size(), **pipe.special_ids(tokenizer)}
     blocks = pipe._prepare(DatasetDict({"v": rows}), tokenizer, meta)["v"]
     table = token_bytes(tokenizer)
-    counted = bytes_of_blocks(blocks, rows["text"], tokenizer)
+    counted = bytes_of_blocks(blocks, rows["text"], TextBytes(tokenizer))
     assert counted == [table[block].tolist() for block in blocks.with_format("torch")["input_ids"]]
     assert sum(map(sum, counted)) == sum(len(text.encode()) for text in rows["text"])
 

@@ -206,37 +206,51 @@ def byte_offsets(text: str) -> np.ndarray:
     return np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
 
 
-def covered_bytes(tokenizer: Tokenizer, texts: list[str], table: torch.Tensor | None = None,
-                  specials: dict[int, str] | None = None) -> list[tuple[list[int], list[int]]]:
-    """[(ids, bytes)] of each text encoded without special tokens (as the datapipes encode): how many UTF-8 bytes
-    of the text each token covers, by the convention above, from the tokens' offsets.
+class TextBytes:
+    """How many UTF-8 bytes of a text each of its tokens covers, by the convention above, from the tokens' offsets:
+    `TextBytes(tokenizer)(texts)` -> [(ids, bytes)] of each text encoded without special tokens (as the datapipes
+    encode it). Built once per tokenizer (its byte table takes a second for a 50k vocabulary).
 
     Each token covers from where the previous one stopped to the end of its own offsets. The offsets count
     characters, and a byte-level BPE cuts characters into bytes: its pieces of "😀" all have the offsets of the
     whole character, and a token may end inside a character ("±ä" ends in 東 and starts 京). So a byte-level
-    token covers at most its own length (`table`, `token_bytes`), which is exact; what a normalizer grew is given
-    to the tokens after it, and what is left at the end to the last token, so the sum is always the text's.
-    A special token spelled in the text covers nothing; an unknown token ([UNK], special too) covers its text."""
-    table = token_bytes(tokenizer) if table is None else table
-    lengths = None if table is None else table.tolist()
-    specials = special_tokens(tokenizer) if specials is None else specials
-    out = []
-    for text, encoding in zip(texts, tokenizer.encode_batch(texts, add_special_tokens=False)):
-        at = byte_offsets(text)
+    token covers at most its own length (`token_bytes`), which is exact; what a normalizer grew is given to the
+    tokens after it, and what is left at the end to the last token, so the sum is always the text's. A special
+    token spelled in the text covers nothing; an unknown token ([UNK], special too) covers its text."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.table = token_bytes(tokenizer)
+        self.lengths = None if self.table is None else self.table.tolist()
+        self.specials = special_tokens(tokenizer)
+        # the post-processor adds nothing without special tokens, but trims whitespace off byte-level offsets
+        # (GPT-NeoX's "ĊĠ" would cover only the newline): offsets without it, the same ids
+        self.tokenizer = Tokenizer.from_str(tokenizer.to_str())
+        self.tokenizer.post_processor = None
+
+    def __call__(self, texts: list[str]) -> list[tuple[list[int], list[int]]]:
+        return [(encoding.ids, self.shares(text, encoding))
+                for text, encoding in zip(texts, self.tokenizer.encode_batch(texts, add_special_tokens=False))]
+
+    def shares(self, text: str, encoding) -> list[int]:
+        at = byte_offsets(text).tolist()  # (a list: indexing it is much faster than an array's)
         shares, cursor, last = [], 0, None
         for i, (token, (start, stop)) in enumerate(zip(encoding.ids, encoding.offsets)):
-            end = int(at[stop])  # in bytes
-            if token in specials and text[start:stop] == specials[token]:
+            end = at[stop]  # in bytes
+            if token in self.specials and text[start:stop] == self.specials[token]:
                 shares.append(0)
                 cursor = max(cursor, end)  # its text is not counted
                 continue
             share = max(0, end - cursor)
-            if lengths is not None:
-                share = min(share, lengths[token])
+            if self.lengths is not None:
+                share = min(share, self.lengths[token])
             shares.append(share)
             cursor += share
             last = i
         if last is not None:
-            shares[last] += int(at[-1]) - cursor  # trailing whitespace, and what a byte-level normalizer grew
-        out.append((encoding.ids, shares))
-    return out
+            shares[last] += at[-1] - cursor  # trailing whitespace, and what a byte-level normalizer grew
+        return shares
+
+
+def covered_bytes(tokenizer: Tokenizer, texts: list[str]) -> list[tuple[list[int], list[int]]]:
+    """[(ids, bytes)] of each text: how many UTF-8 bytes of it each token covers (`TextBytes`)."""
+    return TextBytes(tokenizer)(texts)
