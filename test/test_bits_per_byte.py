@@ -147,3 +147,17 @@ def test_bits_per_byte_is_summed_nats_over_ln2_bytes():
     nats = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
     covered = sum(len(t.encode("utf-8")) for t in TEXTS) - len(tokenizer.decode([stream[0]]).encode())  # the first token is never a label
     assert float(metric.compute()) == pytest.approx(float(nats) / (math.log(2) * covered), rel=1e-6)
+
+
+def test_validation_reports_bits_per_byte_only_where_its_table_is_exact():
+    """Validation sees ids, not text: a decoder with a byte-level BPE gets BitsPerByte from the id table (exact);
+    with a WordPiece tokenizer file it gets none (the table would count '##' and lose accents), not a wrong one."""
+    import copy
+
+    from rafale.models.pythia import PRESETS, build
+
+    for kind, expected in (("bpe", True), ("wordpiece", False)):
+        tokenizer = trained(kind)
+        model = build(copy.deepcopy(PRESETS["pythia-debug"]), "causal_lm", {"vocab_size": tokenizer.get_vocab_size()},
+                      tokenizer)
+        assert ("BitsPerByte" in model.val_metrics) == expected, kind
