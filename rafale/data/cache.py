@@ -12,9 +12,9 @@ pipeline version, and every data.* field), so a changed input builds a new cache
 fingerprint alone. Safe by default: a field a datapipe starts to read (a response column, a second text) is in
 its fingerprint without a word; only the fields a datapipe declares it cannot be changed by (`not_in_cache`) are
 left out, so that changing them (data.num_workers, or data.mlm_probability, which the MLM collator reads per
-batch) reuses the cache. A trained tokenizer is named by the size it got (`bpe2761`), known only once trained. A cache
-is built under a temporary name, holds a `rafale.json` written last, and is renamed into place when complete: an
-interrupted build is never mistaken for a finished one. Each split's `content_digest` goes in rafale.json, for
+batch) reuses the cache. A trained tokenizer is named by the size it got (`bpe2761`), known only once trained.
+A cache is built under a temporary name, holds a `rafale.json` written last, and is renamed into place when
+complete: an interrupted build is never mistaken for a finished one. Each split's `content_digest` goes in rafale.json, for
 the resume guard.
 """
 
