@@ -157,6 +157,16 @@ def test_arguments_reach_the_optimizer_and_training_lr_is_not_overridden():
         checked(config_with(optimizer={"name": "torch.nn.Linear"}))
 
 
+@pytest.mark.parametrize("argv", [["-c"], ["sweep", "-c"]], ids=["train", "sweep"])
+def test_the_cli_refuses_a_wrong_optimizer_before_any_data_work(argv, tmp_path, capsys, monkeypatch):
+    cfg = write_config(tmp_path / "cfg.yaml", run={"output_dir": str(tmp_path / "runs")},
+                       data={"cache_dir": str(tmp_path / "cache")}, training={"optimizer": {"name": "adamx"}})
+    code, out, err = run_in_process([*argv, str(cfg)] + (["training.lr=1e-3,2e-3"] if "sweep" in argv else []),
+                                    capsys, monkeypatch)
+    assert code == 2 and "'training.optimizer.name'" in err and "adamx" in err, err
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "runs").exists()
+
+
 @pytest.mark.parametrize("name, package", [("schedulefree_adamw", "schedulefree"), ("muon", "pytorch_optimizer")])
 def test_a_missing_package_names_the_extra(name, package, monkeypatch):
     real = optim.importlib.import_module
