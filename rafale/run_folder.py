@@ -1,22 +1,11 @@
-"""The run folder, RUN = run.output_dir/run.name: its layout, how a run is read back, and the checks and files
-written before training. The run writes its folder through this module and every command (runs, plot, predict,
-score, generate, export, lm-eval, sweep) reads a run through it.
+"""The run folder, RUN = run.output_dir/run.name: its files, how a run is read back, the resume guard, and what the
+run writes there before training. The run writes its folder through here; every command reads a run through here.
 
-    config.yaml      the resolved config (every default filled in) that the latest segment ran with
-    tokenizer.json   the run's tokenizer
-    data.json        the data cache's description: vocabulary size, special token ids, class names
-    labels.json      a classifier's class names (class id -> name), for whoever reads its predictions
-    model.json       the nn.Module's config (sizes, vocabulary, padding id) as the run built it
-    summary.json     the run's record (rafale.record.RunRecord): status, where it stands, where the time went
-    metrics.jsonl    every logged metric, one row per step (rafale.loggers.MetricsFile)
-    metrics.png      its curves (rafale.plots.plot_run)
-    checkpoints/     Composer checkpoints, ep<epoch>-ba<batch>-rank<rank>.pt, and latest-rank0.pt
-    export/          the Hugging Face export at the end of training; export-best/: training.keep_best's
-    evals/<time>/    each training.eval_only evaluation's own config.yaml, summary.json and metrics.jsonl
-
-config.yaml, tokenizer.json, data.json and model.json rebuild the run's model without the data, the pretrained
-weights or the directory it was started from (`load_run_model`). Composer checkpoints are read with
-torch.load(weights_only=True) (rafale.checkpoints), so a checkpoint can never run code.
+    config.yaml tokenizer.json data.json model.json (labels.json)   rebuild the model without the data
+    summary.json metrics.jsonl metrics.png    the record (rafale.record, rafale.loggers.MetricsFile, rafale.plots)
+    checkpoints/   ep<epoch>-ba<batch>-rank<rank>.pt and latest-rank0.pt, read with weights_only (rafale.checkpoints)
+    export/ export-best/   the Hugging Face export at the end of training, and training.keep_best's
+    evals/<time>/          each training.eval_only evaluation's own config.yaml, summary.json and metrics.jsonl
 
 The resume guard (`resume_changes`) decides key by key what a resumed run may change: the keys in
 APPLIED_ON_RESUME apply from the batch it resumes at, and the new segment lists them; anything else that differs
@@ -24,8 +13,8 @@ refuses the resume, naming the key: the data's content (a digest of every cached
 model.type, model.task, model.pretrained and every field of the model as built (model.json), the optimizer and
 its schedule (training.lr, weight_decay, optimizer, warmup, ...), the batch size, the seed.
 
-This module imports neither torch, Composer nor the models when it is loaded (only the functions that need them
-do), so `rafale runs` and `rafale plot` answer at once.
+Loading this module imports neither torch, Composer nor the models (the functions that need them do), so
+`rafale runs` and `rafale plot` answer at once.
 """
 
 from __future__ import annotations
