@@ -26,14 +26,12 @@ import argparse
 import itertools
 from pathlib import Path
 
-import json
-
 from rafale.config import Config, ConfigError, RafaleError, load_config
 from rafale.optim import check_optimizer
 from rafale.resolve import resolve_model_config
 from rafale.plots import plot_runs, ranking_column, run_row, short_names
-from rafale.run_folder import (CONFIG_FILE, SUMMARY_FILE, best_validation, differences_not_applied_on_resume, reached,
-                               read_summary, saved_config)
+from rafale.run_folder import (CONFIG_FILE, best_validation, differences_not_applied_on_resume, reached, read_summary,
+                               saved_config)
 
 
 def split_values(text: str) -> list[str]:
@@ -111,10 +109,8 @@ def best_run(finished: dict[str, dict]) -> tuple[str | None, str | None]:
 
 def run_status(run_dir: Path) -> str | None:
     """summary.json's status ('complete', 'stopped', 'in progress', 'failed'), or None without one."""
-    try:
-        return json.loads((run_dir / SUMMARY_FILE).read_text()).get("status", "complete")
-    except (OSError, ValueError):
-        return None
+    summary = read_summary(run_dir)
+    return summary.get("status", "complete") if summary is not None else None
 
 
 def plan(point_configs: list[tuple[str, Config]], out_dir: Path, restart: bool) -> dict[str, str]:
