@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from datasets import Dataset, DatasetDict
 
 from rafale.data import DATAPIPES
-from rafale.metrics import token_bytes
+from rafale.models.token_bytes import token_bytes
 from rafale.errors import IGNORE_INDEX, ConfigError, DataError, RafaleError
 from rafale.run_folder import load_run_model
 from rafale.predict import batches, device_of, read_file_rows

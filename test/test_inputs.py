@@ -412,7 +412,7 @@ def tokenizers_with_whitespace_tokens():
 def test_token_bytes_count_added_whitespace_tokens(name):
     import unicodedata
 
-    from rafale.metrics import token_bytes
+    from rafale.models.token_bytes import token_bytes
 
     tokenizer = tokenizers_with_whitespace_tokens()[name]()
     sizes = token_bytes(tokenizer)
