@@ -9,7 +9,7 @@ collator: on the run's validation file the figures are its validation figures. A
 its validation draws: data.mlm_probability of each block's tokens, seeded by a hash of the block's tokens, so the
 same text always gets the same masks; its loss is over the masked tokens, and its bits per byte over the bytes of
 those tokens. The bytes a token covers are counted in the text, from the tokenizer's offsets, for every kind of
-tokenizer (rafale.data.tokenizers.covered_bytes: a token covers its own text and the whitespace before it, so a
+tokenizer (rafale.models.token_bytes.TextBytes: a token covers its own text and the whitespace before it, so a
 document's tokens cover all its bytes). `--per-line` scores each line (each row of a .jsonl) as a document of its
 own, one row each, then the total. The model runs in fp32 (on the GPU when there is one).
 """
@@ -28,9 +28,9 @@ import torch.nn.functional as F
 from datasets import Dataset, DatasetDict
 
 from rafale.data import DATAPIPES
-from rafale.data.tokenizers import TextBytes
+from rafale.models.token_bytes import TextBytes
 from rafale.errors import IGNORE_INDEX, ConfigError, DataError, RafaleError
-from rafale.export import load_run_model
+from rafale.run_folder import load_run_model
 from rafale.predict import batches, device_of, read_file_rows
 from rafale.resolve import family_of, head_of
 

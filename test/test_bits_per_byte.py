@@ -14,8 +14,9 @@ from datasets import Dataset, DatasetDict
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from rafale.config import DataConfig
-from rafale.data.tokenizers import TextBytes, covered_bytes, train_tokenizer
-from rafale.metrics import BitsPerByte, token_bytes
+from rafale.data.tokenizers import train_tokenizer
+from rafale.metrics import BitsPerByte
+from rafale.models.token_bytes import TextBytes, covered_bytes, token_bytes
 
 # non-ASCII on purpose: accents (in NFC, and one in NFD), an emoji, CJK, mojibake, tabs, newlines, runs of spaces
 TEXTS = ["Tom had a red ball.", "Lily said: «où est le café?» 😀", "東京タワーは高い。", "Ã¢â‚¬Å“mojibake stays bytesÃ¢â‚¬Â",

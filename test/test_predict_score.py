@@ -170,16 +170,15 @@ def test_score_reads_a_txt_under_a_run_whose_text_column_is_another(runs, tmp_pa
 
 
 def test_scores_bytes_are_the_validations_on_byte_level_bpe(runs):
-    """rafale score counts bytes in the text (offsets), validation by token id (rafale.metrics.token_bytes): on a
+    """rafale score counts bytes in the text (offsets), validation by token id (rafale.models.token_bytes): on a
     byte-level BPE run's validation file they agree token by token."""
     from datasets import DatasetDict
     from tokenizers import Tokenizer
 
     from rafale.config import load_config
     from rafale.data import CausalLMDataPipe
-    from rafale.metrics import token_bytes
+    from rafale.models.token_bytes import TextBytes, token_bytes
     from rafale.predict import read_file_rows
-    from rafale.data.tokenizers import TextBytes
     from rafale.score import bytes_of_blocks
 
     run_dir, folder = runs["lm"][0], runs["folder"]

@@ -14,7 +14,8 @@ import pytest
 
 from rafale.config import Config, save_config
 from rafale.errors import RafaleError
-from rafale.plots import run_figure, runs_figure, runs_main, runs_table, what_differs
+from rafale.plots import run_figure, runs_figure, runs_table, what_differs
+from rafale.runs import runs_main
 from rafale.sweep import run_name, sweep_table
 
 LOSS, PPL, BPB = "metrics/eval/LanguageCrossEntropy", "metrics/eval/LanguagePerplexity", "metrics/eval/BitsPerByte"
@@ -168,9 +169,9 @@ def test_the_overlay_legend_says_what_differs(three_runs, tmp_path):
 
 def test_runs_and_plot_read_a_killed_runs_cut_metrics_line(tmp_path, capsys):
     """A process killed mid-write leaves metrics.jsonl ending in a cut line: `rafale runs` and `rafale plot` read
-    the rows before it (the one reader, rafale.plots.metrics_rows, which the resume's compaction uses too)."""
+    the rows before it (the one reader, rafale.run_folder.metrics_rows, which the resume's compaction uses too)."""
     from rafale.main import main
-    from rafale.plots import metrics_rows, read_metrics
+    from rafale.run_folder import metrics_rows, read_metrics
     from rafale.record import compact_metrics
 
     run_dir = fake_run(tmp_path, "killed", [6.0, 2.5], [3.1, 0.85])
