@@ -30,8 +30,8 @@ from composer.loggers import Logger
 
 from rafale.config import Config, save_config
 from rafale.loggers import MetricsFile
-from rafale.run_folder import METRICS_FILE, PLOT_FILE, SUMMARY_FILE, best_validation, metrics_rows, read_summary,
-                              write_json
+from rafale.run_folder import (METRICS_FILE, PLOT_FILE, SUMMARY_FILE, best_validation, metrics_rows, read_summary,
+                               write_json)
 
 LOSS_METRICS = ("LanguageCrossEntropy", "CrossEntropy", "ContrastiveLoss")
 
