@@ -10,6 +10,8 @@ Composer stores beside the tensors, so a checkpoint can never run code.
 import argparse
 import dataclasses
 import json
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -19,7 +21,7 @@ from rafale.config import Config, build_dataclass, load_config
 from rafale.data.cache import PreparedData
 from rafale.errors import RafaleError, WeightsError
 from rafale.resolve import family_of, head_of, resolve_model_config
-from rafale.models.hf import export_refusal, save_pretrained
+from rafale.models.hf import export_refusal, replace_folder, save_pretrained
 from rafale.checkpoints import LATEST_CHECKPOINT, batch_number, read_checkpoint  # (rafale.resilience imports Composer)
 
 EXPORT_DIR = "export"
@@ -28,11 +30,36 @@ MODEL_FILE = "model.json"  # the nn.Module's config (sizes, vocabulary, padding 
 
 
 def export_model(model: torch.nn.Module, folder: Path, data: PreparedData) -> Path:
-    """Write `model` (the nn.Module, not its Composer wrapper) with the run's tokenizer to `folder`."""
-    save_pretrained(
-        model, folder, tokenizer=data.tokenizer, vocab_size=data.vocab_size, overwrite=True,
-        label_names=data.meta.get("label_names"),
-    )
+    """Write `model` (the nn.Module, not its Composer wrapper) with the run's tokenizer to `folder`, once
+    transformers has loaded it back and computed the same outputs (rafale/export_proof.py).
+
+    The files are written to a hidden folder beside `folder` and checked there; only a proven export is renamed
+    into place. A refused one becomes `folder`.refused/ with a REFUSED.txt saying why, any previous `folder` (not
+    these weights) is removed, and the ExportRefused says both."""
+    from rafale.export_proof import REFUSED_FILE, ExportRefused, prove_export
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.unchecked.", dir=folder.parent))
+    try:
+        save_pretrained(
+            model, staging, tokenizer=data.tokenizer, vocab_size=data.vocab_size, overwrite=True,
+            label_names=data.meta.get("label_names"),
+        )
+        proof = prove_export(model, staging)
+    except ExportRefused as err:
+        refused = folder.with_name(folder.name + ".refused")
+        (staging / REFUSED_FILE).write_text(
+            f"rafale refused this export: {err}\nIt is kept to look into, not to use: transformers loads these "
+            "files as a model that computes something else than the one rafale trained.\n")
+        replace_folder(staging, refused)
+        stale = f"; the previous {folder} was removed (not these weights)" if folder.exists() else ""
+        shutil.rmtree(folder, ignore_errors=True)
+        raise ExportRefused(f"{err}; the refused files are in {refused} ({REFUSED_FILE} says why){stale}") from None
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    replace_folder(staging, folder)
+    print(f"rafale: export checked: {proof.line()}")
     return folder
 
 
