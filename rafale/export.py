@@ -1,5 +1,4 @@
-"""A run's weights in Hugging Face format: written at the end of training, and by `rafale export`; each export is
-loaded back by transformers and must compute what the model does before it is put in place (rafale/export_proof.py).
+"""A run's weights in Hugging Face format: written at the end of training, and by `rafale export`.
 
 A run folder holds what is needed to rebuild its model without the data, the pretrained weights or the
 directory it was started from: the resolved `config.yaml`, `model.json` (the model's sizes as built), the

@@ -30,7 +30,6 @@ import torch.nn as nn
 from rafale.errors import WeightsError
 
 TOLERANCE = 1e-4  # max |difference| of fp32 outputs; same code gives ~1e-7, a changed activation ~1e-2
-TOKENS = 16  # probe length (shorter when the model's context is)
 REFUSED_FILE = "REFUSED.txt"  # what an export that failed its check is left with, beside its files
 
 
@@ -58,13 +57,13 @@ class Proof:
 
 
 @dataclass
-class Probe:
+class _Probe:
     inputs: dict  # tensors by HF's argument names
     mask: Optional[torch.Tensor]  # (B, T) real tokens, where token-level outputs are compared
     words: str
 
 
-def token_ids(batch: int, length: int, vocab_size: int, avoid: Optional[int]) -> torch.Tensor:
+def _token_ids(batch: int, length: int, vocab_size: int, avoid: Optional[int]) -> torch.Tensor:
     """(batch, length) ids spread over the vocabulary by a fixed formula (no generator: the same on any torch)."""
     ids = (torch.arange(batch * length).reshape(batch, length) * 7919 + 17) % vocab_size
     if avoid is not None:  # RoBERTa counts positions from its pad id, so a pad inside the text changes them
@@ -72,45 +71,47 @@ def token_ids(batch: int, length: int, vocab_size: int, avoid: Optional[int]) ->
     return ids
 
 
-def text_probe(hf_config: dict, cfg, max_length: int, padded: bool) -> Probe:
+def _text_probe(hf_config: dict, cfg, max_length: int, padded: bool) -> _Probe:
     """Two sequences; with `padded`, the second right-padded by a third, its mask saying so."""
-    T = min(TOKENS, max_length)
+    T = min(16, max_length)  # tokens (fewer when the model's context is shorter)
     pad = getattr(cfg, "pad_token_id", None)
-    ids = token_ids(2, T, hf_config["vocab_size"], pad)
+    ids = _token_ids(2, T, hf_config["vocab_size"], pad)
     mask = torch.ones_like(ids)
     if padded:
         mask[1, T - T // 3:] = 0
         ids = ids.masked_fill(mask == 0, pad or 0)
-        return Probe({"input_ids": ids, "attention_mask": mask}, mask, f"2 sequences of {T} tokens, one padded")
-    return Probe({"input_ids": ids}, mask, f"2 sequences of {T} tokens")
+        return _Probe({"input_ids": ids, "attention_mask": mask}, mask, f"2 sequences of {T} tokens, one padded")
+    return _Probe({"input_ids": ids}, mask, f"2 sequences of {T} tokens")
 
 
-def image_text_probe(hf_config: dict, cfg, max_length: int) -> Probe:
+def _image_text_probe(hf_config: dict, cfg, max_length: int) -> _Probe:
     """Two images of a fixed pattern against three texts."""
     vision, text = hf_config["vision_config"], hf_config["text_config"]
     size, channels = vision["image_size"], vision.get("num_channels", 3)
-    pixels = torch.sin(torch.arange(2 * channels * size * size, dtype=torch.float32) * 0.37).reshape(2, channels, size, size)
+    pixels = torch.sin(torch.arange(2 * channels * size * size, dtype=torch.float32) * 0.37)
+    pixels = pixels.reshape(2, channels, size, size)  # (N, C, H, W)
     T = min(8, max_length)
-    ids = token_ids(3, T, text["vocab_size"], None)
-    return Probe({"pixel_values": pixels, "input_ids": ids}, None, f"2 images of {size}x{size} against 3 texts of {T} tokens")
+    ids = _token_ids(3, T, text["vocab_size"], None)
+    return _Probe({"pixel_values": pixels, "input_ids": ids}, None,
+                  f"2 images of {size}x{size} against 3 texts of {T} tokens")
 
 
-def logits(out):
+def _logits(out):
     return out.logits
 
 
 # head -> (the probe, rafale's call on its inputs, the output compared on transformers' side)
 PROBES: dict[str, tuple[Callable, Callable, Callable]] = {
-    "causal_lm": (lambda hf, cfg, n: text_probe(hf, cfg, n, padded=False),
-                  lambda model, x: model(x["input_ids"]), logits),
-    "mlm": (lambda hf, cfg, n: text_probe(hf, cfg, n, padded=True),
-            lambda model, x: model(x["input_ids"], attention_mask=x["attention_mask"]), logits),
-    "classification": (lambda hf, cfg, n: text_probe(hf, cfg, n, padded=True),
-                       lambda model, x: model(x["input_ids"], attention_mask=x["attention_mask"]), logits),
-    "base": (lambda hf, cfg, n: text_probe(hf, cfg, n, padded=True),
+    "causal_lm": (lambda hf, cfg, n: _text_probe(hf, cfg, n, padded=False),
+                  lambda model, x: model(x["input_ids"]), _logits),
+    "mlm": (lambda hf, cfg, n: _text_probe(hf, cfg, n, padded=True),
+            lambda model, x: model(x["input_ids"], attention_mask=x["attention_mask"]), _logits),
+    "classification": (lambda hf, cfg, n: _text_probe(hf, cfg, n, padded=True),
+                       lambda model, x: model(x["input_ids"], attention_mask=x["attention_mask"]), _logits),
+    "base": (lambda hf, cfg, n: _text_probe(hf, cfg, n, padded=True),
              lambda model, x: model(x["input_ids"], attention_mask=x["attention_mask"]),
              lambda out: out.last_hidden_state),
-    "contrastive": (image_text_probe, lambda model, x: model(x["pixel_values"], x["input_ids"])[0],
+    "contrastive": (_image_text_probe, lambda model, x: model(x["pixel_values"], x["input_ids"])[0],
                     lambda out: out.logits_per_image),
 }
 
@@ -119,11 +120,11 @@ AUTO_CLASSES = {"ForCausalLM": "AutoModelForCausalLM", "ForMaskedLM": "AutoModel
                 "ForSequenceClassification": "AutoModelForSequenceClassification"}
 
 
-def auto_class_name(architecture: str) -> str:
+def _auto_class_name(architecture: str) -> str:
     return next((auto for end, auto in AUTO_CLASSES.items() if architecture.endswith(end)), "AutoModel")
 
 
-def difference(ours: torch.Tensor, theirs: torch.Tensor, mask: Optional[torch.Tensor]) -> float:
+def _difference(ours: torch.Tensor, theirs: torch.Tensor, mask: Optional[torch.Tensor]) -> float:
     """max |ours - theirs|, at real tokens only when the outputs are per token (padded ones mean nothing)."""
     if ours.shape[-1] > theirs.shape[-1] and ours.shape[:-1] == theirs.shape[:-1]:
         ours = ours[..., :theirs.shape[-1]]  # rafale's padded vocabulary: the export has the tokenizer's rows
@@ -138,7 +139,7 @@ def difference(ours: torch.Tensor, theirs: torch.Tensor, mask: Optional[torch.Te
 # Where the difference arises: the two models' modules, paired through the tensors they hold
 
 
-def paired_modules(model: nn.Module, hf_model: nn.Module, written: dict) -> dict:
+def _paired_modules(model: nn.Module, hf_model: nn.Module, written: dict) -> dict:
     """{rafale module name: transformers module name} for the modules of both that hold the same tensors, as the
     family's format wrote them (`written`: {HF name: tensor}, views of the model's parameters; a token table cut to
     the vocabulary starts where it did). Where several nested modules hold the same ones (a block's MLP and its one
@@ -157,17 +158,17 @@ def paired_modules(model: nn.Module, hf_model: nn.Module, written: dict) -> dict
             for rafale, hf in zip(modules, theirs[names])}
 
 
-def first_tensor(value) -> Optional[torch.Tensor]:
+def _first_tensor(value) -> Optional[torch.Tensor]:
     if isinstance(value, torch.Tensor):
         return value
     if isinstance(value, (tuple, list)):
         return next((v for v in value if isinstance(v, torch.Tensor)), None)
     if isinstance(value, dict):
-        return value.get("hidden_states", first_tensor(list(value.values())))
+        return value.get("hidden_states", _first_tensor(list(value.values())))
     return None
 
 
-class Recorder:
+class _Recorder:
     """Each paired module's first input and output, and on rafale's side the order its modules finish in."""
 
     def __init__(self, modules: dict):
@@ -177,8 +178,8 @@ class Recorder:
     def hook(self, name):
         def record(module, args, kwargs, output):
             if name not in self.seen:
-                self.seen[name] = (first_tensor(args) if first_tensor(args) is not None else first_tensor(kwargs),
-                                   first_tensor(output))
+                self.seen[name] = (_first_tensor(args) if _first_tensor(args) is not None else _first_tensor(kwargs),
+                                   _first_tensor(output))
                 self.order.append(name)
         return record
 
@@ -187,13 +188,13 @@ class Recorder:
             handle.remove()
 
 
-def block_of(name: str) -> Optional[str]:
+def _block_of(name: str) -> Optional[str]:
     """'layers.3.mlp.dense_4h_to_h' -> 'layers.3', the entry of a list of blocks it sits in."""
     match = re.match(r"(.*?\.\d+)(\.|$)", name)
     return match.group(1) if match else None
 
 
-def where_it_differs(ours: Recorder, theirs: Recorder, pairs: dict, mask) -> str:
+def _where_it_differs(ours: _Recorder, theirs: _Recorder, pairs: dict, mask) -> str:
     """The first module, in the order rafale's forward finishes them, whose output differs from its twin's."""
     agreed = None
     for name in ours.order:
@@ -202,14 +203,14 @@ def where_it_differs(ours: Recorder, theirs: Recorder, pairs: dict, mask) -> str
         (x, y), (hf_x, hf_y) = ours.seen[name], theirs.seen[pairs[name]]
         if y is None or hf_y is None or y.shape != hf_y.shape:
             continue
-        out = difference(y, hf_y, mask)
+        out = _difference(y, hf_y, mask)
         if out <= TOLERANCE:
             agreed = name
             continue
-        block = block_of(name)
+        block = _block_of(name)
         inside = f"in block {block}, " if block and block != name else ""
         twin = f" (transformers' {pairs[name]})"
-        into = difference(x, hf_x, mask) if x is not None and hf_x is not None and x.shape == hf_x.shape else None
+        into = _difference(x, hf_x, mask) if x is not None and hf_x is not None and x.shape == hf_x.shape else None
         if into is not None and into > TOLERANCE:
             after = f", after {agreed} agreed" if agreed else ""
             return (f"it first differs {inside}at the input of {name}{twin}, by {into:.2g}{after}: code with no "
@@ -228,7 +229,7 @@ def where_it_differs(ours: Recorder, theirs: Recorder, pairs: dict, mask) -> str
 # The check
 
 
-def fp32_cpu_copy(model: nn.Module) -> nn.Module:
+def _fp32_cpu_copy(model: nn.Module) -> nn.Module:
     """The model itself when it is already fp32 on the CPU, else a copy that is (the training model stays put)."""
     tensors = list(model.parameters()) + list(model.buffers())
     if all(t.device.type == "cpu" and (t.dtype == torch.float32 or not t.is_floating_point()) for t in tensors):
@@ -236,13 +237,13 @@ def fp32_cpu_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model).to(device="cpu", dtype=torch.float32)
 
 
-def load_with_transformers(folder: Path, architecture: str):
+def _load_with_transformers(folder: Path, architecture: str):
     """(the model transformers' Auto class builds from `folder`, the Auto class's name, seconds importing it)."""
     started = time.perf_counter()
     import transformers
     from transformers.utils import logging
 
-    auto_name = auto_class_name(architecture)
+    auto_name = _auto_class_name(architecture)
     auto = getattr(transformers, auto_name)
     getattr(transformers, architecture, None)  # its modeling file: imported here, so timed as the import
     imported = time.perf_counter() - started
@@ -280,16 +281,16 @@ def prove_export(model: nn.Module, folder: Path) -> Proof:
         raise WeightsError(f"the export check has no probe for the head {head!r}: add one to PROBES in {__name__}")
     make_probe, run_ours, theirs_of = PROBES[head]
     hf_config = json.loads((folder / "config.json").read_text())
-    hf_model, auto_name, imported = load_with_transformers(folder, architecture)
+    hf_model, auto_name, imported = _load_with_transformers(folder, architecture)
 
-    ours_model = fp32_cpu_copy(model)
+    ours_model = _fp32_cpu_copy(model)
     was_training = ours_model.training
     probe = make_probe(hf_config, ours_model.cfg, family.hf.max_length(ours_model.cfg))
     vocab_size = hf_config.get("vocab_size") or hf_config["text_config"]["vocab_size"]
-    pairs = paired_modules(ours_model, hf_model, family.hf.tensors(ours_model, architecture, vocab_size))
+    pairs = _paired_modules(ours_model, hf_model, family.hf.tensors(ours_model, architecture, vocab_size))
     hf_modules, our_modules = dict(hf_model.named_modules()), dict(ours_model.named_modules())
-    ours = Recorder({name: our_modules[name] for name in pairs})
-    theirs = Recorder({hf_name: hf_modules[hf_name] for hf_name in pairs.values()})
+    ours = _Recorder({name: our_modules[name] for name in pairs})
+    theirs = _Recorder({hf_name: hf_modules[hf_name] for hf_name in pairs.values()})
     try:
         ours_model.eval()
         with torch.autocast("cpu", enabled=False):
@@ -299,10 +300,10 @@ def prove_export(model: nn.Module, folder: Path) -> Proof:
         ours.remove()
         theirs.remove()
         ours_model.train(was_training)
-    worst = difference(ours_out, theirs_out, probe.mask)
+    worst = _difference(ours_out, theirs_out, probe.mask)
     seconds = time.perf_counter() - started
     if not worst <= TOLERANCE:  # also NaN
-        where = where_it_differs(ours, theirs, pairs, probe.mask)
+        where = _where_it_differs(ours, theirs, pairs, probe.mask)
         raise ExportRefused(
             f"transformers' {architecture} computes other outputs than the model written: max |difference| "
             f"{worst:.2g} > {TOLERANCE:.0e} on {probe.words} (fp32 on the CPU); {where} (checked in {seconds:.2f} s)"
