@@ -30,7 +30,6 @@ import torch.nn as nn
 from rafale.errors import WeightsError
 
 TOLERANCE = 1e-4  # max |difference| of fp32 outputs; same code gives ~1e-7, a changed activation ~1e-2
-REFUSED_FILE = "REFUSED.txt"  # what an export that failed its check is left with, beside its files
 
 
 class ExportRefused(WeightsError):
@@ -272,10 +271,10 @@ def prove_export(model: nn.Module, folder: Path) -> Proof:
     """Load the export in `folder` with transformers and compare its outputs with `model`'s (the nn.Module that was
     written there) on a fixed probe, in fp32 on the CPU. The Proof, or ExportRefused saying by how much they differ
     and where it first arises."""
-    from rafale.models.hf import family_of  # the family's format: the architecture written, its head, its names
+    from rafale.models.hf import family_and_architecture  # the family's format: the architecture written, its head, its names
 
     started = time.perf_counter()
-    family, architecture = family_of(model)
+    family, architecture = family_and_architecture(model)
     head = family.hf.architectures[architecture]
     if head not in PROBES:
         raise WeightsError(f"the export check has no probe for the head {head!r}: add one to PROBES in {__name__}")

@@ -14,10 +14,10 @@ import torch.nn.functional as F
 
 from conftest import run_in_process, write_config
 from rafale.data.cache import PreparedData
-from rafale.export import export_model
-from rafale.export_proof import REFUSED_FILE, TOLERANCE, ExportRefused, prove_export
+from rafale.export_proof import TOLERANCE, ExportRefused, prove_export
 from rafale.models import clip, decoder, encoder
 from rafale.models.hf import architectures, save_pretrained
+from rafale.run_folder import REFUSED_FILE, export_model
 
 VOCAB = 128
 
