@@ -271,7 +271,7 @@ def prove_export(model: nn.Module, folder: Path) -> Proof:
     """Load the export in `folder` with transformers and compare its outputs with `model`'s (the nn.Module that was
     written there) on a fixed probe, in fp32 on the CPU. The Proof, or ExportRefused saying by how much they differ
     and where it first arises."""
-    from rafale.models.hf import family_and_architecture  # the family's format: the architecture written, its head, its names
+    from rafale.models.hf import family_and_architecture  # the architecture written, its head, its names
 
     started = time.perf_counter()
     family, architecture = family_and_architecture(model)
