@@ -1,4 +1,4 @@
-"""An export proves itself: transformers loads the folder just written and must compute what rafale's model does.
+"""An export proves itself: transformers loads it back and must compute what the model does.
 
 The export's other checks (rafale/models/hf.py, `export_refusal`) look at the model's classes and config before
 training. They cannot see code: a block edited in place (the MLP's GELU turned into SiLU, nanoGPT's way, with no
@@ -33,20 +33,19 @@ TOLERANCE = 1e-4  # max |difference| of fp32 outputs; same code gives ~1e-7, a c
 
 
 class ExportRefused(WeightsError):
-    """transformers loads the export but computes something else than the model written."""
+    """transformers computes something else than the model."""
 
 
 @dataclass
 class Proof:
     architecture: str
-    auto_class: str
     max_difference: float
     probe: str  # what was run, in words
     seconds: float  # the check, from loading transformers to the comparison
     import_seconds: float  # of which importing transformers' model class (most of it once per process)
 
     def line(self) -> str:
-        return (f"transformers' {self.auto_class} loads it as {self.architecture} and gives the same outputs "
+        return (f"transformers' {_auto_class_name(self.architecture)} loads it as {self.architecture} and gives the same outputs "
                 f"(max |difference| {self.max_difference:.1e} <= {TOLERANCE:.0e} on {self.probe}, fp32 on the CPU); "
                 f"checked in {self.seconds:.2f} s, {self.import_seconds:.2f} s of it importing transformers")
 
@@ -115,12 +114,12 @@ PROBES: dict[str, tuple[Callable, Callable, Callable]] = {
 }
 
 # the Auto class that builds an architecture, by the end of its name; AutoModel for the rest (CLIPModel, ...)
-AUTO_CLASSES = {"ForCausalLM": "AutoModelForCausalLM", "ForMaskedLM": "AutoModelForMaskedLM",
+_AUTO_CLASSES = {"ForCausalLM": "AutoModelForCausalLM", "ForMaskedLM": "AutoModelForMaskedLM",
                 "ForSequenceClassification": "AutoModelForSequenceClassification"}
 
 
 def _auto_class_name(architecture: str) -> str:
-    return next((auto for end, auto in AUTO_CLASSES.items() if architecture.endswith(end)), "AutoModel")
+    return next((auto for end, auto in _AUTO_CLASSES.items() if architecture.endswith(end)), "AutoModel")
 
 
 def _difference(ours: torch.Tensor, theirs: torch.Tensor, mask: Optional[torch.Tensor]) -> float:
@@ -237,7 +236,7 @@ def _fp32_cpu_copy(model: nn.Module) -> nn.Module:
 
 
 def _load_with_transformers(folder: Path, architecture: str):
-    """(the model transformers' Auto class builds from `folder`, the Auto class's name, seconds importing it)."""
+    """(the model transformers' Auto class builds from `folder`, seconds importing it)."""
     started = time.perf_counter()
     import transformers
     from transformers.utils import logging
@@ -263,7 +262,7 @@ def _load_with_transformers(folder: Path, architecture: str):
         built = type(hf_model).__name__
         raise ExportRefused(f"transformers' {auto_name} builds {built} from it, not exactly {architecture}: "
                             f"{problems or 'another class'}")
-    return hf_model.eval(), auto_name, imported
+    return hf_model.eval(), imported
 
 
 @torch.no_grad()
@@ -280,7 +279,7 @@ def prove_export(model: nn.Module, folder: Path) -> Proof:
         raise WeightsError(f"the export check has no probe for the head {head!r}: add one to PROBES in {__name__}")
     make_probe, run_ours, theirs_of = PROBES[head]
     hf_config = json.loads((folder / "config.json").read_text())
-    hf_model, auto_name, imported = _load_with_transformers(folder, architecture)
+    hf_model, imported = _load_with_transformers(folder, architecture)
 
     ours_model = _fp32_cpu_copy(model)
     was_training = ours_model.training
@@ -307,4 +306,4 @@ def prove_export(model: nn.Module, folder: Path) -> Proof:
             f"transformers' {architecture} computes other outputs than the model written: max |difference| "
             f"{worst:.2g} > {TOLERANCE:.0e} on {probe.words} (fp32 on the CPU); {where} (checked in {seconds:.2f} s)"
         )
-    return Proof(architecture, auto_name, worst, probe.words, seconds, imported)
+    return Proof(architecture, worst, probe.words, seconds, imported)

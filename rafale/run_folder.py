@@ -4,8 +4,8 @@ run writes there before training. The run writes its folder through here; every 
     config.yaml tokenizer.json data.json model.json (labels.json)   rebuild the model without the data
     summary.json metrics.jsonl metrics.png    the record (rafale.record, rafale.loggers.MetricsFile, rafale.plots)
     checkpoints/   ep<epoch>-ba<batch>-rank<rank>.pt and latest-rank0.pt, read with weights_only (rafale.checkpoints)
-    export/ export-best/   the Hugging Face export at the end of training, and training.keep_best's (each checked
-                           by transformers first: one it refuses is left as export.refused/ with a REFUSED.txt)
+    export/ export-best/   the Hugging Face export at the end of training, and training.keep_best's (export.refused/
+                           when transformers computes it otherwise)
     evals/<time>/          each training.eval_only evaluation's own config.yaml, summary.json and metrics.jsonl
 
 The resume guard (`resume_changes`) decides key by key what a resumed run may change: the keys in
@@ -49,8 +49,8 @@ PLOT_FILE = "metrics.png"
 CHECKPOINTS_DIR = "checkpoints"
 EXPORT_DIR = "export"
 BEST_DIR = "export-best"  # training.keep_best: the weights of the best evaluation
-REFUSED_SUFFIX = ".refused"  # an export transformers computes otherwise: export.refused/, kept to look into
-REFUSED_FILE = "REFUSED.txt"  # ... with why, beside its files
+REFUSED_SUFFIX = ".refused"  # an export transformers computes otherwise, kept to look into
+REFUSED_FILE = "REFUSED.txt"
 EVALS_DIR = "evals"
 VAL_LOSSES = ("metrics/eval/LanguageCrossEntropy", "metrics/eval/CrossEntropy", "metrics/eval/ContrastiveLoss")
 
