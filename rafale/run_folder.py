@@ -393,11 +393,12 @@ def export_model(model: torch.nn.Module, folder: Path, data: PreparedData) -> Pa
     (rafale/export_proof.py).
 
     The files are written to a hidden folder beside `folder` and checked there; only a proven export is renamed
-    into place. A refused one becomes `folder`.refused/ with a REFUSED.txt saying why, any previous `folder` (not
-    these weights) is removed, and the ExportRefused says both."""
+    into place (and an earlier `folder`.refused/ removed). A refused one becomes `folder`.refused/ with a REFUSED.txt
+    saying why, any previous `folder` (not these weights) is removed, and the ExportRefused says both."""
     from rafale.export_proof import ExportRefused, prove_export
     from rafale.models.hf import replace_folder, save_pretrained
 
+    refused = folder.with_name(folder.name + REFUSED_SUFFIX)
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.unchecked.", dir=folder.parent))
     try:
@@ -407,7 +408,6 @@ def export_model(model: torch.nn.Module, folder: Path, data: PreparedData) -> Pa
         )
         proof = prove_export(model, staging)
     except ExportRefused as err:
-        refused = folder.with_name(folder.name + REFUSED_SUFFIX)
         (staging / REFUSED_FILE).write_text(
             f"rafale refused this export: {err}\nIt is kept to look into, not to use: transformers loads these "
             "files as a model that computes something else than the one rafale trained.\n")
@@ -419,5 +419,6 @@ def export_model(model: torch.nn.Module, folder: Path, data: PreparedData) -> Pa
         shutil.rmtree(staging, ignore_errors=True)
         raise
     replace_folder(staging, folder)
+    shutil.rmtree(refused, ignore_errors=True)  # an earlier refusal, of other weights or code
     print(f"rafale: export checked: {proof.line()}")
     return folder

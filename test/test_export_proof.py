@@ -175,4 +175,4 @@ def test_a_run_with_silu_in_place_trains_and_exports_nothing(tmp_path, cache_dir
     monkeypatch.undo()  # the plain decoder again: the same checkpoint exports and proves itself
     code, out, err = run_in_process(["export", str(run_dir)], capsys, monkeypatch)
     assert code == 0 and re.search(r"^rafale: export checked: .*checked in \d+\.\d\d s", out, re.M), out + err
-    assert (run_dir / "export" / "config.json").is_file()
+    assert (run_dir / "export" / "config.json").is_file() and not (run_dir / "export.refused").exists()
