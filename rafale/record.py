@@ -50,7 +50,7 @@ APPLIED_ON_RESUME = {
     "training.max_duration", "training.eval_interval", "training.eval_batches", "training.save_interval",
     "training.checkpoints_to_keep", "training.log_interval", "training.compile", "training.activation_checkpointing",
     "training.microbatch_size", "training.precision", "training.trust_checkpoint", "training.fsdp",
-    "training.keep_best", "training.early_stopping",
+    "training.keep_best", "training.early_stopping", "training.cooldowns",
 }
 # data keys the collators read while training; every other data key is judged by the cache it builds (its
 # content digest and tokenizer), so a moved file or another spelling of the same data still resumes
@@ -103,6 +103,19 @@ def saved_config(run_dir: Path) -> Config | None:
 def resume_changes(run_dir: Path, cfg: Config, data, model_cfg) -> dict[str, list]:
     """The config changes a resume of `run_dir` applies (key -> [was, now]); a ResumeConflict naming everything
     else that changed. `data` is the PreparedData the run trains on, `model_cfg` the model's config as built."""
+    applied, refused = resume_refusals(run_dir, cfg, data, model_cfg)
+    if refused:
+        raise ResumeConflict(
+            f"cannot resume {run_dir}: its checkpoints were trained with other inputs ({'; '.join(refused)}). "
+            f"Use a new run.name, or start over with --restart (or run.restart: true), which keeps the old "
+            f"folder as {run_dir.name}.old-<time>"
+        )
+    return applied
+
+
+def resume_refusals(run_dir: Path, cfg: Config, data, model_cfg) -> tuple[dict[str, list], list[str]]:
+    """(the config changes a resume of `run_dir` applies, 'key was X, now Y' for everything else that differs:
+    config keys, the data's content and tokenizer, the model as built)."""
     old = saved_config(run_dir)
     differences = config_differences(old, cfg) if old is not None else {}
     applied = {key: change for key, change in differences.items() if key in APPLIED_ON_RESUME}
@@ -116,13 +129,7 @@ def resume_changes(run_dir: Path, cfg: Config, data, model_cfg) -> dict[str, lis
         saved = json.loads((run_dir / MODEL_FILE).read_text())
         refused += [f"the model's {key} was {_short(saved.get(key))}, now {_short(built.get(key))}"
                     for key in sorted(saved.keys() | built.keys()) if saved.get(key) != built.get(key)]
-    if refused:
-        raise ResumeConflict(
-            f"cannot resume {run_dir}: its checkpoints were trained with other inputs ({'; '.join(refused)}). "
-            f"Use a new run.name, or start over with --restart (or run.restart: true), which keeps the old "
-            f"folder as {run_dir.name}.old-<time>"
-        )
-    return applied
+    return applied, refused
 
 
 def data_conflicts(run_dir: Path, data, data_keys: dict[str, list]) -> list[str]:
@@ -295,6 +302,8 @@ class RunRecord:
         self.run_dir, self.cfg, self.num_params, self.clock = run_dir, cfg, num_params, clock
         self.started, self.writes, self.mfu, self.precision = started, writes, mfu, precision
         self.changes = changes or {}
+        self.flops_per_token: int | None = None  # a training step's FLOPs per token (rafale.record.compute_figures)
+        self.non_embedding_params: int | None = None
         self.earlier: list[dict] = []  # the segments before this one, up to where this one starts
         self.previous: dict = {}
         self.start_batch = self.start_tokens = 0
@@ -371,6 +380,10 @@ class RunRecord:
             "model": self.cfg.model.type + (f" {self.cfg.model.preset}" if self.cfg.model.preset else ""),
             "task": self.cfg.model.task,
             "parameters": self.num_params,
+            "non_embedding_parameters": self.non_embedding_params,
+            "flops_per_token": self.flops_per_token,
+            "training_flops": (self.flops_per_token * int(state.timestamp.token)
+                               if self.flops_per_token is not None else None),
             "status": status,
             "batches": int(state.timestamp.batch),
             "epochs": int(state.timestamp.epoch),
@@ -389,6 +402,7 @@ class RunRecord:
             "validation_step": last_eval[0] if last_eval else self.previous.get("validation_step"),
             "export": str(self.export_dir) if self.export_dir else None,
             "segments": segments,
+            **({"branched_from": self.previous["branched_from"]} if "branched_from" in self.previous else {}),
             **self.outcome(),
             **extra,
         }
@@ -399,6 +413,21 @@ class RunRecord:
         if self.writes:
             write_json(self.run_dir / SUMMARY_FILE, summary)
         return summary
+
+
+def non_embedding_parameters(module) -> int:
+    """The parameters outside the vocabulary matrices, N of a scaling law (Kaplan et al. 2020): every parameter but
+    the embedding tables (nn.Embedding: token, and position where a model has one) and an output projection onto
+    the vocabulary (a Linear whose out_features is the token table's size, tied or not). Shared ones count once."""
+    from torch import nn
+
+    embeddings = [m for m in module.modules() if isinstance(m, nn.Embedding)]
+    vocabulary = max((m.num_embeddings for m in embeddings), default=None)  # the token table is the largest
+    left_out = {id(m.weight) for m in embeddings}
+    left_out |= {id(p) for m in module.modules() if isinstance(m, nn.Linear) and m.out_features == vocabulary
+                 for p in m.parameters()}
+    counted = {id(p): p.numel() for p in module.parameters() if id(p) not in left_out}
+    return sum(counted.values())
 
 
 def cut(segment: dict, batch: int) -> dict:
