@@ -300,6 +300,11 @@ def fit_law(points: list[Point], bootstrap: int = 200, seed: int = 0) -> Fit:
     fixed = {} if len(sides) == 2 else ({"N": points[0].N} if sides == ("D",) else {"D": points[0].D})
     law = Law(sides, as_params(theta, sides), fixed)
     rng, samples, tries = np.random.default_rng(seed), [], 0
+    free = 1 + 2 * len(sides)
+    if len(points) <= free:  # every resample that keeps the sizes and budgets is the same points: no spread
+        said.append(f"intervals: {len(points)} runs for {free} parameters fit exactly, which leaves a bootstrap "
+                    "nothing to vary; add runs")
+        bootstrap = 0
     while len(samples) < bootstrap and tries < 5 * bootstrap:
         tries += 1
         counts = np.bincount(rng.integers(0, len(points), len(points)), minlength=len(points))
@@ -356,20 +361,24 @@ def describe_law(fit: Fit, points: list[Point], what: str) -> str:
     law, intervals = fit.law, fit.intervals
     k, gamma = flops_relation(points)
     sizes, budgets = sorted({p.N for p in points}), sorted({p.D for p in points})
-    lines = [f"{what} = E + A/N^alpha + B/D^beta, fitted to {len(points)} runs ({len(sizes)} sizes, N "
-             f"{sizes[0]:,} to {sizes[-1]:,}; {len(budgets)} budgets, D {budgets[0]:,} to {budgets[-1]:,} tokens); "
-             f"95% intervals from {len(fit.samples)} bootstrap fits"]
+    def span(values, one, many):
+        return (f"1 {one}, {values[0]:,}" if len(values) == 1 else f"{len(values)} {many}, {values[0]:,} to "
+                f"{values[-1]:,}")
+
+    lines = [f"{what} = E + A/N^alpha + B/D^beta, fitted to {len(points)} runs ({span(sizes, 'size', 'sizes')} "
+             f"non-embedding parameters; {span(budgets, 'budget', 'budgets')} tokens); "
+             + (f"95% intervals from {len(fit.samples)} bootstrap fits" if fit.samples else "no intervals")]
     for key in PARAMETERS + ("a", "b"):
         value = law.params.get(key)
         if value is None:
             continue
-        low, high = intervals.get(key, (math.nan, math.nan))
+        interval = f"[{intervals[key][0]:.5g}, {intervals[key][1]:.5g}]" if key in intervals else "[no interval]"
         label = key
         if key == "E" and len(law.sides) == 1:
             other = "A/N^alpha" if "D" in law.sides else "B/D^beta"
             label = f"E + {other} ({_fixed_text(law)})"
         note = {"a": "  N_opt ~ C^a", "b": "  D_opt ~ C^b"}.get(key, "")
-        lines.append(f"  {label:<10} {value:12.5g}   [{low:.5g}, {high:.5g}]{note}")
+        lines.append(f"  {label:<10} {value:12.5g}   {interval}{note}")
     if law.params.get("a") is not None:
         lines.append(f"  compute: C = flops_per_token x D, flops_per_token = {k:.4g} N^{gamma:.3f} over these sizes "
                      f"(3x the forward's matmul FLOPs); a = beta/(alpha + {gamma:.3f} beta), b = alpha/(alpha + "
