@@ -256,9 +256,12 @@ def fit_theta(points: list[Point], sides, weights=None, starts=None) -> np.ndarr
 
 
 def as_params(theta: np.ndarray, sides) -> dict:
-    e, a, alpha, b, beta = theta
-    return {"E": math.exp(e), "A": math.exp(a) if "N" in sides else None, "alpha": alpha if "N" in sides else None,
-            "B": math.exp(b) if "D" in sides else None, "beta": beta if "D" in sides else None}
+    """E, A, alpha, B, beta from theta (e, a, alpha, b, beta); a runaway fit's exp is inf, not an error."""
+    with np.errstate(over="ignore"):
+        E, A, B = (float(np.exp(v)) for v in (theta[0], theta[1], theta[3]))
+    alpha, beta = float(theta[2]), float(theta[4])
+    return {"E": E, "A": A if "N" in sides else None, "alpha": alpha if "N" in sides else None,
+            "B": B if "D" in sides else None, "beta": beta if "D" in sides else None}
 
 
 def what_the_runs_tell(points: list[Point]) -> tuple[tuple[str, ...], list[str]]:
@@ -312,7 +315,8 @@ def fit_law(points: list[Point], bootstrap: int = 200, seed: int = 0) -> Fit:
         if any(len({getattr(p, side) for p in chosen}) < MIN_DISTINCT for side in sides):
             continue
         params = as_params(fit_theta(points, sides, weights=counts.astype(float), starts=[theta]), sides)
-        samples.append(Law(sides, params | exponents(params, points), fixed))
+        if all(v is None or np.isfinite(v) for v in params.values()):  # (a runaway fit is drawn again)
+            samples.append(Law(sides, params | exponents(params, points), fixed))
     intervals = {}
     for key in samples[0].params if samples else []:
         values = [s.params[key] for s in samples if s.params[key] is not None and np.isfinite(s.params[key])]
@@ -492,7 +496,10 @@ def law_main(argv) -> int:
         text += (f"\nheld out {len(held)} runs: the law predicts their {what} within {max(errors):.2%} (mean "
                  f"{np.mean(errors):.2%})")
     out = Path(args.out) if args.out else (paths[0] if paths[0].is_dir() else paths[0].parent) / "law"
-    out.with_suffix(".md").write_text(text + "\n\n" + rows + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp.md")
+    tmp.write_text(text + "\n\n" + rows + "\n")
+    tmp.replace(out.with_suffix(".md"))
     plot = plot_law(fitted, law, held, out.with_suffix(".png"), what)
     print(text + "\n\n" + rows)
     print(f"rafale: wrote {out.with_suffix('.md')} and {plot}")
