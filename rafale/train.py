@@ -212,10 +212,11 @@ def run(cfg: Config, data: PreparedData, model, collator, debug: bool = False,
         set_run_folder_aside(run_dir)
     if dist.get_world_size() > 1:
         check_shared_run_folder(run_dir)
-    if cfg.training.branch_from is not None and save and dist.get_global_rank() == 0:
+    if cfg.training.branch_from is not None and save:  # every process checks the parent; rank 0 copies from it
         from rafale.branch import start_branch
 
-        start_branch(cfg, data, model.model.cfg, run_dir, len(data.splits["train"]) // cfg.training.batch_size)
+        start_branch(cfg, data, model.model.cfg, run_dir, len(data.splits["train"]) // cfg.training.batch_size,
+                     writes=dist.get_global_rank() == 0)
     if dist.get_world_size() > 1:
         dist.barrier()  # the branch's folder is ready before any process looks for its checkpoint
     changes, complete = check_run_folder(cfg, data, model, run_dir, save)
