@@ -494,6 +494,10 @@ def describe(summary: dict, run_dir: Path) -> str:
     """The end-of-run lines, from the summary."""
     lines = [f"{'evaluation' if summary.get('eval_only') else 'run'} folder: {run_dir}",
              f"parameters: {summary['parameters']:,}"]
+    if summary.get("training_flops"):
+        lines.append(f"compute: N = {summary['non_embedding_parameters']:,} non-embedding parameters, D = "
+                     f"{summary['tokens']:,} tokens, C = {summary['training_flops']:.3g} training FLOPs "
+                     f"({summary['flops_per_token']:,} per token)")
     if summary.get("eval_only"):
         lines.append(f"evaluated {summary['checkpoint']} (batch {summary['batches']}) in {summary['eval_time_s']:.2f} s")
     if summary.get("precision"):

@@ -311,6 +311,7 @@ def test_a_cooldown_branch_continues_its_parent_and_decays_to_zero(tmp_path, cac
     code, out, err = run_in_process(["-c", str(config), "run.name=branch", "training.max_duration=20ba",
                                      f"training.branch_from.run={parent}"], capsys, monkeypatch)
     assert code == 0, err[-3000:]
+    assert re.search(r"compute: N = [\d,]+ non-embedding parameters, D = 10,240 tokens, C = ", out)
     assert folder_digest(parent) == before  # byte for byte
     branch = tmp_path / "runs" / "branch"
     summary = json.loads((branch / "summary.json").read_text())
