@@ -18,7 +18,7 @@ import json
 import shutil
 from pathlib import Path
 
-from rafale.config import Config, load_config, parse_time
+from rafale.config import Config, load_config
 from rafale.errors import ConfigError
 from rafale.optim import wsd_batches
 from rafale.plots import METRICS_FILE, SUMMARY_FILE
