@@ -21,8 +21,10 @@ from pathlib import Path
 from rafale.config import Config, load_config
 from rafale.errors import ConfigError
 from rafale.optim import wsd_batches
-from rafale.plots import METRICS_FILE, SUMMARY_FILE
-from rafale.record import cut, read_summary, resume_refusals, write_json
+from rafale.record import cut
+from rafale.checkpoints import LATEST_CHECKPOINT
+from rafale.run_folder import (CHECKPOINTS_DIR, CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, read_summary,
+                               resume_refusals, write_json)
 
 BRANCH_KEYS = ("training.max_duration", "training.branch_from", "training.cooldowns", "training.decay_fraction",
                "training.decay_shape", "training.schedule")  # what a branch may set otherwise than its parent
@@ -49,7 +51,7 @@ def branch_points(cfg: Config, batches_per_epoch: int) -> list[int]:
 
 
 def checkpoints_at(parent: Path, batch: int) -> list[Path]:
-    return sorted((parent / "checkpoints").glob(f"*-ba{batch}-rank*.pt"))
+    return sorted((parent / CHECKPOINTS_DIR).glob(f"*-ba{batch}-rank*.pt"))
 
 
 def check_parent(cfg: Config, data, model_cfg, batches_per_epoch: int) -> tuple[Path, Config, int]:
@@ -58,9 +60,9 @@ def check_parent(cfg: Config, data, model_cfg, batches_per_epoch: int) -> tuple[
     data, tokenizer and model, a wsd or constant parent still in its stable phase there, and its checkpoint there."""
     parent = Path(cfg.training.branch_from["run"]).expanduser()
     key = "training.branch_from.run"
-    if not (parent / "config.yaml").is_file():
+    if not (parent / CONFIG_FILE).is_file():
         raise ConfigError(key, f"{parent} is not a run folder (no config.yaml)")
-    parent_cfg = load_config(parent / "config.yaml", saved_run=True)
+    parent_cfg = load_config(parent / CONFIG_FILE, saved_run=True)
     at = decay_start(cfg, batches_per_epoch)
     p = parent_cfg.training
     if p.schedule not in ("wsd", "constant"):
@@ -77,7 +79,7 @@ def check_parent(cfg: Config, data, model_cfg, batches_per_epoch: int) -> tuple[
     if refused:
         raise ConfigError(key, f"this branch would not continue {parent}'s run: {'; '.join(refused)}")
     if not checkpoints_at(parent, at):
-        kept = sorted({int(f.stem.split("-ba")[1].split("-")[0]) for f in (parent / "checkpoints").glob("*-ba*-rank*.pt")})
+        kept = sorted({int(f.stem.split("-ba")[1].split("-")[0]) for f in (parent / CHECKPOINTS_DIR).glob("*-ba*-rank*.pt")})
         raise ConfigError("training.branch_from.at", f"{parent} has no checkpoint at batch {at} (it has "
                           f"{', '.join(map(str, kept)) or 'none'}); branch where it saved one (training.save_interval, "
                           "or training.cooldowns on the parent, which saves at each branch point)")
@@ -89,18 +91,18 @@ def start_branch(cfg: Config, data, model_cfg, run_dir: Path, batches_per_epoch:
     cut there (see the module's docstring), written by the process that `writes` (rank 0) after every process has
     checked the parent (so a refusal stops them all). Does nothing for a branch that has checkpoints of its own
     already (a resumed branch resumes from them)."""
-    if list(run_dir.glob("checkpoints/*.pt")):
+    if list((run_dir / CHECKPOINTS_DIR).glob("*.pt")):
         return
     parent, _, at = check_parent(cfg, data, model_cfg, batches_per_epoch)
     if not writes:
         return
-    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    (run_dir / CHECKPOINTS_DIR).mkdir(parents=True, exist_ok=True)
     for checkpoint in checkpoints_at(parent, at):
-        tmp = run_dir / "checkpoints" / (checkpoint.name + ".tmp")
+        tmp = run_dir / CHECKPOINTS_DIR / (checkpoint.name + ".tmp")
         shutil.copyfile(checkpoint, tmp)
-        tmp.replace(run_dir / "checkpoints" / checkpoint.name)
+        tmp.replace(run_dir / CHECKPOINTS_DIR / checkpoint.name)
         rank = checkpoint.stem.rsplit("-rank", 1)[1]
-        (run_dir / "checkpoints" / f"latest-rank{rank}.pt").symlink_to(checkpoint.name)  # what a resume loads
+        (run_dir / CHECKPOINTS_DIR / LATEST_CHECKPOINT.replace("rank0", f"rank{rank}")).symlink_to(checkpoint.name)  # what a resume loads
     rows = []
     if (parent / METRICS_FILE).is_file():
         for line in (parent / METRICS_FILE).read_text().splitlines():

@@ -31,16 +31,16 @@ bits per byte); runs not complete (in progress, stopped by a signal, failed) are
 import argparse
 import fnmatch
 import hashlib
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from rafale.errors import RafaleError
-from rafale.plots import CONFIG_FILE, SUMMARY_FILE, pyplot, run_folders
+from rafale.plots import pyplot
+from rafale.run_folder import TOKENIZER_FILE, read_config, read_summary
+from rafale.runs import run_folders
 
 HUBER_DELTA = 1e-3
 # the starting points of Hoffmann et al. (appendix D.2): every combination, the best few by the objective kept
@@ -81,7 +81,7 @@ def read_points(paths: list[Path], bits_per_byte: bool = False) -> tuple[list[Po
     tokenizer (unless bits_per_byte) or task differ, naming the difference."""
     points, left_out, identities = [], [], {}
     for run_dir in run_folders(paths):
-        summary = json.loads((run_dir / SUMMARY_FILE).read_text()) if (run_dir / SUMMARY_FILE).is_file() else {}
+        summary = read_summary(run_dir) or {}
         status = summary.get("status")
         if status != "complete":
             how = f"stopped by {summary['stopped_by']}" if summary.get("stopped_by") else (status or "no summary.json")
@@ -107,12 +107,12 @@ def run_identity(run_dir: Path, summary: dict, bits_per_byte: bool) -> dict:
     """What must be the same in every run of one law: the task, the data (config.yaml's data section, but for
     how it was prepared) and the tokenizer (tokenizer.json's digest; with bits_per_byte neither it nor the data
     keys that choose it)."""
-    config = yaml.safe_load((run_dir / CONFIG_FILE).read_text()) if (run_dir / CONFIG_FILE).is_file() else {}
-    ignored = NOT_THE_DATA | (TOKENIZER_KEYS if bits_per_byte else set())
-    identity = {"task": summary.get("task") or (config.get("model") or {}).get("task")}
-    identity |= {f"data.{k}": v for k, v in (config.get("data") or {}).items() if k not in ignored}
+    config = read_config(run_dir) or {}
+    ignored = {f"data.{key}" for key in NOT_THE_DATA | (TOKENIZER_KEYS if bits_per_byte else set())}
+    identity = {"task": summary.get("task") or config.get("model.task")}
+    identity |= {key: value for key, value in config.items() if key.startswith("data.") and key not in ignored}
     if not bits_per_byte:
-        tokenizer = run_dir / "tokenizer.json"
+        tokenizer = run_dir / TOKENIZER_FILE
         identity["tokenizer"] = hashlib.sha256(tokenizer.read_bytes()).hexdigest()[:12] if tokenizer.is_file() else None
     return identity
 

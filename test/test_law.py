@@ -209,7 +209,8 @@ def test_law_command_writes_the_table_and_the_plot_and_reports_the_holdout(tmp_p
 
 
 def test_runs_table_shows_and_filters_by_N_D_and_C(tmp_path, capsys, monkeypatch):
-    from rafale.plots import run_folders, table_rows
+    from rafale.plots import table_rows
+    from rafale.runs import run_folders
 
     grid_of_runs(tmp_path)
     headers, rows = table_rows(run_folders([tmp_path]), sort="C", where=["N>5e4", "D<=4e5"])
