@@ -15,6 +15,8 @@ import csv
 import io
 import itertools
 import json
+import operator
+import re
 from pathlib import Path
 
 from rafale.errors import RafaleError
@@ -211,7 +213,9 @@ def run_row(run_dir: Path) -> dict:
     model = summary.get("model", "?") + ("" if status == "complete" else f" ({status} at batch {summary.get('batches')})")
     row = {"run": summary["name"], "model": model,
            "params": f"{summary['parameters'] / 1e6:.2f}M" if summary.get("parameters") else "",
+           "N": short_number(summary.get("non_embedding_parameters")),
            "tokens": f"{summary.get('tokens', 0):,}",
+           "C": short_number(summary.get("training_flops")),
            "wall": f"{summary['wall_time_s'] / 60:.1f} min" if summary.get("wall_time_s") else "",
            "tok/s": f"{summary['tokens_per_s']:,.0f}" if summary.get("tokens_per_s") else ""}
     validation = summary.get("validation", {})
@@ -219,6 +223,13 @@ def run_row(run_dir: Path) -> dict:
         value = next((validation[n] for n in names if n in validation), None)
         row[header] = "" if value is None else f"{value:.4f}"
     return row
+
+
+def short_number(value) -> str:
+    """6.63e4 for 66,304: three digits, in a spelling float() reads back (for --sort and --where)."""
+    if value is None:
+        return ""
+    return f"{value:.2e}".replace("e+0", "e").replace("e+", "e").replace("e-0", "e-")
 
 
 def ranking_column(rows: list[dict]) -> str | None:
@@ -244,19 +255,62 @@ def sort_rows(rows: list[dict], column: str, reverse: bool = False) -> list[dict
         row for row in rows if not row.get(column)]
 
 
-def find_column(key: str, headers: list[str]) -> str:
+COLUMN_ALIASES = {"D": "tokens"}  # a scaling law's name for a column
+
+
+def find_column(key: str, headers: list[str], option: str = "--sort") -> str:
     """The column `--sort key` means: a header, or a dotted config key whose short name is one ('training.lr')."""
-    for header in (key, key.partition(".")[2]):
+    for header in (key, key.partition(".")[2], COLUMN_ALIASES.get(key)):
         if header in headers:
             return header
-    raise RafaleError(f"--sort {key}: no such column; the columns are {', '.join(headers)}")
+    raise RafaleError(f"{option} {key}: no such column; the columns are {', '.join(headers)}")
 
 
-def table_rows(run_dirs: list[Path], sort: str | None = None, reverse: bool = False) -> tuple[list[str], list[dict]]:
+WHERE = re.compile(r"\s*(.+?)\s*(<=|>=|!=|==|=|<|>)\s*(.+?)\s*")
+COMPARE = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge, "=": operator.eq,
+           "==": operator.eq, "!=": operator.ne}
+
+
+def where_rows(rows: list[dict], condition: str) -> list[dict]:
+    """The rows that meet `condition`, 'COLUMN OP VALUE' (N>1e6, C<=3e12, optimizer.name=soap, val loss<2): numbers
+    compared as numbers (a cell by its leading number, as --sort reads it), anything else as text. A row with
+    nothing in that column is left out."""
+    match = WHERE.fullmatch(condition)
+    if match is None:
+        raise RafaleError(f"--where {condition!r}: expected COLUMN OP VALUE with OP one of < <= > >= = != "
+                          "(e.g. 'N>1e6')")
+    key, op, wanted = match.groups()
+    column = find_column(key, list(rows[0]) if rows else [], "--where")
+    (wanted_kind, wanted_number, _) = sort_value(wanted)
+    kept = []
+    for row in rows:
+        cell = row.get(column, "")
+        if not cell:
+            continue
+        kind, number, text = sort_value(cell)
+        if kind == 0 and wanted_kind == 0:
+            keep = COMPARE[op](number, wanted_number)
+        elif op in ("=", "==", "!="):
+            keep = COMPARE[op](cell, wanted)
+        else:
+            raise RafaleError(f"--where {condition!r}: {column} holds {cell!r}, which {op} cannot compare with "
+                              f"{wanted!r}")
+        if keep:
+            kept.append(row)
+    return kept
+
+
+def table_rows(run_dirs: list[Path], sort: str | None = None, reverse: bool = False,
+               where: list[str] = ()) -> tuple[list[str], list[dict]]:
     """The headers (those with a value in some run) and the rows of `rafale runs`: run, the hyperparameters that
-    differ, then run_row's columns; best final validation first, or by the column `sort`."""
+    differ, then run_row's columns; only the rows that meet every `where` condition (see where_rows); best final
+    validation first, or by the column `sort`."""
     rows = [{"run": row.pop("run"), **settings, **row}
             for row, settings in zip(map(run_row, run_dirs), what_differs(run_dirs))]
+    for condition in where:
+        rows = where_rows(rows, condition)
+    if not rows:
+        raise RafaleError(f"no run meets --where {' and '.join(where)}")
     column = find_column(sort, list(rows[0])) if sort else ranking_column(rows)
     if column:
         rows = sort_rows(rows, column, reverse)
@@ -265,9 +319,10 @@ def table_rows(run_dirs: list[Path], sort: str | None = None, reverse: bool = Fa
     return [header for header in rows[0] if any(row[header] for row in rows)], rows
 
 
-def runs_table(run_dirs: list[Path], sort: str | None = None, reverse: bool = False, as_csv: bool = False) -> str:
+def runs_table(run_dirs: list[Path], sort: str | None = None, reverse: bool = False, as_csv: bool = False,
+               where: list[str] = ()) -> str:
     """A fixed-width table of runs, one line each (columns with no value in any run are left out), or CSV."""
-    headers, rows = table_rows(run_dirs, sort, reverse)
+    headers, rows = table_rows(run_dirs, sort, reverse, where)
     if as_csv:
         text = io.StringIO()
         writer = csv.DictWriter(text, headers, extrasaction="ignore", lineterminator="\n")

@@ -134,6 +134,8 @@ class RunRecord:
         self.run_dir, self.cfg, self.num_params, self.clock = run_dir, cfg, num_params, clock
         self.started, self.writes, self.mfu, self.precision = started, writes, mfu, precision
         self.changes = changes or {}
+        self.flops_per_token: int | None = None  # a training step's FLOPs per token (rafale.record.compute_figures)
+        self.non_embedding_params: int | None = None
         self.earlier: list[dict] = []  # the segments before this one, up to where this one starts
         self.previous: dict = {}
         self.start_batch = self.start_tokens = 0
@@ -210,6 +212,10 @@ class RunRecord:
             "model": self.cfg.model.type + (f" {self.cfg.model.preset}" if self.cfg.model.preset else ""),
             "task": self.cfg.model.task,
             "parameters": self.num_params,
+            "non_embedding_parameters": self.non_embedding_params,
+            "flops_per_token": self.flops_per_token,
+            "training_flops": (self.flops_per_token * int(state.timestamp.token)
+                               if self.flops_per_token is not None else None),
             "status": status,
             "batches": int(state.timestamp.batch),
             "epochs": int(state.timestamp.epoch),
@@ -228,6 +234,7 @@ class RunRecord:
             "validation_step": last_eval[0] if last_eval else self.previous.get("validation_step"),
             "export": str(self.export_dir) if self.export_dir else None,
             "segments": segments,
+            **({"branched_from": self.previous["branched_from"]} if "branched_from" in self.previous else {}),
             **self.outcome(),
             **extra,
         }
@@ -238,6 +245,21 @@ class RunRecord:
         if self.writes:
             write_json(self.run_dir / SUMMARY_FILE, summary)
         return summary
+
+
+def non_embedding_parameters(module) -> int:
+    """The parameters outside the vocabulary matrices, N of a scaling law (Kaplan et al. 2020): every parameter but
+    the embedding tables (nn.Embedding: token, and position where a model has one) and an output projection onto
+    the vocabulary (a Linear whose out_features is the token table's size, tied or not). Shared ones count once."""
+    from torch import nn
+
+    embeddings = [m for m in module.modules() if isinstance(m, nn.Embedding)]
+    vocabulary = max((m.num_embeddings for m in embeddings), default=None)  # the token table is the largest
+    left_out = {id(m.weight) for m in embeddings}
+    left_out |= {id(p) for m in module.modules() if isinstance(m, nn.Linear) and m.out_features == vocabulary
+                 for p in m.parameters()}
+    counted = {id(p): p.numel() for p in module.parameters() if id(p) not in left_out}
+    return sum(counted.values())
 
 
 def cut(segment: dict, batch: int) -> dict:
@@ -294,6 +316,10 @@ def describe(summary: dict, run_dir: Path) -> str:
     """The end-of-run lines, from the summary."""
     lines = [f"{'evaluation' if summary.get('eval_only') else 'run'} folder: {run_dir}",
              f"parameters: {summary['parameters']:,}"]
+    if summary.get("training_flops"):
+        lines.append(f"compute: N = {summary['non_embedding_parameters']:,} non-embedding parameters, D = "
+                     f"{summary['tokens']:,} tokens, C = {summary['training_flops']:.3g} training FLOPs "
+                     f"({summary['flops_per_token']:,} per token)")
     if summary.get("eval_only"):
         lines.append(f"evaluated {summary['checkpoint']} (batch {summary['batches']}) in {summary['eval_time_s']:.2f} s")
     if summary.get("precision"):

@@ -64,7 +64,7 @@ APPLIED_ON_RESUME = {
     "training.max_duration", "training.eval_interval", "training.eval_batches", "training.save_interval",
     "training.checkpoints_to_keep", "training.log_interval", "training.compile", "training.activation_checkpointing",
     "training.microbatch_size", "training.precision", "training.trust_checkpoint", "training.fsdp",
-    "training.keep_best", "training.early_stopping",
+    "training.keep_best", "training.early_stopping", "training.cooldowns",
 }
 # data keys the collators read while training; every other data key is judged by the cache it builds (its
 # content digest and tokenizer), so a moved file or another spelling of the same data still resumes
@@ -257,6 +257,19 @@ def differences_not_applied_on_resume(old: Config, new: Config) -> list[str]:
 def resume_changes(run_dir: Path, cfg: Config, data, model_cfg) -> dict[str, list]:
     """The config changes a resume of `run_dir` applies (key -> [was, now]); a ResumeConflict naming everything
     else that changed. `data` is the PreparedData the run trains on, `model_cfg` the model's config as built."""
+    applied, refused = resume_refusals(run_dir, cfg, data, model_cfg)
+    if refused:
+        raise ResumeConflict(
+            f"cannot resume {run_dir}: its checkpoints were trained with other inputs ({'; '.join(refused)}). "
+            f"Use a new run.name, or start over with --restart (or run.restart: true), which keeps the old "
+            f"folder as {run_dir.name}.old-<time>"
+        )
+    return applied
+
+
+def resume_refusals(run_dir: Path, cfg: Config, data, model_cfg) -> tuple[dict[str, list], list[str]]:
+    """(the config changes a resume of `run_dir` applies, 'key was X, now Y' for everything else that differs:
+    config keys, the data's content and tokenizer, the model as built). A cooldown branch asks it of its parent."""
     old = saved_config(run_dir)
     differences = config_differences(old, cfg) if old is not None else {}
     applied = {key: change for key, change in differences.items() if key in APPLIED_ON_RESUME}
@@ -270,13 +283,7 @@ def resume_changes(run_dir: Path, cfg: Config, data, model_cfg) -> dict[str, lis
         saved = json.loads((run_dir / MODEL_FILE).read_text())
         refused += [f"the model's {key} was {_short(saved.get(key))}, now {_short(built.get(key))}"
                     for key in sorted(saved.keys() | built.keys()) if saved.get(key) != built.get(key)]
-    if refused:
-        raise ResumeConflict(
-            f"cannot resume {run_dir}: its checkpoints were trained with other inputs ({'; '.join(refused)}). "
-            f"Use a new run.name, or start over with --restart (or run.restart: true), which keeps the old "
-            f"folder as {run_dir.name}.old-<time>"
-        )
-    return applied
+    return applied, refused
 
 
 def data_conflicts(run_dir: Path, data, data_keys: dict[str, list]) -> list[str]:

@@ -1,8 +1,9 @@
 """`rafale runs` and `rafale plot`: compare run folders (rafale/plots.py draws the pictures and the table).
 
     rafale plot RUN [RUN ...] [--out FILE]     overlay several runs' losses against tokens
-    rafale runs DIR [DIR ...] [--sort KEY] [--reverse] [--csv]
-                                               one line per run, best final validation first
+    rafale runs DIR [DIR ...] [--sort KEY] [--reverse] [--csv] [--where 'N>1e6']
+                                               one line per run, best final validation first; N (non-embedding
+                                               parameters), tokens (D) and C (training FLOPs) among the columns
 
 Neither imports torch nor Composer, so both answer at once.
 """
@@ -40,10 +41,14 @@ def runs_main(argv) -> int:
                         "or its whole key) or a metric (val loss, bits/byte, tok/s, ...); lowest first, accuracy "
                         "highest first")
     parser.add_argument("--reverse", action="store_true", help="the other way round")
+    parser.add_argument("--where", action="append", default=[], metavar="COND",
+                        help="only the runs where COND holds: COLUMN OP VALUE, OP one of < <= > >= = != (e.g. "
+                        "'N>1e6', 'C<3e12', 'optimizer.name=soap'); repeatable, all must hold. N: non-embedding "
+                        "parameters, D: tokens, C: training FLOPs (flops_per_token x D)")
     parser.add_argument("--csv", action="store_true", help="print CSV instead of a fixed-width table")
     args = parser.parse_args(argv)
     runs = run_folders([Path(p).expanduser() for p in args.paths])
-    print(runs_table(runs, args.sort, args.reverse, args.csv))
+    print(runs_table(runs, args.sort, args.reverse, args.csv, args.where))
     return 0
 
 

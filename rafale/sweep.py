@@ -117,6 +117,8 @@ def plan(point_configs: list[tuple[str, Config]], out_dir: Path, restart: bool) 
     """run name -> what to do with it: 'run' (new, or resumed), 'skip' (complete with this very config), or
     'restart'. A folder whose config.yaml differs in what a resume would not apply is an error listing every such
     run, before any runs, unless `restart`."""
+    from rafale.branch import cooldown_name
+
     actions, changed = {}, []
     for name, cfg in point_configs:
         run_dir = out_dir / name
@@ -126,7 +128,9 @@ def plan(point_configs: list[tuple[str, Config]], out_dir: Path, restart: bool) 
         if differences:
             changed.append(f"{name} ({'; '.join(differences)})")
             actions[name] = "restart"
-        elif summary.get("status") == "complete" and reached(cfg.training.max_duration, summary):
+        elif (summary.get("status") == "complete" and reached(cfg.training.max_duration, summary)
+              and all(run_status(out_dir / cooldown_name(name, budget)) == "complete"
+                      for budget in cfg.training.cooldowns)):  # (the run trains its missing cooldowns itself)
             actions[name] = "skip"
         else:
             actions[name] = "run"

@@ -113,9 +113,9 @@ LAYERS = {
     "the run folder": {"rafale.run_folder", "rafale.checkpoints", "rafale.plots",
                        "rafale.export_proof"},  # (export_proof: the check of the export the run folder writes)
     "the run": {"rafale.train", "rafale.record", "rafale.loggers", "rafale.outcomes", "rafale.resilience",
-                "rafale.optim", "rafale.hardware"},
+                "rafale.optim", "rafale.hardware", "rafale.branch"},
     "the commands": {"rafale.export", "rafale.predict", "rafale.score", "rafale.generate", "rafale.lm_eval_adapter",
-                     "rafale.zero_shot", "rafale.sweep", "rafale.runs", "rafale.docprompt"},
+                     "rafale.zero_shot", "rafale.sweep", "rafale.runs", "rafale.docprompt", "rafale.law"},
     "main": {"rafale.main", "rafale.__main__", "rafale.main.__main__"},
 }
 HALVES = {"models": ("rafale.models", "rafale.metrics"), "data": ("rafale.data", "rafale.stories", "rafale.shapes")}
