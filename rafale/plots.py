@@ -5,8 +5,9 @@ its own), learning rate and throughput, against steps (bottom axis) and tokens (
 neither torch nor Composer, so `rafale plot` and `rafale runs` answer at once.
 
     rafale plot RUN [RUN ...] [--out FILE]     overlay several runs' losses against tokens
-    rafale runs DIR [DIR ...] [--sort KEY] [--reverse] [--csv]
-                                               one line per run, best final validation first
+    rafale runs DIR [DIR ...] [--sort KEY] [--reverse] [--csv] [--columns A,B] [--all]
+                                               one line per run, best final validation first, a table
+                                               per task and data source, as wide as the terminal
 
 Comparing runs starts from what differs between them: `what_differs` reads each run's config.yaml, flattens it
 to dotted keys (`training.optimizer.name`) and keeps the keys whose values are not the same in every run,
@@ -19,6 +20,7 @@ import csv
 import io
 import itertools
 import json
+import shutil
 from pathlib import Path
 
 import yaml
@@ -236,7 +238,13 @@ def format_value(value) -> str:
         return f"{value:g}"
     if isinstance(value, list):
         return "[" + ",".join(format_value(item) for item in value) + "]"
-    return str(value)
+    return escaped(str(value))
+
+
+def escaped(text: str) -> str:
+    """`text` on one line: a line break, a tab or another control character as its escape (data.doc_separator
+    "\n" reads `\n`), so that a table row stays one line; other characters (accents, emoji) as they are."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def what_differs(run_dirs: list[Path]) -> list[dict[str, str]]:
@@ -334,35 +342,141 @@ def table_rows(run_dirs: list[Path], sort: str | None = None, reverse: bool = Fa
     return [header for header in rows[0] if any(row[header] for row in rows)], rows
 
 
-def runs_table(run_dirs: list[Path], sort: str | None = None, reverse: bool = False, as_csv: bool = False) -> str:
-    """A fixed-width table of runs, one line each (columns with no value in any run are left out), or CSV."""
-    headers, rows = table_rows(run_dirs, sort, reverse)
-    if as_csv:
-        text = io.StringIO()
-        writer = csv.DictWriter(text, headers, extrasaction="ignore", lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-        return text.getvalue().rstrip("\n")
-    widths = {h: max(len(h), *(len(r[h]) for r in rows)) for h in headers}
+def comparable_groups(run_dirs: list[Path]) -> list[tuple[str, list[Path]]]:
+    """The runs in groups whose figures compare: the same task (a classifier's loss is not a language model's)
+    on the same data source. (title, runs) in the order the groups first appear; a run without config.yaml joins
+    the first group of its summary's task."""
+    found = []  # (task, data or None, run)
+    for run_dir in run_dirs:
+        config = read_config(run_dir)
+        summary = json.loads((run_dir / SUMMARY_FILE).read_text()) if (run_dir / SUMMARY_FILE).is_file() else {}
+        task = summary.get("task") or (config or {}).get("model.task") or "unknown task"
+        source = {key: value for key, value in (config or {}).items() if key.startswith("data.source")}
+        data = None if config is None else format_value(source.get("data.source")) if list(source) == ["data.source"] \
+            else json.dumps({key.removeprefix("data.source."): value for key, value in source.items()})
+        found.append((task, data, run_dir))
+    groups: dict[tuple[str, str], list[Path]] = {}
+    for task, data, run_dir in found:
+        if data is None:
+            data = next((d for t, d, _ in found if t == task and d is not None), "unknown data")
+        groups.setdefault((task, data), []).append(run_dir)
+    return [(f"{task} on {data}", runs) for (task, data), runs in groups.items()]
+
+
+# the columns kept first when a table must fit the terminal: the run, its final validation, what differs between
+# the runs (in config order), then the rest in this order
+KEPT_FIRST = ("run", "val loss", "accuracy", "bits/byte", "ppl")
+KEPT_LAST = ("model", "params", "tokens", "wall", "tok/s")
+
+
+def fitting_columns(headers: list[str], rows: list[dict], width: int | None, wanted: list[str] | None = None) -> list[str]:
+    """The headers shown: `wanted` (with run) when given; else all that fit in `width` characters, dropping the
+    columns of least use first (KEPT_LAST from its end, then the hyperparameters from the last); None: all."""
+    if wanted:
+        return [header for header in headers if header == "run" or header in wanted]
+    if width is None:
+        return headers
+    priority = ([h for h in KEPT_FIRST if h in headers] + [h for h in headers if h not in KEPT_FIRST + KEPT_LAST]
+                + [h for h in KEPT_LAST if h in headers])
+    shown = list(headers)
+    while len(shown) > 1 and table_width(shown, rows) > width:
+        shown.remove(next(h for h in reversed(priority) if h in shown))
+    return shown
+
+
+def column_width(header: str, rows: list[dict]) -> int:
+    return max(len(header), *(len(escaped(row.get(header, ""))) for row in rows))
+
+
+def table_width(headers: list[str], rows: list[dict]) -> int:
+    return sum(column_width(header, rows) for header in headers) + 2 * (len(headers) - 1)
+
+
+def fixed_width(headers: list[str], rows: list[dict]) -> list[str]:
+    """Lines of a table: the headers, a rule, one row a line (every cell escaped onto one line)."""
+    widths = {h: column_width(h, rows) for h in headers}
     lines = ["  ".join(h.ljust(widths[h]) for h in headers), "  ".join("-" * widths[h] for h in headers)]
-    lines += ["  ".join(r[h].ljust(widths[h]) for h in headers) for r in rows]
-    return "\n".join(line.rstrip() for line in lines)
+    lines += ["  ".join(escaped(r.get(h, "")).ljust(widths[h]) for h in headers) for r in rows]
+    return [line.rstrip() for line in lines]
+
+
+def runs_table(run_dirs: list[Path], sort: str | None = None, reverse: bool = False, as_csv: bool = False,
+               width: int | None = None, columns: list[str] | None = None) -> str:
+    """A fixed-width table of runs, one line each (columns with no value in any run are left out), or CSV.
+
+    Runs of different tasks or data sources get a table each, under a title, with the columns that differ inside
+    it, ranked among themselves. `width`: the columns that fit in so many characters (None: all), the others named
+    below the table; `columns`: those columns (and run) only. CSV is one table of every run and column, with the
+    task and data of each."""
+    groups = comparable_groups(run_dirs)
+    if as_csv:
+        return csv_table(groups, sort, reverse)
+    known = {header for _, runs in groups for header in table_rows(runs)[0]}
+    for key in ([sort] if sort else []) + list(columns or []):
+        find_column(key, sorted(known))  # an error naming the columns when no table has it
+    blocks = []
+    for title, runs in groups:
+        headers, rows = table_rows(runs, sort if sort and has_column(sort, runs) else None, reverse)
+        wanted = [find_column(key, sorted(known)) for key in columns] if columns else None
+        shown = fitting_columns(headers, rows, width, wanted)
+        lines = ([f"{escaped(title)} ({len(runs)} run{'' if len(runs) == 1 else 's'})"] if len(groups) > 1 else [])
+        lines += fixed_width(shown, rows)
+        hidden = [h for h in headers if h not in shown]
+        if hidden and not columns:
+            lines.append(f"({len(hidden)} more column{'' if len(hidden) == 1 else 's'} than fit in {width} characters: "
+                         f"{', '.join(hidden)}; --columns {','.join(hidden[:2])} or --all shows them)")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+def has_column(key: str, runs: list[Path]) -> bool:
+    try:
+        find_column(key, table_rows(runs)[0])
+    except RafaleError:
+        return False
+    return True
+
+
+def csv_table(groups: list[tuple[str, list[Path]]], sort: str | None, reverse: bool) -> str:
+    """Every run in one CSV table: run, the group it is in (task and data), the hyperparameters that differ, the
+    metrics; within each group, ranked as the fixed-width table ranks it. Values as they are (CSV quotes them)."""
+    runs = [run_dir for _, group in groups for run_dir in group]
+    headers, _ = table_rows(runs)
+    headers = headers[:1] + ["group"] * (len(groups) > 1) + headers[1:]
+    text = io.StringIO()
+    writer = csv.DictWriter(text, headers, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    by_name = {row["run"]: row for row in table_rows(runs)[1]}  # each run's cells, in the whole table's columns
+    for title, group in groups:
+        _, rows = table_rows(group, sort if sort and has_column(sort, group) else None, reverse)
+        writer.writerows({**by_name[row["run"]], "group": title} for row in rows)
+    return text.getvalue().rstrip("\n")
 
 
 def runs_main(argv) -> int:
     parser = argparse.ArgumentParser(
         prog="rafale runs", description="One line per run: the hyperparameters that differ between the runs (from "
-        "each config.yaml), model, size, tokens, time and final validation metrics; best final validation first.",
-        epilog="example: rafale runs runs/ --sort lr     (every run folder under runs/, by training.lr)")
+        "each config.yaml), model, size, tokens, time and final validation metrics; best final validation first. "
+        "Runs of different tasks or data sources are listed in separate tables, each ranked on its own. The table "
+        "fits the terminal: the columns left out are named below it.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+        "  rafale runs runs/                      every run folder under runs/, best final validation first\n"
+        "  rafale runs runs/ --sort tokens        by tokens trained, fewest first\n"
+        "  rafale runs runs/ --columns lr,tok/s   only these columns (and run)")
     parser.add_argument("paths", nargs="*", default=["runs"], help="run folders, or folders of runs (default: runs)")
-    parser.add_argument("--sort", metavar="KEY", help="sort by this column: a hyperparameter (lr, optimizer.name, "
-                        "or its whole key) or a metric (val loss, bits/byte, tok/s, ...); lowest first, accuracy "
-                        "highest first")
+    parser.add_argument("--sort", metavar="KEY", help="sort by this column: a hyperparameter that differs between "
+                        "the runs (lr, optimizer.name, or its whole key) or a metric (val loss, bits/byte, tok/s, "
+                        "...); lowest first, accuracy highest first")
     parser.add_argument("--reverse", action="store_true", help="the other way round")
-    parser.add_argument("--csv", action="store_true", help="print CSV instead of a fixed-width table")
+    parser.add_argument("--csv", action="store_true", help="print CSV instead of a fixed-width table (every column)")
+    parser.add_argument("--columns", metavar="A,B", help="show these columns (and run), comma-separated, however wide")
+    parser.add_argument("--all", action="store_true", help="show every column, however wide the table")
     args = parser.parse_args(argv)
     runs = run_folders([Path(p).expanduser() for p in args.paths])
-    print(runs_table(runs, args.sort, args.reverse, args.csv))
+    width = None if args.all else shutil.get_terminal_size().columns
+    columns = [c.strip() for c in args.columns.split(",") if c.strip()] if args.columns else None
+    print(runs_table(runs, args.sort, args.reverse, args.csv, width, columns))
     return 0
 
 
