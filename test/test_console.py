@@ -83,3 +83,39 @@ def test_more_eval_batches_than_validation_gives_one_rafale_line_and_no_composer
     line = "rafale: training.eval_batches is 50 but the validation split has 26 batches: evaluating on 26"
     assert result.stdout.count(line) == 1, result.stdout[-2000:]
     assert "DataloaderNumBatchesWarning" not in result.stdout + result.stderr, result.stderr[-2000:]
+
+
+def test_data_preparation_says_each_stage_and_no_library_draws_a_bar(tmp_path, capsys, monkeypatch):
+    """DATA=1 on a .txt is never silent for long (reading, tokenizer training, tokenizing, writing each speak in a
+    log), and a classifier's .csv shows none of datasets' bars ("Generating train split", map's "tokenizing")."""
+    import csv
+
+    import rafale.progress
+    from conftest import run_in_process, write_config
+    from rafale.stories import labelled_story_splits
+
+    monkeypatch.setenv("RAFALE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(rafale.progress, "EVERY_S", 0.0)  # a line at every update: each stage says it runs
+    pairs = labelled_story_splits(200, 40, seed=0)
+    for split, rows in pairs.items():
+        (tmp_path / f"{split}.txt").write_text("\n".join(text.replace("\n", " ") for text, _ in rows))
+        with (tmp_path / f"{split}.csv").open("w", newline="") as f:
+            csv.writer(f).writerows([("text", "label"), *rows])
+    lm = write_config(tmp_path / "lm.yaml", run={"output_dir": str(tmp_path / "runs")},
+                      data={"source": {"train": str(tmp_path / "train.txt"), "validation": str(tmp_path / "validation.txt")},
+                            "doc_separator": "\n"})
+    code, out, err = run_in_process(["-c", str(lm)], capsys, monkeypatch, env={"DATA": "1"})
+    assert code == 0, err[-2000:]
+    for stage in ("reading train.txt", "reading validation.txt", "training the tokenizer", "tokenizing train",
+                  "tokenizing validation", "writing the cache"):
+        assert f"rafale: {stage}: " in out and any(line.startswith(f"rafale: {stage}: ") and line.endswith("(done)")
+                                                  for line in out.splitlines()), (stage, out)
+    assert "of 200 documents (100%)" in out  # the tokenizer read every training document
+    cls = write_config(tmp_path / "cls.yaml", base="bert_cls_stories.yaml", run={"output_dir": str(tmp_path / "runs")},
+                       data={"source": {"train": str(tmp_path / "train.csv"), "validation": str(tmp_path / "validation.csv")},
+                             "vocab_size": 500, "block_size": 64})
+    code, out, err = run_in_process(["-c", str(cls)], capsys, monkeypatch, env={"DATA": "1"})
+    assert code == 0, err[-2000:]
+    assert "rafale: tokenizing train: 200 of 200 examples (100%)" in out
+    for library in ("Generating train split", "%|", "\r", "Saving the dataset", "Map"):
+        assert library not in out + err, (library, out + err)
