@@ -82,6 +82,19 @@ def pyplot():
     return plt
 
 
+def plain_log_axis(axis) -> None:
+    """A log-scale axis whose labels read 8, 20, 0.5 (matplotlib's default writes 8x10^0 at the minor ticks of a
+    loss axis that spans less than a decade); which ticks get a label is still matplotlib's choice."""
+    from matplotlib.ticker import LogFormatter
+
+    class PlainLogFormatter(LogFormatter):
+        def __call__(self, x, pos=None):
+            return f"{x:g}" if super().__call__(x, pos) else ""
+
+    axis.set_major_formatter(PlainLogFormatter(labelOnlyBase=False))
+    axis.set_minor_formatter(PlainLogFormatter(labelOnlyBase=False))
+
+
 def draw_curves(ax, series, curves, color=None) -> list:
     """Plot against steps each (metric, label) of `curves` that the run logged; returns the lines drawn."""
     lines = []
@@ -98,6 +111,7 @@ def draw_validation(ax, series) -> list:
     lines = draw_curves(ax, series, [(name, name.rsplit("/", 1)[-1]) for name in VAL_QUALITY if name != BITS_PER_BYTE])
     if series.get(PERPLEXITY):
         ax.set_yscale("log")  # perplexity falls by orders of magnitude
+        plain_log_axis(ax.yaxis)
         ax.set_ylabel("perplexity")
     if series.get(BITS_PER_BYTE):
         bits_ax = ax.twinx() if lines else ax
@@ -176,6 +190,7 @@ def runs_figure(run_dirs: list[Path]):
     ax.set_xlabel("tokens")
     ax.set_ylabel("loss")
     ax.set_yscale("log")
+    plain_log_axis(ax.yaxis)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, title="validation (dots); training (light line)", title_fontsize=8)
     return fig

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from rafale.config import Config, save_config
+from rafale.config import Config, load_config, save_config
 from rafale.errors import RafaleError
 from rafale.plots import run_figure, runs_figure, runs_main, runs_table, what_differs
 from rafale.sweep import run_name, sweep_table
@@ -191,6 +191,14 @@ def test_the_sweep_table_has_bits_per_byte_and_marks_the_best_run(three_runs, tm
     assert "| 1.5000 ★ |" in row["b"] and "★" not in row["a"] + row["c"]
     assert "| 0.5200 |" in row["b"] and "| 0.8500 |" in row["a"]
     assert "★ best final validation loss: b" in text
+    assert "Validation: the whole validation split (training.eval_batches unset)." in text
+    for run_dir in three_runs:  # validation on the first 8 batches: the table says so
+        cfg = load_config(run_dir / "config.yaml", saved_run=True)
+        cfg.training.eval_batches, cfg.training.batch_size = 8, 16
+        save_config(cfg, run_dir / "config.yaml")
+    text = sweep_table([(run_dir.name, points[run_dir.name], run_dir) for run_dir in three_runs])
+    assert ("Validation: the first 8 batches of 16 of the validation split (training.eval_batches: 8), at most 128 "
+            "blocks or examples.") in text
     # classifiers: the highest accuracy is best, and there is no bits/byte column
     runs = [fake_run(tmp_path / "cls", name, [None, None], accuracy=[0.5, value]) for name, value in
             (("x", 0.7), ("y", 0.9))]
@@ -221,3 +229,19 @@ def test_the_overlay_legend_says_what_differs(three_runs, tmp_path):
     # runs that differ in nothing are named by their folders
     same = [fake_run(tmp_path / "same", name, [6.0, 2.0]) for name in ("p", "q")]
     assert [t.get_text() for t in runs_figure(same).axes[0].get_legend().get_texts()] == ["p", "q"]
+
+
+def test_log_axes_read_as_plain_numbers(three_runs):
+    """The overlay's loss axis spans less than a decade: its labels read 2, 3, 6, not 2x10^0 (sweep-*.png)."""
+    fig = runs_figure(three_runs)
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    labels = [t.get_text() for t in ax.get_yticklabels() + ax.get_yticklabels(minor=True) if t.get_text()]
+    assert labels and all(float(label.replace("\u2212", "-")) > 0 for label in labels), labels
+    assert {"2", "3", "6"} <= set(labels), labels
+    # a run's metrics.png: perplexity's log axis too
+    fig = run_figure(three_runs[0])
+    fig.canvas.draw()
+    perplexity = next(ax for ax in fig.axes if ax.get_ylabel() == "perplexity")
+    labels = [t.get_text() for t in perplexity.get_yticklabels() + perplexity.get_yticklabels(minor=True) if t.get_text()]
+    assert labels and not any("times" in label or "^" in label for label in labels), labels
