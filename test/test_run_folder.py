@@ -90,9 +90,9 @@ def test_compile_option_trains_the_same_model(tmp_path, cache_dir, capsys, monke
         # the summary says whether it was on and, when it was, what compiling cost (the first batch's excess)
         summary = json.loads((tmp_path / "runs" / f"compile-{compile_}" / "summary.json").read_text())
         assert summary["compile"] is compile_ and summary["batch_s_median"] > 0 and summary["first_batch_s"] > 0
-        line = re.search(r"torch.compile: (on|off).*first batch ([\d.]+) s, the next ones ([\d.]+) s \(median\)(.*)", out)
-        assert line and line.group(1) == ("on" if compile_ else "off"), out
-        assert ("of compiling" in line.group(4)) is compile_
+        line = re.search(r"torch.compile: on; first batch ([\d.]+) s, the next ones ([\d.]+) s \(median\): about "
+                         r"[\d.]+ s of compiling", out)
+        assert bool(line) is compile_ and ("torch.compile" in out) is compile_, out  # a comparison only when compiling
     assert abs(losses[True] - losses[False]) < 1e-3, losses
     assert summary["first_batch_s"] > 10 * summary["batch_s_median"]  # compiling takes seconds, a batch milliseconds
 
