@@ -4,7 +4,7 @@
         for batch in ...:
             progress.update(len(batch))
 
-On a terminal it is a tqdm bar; in a log (stdout is not a terminal), a plain line every `every_s` seconds,
+On a terminal it is a tqdm bar; in a log (stderr is not a terminal), a plain line every `every_s` seconds,
 `rafale: tokenizing train: 1,200 of 4,000 documents (30%), 10 s`, and a last one with the stage's time when it
 took that long. A stage that cannot count (a library call that runs for a while) still says it is running, from a
 thread that looks every second. The libraries' own bars (datasets' "Generating train split", `map`'s, the tokenizers
@@ -23,7 +23,7 @@ class Progress:
                  stream=None):
         self.desc, self.total, self.unit = desc, total, unit
         self.every_s = EVERY_S if every_s is None else every_s
-        self.stream = stream or sys.stdout
+        self.stream = stream or sys.stderr  # a status, not a result: stdout stays the command's output (CSV)
         self.count, self.lines = 0, 0
         self.started = self.last_line = time.monotonic()
         self.bar = None

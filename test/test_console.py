@@ -148,15 +148,15 @@ def test_data_preparation_says_each_stage_and_no_library_draws_a_bar(tmp_path, c
     code, out, err = run_in_process(["-c", str(lm)], capsys, monkeypatch, env={"DATA": "1"})
     assert code == 0, err[-2000:]
     for stage in ("reading train.txt", "reading validation.txt", "training the tokenizer", "tokenizing train",
-                  "tokenizing validation", "writing the cache"):
-        assert f"rafale: {stage}: " in out and any(line.startswith(f"rafale: {stage}: ") and line.endswith("(done)")
-                                                  for line in out.splitlines()), (stage, out)
-    assert "of 200 documents (100%)" in out  # the tokenizer read every training document
+                  "tokenizing validation", "writing the cache"):  # on stderr: a status, stdout is for results
+        assert f"rafale: {stage}: " in err and any(line.startswith(f"rafale: {stage}: ") and line.endswith("(done)")
+                                                  for line in err.splitlines()), (stage, err)
+    assert "of 200 documents (100%)" in err  # the tokenizer read every training document
     cls = write_config(tmp_path / "cls.yaml", base="bert_cls_stories.yaml", run={"output_dir": str(tmp_path / "runs")},
                        data={"source": {"train": str(tmp_path / "train.csv"), "validation": str(tmp_path / "validation.csv")},
                              "vocab_size": 500, "block_size": 64})
     code, out, err = run_in_process(["-c", str(cls)], capsys, monkeypatch, env={"DATA": "1"})
     assert code == 0, err[-2000:]
-    assert "rafale: tokenizing train: 200 of 200 examples (100%)" in out
+    assert "rafale: tokenizing train: 200 of 200 examples (100%)" in err
     for library in ("Generating train split", "%|", "\r", "Saving the dataset", "Map"):
         assert library not in out + err, (library, out + err)

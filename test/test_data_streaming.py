@@ -91,7 +91,7 @@ def test_progress_in_a_log_is_a_line_every_few_seconds(tmp_path, capsys, monkeyp
     texts = Dataset.from_dict({"text": ["a b a b"] * 30})  # 5 tokens each with the end id: 150 tokens
     writer = causal_lm.write_blocks(texts, tokenizer, 2, 8, tmp_path / "blocks.arrow", "tokenizing train")
     assert writer.tokens == 150
-    lines = [line for line in capsys.readouterr().out.splitlines() if "tokenizing train" in line]
+    lines = [line for line in capsys.readouterr().err.splitlines() if "tokenizing train" in line]
     counts = [line.split(": ")[2].rsplit(", ", 1)[0] for line in lines]
     # (a line from the thread that looks every second may repeat one, on a slow machine)
     assert list(dict.fromkeys(counts)) == ["10 of 30 documents (33%)", "20 of 30 documents (67%)",
@@ -100,7 +100,7 @@ def test_progress_in_a_log_is_a_line_every_few_seconds(tmp_path, capsys, monkeyp
     # the default: nothing for a stage shorter than EVERY_S
     monkeypatch.setattr(rafale.progress, "EVERY_S", 3600.0)
     causal_lm.write_blocks(texts, tokenizer, 2, 8, tmp_path / "again.arrow", "tokenizing train")
-    assert "tokenizing" not in capsys.readouterr().out
+    assert "tokenizing" not in capsys.readouterr().err
 
 
 MEASURE = textwrap.dedent("""
