@@ -476,9 +476,9 @@ def runs_main(argv) -> int:
         "fits the terminal: the columns left out are named below it.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"
-        "  rafale runs runs/                      every run folder under runs/, best final validation first\n"
-        "  rafale runs runs/ --sort tokens        by tokens trained, fewest first\n"
-        "  rafale runs runs/ --columns lr,tok/s   only these columns (and run)")
+        "  rafale runs runs/                              every run folder under runs/, best final validation first\n"
+        "  rafale runs runs/ --sort tokens                by tokens trained, fewest first\n"
+        "  rafale runs runs/ --columns tokens,bits/byte   only these columns (and run)")
     parser.add_argument("paths", nargs="*", default=["runs"], help="run folders, or folders of runs (default: runs)")
     parser.add_argument("--sort", metavar="KEY", help="sort by this column: a hyperparameter that differs between "
                         "the runs (lr, optimizer.name, or its whole key) or a metric (val loss, bits/byte, tok/s, "

@@ -119,7 +119,9 @@ def unescaped(text: str) -> str:
 def score_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rafale score", description="Score a text file with a trained language model (causal or masked).",
-        epilog=__doc__.split("\n\n", 2)[2] + "\nexample: rafale score runs/pythia-tiny-stories --file held-out.txt",
+        epilog=__doc__.split("\n\n", 2)[2] + "\nexamples:\n"
+        "  rafale score runs/pythia-tiny-stories --file held-out.txt\n"
+        "  rafale score runs/pythia-tiny-stories --file verses.txt --doc-separator '\\n'   one document a line",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", help="a causal LM (pythia) or masked LM (bert, roberta) run's folder (its latest checkpoint)")
     parser.add_argument("--file", required=True, help="a .txt (documents cut at the run's data.doc_separator), "
