@@ -36,7 +36,8 @@ from composer.utils.misc import create_interval_scheduler
 
 from rafale.hardware import check_peak, describe_load, machine_load
 from rafale.optim import layer_depth, num_blocks
-from rafale.plots import METRICS_FILE, plot_run
+from rafale.plots import plot_run
+from rafale.run_folder import METRICS_FILE
 
 
 class MetricsFile(LoggerDestination):
@@ -127,10 +128,11 @@ def format_train_line(metrics: dict, elapsed_s: float, left_s: float | None = No
 
 
 class RecentPace:
-    """The time left, from the wall time of the last `window` batches (evaluations and checkpoints among them
-    included): the pace of the whole segment would count start-up and compiling, and a resumed run's remaining
-    batches against the time of this process alone (Composer's RuntimeEstimator said 0.3 min left for a run that
-    took 3.6 more)."""
+    """The time left, from the last `window` batches.
+
+    Their wall time (evaluations and checkpoints among them included) gives the pace. The pace of the whole segment
+    would count start-up and compiling, and a resumed run's remaining batches against the time of this process
+    alone (Composer's RuntimeEstimator said 0.3 min left for a run that took 3.6 more)."""
 
     def __init__(self, window: int = 50):
         self.seen: collections.deque = collections.deque(maxlen=window + 1)  # (time.monotonic(), batch)

@@ -1,13 +1,10 @@
 """A run's metrics in pictures and tables, read from RUN/metrics.jsonl (written by rafale.loggers.MetricsFile).
 
 `plot_run` draws RUN/metrics.png: train and validation loss, perplexity or accuracy (bits per byte on an axis of
-its own), learning rate and throughput, against steps (bottom axis) and tokens (top axis). This module imports
-neither torch nor Composer, so `rafale plot` and `rafale runs` answer at once.
-
-    rafale plot RUN [RUN ...] [--out FILE]     overlay several runs' losses against tokens
-    rafale runs DIR [DIR ...] [--sort KEY] [--reverse] [--csv] [--columns A,B] [--all]
-                                               one line per run, best final validation first, a table
-                                               per task and data source, as wide as the terminal
+its own), learning rate and throughput, against steps (bottom axis) and tokens (top axis); the run draws it at each
+evaluation, `rafale plot` on demand. This module imports neither torch nor Composer, so `rafale plot` and
+`rafale runs` (rafale/runs.py) answer at once. `rafale runs` lists runs of different tasks or data
+sources in separate tables (`comparable_groups`), each fitted to the terminal's width (`fitting_columns`). The run folder is read through rafale/run_folder.py.
 
 Comparing runs starts from what differs between them: `what_differs` reads each run's config.yaml, flattens it
 to dotted keys (`training.optimizer.name`) and keeps the keys whose values are not the same in every run,
@@ -15,54 +12,21 @@ named without their section where that is unambiguous (`optimizer.name`, `lr`). 
 of `rafale runs` and the legend of an overlay (`lr=3e-3 optimizer.name=soap`).
 """
 
-import argparse
 import csv
 import io
 import itertools
 import json
-import shutil
 from pathlib import Path
 
-import yaml
-
 from rafale.errors import RafaleError
+from rafale.run_folder import PLOT_FILE, SUMMARY_FILE, VAL_LOSSES, read_config, read_metrics
 
-METRICS_FILE = "metrics.jsonl"
-PLOT_FILE = "metrics.png"
 TRAIN_LOSS = "loss/train/total"
-VAL_LOSSES = ("metrics/eval/LanguageCrossEntropy", "metrics/eval/CrossEntropy", "metrics/eval/ContrastiveLoss")
 VAL_QUALITY = ("metrics/eval/LanguagePerplexity", "metrics/eval/BitsPerByte", "metrics/eval/Accuracy",
                "metrics/eval/MaskedAccuracy", "metrics/eval/F1", "metrics/eval/ZeroShotAccuracy",
                "metrics/eval/ZeroShotHeldOutAccuracy", "metrics/eval/ImageToTextRecall@1",
                "metrics/eval/TextToImageRecall@1")
 PERPLEXITY, BITS_PER_BYTE = "metrics/eval/LanguagePerplexity", "metrics/eval/BitsPerByte"
-
-
-def read_metrics(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """metric name -> [(step, value)], sorted by step; a resumed run's repeated steps keep their last value."""
-    path = Path(run_dir) / METRICS_FILE
-    if not path.is_file():
-        raise RafaleError(f"{run_dir}: no {METRICS_FILE} (is it a rafale run folder?)")
-    series: dict[str, dict[int, float]] = {}
-    for line in path.read_text().splitlines():
-        row = json.loads(line)
-        step = row.pop("step")
-        for name, value in row.items():
-            series.setdefault(name, {})[step] = value
-    return {name: sorted(points.items()) for name, points in series.items()}
-
-
-def best_validation(run_dir: Path) -> tuple[str, float, int] | None:
-    """(metric, best value, step) of the run's validation loss (lowest), or accuracy (highest) if no loss."""
-    if not (Path(run_dir) / METRICS_FILE).is_file():
-        return None
-    series = read_metrics(run_dir)
-    for name in VAL_LOSSES + ("metrics/eval/Accuracy", "metrics/eval/MaskedAccuracy"):
-        if series.get(name):
-            pick = min if "Accuracy" not in name else max
-            step, value = pick(series[name], key=lambda point: point[1])
-            return name.rsplit("/", 1)[-1], value, step
-    return None
 
 
 def tokens_per_step(series) -> float | None:
@@ -201,14 +165,12 @@ def plot_runs(run_dirs: list[Path], out: Path) -> Path:
     return save_figure(runs_figure(run_dirs), out)
 
 
-SUMMARY_FILE = "summary.json"  # written by rafale.record.RunRecord (a training run) or write_eval_record
 # columns of `rafale runs`: header -> the summary's validation metric it shows
 TABLE_METRICS = {"val loss": ("LanguageCrossEntropy", "CrossEntropy", "ContrastiveLoss"),
                  "ppl": ("LanguagePerplexity",), "bits/byte": ("BitsPerByte",),
                  "accuracy": ("Accuracy", "MaskedAccuracy", "ZeroShotAccuracy")}
 
 
-CONFIG_FILE = "config.yaml"  # the run's resolved config, written by rafale.config.save_config
 # config keys that say where and how a run was kept, not what was trained: never a column or a legend
 NOT_HYPERPARAMETERS = {"run.name", "run.output_dir", "run.autoresume", "run.restart", "run.resume_fallback",
                        "run.loggers", "run.wandb_project", "data.num_proc", "data.num_workers", "data.cache_dir",
@@ -216,23 +178,6 @@ NOT_HYPERPARAMETERS = {"run.name", "run.output_dir", "run.autoresume", "run.rest
 # the columns that rank runs, best first: a validation loss, lowest first; else an accuracy, highest first
 RANKING_COLUMNS = ("val loss", "accuracy")
 HIGHEST_FIRST = {"accuracy"}
-
-
-def flatten(tree: dict, prefix: str = "") -> dict:
-    """{'training': {'optimizer': {'name': 'soap'}}} -> {'training.optimizer.name': 'soap'}; lists stay values."""
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def read_config(run_dir: Path) -> dict | None:
-    """The run's config.yaml as dotted keys ('training.lr' -> 0.003), or None for a run folder without one."""
-    path = Path(run_dir) / CONFIG_FILE
-    return flatten(yaml.safe_load(path.read_text()) or {}) if path.is_file() else None
 
 
 def short_names(keys: list[str]) -> dict[str, str]:
@@ -273,21 +218,6 @@ def what_differs(run_dirs: list[Path]) -> list[dict[str, str]]:
     names = short_names(keys)
     return [{names[key]: format_value(config[key]) if config is not None and key in config else "" for key in keys}
             for config in configs]
-
-
-def run_folders(paths: list[Path]) -> list[Path]:
-    """The run folders among `paths`: each path is a run folder, or a folder of them (like runs/)."""
-    found = []
-    for path in paths:
-        if (path / METRICS_FILE).is_file() or (path / SUMMARY_FILE).is_file():
-            found.append(path)
-        elif path.is_dir():
-            found += sorted(p for p in path.iterdir() if (p / METRICS_FILE).is_file() or (p / SUMMARY_FILE).is_file())
-        else:
-            raise RafaleError(f"no such run folder: {path}")
-    if not found:
-        raise RafaleError(f"no run folders in {', '.join(map(str, paths))} (a run folder holds {METRICS_FILE})")
-    return found
 
 
 def run_row(run_dir: Path) -> dict:
@@ -394,22 +324,22 @@ def fitting_columns(headers: list[str], rows: list[dict], width: int | None, wan
     priority = ([h for h in KEPT_FIRST if h in headers] + [h for h in headers if h not in KEPT_FIRST + KEPT_LAST]
                 + [h for h in KEPT_LAST if h in headers])
     shown = list(headers)
-    while len(shown) > 1 and table_width(shown, rows) > width:
+    while len(shown) > 1 and _table_width(shown, rows) > width:
         shown.remove(next(h for h in reversed(priority) if h in shown))
     return shown
 
 
-def column_width(header: str, rows: list[dict]) -> int:
+def _column_width(header: str, rows: list[dict]) -> int:
     return max(len(header), *(len(escaped(row.get(header, ""))) for row in rows))
 
 
-def table_width(headers: list[str], rows: list[dict]) -> int:
-    return sum(column_width(header, rows) for header in headers) + 2 * (len(headers) - 1)
+def _table_width(headers: list[str], rows: list[dict]) -> int:
+    return sum(_column_width(header, rows) for header in headers) + 2 * (len(headers) - 1)
 
 
-def fixed_width(headers: list[str], rows: list[dict]) -> list[str]:
+def _fixed_width(headers: list[str], rows: list[dict]) -> list[str]:
     """Lines of a table: the headers, a rule, one row a line (every cell escaped onto one line)."""
-    widths = {h: column_width(h, rows) for h in headers}
+    widths = {h: _column_width(h, rows) for h in headers}
     lines = ["  ".join(h.ljust(widths[h]) for h in headers), "  ".join("-" * widths[h] for h in headers)]
     lines += ["  ".join(escaped(r.get(h, "")).ljust(widths[h]) for h in headers) for r in rows]
     return [line.rstrip() for line in lines]
@@ -425,17 +355,17 @@ def runs_table(run_dirs: list[Path], sort: str | None = None, reverse: bool = Fa
     task and data of each."""
     groups = comparable_groups(run_dirs)
     if as_csv:
-        return csv_table(groups, sort, reverse)
+        return _csv_table(groups, sort, reverse)
     known = {header for _, runs in groups for header in table_rows(runs)[0]}
     for key in ([sort] if sort else []) + list(columns or []):
         find_column(key, sorted(known))  # an error naming the columns when no table has it
     blocks = []
     for title, runs in groups:
-        headers, rows = table_rows(runs, sort if sort and has_column(sort, runs) else None, reverse)
+        headers, rows = table_rows(runs, sort if sort and _has_column(sort, runs) else None, reverse)
         wanted = [find_column(key, sorted(known)) for key in columns] if columns else None
         shown = fitting_columns(headers, rows, width, wanted)
         lines = ([f"{escaped(title)} ({len(runs)} run{'' if len(runs) == 1 else 's'})"] if len(groups) > 1 else [])
-        lines += fixed_width(shown, rows)
+        lines += _fixed_width(shown, rows)
         hidden = [h for h in headers if h not in shown]
         if hidden and not columns:
             lines.append(f"({len(hidden)} more column{'' if len(hidden) == 1 else 's'} than fit in {width} characters: "
@@ -444,7 +374,7 @@ def runs_table(run_dirs: list[Path], sort: str | None = None, reverse: bool = Fa
     return "\n\n".join(blocks)
 
 
-def has_column(key: str, runs: list[Path]) -> bool:
+def _has_column(key: str, runs: list[Path]) -> bool:
     try:
         find_column(key, table_rows(runs)[0])
     except RafaleError:
@@ -452,7 +382,7 @@ def has_column(key: str, runs: list[Path]) -> bool:
     return True
 
 
-def csv_table(groups: list[tuple[str, list[Path]]], sort: str | None, reverse: bool) -> str:
+def _csv_table(groups: list[tuple[str, list[Path]]], sort: str | None, reverse: bool) -> str:
     """Every run in one CSV table: run, the group it is in (task and data), the hyperparameters that differ, the
     metrics; within each group, ranked as the fixed-width table ranks it. Values as they are (CSV quotes them)."""
     runs = [run_dir for _, group in groups for run_dir in group]
@@ -463,49 +393,6 @@ def csv_table(groups: list[tuple[str, list[Path]]], sort: str | None, reverse: b
     writer.writeheader()
     by_name = {row["run"]: row for row in table_rows(runs)[1]}  # each run's cells, in the whole table's columns
     for title, group in groups:
-        _, rows = table_rows(group, sort if sort and has_column(sort, group) else None, reverse)
+        _, rows = table_rows(group, sort if sort and _has_column(sort, group) else None, reverse)
         writer.writerows({**by_name[row["run"]], "group": title} for row in rows)
     return text.getvalue().rstrip("\n")
-
-
-def runs_main(argv) -> int:
-    parser = argparse.ArgumentParser(
-        prog="rafale runs", description="One line per run: the hyperparameters that differ between the runs (from "
-        "each config.yaml), model, size, tokens, time and final validation metrics; best final validation first. "
-        "Runs of different tasks or data sources are listed in separate tables, each ranked on its own. The table "
-        "fits the terminal: the columns left out are named below it.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n"
-        "  rafale runs runs/                              every run folder under runs/, best final validation first\n"
-        "  rafale runs runs/ --sort tokens                by tokens trained, fewest first\n"
-        "  rafale runs runs/ --columns tokens,bits/byte   only these columns (and run)")
-    parser.add_argument("paths", nargs="*", default=["runs"], help="run folders, or folders of runs (default: runs)")
-    parser.add_argument("--sort", metavar="KEY", help="sort by this column: a hyperparameter that differs between "
-                        "the runs (lr, optimizer.name, or its whole key) or a metric (val loss, bits/byte, tok/s, "
-                        "...); lowest first, accuracy highest first")
-    parser.add_argument("--reverse", action="store_true", help="the other way round")
-    parser.add_argument("--csv", action="store_true", help="print CSV instead of a fixed-width table (every column)")
-    parser.add_argument("--columns", metavar="A,B", help="show these columns (and run), comma-separated, however wide")
-    parser.add_argument("--all", action="store_true", help="show every column, however wide the table")
-    args = parser.parse_args(argv)
-    runs = run_folders([Path(p).expanduser() for p in args.paths])
-    width = None if args.all else shutil.get_terminal_size().columns
-    columns = [c.strip() for c in args.columns.split(",") if c.strip()] if args.columns else None
-    print(runs_table(runs, args.sort, args.reverse, args.csv, width, columns))
-    return 0
-
-
-def plot_main(argv) -> int:
-    parser = argparse.ArgumentParser(
-        prog="rafale plot", description="Draw one run's curves, or overlay several runs.",
-        epilog="example: rafale plot runs/a runs/b --out both.png")
-    parser.add_argument("runs", nargs="+", help="run folders")
-    parser.add_argument("--out", help="PNG file (default: RUN/metrics.png for one run, runs.png for several)")
-    args = parser.parse_args(argv)
-    runs = [Path(r).expanduser() for r in args.runs]
-    if len(runs) == 1:
-        out = plot_run(runs[0], Path(args.out) if args.out else None)
-    else:
-        out = plot_runs(runs, Path(args.out or "runs.png"))
-    print(f"rafale: wrote {out}")
-    return 0

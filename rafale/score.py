@@ -41,9 +41,9 @@ from datasets import Dataset, DatasetDict
 
 from rafale.data import DATAPIPES
 from rafale.data.causal_lm import describe_blocks
-from rafale.data.tokenizers import token_bytes
+from rafale.models.token_bytes import token_bytes
 from rafale.errors import IGNORE_INDEX, ConfigError, DataError, RafaleError
-from rafale.export import load_run_model
+from rafale.run_folder import load_run_model
 from rafale.predict import batches, device_of, read_file_rows
 from rafale.resolve import family_of, head_of
 
@@ -107,7 +107,7 @@ def documents_by_line(path: Path, rows: Dataset) -> DatasetDict:
     return DatasetDict({f"line{n}": Dataset.from_dict({"text": [text]}) for n, text in numbered})
 
 
-def unescaped(text: str) -> str:
+def _unescaped(text: str) -> str:
     """'\\n' typed on a command line -> a line break: the escapes of a JSON (or YAML double-quoted) string; text
     that is no such string is taken as it is."""
     try:
@@ -143,7 +143,7 @@ def score_main(argv) -> int:
         raise ConfigError("model.task", f"{run_dir} is a {cfg.model.task} run; rafale score needs a language model "
                           "(model.task: causal_lm or mlm); rafale predict classifies texts")
     if args.doc_separator is not None:
-        cfg.data.doc_separator = unescaped(args.doc_separator)
+        cfg.data.doc_separator = _unescaped(args.doc_separator)
         if not cfg.data.doc_separator:
             raise RafaleError("--doc-separator must not be empty")
     batch_size = args.batch_size or cfg.training.batch_size

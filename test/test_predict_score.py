@@ -101,7 +101,7 @@ def test_the_readmes_transformers_lines_give_scores_bits_per_byte(runs, monkeypa
     import re
 
     readme = (ROOT / "README.md").read_text()
-    section = readme.split("### Bits per byte", 1)[1]
+    section = readme.split("\n## Bits per byte\n", 1)[1]
     code_block = section.split("```python\n", 1)[1].split("```", 1)[0]
     run_dir, validation = runs["lm"]
     held_out = runs["folder"] / "validation.txt"
@@ -193,7 +193,7 @@ def test_errors_name_the_task_the_file_and_the_column(runs, tmp_path):
 def test_scores_token_bytes_is_the_validations(runs):
     from tokenizers import Tokenizer
 
-    from rafale.metrics import token_bytes
+    from rafale.models.token_bytes import token_bytes
     from rafale.score import token_bytes as copy
 
     for run in ("lm", "mlm", "cls"):
