@@ -290,18 +290,20 @@ def table_rows(run_dirs: list[Path], sort: str | None = None, reverse: bool = Fa
 def comparable_groups(run_dirs: list[Path]) -> list[tuple[str, list[Path]]]:
     """The runs in groups whose figures compare: the same task (a classifier's loss is not a language model's)
     on the same data source. (title, runs) in the order the groups first appear; a run without config.yaml joins
-    the first group of its summary's task."""
+    the first group of its summary's task, one without either the first group."""
     found = []  # (task, data or None, run)
     for run_dir in run_dirs:
         config = read_config(run_dir)
         summary = json.loads((run_dir / SUMMARY_FILE).read_text()) if (run_dir / SUMMARY_FILE).is_file() else {}
-        task = summary.get("task") or (config or {}).get("model.task") or "unknown task"
+        task = summary.get("task") or (config or {}).get("model.task")
         source = {key: value for key, value in (config or {}).items() if key.startswith("data.source")}
         data = None if config is None else format_value(source.get("data.source")) if list(source) == ["data.source"] \
             else json.dumps({key.removeprefix("data.source."): value for key, value in source.items()})
         found.append((task, data, run_dir))
     groups: dict[tuple[str, str], list[Path]] = {}
     for task, data, run_dir in found:
+        if task is None:  # neither summary.json nor config.yaml (a run killed early): with the first runs
+            task, data = next(((t, d) for t, d, _ in found if t is not None), ("unknown task", "unknown data"))
         if data is None:
             data = next((d for t, d, _ in found if t == task and d is not None), "unknown data")
         groups.setdefault((task, data), []).append(run_dir)
