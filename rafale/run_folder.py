@@ -4,7 +4,8 @@ run writes there before training. The run writes its folder through here; every 
     config.yaml tokenizer.json data.json model.json (labels.json)   rebuild the model without the data
     summary.json metrics.jsonl metrics.png    the record (rafale.record, rafale.loggers.MetricsFile, rafale.plots)
     checkpoints/   ep<epoch>-ba<batch>-rank<rank>.pt and latest-rank0.pt, read with weights_only (rafale.checkpoints)
-    export/ export-best/   the Hugging Face export at the end of training, and training.keep_best's
+    export/ export-best/   the Hugging Face export at the end of training, and training.keep_best's (export.refused/
+                           when transformers computes it otherwise)
     evals/<time>/          each training.eval_only evaluation's own config.yaml, summary.json and metrics.jsonl
 
 The resume guard (`resume_changes`) decides key by key what a resumed run may change: the keys in
@@ -22,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -47,6 +49,8 @@ PLOT_FILE = "metrics.png"
 CHECKPOINTS_DIR = "checkpoints"
 EXPORT_DIR = "export"
 BEST_DIR = "export-best"  # training.keep_best: the weights of the best evaluation
+REFUSED_SUFFIX = ".refused"  # an export transformers computes otherwise, kept to look into
+REFUSED_FILE = "REFUSED.txt"
 EVALS_DIR = "evals"
 VAL_LOSSES = ("metrics/eval/LanguageCrossEntropy", "metrics/eval/CrossEntropy", "metrics/eval/ContrastiveLoss")
 
@@ -385,11 +389,36 @@ def write_model_file(model: torch.nn.Module, run_dir: Path) -> None:
 
 def export_model(model: torch.nn.Module, folder: Path, data: PreparedData) -> Path:
     """Write `model` (the nn.Module, not its Composer wrapper) with the run's tokenizer to `folder` (RUN/export,
-    RUN/export-best, or `rafale export --out`)."""
-    from rafale.models.hf import save_pretrained
+    RUN/export-best, or `rafale export --out`), once transformers has loaded it back and computed the same outputs
+    (rafale/export_proof.py).
 
-    save_pretrained(
-        model, folder, tokenizer=data.tokenizer, vocab_size=data.vocab_size, overwrite=True,
-        label_names=data.meta.get("label_names"),
-    )
+    The files are written to a hidden folder beside `folder` and checked there; only a proven export is renamed
+    into place (and an earlier `folder`.refused/ removed). A refused one becomes `folder`.refused/ with a REFUSED.txt
+    saying why, any previous `folder` (not these weights) is removed, and the ExportRefused says both."""
+    from rafale.export_proof import ExportRefused, prove_export
+    from rafale.models.hf import replace_folder, save_pretrained
+
+    refused = folder.with_name(folder.name + REFUSED_SUFFIX)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.unchecked.", dir=folder.parent))
+    try:
+        save_pretrained(
+            model, staging, tokenizer=data.tokenizer, vocab_size=data.vocab_size, overwrite=True,
+            label_names=data.meta.get("label_names"),
+        )
+        proof = prove_export(model, staging)
+    except ExportRefused as err:
+        (staging / REFUSED_FILE).write_text(
+            f"rafale refused this export: {err}\nIt is kept to look into, not to use: transformers loads these "
+            "files as a model that computes something else than the one rafale trained.\n")
+        replace_folder(staging, refused)
+        stale = f"; the previous {folder} was removed (not these weights)" if folder.exists() else ""
+        shutil.rmtree(folder, ignore_errors=True)
+        raise ExportRefused(f"{err}; the refused files are in {refused} ({REFUSED_FILE} says why){stale}") from None
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    replace_folder(staging, folder)
+    shutil.rmtree(refused, ignore_errors=True)  # an earlier refusal, of other weights or code
+    print(f"rafale: export checked: {proof.line()}")
     return folder

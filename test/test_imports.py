@@ -110,7 +110,8 @@ LAYERS = {
     "models | data": {"rafale.models.", "rafale.metrics",  # (metrics: the Composer wrappers' validation metrics)
                       "rafale.data.", "rafale.stories", "rafale.shapes"},
     "resolve": {"rafale.resolve"},
-    "the run folder": {"rafale.run_folder", "rafale.checkpoints", "rafale.plots"},
+    "the run folder": {"rafale.run_folder", "rafale.checkpoints", "rafale.plots",
+                       "rafale.export_proof"},  # (export_proof: the check of the export the run folder writes)
     "the run": {"rafale.train", "rafale.record", "rafale.loggers", "rafale.outcomes", "rafale.resilience",
                 "rafale.optim", "rafale.hardware"},
     "the commands": {"rafale.export", "rafale.predict", "rafale.score", "rafale.generate", "rafale.lm_eval_adapter",
