@@ -29,6 +29,7 @@ from composer.core import Callback, State
 from composer.loggers import Logger
 
 from rafale.config import Config, save_config
+from rafale.hardware import machine_load
 from rafale.loggers import MetricsFile
 from rafale.run_folder import (METRICS_FILE, PLOT_FILE, SUMMARY_FILE, best_validation, metrics_rows, read_summary,
                                write_json)
@@ -50,6 +51,9 @@ class RunClock(Callback):
 
     def __init__(self):
         self.train_s = self.eval_s = self.checkpoint_s = 0.0
+        self.loads: list[float] = []  # the machine's 1-minute load average, read at most once a second while training
+        self.cores: int | None = None
+        self._load_read_at = 0.0
         self.batch_seconds: list[float] = []
         self.first_batch_at: float | None = None  # when the first trained batch asked for its data
         self.eval_s_before_first_batch = 0.0
@@ -84,6 +88,17 @@ class RunClock(Callback):
             self.first_batch_at, self.eval_s_before_first_batch = self._batch_start, self.eval_s
         if len(self.batch_seconds) < self.KEEP:
             self.batch_seconds.append(seconds)
+        now = time.perf_counter()
+        if now - self._load_read_at >= 1.0 and (load := machine_load()) is not None:
+            self._load_read_at = now
+            self.loads.append(load[0])
+            self.cores = load[1]
+
+    def machine_load(self) -> dict | None:
+        """{"mean", "max", "cores"}: the machine's load average while this segment trained, or None unread."""
+        if not self.loads:
+            return None
+        return {"mean": round(sum(self.loads) / len(self.loads), 2), "max": round(max(self.loads), 2), "cores": self.cores}
 
     def eval_start(self, state: State, logger: Logger) -> None:
         self._eval_start = time.perf_counter()
@@ -192,6 +207,7 @@ class RunRecord:
             "first_batch_s": round(first, 4) if first is not None else None,
             "batch_s_median": round(median, 5) if median is not None else None,
             "precision": self.precision,
+            "machine_load": clock.machine_load(),
             "ended": ended,
         }
         if self.changes:
@@ -226,6 +242,7 @@ class RunRecord:
             "mfu": self.mfu(tokens_per_s) if self.mfu and tokens_per_s else None,
             "precision": self.precision,
             "compile": self.cfg.training.compile,
+            "machine_load": latest.get("machine_load"),  # this segment's, as tokens/s is mostly its own
             "first_batch_s": latest["first_batch_s"],
             "batch_s_median": latest["batch_s_median"],
             "validation_loss_start": (validation_loss(first_eval[1]) if first_eval and first_eval[0] == 0
@@ -324,18 +341,21 @@ def describe(summary: dict, run_dir: Path) -> str:
         lines.append(f"evaluated {summary['checkpoint']} (batch {summary['batches']}) in {summary['eval_time_s']:.2f} s")
     if summary.get("precision"):
         lines.append(f"precision: {summary['precision']}")
-    if summary.get("first_batch_s") is not None and summary.get("batch_s_median") is not None:
-        compiled = "on" if summary.get("compile") else "off (training.compile)"
-        cost = (f": about {summary['first_batch_s'] - summary['batch_s_median']:.1f} s of compiling"
-                if summary.get("compile") else "")
-        lines.append(f"torch.compile: {compiled}; first batch {summary['first_batch_s']:.2f} s, the next ones "
-                     f"{summary['batch_s_median']:.3f} s (median){cost}")
+    # the first batch against the next ones measures what compiling cost; without compiling it measures nothing
+    if summary.get("compile") and summary.get("first_batch_s") is not None and summary.get("batch_s_median") is not None:
+        lines.append(f"torch.compile: on; first batch {summary['first_batch_s']:.2f} s, the next ones "
+                     f"{summary['batch_s_median']:.3f} s (median): about "
+                     f"{summary['first_batch_s'] - summary['batch_s_median']:.1f} s of compiling")
     segments = summary.get("segments", [])
     if summary.get("tokens") and summary.get("train_time_s"):
         mfu = f", MFU {summary['mfu']:.1%}" if summary.get("mfu") is not None else ""
+        load = summary.get("machine_load") or {}
+        busy = (f"; the machine's load averaged {load['mean']:.1f} on its {load['cores']} cores while it trained: "
+                "other processes shared them, so these figures are below what it gives alone"
+                if load.get("cores") and load["mean"] > load["cores"] else "")
         lines.append(f"tokens trained: {summary['tokens']:,} in {summary['wall_time_s']:.1f} s, "
                      f"{summary['train_time_s']:.1f} s of it training ({summary['tokens_per_s']:,.0f} tokens/s "
-                     f"while training{mfu})")
+                     f"while training{mfu}{busy})")
         other = summary["wall_time_s"] - sum(summary.get(k) or 0 for k in
                                              ("train_time_s", "eval_time_s", "checkpoint_time_s", "startup_time_s"))
         lines.append(f"the rest: evaluation {summary['eval_time_s']:.1f} s, checkpoints "

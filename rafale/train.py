@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from composer import DataSpec, Trainer
 from composer.algorithms import GradientClipping
-from composer.callbacks import MemoryMonitor, RuntimeEstimator
+from composer.callbacks import MemoryMonitor
 from composer.optim import (
     ConstantScheduler,
     ConstantWithWarmupScheduler,
@@ -509,10 +509,10 @@ def make_loaders(cfg: Config, data: PreparedData, collator, placement: Placement
 def make_callbacks(device: str, peak: float | None, stopper: StopOnSignal, schedule: ScheduleAtBatchStart,
                    cache_dir: Path | None = None) -> list:
     """The learning-rate schedule, speed (with MFU against `peak`, probed again if the run outruns it; the new peak
-    goes to `cache_dir`'s cpu_peak.json), the learning rates each batch applied, time left, NaN losses, signals,
-    schedule-free's modes."""
+    goes to `cache_dir`'s cpu_peak.json), the learning rates each batch applied, NaN losses, signals,
+    schedule-free's modes. (The console's time left is rafale.loggers.RecentPace's, from the recent batches.)"""
     callbacks = [schedule, CheckedSpeedMonitor(10, peak, device, cache_dir), LearningRates(),
-                 RuntimeEstimator(), FiniteLossMonitor(), stopper, schedule_free_switch()]
+                 FiniteLossMonitor(), stopper, schedule_free_switch()]
     if device == "gpu":
         callbacks.append(MemoryMonitor())
     return callbacks

@@ -77,6 +77,48 @@ def test_score_gives_the_runs_validation_loss_perplexity_and_bits_per_byte(runs)
     assert float(row["bits_per_byte"]) == pytest.approx(validation["BitsPerByte"], rel=1e-4)
 
 
+def test_score_labels_both_token_counts_as_data_preparation_does(runs, tmp_path):
+    """`tokens` and `blocks` are data preparation's ("validation: N tokens in B blocks"); the loss is over
+    `predicted_tokens`, a block's first token being no prediction; --doc-separator reads another file layout."""
+    run_dir, _ = runs["lm"]
+    code, out, err = rafale("score", str(run_dir), "--file", str(runs["folder"] / "validation.txt"))
+    (row,) = table(out)
+    prepared = json.loads((run_dir / "data.json").read_text())["splits"]["validation"]
+    assert (int(row["tokens"]), int(row["blocks"])) == (prepared["tokens"], prepared["blocks"])
+    assert int(row["predicted_tokens"]) == prepared["tokens"] - prepared["blocks"]
+    # the same documents, written with another separator: the same figures with --doc-separator
+    docs = (runs["folder"] / "validation.txt").read_text().split("\n")
+    (tmp_path / "other.txt").write_text("\n\n~~~\n\n".join(docs))
+    code, out, err = rafale("score", str(run_dir), "--file", str(tmp_path / "other.txt"), "--doc-separator", "\\n\\n~~~\\n\\n")
+    assert code == 0, err
+    assert table(out)[0] == {**row, "file": "other.txt"}
+    code, out, err = rafale("score", str(run_dir), "--file", str(tmp_path / "other.txt"))  # the run's "\n"
+    assert table(out)[0]["tokens"] != row["tokens"]
+
+
+def test_the_readmes_transformers_lines_give_scores_bits_per_byte(runs, monkeypatch):
+    """The README's "Bits per byte" block, run as written on the run's export (its paths pointed at this run)."""
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("\n## Bits per byte\n", 1)[1]
+    code_block = section.split("```python\n", 1)[1].split("```", 1)[0]
+    run_dir, validation = runs["lm"]
+    held_out = runs["folder"] / "validation.txt"
+    code_block, n = re.subn(r'run, path = "[^"]+", "[^"]+"', f"run, path = {str(run_dir)!r}, {str(held_out)!r}", code_block)
+    assert n == 1
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(code_block, "README.md", "exec"), {})
+    said = dict(re.findall(r"(predicted tokens|bytes|loss|bits per byte) ([\d.]+)", out.getvalue()))
+    code, score, err = rafale("score", str(run_dir), "--file", str(held_out))
+    (row,) = table(score)
+    assert said["predicted tokens"] == row["predicted_tokens"] and said["bytes"] == row["bytes"], (said, row)
+    assert float(said["loss"]) == pytest.approx(float(row["loss"]), abs=2e-5)
+    assert float(said["bits per byte"]) == pytest.approx(float(row["bits_per_byte"]), abs=2e-5)
+    assert float(row["bits_per_byte"]) == pytest.approx(validation["BitsPerByte"], rel=1e-4)
+
+
 def test_score_per_line_scores_each_line_as_its_own_document(runs, tmp_path):
     run_dir, _ = runs["lm"]
     lines = ["Tom had a red ball.", "", "  Lily saw a big dog in the park.  ", "The cat sat."]
