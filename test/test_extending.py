@@ -107,8 +107,8 @@ def test_a_module_of_its_own_inside_a_known_model_is_not_exported(tmp_path):
     cfg = FAMILIES["pythia"].presets["pythia-debug"]
     model = decoder.GPTNeoX(decoder.DecoderConfig(**{**cfg.__dict__, "vocab_size": 128}))
     save_pretrained(model, tmp_path / "plain")  # the model as it is exports
-    model.layers[1].attention = MyAttention(model.cfg)
-    with pytest.raises(WeightsError, match="layers.1.attention is a MyAttention"):
+    model.layers[1].attn = MyAttention(model.cfg)
+    with pytest.raises(WeightsError, match="layers.1.attn is a MyAttention"):
         save_pretrained(model, tmp_path / "variant")
     assert not (tmp_path / "variant").exists()
 
