@@ -155,3 +155,78 @@ def test_a_sharded_tied_checkpoint_loads(tmp_path):
     from safetensors.torch import load_file
 
     assert "lm_head.weight" not in load_file(tmp_path / "again" / "model.safetensors")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Through the command line: what a Pythia run can do, a Llama and a Qwen3 run do
+
+
+def test_a_llama_run_trains_resumes_exports_generates_scores_and_runs_lm_eval(tmp_path, cache_dir, capsys, monkeypatch):
+    from conftest import run_in_process, write_config
+    from rafale.export import latest_checkpoint, read_checkpoint_weights
+    from test_lm_eval import write_task
+
+    def train(name, batches):
+        cfg = write_config(tmp_path / f"{name}.yaml", base="llama_debug.yaml",
+                           run={"output_dir": str(tmp_path / "runs"), "name": name},
+                           training={"max_duration": f"{batches}ba", "eval_interval": "4ba", "save_interval": "4ba"})
+        code, out, err = run_in_process(["-c", str(cfg)], capsys, monkeypatch)
+        assert code == 0, err[-3000:]
+        return out
+
+    train("whole", 8)
+    train("halves", 4)
+    out = train("halves", 8)  # the same run, longer: resumes at batch 4
+    assert "resumed" in out and "at batch 4" in out, out
+    whole, halves = tmp_path / "runs" / "whole", tmp_path / "runs" / "halves"
+    a, b = (read_checkpoint_weights(latest_checkpoint(d)) for d in (whole, halves))
+    assert "layers.0.attn.qkv.weight" in a and all(torch.equal(a[k], b[k]) for k in a), "resume changed the weights"
+    summary = json.loads((whole / "summary.json").read_text())
+    assert summary["model"] == "llama llama-debug" and summary["tokens"] > 0
+
+    # the export is a LlamaForCausalLM with the run's logits
+    export = whole / "export"
+    hf = transformers.AutoModelForCausalLM.from_pretrained(export).eval()
+    assert type(hf).__name__ == "LlamaForCausalLM" and hf.config.num_key_value_heads == 2
+    ids = torch.randint(0, 500, (2, 16))
+    torch.testing.assert_close(from_pretrained(export)(ids), hf(ids).logits, atol=1e-5, rtol=0)
+
+    for args in (["generate", str(whole), "--prompt", "Once upon a time", "--max-new-tokens", "8"],
+                 ["generate", str(export), "--prompt", "Once upon a time", "--max-new-tokens", "8"]):
+        code, out, err = run_in_process(args, capsys, monkeypatch)
+        assert code == 0 and out.startswith("Once upon a time") and len(out) > len("Once upon a time "), err
+    (tmp_path / "held-out.txt").write_text("Once upon a time, there was a little dog. The dog was happy.\n")
+    code, out, err = run_in_process(["score", str(whole), "--file", str(tmp_path / "held-out.txt")], capsys, monkeypatch)
+    assert code == 0, err
+    header, row = out.strip().splitlines()[-2:]
+    score = dict(zip(header.split(","), row.split(",")))
+    assert score["file"] == "held-out.txt" and 0 < float(score["bits_per_byte"]) < 20, out
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    write_task(tasks, [{"question": f"Story {i}: the dog was", "choices": [" happy", " sad"], "answer": i % 2}
+                       for i in range(4)])
+    code, out, err = run_in_process(["lm-eval", str(whole), "--tasks", "rafale_toy", "--include-path", str(tasks)],
+                                    capsys, monkeypatch)
+    assert code == 0 and "rafale_toy" in out, err[-2000:]
+
+
+def test_qwen3_overfits_in_debug_and_a_sweep_trains_both_families(tmp_path, cache_dir, capsys, monkeypatch):
+    import re
+
+    from conftest import run_in_process, write_config
+
+    cfg = write_config(tmp_path / "qwen3.yaml", base="qwen3_debug.yaml", run={"output_dir": str(tmp_path / "runs")})
+    code, out, err = run_in_process(["-c", str(cfg)], capsys, monkeypatch, env={"DEBUG": "1"})
+    assert code == 0, err[-3000:]
+    start, end = (float(x) for x in re.search(r"DEBUG: loss on the batch went from ([\d.]+) to ([\d.]+)", out).groups())
+    assert end < 0.3 * start, out
+
+    monkeypatch.delenv("DEBUG")
+    sweep = tmp_path / "sweep"
+    code, out, err = run_in_process(["sweep", "-c", str(cfg), "model.type=llama,qwen3", "model.preset=null",
+                                     "training.max_duration=1ba", f"run.output_dir={sweep}"], capsys, monkeypatch)
+    assert code == 0, err[-3000:]
+    models = {json.loads(p.read_text())["model"] for p in sweep.glob("*/summary.json")}
+    assert models == {"llama", "qwen3"}, models  # each family's first (tiny) preset
+    exports = {json.loads(p.read_text())["architectures"][0] for p in sweep.glob("*/export/config.json")}
+    assert exports == {"LlamaForCausalLM", "Qwen3ForCausalLM"}
