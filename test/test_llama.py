@@ -157,6 +157,27 @@ def test_a_sharded_tied_checkpoint_loads(tmp_path):
     assert "lm_head.weight" not in load_file(tmp_path / "again" / "model.safetensors")
 
 
+
+def test_every_problem_with_the_split_qkv_is_named(tmp_path):
+    """q_proj, k_proj and v_proj fill one rafale tensor: a missing or mis-shaped one is named, as any other."""
+    from safetensors.torch import load_file, save_file
+
+    from rafale.models.hf import WeightsError
+
+    hf_model(*CASES[1]).save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    del tensors["model.layers.1.self_attn.k_proj.weight"]
+    tensors["model.layers.0.self_attn.v_proj.weight"] = torch.zeros(8, 32)
+    tensors["model.layers.0.self_attn.q_proj.bias"] = torch.zeros(32)  # attention_bias is false
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(WeightsError) as err:
+        from_pretrained(tmp_path)
+    message = str(err.value)
+    assert "missing: model.layers.1.self_attn.k_proj.weight" in message
+    assert "model.layers.0.self_attn.v_proj.weight (expected (16, 32), found (8, 32))" in message
+    assert "unexpected: model.layers.0.self_attn.q_proj.bias" in message
+
+
 # ----------------------------------------------------------------------------------------------------
 # Through the command line: what a Pythia run can do, a Llama and a Qwen3 run do
 

@@ -66,26 +66,7 @@ def match_tensors(tensors: dict, model: nn.Module, layout: WeightLayout, where: 
     Tied parameters (the masked LM's decoder and word embeddings) are one tensor under several names: the
     checkpoint needs to hold any one of them, and when it holds several they must agree.
     """
-    model_names = set(model.state_dict())
-    found = {}  # rafale name -> [(checkpoint name, tensor)]
-    unexpected = []
-    ignored = set(layout.ignored)
-    part_of = {hf: (rafale, i) for rafale, fused in layout.fused.items() for i, hf in enumerate(fused.parts)}
-    parts_found = {}  # fused rafale name -> {part index: (checkpoint name, tensor)}
-    for hf_name, tensor in tensors.items():
-        template, index = split_layer_index(legacy_layer_norm_name(hf_name))
-        if template in ignored:
-            continue
-        if template in part_of and part_of[template][0].format(index) in model_names:
-            rafale_template, i = part_of[template]
-            parts_found.setdefault(rafale_template.format(index), {})[i] = (hf_name, tensor)
-            continue
-        rafale_template = layout.names.get(template, layout.aliases.get(template))
-        rafale_name = None if rafale_template is None else rafale_template.format(index)
-        if rafale_name is None or rafale_name not in model_names:  # also a layer beyond num_layers
-            unexpected.append(hf_name)
-        else:
-            found.setdefault(rafale_name, []).append((hf_name, tensor))
+    found, parts_found, unexpected = sort_tensors(tensors, set(model.state_dict()), layout)
 
     # the names sharing one Parameter, in the model's order
     groups = {}
@@ -126,6 +107,29 @@ def match_tensors(tensors: dict, model: nn.Module, layout: WeightLayout, where: 
     if problems:
         raise WeightsError(f"weights in {where} do not fit the model:\n  " + "\n  ".join(problems))
     return state
+
+
+def sort_tensors(tensors: dict, model_names: set, layout: WeightLayout):
+    """The checkpoint's tensors by the rafale name they fill: ({rafale name: [(checkpoint name, tensor)]}, {fused
+    rafale name: {part index: (checkpoint name, tensor)}}, [checkpoint names that fill nothing]); ignored ones dropped."""
+    found, parts_found, unexpected = {}, {}, []
+    ignored = set(layout.ignored)
+    part_of = {hf: (rafale, i) for rafale, fused in layout.fused.items() for i, hf in enumerate(fused.parts)}
+    for hf_name, tensor in tensors.items():
+        template, index = split_layer_index(legacy_layer_norm_name(hf_name))
+        if template in ignored:
+            continue
+        if template in part_of and part_of[template][0].format(index) in model_names:
+            rafale_template, i = part_of[template]
+            parts_found.setdefault(rafale_template.format(index), {})[i] = (hf_name, tensor)
+            continue
+        rafale_template = layout.names.get(template, layout.aliases.get(template))
+        rafale_name = None if rafale_template is None else rafale_template.format(index)
+        if rafale_name is None or rafale_name not in model_names:  # also a layer beyond num_layers
+            unexpected.append(hf_name)
+        else:
+            found.setdefault(rafale_name, []).append((hf_name, tensor))
+    return found, parts_found, unexpected
 
 
 def join_fused(parts_found: dict, model: nn.Module, layout: WeightLayout, found: dict):
