@@ -3,6 +3,7 @@
     python bench/ablation.py                                          # built-in stories, fp32 and bf16
     python bench/ablation.py --precision fp32                         # one precision
     python bench/ablation.py --text ../shared/data/tinystories/train-head-2MiB.txt   # and on a text file too
+    python bench/ablation.py --precision fp32 --max-duration 6ba --every 3             # a smoke run of the script
 
 Every row is `rafale -c` on the default job's data, token budget and recipe (test/pythia_tinystories.yaml: 300
 batches of 16 x 128 tokens, Muon on the blocks' matrices, AdamW on the rest), evaluated every --every batches.
@@ -88,11 +89,15 @@ def main(argv=None):
     parser.add_argument("--text", default=None, help="also train on this text file (a .txt source)")
     parser.add_argument("--every", type=int, default=50, help="evaluate every this many batches (default 50)")
     parser.add_argument("--rows", default=None, help="comma-separated row names to run (default: all)")
+    parser.add_argument("--max-duration", default=None, help="every row's training.max_duration (default: the "
+                        "default job's, 300ba); shorter for a smoke run")
     parser.add_argument("--out", default=None, help="folder for the runs (default: a temporary one)")
     args = parser.parse_args(argv)
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="rafale-ablation-"))
     out.mkdir(parents=True, exist_ok=True)
     base = yaml.safe_load((ROOT / "test" / "pythia_tinystories.yaml").read_text())
+    if args.max_duration is not None:
+        base["training"]["max_duration"] = args.max_duration
     wanted = None if args.rows is None else set(args.rows.split(","))
     datasets = [("built-in stories", None)] + ([(Path(args.text).name, args.text)] if args.text else [])
     results = {}
