@@ -391,12 +391,12 @@ def test_every_problem_reported_at_once(neox_folder):
 
 def test_unsupported_architecture(neox_folder):
     config = json.loads((neox_folder / "config.json").read_text())
-    config["architectures"] = ["LlamaForCausalLM"]
+    config["architectures"] = ["MistralForCausalLM"]
     (neox_folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(WeightsError) as err:
         from_pretrained(neox_folder)
     message = str(err.value)
-    assert str(neox_folder / "config.json") in message and "LlamaForCausalLM" in message
+    assert str(neox_folder / "config.json") in message and "MistralForCausalLM" in message
     assert "GPTNeoXForCausalLM" in message and "RobertaForSequenceClassification" in message
 
 
