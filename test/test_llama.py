@@ -184,7 +184,7 @@ def test_every_problem_with_the_split_qkv_is_named(tmp_path):
 
 def test_a_llama_run_trains_resumes_exports_generates_scores_and_runs_lm_eval(tmp_path, cache_dir, capsys, monkeypatch):
     from conftest import run_in_process, write_config
-    from rafale.export import latest_checkpoint, read_checkpoint_weights
+    from rafale.run_folder import latest_checkpoint, read_checkpoint_weights
     from test_lm_eval import write_task
 
     def train(name, batches):
