@@ -55,7 +55,7 @@ class MissingPackage(RafaleError):
 # parameter groups: weight decay, layerwise learning rates, and which matrices Muon takes
 
 _BLOCK = re.compile(r"(?:^|\.)(?:layers|layer)\.(\d+)\.")  # decoder `layers.3.`, encoder `encoder.layer.3.`
-_EMBEDDINGS = re.compile(r"(?:^|\.)(?:embed_in|embeddings)\.")  # decoder `embed_in.`, encoder `embeddings.`
+_EMBEDDINGS = re.compile(r"(?:^|\.)(?:embed|embeddings)\.")  # decoder `embed.`, encoder `embeddings.`
 
 
 def num_blocks(model: nn.Module) -> int:

@@ -52,7 +52,7 @@ def data_without_tokenizer(tmp_path) -> PreparedData:
 
 def silu_mlp(self, x):
     """nanoGPT's way of trying another activation: edit the MLP in place."""
-    return self.dense_4h_to_h(F.silu(self.dense_h_to_4h(x)))
+    return self.down(F.silu(self.up(x)))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -99,8 +99,8 @@ def test_an_in_place_silu_is_refused_at_the_first_block(tmp_path, monkeypatch):
     why = str(refused.value)
     worst = float(re.search(r"max \|difference\| (\S+) > 1e-04", why).group(1))
     assert worst > 1e-3, why
-    assert ("it first differs in block layers.0, at the input of layers.0.mlp.dense_4h_to_h (transformers' "
-            "gpt_neox.layers.0.mlp.dense_4h_to_h)") in why and "after layers.0.mlp.dense_h_to_4h agreed" in why, why
+    assert ("it first differs in block layers.0, at the input of layers.0.mlp.down (transformers' "
+            "gpt_neox.layers.0.mlp.dense_4h_to_h)") in why and "after layers.0.mlp.up agreed" in why, why
 
 
 def test_the_first_differing_block_is_named_when_it_is_not_the_first(tmp_path):

@@ -45,8 +45,8 @@ def test_keep_best_exports_the_weights_of_the_best_evaluation(tmp_path, cache_di
     (checkpoint,) = (run_dir / "checkpoints").glob(f"ep*-ba{best_step}-rank0.pt")  # (12 stories: 8 batches an epoch)
     saved = read_checkpoint_weights(checkpoint)
     vocab = exported["embed_out.weight"].shape[0]
-    assert torch.equal(exported["embed_out.weight"], saved["embed_out.weight"][:vocab])
-    assert torch.equal(exported["gpt_neox.layers.0.mlp.dense_h_to_4h.weight"], saved["layers.0.mlp.dense_h_to_4h.weight"])
+    assert torch.equal(exported["embed_out.weight"], saved["head.weight"][:vocab])
+    assert torch.equal(exported["gpt_neox.layers.0.mlp.dense_h_to_4h.weight"], saved["layers.0.mlp.up.weight"])
     last = load_file(run_dir / "export" / "model.safetensors")
     assert not torch.equal(last["embed_out.weight"], exported["embed_out.weight"])
 
