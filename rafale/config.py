@@ -28,7 +28,7 @@ from typing import Literal, Optional, Union
 import yaml
 
 
-from rafale.errors import ConfigError, RafaleError  # noqa: F401 (RafaleError: imported from here by older code)
+from rafale.errors import ConfigError, RafaleError, read_utf8  # noqa: F401 (RafaleError: imported from here by older code)
 
 
 def option(default=dataclasses.MISSING, help: str = "", default_factory=dataclasses.MISSING):
@@ -51,7 +51,7 @@ class RunConfig:
     restart: bool = option(
         False, "Start this run.name over: set the existing run folder aside as NAME.old-<timestamp> (also: "
         "--restart). Without it, resuming a run folder whose checkpoints were trained with another config (other "
-        "data, tokenizer, model, optimizer or schedule; see rafale/record.py APPLIED_ON_RESUME for what may change) "
+        "data, tokenizer, model, optimizer or schedule; see rafale/run_folder.py APPLIED_ON_RESUME for what may change) "
         "is an error."
     )
     resume_fallback: bool = option(
@@ -504,9 +504,9 @@ def validate(cfg: Config, check_files: bool = True) -> None:
                               f"each template needs '{{}}' for the class name, got {template!r}")
     if check_files:
         _check_files(cfg)
-    from rafale.optim import check_optimizer  # last: it imports torch, which the checks above do not need
-
-    check_optimizer(cfg.training)
+    # training.optimizer's name and arguments are checked by rafale.optim.check_optimizer, which `rafale -c` and
+    # `rafale sweep` call right after loading the config: building a stand-in optimizer imports torch's optimizers
+    # (torch._dynamo, seconds), which a command that only reads a run folder must not wait for
 
 
 def _check_creatable(folder: Path, key: str, what: str) -> None:
@@ -618,7 +618,7 @@ def load_config(path, overrides=(), saved_run: bool = False) -> Config:
     if not path.is_file():
         raise ConfigError("", f"no such config file: {path}")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(read_utf8(path, "config error"))
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""

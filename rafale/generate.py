@@ -15,14 +15,14 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from rafale.errors import RafaleError
+from rafale.errors import RafaleError, read_utf8
 from rafale.data.tokenizers import special_token_ids
 
 
 def load_decoder(path: Path):
     """(GPTNeoX in eval mode, tokenizer) from a run folder or a Hugging Face model folder."""
     if (path / "config.yaml").is_file():
-        from rafale.export import load_run_model
+        from rafale.run_folder import load_run_model
 
         cfg, data, model = load_run_model(path)
         from rafale.resolve import FAMILIES, family_of
@@ -123,7 +123,7 @@ def generate_main(argv) -> int:
         path = Path(args.prompt_file)
         if not path.is_file():
             raise RafaleError(f"--prompt-file: no such file: {path}")
-        prompts = [line for line in path.read_text().splitlines() if line.strip()]
+        prompts = [line for line in read_utf8(path, "--prompt-file").splitlines() if line.strip()]
         if not prompts:
             raise RafaleError(f"--prompt-file: {path} holds no prompts")
     else:

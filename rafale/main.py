@@ -74,6 +74,9 @@ def train_main(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     cfg.run.restart = cfg.run.restart or getattr(args, "restart", False)
+    from rafale.optim import check_optimizer  # torch's optimizers: training needs them anyway
+
+    check_optimizer(cfg.training)  # a wrong optimizer name, argument or value before any data work
     from rafale.resolve import resolve_model_config  # torch: the model files define the sizes
 
     model_cfg = resolve_model_config(cfg)  # the model section's errors before any data work
@@ -110,13 +113,13 @@ def lm_eval_command(argv) -> int:
 
 
 def plot_command(argv) -> int:
-    from rafale.plots import plot_main
+    from rafale.runs import plot_main
 
     return plot_main(argv)
 
 
 def runs_command(argv) -> int:
-    from rafale.plots import runs_main
+    from rafale.runs import runs_main
 
     return runs_main(argv)
 

@@ -10,7 +10,7 @@ the file has the label column (data.label_column), the accuracy is printed too: 
 the validation accuracy. The model runs in fp32 (on the GPU when there is one).
 
 The reading of the file and the batching are shared with `rafale score` (rafale/score.py). Neither imports
-Composer (~20 s): a run's model is rebuilt from its folder as a bare nn.Module (rafale.export.load_run_model).
+Composer (~20 s): a run's model is rebuilt from its folder as a bare nn.Module (rafale.run_folder.load_run_model).
 """
 
 import argparse
@@ -29,7 +29,7 @@ from rafale.data import DATAPIPES
 from rafale.data.cache import PreparedData
 from rafale.data.sources import _load_file
 from rafale.errors import ConfigError, DataError, RafaleError
-from rafale.export import load_run_model
+from rafale.run_folder import load_run_model
 from rafale.resolve import family_of, head_of
 
 
@@ -48,7 +48,8 @@ def read_file_rows(path: Path, cfg: Config, scratch: Path, text_column: str, one
         raise DataError(f"--file: {err}".replace("data.text_column: ", "--text-column / data.text_column: ")) from None
     if len(rows) == 0:
         raise DataError(f"--file: {path} holds no texts")
-    return rows.rename_column(text_column, "text") if text_column != "text" else rows
+    # a .txt has no columns: its texts are read into `text`, whatever the run's data.text_column
+    return rows.rename_column(text_column, "text") if text_column != "text" and path.suffix != ".txt" else rows
 
 
 def batches(examples: Dataset, collator, batch_size: int):

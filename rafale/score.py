@@ -8,8 +8,10 @@ and cut into blocks by the run's own datapipe (rafale/data/causal_lm.py, mlm.py)
 collator: on the run's validation file the figures are its validation figures. A masked LM is scored on the masks
 its validation draws: data.mlm_probability of each block's tokens, seeded by a hash of the block's tokens, so the
 same text always gets the same masks; its loss is over the masked tokens, and its bits per byte over the bytes of
-those tokens. `--per-line` scores each line (each row of a .jsonl) as a document of its own, one row each, then
-the total. The model runs in fp32 (on the GPU when there is one).
+those tokens. The bytes a token covers are counted in the text, from the tokenizer's offsets, for every kind of
+tokenizer (rafale.models.token_bytes.TextBytes: a token covers its own text and the whitespace before it, so a
+document's tokens cover all its bytes). `--per-line` scores each line (each row of a .jsonl) as a document of its
+own, one row each, then the total. The model runs in fp32 (on the GPU when there is one).
 """
 
 import argparse
@@ -26,13 +28,15 @@ import torch.nn.functional as F
 from datasets import Dataset, DatasetDict
 
 from rafale.data import DATAPIPES
-from rafale.data.tokenizers import token_bytes
+from rafale.models.token_bytes import TextBytes
 from rafale.errors import IGNORE_INDEX, ConfigError, DataError, RafaleError
-from rafale.export import load_run_model
+from rafale.run_folder import load_run_model
 from rafale.predict import batches, device_of, read_file_rows
 from rafale.resolve import family_of, head_of
 
 SCORED_HEADS = ("causal_lm", "mlm")  # the model heads whose loss is a language model's
+# where a block's token sits relative to the position whose label it is: the next one (causal LM), the same (MLM)
+LABEL_SHIFT = {"causal_lm": 1, "mlm": 0}
 
 
 @dataclass
@@ -56,19 +60,49 @@ class Score:
 
 
 @torch.no_grad()
-def score_blocks(model, blocks: Dataset, collator, batch_size: int, vocab_size: int, sizes: torch.Tensor) -> Score:
+def score_blocks(model, blocks: Dataset, block_bytes: list[list[int]], shift: int, collator, batch_size: int,
+                 vocab_size: int) -> Score:
     """The summed loss of the collator's batches of `blocks`, as the validation metrics sum it (LanguageCrossEntropy,
-    BitsPerByte): the logits cut to the tokenizer's vocabulary, the labels that are not IGNORE_INDEX scored."""
+    BitsPerByte): the logits cut to the tokenizer's vocabulary, the labels that are not IGNORE_INDEX scored, and
+    the bytes the labels' tokens cover (`block_bytes`, each block's; the label at position t is token t + shift)."""
     device, score = device_of(), Score()
     model.to(device)
-    for batch in batches(blocks, collator, batch_size):
+    for start, batch in zip(range(0, len(blocks), batch_size), batches(blocks, collator, batch_size)):
         mask = batch.get("attention_mask")
         logits = model(batch["input_ids"].to(device), attention_mask=None if mask is None else mask.to(device))
-        labels = batch["labels"].to(device)
+        labels = batch["labels"]
         scored = labels != IGNORE_INDEX  # (B, T)
-        nats = F.cross_entropy(logits[..., :vocab_size][scored].float(), labels[scored], reduction="sum")
-        score = score + Score(float(nats), int(scored.sum()), int(sizes[labels[scored].cpu()].sum()))
+        nats = F.cross_entropy(logits[..., :vocab_size][scored.to(device)].float(), labels[scored].to(device),
+                               reduction="sum")
+        label_bytes = torch.zeros(labels.shape, dtype=torch.long)  # (B, T)
+        for row, sizes in enumerate(block_bytes[start : start + len(labels)]):
+            label_bytes[row, : len(sizes) - shift] = torch.tensor(sizes[shift:], dtype=torch.long)
+        score = score + Score(float(nats), int(scored.sum()), int(label_bytes[scored].sum()))
     return score
+
+
+def bytes_of_blocks(blocks: Dataset, texts: list[str], text_bytes: TextBytes) -> list[list[int]]:
+    """The UTF-8 bytes each token of each block covers in `texts` (`text_bytes`, the tokenizer's TextBytes), the
+    blocks being the datapipe's cut of those texts: the texts' tokens in order, with special tokens added between
+    them (<|endoftext|> between documents, [CLS] ... [SEP] around blocks), which cover 0 bytes."""
+    specials = text_bytes.specials
+    stream = [(token, size) for ids, sizes in text_bytes(texts) for token, size in zip(ids, sizes)]
+    out, next_token = [], 0
+    for block in blocks.with_format(None)["input_ids"]:
+        sizes = []
+        for token in block:
+            if next_token < len(stream) and token == stream[next_token][0]:
+                sizes.append(stream[next_token][1])
+                next_token += 1
+            elif token in specials:  # one the datapipe added
+                sizes.append(0)
+            else:  # the datapipe cut the texts otherwise than encode_batch tokenizes them
+                raise RafaleError(f"rafale score: the blocks hold token {token} where the text has "
+                                  f"{stream[next_token][0] if next_token < len(stream) else 'no more tokens'}")
+        out.append(sizes)
+    if next_token != len(stream):
+        raise RafaleError(f"rafale score: the blocks hold {next_token:,} of the text's {len(stream):,} tokens")
+    return out
 
 
 def documents_by_line(path: Path, rows: Dataset) -> DatasetDict:
@@ -108,7 +142,6 @@ def score_main(argv) -> int:
     pipe = DATAPIPES[cfg.model.task](cfg.data, **family_of(cfg).data)
     collator = pipe.collator(data.meta)
     collator = collator.for_evaluation() if hasattr(collator, "for_evaluation") else collator  # as validation's
-    sizes = token_bytes(data.tokenizer)
     with tempfile.TemporaryDirectory(prefix="rafale-score-") as scratch:
         pipe.scratch = Path(scratch) / "blocks"
         rows = read_file_rows(path, cfg, Path(scratch), cfg.data.text_column, one_per_line=args.per_line)
@@ -117,7 +150,9 @@ def score_main(argv) -> int:
             blocks = pipe._prepare(documents, data.tokenizer, dict(data.meta))
         except DataError as err:
             raise DataError(f"{path}: {err}") from None
-        scores = {name: score_blocks(model, split, collator, batch_size, data.vocab_size, sizes)
+        shift, text_bytes = LABEL_SHIFT[head_of(cfg)], TextBytes(data.tokenizer)
+        scores = {name: score_blocks(model, split, bytes_of_blocks(split, documents[name]["text"], text_bytes),
+                                     shift, collator, batch_size, data.vocab_size)
                   for name, split in blocks.items()}
     writer = csv.writer(sys.stdout, lineterminator="\n")
     writer.writerow(["line" if args.per_line else "file", "tokens", "loss", "perplexity", "bits_per_byte"])

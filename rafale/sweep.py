@@ -26,11 +26,12 @@ import argparse
 import itertools
 from pathlib import Path
 
-import json
-
 from rafale.config import Config, ConfigError, RafaleError, load_config
+from rafale.optim import check_optimizer
 from rafale.resolve import resolve_model_config
-from rafale.plots import SUMMARY_FILE, best_validation, plot_runs, ranking_column, run_row, short_names
+from rafale.plots import plot_runs, ranking_column, run_row, short_names
+from rafale.run_folder import (CONFIG_FILE, best_validation, differences_not_applied_on_resume, reached, read_summary,
+                               saved_config)
 
 
 def split_values(text: str) -> list[str]:
@@ -108,22 +109,18 @@ def best_run(finished: dict[str, dict]) -> tuple[str | None, str | None]:
 
 def run_status(run_dir: Path) -> str | None:
     """summary.json's status ('complete', 'stopped', 'in progress', 'failed'), or None without one."""
-    try:
-        return json.loads((run_dir / SUMMARY_FILE).read_text()).get("status", "complete")
-    except (OSError, ValueError):
-        return None
+    summary = read_summary(run_dir)
+    return summary.get("status", "complete") if summary is not None else None
 
 
 def plan(point_configs: list[tuple[str, Config]], out_dir: Path, restart: bool) -> dict[str, str]:
     """run name -> what to do with it: 'run' (new, or resumed), 'skip' (complete with this very config), or
     'restart'. A folder whose config.yaml differs in what a resume would not apply is an error listing every such
     run, before any runs, unless `restart`."""
-    from rafale.record import differences_not_applied_on_resume, reached, read_summary, saved_config
-
     actions, changed = {}, []
     for name, cfg in point_configs:
         run_dir = out_dir / name
-        old = saved_config(run_dir) if (run_dir / "config.yaml").is_file() else None
+        old = saved_config(run_dir) if (run_dir / CONFIG_FILE).is_file() else None
         differences = differences_not_applied_on_resume(old, cfg) if old is not None else []
         summary = read_summary(run_dir) or {}
         if differences:
@@ -157,6 +154,7 @@ def sweep_main(argv, train) -> int:
     for point in points:  # a typo in the last combination should not wait for the first runs to finish
         name = run_name(base.run.name, [item for item in point if item not in fixed])  # named by what varies
         cfg = load_config(args.config, [*point, f"run.name={name}"])
+        check_optimizer(cfg.training)
         resolve_model_config(cfg)
         named.append((name, point, cfg))
     names = [name for name, _, _ in named]

@@ -148,15 +148,51 @@ def test_errors_name_the_task_the_file_and_the_column(runs, tmp_path):
     assert code == 2 and "rows.jsonl" in err and "'text'" in err, err
 
 
-def test_scores_token_bytes_is_the_validations(runs):
+def test_score_reads_a_txt_under_a_run_whose_text_column_is_another(runs, tmp_path):
+    """A .txt has no columns: its texts are the texts, whatever data.text_column the run was trained with (here
+    'content'); a .jsonl without that column is one line naming the column and the file."""
+    import shutil
+
+    import yaml
+
+    run_dir = tmp_path / "content-run"
+    shutil.copytree(runs["lm"][0], run_dir, ignore=shutil.ignore_patterns("evals"))
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    config["data"]["text_column"] = "content"
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    (tmp_path / "x.txt").write_text("Tom had a red ball.\nLily ran home.\n")
+    code, out, err = rafale("score", str(run_dir), "--file", str(tmp_path / "x.txt"))
+    assert code == 0, err
+    assert table(out)[0]["file"] == "x.txt" and int(table(out)[0]["tokens"]) > 0
+    (tmp_path / "x.jsonl").write_text('{"text": "Tom had a red ball."}\n')
+    code, out, err = rafale("score", str(run_dir), "--file", str(tmp_path / "x.jsonl"))
+    assert code == 2 and "Traceback" not in err and "'content'" in err and "x.jsonl" in err, err
+
+
+def test_scores_bytes_are_the_validations_on_byte_level_bpe(runs):
+    """rafale score counts bytes in the text (offsets), validation by token id (rafale.models.token_bytes): on a
+    byte-level BPE run's validation file they agree token by token."""
+    from datasets import DatasetDict
     from tokenizers import Tokenizer
 
-    from rafale.metrics import token_bytes
-    from rafale.score import token_bytes as copy
+    from rafale.config import load_config
+    from rafale.data import CausalLMDataPipe
+    from rafale.models.token_bytes import TextBytes, token_bytes
+    from rafale.predict import read_file_rows
+    from rafale.score import bytes_of_blocks
 
-    for run in ("lm", "mlm", "cls"):
-        tokenizer = Tokenizer.from_file(str(runs[run][0] / "tokenizer.json"))
-        assert copy(tokenizer).tolist() == token_bytes(tokenizer).tolist()  # (one function now: score imports it)
+    run_dir, folder = runs["lm"][0], runs["folder"]
+    cfg = load_config(run_dir / "config.yaml", saved_run=True)
+    tokenizer = Tokenizer.from_file(str(run_dir / "tokenizer.json"))
+    rows = read_file_rows(folder / "validation.txt", cfg, folder / "scratch", "text", one_per_line=False)
+    pipe = CausalLMDataPipe(cfg.data)
+    pipe.scratch = folder / "scratch"
+    meta = {"vocab_size": tokenizer.get_vocab_size(), **pipe.special_ids(tokenizer)}
+    blocks = pipe._prepare(DatasetDict({"v": rows}), tokenizer, meta)["v"]
+    table = token_bytes(tokenizer)
+    counted = bytes_of_blocks(blocks, rows["text"], TextBytes(tokenizer))
+    assert counted == [table[block].tolist() for block in blocks.with_format("torch")["input_ids"]]
+    assert sum(map(sum, counted)) == sum(len(text.encode()) for text in rows["text"])
 
 
 def test_neither_command_imports_composer_or_transformers(runs):

@@ -14,7 +14,8 @@ import pytest
 
 from rafale.config import Config, save_config
 from rafale.errors import RafaleError
-from rafale.plots import run_figure, runs_figure, runs_main, runs_table, what_differs
+from rafale.plots import run_figure, runs_figure, runs_table, what_differs
+from rafale.runs import runs_main
 from rafale.sweep import run_name, sweep_table
 
 LOSS, PPL, BPB = "metrics/eval/LanguageCrossEntropy", "metrics/eval/LanguagePerplexity", "metrics/eval/BitsPerByte"
@@ -164,3 +165,24 @@ def test_the_overlay_legend_says_what_differs(three_runs, tmp_path):
     # runs that differ in nothing are named by their folders
     same = [fake_run(tmp_path / "same", name, [6.0, 2.0]) for name in ("p", "q")]
     assert [t.get_text() for t in runs_figure(same).axes[0].get_legend().get_texts()] == ["p", "q"]
+
+
+def test_runs_and_plot_read_a_killed_runs_cut_metrics_line(tmp_path, capsys):
+    """A process killed mid-write leaves metrics.jsonl ending in a cut line: `rafale runs` and `rafale plot` read
+    the rows before it (the one reader, rafale.run_folder.metrics_rows, which the resume's compaction uses too)."""
+    from rafale.main import main
+    from rafale.run_folder import metrics_rows, read_metrics
+    from rafale.record import compact_metrics
+
+    run_dir = fake_run(tmp_path, "killed", [6.0, 2.5], [3.1, 0.85])
+    with (run_dir / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 20, "loss/train/total": 2.')
+    assert [row["step"] for row in metrics_rows(run_dir / "metrics.jsonl")] == [0, 10]
+    assert read_metrics(run_dir)[LOSS] == [(0, 6.0), (10, 2.5)]
+    for argv in (["runs", str(run_dir)], ["plot", str(run_dir)]):
+        with pytest.raises(SystemExit) as exit:
+            main(argv)
+        assert exit.value.code == 0, capsys.readouterr().err
+    assert "killed" in capsys.readouterr().out and (run_dir / "metrics.png").is_file()
+    compact_metrics(run_dir)
+    assert [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [0, 10]

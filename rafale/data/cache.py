@@ -7,15 +7,19 @@ job, per batch. Each task is a subclass in its own file (rafale/data/causal_lm.p
 image_text.py), listed in DATAPIPES (rafale/data/__init__.py).
 
 Cache folders are named `{source}_{tokenizer}_bs{block_size}_len{N}_{fingerprint}` (N training blocks, or
-examples); the fingerprint covers every input that changes the content (the source's identity, the tokenizer,
-the block size, the pipeline version), so a changed input builds a new cache, and a cache is found by its
-fingerprint alone. A trained tokenizer is named by the size it got (`bpe2761`), known only once trained. A cache
-is built under a temporary name, holds a `rafale.json` written last, and is renamed into place when complete: an
-interrupted build is never mistaken for a finished one. Each split's `content_digest` goes in rafale.json, for
+examples); the fingerprint covers every input that changes the content (the source's files, the tokenizer, the
+pipeline version, and every data.* field), so a changed input builds a new cache, and a cache is found by its
+fingerprint alone. Safe by default: a field a datapipe starts to read (a response column, a second text) is in
+its fingerprint without a word; only the fields a datapipe declares it cannot be changed by (`not_in_cache`) are
+left out, so that changing them (data.num_workers, or data.mlm_probability, which the MLM collator reads per
+batch) reuses the cache. A trained tokenizer is named by the size it got (`bpe2761`), known only once trained.
+A cache is built under a temporary name, holds a `rafale.json` written last, and is renamed into place when
+complete: an interrupted build is never mistaken for a finished one. Each split's `content_digest` goes in rafale.json, for
 the resume guard.
 """
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -33,12 +37,21 @@ from filelock import FileLock
 from tokenizers import Tokenizer
 
 from rafale.config import DataConfig
-from rafale.data.sources import load_source, source_identity, source_name
+from rafale.data.sources import fields_the_source_ignores, load_source, source_identity, source_name
 from rafale.data.tokenizers import (TRAINED_SPECIALS, load_tokenizer, smallest_vocabulary, special_token_ids,
                                     tokenizer_identity, tokenizer_name, train_tokenizer, warn_if_smaller)
 from rafale.errors import DataError
 
-PIPELINE_VERSION = 2  # 2: caches named by the trained vocabulary size; trained tokenizers carry their post-processor
+PIPELINE_VERSION = 3  # 2: caches named by the trained vocabulary size; trained tokenizers carry their post-processor
+# 3: every data.* field but a datapipe's not_in_cache is a fingerprint input
+
+# data.* fields that cannot change what any datapipe writes to its cache: where the cache is, how many processes
+# build it and load batches from it, and decode_errors ('error' either stops or reads what 'replace' reads)
+NEVER_IN_CACHE = frozenset({"cache_dir", "num_proc", "num_workers", "decode_errors"})
+# the fields only the image-text datapipe reads, which a text datapipe says cannot change its cache
+IMAGE_FIELDS = frozenset({"image_size", "image_column", "num_train_images", "num_val_images", "num_zero_shot_images",
+                          "zero_shot_source", "prompt_templates", "augment"})
+LABEL_FIELDS = frozenset({"label_column", "label_names"})  # what only a labelled (classification) datapipe reads
 
 
 def cache_root(cache_dir=None) -> Path:
@@ -139,6 +152,9 @@ class DataPipe:
 
     name = "base"
     head = "base"  # causal_lm, mlm, classification or contrastive: the model head the examples are for
+    # data.* fields this datapipe's cache cannot depend on (besides NEVER_IN_CACHE): every other field is in its
+    # fingerprint, read or not; a field left out here is the safe side (a cache built again, never a stale one)
+    not_in_cache: frozenset = frozenset()
     tokenizer_kind = "bpe"  # what `tokenizer: train` trains, unless the constructor says otherwise
     labelled = False  # whether the source must have a label column
     scratch: Path | None = None  # while building: a folder inside the temporary cache for files `_prepare` streams
@@ -156,12 +172,26 @@ class DataPipe:
         raise NotImplementedError
 
     def fingerprint_inputs(self) -> dict:
+        """What the cache's content depends on: the source's files (names, sizes, times), the tokenizer, and every
+        data.* field but those that cannot change it (`fields_not_in_cache`)."""
         return {
             "pipeline": [self.name, PIPELINE_VERSION],
-            "source": source_identity(self.cfg),
+            "source": self.source_identity(),
             "tokenizer": tokenizer_identity(self.cfg, self.tokenizer_kind),
-            "block_size": self.cfg.block_size,
+            "data": {f.name: getattr(self.cfg, f.name) for f in dataclasses.fields(self.cfg)
+                     if f.name not in self.fields_not_in_cache()},
         }
+
+    def source_identity(self) -> list:
+        """The source's files by name, size and modification time (rafale/data/sources.py), or its generator."""
+        return source_identity(self.cfg)
+
+    def fields_not_in_cache(self) -> frozenset:
+        """NEVER_IN_CACHE, this datapipe's `not_in_cache`, the fields its kind of source does not read, and those
+        the fingerprint takes otherwise: data.source and data.tokenizer by their files (a tokenizer file by its
+        content, so a copy elsewhere is the same), data.vocab_size when the tokenizer is not trained here."""
+        identified = {"source", "tokenizer"} | ({"vocab_size"} if self.cfg.tokenizer != "train" else set())
+        return NEVER_IN_CACHE | self.not_in_cache | fields_the_source_ignores(self.cfg) | identified
 
     @property
     def fingerprint(self) -> str:

@@ -18,7 +18,7 @@ import torch
 from datasets import Dataset, DatasetDict, Features, Sequence, Value
 from tokenizers import Tokenizer
 
-from rafale.data.cache import DataPipe
+from rafale.data.cache import IMAGE_FIELDS, LABEL_FIELDS, DataPipe
 from rafale.errors import IGNORE_INDEX, DataError
 
 TOKEN_FEATURES = Features({"input_ids": Sequence(Value("int32"))})  # a split of blocks (causal LM, MLM)
@@ -159,6 +159,7 @@ class CausalLMDataPipe(DataPipe):
 
     name = "causal_lm"
     head = "causal_lm"
+    not_in_cache = IMAGE_FIELDS | LABEL_FIELDS | {"mlm_probability"}  # none of them read here
     shard_tokens = SHARD_TOKENS
 
     def _prepare(self, raw: DatasetDict, tokenizer: Tokenizer, meta: dict) -> DatasetDict:

@@ -9,6 +9,7 @@ import torch
 from datasets import Dataset, DatasetDict, Features, Sequence, Value
 from tokenizers import Tokenizer
 
+from rafale.data.cache import IMAGE_FIELDS
 from rafale.data.encoder import EncoderDataPipe, pad_batch
 from rafale.errors import DataError
 
@@ -22,9 +23,7 @@ class ClassificationDataPipe(EncoderDataPipe):
     name = "classification"
     head = "classification"
     labelled = True
-
-    def fingerprint_inputs(self) -> dict:
-        return super().fingerprint_inputs() | {"labels": [self.cfg.label_column, self.cfg.label_names]}
+    not_in_cache = IMAGE_FIELDS | {"mlm_probability"}  # neither read here
 
     def label_names(self, raw: DatasetDict) -> list[str]:
         if self.cfg.label_names is not None:

@@ -295,6 +295,18 @@ def source_identity(cfg: DataConfig) -> list:
     return [file_identity(path), cfg.text_column, cfg.doc_separator, cfg.val_fraction, cfg.split_seed]
 
 
+def fields_the_source_ignores(cfg: DataConfig) -> frozenset:
+    """The data.* fields this kind of source never reads, left out of the cache's fingerprint (rafale/data/cache.py):
+    the story counts unless it is the stories, the columns, separator and validation fraction of the stories
+    (which have their own validation split and no file), a hub configuration unless it is the hub."""
+    ignored = {"hub_config"} if not (isinstance(cfg.source, str) and cfg.source.startswith("hf:")) else set()
+    if cfg.source == "stories":
+        return frozenset(ignored | {"text_column", "doc_separator", "val_fraction"})
+    if isinstance(cfg.source, dict) and "validation" in split_source_files(cfg.source):
+        ignored.add("val_fraction")  # a validation file of its own: nothing is carved off
+    return frozenset(ignored | {"num_train_stories", "num_val_stories"})
+
+
 def source_name(cfg: DataConfig) -> str:
     if isinstance(cfg.source, dict):
         first = split_source_files(cfg.source)["train"][0]

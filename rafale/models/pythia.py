@@ -36,10 +36,11 @@ PRESETS = {
 
 def build(model_cfg: DecoderConfig, head: str, meta: dict, tokenizer):
     """A GPT-NeoX decoder for causal LM (validation bits per byte need the tokenizer's token lengths)."""
-    from rafale.metrics import token_bytes
+    from rafale.models.token_bytes import token_bytes
     from rafale.models.composer import ComposerLM
 
     model_cfg.vocab_size = model_vocab_size(model_cfg.vocab_size, meta["vocab_size"])
+    # exact for a byte-level BPE; None (no BitsPerByte, rafale.train says why) for other kinds: validation sees ids
     return ComposerLM(GPTNeoX(model_cfg), vocab_size=meta["vocab_size"], token_bytes=token_bytes(tokenizer))
 
 
