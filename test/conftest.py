@@ -9,6 +9,13 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
+# Under pytest-xdist (`-n 2`, README command 2), each worker takes its share of the cores: torch's default (a
+# thread per core in every worker) would run twice as many threads as cores. Set before torch is imported, and
+# inherited by the `rafale` subprocesses the tests start, so in-process and subprocess runs use the same count.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ and "OMP_NUM_THREADS" not in os.environ:
+    workers = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // workers))
+
 
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory):
