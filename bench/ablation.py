@@ -3,6 +3,7 @@
     python bench/ablation.py                                          # built-in stories, fp32 and bf16
     python bench/ablation.py --precision fp32                         # one precision
     python bench/ablation.py --text ../shared/data/tinystories/train-head-2MiB.txt   # and on a text file too
+    python bench/ablation.py --no-stories --text FILE.txt --rows "llama,+ untied"   # that file only, some rows
     python bench/ablation.py --precision fp32 --max-duration 6ba --every 3             # a smoke run of the script
 
 Every row is `rafale -c` on the default job's data, token budget and recipe (test/pythia_tinystories.yaml: 300
@@ -87,6 +88,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--precision", default="fp32,amp_bf16", help="comma-separated (default fp32,amp_bf16)")
     parser.add_argument("--text", default=None, help="also train on this text file (a .txt source)")
+    parser.add_argument("--no-stories", action="store_true", help="skip the built-in stories (with --text: that "
+                        "file only)")
     parser.add_argument("--every", type=int, default=50, help="evaluate every this many batches (default 50)")
     parser.add_argument("--rows", default=None, help="comma-separated row names to run (default: all)")
     parser.add_argument("--max-duration", default=None, help="every row's training.max_duration (default: the "
@@ -99,7 +102,10 @@ def main(argv=None):
     if args.max_duration is not None:
         base["training"]["max_duration"] = args.max_duration
     wanted = None if args.rows is None else set(args.rows.split(","))
-    datasets = [("built-in stories", None)] + ([(Path(args.text).name, args.text)] if args.text else [])
+    datasets = ([] if args.no_stories else [("built-in stories", None)]) + (
+        [(Path(args.text).name, args.text)] if args.text else [])
+    if not datasets:
+        parser.error("--no-stories leaves nothing to run: give --text too")
     results = {}
     for data, text in datasets:
         for precision in args.precision.split(","):
