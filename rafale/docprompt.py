@@ -21,7 +21,11 @@ ROOT = Path(__file__).resolve().parent.parent
 START, END = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
 # in full: the decoder, what a new attention, norm or position scheme changes
 FULL_FILES = ("rafale/models/decoder.py",)
-GENERATORS = ("rafale/stories.py", "rafale/shapes.py")  # word and shape tables: their docstring and functions only
+# their docstring only: the commands (their use is their --help and the README's), the CLI, and the word and shape
+# tables that make the built-in data
+DOCSTRING_ONLY = ("rafale/export.py", "rafale/predict.py", "rafale/score.py", "rafale/generate.py",
+                  "rafale/lm_eval_adapter.py", "rafale/zero_shot.py", "rafale/sweep.py", "rafale/runs.py",
+                  "rafale/docprompt.py", "rafale/law.py", "rafale/main.py", "rafale/stories.py", "rafale/shapes.py")
 # the README's figures, and the code that checks a figure by hand: no question on using rafale needs them
 LEFT_OUT_SECTIONS = ("Speed", "Measured here", "Bits per byte")
 MAX_BYTES = 165_000  # "at most about 160 KB": what most LLMs take in one message
@@ -85,18 +89,16 @@ def _constant(node, name: str, source: str) -> str:
     return f"{name} = ...  # {len(segment.splitlines())} lines"
 
 
-def outline(source: str, tables: bool = True) -> str:
+def outline(source: str, signatures: bool = True) -> str:
     """A module without its function bodies: the first paragraph of its docstring, imports of rafale modules,
     signatures of public functions, classes and methods, dataclass fields, and short module-level constants
-    (`tables`: and its classes and constants; else its functions only)."""
+    (`signatures` False: the first paragraph of its docstring only)."""
     tree = ast.parse(source)
     doc = ast.get_docstring(tree)
     parts = ['"""' + doc.split("\n\n")[0] + '"""'] if doc else []
-    for node in tree.body:
+    for node in tree.body if signatures else ():
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and _public(node.name):
             parts.append("\n".join(_signature(node, "")))
-        elif not tables:
-            continue
         elif isinstance(node, ast.ClassDef) and _public(node.name):
             parts.append("\n".join(_outline_class(node, source)))
         elif isinstance(node, (ast.Assign, ast.AnnAssign)):
@@ -124,14 +126,15 @@ def docprompt(readme: str) -> str:
         "# rafale: documentation and source code\n",
         "The README comes first (with the config reference), then the decoder in full, then every other module "
         "of the `rafale` package as an outline: its docstring's first paragraph and its public signatures (bodies "
-        "left out; read the file for those). Each file starts with a `#### path` line.\n\n",
+        "left out; read the file for those; a command's module, whose use is its --help, by its docstring alone). "
+        "Each file starts with a `#### path` line.\n\n",
         "\n#### README.md\n" + without_sections(readme),
     ]
     paths = sorted((ROOT / "rafale").rglob("*.py"))
     for path in [p for p in paths if str(p.relative_to(ROOT)) in FULL_FILES]:
         parts.append(f"\n#### {path.relative_to(ROOT)} (in full)\n" + path.read_text())
     for path in [p for p in paths if str(p.relative_to(ROOT)) not in FULL_FILES]:
-        text = outline(path.read_text(), tables=str(path.relative_to(ROOT)) not in GENERATORS)
+        text = outline(path.read_text(), signatures=str(path.relative_to(ROOT)) not in DOCSTRING_ONLY)
         if text.strip():
             parts.append(f"\n#### {path.relative_to(ROOT)}\n" + text)
     return "".join(parts)
