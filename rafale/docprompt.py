@@ -29,6 +29,9 @@ DOCSTRING_ONLY = ("rafale/export.py", "rafale/predict.py", "rafale/score.py", "r
 # the README's figures, and the code that checks a figure by hand: no question on using rafale needs them
 LEFT_OUT_SECTIONS = ("Speed", "Measured here", "Bits per byte")
 MAX_BYTES = 165_000  # "at most about 160 KB": what most LLMs take in one message
+# the classes a fork subclasses or calls (model parts, datapipes, optimizers, metrics): with their methods; the
+# run's and the commands' classes (callbacks, the record) by their name and first line
+WITH_METHODS = ("rafale/models/", "rafale/data/", "rafale/optim.py", "rafale/metrics.py")
 REGISTRY_LINES = 16  # a module-level constant this short is shown whole (registries, tables); a longer one by name
 
 
@@ -63,7 +66,7 @@ def _public(name: str) -> bool:
     return not name.startswith("_") or name == "__init__"
 
 
-def _outline_class(node: ast.ClassDef, source: str) -> list[str]:
+def _outline_class(node: ast.ClassDef, source: str, methods: bool = True) -> list[str]:
     bases = ", ".join(ast.unparse(b) for b in node.bases + node.keywords)
     lines = [f"@{ast.unparse(d)}" for d in node.decorator_list]
     lines.append(f"class {node.name}({bases}):" if bases else f"class {node.name}:")
@@ -73,7 +76,7 @@ def _outline_class(node: ast.ClassDef, source: str) -> list[str]:
         if isinstance(item, ast.AnnAssign) and any(isinstance(d, ast.Name) and d.id == "dataclass" or
                                                    "dataclass" in ast.unparse(d) for d in node.decorator_list):
             lines.append(f"    {ast.unparse(item.target)}: {ast.unparse(item.annotation)}")  # a dataclass field
-        elif isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef)) and _public(item.name):
+        elif methods and isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef)) and _public(item.name):
             lines += _signature(item, "    ")
     return lines
 
@@ -89,10 +92,10 @@ def _constant(node, name: str, source: str) -> str:
     return f"{name} = ...  # {len(segment.splitlines())} lines"
 
 
-def outline(source: str, signatures: bool = True) -> str:
-    """A module without its function bodies: the first paragraph of its docstring, imports of rafale modules,
-    signatures of public functions, classes and methods, dataclass fields, and short module-level constants
-    (`signatures` False: the first paragraph of its docstring only)."""
+def outline(source: str, signatures: bool = True, methods: bool = True) -> str:
+    """A module without its function bodies: the first paragraph of its docstring, signatures of public functions,
+    classes and (`methods`) their methods, dataclass fields, and short module-level constants (`signatures` False:
+    the first paragraph of its docstring only). Its imports are left out: the README's map gives the layers."""
     tree = ast.parse(source)
     doc = ast.get_docstring(tree)
     parts = ['"""' + doc.split("\n\n")[0] + '"""'] if doc else []
@@ -100,14 +103,12 @@ def outline(source: str, signatures: bool = True) -> str:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and _public(node.name):
             parts.append("\n".join(_signature(node, "")))
         elif isinstance(node, ast.ClassDef) and _public(node.name):
-            parts.append("\n".join(_outline_class(node, source)))
+            parts.append("\n".join(_outline_class(node, source, methods)))
         elif isinstance(node, (ast.Assign, ast.AnnAssign)):
             targets = node.targets if isinstance(node, ast.Assign) else [node.target]
             names = [t.id for t in targets if isinstance(t, ast.Name)]
             if names and all(n.isupper() and not n.startswith("_") for n in names):
                 parts.append(_constant(node, names[0], source))
-        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("rafale"):
-            parts.append(ast.unparse(node))
     return "\n".join(parts) + "\n"
 
 
@@ -134,7 +135,8 @@ def docprompt(readme: str) -> str:
     for path in [p for p in paths if str(p.relative_to(ROOT)) in FULL_FILES]:
         parts.append(f"\n#### {path.relative_to(ROOT)} (in full)\n" + path.read_text())
     for path in [p for p in paths if str(p.relative_to(ROOT)) not in FULL_FILES]:
-        text = outline(path.read_text(), signatures=str(path.relative_to(ROOT)) not in DOCSTRING_ONLY)
+        name = str(path.relative_to(ROOT))
+        text = outline(path.read_text(), signatures=name not in DOCSTRING_ONLY, methods=name.startswith(WITH_METHODS))
         if text.strip():
             parts.append(f"\n#### {path.relative_to(ROOT)}\n" + text)
     return "".join(parts)
