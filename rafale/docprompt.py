@@ -137,8 +137,7 @@ def docprompt(readme: str) -> str:
     for path in [p for p in paths if str(p.relative_to(ROOT)) not in FULL_FILES]:
         name = str(path.relative_to(ROOT))
         text = outline(path.read_text(), signatures=name not in DOCSTRING_ONLY, methods=name.startswith(WITH_METHODS))
-        if text.strip():
-            parts.append(f"\n#### {path.relative_to(ROOT)}\n" + text)
+        parts.append(f"\n#### {name}\n" + (text if text.strip() else "(no docstring or public names)\n"))
     return "".join(parts)
 
 
