@@ -44,8 +44,10 @@ from rafale.optim import batches_in, build_optimizer, is_schedule_free, schedule
 from rafale.outcomes import outcome, outcome_callbacks, resume_outcome
 from rafale.run_folder import (check_run_folder, check_shared_run_folder, resume_checkpoint, set_run_folder_aside,
                                write_run_folder)
-from rafale.record import RunClock, RunRecord, compact_metrics, describe, eval_folder, validation_loss, write_eval_record
-from rafale.resilience import FiniteLossMonitor, StopOnSignal, check_checkpoint_safe
+from rafale.record import (ResumeConflict, RunClock, RunRecord, compact_metrics, describe, eval_folder, evaluation_conflicts,
+                           validation_loss, write_eval_record)
+from rafale.resilience import (FiniteLossMonitor, StopOnSignal, check_checkpoint_safe, decided_on_rank_zero,
+                               prune_checkpoints)
 
 
 DEBUG_EPOCHS = 10
@@ -206,9 +208,8 @@ def run(cfg: Config, data: PreparedData, model, collator, debug: bool = False,
         set_run_folder_aside(run_dir)
     if dist.get_world_size() > 1:
         check_shared_run_folder(run_dir)
-    changes, complete = check_run_folder(cfg, data, model, run_dir, save)
-    if dist.get_world_size() > 1:
-        dist.barrier()  # every process has read the folder's files before rank 0 writes them anew
+    # rank 0 reads the folder and every process acts on what it read: they all resume, or all stop
+    changes, complete = decided_on_rank_zero(lambda: check_run_folder(cfg, data, model, run_dir, save))
     if complete is not None:  # a re-run of a finished run: nothing to train, and its record stays as it is
         unapplied = f"; not applied, since nothing is left to train: {', '.join(changes)}" if changes else ""
         print(f"rafale: {run_dir} at batch {complete['batches']}: already complete (training.max_duration "
@@ -221,6 +222,9 @@ def run(cfg: Config, data: PreparedData, model, collator, debug: bool = False,
                        writes=dist.get_global_rank() == 0, mfu=mfu_of(model, cfg, placement, peak),
                        precision=precision_label(placement.precision, placement.autocast_dtype), changes=changes)
     record.outcome = lambda: outcome(trainer, cfg)
+    if save and dist.get_global_rank() == 0:  # the process that saves (and moves the latest symlink) prunes
+        clock.on_save.append(lambda state, logger: prune_checkpoints(run_dir / "checkpoints",
+                                                                     cfg.training.checkpoints_to_keep))
     record.begin(trainer.state)
     resume_outcome(trainer, record.previous)
     fit(trainer, stopper, cfg, run_dir, record)
@@ -294,13 +298,13 @@ def fit(trainer: Trainer, stopper: StopOnSignal, cfg: Config, run_dir: Path, rec
 def evaluate_checkpoint(cfg: Config, data: PreparedData, model, collator, placement: "Placement",
                         started: float) -> tuple[dict, Path]:
     """training.eval_only: evaluate training.load_path on the validation split, with a record of its own in
-    RUN/evals/<time>/ (config.yaml, summary.json, metrics.jsonl): a training run's own files are never touched."""
-    folder = eval_folder(Path(cfg.run.output_dir).expanduser() / cfg.run.name)
-    if dist.get_global_rank() == 0:
-        try:
-            folder.mkdir(parents=True)
-        except OSError as err:
-            raise ConfigError("run.output_dir", f"cannot create the evaluation's folder {folder}: {err}") from None
+    RUN/evals/<time>/ (config.yaml, summary.json, metrics.jsonl): a training run's own files are never touched.
+    The checkpoint is scored with the tokenizer and model it was trained with, or not at all
+    (rafale.record.evaluation_conflicts). Rank 0 checks and names the folder, and every process gets its word."""
+    if dist.get_world_size() > 1:
+        dist.initialize_dist("gpu" if torch.cuda.is_available() else "cpu")
+    checkpoint = Path(cfg.training.load_path).expanduser()
+    folder = decided_on_rank_zero(lambda: evaluation_folder(cfg, checkpoint, data, model))
     clock = RunClock()
     trainer, _, _ = build_trainer(cfg, data, model, collator, placement, folder, cfg.run.name, clock=clock)
     trainer.eval()
@@ -309,6 +313,21 @@ def evaluate_checkpoint(cfg: Config, data: PreparedData, model, collator, placem
                                 writes=dist.get_global_rank() == 0)
     print(f"rafale: evaluated {cfg.training.load_path} (batch {summary['batches']}); its record: {folder}")
     return summary, folder
+
+
+def evaluation_folder(cfg: Config, checkpoint: Path, data: PreparedData, model) -> Path:
+    """The new RUN/evals/<time>/ folder of an evaluation of `checkpoint`, once it is checked (a ResumeConflict
+    naming what it was not trained with)."""
+    conflicts = evaluation_conflicts(checkpoint, cfg, data, model.model.cfg)
+    if conflicts:
+        raise ResumeConflict(f"training.eval_only: cannot evaluate {checkpoint} with other inputs than it was "
+                             f"trained with: {'; '.join(conflicts)}")
+    folder = eval_folder(Path(cfg.run.output_dir).expanduser() / cfg.run.name)
+    try:
+        folder.mkdir(parents=True)
+    except OSError as err:
+        raise ConfigError("run.output_dir", f"cannot create the evaluation's folder {folder}: {err}") from None
+    return folder
 
 
 def full_weights(module: torch.nn.Module, sharded: bool) -> torch.nn.Module | None:
