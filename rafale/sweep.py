@@ -24,6 +24,7 @@ would not apply (a changed base value, say) is refused before anything runs, nam
 
 import argparse
 import itertools
+import os
 from pathlib import Path
 
 import json
@@ -163,7 +164,7 @@ def sweep_main(argv, train) -> int:
     if len(set(names)) < len(names):  # two values that differ only in characters a folder name cannot keep
         raise ConfigError("axes", f"two sweep points would share a run folder: {', '.join(names)}")
     out_dir = Path(base.run.output_dir).expanduser()
-    actions = plan([(name, cfg) for name, _, cfg in named], out_dir, args.restart)
+    actions = decided_on_rank_zero(lambda: plan([(name, cfg) for name, _, cfg in named], out_dir, args.restart))
     rows, failed = [], 0
     for i, (name, point, _) in enumerate(named, 1):
         rows.append((name, point, out_dir / name))
@@ -178,9 +179,26 @@ def sweep_main(argv, train) -> int:
             failed += 1
             print(f"rafale: sweep: {name} failed: {err}")
     table = out_dir / f"sweep-{base.run.name}.md"
+    if os.environ.get("RANK", "0") != "0":  # under Composer's launcher, rank 0 writes the table and the picture
+        return 1 if failed else 0
     table.write_text(sweep_table(rows, fixed))
     finished = [run_dir for _, _, run_dir in rows if run_status(run_dir) == "complete"]
     if finished:
         plot_runs(finished, out_dir / f"sweep-{base.run.name}.png")
     print(table.read_text() + f"rafale: wrote {table} and {table.with_suffix('.png')}")
     return 1 if failed else 0
+
+
+def decided_on_rank_zero(decide):
+    """decide() on rank 0, its result on every process when Composer's launcher runs the sweep on several: the
+    runs' folders are read once, and every process trains, skips or restarts the same runs
+    (rafale.resilience.decided_on_rank_zero; imported only then, since it needs Composer)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return decide()
+    import torch
+    from composer.utils import dist
+
+    from rafale.resilience import decided_on_rank_zero as on_every_rank
+
+    dist.initialize_dist("gpu" if torch.cuda.is_available() else "cpu")
+    return on_every_rank(decide)

@@ -284,14 +284,21 @@ def fit(trainer: Trainer, stopper: StopOnSignal, cfg: Config, run_dir: Path, rec
     finally:
         stopper.uninstall()
     if stopper.signum is not None:
+        if dist.get_world_size() > 1:  # until this process has exited: Composer's launcher sends SIGTERM to the
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # ranks still running once one has exited 143
         name = signal.Signals(stopper.signum).name
         trainer.close()
         if dist.get_global_rank() == 0:
             compact_metrics(run_dir)
         record.save(state, "stopped", stopped_by=name)
-        where = f"checkpoint saved to {stopper.saved}" if stopper.saved else "no checkpoint saved"
+        if stopper.saved:
+            where = f"checkpoint saved to {stopper.saved}"
+        else:
+            where = "rank 0 saved the checkpoint" if stopper.save and dist.get_global_rank() else "no checkpoint saved"
         print(f"rafale: stopped by {name} at batch {int(state.timestamp.batch)}; {where}; run the same command "
               "to resume", file=sys.stderr)
+        if dist.get_world_size() > 1:
+            dist.barrier()  # no rank exits before rank 0 has saved the record
         sys.exit(128 + stopper.signum)  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
 
 

@@ -193,14 +193,16 @@ def two_processes(logs: Path, script: str, cfg: Path, *overrides, env=None) -> t
         alive = sorted(p.environ().get("RANK", "?") for p in training_processes(launcher))
         os.killpg(launcher.pid, signal.SIGKILL)
         pytest.fail(f"rank(s) {alive} of {script} {' '.join(overrides)} still running after {WAIT_S} s:\n{text()}")
-    ranks = [(logs / f"rank{rank}.out").read_text() + (logs / f"rank{rank}.err").read_text() for rank in (0, 1)]
+    # rank 0 writes to the launcher's own output, which then shows the other ranks' output when one failed
+    ranks = [(logs / "launcher.log").read_text().split("----------Begin global rank")[0],
+             (logs / "rank1.out").read_text() + (logs / "rank1.err").read_text()]
     return launcher.returncode, ranks, text()
 
 
 def record_of(run_dir: Path) -> dict:
     """What a run's record says that does not depend on its name, its clock or how many processes ran it."""
     summary = json.loads((run_dir / "summary.json").read_text())
-    approx = lambda value: pytest.approx(value, abs=1e-4) if isinstance(value, float) else value
+    approx = lambda value: pytest.approx(value, rel=1e-5, abs=1e-4) if isinstance(value, float) else value
     kept = {key: summary.get(key) for key in ("status", "batches", "epochs", "samples", "tokens", "validation_step",
                                               "stopped_by", "early_stopped", "early_stopping", "best")}
     for outcome in ("early_stopped", "early_stopping", "best"):  # (two processes sum in another order)
@@ -213,15 +215,15 @@ def record_of(run_dir: Path) -> dict:
 
 
 def assert_same_record(one: Path, two: Path):
-    """Two run folders hold the same record: summary.json (its values to 1e-4), metrics.jsonl (the same steps and
-    metrics), config.yaml (but for the run's name), the kept checkpoints."""
+    """Two run folders hold the same record: summary.json (its values to 1e-4, or 1e-5 relative for perplexities),
+    metrics.jsonl (the same steps and metrics), config.yaml (but for the run's name), the kept checkpoints."""
     assert record_of(two) == record_of(one)
     rows = lambda d: [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
     ra, rb = rows(one), rows(two)
     assert [r["step"] for r in rb] == [r["step"] for r in ra]
     for x, y in zip(ra, rb):
         for key in [k for k in x if k.startswith(("loss/", "metrics/"))]:
-            assert y[key] == pytest.approx(x[key], abs=1e-4), (x["step"], key)
+            assert y[key] == pytest.approx(x[key], rel=1e-5, abs=1e-4), (x["step"], key)
     ca, cb = (yaml.safe_load((d / "config.yaml").read_text()) for d in (one, two))
     ca["run"]["name"] = cb["run"]["name"]
     assert cb == ca
@@ -281,7 +283,7 @@ def test_two_processes_interrupted_resumed_stopped_early_evaluated_and_rerun_rec
 
     (eval_one,), (eval_two,) = (list((d / "evals").iterdir()) for d in (one, two))
     va, vb = (json.loads((d / "summary.json").read_text())["validation"] for d in (eval_one, eval_two))
-    assert vb == {k: pytest.approx(v, abs=1e-4) for k, v in va.items()}
+    assert vb == {k: pytest.approx(v, rel=1e-5, abs=1e-4) for k, v in va.items()}
     wa = read_checkpoint_weights(one / "checkpoints" / "latest-rank0.pt")
     wb = read_checkpoint_weights(two / "checkpoints" / "latest-rank0.pt")
     for key in wa:  # each process took half of each global batch and the gradients were averaged: one process's step
