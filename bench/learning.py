@@ -34,7 +34,7 @@ from rafale.train import prepare_data  # noqa: E402
 from rafale.resolve import resolve_model_config  # noqa: E402
 from rafale.main import main as rafale_main  # noqa: E402
 from rafale.models.pythia import config_to_hf as decoder_config_to_hf  # noqa: E402
-from rafale.plots import read_metrics  # noqa: E402
+from rafale.run_folder import read_metrics  # noqa: E402
 
 TOLERANCE = 1.01  # rafale's loss may be at most 1% above the reference's
 IGNORE_INDEX = -100

@@ -51,7 +51,7 @@ class RunConfig:
     restart: bool = option(
         False, "Start this run.name over: set the existing run folder aside as NAME.old-<timestamp> (also: "
         "--restart). Without it, resuming a run folder whose checkpoints were trained with another config (other "
-        "data, tokenizer, model, optimizer or schedule; see rafale/record.py APPLIED_ON_RESUME for what may change) "
+        "data, tokenizer, model, optimizer or schedule; see rafale/run_folder.py APPLIED_ON_RESUME for what may change) "
         "is an error."
     )
     resume_fallback: bool = option(
@@ -504,9 +504,9 @@ def validate(cfg: Config, check_files: bool = True) -> None:
                               f"each template needs '{{}}' for the class name, got {template!r}")
     if check_files:
         _check_files(cfg)
-    from rafale.optim import check_optimizer  # last: it imports torch, which the checks above do not need
-
-    check_optimizer(cfg.training)
+    # training.optimizer's name and arguments are checked by rafale.optim.check_optimizer, which `rafale -c` and
+    # `rafale sweep` call right after loading the config: building a stand-in optimizer imports torch's optimizers
+    # (torch._dynamo, seconds), which a command that only reads a run folder must not wait for
 
 
 def _check_creatable(folder: Path, key: str, what: str) -> None:

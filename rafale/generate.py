@@ -22,7 +22,7 @@ from rafale.data.tokenizers import special_token_ids
 def load_decoder(path: Path):
     """(GPTNeoX in eval mode, tokenizer) from a run folder or a Hugging Face model folder."""
     if (path / "config.yaml").is_file():
-        from rafale.export import load_run_model
+        from rafale.run_folder import load_run_model
 
         cfg, data, model = load_run_model(path)
         from rafale.resolve import FAMILIES, family_of

@@ -31,7 +31,8 @@ from composer.utils.misc import create_interval_scheduler
 
 from rafale.hardware import check_peak
 from rafale.optim import layer_depth, num_blocks
-from rafale.plots import METRICS_FILE, plot_run
+from rafale.plots import plot_run
+from rafale.run_folder import METRICS_FILE
 
 
 class MetricsFile(LoggerDestination):

@@ -74,6 +74,9 @@ def train_main(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     cfg.run.restart = cfg.run.restart or getattr(args, "restart", False)
+    from rafale.optim import check_optimizer  # torch's optimizers: training needs them anyway
+
+    check_optimizer(cfg.training)  # a wrong optimizer name, argument or value before any data work
     from rafale.resolve import resolve_model_config  # torch: the model files define the sizes
 
     model_cfg = resolve_model_config(cfg)  # the model section's errors before any data work
@@ -110,13 +113,13 @@ def lm_eval_command(argv) -> int:
 
 
 def plot_command(argv) -> int:
-    from rafale.plots import plot_main
+    from rafale.runs import plot_main
 
     return plot_main(argv)
 
 
 def runs_command(argv) -> int:
-    from rafale.plots import runs_main
+    from rafale.runs import runs_main
 
     return runs_main(argv)
 
@@ -142,7 +145,21 @@ def score_command(argv) -> int:
 def sweep_command(argv) -> int:
     from rafale.sweep import sweep_main
 
-    return sweep_main(argv, train_main)
+    return sweep_main(argv, train_main, on_every_rank)
+
+
+def on_every_rank(decide):
+    """decide() on rank 0 and its result on every process, under Composer's launcher (rafale.resilience's
+    decided_on_rank_zero, which imports Composer: only then); decide() itself in one process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return decide()
+    import torch
+    from composer.utils import dist
+
+    from rafale.resilience import decided_on_rank_zero
+
+    dist.initialize_dist("gpu" if torch.cuda.is_available() else "cpu")
+    return decided_on_rank_zero(decide)
 
 
 # `rafale <command> ...` -> (what runs it, what it does); without a command, rafale trains. Each has its own --help.

@@ -5,8 +5,8 @@ Bits per byte divides the same summed loss by the text's size instead:
 
     bits/byte = (sum over scored tokens of -ln p(token)) / (ln 2 * UTF-8 bytes of the text those tokens cover)
 
-`token_bytes(tokenizer)` gives each id's UTF-8 length (special tokens such as <|endoftext|> cover no text: 0;
-added plain-text tokens, such as GPT-NeoX's runs of spaces, their content's length);
+`token_bytes(tokenizer)` (rafale/models/token_bytes.py) gives each id's UTF-8 length (special tokens such as
+<|endoftext|> cover no text: 0; added plain-text tokens, such as GPT-NeoX's runs of spaces, their content's length);
 `BitsPerByte` sums both parts over a validation set (and over ranks) and divides once at the end.
 
 CLIP and SigLIP's validation metrics are here too: `ContrastiveLoss`, `RetrievalRecall` (recall@k, image to text
@@ -19,8 +19,6 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
-
-from rafale.data.tokenizers import token_bytes  # noqa: F401 (the ComposerLM's bits per byte take it from here)
 
 IGNORE_INDEX = -100
 

@@ -306,8 +306,10 @@ def build_optimizer(model: nn.Module, t: "TrainingConfig", device: str, warmup_s
 
 
 def check_optimizer(t: "TrainingConfig") -> None:
-    """Build the optimizer on a tiny stand-in model, so a wrong name, argument or value is a ConfigError when the
-    config loads, not after the data is prepared. A missing package is one too, naming the extra to install."""
+    """Build the optimizer on a tiny stand-in model, so a wrong name, argument or value is a ConfigError right after
+    the config loads (`rafale -c` and `rafale sweep` call it then), not after the data is prepared. A missing package
+    is one too, naming the extra to install. (Not part of rafale.config's checks: building an optimizer imports
+    torch's optimizers, seconds that the commands which only read a run folder do not wait for.)"""
     stand_in = nn.ModuleDict({"embed": nn.Embedding(4, 4), "layers": nn.ModuleList([nn.Linear(4, 4)]),
                               "head": nn.Linear(4, 4)})
     try:

@@ -1,12 +1,9 @@
 """A run's metrics in pictures and tables, read from RUN/metrics.jsonl (written by rafale.loggers.MetricsFile).
 
 `plot_run` draws RUN/metrics.png: train and validation loss, perplexity or accuracy (bits per byte on an axis of
-its own), learning rate and throughput, against steps (bottom axis) and tokens (top axis). This module imports
-neither torch nor Composer, so `rafale plot` and `rafale runs` answer at once.
-
-    rafale plot RUN [RUN ...] [--out FILE]     overlay several runs' losses against tokens
-    rafale runs DIR [DIR ...] [--sort KEY] [--reverse] [--csv]
-                                               one line per run, best final validation first
+its own), learning rate and throughput, against steps (bottom axis) and tokens (top axis); the run draws it at each
+evaluation, `rafale plot` on demand. This module imports neither torch nor Composer, so `rafale plot` and
+`rafale runs` (rafale/runs.py) answer at once. The run folder is read through rafale/run_folder.py.
 
 Comparing runs starts from what differs between them: `what_differs` reads each run's config.yaml, flattens it
 to dotted keys (`training.optimizer.name`) and keeps the keys whose values are not the same in every run,
@@ -14,53 +11,21 @@ named without their section where that is unambiguous (`optimizer.name`, `lr`). 
 of `rafale runs` and the legend of an overlay (`lr=3e-3 optimizer.name=soap`).
 """
 
-import argparse
 import csv
 import io
 import itertools
 import json
 from pathlib import Path
 
-import yaml
-
 from rafale.errors import RafaleError
+from rafale.run_folder import PLOT_FILE, SUMMARY_FILE, VAL_LOSSES, read_config, read_metrics
 
-METRICS_FILE = "metrics.jsonl"
-PLOT_FILE = "metrics.png"
 TRAIN_LOSS = "loss/train/total"
-VAL_LOSSES = ("metrics/eval/LanguageCrossEntropy", "metrics/eval/CrossEntropy", "metrics/eval/ContrastiveLoss")
 VAL_QUALITY = ("metrics/eval/LanguagePerplexity", "metrics/eval/BitsPerByte", "metrics/eval/Accuracy",
                "metrics/eval/MaskedAccuracy", "metrics/eval/F1", "metrics/eval/ZeroShotAccuracy",
                "metrics/eval/ZeroShotHeldOutAccuracy", "metrics/eval/ImageToTextRecall@1",
                "metrics/eval/TextToImageRecall@1")
 PERPLEXITY, BITS_PER_BYTE = "metrics/eval/LanguagePerplexity", "metrics/eval/BitsPerByte"
-
-
-def read_metrics(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """metric name -> [(step, value)], sorted by step; a resumed run's repeated steps keep their last value."""
-    path = Path(run_dir) / METRICS_FILE
-    if not path.is_file():
-        raise RafaleError(f"{run_dir}: no {METRICS_FILE} (is it a rafale run folder?)")
-    series: dict[str, dict[int, float]] = {}
-    for line in path.read_text().splitlines():
-        row = json.loads(line)
-        step = row.pop("step")
-        for name, value in row.items():
-            series.setdefault(name, {})[step] = value
-    return {name: sorted(points.items()) for name, points in series.items()}
-
-
-def best_validation(run_dir: Path) -> tuple[str, float, int] | None:
-    """(metric, best value, step) of the run's validation loss (lowest), or accuracy (highest) if no loss."""
-    if not (Path(run_dir) / METRICS_FILE).is_file():
-        return None
-    series = read_metrics(run_dir)
-    for name in VAL_LOSSES + ("metrics/eval/Accuracy", "metrics/eval/MaskedAccuracy"):
-        if series.get(name):
-            pick = min if "Accuracy" not in name else max
-            step, value = pick(series[name], key=lambda point: point[1])
-            return name.rsplit("/", 1)[-1], value, step
-    return None
 
 
 def tokens_per_step(series) -> float | None:
@@ -184,14 +149,12 @@ def plot_runs(run_dirs: list[Path], out: Path) -> Path:
     return save_figure(runs_figure(run_dirs), out)
 
 
-SUMMARY_FILE = "summary.json"  # written by rafale.record.RunRecord (a training run) or write_eval_record
 # columns of `rafale runs`: header -> the summary's validation metric it shows
 TABLE_METRICS = {"val loss": ("LanguageCrossEntropy", "CrossEntropy", "ContrastiveLoss"),
                  "ppl": ("LanguagePerplexity",), "bits/byte": ("BitsPerByte",),
                  "accuracy": ("Accuracy", "MaskedAccuracy", "ZeroShotAccuracy")}
 
 
-CONFIG_FILE = "config.yaml"  # the run's resolved config, written by rafale.config.save_config
 # config keys that say where and how a run was kept, not what was trained: never a column or a legend
 NOT_HYPERPARAMETERS = {"run.name", "run.output_dir", "run.autoresume", "run.restart", "run.resume_fallback",
                        "run.loggers", "run.wandb_project", "data.num_proc", "data.num_workers", "data.cache_dir",
@@ -199,23 +162,6 @@ NOT_HYPERPARAMETERS = {"run.name", "run.output_dir", "run.autoresume", "run.rest
 # the columns that rank runs, best first: a validation loss, lowest first; else an accuracy, highest first
 RANKING_COLUMNS = ("val loss", "accuracy")
 HIGHEST_FIRST = {"accuracy"}
-
-
-def flatten(tree: dict, prefix: str = "") -> dict:
-    """{'training': {'optimizer': {'name': 'soap'}}} -> {'training.optimizer.name': 'soap'}; lists stay values."""
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def read_config(run_dir: Path) -> dict | None:
-    """The run's config.yaml as dotted keys ('training.lr' -> 0.003), or None for a run folder without one."""
-    path = Path(run_dir) / CONFIG_FILE
-    return flatten(yaml.safe_load(path.read_text()) or {}) if path.is_file() else None
 
 
 def short_names(keys: list[str]) -> dict[str, str]:
@@ -250,21 +196,6 @@ def what_differs(run_dirs: list[Path]) -> list[dict[str, str]]:
     names = short_names(keys)
     return [{names[key]: format_value(config[key]) if config is not None and key in config else "" for key in keys}
             for config in configs]
-
-
-def run_folders(paths: list[Path]) -> list[Path]:
-    """The run folders among `paths`: each path is a run folder, or a folder of them (like runs/)."""
-    found = []
-    for path in paths:
-        if (path / METRICS_FILE).is_file() or (path / SUMMARY_FILE).is_file():
-            found.append(path)
-        elif path.is_dir():
-            found += sorted(p for p in path.iterdir() if (p / METRICS_FILE).is_file() or (p / SUMMARY_FILE).is_file())
-        else:
-            raise RafaleError(f"no such run folder: {path}")
-    if not found:
-        raise RafaleError(f"no run folders in {', '.join(map(str, paths))} (a run folder holds {METRICS_FILE})")
-    return found
 
 
 def run_row(run_dir: Path) -> dict:
@@ -347,36 +278,3 @@ def runs_table(run_dirs: list[Path], sort: str | None = None, reverse: bool = Fa
     lines = ["  ".join(h.ljust(widths[h]) for h in headers), "  ".join("-" * widths[h] for h in headers)]
     lines += ["  ".join(r[h].ljust(widths[h]) for h in headers) for r in rows]
     return "\n".join(line.rstrip() for line in lines)
-
-
-def runs_main(argv) -> int:
-    parser = argparse.ArgumentParser(
-        prog="rafale runs", description="One line per run: the hyperparameters that differ between the runs (from "
-        "each config.yaml), model, size, tokens, time and final validation metrics; best final validation first.",
-        epilog="example: rafale runs runs/ --sort lr     (every run folder under runs/, by training.lr)")
-    parser.add_argument("paths", nargs="*", default=["runs"], help="run folders, or folders of runs (default: runs)")
-    parser.add_argument("--sort", metavar="KEY", help="sort by this column: a hyperparameter (lr, optimizer.name, "
-                        "or its whole key) or a metric (val loss, bits/byte, tok/s, ...); lowest first, accuracy "
-                        "highest first")
-    parser.add_argument("--reverse", action="store_true", help="the other way round")
-    parser.add_argument("--csv", action="store_true", help="print CSV instead of a fixed-width table")
-    args = parser.parse_args(argv)
-    runs = run_folders([Path(p).expanduser() for p in args.paths])
-    print(runs_table(runs, args.sort, args.reverse, args.csv))
-    return 0
-
-
-def plot_main(argv) -> int:
-    parser = argparse.ArgumentParser(
-        prog="rafale plot", description="Draw one run's curves, or overlay several runs.",
-        epilog="example: rafale plot runs/a runs/b --out both.png")
-    parser.add_argument("runs", nargs="+", help="run folders")
-    parser.add_argument("--out", help="PNG file (default: RUN/metrics.png for one run, runs.png for several)")
-    args = parser.parse_args(argv)
-    runs = [Path(r).expanduser() for r in args.runs]
-    if len(runs) == 1:
-        out = plot_run(runs[0], Path(args.out) if args.out else None)
-    else:
-        out = plot_runs(runs, Path(args.out or "runs.png"))
-    print(f"rafale: wrote {out}")
-    return 0

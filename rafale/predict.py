@@ -10,7 +10,7 @@ the file has the label column (data.label_column), the accuracy is printed too: 
 the validation accuracy. The model runs in fp32 (on the GPU when there is one).
 
 The reading of the file and the batching are shared with `rafale score` (rafale/score.py). Neither imports
-Composer (~20 s): a run's model is rebuilt from its folder as a bare nn.Module (rafale.export.load_run_model).
+Composer (~20 s): a run's model is rebuilt from its folder as a bare nn.Module (rafale.run_folder.load_run_model).
 """
 
 import argparse
@@ -29,7 +29,7 @@ from rafale.data import DATAPIPES
 from rafale.data.cache import PreparedData
 from rafale.data.sources import _load_file
 from rafale.errors import ConfigError, DataError, RafaleError
-from rafale.export import load_run_model
+from rafale.run_folder import load_run_model
 from rafale.resolve import family_of, head_of
 
 

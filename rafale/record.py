@@ -15,14 +15,10 @@ segment's entry ends at its last checkpoint, which is where the next segment res
 metrics.jsonl past that checkpoint (the killed process logged them, and the resumed one logs those steps again).
 A re-run of a complete run changes nothing; an evaluation never writes into the training run's own files.
 
-The resume guard (`resume_changes`) decides key by key what a resumed run may change: the keys in
-APPLIED_ON_RESUME apply from the batch it resumes at, and the new segment lists them; anything else that differs
-refuses the resume, naming the key: the data's content (a digest of every cached split) and its tokenizer,
-model.type, model.task, model.pretrained and every field of the model as built (model.json), the optimizer and
-its schedule (training.lr, weight_decay, optimizer, warmup, ...), the batch size, the seed.
+Where these files are, how a run is read back, and the resume guard (what a resumed run may change) are in
+rafale/run_folder.py.
 """
 
-import dataclasses
 import json
 import math
 import time
@@ -32,194 +28,12 @@ from composer.callbacks import CheckpointSaver
 from composer.core import Callback, State
 from composer.loggers import Logger
 
-from rafale.config import Config, load_config, parse_time, save_config, to_dict
-from rafale.errors import RafaleError
-from rafale.export import MODEL_FILE
+from rafale.config import Config, save_config
 from rafale.loggers import MetricsFile
-from rafale.plots import METRICS_FILE, SUMMARY_FILE, best_validation
 from rafale.resilience import decided_on_rank_zero
+from rafale.run_folder import METRICS_FILE, PLOT_FILE, SUMMARY_FILE, best_validation, read_summary, write_json
 
-EVALS_DIR = "evals"
-
-# Config keys a resumed run may change. Each applies from the batch the run resumes at: a longer max_duration
-# trains further (a cosine schedule then stretches to the new end from there), the intervals, loggers and the
-# way batches are computed (device, precision, microbatches, compile, activation checkpointing) change how the
-# rest runs. The segment that starts there lists them in summary.json.
-APPLIED_ON_RESUME = {
-    "run.device", "run.autoresume", "run.resume_fallback", "run.restart", "run.loggers", "run.wandb_project",
-    "data.num_proc", "data.num_workers", "data.cache_dir",
-    "training.max_duration", "training.eval_interval", "training.eval_batches", "training.save_interval",
-    "training.checkpoints_to_keep", "training.log_interval", "training.compile", "training.activation_checkpointing",
-    "training.microbatch_size", "training.precision", "training.trust_checkpoint", "training.fsdp",
-    "training.keep_best", "training.early_stopping",
-}
-# data keys the collators read while training; every other data key is judged by the cache it builds (its
-# content digest and tokenizer), so a moved file or another spelling of the same data still resumes
-DATA_READ_WHILE_TRAINING = {"data.mlm_probability", "data.augment"}
-# model keys compared by value; the model's fields are compared as built (model.json), whatever preset or
-# overrides gave them
-MODEL_KEYS = {"model.type", "model.task", "model.pretrained"}
-# where the run folder is: a folder moved or copied elsewhere is the same run
-WHERE_KEYS = {"run.name", "run.output_dir"}
 LOSS_METRICS = ("LanguageCrossEntropy", "CrossEntropy", "ContrastiveLoss")
-
-
-class ResumeConflict(RafaleError):
-    pass
-
-
-# ----------------------------------------------------------------------------------------------------
-# the resume guard
-
-
-def flat_config(cfg: Config) -> dict:
-    """'section.key' -> value, as config.yaml spells it (tuples as lists)."""
-    sections = json.loads(json.dumps(to_dict(cfg)))
-    return {f"{section}.{key}": value for section, values in sections.items() for key, value in values.items()}
-
-
-def config_differences(old: Config, new: Config, whole_model: bool = False) -> dict[str, list]:
-    """key -> [was, now] for every config key whose value differs; the model's fields (preset, overrides) only
-    with whole_model, since a resume compares them as built (model.json)."""
-    before, after = flat_config(old), flat_config(new)
-    keys = sorted(before.keys() | after.keys())
-    return {key: [before.get(key), after.get(key)] for key in keys
-            if before.get(key) != after.get(key) and key not in WHERE_KEYS
-            and (whole_model or not key.startswith("model.") or key in MODEL_KEYS)}
-
-
-def differences_not_applied_on_resume(old: Config, new: Config) -> list[str]:
-    """'key was X, now Y' for each difference a resume would not apply, every data key compared by value (what
-    `rafale sweep` checks before it runs anything, when the data is not prepared yet)."""
-    differences = config_differences(old, new, whole_model=True)
-    return [f"{key} was {_short(was)}, now {_short(now)}" for key, (was, now) in differences.items()
-            if key not in APPLIED_ON_RESUME]
-
-
-def saved_config(run_dir: Path) -> Config | None:
-    path = run_dir / "config.yaml"
-    return load_config(path, saved_run=True) if path.is_file() else None
-
-
-def resume_changes(run_dir: Path, cfg: Config, data, model_cfg) -> dict[str, list]:
-    """The config changes a resume of `run_dir` applies (key -> [was, now]); a ResumeConflict naming everything
-    else that changed. `data` is the PreparedData the run trains on, `model_cfg` the model's config as built."""
-    old = saved_config(run_dir)
-    differences = config_differences(old, cfg) if old is not None else {}
-    applied = {key: change for key, change in differences.items() if key in APPLIED_ON_RESUME}
-    data_keys = {key: change for key, change in differences.items()
-                 if key.startswith("data.") and key not in APPLIED_ON_RESUME | DATA_READ_WHILE_TRAINING}
-    refused = [f"{key} was {_short(was)}, now {_short(now)}" for key, (was, now) in differences.items()
-               if key not in applied and key not in data_keys]
-    refused += data_conflicts(run_dir, data, data_keys)
-    refused += model_differences(run_dir, model_cfg)
-    if refused:
-        raise ResumeConflict(
-            f"cannot resume {run_dir}: its checkpoints were trained with other inputs ({'; '.join(refused)}). "
-            f"Use a new run.name, or start over with --restart (or run.restart: true), which keeps the old "
-            f"folder as {run_dir.name}.old-<time>"
-        )
-    return applied
-
-
-def model_differences(run_dir: Path, model_cfg) -> list[str]:
-    """Each field of the model as built (`model_cfg`) that differs from the run's model.json."""
-    if not (run_dir / MODEL_FILE).is_file():
-        return []
-    built = json.loads(json.dumps(dataclasses.asdict(model_cfg)))
-    saved = json.loads((run_dir / MODEL_FILE).read_text())
-    return [f"the model's {key} was {_short(saved.get(key))}, now {_short(built.get(key))}"
-            for key in sorted(saved.keys() | built.keys()) if saved.get(key) != built.get(key)]
-
-
-def tokenizer_difference(saved: dict, now: dict) -> str | None:
-    """What differs between two tokenizer.json files, in a few words (None: they are the same)."""
-    if saved == now:
-        return None
-    old, new = saved.get("model", {}).get("vocab"), now.get("model", {}).get("vocab")
-    if isinstance(old, dict) and isinstance(new, dict) and old != new:
-        changed = sum(old.get(token) != new.get(token) for token in old.keys() | new.keys())
-        return f"{changed} of its {len(old)} vocabulary entries differ or are missing (now {len(new)} entries)"
-    parts = sorted(key for key in saved.keys() | now.keys() if saved.get(key) != now.get(key))
-    return f"its {', '.join(parts)} differ"
-
-
-def evaluation_conflicts(checkpoint: Path, cfg: Config, data, model_cfg) -> list[str]:
-    """What an evaluation of `checkpoint` (training.eval_only) would score with that the checkpoint was not trained
-    with: another tokenizer than its run folder's tokenizer.json, or another model than its model.json (the folder
-    that holds its checkpoints/). Another text is what an evaluation is for, so the data's content may differ. A
-    checkpoint outside a run folder cannot be checked: a message says so."""
-    run_dir = checkpoint.resolve().parent.parent
-    if checkpoint.resolve().parent.name != "checkpoints" or not (run_dir / "tokenizer.json").is_file():
-        print(f"rafale: {checkpoint} is not in a run folder (RUN/checkpoints/, beside RUN/tokenizer.json): its "
-              "tokenizer cannot be checked; data.tokenizer must be the one it was trained with")
-        return []
-    conflicts = model_differences(run_dir, model_cfg)
-    what = tokenizer_difference(json.loads((run_dir / "tokenizer.json").read_text()),
-                                json.loads((data.path / "tokenizer.json").read_text()))
-    if what is not None:
-        old = saved_config(run_dir)
-        causes = [f"{key} was {_short(was)}, now {_short(now)}"
-                  for key, (was, now) in (config_differences(old, cfg) if old else {}).items()
-                  if key.startswith("data.") and key not in APPLIED_ON_RESUME]
-        conflicts.append(f"the tokenizer differs from the run's {run_dir / 'tokenizer.json'}: {what}"
-                         + (f" ({'; '.join(causes)})" if causes else "")
-                         + f"; evaluate with data.tokenizer={run_dir / 'tokenizer.json'}")
-    return conflicts
-
-
-def data_conflicts(run_dir: Path, data, data_keys: dict[str, list]) -> list[str]:
-    """What differs between the data the run's checkpoints saw (RUN/data.json, RUN/tokenizer.json) and `data`:
-    each split's content digest, then the tokenizer. When the contents differ, the data keys that changed are
-    named with them, as the likely cause."""
-    old = json.loads((run_dir / "data.json").read_text()) if (run_dir / "data.json").is_file() else {}
-    old_splits, new_splits = old.get("splits", {}), data.meta["splits"]
-    conflicts = []
-    if old_splits and all("sha256" in split for split in (*old_splits.values(), *new_splits.values())):
-        for name in sorted(old_splits.keys() | new_splits.keys()):
-            was, now = (old_splits.get(name) or {}).get("sha256"), (new_splits.get(name) or {}).get("sha256")
-            if was != now:
-                conflicts.append(f"the data's {name} split has other content (sha256 {str(was)[:12]}, now "
-                                 f"{str(now)[:12]})")
-        if conflicts:
-            conflicts += [f"{key} was {_short(was)}, now {_short(now)}" for key, (was, now) in data_keys.items()]
-    elif "fingerprint_inputs" in old:  # a run folder written before rafale kept content digests
-        conflicts += legacy_data_conflicts(old, data.meta)
-    if (run_dir / "tokenizer.json").is_file():
-        same = json.loads((run_dir / "tokenizer.json").read_text()) == json.loads((data.path / "tokenizer.json").read_text())
-        conflicts += [] if same else ["the tokenizer differs from the run's tokenizer.json"]
-    return conflicts
-
-
-def legacy_data_conflicts(old: dict, meta: dict) -> list[str]:
-    """The cache's fingerprint inputs; a local file by what it yields (tokens, blocks or examples per split), since
-    its identity is its path and modification time, which moving or copying it changes."""
-    from rafale.config import is_local_source
-
-    def changed(what: str, before: dict, after: dict) -> list[str]:
-        after = json.loads(json.dumps(after))
-        return [f"{what} {key} was {_short(before.get(key))}, now {_short(after.get(key))}"
-                for key in sorted(before.keys() | after.keys()) if before.get(key) != after.get(key)]
-
-    old_inputs, new_inputs = dict(old["fingerprint_inputs"]), dict(meta["fingerprint_inputs"])
-    conflicts = []
-    if is_local_source(meta["config"]["source"]):
-        del old_inputs["source"], new_inputs["source"]
-        strip = lambda splits: {name: {k: v for k, v in info.items() if k != "sha256"} for name, info in splits.items()}
-        conflicts += changed("data split", strip(old.get("splits", {})), strip(meta["splits"]))
-    return conflicts + changed("data", old_inputs, new_inputs)
-
-
-def _short(value, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def reached(max_duration: str, summary: dict) -> bool:
-    """Whether a run that stands where `summary` says has trained for max_duration (a Composer time string)."""
-    value, unit = parse_time(max_duration)
-    counts = {"ba": "batches", "ep": "epochs", "sp": "samples", "tok": "tokens"}
-    return unit in counts and summary.get(counts[unit], 0) >= value
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -292,20 +106,6 @@ class RunClock(Callback):
 # the run folder's record
 
 
-def read_summary(folder: Path) -> dict | None:
-    path = Path(folder) / SUMMARY_FILE
-    try:
-        return json.loads(path.read_text()) if path.is_file() else None
-    except ValueError:
-        return None  # cut short by a crash while it was written (it is written to a temporary name first)
-
-
-def write_json(path: Path, value) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2))
-    tmp.replace(path)
-
-
 def compact_metrics(run_dir: Path, last_step: int | None = None) -> None:
     """Rewrite RUN/metrics.jsonl with one row per step, in step order (a step's metrics may have been written in
     several flushes), keeping only the steps up to `last_step` when it is given (a resume's checkpoint)."""
@@ -352,7 +152,7 @@ class RunRecord:
         whose decisions every process must take alike (rafale.resilience.decided_on_rank_zero)."""
         self.start_batch, self.start_tokens = int(state.timestamp.batch), int(state.timestamp.token)
         if self.start_batch == 0:
-            for name in (METRICS_FILE, SUMMARY_FILE, "metrics.png") if self.writes else ():
+            for name in (METRICS_FILE, SUMMARY_FILE, PLOT_FILE) if self.writes else ():
                 (self.run_dir / name).unlink(missing_ok=True)
             return
         self.previous = decided_on_rank_zero(lambda: read_summary(self.run_dir)) or {}
@@ -466,16 +266,6 @@ def validation_loss(metrics: dict) -> float | None:
 
 # ----------------------------------------------------------------------------------------------------
 # an evaluation's own record
-
-
-def eval_folder(run_dir: Path) -> Path:
-    """RUN/evals/<time>/ for a training.eval_only run: never the training run's own files."""
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    folder, n = run_dir / EVALS_DIR / stamp, 1
-    while folder.exists():
-        n += 1
-        folder = run_dir / EVALS_DIR / f"{stamp}-{n}"
-    return folder
 
 
 def write_eval_record(folder: Path, cfg: Config, state: State, clock: RunClock, started: float,

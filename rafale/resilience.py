@@ -5,13 +5,17 @@ Composer's autoresume restores model, optimizer, scheduler, RNG and data positio
 checkpoint; what it lacks is here: SIGINT/SIGTERM save a checkpoint at the end of the current batch, and a NaN or
 infinite loss stops the run with a hint. Checking the checkpoint first (a truncated one is an error naming the
 file, or with run.resume_fallback set aside for the one before; one that holds more than Composer stores is
-refused) is in rafale/checkpoints.py, which needs no Composer; its names are importable from here too.
+refused) is in rafale/checkpoints.py, which needs no Composer; its names are importable from here too. Several
+processes resume one run from the same checkpoint, in a run folder they all see (check_shared_run_folder,
+resume_checkpoint).
 """
 
 import math
+import os
 import pickle
 import signal
 import sys
+from pathlib import Path
 
 import torch
 from composer import Callback
@@ -22,7 +26,8 @@ from composer.utils import dist
 from rafale.checkpoints import (CHECKPOINT_SAFE_GLOBALS, LATEST_CHECKPOINT, batch_number,  # noqa: F401
                                 check_checkpoint_safe, check_resume_checkpoint, checkpoint_readable, prune_checkpoints,
                                 read_checkpoint)
-from rafale.errors import RafaleError
+from rafale.config import Config
+from rafale.errors import ConfigError, RafaleError
 
 DIVERGED_HINT = ("lower training.lr, keep gradient clipping on (training.clip_norm), "
                  "or use precision amp_bf16 instead of amp_fp16")
@@ -129,3 +134,55 @@ class StopOnSignal(Callback):
         for evaluator in state.evaluators:
             evaluator.eval_interval = lambda state, event: False
         state.stop_training()
+
+
+# ----------------------------------------------------------------------------------------------------
+# several processes, one run folder, one checkpoint to resume from
+
+
+def check_shared_run_folder(run_dir: Path) -> None:
+    """Several processes train one run: they must all see one run folder. Rank 0 writes a marker file there and
+    every process looks for it; one that cannot see it is on a node with a disk of its own, where a resume would
+    find no checkpoint (they are on node 0's disk) and silently start over. Every process then stops with the
+    same error. (Also the first collective of the run: the process group starts here, before the Trainer.)"""
+    import secrets
+
+    dist.initialize_dist("gpu" if torch.cuda.is_available() else "cpu")
+    token = [secrets.token_hex(8) if dist.get_global_rank() == 0 else None]
+    dist.broadcast_object_list(token, src=0)
+    marker = run_dir / f".shared-by-every-node-{token[0]}"
+    if dist.get_global_rank() == 0:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            marker.write_text(token[0])
+        except OSError:
+            pass  # the run folder's own error comes from rafale.run_folder.write_run_folder, on every process
+    dist.barrier()
+    seen = dist.all_gather_object((marker.is_file(), os.environ.get("NODE_RANK", "0"), dist.get_global_rank()))
+    dist.barrier()
+    if dist.get_global_rank() == 0:
+        marker.unlink(missing_ok=True)
+    blind = sorted({f"node {node} (rank {rank})" for sees, node, rank in seen if not sees})
+    if blind:
+        raise ConfigError("run.output_dir", f"{run_dir} is not shared by every node: {', '.join(blind)} cannot see "
+                          "what rank 0 writes there (a disk of its own?). Resuming needs a run.output_dir on a disk "
+                          "every node shares (a cluster's /scratch or /project), where node 0's checkpoints are")
+
+
+def resume_checkpoint(cfg: Config, run_dir: Path) -> Path | None:
+    """The checkpoint of run_dir/checkpoints this run resumes from (None: a fresh start), the same on every process.
+
+    Rank 0 picks the latest one and checks it (check_resume_checkpoint: readable, nothing to
+    unpickle but Composer's plain types, run.resume_fallback), then hands its path to every process, which load it
+    as Composer's load_path. Composer's own autoresume is not used: on a run folder that several nodes share it
+    crashes, because it names the signal file each node's first process writes and removes after node 0 on every
+    node (llm-foundry issues 417 and 1736, Composer PR 2363 still open), so the nodes remove each other's file.
+    Loading the same checkpoint through load_path restores exactly what autoresume would."""
+    chosen = None
+    if dist.get_global_rank() == 0:
+        chosen = check_resume_checkpoint(run_dir / "checkpoints", cfg.run.resume_fallback, cfg.training.trust_checkpoint)
+    if dist.get_world_size() > 1:
+        shared = [str(chosen) if chosen is not None else None]
+        dist.broadcast_object_list(shared, src=0)
+        chosen = Path(shared[0]) if shared[0] is not None else None
+    return chosen

@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from datasets import Dataset, DatasetDict
 
 from rafale.data import DATAPIPES
-from rafale.data.tokenizers import token_bytes
+from rafale.models.token_bytes import token_bytes
 from rafale.errors import IGNORE_INDEX, ConfigError, DataError, RafaleError
-from rafale.export import load_run_model
+from rafale.run_folder import load_run_model
 from rafale.predict import batches, device_of, read_file_rows
 from rafale.resolve import family_of, head_of
 

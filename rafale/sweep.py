@@ -27,11 +27,12 @@ import itertools
 import os
 from pathlib import Path
 
-import json
-
 from rafale.config import Config, ConfigError, RafaleError, load_config
+from rafale.optim import check_optimizer
 from rafale.resolve import resolve_model_config
-from rafale.plots import SUMMARY_FILE, best_validation, plot_runs, ranking_column, run_row, short_names
+from rafale.plots import plot_runs, ranking_column, run_row, short_names
+from rafale.run_folder import (CONFIG_FILE, best_validation, differences_not_applied_on_resume, reached, read_summary,
+                               saved_config)
 
 
 def split_values(text: str) -> list[str]:
@@ -109,22 +110,18 @@ def best_run(finished: dict[str, dict]) -> tuple[str | None, str | None]:
 
 def run_status(run_dir: Path) -> str | None:
     """summary.json's status ('complete', 'stopped', 'in progress', 'failed'), or None without one."""
-    try:
-        return json.loads((run_dir / SUMMARY_FILE).read_text()).get("status", "complete")
-    except (OSError, ValueError):
-        return None
+    summary = read_summary(run_dir)
+    return summary.get("status", "complete") if summary is not None else None
 
 
 def plan(point_configs: list[tuple[str, Config]], out_dir: Path, restart: bool) -> dict[str, str]:
     """run name -> what to do with it: 'run' (new, or resumed), 'skip' (complete with this very config), or
     'restart'. A folder whose config.yaml differs in what a resume would not apply is an error listing every such
     run, before any runs, unless `restart`."""
-    from rafale.record import differences_not_applied_on_resume, reached, read_summary, saved_config
-
     actions, changed = {}, []
     for name, cfg in point_configs:
         run_dir = out_dir / name
-        old = saved_config(run_dir) if (run_dir / "config.yaml").is_file() else None
+        old = saved_config(run_dir) if (run_dir / CONFIG_FILE).is_file() else None
         differences = differences_not_applied_on_resume(old, cfg) if old is not None else []
         summary = read_summary(run_dir) or {}
         if differences:
@@ -141,8 +138,11 @@ def plan(point_configs: list[tuple[str, Config]], out_dir: Path, restart: bool) 
     return actions
 
 
-def sweep_main(argv, train) -> int:
-    """`train(args)` runs one training job (rafale.main.train_main); it is passed in so nothing imports main."""
+def sweep_main(argv, train, on_every_rank=lambda decide: decide()) -> int:
+    """`train(args)` runs one training job (rafale.main.train_main); it is passed in so nothing imports main.
+    `on_every_rank(decide)` hands what decide() returns on rank 0 to every process, when Composer's launcher runs
+    the sweep on several (the runs' folders are read once, and every process trains, skips or restarts the same
+    runs; rafale.main passes rafale.resilience.decided_on_rank_zero, which a command may not import)."""
     parser = argparse.ArgumentParser(
         prog="rafale sweep", description="Run a grid of config overrides one after another, then compare them.",
         epilog="example: rafale sweep -c test/pythia_tinystories.yaml training.lr=1e-3,3e-3 training.batch_size=16,32")
@@ -158,13 +158,14 @@ def sweep_main(argv, train) -> int:
     for point in points:  # a typo in the last combination should not wait for the first runs to finish
         name = run_name(base.run.name, [item for item in point if item not in fixed])  # named by what varies
         cfg = load_config(args.config, [*point, f"run.name={name}"])
+        check_optimizer(cfg.training)
         resolve_model_config(cfg)
         named.append((name, point, cfg))
     names = [name for name, _, _ in named]
     if len(set(names)) < len(names):  # two values that differ only in characters a folder name cannot keep
         raise ConfigError("axes", f"two sweep points would share a run folder: {', '.join(names)}")
     out_dir = Path(base.run.output_dir).expanduser()
-    actions = decided_on_rank_zero(lambda: plan([(name, cfg) for name, _, cfg in named], out_dir, args.restart))
+    actions = on_every_rank(lambda: plan([(name, cfg) for name, _, cfg in named], out_dir, args.restart))
     rows, failed = [], 0
     for i, (name, point, _) in enumerate(named, 1):
         rows.append((name, point, out_dir / name))
@@ -187,18 +188,3 @@ def sweep_main(argv, train) -> int:
         plot_runs(finished, out_dir / f"sweep-{base.run.name}.png")
     print(table.read_text() + f"rafale: wrote {table} and {table.with_suffix('.png')}")
     return 1 if failed else 0
-
-
-def decided_on_rank_zero(decide):
-    """decide() on rank 0, its result on every process when Composer's launcher runs the sweep on several: the
-    runs' folders are read once, and every process trains, skips or restarts the same runs
-    (rafale.resilience.decided_on_rank_zero; imported only then, since it needs Composer)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        return decide()
-    import torch
-    from composer.utils import dist
-
-    from rafale.resilience import decided_on_rank_zero as on_every_rank
-
-    dist.initialize_dist("gpu" if torch.cuda.is_available() else "cpu")
-    return on_every_rank(decide)

@@ -38,16 +38,14 @@ from rafale.errors import IGNORE_INDEX, ConfigError, DataError, RafaleError, Wei
 from rafale.hardware import confirm_peak, keep_freed_memory, peak_flops
 from rafale.resolve import family_of, head_of
 from rafale.loggers import CheckedSpeedMonitor, ConsoleLog, LearningRates, MetricsFile, eval_subset_batches
-from rafale.export import BEST_DIR, EXPORT_DIR, export_model
 from rafale.models.hf import export_refusal
 from rafale.optim import batches_in, build_optimizer, is_schedule_free, schedule_free_switch
 from rafale.outcomes import outcome, outcome_callbacks, resume_outcome
-from rafale.run_folder import (check_run_folder, check_shared_run_folder, resume_checkpoint, set_run_folder_aside,
-                               write_run_folder)
-from rafale.record import (ResumeConflict, RunClock, RunRecord, compact_metrics, describe, eval_folder, evaluation_conflicts,
-                           validation_loss, write_eval_record)
-from rafale.resilience import (FiniteLossMonitor, StopOnSignal, check_checkpoint_safe, decided_on_rank_zero,
-                               prune_checkpoints)
+from rafale.run_folder import (BEST_DIR, EXPORT_DIR, ResumeConflict, check_run_folder, eval_folder,
+                               evaluation_conflicts, export_model, set_run_folder_aside, write_run_folder)
+from rafale.record import RunClock, RunRecord, compact_metrics, describe, validation_loss, write_eval_record
+from rafale.resilience import (FiniteLossMonitor, StopOnSignal, check_checkpoint_safe, check_shared_run_folder,
+                               decided_on_rank_zero, prune_checkpoints, resume_checkpoint)
 
 
 DEBUG_EPOCHS = 10
@@ -457,11 +455,21 @@ def build_trainer(cfg: Config, data: PreparedData, model, collator, placement: P
     return trainer, stopper, peak
 
 
+def say_if_no_export(module: torch.nn.Module) -> str | None:
+    """Before training: one line (on rank 0) saying why `module` (the nn.Module) will have no Hugging Face export,
+    if it will not (a research variant still trains; its checkpoints hold the weights), and the reason; None
+    otherwise. The end of the run, which tries the export anyway, says the same."""
+    refusal = export_refusal(module)
+    if refusal is not None and dist.get_global_rank() == 0:
+        print(f"rafale: no Hugging Face export for this run: {refusal}; the checkpoints will hold the weights")
+    return refusal
+
+
 def best_exporter(cfg: Config, model, run_dir: Path, data: PreparedData):
     """training.keep_best's export of the best weights to RUN/export-best/, or None for a model that cannot be
-    exported."""
+    exported, which the run says here, before it trains (the one check of the export before training)."""
     module, sharded = model.model, cfg.training.fsdp is not None
-    if export_refusal(module) is not None:
+    if say_if_no_export(module) is not None:
         return None
     return lambda state: export_run(module, run_dir, data, sharded=sharded, folder=BEST_DIR)
 
@@ -527,10 +535,6 @@ def train(cfg: Config, model_cfg, data_only: bool = False, debug: bool = False, 
     if debug:
         model_cfg = without_dropout(model_cfg)
     model = build_model(cfg, model_cfg, data)
-    if not debug and not cfg.training.eval_only and dist.get_global_rank() == 0:  # runs that end with an export
-        from rafale.export import say_if_no_export
-
-        say_if_no_export(model.model)  # before training, not after it; the run itself goes ahead
     collator = pipe.collator(data.meta)
     if debug and hasattr(collator, "fixed_seed"):  # the same masks every step, so the target holds still
         collator.fixed_seed = cfg.run.seed

@@ -21,7 +21,7 @@ from rafale.models.families import FAMILIES
 def load_contrastive(path: Path):
     """(model, tokenizer, eos id, pad id, longest text) of a run folder or a Hugging Face folder."""
     if (path / "config.yaml").is_file():
-        from rafale.export import load_run_model
+        from rafale.run_folder import load_run_model
 
         cfg, data, model = load_run_model(path)
         tokenizer, eos, pad, max_len = data.tokenizer, data.eos_token_id, data.pad_token_id, cfg.data.block_size

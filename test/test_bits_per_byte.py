@@ -10,7 +10,8 @@ from tokenizers import Tokenizer
 
 from rafale.config import DataConfig
 from rafale.data.tokenizers import train_tokenizer
-from rafale.metrics import BitsPerByte, token_bytes
+from rafale.metrics import BitsPerByte
+from rafale.models.token_bytes import token_bytes
 from conftest import SHARED_DATA
 
 TEXTS = ["Tom had a red ball.", "Lily said: «où est le café?» 😀", "Ã¢â‚¬Å“mojibake stays bytesÃ¢â‚¬Â", "tabs\tand\nnewlines"]

@@ -211,7 +211,7 @@ def test_training_run_logs_metrics_and_exports_what_transformers_loads(tmp_path,
     assert last["metrics/eval/ImageToTextRecall@5"] >= last["metrics/eval/ImageToTextRecall@1"]
 
     # the export: transformers' AutoModel gives the embeddings of rafale's model from the checkpoint
-    from rafale.export import load_run_model
+    from rafale.run_folder import load_run_model
     from rafale.models.hf import from_pretrained
 
     cfg, data, model = load_run_model(run_dir)

@@ -1,6 +1,7 @@
-"""The package's shape: imports run one way (errors -> config -> models -> datapipes -> commands -> main), nothing
-imports the CLI, a model file loads torch and itself only, the CLI answers --help and config errors without torch
-or Composer, and no function runs past a screen without saying why."""
+"""The package's shape: imports run one way, through the layers of LAYERS (the README's "Hacking on rafale" states
+the same line), every module in exactly one layer; nothing imports the CLI, a model file loads torch and itself
+only, the CLI answers --help and config errors without torch or Composer, and no function runs past a screen
+without saying why."""
 
 import ast
 import json
@@ -100,23 +101,107 @@ def test_nothing_imports_the_cli():
     assert importers == []
 
 
-MODEL_LAYER = ("rafale.models", "rafale.errors", "rafale.metrics")  # (metrics: the models' Composer metrics)
+# The layers, lowest first: a module imports from its own layer or a lower one only. A name ending in "." is a
+# package: every module in it belongs there (a new family or datapipe is one file, no line here); any other new
+# module must be given a layer. "models | data" is one layer of two halves that never import each other.
+LAYERS = {
+    "errors": {"rafale", "rafale.errors"},
+    "config": {"rafale.config"},
+    "models | data": {"rafale.models.", "rafale.metrics",  # (metrics: the Composer wrappers' validation metrics)
+                      "rafale.data.", "rafale.stories", "rafale.shapes"},
+    "resolve": {"rafale.resolve"},
+    "the run folder": {"rafale.run_folder", "rafale.checkpoints", "rafale.plots"},
+    "the run": {"rafale.train", "rafale.record", "rafale.loggers", "rafale.outcomes", "rafale.resilience",
+                "rafale.optim", "rafale.hardware"},
+    "the commands": {"rafale.export", "rafale.predict", "rafale.score", "rafale.generate", "rafale.lm_eval_adapter",
+                     "rafale.zero_shot", "rafale.sweep", "rafale.runs", "rafale.docprompt"},
+    "main": {"rafale.main", "rafale.__main__", "rafale.main.__main__"},
+}
+HALVES = {"models": ("rafale.models", "rafale.metrics"), "data": ("rafale.data", "rafale.stories", "rafale.shapes")}
+LAYERING = " -> ".join(LAYERS)
+# what a command may not import: the run's machinery (a command reads a run through rafale.run_folder)
+THE_RUNS_INSIDES = {"rafale.train", "rafale.record", "rafale.loggers", "rafale.outcomes", "rafale.resilience"}
+
+
+def in_package(name: str, package: str) -> bool:
+    return name == package.rstrip(".") or name.startswith(package)
+
+
+def layer_of(name: str) -> list[str]:
+    """The layers `name` is listed in (by its name, or by its package)."""
+    return [layer for layer, members in LAYERS.items()
+            if name in members or any(m.endswith(".") and in_package(name, m) for m in members)]
+
+
+def half_of(name: str) -> str | None:
+    return next((half for half, packages in HALVES.items() if any(in_package(name, p) for p in packages)), None)
+
+
+def wrong_way(graph: dict[str, set[str]]) -> list[str]:
+    """Every import that climbs: into a higher layer, across the models | data halves, or from a command into the
+    run's machinery."""
+    order = list(LAYERS)
+    found = []
+    for name, deps in sorted(graph.items()):
+        for dep in sorted(deps):
+            (mine,), (theirs,) = layer_of(name), layer_of(dep)
+            if order.index(theirs) > order.index(mine):
+                found.append(f"{name} ({mine}) imports {dep} ({theirs})")
+            elif mine == theirs == "models | data" and half_of(name) != half_of(dep):
+                found.append(f"{name} ({half_of(name)}) imports {dep} ({half_of(dep)})")
+            elif mine == "the commands" and dep in THE_RUNS_INSIDES:
+                found.append(f"{name} (a command) imports {dep} (the run's insides; read the run folder instead)")
+    return found
+
+
+def test_every_module_is_in_exactly_one_layer():
+    names = set(modules())
+    assert len(names) >= 40 and "rafale.run_folder" in names
+    placed = {name: layer_of(name) for name in sorted(names)}
+    assert {name: layers for name, layers in placed.items() if len(layers) != 1} == {}
+    listed = [m for members in LAYERS.values() for m in members]
+    assert len(listed) == len(set(listed))
+    assert [m for m in listed if not m.endswith(".") and m not in names] == []  # no stale names
+    assert layer_of("rafale.new_module") == [] and layer_of("rafale.models.new_family") == ["models | data"]
 
 
 def test_the_layers_run_one_way():
-    """errors imports nothing of rafale; config imports no model; the models import nothing from the data, the run
-    or the commands; the data imports no model."""
+    """errors -> config -> models | data -> resolve -> the run folder -> the run -> the commands -> main."""
     graph = import_graph()
     assert graph["rafale.errors"] == set()
-    assert {d for d in graph["rafale.config"] if d.startswith("rafale.models")} == set()
-    models = [name for name in graph if name.startswith("rafale.models")]
-    data = [name for name in graph if name.startswith("rafale.data")]
-    assert len(models) >= 10 and len(data) >= 8  # (the walk found the packages)
-    for name in models:
-        outside = {d for d in graph[name] if not d.startswith(MODEL_LAYER)}
-        assert outside == set(), f"{name} imports {sorted(outside)}"
-    for name in data:
-        assert {d for d in graph[name] if d.startswith("rafale.models")} == set(), name
+    assert wrong_way(graph) == []
+
+
+@pytest.mark.parametrize("importer, imported", [
+    ("rafale.loggers", "rafale.runs"),  # the run importing a command (the run folder's names were in export.py
+    ("rafale.record", "rafale.export"),  # and plots.py: record.py, run_folder.py, train.py and loggers.py
+    ("rafale.run_folder", "rafale.export"),  # imported the commands for them)
+    ("rafale.train", "rafale.export"),
+    ("rafale.sweep", "rafale.record"),  # a command importing the run's insides
+    ("rafale.config", "rafale.optim"),  # the config building an optimizer
+    ("rafale.models.pythia", "rafale.data.tokenizers"),  # a model importing the data
+    ("rafale.metrics", "rafale.data.tokenizers"),  # ... through the metrics
+    ("rafale.data.cache", "rafale.models.families"),  # the data importing a model
+    ("rafale.run_folder", "rafale.record"),
+])
+def test_the_layer_check_finds_each_arrow_that_climbed(importer, imported):
+    graph = import_graph()
+    assert imported not in graph[importer]
+    graph[importer] = graph[importer] | {imported}
+    assert [line for line in wrong_way(graph) if line.startswith(f"{importer} ")] != []
+
+
+def test_the_readme_states_the_same_layers():
+    readme = (ROOT / "README.md").read_text()
+    assert f"Imports run one way: {LAYERING}." in readme
+
+
+def test_config_validation_imports_neither_torch_nor_the_optimizers():
+    """Loading and checking a config is quick: the optimizer's own check (it builds one) comes after, on the road
+    that trains (rafale.optim.check_optimizer)."""
+    result = loaded_after("from rafale.config import load_config\nload_config('test/pythia_debug.yaml')")
+    assert [m for m in result["modules"] if m.split(".")[0] in ("torch", "composer")] == []
+    assert "rafale.optim" not in result["modules"]
 
 
 def family_name_comparisons(tree: ast.Module, names: set[str], anywhere: bool) -> list[str]:

@@ -79,7 +79,7 @@ def test_optimizer_arguments_written_like_5e_3_become_numbers():
 ])
 def test_a_word_for_a_numeric_optimizer_argument_is_an_error_naming_it(optimizer, key):
     with pytest.raises(ConfigError) as info:
-        config_from_dict(with_changes(training={"optimizer": optimizer}))
+        optim.check_optimizer(config_from_dict(with_changes(training={"optimizer": optimizer})).training)
     assert f"config error at '{key}'" in str(info.value) and "expected a number" in str(info.value), str(info.value)
 
 
@@ -120,7 +120,7 @@ def test_schedule_free_takes_warmup_0():
 
 
 def test_cli_trains_with_warmup_0_under_a_numeric_run_name(tmp_path, cache_dir, capsys, monkeypatch):
-    from rafale.plots import read_metrics
+    from rafale.run_folder import read_metrics
 
     cfg = write_config(tmp_path / "cfg.yaml", run={"output_dir": str(tmp_path / "runs"), "name": 2024},
                        training={**SHORT, "warmup": 0, "schedule": "cosine"})
@@ -412,7 +412,7 @@ def tokenizers_with_whitespace_tokens():
 def test_token_bytes_count_added_whitespace_tokens(name):
     import unicodedata
 
-    from rafale.metrics import token_bytes
+    from rafale.models.token_bytes import token_bytes
 
     tokenizer = tokenizers_with_whitespace_tokens()[name]()
     sizes = token_bytes(tokenizer)
@@ -430,7 +430,7 @@ def test_bits_per_byte_of_a_run_on_indented_code(tmp_path, capsys, monkeypatch):
     over the scored tokens / (ln 2 x the UTF-8 bytes of the text those tokens decode to)."""
     from rafale.config import load_config
     from rafale.train import datapipe_for
-    from rafale.plots import read_metrics
+    from rafale.run_folder import read_metrics
 
     functions = [CODE.replace("area", f"area_{i}").replace("Shape", f"Shape{i}") for i in range(40)]
     source = tmp_path / "code.txt"

@@ -18,7 +18,7 @@ import torch
 import yaml
 
 from conftest import ROOT, write_config
-from rafale.export import read_checkpoint_weights
+from rafale.run_folder import read_checkpoint_weights
 
 # long enough (60 batches, a checkpoint every 10) for a signal to land mid-run however fast the machine is
 RUN = {"max_duration": "60ba", "save_interval": "10ba", "eval_interval": "20ba", "eval_batches": 2,

@@ -15,7 +15,7 @@ from conftest import run_in_process, write_config
 from rafale import optim
 from rafale.config import ConfigError, TrainingConfig, config_from_dict
 from rafale.resolve import resolve_model_config
-from rafale.export import read_checkpoint_weights
+from rafale.run_folder import read_checkpoint_weights
 from rafale.models.families import FAMILIES
 from rafale.models.decoder import GPTNeoX
 from rafale.models.encoder import build_encoder
@@ -130,24 +130,41 @@ def config_with(**training):
     return {"model": {"type": "pythia", "preset": "pythia-debug"}, "training": training}
 
 
+def checked(raw: dict):
+    """The config as `rafale -c` checks it before any work: loaded, then its optimizer built on a stand-in."""
+    cfg = config_from_dict(raw)
+    optim.check_optimizer(cfg.training)
+    return cfg
+
+
 def test_unknown_optimizer_lists_the_valid_ones():
     with pytest.raises(ConfigError, match=r"'training.optimizer.name'.*adamw, schedulefree_adamw, soap, muon, lion"):
-        config_from_dict(config_with(optimizer={"name": "adamx"}))
+        checked(config_with(optimizer={"name": "adamx"}))
 
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_a_wrong_argument_is_named(name):
     with pytest.raises(ConfigError, match=r"'training.optimizer.betaz'.*no argument 'betaz'"):
-        config_from_dict(config_with(optimizer={"name": name, "betaz": [0.9, 0.9]}))
+        checked(config_with(optimizer={"name": name, "betaz": [0.9, 0.9]}))
 
 
 def test_arguments_reach_the_optimizer_and_training_lr_is_not_overridden():
     opt = optim.build_optimizer(decoder(), TrainingConfig(optimizer={"name": "lion", "betas": [0.8, 0.9]}), "cpu")
     assert opt.param_groups[0]["betas"] == [0.8, 0.9]
     with pytest.raises(ConfigError, match=r"'training.optimizer.lr'.*training.lr"):
-        config_from_dict(config_with(optimizer={"name": "adamw", "lr": 0.1}))
+        checked(config_with(optimizer={"name": "adamw", "lr": 0.1}))
     with pytest.raises(ConfigError, match=r"'training.optimizer.name'.*not a torch.optim.Optimizer"):
-        config_from_dict(config_with(optimizer={"name": "torch.nn.Linear"}))
+        checked(config_with(optimizer={"name": "torch.nn.Linear"}))
+
+
+@pytest.mark.parametrize("argv", [["-c"], ["sweep", "-c"]], ids=["train", "sweep"])
+def test_the_cli_refuses_a_wrong_optimizer_before_any_data_work(argv, tmp_path, capsys, monkeypatch):
+    cfg = write_config(tmp_path / "cfg.yaml", run={"output_dir": str(tmp_path / "runs")},
+                       data={"cache_dir": str(tmp_path / "cache")}, training={"optimizer": {"name": "adamx"}})
+    code, out, err = run_in_process([*argv, str(cfg)] + (["training.lr=1e-3,2e-3"] if "sweep" in argv else []),
+                                    capsys, monkeypatch)
+    assert code == 2 and "'training.optimizer.name'" in err and "adamx" in err, err
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "runs").exists()
 
 
 @pytest.mark.parametrize("name, package", [("schedulefree_adamw", "schedulefree"), ("muon", "pytorch_optimizer")])
@@ -161,7 +178,7 @@ def test_a_missing_package_names_the_extra(name, package, monkeypatch):
 
     monkeypatch.setattr(optim.importlib, "import_module", without)
     with pytest.raises(ConfigError, match=re.escape(f"needs the package {package}; install it with pip install 'rafale[optim]'")):
-        config_from_dict(config_with(optimizer={"name": name}))
+        checked(config_with(optimizer={"name": name}))
 
 
 def test_schedule_free_warmup_in_batches_and_a_constant_schedule():

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import run_in_process, write_config
-from rafale.export import read_checkpoint_weights
+from rafale.run_folder import read_checkpoint_weights
 
 OVERFIT = {"max_duration": "64ba", "eval_interval": "8ba", "save_interval": "8ba", "checkpoints_to_keep": -1,
            "lr": 1e-2, "schedule": "constant", "warmup": 0, "eval_batches": 4}

@@ -151,7 +151,7 @@ def test_errors_name_the_task_the_file_and_the_column(runs, tmp_path):
 def test_scores_token_bytes_is_the_validations(runs):
     from tokenizers import Tokenizer
 
-    from rafale.metrics import token_bytes
+    from rafale.models.token_bytes import token_bytes
     from rafale.score import token_bytes as copy
 
     for run in ("lm", "mlm", "cls"):

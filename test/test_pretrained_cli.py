@@ -37,7 +37,7 @@ def test_run_exports_hf_weights_and_finetunes_from_them(tmp_path, cache_dir, cap
     ids = torch.randint(0, 500, (2, 16))
     torch.testing.assert_close(hf_model(ids).logits, ours(ids), atol=1e-5, rtol=1e-4)
     # the true vocabulary is exported, not the embedding padded to a multiple of 64
-    from rafale.export import latest_checkpoint, read_checkpoint_weights
+    from rafale.run_folder import latest_checkpoint, read_checkpoint_weights
 
     trained = read_checkpoint_weights(latest_checkpoint(run_dir))
     assert trained["embed_in.weight"].shape[0] == 512  # padded to a multiple of 64 for training

@@ -14,8 +14,8 @@ import torch
 import yaml
 
 from conftest import RAFALE, run_cli, run_in_process, write_config
-from rafale.export import read_checkpoint_weights
-from rafale.plots import read_metrics
+from rafale.run_folder import read_checkpoint_weights
+from rafale.run_folder import read_metrics
 
 # 12 batches, a checkpoint and an evaluation every 4, every checkpoint kept
 RECORDED = {"max_duration": "12ba", "save_interval": "4ba", "eval_interval": "4ba", "eval_batches": 2,

@@ -14,9 +14,9 @@ import yaml
 from conftest import run_in_process, write_config
 from rafale.config import load_config
 from rafale.data.cache import PreparedData
-from rafale.export import latest_checkpoint, load_run_model
+from rafale.run_folder import latest_checkpoint, load_run_model
 from rafale.resilience import prune_checkpoints, read_checkpoint
-from rafale.record import data_conflicts
+from rafale.run_folder import data_conflicts
 
 # two checkpoints (batches 2 and 4), the last one at the end of training, so the export equals it
 SHORT = {"max_duration": "4ba", "save_interval": "2ba", "eval_interval": "4ba", "eval_batches": 1,

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from conftest import RAFALE, ROOT, run_cli, run_in_process, write_config
 from rafale.config import ConfigError, config_from_dict, load_config
-from rafale.export import read_checkpoint_weights
+from rafale.run_folder import read_checkpoint_weights
 
 # short runs that still save two checkpoints before the end, and evaluate on 2 batches to stay quick
 RESUMABLE = {"max_duration": "30ba", "save_interval": "10ba", "eval_interval": "10ba", "eval_batches": 2,

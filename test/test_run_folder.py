@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from rafale.plots import read_metrics
+from rafale.run_folder import read_metrics
 from conftest import run_in_process, write_config
 
 

@@ -14,7 +14,8 @@ import pytest
 
 from rafale.config import Config, save_config
 from rafale.errors import RafaleError
-from rafale.plots import run_figure, runs_figure, runs_main, runs_table, what_differs
+from rafale.plots import run_figure, runs_figure, runs_table, what_differs
+from rafale.runs import runs_main
 from rafale.sweep import run_name, sweep_table
 
 LOSS, PPL, BPB = "metrics/eval/LanguageCrossEntropy", "metrics/eval/LanguagePerplexity", "metrics/eval/BitsPerByte"

@@ -4,7 +4,7 @@ in a fresh interpreter, on a run trained here; then sys.modules is read.
 
 Commands that cannot avoid them, and so are not listed: `rafale -c cfg.yaml` and `sweep` train (Composer's
 Trainer), `lm-eval` runs lm-evaluation-harness (which imports transformers), and `zero-shot` needs a CLIP run,
-which is not trained here (it loads its model as `generate` does, through rafale.export.load_run_model)."""
+which is not trained here (it loads its model as `generate` does, through rafale.run_folder.load_run_model)."""
 
 import contextlib
 import io

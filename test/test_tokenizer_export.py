@@ -14,7 +14,7 @@ from rafale.models.families import FAMILIES  # noqa: E402
 from rafale.data.causal_lm import CausalLMDataPipe  # noqa: E402
 from rafale.data.classification import ClassificationCollator, ClassificationDataPipe  # noqa: E402
 from rafale.data.sources import load_source  # noqa: E402
-from rafale.export import export_model  # noqa: E402
+from rafale.run_folder import export_model  # noqa: E402
 from rafale.models.hf import save_pretrained  # noqa: E402
 from conftest import write_config  # noqa: E402
 

@@ -34,7 +34,7 @@ class ComposerLM(ComposerModel):
     fast matmuls); logits are cut to it, so the padding rows never enter the softmax.
     autocast_dtype: run forward and eval_forward under torch.autocast("cpu", dtype) (bfloat16 on a CPU with
     bf16 matmul units, where Composer's own amp_bf16 is refused); None runs in the parameters' dtype.
-    token_bytes: each token id's UTF-8 length (rafale.metrics.token_bytes), to report validation bits per byte,
+    token_bytes: each token id's UTF-8 length (rafale.models.token_bytes), to report validation bits per byte,
     which unlike the loss compares across tokenizers.
     """
 

@@ -226,7 +226,7 @@ def check_framing(tokenizer: Tokenizer, special: dict, architecture: str):
               "the ids yourself, or give a tokenizer with a TemplateProcessing post-processor")
 
 
-def family_of(model: nn.Module):
+def family_and_architecture(model: nn.Module):
     """(Family, HF architecture) that `model` is exactly: a subclass (a researcher's variant) is not the class it
     extends, and a Composer wrapper is not the model."""
     for family in FAMILIES.values():
@@ -240,7 +240,7 @@ def family_of(model: nn.Module):
 
 
 def architecture_of(model: nn.Module) -> str:
-    return family_of(model)[1]
+    return family_and_architecture(model)[1]
 
 
 def check_exportable(model: nn.Module) -> str:
@@ -249,7 +249,7 @@ def check_exportable(model: nn.Module) -> str:
     The name map only says where tensors go; transformers rebuilds the computation from config.json. So a module
     whose class the family's file does not define (a researcher's own attention, even one with no parameters of
     its own) would be exported as plain GPT-NeoX or BERT and silently compute something else once loaded."""
-    family, architecture = family_of(model)
+    family, architecture = family_and_architecture(model)
     for name, module in model.named_modules():
         where = type(module).__module__
         if where not in family.hf.module_files and not where.startswith("torch.nn."):
@@ -355,7 +355,7 @@ def save_pretrained(
     refusal = export_refusal(model)  # a module or a config value transformers' class would not reproduce
     if refusal is not None:
         raise WeightsError(f"save_pretrained: {refusal}")
-    family, architecture = family_of(model)
+    family, architecture = family_and_architecture(model)
     cfg = model.cfg
     rows = cfg.vocab_size if hasattr(cfg, "vocab_size") else cfg.text.vocab_size  # CLIP's is its text tower's
     vocab_size = rows if vocab_size is None else vocab_size

@@ -36,7 +36,7 @@ PRESETS = {
 
 def build(model_cfg: DecoderConfig, head: str, meta: dict, tokenizer):
     """A GPT-NeoX decoder for causal LM (validation bits per byte need the tokenizer's token lengths)."""
-    from rafale.metrics import token_bytes
+    from rafale.models.token_bytes import token_bytes
     from rafale.models.composer import ComposerLM
 
     model_cfg.vocab_size = model_vocab_size(model_cfg.vocab_size, meta["vocab_size"])
