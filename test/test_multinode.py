@@ -286,8 +286,10 @@ def test_two_processes_interrupted_resumed_stopped_early_evaluated_and_rerun_rec
     assert vb == {k: pytest.approx(v, rel=1e-5, abs=1e-4) for k, v in va.items()}
     wa = read_checkpoint_weights(one / "checkpoints" / "latest-rank0.pt")
     wb = read_checkpoint_weights(two / "checkpoints" / "latest-rank0.pt")
-    for key in wa:  # each process took half of each global batch and the gradients were averaged: one process's step
-        torch.testing.assert_close(wb[key], wa[key], atol=1e-4, rtol=1e-3)
+    # each process took half of each global batch and the gradients were averaged: one process's steps, up to the
+    # order of the sums (2.2e-4 apart after 34 Adam steps at lr 1e-2, which turn a tiny gradient into a full step)
+    for key in wa:
+        torch.testing.assert_close(wb[key], wa[key], atol=1e-3, rtol=1e-3)
 
 
 def test_a_run_folder_the_nodes_do_not_share_is_an_error_on_every_node(reference, tmp_path):
