@@ -61,11 +61,11 @@ def hf_from_rafale(model: GPTNeoX, attn_implementation="sdpa"):
 
     hf_cfg = GPTNeoXConfig(**decoder_config_to_hf(model.cfg, vocab_size=model.cfg.vocab_size))
     hf = GPTNeoXForCausalLM._from_config(hf_cfg, attn_implementation=attn_implementation)
-    state = {}
-    for name, t in model.state_dict().items():
-        if name.startswith("positions."):
-            continue
-        state["lm_head.weight" if name == "embed_out.weight" else "gpt_neox." + name] = t
+    from rafale.models.pythia import PYTHIA
+
+    # the export's own name map (the file calls the head embed_out, transformers' module lm_head)
+    tensors = PYTHIA.hf.tensors(model, "GPTNeoXForCausalLM", model.cfg.vocab_size)
+    state = {"lm_head.weight" if name == "embed_out.weight" else name: t for name, t in tensors.items()}
     missing, unexpected = hf.load_state_dict(state, strict=False)
     missing = [m for m in missing if "rotary_emb" not in m]
     assert not missing and not unexpected, (missing, unexpected)

@@ -128,7 +128,7 @@ def profile_decode(new_tokens: int, batches=(1, 8), prompt_len: int = 8) -> str:
     cfg = decoder_cfg("pythia-70m")
     model = make_rafale(cfg).eval()
     hf = hf_from_rafale(model).eval()
-    weight_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed_in" not in n)
+    weight_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if not n.startswith("embed."))
     gbs = bandwidth_gbs()
     out = [f"\nweights a decoding step reads (all but the input embedding, fp32): {weight_bytes / 1e6:.0f} MB; "
            f"memory bandwidth (512 MB copy): {gbs:.1f} GB/s; so a bandwidth-bound step takes at least "

@@ -28,7 +28,7 @@ from typing import Literal, Optional, Union
 import yaml
 
 
-from rafale.errors import ConfigError, RafaleError  # noqa: F401 (RafaleError: imported from here by older code)
+from rafale.errors import ConfigError, RafaleError, read_utf8  # noqa: F401 (RafaleError: imported from here by older code)
 
 
 def option(default=dataclasses.MISSING, help: str = "", default_factory=dataclasses.MISSING):
@@ -166,9 +166,27 @@ class TrainingConfig:
         None, "Layerwise learning-rate decay for fine-tuning: block i of L learns at lr * layer_decay^(L - i), "
         "the embeddings at lr * layer_decay^(L + 1), the head at lr. Null: one lr for all."
     )
-    schedule: Literal["cosine", "linear", "constant"] = option("cosine", "Learning-rate schedule after warmup.")
+    schedule: Literal["cosine", "linear", "constant", "wsd"] = option(
+        "cosine", "Learning-rate schedule after warmup. wsd: warmup-stable-decay (constant at lr, then a decay to 0 "
+        "over the last decay_fraction of the run; see rafale/optim.py)."
+    )
     warmup: str = option("0.05dur", f"Warmup length, {TIME_HELP}.")
     lr_final_ratio: float = option(0.1, "Learning rate at the end of a cosine or linear schedule, relative to lr.")
+    decay_fraction: float = option(0.2, "wsd: the share of training.max_duration, at its end, the rate decays over.")
+    decay_shape: Literal["linear", "cosine", "1-sqrt"] = option(
+        "1-sqrt", "wsd: how the rate falls from lr to 0 over the decay (1-sqrt: 1 - sqrt(progress), Hägele et al. 2024)."
+    )
+    branch_from: Optional[dict] = option(
+        None, "wsd: {run: <a run folder>, at: <a time, optional>}: a cooldown branch. Start from that run's checkpoint "
+        "at `at` (its whole state: weights, optimizer, data order) and decay from there to 0 at training.max_duration, "
+        "in this run's own folder; `at` defaults to where this run's decay starts (1 - decay_fraction of "
+        "max_duration). The parent's folder is only read."
+    )
+    cooldowns: list[str] = option(
+        default_factory=list, help="wsd: budgets (times in max_duration's unit, each below it) to branch a cooldown "
+        "to once this run is complete: each trains as run.name-cooldown-<budget> (see branch_from), from this run's "
+        "checkpoint where that budget's decay starts. Needs checkpoints_to_keep: -1."
+    )
     max_duration: str = option("1ep", f"Training length, {DURATION_HELP}.")
     precision: Literal["fp32", "amp_fp16", "amp_bf16"] = option(
         "amp_bf16", "Numeric precision. On a CPU, amp_bf16 autocasts the Pythia model to bf16 where the CPU has bf16 "
@@ -354,6 +372,37 @@ def parse_time(text: str) -> tuple[int | float, str]:
     return value, unit
 
 
+def _check_wsd(t: "TrainingConfig") -> None:
+    """The warmup-stable-decay keys: a decay fraction in (0, 1], and branch_from and cooldowns only with wsd, in
+    max_duration's unit (rafale.optim.wsd_batches turns them into batches)."""
+    if not 0 < t.decay_fraction <= 1:
+        raise ConfigError("training.decay_fraction", f"must be in (0, 1], got {t.decay_fraction}")
+    for key, value in (("branch_from", t.branch_from), ("cooldowns", t.cooldowns)):
+        if value and t.schedule != "wsd":
+            raise ConfigError(f"training.{key}", f"needs training.schedule: wsd (a cooldown branch decays from a "
+                              f"stable phase), got schedule {t.schedule!r}")
+    _, unit = parse_time(t.max_duration)
+    times = {f"training.cooldowns[{i}]": budget for i, budget in enumerate(t.cooldowns)}
+    if t.branch_from is not None:
+        unknown = set(t.branch_from) - {"run", "at"}
+        if unknown or not isinstance(t.branch_from.get("run"), str):
+            raise ConfigError("training.branch_from", f"expected {{run: <a run folder>, at: <a time, optional>}}, got "
+                              f"{t.branch_from!r}")
+        if t.cooldowns:
+            raise ConfigError("training.cooldowns", "a branch (training.branch_from) cannot have cooldowns of its own")
+        if t.branch_from.get("at") is not None:
+            times["training.branch_from.at"] = str(t.branch_from["at"])
+    for key, value in times.items():
+        _check_time(value, key, allow_dur=False)
+        if parse_time(value)[1] != unit:
+            raise ConfigError(key, f"{value!r} is not in the unit of training.max_duration ({t.max_duration!r})")
+        if parse_time(value)[0] >= parse_time(t.max_duration)[0]:
+            raise ConfigError(key, f"{value!r} must come before the end of training.max_duration ({t.max_duration!r})")
+    if t.cooldowns and t.checkpoints_to_keep != -1:
+        raise ConfigError("training.checkpoints_to_keep", "cooldowns branch from this run's checkpoints where each "
+                          f"budget's decay starts; keep them all (-1), got {t.checkpoints_to_keep}")
+
+
 def _check_time(value: str, key: str, allow_dur: bool = True):
     try:
         number, unit = parse_time(value)
@@ -496,6 +545,7 @@ def validate(cfg: Config, check_files: bool = True) -> None:
         if not value or "/" in value or value in (".", ".."):
             raise ConfigError(f"run.{key}", f"must be a plain folder name, got {value!r}")
     _check_early_stopping(cfg.training.early_stopping)
+    _check_wsd(cfg.training)
     if cfg.training.eval_only and cfg.training.load_path is None:
         raise ConfigError("training.load_path", "eval_only needs a checkpoint to evaluate")
     for template in cfg.data.prompt_templates or []:
@@ -618,7 +668,7 @@ def load_config(path, overrides=(), saved_run: bool = False) -> Config:
     if not path.is_file():
         raise ConfigError("", f"no such config file: {path}")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(read_utf8(path, "config error"))
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""

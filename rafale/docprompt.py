@@ -22,7 +22,8 @@ START, END = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
 # in full: the decoder, what a new attention, norm or position scheme changes
 FULL_FILES = ("rafale/models/decoder.py",)
 GENERATORS = ("rafale/stories.py", "rafale/shapes.py")  # word and shape tables: their docstring and functions only
-LEFT_OUT_SECTIONS = ("Speed", "Measured here")  # the README's figures: no question on using rafale needs them
+# the README's figures, and the code that checks a figure by hand: no question on using rafale needs them
+LEFT_OUT_SECTIONS = ("Speed", "Measured here", "Bits per byte")
 MAX_BYTES = 165_000  # "at most about 160 KB": what most LLMs take in one message
 REGISTRY_LINES = 16  # a module-level constant this short is shown whole (registries, tables); a longer one by name
 

@@ -30,3 +30,15 @@ class WeightsError(RafaleError):
 
 class CheckpointError(RafaleError):
     """A Composer checkpoint that cannot be read safely."""
+
+
+def read_utf8(path, what: str) -> str:
+    """The text of the file `path`; a RafaleError naming `what` (an option such as '--prompt-file'), the file and
+    the line and byte of the first bytes that are not UTF-8 (a Latin-1 or UTF-16 file), instead of a traceback."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise RafaleError(f"{what}: {path} is not UTF-8 (line {line}, byte offset {err.start}: "
+                          f"{data[err.start:err.start + 4]!r}); save it as UTF-8") from None

@@ -15,12 +15,12 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from rafale.errors import RafaleError
+from rafale.errors import RafaleError, read_utf8
 from rafale.data.tokenizers import special_token_ids
 
 
 def load_decoder(path: Path):
-    """(GPTNeoX in eval mode, tokenizer) from a run folder or a Hugging Face model folder."""
+    """(the Decoder in eval mode, tokenizer) from a run folder or a Hugging Face model folder."""
     if (path / "config.yaml").is_file():
         from rafale.run_folder import load_run_model
 
@@ -32,12 +32,12 @@ def load_decoder(path: Path):
                               f"({', '.join(f.name for f in FAMILIES.values() if f.can_generate)})")
         return model.shrink_vocab(data.vocab_size), data.tokenizer
     if (path / "config.json").is_file():
-        from rafale.models.decoder import GPTNeoX
+        from rafale.models.decoder import Decoder
         from rafale.models.hf import from_pretrained, load_tokenizer_from_folder
 
         model = from_pretrained(path, dtype=torch.float32)
-        if not isinstance(model, GPTNeoX):
-            raise RafaleError(f"{path}: holds a {type(model).__name__}; only decoders (GPT-NeoX) can generate text")
+        if not isinstance(model, Decoder):
+            raise RafaleError(f"{path}: holds a {type(model).__name__}; only decoders (GPT-NeoX, Llama, Qwen3) can generate text")
         tokenizer = load_tokenizer_from_folder(path)
         if tokenizer is None:
             raise RafaleError(f"{path}: no tokenizer.json beside the weights")
@@ -123,7 +123,7 @@ def generate_main(argv) -> int:
         path = Path(args.prompt_file)
         if not path.is_file():
             raise RafaleError(f"--prompt-file: no such file: {path}")
-        prompts = [line for line in path.read_text().splitlines() if line.strip()]
+        prompts = [line for line in read_utf8(path, "--prompt-file").splitlines() if line.strip()]
         if not prompts:
             raise RafaleError(f"--prompt-file: {path} holds no prompts")
     else:

@@ -224,3 +224,17 @@ def confirm_peak(achieved_flops_per_s: float, device: str, precision: str, cache
     still above it. Each case that is not the plain one prints one line (see check_peak)."""
     return check_peak(achieved_flops_per_s, peak_flops(device, precision, cache_dir, cpu_dtype), device, cpu_dtype,
                       cache_dir if device != "gpu" else None)
+
+
+def machine_load() -> tuple[float, int] | None:
+    """(the 1-minute load average, the machine's cores), or None where the system has no load average. A load above
+    the cores means other processes share them: tokens/s and MFU are then lower than the machine alone gives."""
+    try:
+        return os.getloadavg()[0], os.cpu_count() or 1
+    except (AttributeError, OSError):
+        return None
+
+
+def describe_load(load: float, cores: int) -> str:
+    """'load 5.3 on 2 cores' (to put next to tokens/s and MFU); '' when the load is not above the cores."""
+    return f"load {load:.1f} on {cores} cores" if load > cores else ""

@@ -5,9 +5,12 @@
 the end. `ConsoleLog` is what a person reads: one line per log interval and one per evaluation,
 
     [ 120/400  30%] loss 2.3412 | 10,030 tok/s | MFU 37.1% | lr 9.1e-04 | 1.2 min elapsed, 2.9 min left
+    [ 140/400  35%] loss 2.2981 | 2,010 tok/s | MFU 7.4% (load 5.3 on 2 cores) | lr 9.0e-04 | 1.4 min elapsed, ...
     [ 200/400  50%] validation: loss 1.0100 | perplexity 2.75 | bits/byte 0.412
 
-and on a terminal a progress bar that carries the same fields. Both only read what the callbacks and the
+and on a terminal a progress bar that carries the same fields. The time left is from the last 50 batches
+(`RecentPace`); the machine's load shows next to the throughput when it is above its cores (other processes
+share them). Both only read what the callbacks and the
 evaluation log; neither changes it. Two of those callbacks are here:
 
 - `LearningRates` logs the learning rate each batch was trained at: `lr-base`, training.lr as scheduled (the
@@ -18,9 +21,11 @@ evaluation log; neither changes it. Two of those callbacks are here:
   never goes above 100% unremarked: a window faster than the peak probes the CPU again (rafale.hardware.check_peak).
 """
 
+import collections
 import json
 import math
 import sys
+import time
 from pathlib import Path
 
 from composer.callbacks import SpeedMonitor
@@ -29,7 +34,7 @@ from composer.loggers import Logger, LoggerDestination
 from composer.utils import dist
 from composer.utils.misc import create_interval_scheduler
 
-from rafale.hardware import check_peak
+from rafale.hardware import check_peak, describe_load, machine_load
 from rafale.optim import layer_depth, num_blocks
 from rafale.plots import plot_run
 from rafale.run_folder import METRICS_FILE
@@ -95,8 +100,11 @@ def total_batches(state: State) -> int | None:
     return None
 
 
-def format_train_line(metrics: dict, elapsed_s: float) -> str:
-    """'loss 2.3412 | 10,030 tok/s | MFU 37.1% | lr 9.1e-04 | 1.2 min elapsed, 2.9 min left' from what was logged."""
+def format_train_line(metrics: dict, elapsed_s: float, left_s: float | None = None,
+                      load: tuple[float, int] | None = None) -> str:
+    """'loss 2.3412 | 10,030 tok/s | MFU 37.1% | lr 9.1e-04 | 1.2 min elapsed, 2.9 min left' from what was logged,
+    the time left (`left_s`, see RecentPace) and, when it is above the cores, the machine's `load` (load, cores)
+    after the throughput: 'MFU 0.1% (load 5.3 on 2 cores)'."""
     parts = []
     if "loss/train/total" in metrics:
         parts.append(f"loss {metrics['loss/train/total']:.4f}")
@@ -104,14 +112,41 @@ def format_train_line(metrics: dict, elapsed_s: float) -> str:
         parts.append(f"{metrics['throughput/tokens_per_sec']:,.0f} tok/s")
     if "throughput/device/mfu" in metrics:
         parts.append(f"MFU {metrics['throughput/device/mfu']:.1%}")
+    busy = describe_load(*load) if load else ""
+    if busy and ("throughput/tokens_per_sec" in metrics or "throughput/device/mfu" in metrics):
+        parts[-1] += f" ({busy})"  # what the figure before it is measured under
+    elif busy:
+        parts.append(busy)
     # training.lr as scheduled (LearningRates); a group's rate only where nothing logs the base one
     lr = metrics.get(BASE_LR, next((v for k, v in metrics.items() if k.startswith("lr-")), None))
     if lr is not None:
         parts.append(f"lr {lr:.1e}")
     timing = f"{elapsed_s / 60:.1f} min elapsed"
-    if "time/remaining_estimate" in metrics:  # RuntimeEstimator logs hours
-        timing += f", {metrics['time/remaining_estimate'] * 60:.1f} min left"
+    if left_s is not None:
+        timing += f", {left_s / 60:.1f} min left"
     return " | ".join(parts + [timing])
+
+
+class RecentPace:
+    """The time left, from the last `window` batches.
+
+    Their wall time (evaluations and checkpoints among them included) gives the pace. The pace of the whole segment
+    would count start-up and compiling, and a resumed run's remaining batches against the time of this process
+    alone (Composer's RuntimeEstimator said 0.3 min left for a run that took 3.6 more)."""
+
+    def __init__(self, window: int = 50):
+        self.seen: collections.deque = collections.deque(maxlen=window + 1)  # (time.monotonic(), batch)
+
+    def add(self, batch: int, now: float | None = None) -> None:
+        self.seen.append((time.monotonic() if now is None else now, batch))
+
+    def seconds_left(self, total: int | None) -> float | None:
+        if total is None or len(self.seen) < 2:
+            return None
+        (start, first), (end, last) = self.seen[0], self.seen[-1]
+        if last <= first:
+            return None
+        return (end - start) / (last - first) * max(total - last, 0)
 
 
 def format_eval_line(metrics: dict) -> str:
@@ -150,6 +185,7 @@ class ConsoleLog(LoggerDestination):
         self.latest: dict[str, float] = {}
         self.bar = None
         self.total = None  # the run's length in batches, set once the training loader is (after_load)
+        self.pace = RecentPace()
 
     def log_metrics(self, metrics: dict, step=None) -> None:
         for name, value in metrics.items():
@@ -184,8 +220,10 @@ class ConsoleLog(LoggerDestination):
     def batch_end(self, state: State, logger: Logger) -> None:
         if self.bar is not None:
             self.bar.update(int(state.timestamp.batch) - self.bar.n)
+        self.pace.add(int(state.timestamp.batch))
         if self.due(state, Event.BATCH_END):
-            line = format_train_line(self.latest, state.timestamp.total_wct.total_seconds())
+            line = format_train_line(self.latest, state.timestamp.total_wct.total_seconds(),
+                                     self.pace.seconds_left(self.total), machine_load())
             if self.bar is not None:
                 self.bar.set_postfix_str(line, refresh=True)
             else:

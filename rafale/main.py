@@ -6,6 +6,7 @@
     rafale -c cfg.yaml --restart    start run.name over, keeping its old folder as NAME.old-<time>
     rafale export RUN [--out DIR]   write a run's latest checkpoint in Hugging Face format
     rafale generate RUN --prompt P  generate text with a trained decoder (a run or a Hugging Face folder)
+    rafale law RUNS [--holdout R]   fit L(N, D) = E + A/N^alpha + B/D^beta to finished runs, and check it
     rafale lm-eval RUN --tasks T    score a decoder with lm-evaluation-harness
     rafale plot RUN [RUN ...]       draw a run's curves, or overlay several runs
     rafale zero-shot RUN --images DIR --classes "cat,dog"   classify images with a CLIP or SigLIP
@@ -106,6 +107,12 @@ def generate_command(argv) -> int:
     return generate_main(argv)
 
 
+def law_command(argv) -> int:
+    from rafale.law import law_main
+
+    return law_main(argv)
+
+
 def lm_eval_command(argv) -> int:
     from rafale.lm_eval_adapter import lm_eval_main
 
@@ -166,6 +173,7 @@ def on_every_rank(decide):
 COMMANDS = {
     "export": (export_command, "write a run's checkpoint in Hugging Face format"),
     "generate": (generate_command, "generate text with a trained decoder (a run or a Hugging Face folder)"),
+    "law": (law_command, "fit a scaling law L(N, D) to finished runs; --holdout checks it on runs it did not see"),
     "lm-eval": (lm_eval_command, "score a decoder with lm-evaluation-harness"),
     "plot": (plot_command, "draw a run's curves, or overlay several runs"),
     "predict": (predict_command, "classify the texts of a file with a trained classifier (labels, probabilities)"),

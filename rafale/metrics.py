@@ -5,9 +5,12 @@ Bits per byte divides the same summed loss by the text's size instead:
 
     bits/byte = (sum over scored tokens of -ln p(token)) / (ln 2 * UTF-8 bytes of the text those tokens cover)
 
-`token_bytes(tokenizer)` (rafale/models/token_bytes.py) gives each id's UTF-8 length (special tokens such as
-<|endoftext|> cover no text: 0; added plain-text tokens, such as GPT-NeoX's runs of spaces, their content's length);
-`BitsPerByte` sums both parts over a validation set (and over ranks) and divides once at the end.
+Validation sees token ids in blocks, not the text, so `BitsPerByte` takes each id's UTF-8 length from
+`token_bytes(tokenizer)` (rafale/models/token_bytes.py), which is exact for a byte-level BPE (special tokens such as
+<|endoftext|> cover no text: 0; added plain-text tokens, such as GPT-NeoX's runs of spaces, their content's length)
+and None for other kinds (WordPiece), whose validation then has no BitsPerByte; `rafale score` counts every kind's
+bytes in the text (`TextBytes`, beside it), the same figure on byte-level BPE. `BitsPerByte` sums both parts over
+a validation set (and over ranks) and divides once at the end.
 
 CLIP and SigLIP's validation metrics are here too: `ContrastiveLoss`, `RetrievalRecall` (recall@k, image to text
 and text to image, over all validation pairs) and `ZeroShotAccuracy` (rafale.models.composer.ComposerContrastive).

@@ -55,7 +55,7 @@ class MissingPackage(RafaleError):
 # parameter groups: weight decay, layerwise learning rates, and which matrices Muon takes
 
 _BLOCK = re.compile(r"(?:^|\.)(?:layers|layer)\.(\d+)\.")  # decoder `layers.3.`, encoder `encoder.layer.3.`
-_EMBEDDINGS = re.compile(r"(?:^|\.)(?:embed_in|embeddings)\.")  # decoder `embed_in.`, encoder `embeddings.`
+_EMBEDDINGS = re.compile(r"(?:^|\.)(?:embed|embeddings)\.")  # decoder `embed.`, encoder `embeddings.`
 
 
 def num_blocks(model: nn.Module) -> int:
@@ -335,6 +335,55 @@ def batches_in(time: str, max_duration: str, batches_per_epoch: int, batch_size:
     if value.unit not in per_batch:
         raise ConfigError("training.warmup", f"cannot turn {time!r} into batches for the schedule-free optimizer")
     return math.ceil(value.value / per_batch[value.unit])
+
+
+# ----------------------------------------------------------------------------------------------------
+# warmup-stable-decay
+
+
+DECAY_SHAPES = {  # progress p through the decay (0 -> 1) -> the rate's factor (1 -> 0)
+    "linear": lambda p: 1 - p,
+    "cosine": lambda p: 0.5 * (1 + math.cos(math.pi * p)),
+    "1-sqrt": lambda p: 1 - math.sqrt(p),  # Hägele et al. 2024 ("Scaling laws and compute-optimal training beyond fixed training durations")
+}
+
+
+class WarmupStableDecay:
+    """The factor of lr for batch i (counted from 0): i / warmup during the warmup, then 1 until decay_start, then
+    shape((i - decay_start) / (end - decay_start)), which is 0 at `end` (max_duration); all in batches. A Composer
+    scheduler (called with the State); rafale.train.ScheduleAtBatchStart applies it when batch i starts.
+
+    One run's stable phase serves every budget: a cooldown branch (training.branch_from) is the same schedule with
+    decay_start at the batch it branches at and `end` at its own budget, so up to its branch point it ran exactly
+    the parent's rates."""
+
+    def __init__(self, warmup: int, decay_start: int, end: int, shape: str = "1-sqrt"):
+        if not 0 <= warmup <= decay_start < end:
+            raise ConfigError("training.decay_fraction", f"the warmup ({warmup} batches) must end before the decay "
+                              f"starts (batch {decay_start}), which must come before the end (batch {end})")
+        self.warmup, self.decay_start, self.end, self.shape = warmup, decay_start, end, DECAY_SHAPES[shape]
+
+    def factor(self, batch: int) -> float:
+        if batch < self.warmup:
+            return batch / self.warmup
+        if batch < self.decay_start:
+            return 1.0
+        return self.shape(min((batch - self.decay_start) / (self.end - self.decay_start), 1.0))
+
+    def __call__(self, state, ssr: float = 1.0) -> float:
+        return self.factor(int(state.timestamp.batch))
+
+
+def wsd_batches(t: "TrainingConfig", batches_per_epoch: int, tokens_per_sample: int) -> tuple[int, int, int]:
+    """(warmup, decay_start, end) in batches: the decay starts at training.branch_from.at for a branch that names
+    it, else at (1 - decay_fraction) of max_duration."""
+    def batches(time: str) -> int:
+        return batches_in(time, t.max_duration, batches_per_epoch, t.batch_size, tokens_per_sample)
+
+    end = batches(t.max_duration)
+    at = (t.branch_from or {}).get("at")
+    decay_start = batches(str(at)) if at is not None else end - round(t.decay_fraction * end)
+    return batches(t.warmup), decay_start, end
 
 
 def schedule_free_switch():

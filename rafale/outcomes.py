@@ -31,6 +31,7 @@ class KeepBest(Callback):
     def __init__(self, metric: str, higher_is_better: bool, export):
         self.metric, self.higher, self.export = metric, higher_is_better, export
         self.best: dict | None = None
+        self.news: str | None = None  # said once every evaluator has run: after the validation line it refers to
 
     def eval_end(self, state: State, logger: Logger) -> None:
         value = float(state.eval_metrics["eval"][self.metric].compute())
@@ -40,7 +41,16 @@ class KeepBest(Callback):
         folder = self.export(state) if self.export is not None else None
         self.best = {"metric": self.metric, "value": value, "step": step, "export": str(folder) if folder else None}
         if folder is not None:
-            print(f"rafale: best {self.metric} so far ({value:.4f} at step {step}): exported to {folder}")
+            self.news = f"rafale: best {self.metric} so far ({value:.4f} at step {step}): exported to {folder}"
+
+    def eval_after_all(self, state: State, logger: Logger) -> None:
+        # the console's validation line is printed at eval_end by a logger, which Composer calls after the callbacks
+        if self.news is not None:
+            print(self.news, flush=True)
+            self.news = None
+
+    def fit_end(self, state: State, logger: Logger) -> None:
+        self.eval_after_all(state, logger)
 
 
 class EarlyStopping(EarlyStopper):

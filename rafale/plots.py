@@ -3,7 +3,8 @@
 `plot_run` draws RUN/metrics.png: train and validation loss, perplexity or accuracy (bits per byte on an axis of
 its own), learning rate and throughput, against steps (bottom axis) and tokens (top axis); the run draws it at each
 evaluation, `rafale plot` on demand. This module imports neither torch nor Composer, so `rafale plot` and
-`rafale runs` (rafale/runs.py) answer at once. The run folder is read through rafale/run_folder.py.
+`rafale runs` (rafale/runs.py) answer at once. `rafale runs` lists runs of different tasks or data
+sources in separate tables (`comparable_groups`), each fitted to the terminal's width (`fitting_columns`). The run folder is read through rafale/run_folder.py.
 
 Comparing runs starts from what differs between them: `what_differs` reads each run's config.yaml, flattens it
 to dotted keys (`training.optimizer.name`) and keeps the keys whose values are not the same in every run,
@@ -15,6 +16,8 @@ import csv
 import io
 import itertools
 import json
+import operator
+import re
 from pathlib import Path
 
 from rafale.errors import RafaleError
@@ -45,6 +48,19 @@ def pyplot():
     return plt
 
 
+def plain_log_axis(axis) -> None:
+    """A log-scale axis whose labels read 8, 20, 0.5 (matplotlib's default writes 8x10^0 at the minor ticks of a
+    loss axis that spans less than a decade); which ticks get a label is still matplotlib's choice."""
+    from matplotlib.ticker import LogFormatter
+
+    class PlainLogFormatter(LogFormatter):
+        def __call__(self, x, pos=None):
+            return f"{x:g}" if super().__call__(x, pos) else ""
+
+    axis.set_major_formatter(PlainLogFormatter(labelOnlyBase=False))
+    axis.set_minor_formatter(PlainLogFormatter(labelOnlyBase=False))
+
+
 def draw_curves(ax, series, curves, color=None) -> list:
     """Plot against steps each (metric, label) of `curves` that the run logged; returns the lines drawn."""
     lines = []
@@ -61,6 +77,7 @@ def draw_validation(ax, series) -> list:
     lines = draw_curves(ax, series, [(name, name.rsplit("/", 1)[-1]) for name in VAL_QUALITY if name != BITS_PER_BYTE])
     if series.get(PERPLEXITY):
         ax.set_yscale("log")  # perplexity falls by orders of magnitude
+        plain_log_axis(ax.yaxis)
         ax.set_ylabel("perplexity")
     if series.get(BITS_PER_BYTE):
         bits_ax = ax.twinx() if lines else ax
@@ -139,6 +156,7 @@ def runs_figure(run_dirs: list[Path]):
     ax.set_xlabel("tokens")
     ax.set_ylabel("loss")
     ax.set_yscale("log")
+    plain_log_axis(ax.yaxis)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, title="validation (dots); training (light line)", title_fontsize=8)
     return fig
@@ -182,7 +200,13 @@ def format_value(value) -> str:
         return f"{value:g}"
     if isinstance(value, list):
         return "[" + ",".join(format_value(item) for item in value) + "]"
-    return str(value)
+    return escaped(str(value))
+
+
+def escaped(text: str) -> str:
+    """`text` on one line: a line break, a tab or another control character as its escape (data.doc_separator
+    "\n" reads `\n`), so that a table row stays one line; other characters (accents, emoji) as they are."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def what_differs(run_dirs: list[Path]) -> list[dict[str, str]]:
@@ -211,7 +235,9 @@ def run_row(run_dir: Path) -> dict:
     model = summary.get("model", "?") + ("" if status == "complete" else f" ({status} at batch {summary.get('batches')})")
     row = {"run": summary["name"], "model": model,
            "params": f"{summary['parameters'] / 1e6:.2f}M" if summary.get("parameters") else "",
+           "N": short_number(summary.get("non_embedding_parameters")),
            "tokens": f"{summary.get('tokens', 0):,}",
+           "C": short_number(summary.get("training_flops")),
            "wall": f"{summary['wall_time_s'] / 60:.1f} min" if summary.get("wall_time_s") else "",
            "tok/s": f"{summary['tokens_per_s']:,.0f}" if summary.get("tokens_per_s") else ""}
     validation = summary.get("validation", {})
@@ -219,6 +245,13 @@ def run_row(run_dir: Path) -> dict:
         value = next((validation[n] for n in names if n in validation), None)
         row[header] = "" if value is None else f"{value:.4f}"
     return row
+
+
+def short_number(value) -> str:
+    """6.63e4 for 66,304: three digits, in a spelling float() reads back (for --sort and --where)."""
+    if value is None:
+        return ""
+    return f"{value:.2e}".replace("e+0", "e").replace("e+", "e").replace("e-0", "e-")
 
 
 def ranking_column(rows: list[dict]) -> str | None:
@@ -244,19 +277,62 @@ def sort_rows(rows: list[dict], column: str, reverse: bool = False) -> list[dict
         row for row in rows if not row.get(column)]
 
 
-def find_column(key: str, headers: list[str]) -> str:
+COLUMN_ALIASES = {"D": "tokens"}  # a scaling law's name for a column
+
+
+def find_column(key: str, headers: list[str], option: str = "--sort") -> str:
     """The column `--sort key` means: a header, or a dotted config key whose short name is one ('training.lr')."""
-    for header in (key, key.partition(".")[2]):
+    for header in (key, key.partition(".")[2], COLUMN_ALIASES.get(key)):
         if header in headers:
             return header
-    raise RafaleError(f"--sort {key}: no such column; the columns are {', '.join(headers)}")
+    raise RafaleError(f"{option} {key}: no such column; the columns are {', '.join(headers)}")
 
 
-def table_rows(run_dirs: list[Path], sort: str | None = None, reverse: bool = False) -> tuple[list[str], list[dict]]:
+WHERE = re.compile(r"\s*(.+?)\s*(<=|>=|!=|==|=|<|>)\s*(.+?)\s*")
+COMPARE = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge, "=": operator.eq,
+           "==": operator.eq, "!=": operator.ne}
+
+
+def where_rows(rows: list[dict], condition: str) -> list[dict]:
+    """The rows that meet `condition`, 'COLUMN OP VALUE' (N>1e6, C<=3e12, optimizer.name=soap, val loss<2): numbers
+    compared as numbers (a cell by its leading number, as --sort reads it), anything else as text. A row with
+    nothing in that column is left out."""
+    match = WHERE.fullmatch(condition)
+    if match is None:
+        raise RafaleError(f"--where {condition!r}: expected COLUMN OP VALUE with OP one of < <= > >= = != "
+                          "(e.g. 'N>1e6')")
+    key, op, wanted = match.groups()
+    column = find_column(key, list(rows[0]) if rows else [], "--where")
+    (wanted_kind, wanted_number, _) = sort_value(wanted)
+    kept = []
+    for row in rows:
+        cell = row.get(column, "")
+        if not cell:
+            continue
+        kind, number, text = sort_value(cell)
+        if kind == 0 and wanted_kind == 0:
+            keep = COMPARE[op](number, wanted_number)
+        elif op in ("=", "==", "!="):
+            keep = COMPARE[op](cell, wanted)
+        else:
+            raise RafaleError(f"--where {condition!r}: {column} holds {cell!r}, which {op} cannot compare with "
+                              f"{wanted!r}")
+        if keep:
+            kept.append(row)
+    return kept
+
+
+def table_rows(run_dirs: list[Path], sort: str | None = None, reverse: bool = False,
+               where: list[str] = ()) -> tuple[list[str], list[dict]]:
     """The headers (those with a value in some run) and the rows of `rafale runs`: run, the hyperparameters that
-    differ, then run_row's columns; best final validation first, or by the column `sort`."""
+    differ, then run_row's columns; only the rows that meet every `where` condition (see where_rows); best final
+    validation first, or by the column `sort`."""
     rows = [{"run": row.pop("run"), **settings, **row}
             for row, settings in zip(map(run_row, run_dirs), what_differs(run_dirs))]
+    for condition in where:
+        rows = where_rows(rows, condition)
+    if not rows:
+        raise RafaleError(f"no run meets --where {' and '.join(where)}")
     column = find_column(sort, list(rows[0])) if sort else ranking_column(rows)
     if column:
         rows = sort_rows(rows, column, reverse)
@@ -265,16 +341,120 @@ def table_rows(run_dirs: list[Path], sort: str | None = None, reverse: bool = Fa
     return [header for header in rows[0] if any(row[header] for row in rows)], rows
 
 
-def runs_table(run_dirs: list[Path], sort: str | None = None, reverse: bool = False, as_csv: bool = False) -> str:
-    """A fixed-width table of runs, one line each (columns with no value in any run are left out), or CSV."""
-    headers, rows = table_rows(run_dirs, sort, reverse)
-    if as_csv:
-        text = io.StringIO()
-        writer = csv.DictWriter(text, headers, extrasaction="ignore", lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-        return text.getvalue().rstrip("\n")
-    widths = {h: max(len(h), *(len(r[h]) for r in rows)) for h in headers}
+def comparable_groups(run_dirs: list[Path]) -> list[tuple[str, list[Path]]]:
+    """The runs in groups whose figures compare: the same task (a classifier's loss is not a language model's)
+    on the same data source. (title, runs) in the order the groups first appear; a run without config.yaml joins
+    the first group of its summary's task, one without either the first group."""
+    found = []  # (task, data or None, run)
+    for run_dir in run_dirs:
+        config = read_config(run_dir)
+        summary = json.loads((run_dir / SUMMARY_FILE).read_text()) if (run_dir / SUMMARY_FILE).is_file() else {}
+        task = summary.get("task") or (config or {}).get("model.task")
+        source = {key: value for key, value in (config or {}).items() if key.startswith("data.source")}
+        data = None if config is None else format_value(source.get("data.source")) if list(source) == ["data.source"] \
+            else json.dumps({key.removeprefix("data.source."): value for key, value in source.items()})
+        found.append((task, data, run_dir))
+    groups: dict[tuple[str, str], list[Path]] = {}
+    for task, data, run_dir in found:
+        if task is None:  # neither summary.json nor config.yaml (a run killed early): with the first runs
+            task, data = next(((t, d) for t, d, _ in found if t is not None), ("unknown task", "unknown data"))
+        if data is None:
+            data = next((d for t, d, _ in found if t == task and d is not None), "unknown data")
+        groups.setdefault((task, data), []).append(run_dir)
+    return [(f"{task} on {data}", runs) for (task, data), runs in groups.items()]
+
+
+# the columns kept first when a table must fit the terminal: the run, its final validation, what differs between
+# the runs (in config order), then the rest in this order
+KEPT_FIRST = ("run", "val loss", "accuracy", "bits/byte", "ppl")
+KEPT_LAST = ("model", "params", "tokens", "wall", "tok/s")
+
+
+def fitting_columns(headers: list[str], rows: list[dict], width: int | None, wanted: list[str] | None = None) -> list[str]:
+    """The headers shown: `wanted` (with run) when given; else all that fit in `width` characters, dropping the
+    columns of least use first (KEPT_LAST from its end, then the hyperparameters from the last); None: all."""
+    if wanted:
+        return [header for header in headers if header == "run" or header in wanted]
+    if width is None:
+        return headers
+    priority = ([h for h in KEPT_FIRST if h in headers] + [h for h in headers if h not in KEPT_FIRST + KEPT_LAST]
+                + [h for h in KEPT_LAST if h in headers])
+    shown = list(headers)
+    while len(shown) > 1 and _table_width(shown, rows) > width:
+        shown.remove(next(h for h in reversed(priority) if h in shown))
+    return shown
+
+
+def _column_width(header: str, rows: list[dict]) -> int:
+    return max(len(header), *(len(escaped(row.get(header, ""))) for row in rows))
+
+
+def _table_width(headers: list[str], rows: list[dict]) -> int:
+    return sum(_column_width(header, rows) for header in headers) + 2 * (len(headers) - 1)
+
+
+def _fixed_width(headers: list[str], rows: list[dict]) -> list[str]:
+    """Lines of a table: the headers, a rule, one row a line (every cell escaped onto one line)."""
+    widths = {h: _column_width(h, rows) for h in headers}
     lines = ["  ".join(h.ljust(widths[h]) for h in headers), "  ".join("-" * widths[h] for h in headers)]
-    lines += ["  ".join(r[h].ljust(widths[h]) for h in headers) for r in rows]
-    return "\n".join(line.rstrip() for line in lines)
+    lines += ["  ".join(escaped(r.get(h, "")).ljust(widths[h]) for h in headers) for r in rows]
+    return [line.rstrip() for line in lines]
+
+
+def runs_meeting(run_dirs: list[Path], where: list[str]) -> list[Path]:
+    """The runs whose row meets every `where` condition (see where_rows), read against the whole table's columns."""
+    kept = {row["run"] for row in table_rows(run_dirs, where=where)[1]}
+    return [run_dir for run_dir in run_dirs if run_row(run_dir)["run"] in kept]
+
+
+def runs_table(run_dirs: list[Path], sort: str | None = None, reverse: bool = False, as_csv: bool = False,
+               width: int | None = None, columns: list[str] | None = None, where: list[str] = ()) -> str:
+    """A fixed-width table of runs, one line each (columns with no value in any run are left out), or CSV.
+
+    Runs of different tasks or data sources get a table each, under a title, with the columns that differ inside
+    it, ranked among themselves. `width`: the columns that fit in so many characters (None: all), the others named
+    below the table; `columns`: those columns (and run) only. CSV is one table of every run and column, with the
+    task and data of each. `where`: only the runs that meet every condition (see where_rows)."""
+    groups = comparable_groups(runs_meeting(run_dirs, where) if where else run_dirs)
+    if as_csv:
+        return _csv_table(groups, sort, reverse)
+    known = {header for _, runs in groups for header in table_rows(runs)[0]}
+    for key in ([sort] if sort else []) + list(columns or []):
+        find_column(key, sorted(known))  # an error naming the columns when no table has it
+    blocks = []
+    for title, runs in groups:
+        headers, rows = table_rows(runs, sort if sort and _has_column(sort, runs) else None, reverse)
+        wanted = [find_column(key, sorted(known)) for key in columns] if columns else None
+        shown = fitting_columns(headers, rows, width, wanted)
+        lines = ([f"{escaped(title)} ({len(runs)} run{'' if len(runs) == 1 else 's'})"] if len(groups) > 1 else [])
+        lines += _fixed_width(shown, rows)
+        hidden = [h for h in headers if h not in shown]
+        if hidden and not columns:
+            lines.append(f"({len(hidden)} more column{'' if len(hidden) == 1 else 's'} than fit in {width} characters: "
+                         f"{', '.join(hidden)}; --columns {','.join(hidden[:2])} or --all shows them)")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+def _has_column(key: str, runs: list[Path]) -> bool:
+    try:
+        find_column(key, table_rows(runs)[0])
+    except RafaleError:
+        return False
+    return True
+
+
+def _csv_table(groups: list[tuple[str, list[Path]]], sort: str | None, reverse: bool) -> str:
+    """Every run in one CSV table: run, the group it is in (task and data), the hyperparameters that differ, the
+    metrics; within each group, ranked as the fixed-width table ranks it. Values as they are (CSV quotes them)."""
+    runs = [run_dir for _, group in groups for run_dir in group]
+    headers, _ = table_rows(runs)
+    headers = headers[:1] + ["group"] * (len(groups) > 1) + headers[1:]
+    text = io.StringIO()
+    writer = csv.DictWriter(text, headers, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    by_name = {row["run"]: row for row in table_rows(runs)[1]}  # each run's cells, in the whole table's columns
+    for title, group in groups:
+        _, rows = table_rows(group, sort if sort and _has_column(sort, group) else None, reverse)
+        writer.writerows({**by_name[row["run"]], "group": title} for row in rows)
+    return text.getvalue().rstrip("\n")

@@ -48,7 +48,8 @@ def read_file_rows(path: Path, cfg: Config, scratch: Path, text_column: str, one
         raise DataError(f"--file: {err}".replace("data.text_column: ", "--text-column / data.text_column: ")) from None
     if len(rows) == 0:
         raise DataError(f"--file: {path} holds no texts")
-    return rows.rename_column(text_column, "text") if text_column != "text" else rows
+    # a .txt has no columns: its texts are read into `text`, whatever the run's data.text_column
+    return rows.rename_column(text_column, "text") if text_column != "text" and path.suffix != ".txt" else rows
 
 
 def batches(examples: Dataset, collator, batch_size: int):

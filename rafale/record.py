@@ -29,9 +29,11 @@ from composer.core import Callback, State
 from composer.loggers import Logger
 
 from rafale.config import Config, save_config
+from rafale.hardware import machine_load
 from rafale.loggers import MetricsFile
 from rafale.resilience import decided_on_rank_zero
-from rafale.run_folder import METRICS_FILE, PLOT_FILE, SUMMARY_FILE, best_validation, read_summary, write_json
+from rafale.run_folder import (METRICS_FILE, PLOT_FILE, SUMMARY_FILE, best_validation, metrics_rows, read_summary,
+                               write_json)
 
 LOSS_METRICS = ("LanguageCrossEntropy", "CrossEntropy", "ContrastiveLoss")
 
@@ -50,6 +52,9 @@ class RunClock(Callback):
 
     def __init__(self):
         self.train_s = self.eval_s = self.checkpoint_s = 0.0
+        self.loads: list[float] = []  # the machine's 1-minute load average, read at most once a second while training
+        self.cores: int | None = None
+        self._load_read_at = 0.0
         self.batch_seconds: list[float] = []
         self.first_batch_at: float | None = None  # when the first trained batch asked for its data
         self.eval_s_before_first_batch = 0.0
@@ -84,6 +89,17 @@ class RunClock(Callback):
             self.first_batch_at, self.eval_s_before_first_batch = self._batch_start, self.eval_s
         if len(self.batch_seconds) < self.KEEP:
             self.batch_seconds.append(seconds)
+        now = time.perf_counter()
+        if now - self._load_read_at >= 1.0 and (load := machine_load()) is not None:
+            self._load_read_at = now
+            self.loads.append(load[0])
+            self.cores = load[1]
+
+    def machine_load(self) -> dict | None:
+        """{"mean", "max", "cores"}: the machine's load average while this segment trained, or None unread."""
+        if not self.loads:
+            return None
+        return {"mean": round(sum(self.loads) / len(self.loads), 2), "max": round(max(self.loads), 2), "cores": self.cores}
 
     def eval_start(self, state: State, logger: Logger) -> None:
         self._eval_start = time.perf_counter()
@@ -113,11 +129,7 @@ def compact_metrics(run_dir: Path, last_step: int | None = None) -> None:
     if not path.is_file():
         return
     rows: dict[int, dict] = {}
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue  # a line cut short when the process was killed
+    for row in metrics_rows(path):  # without a line cut short when the process was killed
         step = row.pop("step")
         if last_step is None or step <= last_step:
             rows.setdefault(step, {}).update(row)
@@ -138,6 +150,8 @@ class RunRecord:
         self.run_dir, self.cfg, self.num_params, self.clock = run_dir, cfg, num_params, clock
         self.started, self.writes, self.mfu, self.precision = started, writes, mfu, precision
         self.changes = changes or {}
+        self.flops_per_token: int | None = None  # a training step's FLOPs per token (rafale.record.compute_figures)
+        self.non_embedding_params: int | None = None
         self.earlier: list[dict] = []  # the segments before this one, up to where this one starts
         self.previous: dict = {}
         self.start_batch = self.start_tokens = 0
@@ -195,6 +209,7 @@ class RunRecord:
             "first_batch_s": round(first, 4) if first is not None else None,
             "batch_s_median": round(median, 5) if median is not None else None,
             "precision": self.precision,
+            "machine_load": clock.machine_load(),
             "ended": ended,
         }
         if self.changes:
@@ -215,6 +230,10 @@ class RunRecord:
             "model": self.cfg.model.type + (f" {self.cfg.model.preset}" if self.cfg.model.preset else ""),
             "task": self.cfg.model.task,
             "parameters": self.num_params,
+            "non_embedding_parameters": self.non_embedding_params,
+            "flops_per_token": self.flops_per_token,
+            "training_flops": (self.flops_per_token * int(state.timestamp.token)
+                               if self.flops_per_token is not None else None),
             "status": status,
             "batches": int(state.timestamp.batch),
             "epochs": int(state.timestamp.epoch),
@@ -225,6 +244,7 @@ class RunRecord:
             "mfu": self.mfu(tokens_per_s) if self.mfu and tokens_per_s else None,
             "precision": self.precision,
             "compile": self.cfg.training.compile,
+            "machine_load": latest.get("machine_load"),  # this segment's, as tokens/s is mostly its own
             "first_batch_s": latest["first_batch_s"],
             "batch_s_median": latest["batch_s_median"],
             "validation_loss_start": (validation_loss(first_eval[1]) if first_eval and first_eval[0] == 0
@@ -233,6 +253,7 @@ class RunRecord:
             "validation_step": last_eval[0] if last_eval else self.previous.get("validation_step"),
             "export": str(self.export_dir) if self.export_dir else None,
             "segments": segments,
+            **({"branched_from": self.previous["branched_from"]} if "branched_from" in self.previous else {}),
             **self.outcome(),
             **extra,
         }
@@ -243,6 +264,21 @@ class RunRecord:
         if self.writes:
             write_json(self.run_dir / SUMMARY_FILE, summary)
         return summary
+
+
+def non_embedding_parameters(module) -> int:
+    """The parameters outside the vocabulary matrices, N of a scaling law (Kaplan et al. 2020): every parameter but
+    the embedding tables (nn.Embedding: token, and position where a model has one) and an output projection onto
+    the vocabulary (a Linear whose out_features is the token table's size, tied or not). Shared ones count once."""
+    from torch import nn
+
+    embeddings = [m for m in module.modules() if isinstance(m, nn.Embedding)]
+    vocabulary = max((m.num_embeddings for m in embeddings), default=None)  # the token table is the largest
+    left_out = {id(m.weight) for m in embeddings}
+    left_out |= {id(p) for m in module.modules() if isinstance(m, nn.Linear) and m.out_features == vocabulary
+                 for p in m.parameters()}
+    counted = {id(p): p.numel() for p in module.parameters() if id(p) not in left_out}
+    return sum(counted.values())
 
 
 def cut(segment: dict, batch: int) -> dict:
@@ -299,22 +335,29 @@ def describe(summary: dict, run_dir: Path) -> str:
     """The end-of-run lines, from the summary."""
     lines = [f"{'evaluation' if summary.get('eval_only') else 'run'} folder: {run_dir}",
              f"parameters: {summary['parameters']:,}"]
+    if summary.get("training_flops"):
+        lines.append(f"compute: N = {summary['non_embedding_parameters']:,} non-embedding parameters, D = "
+                     f"{summary['tokens']:,} tokens, C = {summary['training_flops']:.3g} training FLOPs "
+                     f"({summary['flops_per_token']:,} per token)")
     if summary.get("eval_only"):
         lines.append(f"evaluated {summary['checkpoint']} (batch {summary['batches']}) in {summary['eval_time_s']:.2f} s")
     if summary.get("precision"):
         lines.append(f"precision: {summary['precision']}")
-    if summary.get("first_batch_s") is not None and summary.get("batch_s_median") is not None:
-        compiled = "on" if summary.get("compile") else "off (training.compile)"
-        cost = (f": about {summary['first_batch_s'] - summary['batch_s_median']:.1f} s of compiling"
-                if summary.get("compile") else "")
-        lines.append(f"torch.compile: {compiled}; first batch {summary['first_batch_s']:.2f} s, the next ones "
-                     f"{summary['batch_s_median']:.3f} s (median){cost}")
+    # the first batch against the next ones measures what compiling cost; without compiling it measures nothing
+    if summary.get("compile") and summary.get("first_batch_s") is not None and summary.get("batch_s_median") is not None:
+        lines.append(f"torch.compile: on; first batch {summary['first_batch_s']:.2f} s, the next ones "
+                     f"{summary['batch_s_median']:.3f} s (median): about "
+                     f"{summary['first_batch_s'] - summary['batch_s_median']:.1f} s of compiling")
     segments = summary.get("segments", [])
     if summary.get("tokens") and summary.get("train_time_s"):
         mfu = f", MFU {summary['mfu']:.1%}" if summary.get("mfu") is not None else ""
+        load = summary.get("machine_load") or {}
+        busy = (f"; the machine's load averaged {load['mean']:.1f} on its {load['cores']} cores while it trained: "
+                "other processes shared them, so these figures are below what it gives alone"
+                if load.get("cores") and load["mean"] > load["cores"] else "")
         lines.append(f"tokens trained: {summary['tokens']:,} in {summary['wall_time_s']:.1f} s, "
                      f"{summary['train_time_s']:.1f} s of it training ({summary['tokens_per_s']:,.0f} tokens/s "
-                     f"while training{mfu})")
+                     f"while training{mfu}{busy})")
         other = summary["wall_time_s"] - sum(summary.get(k) or 0 for k in
                                              ("train_time_s", "eval_time_s", "checkpoint_time_s", "startup_time_s"))
         lines.append(f"the rest: evaluation {summary['eval_time_s']:.1f} s, checkpoints "

@@ -4,7 +4,8 @@ run writes there before training. The run writes its folder through here; every 
     config.yaml tokenizer.json data.json model.json (labels.json)   rebuild the model without the data
     summary.json metrics.jsonl metrics.png    the record (rafale.record, rafale.loggers.MetricsFile, rafale.plots)
     checkpoints/   ep<epoch>-ba<batch>-rank<rank>.pt and latest-rank0.pt, read with weights_only (rafale.checkpoints)
-    export/ export-best/   the Hugging Face export at the end of training, and training.keep_best's
+    export/ export-best/   the Hugging Face export at the end of training, and training.keep_best's (export.refused/
+                           when transformers computes it otherwise)
     evals/<time>/          each training.eval_only evaluation's own config.yaml, summary.json and metrics.jsonl
 
 The resume guard (`resume_changes`) decides key by key what a resumed run may change: the keys in
@@ -22,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -47,6 +49,8 @@ PLOT_FILE = "metrics.png"
 CHECKPOINTS_DIR = "checkpoints"
 EXPORT_DIR = "export"
 BEST_DIR = "export-best"  # training.keep_best: the weights of the best evaluation
+REFUSED_SUFFIX = ".refused"  # an export transformers computes otherwise, kept to look into
+REFUSED_FILE = "REFUSED.txt"
 EVALS_DIR = "evals"
 VAL_LOSSES = ("metrics/eval/LanguageCrossEntropy", "metrics/eval/CrossEntropy", "metrics/eval/ContrastiveLoss")
 
@@ -60,7 +64,7 @@ APPLIED_ON_RESUME = {
     "training.max_duration", "training.eval_interval", "training.eval_batches", "training.save_interval",
     "training.checkpoints_to_keep", "training.log_interval", "training.compile", "training.activation_checkpointing",
     "training.microbatch_size", "training.precision", "training.trust_checkpoint", "training.fsdp",
-    "training.keep_best", "training.early_stopping",
+    "training.keep_best", "training.early_stopping", "training.cooldowns",
 }
 # data keys the collators read while training; every other data key is judged by the cache it builds (its
 # content digest and tokenizer), so a moved file or another spelling of the same data still resumes
@@ -133,14 +137,28 @@ def flatten(tree: dict, prefix: str = "") -> dict:
     return flat
 
 
+def metrics_rows(path: Path) -> list[dict]:
+    """The rows of a metrics.jsonl ({"step": 120, name: value, ...}), in file order: the one reader of the file
+    (the tables, the plots, the resume's compaction). A line cut short when a process was killed mid-write is
+    skipped (a resume compacts the file, so it is never followed by more rows)."""
+    rows = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows.append(row)
+    return rows
+
+
 def read_metrics(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     """metric name -> [(step, value)], sorted by step; a resumed run's repeated steps keep their last value."""
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         raise RafaleError(f"{run_dir}: no {METRICS_FILE} (is it a rafale run folder?)")
     series: dict[str, dict[int, float]] = {}
-    for line in path.read_text().splitlines():
-        row = json.loads(line)
+    for row in metrics_rows(path):
         step = row.pop("step")
         for name, value in row.items():
             series.setdefault(name, {})[step] = value
@@ -239,6 +257,19 @@ def differences_not_applied_on_resume(old: Config, new: Config) -> list[str]:
 def resume_changes(run_dir: Path, cfg: Config, data, model_cfg) -> dict[str, list]:
     """The config changes a resume of `run_dir` applies (key -> [was, now]); a ResumeConflict naming everything
     else that changed. `data` is the PreparedData the run trains on, `model_cfg` the model's config as built."""
+    applied, refused = resume_refusals(run_dir, cfg, data, model_cfg)
+    if refused:
+        raise ResumeConflict(
+            f"cannot resume {run_dir}: its checkpoints were trained with other inputs ({'; '.join(refused)}). "
+            f"Use a new run.name, or start over with --restart (or run.restart: true), which keeps the old "
+            f"folder as {run_dir.name}.old-<time>"
+        )
+    return applied
+
+
+def resume_refusals(run_dir: Path, cfg: Config, data, model_cfg) -> tuple[dict[str, list], list[str]]:
+    """(the config changes a resume of `run_dir` applies, 'key was X, now Y' for everything else that differs:
+    config keys, the data's content and tokenizer, the model as built). A cooldown branch asks it of its parent."""
     old = saved_config(run_dir)
     differences = config_differences(old, cfg) if old is not None else {}
     applied = {key: change for key, change in differences.items() if key in APPLIED_ON_RESUME}
@@ -248,13 +279,7 @@ def resume_changes(run_dir: Path, cfg: Config, data, model_cfg) -> dict[str, lis
                if key not in applied and key not in data_keys]
     refused += data_conflicts(run_dir, data, data_keys)
     refused += model_differences(run_dir, model_cfg)
-    if refused:
-        raise ResumeConflict(
-            f"cannot resume {run_dir}: its checkpoints were trained with other inputs ({'; '.join(refused)}). "
-            f"Use a new run.name, or start over with --restart (or run.restart: true), which keeps the old "
-            f"folder as {run_dir.name}.old-<time>"
-        )
-    return applied
+    return applied, refused
 
 
 def model_differences(run_dir: Path, model_cfg) -> list[str]:
@@ -427,11 +452,36 @@ def write_model_file(model: torch.nn.Module, run_dir: Path) -> None:
 
 def export_model(model: torch.nn.Module, folder: Path, data: PreparedData) -> Path:
     """Write `model` (the nn.Module, not its Composer wrapper) with the run's tokenizer to `folder` (RUN/export,
-    RUN/export-best, or `rafale export --out`)."""
-    from rafale.models.hf import save_pretrained
+    RUN/export-best, or `rafale export --out`), once transformers has loaded it back and computed the same outputs
+    (rafale/export_proof.py).
 
-    save_pretrained(
-        model, folder, tokenizer=data.tokenizer, vocab_size=data.vocab_size, overwrite=True,
-        label_names=data.meta.get("label_names"),
-    )
+    The files are written to a hidden folder beside `folder` and checked there; only a proven export is renamed
+    into place (and an earlier `folder`.refused/ removed). A refused one becomes `folder`.refused/ with a REFUSED.txt
+    saying why, any previous `folder` (not these weights) is removed, and the ExportRefused says both."""
+    from rafale.export_proof import ExportRefused, prove_export
+    from rafale.models.hf import replace_folder, save_pretrained
+
+    refused = folder.with_name(folder.name + REFUSED_SUFFIX)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.unchecked.", dir=folder.parent))
+    try:
+        save_pretrained(
+            model, staging, tokenizer=data.tokenizer, vocab_size=data.vocab_size, overwrite=True,
+            label_names=data.meta.get("label_names"),
+        )
+        proof = prove_export(model, staging)
+    except ExportRefused as err:
+        (staging / REFUSED_FILE).write_text(
+            f"rafale refused this export: {err}\nIt is kept to look into, not to use: transformers loads these "
+            "files as a model that computes something else than the one rafale trained.\n")
+        replace_folder(staging, refused)
+        stale = f"; the previous {folder} was removed (not these weights)" if folder.exists() else ""
+        shutil.rmtree(folder, ignore_errors=True)
+        raise ExportRefused(f"{err}; the refused files are in {refused} ({REFUSED_FILE} says why){stale}") from None
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    replace_folder(staging, folder)
+    shutil.rmtree(refused, ignore_errors=True)  # an earlier refusal, of other weights or code
+    print(f"rafale: export checked: {proof.line()}")
     return folder

@@ -1,13 +1,16 @@
 """`rafale runs` and `rafale plot`: compare run folders (rafale/plots.py draws the pictures and the table).
 
     rafale plot RUN [RUN ...] [--out FILE]     overlay several runs' losses against tokens
-    rafale runs DIR [DIR ...] [--sort KEY] [--reverse] [--csv]
-                                               one line per run, best final validation first
+    rafale runs DIR [DIR ...] [--sort KEY] [--reverse] [--csv] [--columns A,B] [--all] [--where 'N>1e6']
+                                               one line per run, best final validation first, a table
+                                               per task and data source, as wide as the terminal; N (non-embedding
+                                               parameters), tokens (D) and C (training FLOPs) among the columns
 
 Neither imports torch nor Composer, so both answer at once.
 """
 
 import argparse
+import shutil
 from pathlib import Path
 
 from rafale.errors import RafaleError
@@ -33,17 +36,31 @@ def run_folders(paths: list[Path]) -> list[Path]:
 def runs_main(argv) -> int:
     parser = argparse.ArgumentParser(
         prog="rafale runs", description="One line per run: the hyperparameters that differ between the runs (from "
-        "each config.yaml), model, size, tokens, time and final validation metrics; best final validation first.",
-        epilog="example: rafale runs runs/ --sort lr     (every run folder under runs/, by training.lr)")
+        "each config.yaml), model, size, tokens, time and final validation metrics; best final validation first. "
+        "Runs of different tasks or data sources are listed in separate tables, each ranked on its own. The table "
+        "fits the terminal: the columns left out are named below it.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+        "  rafale runs runs/                              every run folder under runs/, best final validation first\n"
+        "  rafale runs runs/ --sort tokens                by tokens trained, fewest first\n"
+        "  rafale runs runs/ --columns tokens,bits/byte   only these columns (and run)")
     parser.add_argument("paths", nargs="*", default=["runs"], help="run folders, or folders of runs (default: runs)")
-    parser.add_argument("--sort", metavar="KEY", help="sort by this column: a hyperparameter (lr, optimizer.name, "
-                        "or its whole key) or a metric (val loss, bits/byte, tok/s, ...); lowest first, accuracy "
-                        "highest first")
+    parser.add_argument("--sort", metavar="KEY", help="sort by this column: a hyperparameter that differs between "
+                        "the runs (lr, optimizer.name, or its whole key) or a metric (val loss, bits/byte, tok/s, "
+                        "...); lowest first, accuracy highest first")
     parser.add_argument("--reverse", action="store_true", help="the other way round")
-    parser.add_argument("--csv", action="store_true", help="print CSV instead of a fixed-width table")
+    parser.add_argument("--where", action="append", default=[], metavar="COND",
+                        help="only the runs where COND holds: COLUMN OP VALUE, OP one of < <= > >= = != (e.g. "
+                        "'N>1e6', 'C<3e12', 'optimizer.name=soap'); repeatable, all must hold. N: non-embedding "
+                        "parameters, D: tokens, C: training FLOPs (flops_per_token x D)")
+    parser.add_argument("--csv", action="store_true", help="print CSV instead of a fixed-width table (every column)")
+    parser.add_argument("--columns", metavar="A,B", help="show these columns (and run), comma-separated, however wide")
+    parser.add_argument("--all", action="store_true", help="show every column, however wide the table")
     args = parser.parse_args(argv)
     runs = run_folders([Path(p).expanduser() for p in args.paths])
-    print(runs_table(runs, args.sort, args.reverse, args.csv))
+    width = None if args.all else shutil.get_terminal_size().columns
+    columns = [c.strip() for c in args.columns.split(",") if c.strip()] if args.columns else None
+    print(runs_table(runs, args.sort, args.reverse, args.csv, width, columns, args.where))
     return 0
 
 

@@ -31,8 +31,8 @@ from rafale.config import Config, ConfigError, RafaleError, load_config
 from rafale.optim import check_optimizer
 from rafale.resolve import resolve_model_config
 from rafale.plots import plot_runs, ranking_column, run_row, short_names
-from rafale.run_folder import (CONFIG_FILE, best_validation, differences_not_applied_on_resume, reached, read_summary,
-                               saved_config)
+from rafale.run_folder import (CONFIG_FILE, best_validation, differences_not_applied_on_resume, reached, read_config,
+                               read_summary, saved_config)
 
 
 def split_values(text: str) -> list[str]:
@@ -94,7 +94,22 @@ def sweep_table(rows: list[tuple[str, list[str], Path]], fixed: list[str] = ()) 
         lines.append("| " + " | ".join(cells) + " |")
     if winner:
         lines.append(f"\n★ best final validation {'loss' if column == 'val loss' else column}: {winner}")
+    lines.append(validation_note([run_dir for name, _, run_dir in rows if name in finished]))
     return "\n".join(lines) + "\n"
+
+
+def validation_note(run_dirs: list[Path]) -> str:
+    """What the validation figures are over: training.eval_batches batches of training.batch_size blocks (or
+    examples), or the whole validation split, as the runs' config.yaml say."""
+    configs = [config for config in map(read_config, run_dirs) if config is not None]
+    settings = {(config.get("training.eval_batches"), config.get("training.batch_size")) for config in configs}
+    if len(settings) != 1:
+        return "\nValidation: training.eval_batches or training.batch_size differ between the runs (their config.yaml)."
+    ((batches, batch_size),) = settings
+    if batches is None:
+        return "\nValidation: the whole validation split (training.eval_batches unset)."
+    return (f"\nValidation: the first {batches} batches of {batch_size} of the validation split "
+            f"(training.eval_batches: {batches}), at most {batches * batch_size:,} blocks or examples.")
 
 
 def best_run(finished: dict[str, dict]) -> tuple[str | None, str | None]:
@@ -118,6 +133,8 @@ def plan(point_configs: list[tuple[str, Config]], out_dir: Path, restart: bool) 
     """run name -> what to do with it: 'run' (new, or resumed), 'skip' (complete with this very config), or
     'restart'. A folder whose config.yaml differs in what a resume would not apply is an error listing every such
     run, before any runs, unless `restart`."""
+    from rafale.branch import cooldown_name
+
     actions, changed = {}, []
     for name, cfg in point_configs:
         run_dir = out_dir / name
@@ -127,7 +144,9 @@ def plan(point_configs: list[tuple[str, Config]], out_dir: Path, restart: bool) 
         if differences:
             changed.append(f"{name} ({'; '.join(differences)})")
             actions[name] = "restart"
-        elif summary.get("status") == "complete" and reached(cfg.training.max_duration, summary):
+        elif (summary.get("status") == "complete" and reached(cfg.training.max_duration, summary)
+              and all(run_status(out_dir / cooldown_name(name, budget)) == "complete"
+                      for budget in cfg.training.cooldowns)):  # (the run trains its missing cooldowns itself)
             actions[name] = "skip"
         else:
             actions[name] = "run"

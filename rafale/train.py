@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from composer import DataSpec, Trainer
 from composer.algorithms import GradientClipping
-from composer.callbacks import MemoryMonitor, RuntimeEstimator
+from composer.callbacks import MemoryMonitor
 from composer.optim import (
     ConstantScheduler,
     ConstantWithWarmupScheduler,
@@ -39,11 +39,13 @@ from rafale.hardware import confirm_peak, keep_freed_memory, peak_flops
 from rafale.resolve import family_of, head_of
 from rafale.loggers import CheckedSpeedMonitor, ConsoleLog, LearningRates, MetricsFile, eval_subset_batches
 from rafale.models.hf import export_refusal
-from rafale.optim import batches_in, build_optimizer, is_schedule_free, schedule_free_switch
+from rafale.optim import (WarmupStableDecay, batches_in, build_optimizer, is_schedule_free, schedule_free_switch,
+                          wsd_batches)
 from rafale.outcomes import outcome, outcome_callbacks, resume_outcome
 from rafale.run_folder import (BEST_DIR, EXPORT_DIR, ResumeConflict, check_run_folder, eval_folder,
                                evaluation_conflicts, export_model, set_run_folder_aside, write_run_folder)
-from rafale.record import RunClock, RunRecord, compact_metrics, describe, validation_loss, write_eval_record
+from rafale.record import (RunClock, RunRecord, compact_metrics, describe, non_embedding_parameters, validation_loss,
+                           write_eval_record)
 from rafale.resilience import (FiniteLossMonitor, StopOnSignal, check_checkpoint_safe, check_shared_run_folder,
                                decided_on_rank_zero, prune_checkpoints, resume_checkpoint)
 
@@ -135,7 +137,9 @@ def make_dataloader(dataset, batch_size: int, collate_fn, shuffle: bool, drop_la
     return DataSpec(loader, get_num_tokens_in_batch=count_tokens)
 
 
-def make_scheduler(cfg: Config, debug: bool):
+def make_scheduler(cfg: Config, debug: bool, batches_per_epoch: int | None = None):
+    """The learning-rate schedule, a Composer scheduler (ScheduleAtBatchStart applies it). batches_per_epoch: for
+    wsd, whose phases are counted in batches."""
     t = cfg.training
     if debug:  # a fixed target and a fixed learning rate: the loss should only fall
         return ConstantWithWarmupScheduler(t_warmup="0ba")
@@ -147,6 +151,8 @@ def make_scheduler(cfg: Config, debug: bool):
         return CosineAnnealingWithWarmupScheduler(t_warmup=warmup, alpha_f=t.lr_final_ratio)
     if t.schedule == "linear":
         return LinearWithWarmupScheduler(t_warmup=warmup, alpha_f=t.lr_final_ratio)
+    if t.schedule == "wsd":
+        return WarmupStableDecay(*wsd_batches(t, batches_per_epoch, cfg.data.block_size), shape=t.decay_shape)
     return ConstantWithWarmupScheduler(t_warmup=warmup)
 
 
@@ -206,6 +212,13 @@ def run(cfg: Config, data: PreparedData, model, collator, debug: bool = False,
         set_run_folder_aside(run_dir)
     if dist.get_world_size() > 1:
         check_shared_run_folder(run_dir)
+    if cfg.training.branch_from is not None and save:  # every process checks the parent; rank 0 copies from it
+        from rafale.branch import start_branch
+
+        start_branch(cfg, data, model.model.cfg, run_dir, len(data.splits["train"]) // cfg.training.batch_size,
+                     writes=dist.get_global_rank() == 0)
+    if dist.get_world_size() > 1:
+        dist.barrier()  # the branch's folder is ready before any process looks for its checkpoint
     # rank 0 reads the folder and every process acts on what it read: they all resume, or all stop
     changes, complete = decided_on_rank_zero(lambda: check_run_folder(cfg, data, model, run_dir, save))
     if complete is not None:  # a re-run of a finished run: nothing to train, and its record stays as it is
@@ -223,6 +236,9 @@ def run(cfg: Config, data: PreparedData, model, collator, debug: bool = False,
     if save and dist.get_global_rank() == 0:  # the process that saves (and moves the latest symlink) prunes
         clock.on_save.append(lambda state, logger: prune_checkpoints(run_dir / "checkpoints",
                                                                      cfg.training.checkpoints_to_keep))
+    record.non_embedding_params = non_embedding_parameters(model.model)
+    flops_per_token = getattr(model.model, "flops_per_token", None)
+    record.flops_per_token = flops_per_token(cfg.data.block_size) if flops_per_token is not None else None
     record.begin(trainer.state)
     resume_outcome(trainer, record.previous)
     fit(trainer, stopper, cfg, run_dir, record)
@@ -413,7 +429,8 @@ def build_trainer(cfg: Config, data: PreparedData, model, collator, placement: P
     warmup_steps = 0  # schedule-free warms up itself, counting batches
     if is_schedule_free(t) and not debug:
         warmup_steps = batches_in(t.warmup, t.max_duration, len(train_loader.dataloader), t.batch_size, cfg.data.block_size)
-    schedule = ScheduleAtBatchStart(make_scheduler(cfg, debug))
+    batches_per_epoch = len(train_loader.dataloader)
+    schedule = ScheduleAtBatchStart(make_scheduler(cfg, debug, batches_per_epoch))
     # the last evaluation batch is usually short; Composer says so on every evaluation
     warnings.filterwarnings("ignore", message="Cannot split tensor of length")
     with warnings.catch_warnings():
@@ -447,12 +464,30 @@ def build_trainer(cfg: Config, data: PreparedData, model, collator, placement: P
             load_weights_only=resume_from is None and not t.eval_only and t.load_path is not None,
             save_folder=str(run_dir / "checkpoints") if save else None,
             save_filename="ep{epoch}-ba{batch}-rank{rank}.pt",
-            save_interval=t.save_interval,
+            save_interval=save_schedule(cfg, batches_per_epoch),
             save_num_checkpoints_to_keep=t.checkpoints_to_keep,
             autoresume=False,  # rafale resumes itself: see resume_checkpoint
             python_log_level=None,
         )
     return trainer, stopper, peak
+
+
+def save_schedule(cfg: Config, batches_per_epoch: int):
+    """training.save_interval, and with training.cooldowns also each batch a cooldown branches at (rafale.branch)."""
+    if not cfg.training.cooldowns:
+        return cfg.training.save_interval
+    from composer.core import Event
+    from composer.utils import create_interval_scheduler
+
+    from rafale.branch import branch_points
+
+    every, points = create_interval_scheduler(cfg.training.save_interval), set(branch_points(cfg, batches_per_epoch))
+
+    def save_now(state: State, event) -> bool:
+        at_point = event == Event.BATCH_CHECKPOINT and int(state.timestamp.batch) in points
+        return every(state, event) or at_point
+
+    return save_now
 
 
 def say_if_no_export(module: torch.nn.Module) -> str | None:
@@ -498,10 +533,10 @@ def make_loaders(cfg: Config, data: PreparedData, collator, placement: Placement
 def make_callbacks(device: str, peak: float | None, stopper: StopOnSignal, schedule: ScheduleAtBatchStart,
                    cache_dir: Path | None = None) -> list:
     """The learning-rate schedule, speed (with MFU against `peak`, probed again if the run outruns it; the new peak
-    goes to `cache_dir`'s cpu_peak.json), the learning rates each batch applied, time left, NaN losses, signals,
-    schedule-free's modes."""
+    goes to `cache_dir`'s cpu_peak.json), the learning rates each batch applied, NaN losses, signals,
+    schedule-free's modes. (The console's time left is rafale.loggers.RecentPace's, from the recent batches.)"""
     callbacks = [schedule, CheckedSpeedMonitor(10, peak, device, cache_dir), LearningRates(),
-                 RuntimeEstimator(), FiniteLossMonitor(), stopper, schedule_free_switch()]
+                 FiniteLossMonitor(), stopper, schedule_free_switch()]
     if device == "gpu":
         callbacks.append(MemoryMonitor())
     return callbacks
@@ -540,6 +575,8 @@ def train(cfg: Config, model_cfg, data_only: bool = False, debug: bool = False, 
         collator.fixed_seed = cfg.run.seed
     summary, folder = run(cfg, data, model, collator, debug=debug, started=started)
     print(describe(summary, folder))
+    if not debug and cfg.training.cooldowns and summary.get("status") == "complete":
+        train_cooldowns(cfg, model_cfg, data, pipe, folder)
     print(f"rafale: {describe_vocabulary(data)}")
     start, end = summary.get("validation_loss_start"), validation_loss(summary.get("validation", {}))
     if debug and start is not None and end is not None:
@@ -548,10 +585,26 @@ def train(cfg: Config, model_cfg, data_only: bool = False, debug: bool = False, 
     return 0
 
 
+def train_cooldowns(cfg: Config, model_cfg, data: PreparedData, pipe: DataPipe, run_dir: Path) -> None:
+    """training.cooldowns: once the run is complete, one branch per budget (rafale.branch), one after another; a
+    branch complete before is left as it is, an interrupted one resumes."""
+    from rafale.branch import cooldown_config
+
+    for budget in cfg.training.cooldowns:
+        branch = cooldown_config(cfg, run_dir, budget)
+        print(f"rafale: cooldown to {budget}: {branch.run.name}", flush=True)
+        reproducibility.seed_all(cfg.run.seed)
+        summary, folder = run(branch, data, build_model(branch, model_cfg, data), pipe.collator(data.meta))
+        print(describe(summary, folder))
+
+
 def build_model(cfg: Config, model_cfg, data: PreparedData):
     """The Composer model of model.type (its family's build), with model.pretrained's weights."""
     check_fits_data(cfg, model_cfg, data.meta)
     model = family_of(cfg).build(model_cfg, head_of(cfg), data.meta, data.tokenizer)
+    if head_of(cfg) == "causal_lm" and "BitsPerByte" not in getattr(model, "val_metrics", {}):
+        print("rafale: validation reports no BitsPerByte: the tokenizer is not a byte-level BPE, so a token's bytes "
+              "depend on the text around it (rafale.metrics); `rafale score RUN --file FILE` counts them in the text")
     if cfg.model.pretrained is not None:
         from rafale.models.hf import copy_pretrained, from_pretrained
 

@@ -1,46 +1,138 @@
-"""Bits per byte against its definition: summed nats over (ln 2 x the UTF-8 bytes of the text), counted from the
-text itself, for byte-level BPE (rafale's trained one and, when present, Pythia's) and WordPiece."""
+"""Bits per byte against its definition: summed nats over (ln 2 x the UTF-8 bytes of the text), the bytes counted
+from the text itself, for every kind of tokenizer rafale trains or loads: byte-level BPE (rafale's "bpe" and
+"bpe-roberta", a Pythia-like one with an NFC normalizer and added runs of spaces), WordPiece (BERT's lower-casing,
+accent-stripping one) and a SentencePiece-style BPE (Metaspace); all trained or built here."""
 
+import functools
 import math
+import unicodedata
 
 import pytest
 import torch
 import torch.nn.functional as F
-from tokenizers import Tokenizer
+from datasets import Dataset, DatasetDict
+from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from rafale.config import DataConfig
 from rafale.data.tokenizers import train_tokenizer
 from rafale.metrics import BitsPerByte
-from rafale.models.token_bytes import token_bytes
-from conftest import SHARED_DATA
+from rafale.models.token_bytes import TextBytes, covered_bytes, token_bytes
 
-TEXTS = ["Tom had a red ball.", "Lily said: «où est le café?» 😀", "Ã¢â‚¬Å“mojibake stays bytesÃ¢â‚¬Â", "tabs\tand\nnewlines"]
+# non-ASCII on purpose: accents (in NFC, and one in NFD), an emoji, CJK, mojibake, tabs, newlines, runs of spaces
+TEXTS = ["Tom had a red ball.", "Lily said: «où est le café?» 😀", "東京タワーは高い。", "Ã¢â‚¬Å“mojibake stays bytesÃ¢â‚¬Â",
+         "tabs\tand\nnewlines", "def f(x):\n        return x", "The end.\n \nThe. \n  A", " leading and trailing  ",
+         unicodedata.normalize("NFD", "Zoë a mangé une crème brûlée")]
 
 
+@functools.cache  # each kind trained once for the whole file
 def trained(kind):
-    from datasets import Dataset
-
     return train_tokenizer(Dataset.from_dict({"text": TEXTS * 20}), 300, kind)
 
 
-TOKENIZERS = {"bpe": lambda: trained("bpe"), "wordpiece": lambda: trained("wordpiece")}
-if (SHARED_DATA / "pythia-tokenizer" / "tokenizer.json").is_file():
-    TOKENIZERS["pythia"] = lambda: Tokenizer.from_file(str(SHARED_DATA / "pythia-tokenizer" / "tokenizer.json"))
+@functools.cache
+def pythia_like():
+    """A byte-level BPE built as GPT-NeoX's: NFC normalizer, special tokens, added plain-text runs of spaces, and
+    a post-processor that trims whitespace off the offsets ("\n " would seem to cover only the newline)."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.normalizer = normalizers.NFC()
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.post_processor = processors.ByteLevel(trim_offsets=True)
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|padding|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator(TEXTS * 20, trainer)
+    tokenizer.add_tokens([AddedToken(" " * n, normalized=True) for n in range(8, 1, -1)])
+    return tokenizer
+
+
+@functools.cache
+def metaspace():
+    """A SentencePiece-style BPE (Llama's kind of tokenizer.json): NFKC, '▁' for spaces, an <unk>."""
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.normalizer = normalizers.NFKC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "</s>"], show_progress=False)
+    tokenizer.train_from_iterator(TEXTS[:3] * 20, trainer)  # not every character: some are <unk>
+    return tokenizer
+
+
+TOKENIZERS = {"bpe": lambda: trained("bpe"), "bpe-roberta": lambda: trained("bpe-roberta"),
+              "wordpiece": lambda: trained("wordpiece"), "pythia-like": pythia_like, "metaspace": metaspace}
+BYTE_LEVEL = ("bpe", "bpe-roberta", "pythia-like")
 
 
 @pytest.mark.parametrize("name", sorted(TOKENIZERS))
-def test_token_bytes_add_up_to_the_texts_utf8_length(name):
+def test_covered_bytes_add_up_to_the_texts_utf8_length(name):
     tokenizer = TOKENIZERS[name]()
-    sizes = token_bytes(tokenizer)
-    for text in TEXTS:
-        ids = tokenizer.encode(text, add_special_tokens=False).ids
-        expected = len(text.encode("utf-8"))
-        if name == "wordpiece":  # WordPiece covers the normalised text (lower case, no accents) without whitespace
-            expected = len("".join(tokenizer.normalizer.normalize_str(text).split()).encode("utf-8"))
-        assert int(sizes[ids].sum()) == expected, (text, ids)
-    special = tokenizer.token_to_id("<|endoftext|>")
-    if special is not None:
-        assert sizes[special] == 0
+    for text, (ids, sizes) in zip(TEXTS, covered_bytes(tokenizer, TEXTS)):
+        assert ids == tokenizer.encode(text, add_special_tokens=False).ids
+        assert sum(sizes) == len(text.encode("utf-8")), (name, text, sizes)
+        assert min(sizes) >= 0
+    if name == "metaspace":  # its unknown characters are <unk>, special, but covering text
+        assert tokenizer.token_to_id("<unk>") in tokenizer.encode(TEXTS[3]).ids
+
+
+@pytest.mark.parametrize("name", BYTE_LEVEL)
+def test_byte_level_tokens_cover_their_own_length_which_validation_takes(name):
+    """On NFC text a byte-level token covers exactly its own bytes (the pieces of 😀 and of 東京 included), so
+    validation's table (ids only) and rafale score's count (from the text) agree token by token."""
+    tokenizer = TOKENIZERS[name]()
+    table = token_bytes(tokenizer)
+    nfc = [unicodedata.normalize("NFC", text) for text in TEXTS]
+    for text, (ids, sizes) in zip(nfc, covered_bytes(tokenizer, nfc)):
+        assert sizes == table[ids].tolist(), text
+    # an NFD text: the NFC normalizer makes "ë" of "e" + U+0308 (3 bytes -> 2); the text's bytes are still counted
+    ids, sizes = covered_bytes(tokenizer, [TEXTS[-1]])[0]
+    assert sum(sizes) == len(TEXTS[-1].encode())
+    if name == "pythia-like":
+        assert int(table[ids].sum()) < len(TEXTS[-1].encode())
+
+
+def test_wordpiece_tokens_cover_the_text_not_their_decoded_form():
+    """The issue's two errors, by hand: a '##' continuation decoded alone counts 2 bytes that are not in the text,
+    and the lower-casing, accent-stripping normalizer makes 'Café' 'cafe', one byte short. Each token covers its
+    own text and the whitespace before it."""
+    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "un", "caf", "##e", "!"])}
+    tokenizer = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.decoder = decoders.WordPiece()
+    text = "Un  Café! 😀"
+    ids, sizes = covered_bytes(tokenizer, [text])[0]
+    assert [tokenizer.id_to_token(i) for i in ids] == ["un", "caf", "##e", "!", "[UNK]"]
+    assert sizes == [len("Un".encode()), len("  Caf".encode()), len("é".encode()), 1, len(" 😀".encode())]
+    assert sum(sizes) == len(text.encode()) == 15
+    assert token_bytes(tokenizer) is None  # no table from ids alone: validation reports no BitsPerByte
+
+
+@pytest.mark.parametrize("name", ["bpe", "pythia-like"])
+def test_special_tokens_cover_nothing(name):
+    """<|endoftext|> covers 0 bytes, in the table and spelled out in a text (whose text is then not counted)."""
+    tokenizer = TOKENIZERS[name]()
+    eos = tokenizer.token_to_id("<|endoftext|>")
+    assert token_bytes(tokenizer)[eos] == 0
+    text = "one 😀<|endoftext|> two"
+    ids, sizes = covered_bytes(tokenizer, [text])[0]
+    assert eos in ids and sizes[ids.index(eos)] == 0
+    assert sum(sizes) == len(text.encode()) - len("<|endoftext|>")
+
+
+@pytest.mark.parametrize("kind, task", [("wordpiece", "mlm"), ("bpe-roberta", "mlm"), ("bpe", "causal_lm")])
+def test_scores_bytes_of_the_datapipes_blocks_add_up_to_the_file(kind, task, tmp_path):
+    """rafale score's count on the blocks a datapipe cuts (documents joined by <|endoftext|> or [SEP], blocks framed
+    by [CLS] ... [SEP]): every byte of every document once, the special tokens none."""
+    from rafale.data import DATAPIPES
+    from rafale.score import bytes_of_blocks
+
+    tokenizer = trained(kind)
+    pipe = DATAPIPES[task](DataConfig(block_size=16), tokenizer_kind=kind)
+    pipe.scratch = tmp_path
+    meta = {"vocab_size": tokenizer.get_vocab_size(), **pipe.special_ids(tokenizer)}
+    blocks = pipe._prepare(DatasetDict({"file": Dataset.from_dict({"text": TEXTS})}), tokenizer, meta)["file"]
+    sizes = bytes_of_blocks(blocks, TEXTS, TextBytes(tokenizer))
+    assert [len(s) for s in sizes] == [len(b) for b in blocks["input_ids"]]
+    assert sum(map(sum, sizes)) == sum(len(t.encode()) for t in TEXTS)
 
 
 def test_bits_per_byte_is_summed_nats_over_ln2_bytes():
@@ -56,3 +148,17 @@ def test_bits_per_byte_is_summed_nats_over_ln2_bytes():
     nats = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
     covered = sum(len(t.encode("utf-8")) for t in TEXTS) - len(tokenizer.decode([stream[0]]).encode())  # the first token is never a label
     assert float(metric.compute()) == pytest.approx(float(nats) / (math.log(2) * covered), rel=1e-6)
+
+
+def test_validation_reports_bits_per_byte_only_where_its_table_is_exact():
+    """Validation sees ids, not text: a decoder with a byte-level BPE gets BitsPerByte from the id table (exact);
+    with a WordPiece tokenizer file it gets none (the table would count '##' and lose accents), not a wrong one."""
+    import copy
+
+    from rafale.models.pythia import PRESETS, build
+
+    for kind, expected in (("bpe", True), ("wordpiece", False)):
+        tokenizer = trained(kind)
+        model = build(copy.deepcopy(PRESETS["pythia-debug"]), "causal_lm", {"vocab_size": tokenizer.get_vocab_size()},
+                      tokenizer)
+        assert ("BitsPerByte" in model.val_metrics) == expected, kind

@@ -42,6 +42,35 @@ def test_chunked_cross_entropy_equals_the_full_logits_loss_and_gradients(chunk_r
     assert got[2][TRUE_V:].abs().sum() == 0  # the padding rows never enter the softmax
 
 
+def test_the_soft_capped_chunked_loss_equals_the_full_logits_loss_and_gradients():
+    """model.logit_softcap: the chunks cap their logits (cap * tanh(logits / cap)) and carry the cap's derivative."""
+    torch.manual_seed(0)
+    hidden = torch.randn(37, 16, requires_grad=True)
+    weight = torch.randn(PADDED_V, 16, requires_grad=True) * 3  # logits well past the cap
+    weight = weight.detach().requires_grad_()
+    labels = labels_with_ignored(37, TRUE_V)
+    loss = chunked_cross_entropy(hidden, weight[:TRUE_V], labels, chunk_rows=7, softcap=5.0)
+    loss.backward()
+    got = (loss.detach(), hidden.grad.clone(), weight.grad.clone())
+    hidden.grad = weight.grad = None
+    capped = decoder.softcap(F.linear(hidden, weight[:TRUE_V]), 5.0)
+    assert capped.abs().max() <= 5.0 < F.linear(hidden, weight).abs().max()  # (tanh reaches 1 in fp32)
+    expected = F.cross_entropy(capped, labels, ignore_index=IGNORE_INDEX)
+    expected.backward()
+    torch.testing.assert_close(got[0], expected.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got[1], hidden.grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(got[2], weight.grad, rtol=1e-5, atol=1e-7)
+    # and the model's training loss is that of its capped logits
+    model = GPTNeoX(DecoderConfig(vocab_size=PADDED_V, hidden_size=32, num_layers=1, num_heads=4, intermediate_size=64,
+                                  max_position_embeddings=32, logit_softcap=5.0))
+    ids = torch.randint(0, TRUE_V, (2, 9))
+    labels = torch.cat([ids[:, 1:], torch.full((2, 1), IGNORE_INDEX)], dim=1)
+    logits = model(ids)
+    assert logits.abs().max() <= 5.0
+    torch.testing.assert_close(model(ids, labels=labels), F.cross_entropy(logits.flatten(0, 1), labels.flatten(),
+                                                                          ignore_index=IGNORE_INDEX), rtol=1e-6, atol=1e-6)
+
+
 def tiny_lm(padded_vocab=PADDED_V, true_vocab=TRUE_V, **kw):
     torch.manual_seed(0)
     cfg = DecoderConfig(vocab_size=padded_vocab, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64,

@@ -5,9 +5,50 @@ from rafale.loggers import format_eval_line, format_train_line
 
 def test_train_line_has_loss_speed_mfu_lr_and_time_in_minutes():
     logged = {"loss/train/total": 2.34567, "throughput/tokens_per_sec": 10030.4, "throughput/device/mfu": 0.371,
-              "lr-AdamW/group0": 9.1e-4, "time/remaining_estimate": 0.05, "time/token": 4096}
-    line = format_train_line(logged, elapsed_s=72)
+              "lr-AdamW/group0": 9.1e-4, "time/token": 4096}
+    line = format_train_line(logged, elapsed_s=72, left_s=180, load=(1.5, 2))
     assert line == "loss 2.3457 | 10,030 tok/s | MFU 37.1% | lr 9.1e-04 | 1.2 min elapsed, 3.0 min left"
+    # a machine loaded above its cores: said after the figures it lowers
+    line = format_train_line(logged, elapsed_s=72, left_s=180, load=(5.25, 2))
+    assert line == ("loss 2.3457 | 10,030 tok/s | MFU 37.1% (load 5.2 on 2 cores) | lr 9.1e-04 | 1.2 min elapsed, "
+                    "3.0 min left")
+    assert format_train_line({"loss/train/total": 1.0}, 6, load=(3.0, 2)) == (
+        "loss 1.0000 | load 3.0 on 2 cores | 0.1 min elapsed")
+
+
+def test_time_left_is_from_the_recent_batches():
+    """A resumed run at batch 900 of 1000, its batches taking 2 s now: 200 s left, whatever the first ones took."""
+    from rafale.loggers import RecentPace
+
+    pace = RecentPace(window=50)
+    assert pace.seconds_left(1000) is None
+    pace.add(900, now=0.0)
+    assert pace.seconds_left(1000) is None  # one batch: no pace yet
+    now = 0.0
+    for batch in range(901, 960):  # a slow start (compiling, a first evaluation) falls out of the window
+        now += 30.0 if batch < 905 else 2.0
+        pace.add(batch, now=now)
+    assert pace.seconds_left(1000) == 2.0 * 41
+    assert pace.seconds_left(None) is None
+
+
+def test_the_end_of_run_lines_compare_batch_times_only_when_compiling_and_say_a_busy_machine():
+    from pathlib import Path
+
+    from rafale.record import describe
+
+    summary = {"parameters": 1000, "tokens": 10_000, "wall_time_s": 20.0, "train_time_s": 10.0, "eval_time_s": 1.0,
+               "checkpoint_time_s": 1.0, "startup_time_s": 5.0, "tokens_per_s": 1000.0, "mfu": 0.001,
+               "first_batch_s": 1.35, "batch_s_median": 5.207, "compile": False,
+               "machine_load": {"mean": 6.3, "max": 8.0, "cores": 2}, "segments": [], "validation": {}}
+    text = describe(summary, Path("runs/x"))
+    assert "torch.compile" not in text and "first batch" not in text
+    assert ("1,000 tokens/s while training, MFU 0.1%; the machine's load averaged 6.3 on its 2 cores while it "
+            "trained: other processes shared them") in text
+    text = describe({**summary, "compile": True, "first_batch_s": 31.2, "batch_s_median": 0.2,
+                     "machine_load": {"mean": 1.2, "max": 1.9, "cores": 2}}, Path("runs/x"))
+    assert "torch.compile: on; first batch 31.20 s, the next ones 0.200 s (median): about 31.0 s of compiling" in text
+    assert "load" not in text
 
 
 def test_train_line_leaves_out_what_was_not_logged():
@@ -31,7 +72,7 @@ def test_every_command_has_its_own_help_with_an_example(capsys):
         with pytest.raises(SystemExit) as exit:
             main([name, "--help"])
         out = capsys.readouterr().out
-        assert exit.value.code == 0 and f"rafale {name}" in out and "example: rafale" in out, name
+        assert exit.value.code == 0 and f"rafale {name}" in out and ("example: rafale" in out or "examples:\n  rafale" in out), name
     with pytest.raises(SystemExit):
         main(["--help"])
     out = capsys.readouterr().out
@@ -83,3 +124,39 @@ def test_more_eval_batches_than_validation_gives_one_rafale_line_and_no_composer
     line = "rafale: training.eval_batches is 50 but the validation split has 26 batches: evaluating on 26"
     assert result.stdout.count(line) == 1, result.stdout[-2000:]
     assert "DataloaderNumBatchesWarning" not in result.stdout + result.stderr, result.stderr[-2000:]
+
+
+def test_data_preparation_says_each_stage_and_no_library_draws_a_bar(tmp_path, capsys, monkeypatch):
+    """DATA=1 on a .txt is never silent for long (reading, tokenizer training, tokenizing, writing each speak in a
+    log), and a classifier's .csv shows none of datasets' bars ("Generating train split", map's "tokenizing")."""
+    import csv
+
+    import rafale.progress
+    from conftest import run_in_process, write_config
+    from rafale.stories import labelled_story_splits
+
+    monkeypatch.setenv("RAFALE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(rafale.progress, "EVERY_S", 0.0)  # a line at every update: each stage says it runs
+    pairs = labelled_story_splits(200, 40, seed=0)
+    for split, rows in pairs.items():
+        (tmp_path / f"{split}.txt").write_text("\n".join(text.replace("\n", " ") for text, _ in rows))
+        with (tmp_path / f"{split}.csv").open("w", newline="") as f:
+            csv.writer(f).writerows([("text", "label"), *rows])
+    lm = write_config(tmp_path / "lm.yaml", run={"output_dir": str(tmp_path / "runs")},
+                      data={"source": {"train": str(tmp_path / "train.txt"), "validation": str(tmp_path / "validation.txt")},
+                            "doc_separator": "\n"})
+    code, out, err = run_in_process(["-c", str(lm)], capsys, monkeypatch, env={"DATA": "1"})
+    assert code == 0, err[-2000:]
+    for stage in ("reading train.txt", "reading validation.txt", "training the tokenizer", "tokenizing train",
+                  "tokenizing validation", "writing the cache"):  # on stderr: a status, stdout is for results
+        assert f"rafale: {stage}: " in err and any(line.startswith(f"rafale: {stage}: ") and line.endswith("(done)")
+                                                  for line in err.splitlines()), (stage, err)
+    assert "of 200 documents (100%)" in err  # the tokenizer read every training document
+    cls = write_config(tmp_path / "cls.yaml", base="bert_cls_stories.yaml", run={"output_dir": str(tmp_path / "runs")},
+                       data={"source": {"train": str(tmp_path / "train.csv"), "validation": str(tmp_path / "validation.csv")},
+                             "vocab_size": 500, "block_size": 64})
+    code, out, err = run_in_process(["-c", str(cls)], capsys, monkeypatch, env={"DATA": "1"})
+    assert code == 0, err[-2000:]
+    assert "rafale: tokenizing train: 200 of 200 examples (100%)" in err
+    for library in ("Generating train split", "%|", "\r", "Saving the dataset", "Map"):
+        assert library not in out + err, (library, out + err)

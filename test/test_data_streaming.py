@@ -79,20 +79,28 @@ def test_txt_read_in_small_pieces_gives_the_documents_of_the_whole_file(tmp_path
         list(iter_text_documents(path, sep, "error", piece_bytes=7))
 
 
-def test_progress_is_a_line_per_n_tokens_when_not_on_a_terminal(tmp_path, capsys, monkeypatch):
+def test_progress_in_a_log_is_a_line_every_few_seconds(tmp_path, capsys, monkeypatch):
     import rafale.data.causal_lm as causal_lm
+    import rafale.progress
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     tokenizer = Tokenizer(models.WordLevel({"a": 0, "b": 1, "[UNK]": 2}, unk_token="[UNK]"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    monkeypatch.setattr(causal_lm, "PROGRESS_EVERY", 100)
+    monkeypatch.setattr(rafale.progress, "EVERY_S", 0.0)  # a line at every update
     monkeypatch.setattr(causal_lm, "ENCODE_BATCH", 10)
-    texts = Dataset.from_dict({"text": ["a b a b"] * 60})  # 5 tokens each with the end id: 300 tokens
+    texts = Dataset.from_dict({"text": ["a b a b"] * 30})  # 5 tokens each with the end id: 150 tokens
     writer = causal_lm.write_blocks(texts, tokenizer, 2, 8, tmp_path / "blocks.arrow", "tokenizing train")
-    assert writer.tokens == 300
-    lines = [line for line in capsys.readouterr().out.splitlines() if "tokenizing train" in line]
-    # batches of 50 tokens: a line each time the count passes a multiple of 100
-    assert lines == [f"rafale: tokenizing train: {n} tokens" for n in (100, 200, 300)]
+    assert writer.tokens == 150
+    lines = [line for line in capsys.readouterr().err.splitlines() if "tokenizing train" in line]
+    counts = [line.split(": ")[2].rsplit(", ", 1)[0] for line in lines]
+    # (a line from the thread that looks every second may repeat one, on a slow machine)
+    assert list(dict.fromkeys(counts)) == ["10 of 30 documents (33%)", "20 of 30 documents (67%)",
+                                           "30 of 30 documents (100%)"], lines
+    assert lines[-1].endswith(" s (done)")
+    # the default: nothing for a stage shorter than EVERY_S
+    monkeypatch.setattr(rafale.progress, "EVERY_S", 3600.0)
+    causal_lm.write_blocks(texts, tokenizer, 2, 8, tmp_path / "again.arrow", "tokenizing train")
+    assert "tokenizing" not in capsys.readouterr().err
 
 
 MEASURE = textwrap.dedent("""

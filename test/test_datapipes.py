@@ -1,4 +1,6 @@
+import dataclasses
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -70,6 +72,60 @@ def test_changed_source_file_misses_the_cache(tmp_path):
     before = CausalLMDataPipe(small_cfg(tmp_path, source=str(path))).cache_path
     write_txt(path, DOCS[:200])
     assert CausalLMDataPipe(small_cfg(tmp_path, source=str(path))).cache_path != before
+
+
+@dataclasses.dataclass
+class DataConfigWithResponses(DataConfig):
+    """The data section as a new task would grow it: a field no datapipe here knows of."""
+
+    response_column: str = "response"
+
+
+class PromptResponseDataPipe(CausalLMDataPipe):
+    """A new task's datapipe, written the short way: it reads data.response_column (here: appends its name to
+    every text) and never adds it to its fingerprint."""
+
+    name = "prompt_response"
+
+    def _prepare(self, raw, tokenizer, meta):
+        raw = DatasetDict({split: ds.map(lambda row: {"text": row["text"] + " " + self.cfg.response_column})
+                           for split, ds in raw.items()})
+        return super()._prepare(raw, tokenizer, meta)
+
+
+def test_a_field_a_datapipe_reads_but_never_declared_misses_the_cache(tmp_path, capsys):
+    """Safe by default: every data field is a fingerprint input unless the datapipe says it cannot change its cache,
+    so a new task's field builds a new cache instead of reusing a stale one."""
+    cfg = lambda **kw: DataConfigWithResponses(**(dict(vars(small_cfg(tmp_path, num_train_stories=40))) | kw))
+    first = PromptResponseDataPipe(cfg(response_column="answer")).load(verbose=False)
+    second = PromptResponseDataPipe(cfg(response_column="reply")).load(verbose=False)
+    assert second.path != first.path
+    decode = lambda data: data.tokenizer.decode([t for b in data.splits["validation"]["input_ids"] for t in b.tolist()])
+    assert decode(first).count("answer") == decode(second).count("reply") == 20  # the stale cache would say "answer"
+
+
+def test_fields_a_datapipe_says_cannot_change_its_cache_reuse_it(tmp_path):
+    """Where it is built and how many processes build or load it (every datapipe), what only the collator reads
+    (MLM's mlm_probability), what a source of this kind never reads (the story counts for a file source, a
+    tokenizer file's unused data.vocab_size) and the other tasks' fields (labels, images) keep the same cache."""
+    from rafale.data.cache import NEVER_IN_CACHE
+    from rafale.data.mlm import MLMDataPipe
+
+    base = small_cfg(tmp_path)
+    for field, value in {"num_workers": 4, "num_proc": 2, "decode_errors": "error", "cache_dir": str(tmp_path / "b"),
+                         "label_column": "sentiment", "image_size": 64, "mlm_probability": 0.3}.items():
+        assert field in NEVER_IN_CACHE | CausalLMDataPipe.not_in_cache, field
+        assert CausalLMDataPipe(replace(base, **{field: value})).fingerprint == CausalLMDataPipe(base).fingerprint
+    assert MLMDataPipe(replace(base, mlm_probability=0.3)).fingerprint == MLMDataPipe(base).fingerprint
+    path = write_txt(tmp_path / "docs.txt")
+    tokenizer_file = tmp_path / "tokenizer.json"
+    CausalLMDataPipe(base).load(verbose=False).tokenizer.save(str(tokenizer_file))
+    on_file = small_cfg(tmp_path, source=str(path), tokenizer=str(tokenizer_file))
+    for change in ({"num_train_stories": 7}, {"vocab_size": 999}):
+        assert CausalLMDataPipe(replace(on_file, **change)).fingerprint == CausalLMDataPipe(on_file).fingerprint
+    # and the fields it reads do change it, for a file source as for the stories
+    for change in ({"doc_separator": "\n"}, {"split_seed": 1}, {"val_fraction": 0.2}, {"block_size": 16}):
+        assert CausalLMDataPipe(replace(on_file, **change)).fingerprint != CausalLMDataPipe(on_file).fingerprint
 
 
 def test_trained_tokenizer_round_trips_text(tmp_path):

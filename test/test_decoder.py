@@ -147,7 +147,7 @@ def test_generated_ids_work_in_a_training_forward():
     ids = model.generate(torch.randint(0, V, (2, 4)), max_new_tokens=3)
     model.train()
     model(ids).sum().backward()
-    assert model.embed_in.weight.grad is not None
+    assert model.embed.weight.grad is not None
 
 
 def test_cpu_decoding_plan_follows_the_timings(monkeypatch):
@@ -207,7 +207,7 @@ def test_cpu_decoding_linears_give_the_same_tokens_and_restore_the_modules(monke
         assert torch.equal(fast[B], plain[B]), B
     assert all("forward" not in m.__dict__ for m in linears)
     monkeypatch.setattr(decoding, "_decoding_linear", real)
-    mlp_in = model.layers[0].mlp.dense_h_to_4h  # (64, 32)
+    mlp_in = model.layers[0].mlp.up  # (64, 32)
     with pytest.raises(RuntimeError, match="stop"):
         with decoding.DecodingLinears(model, rows=3, steps=100):
             for rows in (3, 9):  # the forced way, then F.linear

@@ -35,7 +35,7 @@ def test_data_only_builds_the_cache_and_trains_nothing(tmp_path):
     result = run_cli([*RAFALE, "-c", str(cfg)], env={"DATA": "1", "RAFALE_CACHE": str(cache)})
     assert result.returncode == 0, result.stderr[-3000:]
     assert re.search(r"train: [\d,]+ tokens in [\d,]+ blocks", result.stdout)
-    assert f"data cache: {cache}" in result.stdout
+    assert f"data cached at {cache}" in result.stdout and result.stdout.count(str(cache)) == 2  # and preparing into
     assert len(list(cache.glob("causal_lm/*/rafale.json"))) == 1
     assert not (tmp_path / "runs").exists()
     # the flag does the same, and now finds the cache

@@ -34,7 +34,7 @@ def test_every_preset_of_every_family_is_exportable():
                 architecture = ARCHITECTURE[(family, task)]
                 assert config_refusal(with_vocab(cfg), architecture) is None, (family, name, task)
                 checked += 1
-    assert checked == 18  # 4 Pythia, 2 x 2 BERT and RoBERTa presets x 2 tasks, 3 CLIP, 3 SigLIP
+    assert checked == 25  # 4 Pythia, 4 Llama, 3 Qwen3, 2 x 2 BERT and RoBERTa presets x 2 tasks, 3 CLIP, 3 SigLIP
 
 
 def test_tiny_models_of_every_head_are_exportable():
@@ -67,8 +67,18 @@ def other_value(value, annotation):
     return None
 
 
+# what each decoder's config.json cannot say, among the fields a bool, number or Literal flips
+CANNOT_SAY = {
+    "pythia": {"norm", "mlp_bias", "qk_norm", "tie_embeddings"},
+    "llama": {"norm", "parallel_residual", "rotary_pct", "qk_norm"},
+    "qwen3": {"norm", "parallel_residual", "rotary_pct", "qk_norm", "mlp_bias"},
+}
+
+
 @pytest.mark.parametrize("base", [
     ("pythia", "pythia-debug", "GPTNeoXForCausalLM"),
+    ("llama", "llama-debug", "LlamaForCausalLM"),
+    ("qwen3", "qwen3-debug", "Qwen3ForCausalLM"),
     ("bert", "bert-tiny", "BertForSequenceClassification"),
     ("roberta", "roberta-tiny", "RobertaForMaskedLM"),
 ])
@@ -95,8 +105,8 @@ def test_each_field_either_comes_back_or_is_refused_by_name(base):
         if why is not None:
             assert f"model.{f.name}" in why and str(value) in why, (f.name, why)
             refused.add(f.name)
-    # GPT-NeoX's config.json has no norm; BERT and RoBERTa's say everything rafale's encoder varies
-    assert refused == ({"norm"} if family == "pythia" else set())
+    # BERT and RoBERTa's config.json say everything rafale's encoder varies
+    assert refused == CANNOT_SAY.get(family, set())
 
 
 @dataclasses.dataclass
@@ -168,3 +178,46 @@ def test_a_plain_run_prints_no_refusal_and_exports(tmp_path, cache_dir, capsys, 
     run_dir, out = run(tmp_path, capsys, monkeypatch, "plain")
     assert "no Hugging Face export" not in out, out
     assert (run_dir / "export" / "config.json").is_file()
+
+
+# ----------------------------------------------------------------------------------------------------
+# The small-model speed tricks (modded-nanogpt's): each exports to an HF class that computes the same, or is refused
+# by name before training starts
+
+TRICKS = [
+    # (family, the trick's fields, the refusal's words, or None: it exports)
+    ("pythia", {"mlp": "relu2"}, None),  # GPT-NeoX's hidden_act: relu2 is ReLU^2
+    ("pythia", {"mlp": "swiglu"}, "GPTNeoXForCausalLM has no swiglu for model.mlp"),
+    ("pythia", {"qk_norm": True}, "GPTNeoXForCausalLM has no True for model.qk_norm"),
+    ("pythia", {"zero_init_proj": True}, None),  # how the weights start: the weights are exported
+    ("pythia", {"logit_softcap": 15.0}, "GPTNeoXForCausalLM has no 15.0 for model.logit_softcap"),
+    ("llama", {"mlp": "relu2"}, "LlamaForCausalLM has no relu2 for model.mlp"),
+    ("llama", {"qk_norm": True}, "LlamaForCausalLM has no True for model.qk_norm"),  # model.type: qwen3 has it
+    ("llama", {"tie_embeddings": False}, None),  # an untied head
+    ("llama", {"zero_init_proj": True}, None),
+    ("llama", {"logit_softcap": 30.0}, "LlamaForCausalLM has no 30.0 for model.logit_softcap"),
+    ("qwen3", {"tie_embeddings": False, "zero_init_proj": True}, None),  # QK-norm and SwiGLU: Qwen3 itself
+    ("qwen3", {"mlp": "relu2"}, "Qwen3ForCausalLM has no relu2 for model.mlp"),
+]
+
+
+@pytest.mark.parametrize("family, fields, refusal", TRICKS, ids=[f"{f}-{'-'.join(map(str, d.values()))}" for f, d, _ in TRICKS])
+def test_each_speed_trick_exports_to_what_computes_the_same_or_is_refused_by_name(tmp_path, family, fields, refusal):
+    import torch
+
+    transformers = pytest.importorskip("transformers")
+    preset = next(iter(name for name in FAMILIES[family].presets if name.endswith("-debug")))
+    model = GPTNeoX(dataclasses.replace(with_vocab(FAMILIES[family].presets[preset]), **fields)).eval()
+    why = export_refusal(model)
+    if refusal is not None:
+        assert why is not None and refusal in why, why
+        return
+    assert why is None, why
+    with torch.no_grad():
+        for p in model.parameters():  # away from the init (zero projections, unit norms), so every tensor counts
+            p.add_(torch.randn_like(p) * 0.1)
+    save_pretrained(model, tmp_path / "export")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
+    ids = torch.randint(0, 128, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), hf(ids).logits, atol=1e-5, rtol=0)

@@ -65,9 +65,9 @@ def test_generation_stops_at_end_of_text(model, tokenizer):
     biased = GPTNeoX(model.cfg).eval()
     biased.load_state_dict(model.state_dict())
     with torch.no_grad():  # make end-of-text the likeliest token everywhere
-        biased.embed_out.weight[eos] = 0
-        biased.embed_out.weight[eos, 0] = 100.0
-        biased.final_layer_norm.bias[0] = 10.0
+        biased.head.weight[eos] = 0
+        biased.head.weight[eos, 0] = 100.0
+        biased.norm.bias[0] = 10.0
     assert generate_text(biased, tokenizer, ["Once upon a time"], max_new_tokens=12) == [""]
     assert eos not in free  # the unbiased model does not stop: the empty text above is the stop, not chance
 

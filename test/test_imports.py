@@ -105,16 +105,17 @@ def test_nothing_imports_the_cli():
 # package: every module in it belongs there (a new family or datapipe is one file, no line here); any other new
 # module must be given a layer. "models | data" is one layer of two halves that never import each other.
 LAYERS = {
-    "errors": {"rafale", "rafale.errors"},
+    "errors": {"rafale", "rafale.errors", "rafale.progress"},  # (progress: what a long stage says, a leaf)
     "config": {"rafale.config"},
     "models | data": {"rafale.models.", "rafale.metrics",  # (metrics: the Composer wrappers' validation metrics)
                       "rafale.data.", "rafale.stories", "rafale.shapes"},
     "resolve": {"rafale.resolve"},
-    "the run folder": {"rafale.run_folder", "rafale.checkpoints", "rafale.plots"},
+    "the run folder": {"rafale.run_folder", "rafale.checkpoints", "rafale.plots",
+                       "rafale.export_proof"},  # (export_proof: the check of the export the run folder writes)
     "the run": {"rafale.train", "rafale.record", "rafale.loggers", "rafale.outcomes", "rafale.resilience",
-                "rafale.optim", "rafale.hardware"},
+                "rafale.optim", "rafale.hardware", "rafale.branch"},
     "the commands": {"rafale.export", "rafale.predict", "rafale.score", "rafale.generate", "rafale.lm_eval_adapter",
-                     "rafale.zero_shot", "rafale.sweep", "rafale.runs", "rafale.docprompt"},
+                     "rafale.zero_shot", "rafale.sweep", "rafale.runs", "rafale.docprompt", "rafale.law"},
     "main": {"rafale.main", "rafale.__main__", "rafale.main.__main__"},
 }
 HALVES = {"models": ("rafale.models", "rafale.metrics"), "data": ("rafale.data", "rafale.stories", "rafale.shapes")}

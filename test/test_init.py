@@ -92,8 +92,8 @@ def test_init_check_catches_a_wrong_init(mistake):
     hf = hf_model("GPTNeoXForCausalLM", model)
     with torch.no_grad():
         if mistake == "layer_norm_bias_one":
-            model.layers[0].input_layernorm.bias.fill_(1.0)
+            model.layers[0].attn_norm.bias.fill_(1.0)
         else:
-            model.layers[1].mlp.dense_4h_to_h.weight.mul_(0.5)
+            model.layers[1].mlp.down.weight.mul_(0.5)
     problems = init_mismatches("GPTNeoXForCausalLM", model, hf)
     assert len(problems) == 1, problems

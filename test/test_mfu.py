@@ -90,6 +90,36 @@ def test_flops_per_token_is_what_torch_counts():
         assert model.flops_per_token(32) == pytest.approx(measured_flops(model, head), rel=1e-9), (preset, head)
 
 
+# every part of the decoder a config can choose, alone or together: the count is the parts' sum (Decoder's
+# flops_per_token), and torch's counter sees the same matmuls
+DECODER_PARTS = [
+    ("pythia", {}),
+    ("pythia", {"mlp": "relu2"}),
+    ("pythia", {"mlp": "swiglu", "parallel_residual": False, "norm": "rmsnorm", "attention_bias": False}),
+    ("pythia", {"qk_norm": True, "logit_softcap": 15.0, "zero_init_proj": True}),
+    ("llama", {}),  # grouped-query (2 KV heads for 4), SwiGLU, tied head
+    ("llama", {"num_kv_heads": 1, "tie_embeddings": False}),  # multi-query, untied
+    ("llama", {"mlp": "relu2", "qk_norm": True, "logit_softcap": 30.0}),
+    ("qwen3", {}),  # QK-norm, heads of 32 on a 64-wide residual
+]
+
+
+def test_decoder_flops_from_the_parts_are_what_torch_counts():
+    for family, fields in DECODER_PARTS:
+        preset = next(name for name in FAMILIES[family].presets if name.endswith("-debug"))
+        model = GPTNeoX(dataclasses.replace(FAMILIES[family].presets[preset], vocab_size=VOCAB, **fields)).train()
+        assert model.flops_per_token(32) == pytest.approx(measured_flops(model, "causal_lm"), rel=1e-9), (family, fields)
+
+
+def test_grouped_query_attention_saves_the_key_and_value_projections_it_leaves_out():
+    cfg = dataclasses.replace(FAMILIES["llama"].presets["llama-debug"], vocab_size=VOCAB)
+    mha, mqa = GPTNeoX(dataclasses.replace(cfg, num_kv_heads=None)), GPTNeoX(dataclasses.replace(cfg, num_kv_heads=1))
+    C, hs = cfg.hidden_size, cfg.head_size
+    # per layer, k and v lose (num_heads - 1) heads of C x hs multiply-adds each; x2 FLOPs, x3 for the training step
+    saved = cfg.num_layers * 2 * (cfg.num_heads - 1) * C * hs * 2 * 3
+    assert mha.flops_per_token(64) - mqa.flops_per_token(64) == saved
+
+
 # ----------------------------------------------------------------------------------------------------
 # the CPU peak
 
@@ -197,5 +227,5 @@ def test_a_run_on_a_too_low_cached_peak_shows_no_mfu_above_100_percent(tmp_path,
     # and the summary's MFU, over the whole run's time inside training batches, against the peak probed again
     summary = json.loads((tmp_path / "runs" / "low-peak" / "summary.json").read_text())
     assert summary["mfu"] is None or 0 < summary["mfu"] <= 1, summary["mfu"]
-    assert re.search(r"tokens/s while training(, MFU ([\d.]+)%)?\)", out)
+    assert re.search(r"tokens/s while training(, MFU ([\d.]+)%)?(; the machine's load [^)]*)?\)", out)
     assert all(float(m) <= 100 for m in re.findall(r"while training, MFU ([\d.]+)%", out)), out

@@ -69,7 +69,7 @@ def test_no_weight_decay_on_biases_norms_and_optionally_embeddings(name, decay_e
     t = TrainingConfig(optimizer={"name": name}, decay_embeddings=decay_embeddings)
     groups = group_of(optim.build_optimizer(model, t, "cpu"))
     for pname, p in model.named_parameters():
-        expected = t.weight_decay if p.dim() >= 2 and (decay_embeddings or pname != "embed_in.weight") else 0.0
+        expected = t.weight_decay if p.dim() >= 2 and (decay_embeddings or pname != "embed.weight") else 0.0
         assert groups[id(p)]["weight_decay"] == expected, pname
 
 
@@ -83,7 +83,7 @@ def test_muon_takes_the_hidden_matrices_only():
         assert groups[id(p)]["lr"] == (0.05 if hidden else 1e-3), name
 
 
-# depths 0..L+1, each with a decayed and a not decayed group, but the decoder's depth 0 (embed_in) has no vector
+# depths 0..L+1, each with a decayed and a not decayed group, but the decoder's depth 0 (embed) has no vector
 @pytest.mark.parametrize("build, num_layers, num_groups", [(decoder, 2, 7), (encoder, 2, 8)], ids=["decoder", "encoder"])
 def test_layer_decay_groups_and_ratios(build, num_layers, num_groups):
     model, decay = build(), 0.8
@@ -91,7 +91,7 @@ def test_layer_decay_groups_and_ratios(build, num_layers, num_groups):
     assert len(opt.param_groups) == num_groups
     groups = group_of(opt)
     for name, p in model.named_parameters():
-        if name.startswith(("embed_in.", "bert.embeddings.")):
+        if name.startswith(("embed.", "bert.embeddings.")):
             depth = 0
         elif m := re.match(r"(?:bert\.encoder\.layer|layers)\.(\d+)\.", name):
             depth = int(m.group(1)) + 1
@@ -319,7 +319,7 @@ def test_rmsnorm_init_and_formula():
     for norm in norms:
         assert norm.bias is None if hasattr(norm, "bias") else True
         assert torch.equal(norm.weight, torch.ones_like(norm.weight))
-    norm = model.final_layer_norm
+    norm = model.norm
     with torch.no_grad():
         norm.weight.normal_()
     x = torch.randn(2, 5, 64, dtype=torch.float64)

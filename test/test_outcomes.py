@@ -35,13 +35,18 @@ def test_keep_best_exports_the_weights_of_the_best_evaluation(tmp_path, cache_di
     best = json.loads((run_dir / "summary.json").read_text())["best"]
     assert best["step"] == best_step and best["value"] == pytest.approx(losses[best_step], abs=1e-6)
     assert f"best LanguageCrossEntropy: {losses[best_step]:.4f} at step {best_step}" in out
+    # each "best ... so far" line comes right after the validation line it refers to
+    lines = out.splitlines()
+    news = [i for i, line in enumerate(lines) if " so far (" in line]
+    assert news and all("validation: loss" in lines[i - 1] for i in news), out[-3000:]
+    assert all(f"{lines[i - 1].split('validation: loss ')[1][:6]} at step" in lines[i] for i in news)
     # export-best holds that evaluation's weights (the checkpoint saved at that step), export/ the last ones
     exported = load_file(run_dir / "export-best" / "model.safetensors")
     (checkpoint,) = (run_dir / "checkpoints").glob(f"ep*-ba{best_step}-rank0.pt")  # (12 stories: 8 batches an epoch)
     saved = read_checkpoint_weights(checkpoint)
     vocab = exported["embed_out.weight"].shape[0]
-    assert torch.equal(exported["embed_out.weight"], saved["embed_out.weight"][:vocab])
-    assert torch.equal(exported["gpt_neox.layers.0.mlp.dense_h_to_4h.weight"], saved["layers.0.mlp.dense_h_to_4h.weight"])
+    assert torch.equal(exported["embed_out.weight"], saved["head.weight"][:vocab])
+    assert torch.equal(exported["gpt_neox.layers.0.mlp.dense_h_to_4h.weight"], saved["layers.0.mlp.up.weight"])
     last = load_file(run_dir / "export" / "model.safetensors")
     assert not torch.equal(last["embed_out.weight"], exported["embed_out.weight"])
 

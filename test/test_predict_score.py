@@ -77,6 +77,48 @@ def test_score_gives_the_runs_validation_loss_perplexity_and_bits_per_byte(runs)
     assert float(row["bits_per_byte"]) == pytest.approx(validation["BitsPerByte"], rel=1e-4)
 
 
+def test_score_labels_both_token_counts_as_data_preparation_does(runs, tmp_path):
+    """`tokens` and `blocks` are data preparation's ("validation: N tokens in B blocks"); the loss is over
+    `predicted_tokens`, a block's first token being no prediction; --doc-separator reads another file layout."""
+    run_dir, _ = runs["lm"]
+    code, out, err = rafale("score", str(run_dir), "--file", str(runs["folder"] / "validation.txt"))
+    (row,) = table(out)
+    prepared = json.loads((run_dir / "data.json").read_text())["splits"]["validation"]
+    assert (int(row["tokens"]), int(row["blocks"])) == (prepared["tokens"], prepared["blocks"])
+    assert int(row["predicted_tokens"]) == prepared["tokens"] - prepared["blocks"]
+    # the same documents, written with another separator: the same figures with --doc-separator
+    docs = (runs["folder"] / "validation.txt").read_text().split("\n")
+    (tmp_path / "other.txt").write_text("\n\n~~~\n\n".join(docs))
+    code, out, err = rafale("score", str(run_dir), "--file", str(tmp_path / "other.txt"), "--doc-separator", "\\n\\n~~~\\n\\n")
+    assert code == 0, err
+    assert table(out)[0] == {**row, "file": "other.txt"}
+    code, out, err = rafale("score", str(run_dir), "--file", str(tmp_path / "other.txt"))  # the run's "\n"
+    assert table(out)[0]["tokens"] != row["tokens"]
+
+
+def test_the_readmes_transformers_lines_give_scores_bits_per_byte(runs, monkeypatch):
+    """The README's "Bits per byte" block, run as written on the run's export (its paths pointed at this run)."""
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("\n## Bits per byte\n", 1)[1]
+    code_block = section.split("```python\n", 1)[1].split("```", 1)[0]
+    run_dir, validation = runs["lm"]
+    held_out = runs["folder"] / "validation.txt"
+    code_block, n = re.subn(r'run, path = "[^"]+", "[^"]+"', f"run, path = {str(run_dir)!r}, {str(held_out)!r}", code_block)
+    assert n == 1
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(code_block, "README.md", "exec"), {})
+    said = dict(re.findall(r"(predicted tokens|bytes|loss|bits per byte) ([\d.]+)", out.getvalue()))
+    code, score, err = rafale("score", str(run_dir), "--file", str(held_out))
+    (row,) = table(score)
+    assert said["predicted tokens"] == row["predicted_tokens"] and said["bytes"] == row["bytes"], (said, row)
+    assert float(said["loss"]) == pytest.approx(float(row["loss"]), abs=2e-5)
+    assert float(said["bits per byte"]) == pytest.approx(float(row["bits_per_byte"]), abs=2e-5)
+    assert float(row["bits_per_byte"]) == pytest.approx(validation["BitsPerByte"], rel=1e-4)
+
+
 def test_score_per_line_scores_each_line_as_its_own_document(runs, tmp_path):
     run_dir, _ = runs["lm"]
     lines = ["Tom had a red ball.", "", "  Lily saw a big dog in the park.  ", "The cat sat."]
@@ -148,15 +190,51 @@ def test_errors_name_the_task_the_file_and_the_column(runs, tmp_path):
     assert code == 2 and "rows.jsonl" in err and "'text'" in err, err
 
 
-def test_scores_token_bytes_is_the_validations(runs):
+def test_score_reads_a_txt_under_a_run_whose_text_column_is_another(runs, tmp_path):
+    """A .txt has no columns: its texts are the texts, whatever data.text_column the run was trained with (here
+    'content'); a .jsonl without that column is one line naming the column and the file."""
+    import shutil
+
+    import yaml
+
+    run_dir = tmp_path / "content-run"
+    shutil.copytree(runs["lm"][0], run_dir, ignore=shutil.ignore_patterns("evals"))
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    config["data"]["text_column"] = "content"
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    (tmp_path / "x.txt").write_text("Tom had a red ball.\nLily ran home.\n")
+    code, out, err = rafale("score", str(run_dir), "--file", str(tmp_path / "x.txt"))
+    assert code == 0, err
+    assert table(out)[0]["file"] == "x.txt" and int(table(out)[0]["tokens"]) > 0
+    (tmp_path / "x.jsonl").write_text('{"text": "Tom had a red ball."}\n')
+    code, out, err = rafale("score", str(run_dir), "--file", str(tmp_path / "x.jsonl"))
+    assert code == 2 and "Traceback" not in err and "'content'" in err and "x.jsonl" in err, err
+
+
+def test_scores_bytes_are_the_validations_on_byte_level_bpe(runs):
+    """rafale score counts bytes in the text (offsets), validation by token id (rafale.models.token_bytes): on a
+    byte-level BPE run's validation file they agree token by token."""
+    from datasets import DatasetDict
     from tokenizers import Tokenizer
 
-    from rafale.models.token_bytes import token_bytes
-    from rafale.score import token_bytes as copy
+    from rafale.config import load_config
+    from rafale.data import CausalLMDataPipe
+    from rafale.models.token_bytes import TextBytes, token_bytes
+    from rafale.predict import read_file_rows
+    from rafale.score import bytes_of_blocks
 
-    for run in ("lm", "mlm", "cls"):
-        tokenizer = Tokenizer.from_file(str(runs[run][0] / "tokenizer.json"))
-        assert copy(tokenizer).tolist() == token_bytes(tokenizer).tolist()  # (one function now: score imports it)
+    run_dir, folder = runs["lm"][0], runs["folder"]
+    cfg = load_config(run_dir / "config.yaml", saved_run=True)
+    tokenizer = Tokenizer.from_file(str(run_dir / "tokenizer.json"))
+    rows = read_file_rows(folder / "validation.txt", cfg, folder / "scratch", "text", one_per_line=False)
+    pipe = CausalLMDataPipe(cfg.data)
+    pipe.scratch = folder / "scratch"
+    meta = {"vocab_size": tokenizer.get_vocab_size(), **pipe.special_ids(tokenizer)}
+    blocks = pipe._prepare(DatasetDict({"v": rows}), tokenizer, meta)["v"]
+    table = token_bytes(tokenizer)
+    counted = bytes_of_blocks(blocks, rows["text"], TextBytes(tokenizer))
+    assert counted == [table[block].tolist() for block in blocks.with_format("torch")["input_ids"]]
+    assert sum(map(sum, counted)) == sum(len(text.encode()) for text in rows["text"])
 
 
 def test_neither_command_imports_composer_or_transformers(runs):

@@ -40,9 +40,9 @@ def test_run_exports_hf_weights_and_finetunes_from_them(tmp_path, cache_dir, cap
     from rafale.run_folder import latest_checkpoint, read_checkpoint_weights
 
     trained = read_checkpoint_weights(latest_checkpoint(run_dir))
-    assert trained["embed_in.weight"].shape[0] == 512  # padded to a multiple of 64 for training
+    assert trained["embed.weight"].shape[0] == 512  # padded to a multiple of 64 for training
     assert hf_model.config.vocab_size == 500 == transformers.AutoTokenizer.from_pretrained(export).vocab_size
-    torch.testing.assert_close(ours.embed_out.weight, trained["embed_out.weight"][:500])
+    torch.testing.assert_close(ours.head.weight, trained["head.weight"][:500])
 
     # `rafale export` of the last checkpoint writes the same tensors
     code, _, err = run_in_process(["export", str(run_dir), "--out", str(tmp_path / "again")], capsys, monkeypatch)

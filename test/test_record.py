@@ -143,7 +143,7 @@ def test_eval_only_writes_its_own_record_and_a_rerun_of_a_finished_run_changes_n
     assert "at batch 8: already complete" in out and "not applied" in out and "training.eval_interval" in out, out
     assert record_files(run_dir) == before
     assert summary_of(run_dir)["tokens"] == 8 * 8 * 64 and summary_of(run_dir)["tokens_per_s"] > 0
-    code, table, _ = run_in_process(["runs", str(tmp_path / "runs")], capsys, monkeypatch)
+    code, table, _ = run_in_process(["runs", str(tmp_path / "runs"), "--all"], capsys, monkeypatch)  # no note below
     assert code == 0 and "4,096" in table and "(" not in table.splitlines()[-1], table  # not shown as empty
     # an evaluation of its batch-4 checkpoint: a record of its own under evals/, the run's files untouched
     checkpoint = run_dir / "checkpoints" / "ep0-ba4-rank0.pt"

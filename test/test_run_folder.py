@@ -26,7 +26,7 @@ def test_run_folder_has_metrics_plots_and_a_summary(tmp_path, cache_dir, capsys,
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
     # the summary: parameters, tokens, speed and MFU, best validation loss, where things are
     speed = re.search(r"tokens trained: 10,240 in ([\d.]+) s, ([\d.]+) s of it training \(([\d,]+) tokens/s while "
-                      r"training, MFU [\d.]+%\)", out)
+                      r"training, MFU [\d.]+%(; the machine's load averaged [\d.]+ on its \d+ cores[^)]*)?\)", out)
     total_s, train_s, per_s = float(speed[1]), float(speed[2]), int(speed[3].replace(",", ""))
     assert train_s < total_s and abs(per_s - 10_240 / train_s) < abs(per_s - 10_240 / total_s)  # evaluation left out
     best = min(v for _, v in series["metrics/eval/LanguageCrossEntropy"])
@@ -45,7 +45,9 @@ def test_run_folder_has_metrics_plots_and_a_summary(tmp_path, cache_dir, capsys,
     assert re.search(r"validation: loss [\d.]+ \| perplexity [\d.]+ \| bits/byte [\d.]+", out)
     assert f"BitsPerByte: {bpb:.4f}" in out
     # the console: one line per log interval (10ba) and one per evaluation, not Composer's raw metric dump
-    assert re.search(r"^\[20/20 100%\] loss [\d.]+ \| [\d,]+ tok/s \| MFU [\d.]+% \| lr [\d.e+-]+ \| [\d.]+ min elapsed", out, re.M), out
+    # (a machine loaded above its cores says so after the MFU)
+    assert re.search(r"^\[20/20 100%\] loss [\d.]+ \| [\d,]+ tok/s \| MFU [\d.]+%( \(load [\d.]+ on \d+ cores\))? \| "
+                     r"lr [\d.e+-]+ \| [\d.]+ min elapsed", out, re.M), out
     assert len(re.findall(r"^\[\s*\d+/20\s+\d+%\] validation: loss [\d.]+ \| perplexity [\d.]+", out, re.M)) == 3, out
     assert "time/sample_in_epoch" not in out + err
     vocabulary = (run / "data.json").read_text()
@@ -61,7 +63,7 @@ def test_run_folder_has_metrics_plots_and_a_summary(tmp_path, cache_dir, capsys,
     (tmp_path / "runs" / "killed").mkdir()  # a run that never finished: its last logged values
     (tmp_path / "runs" / "killed" / "metrics.jsonl").write_text(
         '{"step": 5, "time/token": 2560, "metrics/eval/LanguageCrossEntropy": 4.5}\n')
-    code, out, _ = run_in_process(["runs", str(tmp_path / "runs")], capsys, monkeypatch)
+    code, out, _ = run_in_process(["runs", str(tmp_path / "runs"), "--all"], capsys, monkeypatch)
     assert code == 0
     header, _, killed, finished = out.strip().splitlines()
     assert header.split() == ["run", "model", "params", "tokens", "wall", "tok/s", "val", "loss", "ppl", "bits/byte"]
@@ -90,9 +92,9 @@ def test_compile_option_trains_the_same_model(tmp_path, cache_dir, capsys, monke
         # the summary says whether it was on and, when it was, what compiling cost (the first batch's excess)
         summary = json.loads((tmp_path / "runs" / f"compile-{compile_}" / "summary.json").read_text())
         assert summary["compile"] is compile_ and summary["batch_s_median"] > 0 and summary["first_batch_s"] > 0
-        line = re.search(r"torch.compile: (on|off).*first batch ([\d.]+) s, the next ones ([\d.]+) s \(median\)(.*)", out)
-        assert line and line.group(1) == ("on" if compile_ else "off"), out
-        assert ("of compiling" in line.group(4)) is compile_
+        line = re.search(r"torch.compile: on; first batch ([\d.]+) s, the next ones ([\d.]+) s \(median\): about "
+                         r"[\d.]+ s of compiling", out)
+        assert bool(line) is compile_ and ("torch.compile" in out) is compile_, out  # a comparison only when compiling
     assert abs(losses[True] - losses[False]) < 1e-3, losses
     assert summary["first_batch_s"] > 10 * summary["batch_s_median"]  # compiling takes seconds, a batch milliseconds
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from rafale.config import Config, save_config
+from rafale.config import Config, load_config, save_config
 from rafale.errors import RafaleError
 from rafale.plots import run_figure, runs_figure, runs_table, what_differs
 from rafale.runs import runs_main
@@ -22,14 +22,19 @@ LOSS, PPL, BPB = "metrics/eval/LanguageCrossEntropy", "metrics/eval/LanguagePerp
 
 
 def fake_run(root: Path, name: str, losses: list[float], bits: list[float] | None = None, lr: float = 1e-3,
-             optimizer: str = "adamw", seed: int = 42, config: bool = True, accuracy: list[float] | None = None) -> Path:
-    """A complete run folder evaluated at steps 0, 10, 20, ...: config.yaml, metrics.jsonl and summary.json."""
+             optimizer: str = "adamw", seed: int = 42, config: bool = True, accuracy: list[float] | None = None,
+             data: dict | None = None) -> Path:
+    """A complete run folder evaluated at steps 0, 10, 20, ...: config.yaml, metrics.jsonl and summary.json; a
+    classifier's (model.task classification) when given `accuracy`; `data`: data section values."""
     run_dir = root / name
     run_dir.mkdir(parents=True)
     if config:
         cfg = Config()
         cfg.run.name, cfg.run.output_dir, cfg.run.seed = name, str(root), seed
         cfg.training.lr, cfg.training.optimizer = lr, {"name": optimizer}
+        cfg.model.task = "classification" if accuracy else "causal_lm"
+        for key, value in (data or {}).items():
+            setattr(cfg.data, key, value)
         save_config(cfg, run_dir / "config.yaml")
     rows, validation = [], {}
     for i, loss in enumerate(losses):
@@ -44,7 +49,7 @@ def fake_run(root: Path, name: str, losses: list[float], bits: list[float] | Non
                      **{f"metrics/eval/{key}": value for key, value in validation.items()}})
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     steps = 10 * (len(losses) - 1)
-    summary = {"name": name, "model": "pythia pythia-debug", "task": "causal_lm", "parameters": 170_000,
+    summary = {"name": name, "model": "pythia pythia-debug", "task": "classification" if accuracy else "causal_lm", "parameters": 170_000,
                "status": "complete", "batches": steps, "tokens": steps * 512, "wall_time_s": 60.0,
                "tokens_per_s": 1000.0, "validation": validation, "validation_step": steps}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -106,7 +111,7 @@ def test_sort_by_any_column(three_runs, capsys):
         runs_table(three_runs, "momentum")
     assert runs_main([str(three_runs[0].parent), "--sort", "lr"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert [line.split()[0] for line in lines[2:]] == ["c", "a", "b"]
+    assert [line.split()[0] for line in lines[2:5]] == ["c", "a", "b"]
 
 
 def test_csv_has_the_same_rows_as_the_table(three_runs, capsys):
@@ -115,6 +120,58 @@ def test_csv_has_the_same_rows_as_the_table(three_runs, capsys):
     parsed = list(csv.reader(io.StringIO(capsys.readouterr().out)))
     assert parsed[0] == header and parsed[1:] == rows
     assert "lr" in parsed[0] and "bits/byte" in parsed[0]
+
+
+def test_values_are_escaped_onto_one_line(tmp_path):
+    runs = [fake_run(tmp_path, "lines", [6.0, 2.0], data={"doc_separator": "\n"}),
+            fake_run(tmp_path, "tabs", [6.0, 2.5], data={"doc_separator": "\t|"})]
+    lines = runs_table(runs).splitlines()
+    assert len(lines) == 4  # header, rule, one line per run
+    header, rows = table(runs)
+    separators = {row[0]: row[header.index("doc_separator")] for row in rows}
+    assert separators == {"lines": "\\n", "tabs": "\\t|"}
+
+
+def test_runs_of_other_tasks_or_data_are_separate_tables(tmp_path):
+    """A classifier's low loss is not ranked among language models, nor a run on other data among these."""
+    lm = [fake_run(tmp_path, "lm-a", [6.0, 2.5], lr=1e-3), fake_run(tmp_path, "lm-b", [6.0, 2.0], lr=3e-3)]
+    other_data = fake_run(tmp_path, "lm-kjv", [6.0, 1.0], data={"source": "kjv.txt"})
+    classifier = fake_run(tmp_path, "cls", [0.24, 0.2398], accuracy=[0.5, 0.9])
+    text = runs_table(lm + [classifier, other_data])
+    blocks = [block.splitlines() for block in text.split("\n\n")]
+    assert [block[0] for block in blocks] == ["causal_lm on stories (2 runs)", "classification on stories (1 run)",
+                                              "causal_lm on kjv.txt (1 run)"]
+    first = [line.split()[0] for line in blocks[0][3:]]
+    assert first == ["lm-b", "lm-a"]  # ranked among themselves; the classifier's 0.2398 is in its own table
+    assert "lr" in blocks[0][1].split() and "lr" not in blocks[1][1].split()  # what differs inside each group
+    assert "accuracy" in blocks[1][1] and "accuracy" not in blocks[0][1]
+    # CSV: every run in one table, each with its group, ranked within it
+    rows = list(csv.DictReader(io.StringIO(runs_table(lm + [classifier, other_data], as_csv=True))))
+    assert [(row["run"], row["group"]) for row in rows] == [
+        ("lm-b", "causal_lm on stories"), ("lm-a", "causal_lm on stories"), ("cls", "classification on stories"),
+        ("lm-kjv", "causal_lm on kjv.txt")]
+
+
+def test_the_table_fits_the_width_and_names_what_it_left_out(three_runs, capsys, monkeypatch):
+    wide = runs_table(three_runs)
+    assert max(map(len, wide.splitlines())) > 60
+    narrow = runs_table(three_runs, width=60).splitlines()
+    assert all(len(line) <= 60 for line in narrow[:-1])
+    header = narrow[0].split()
+    assert header[:1] == ["run"] and "val loss" in narrow[0] and "tok/s" not in header
+    left_out = narrow[-1]
+    assert left_out.startswith("(") and "tok/s" in left_out and "--all" in left_out
+    # the CLI: as wide as the terminal; --all every column; --columns those columns
+    monkeypatch.setenv("COLUMNS", "60")
+    assert runs_main([str(three_runs[0].parent)]) == 0
+    assert capsys.readouterr().out.strip() == "\n".join(narrow)
+    assert runs_main([str(three_runs[0].parent), "--all"]) == 0
+    assert capsys.readouterr().out.strip() == wide
+    assert runs_main([str(three_runs[0].parent), "--columns", "training.lr,tok/s"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["run", "lr", "tok/s"] and len(lines) == 5
+    with pytest.raises(RafaleError, match="no such column"):
+        runs_main([str(three_runs[0].parent), "--columns", "momentum"])
 
 
 def test_sweep_folder_names_keep_the_whole_key_without_its_section():
@@ -135,6 +192,14 @@ def test_the_sweep_table_has_bits_per_byte_and_marks_the_best_run(three_runs, tm
     assert "| 1.5000 ★ |" in row["b"] and "★" not in row["a"] + row["c"]
     assert "| 0.5200 |" in row["b"] and "| 0.8500 |" in row["a"]
     assert "★ best final validation loss: b" in text
+    assert "Validation: the whole validation split (training.eval_batches unset)." in text
+    for run_dir in three_runs:  # validation on the first 8 batches: the table says so
+        cfg = load_config(run_dir / "config.yaml", saved_run=True)
+        cfg.training.eval_batches, cfg.training.batch_size = 8, 16
+        save_config(cfg, run_dir / "config.yaml")
+    text = sweep_table([(run_dir.name, points[run_dir.name], run_dir) for run_dir in three_runs])
+    assert ("Validation: the first 8 batches of 16 of the validation split (training.eval_batches: 8), at most 128 "
+            "blocks or examples.") in text
     # classifiers: the highest accuracy is best, and there is no bits/byte column
     runs = [fake_run(tmp_path / "cls", name, [None, None], accuracy=[0.5, value]) for name, value in
             (("x", 0.7), ("y", 0.9))]
@@ -165,3 +230,40 @@ def test_the_overlay_legend_says_what_differs(three_runs, tmp_path):
     # runs that differ in nothing are named by their folders
     same = [fake_run(tmp_path / "same", name, [6.0, 2.0]) for name in ("p", "q")]
     assert [t.get_text() for t in runs_figure(same).axes[0].get_legend().get_texts()] == ["p", "q"]
+
+
+def test_runs_and_plot_read_a_killed_runs_cut_metrics_line(tmp_path, capsys):
+    """A process killed mid-write leaves metrics.jsonl ending in a cut line: `rafale runs` and `rafale plot` read
+    the rows before it (the one reader, rafale.run_folder.metrics_rows, which the resume's compaction uses too)."""
+    from rafale.main import main
+    from rafale.run_folder import metrics_rows, read_metrics
+    from rafale.record import compact_metrics
+
+    run_dir = fake_run(tmp_path, "killed", [6.0, 2.5], [3.1, 0.85])
+    with (run_dir / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 20, "loss/train/total": 2.')
+    assert [row["step"] for row in metrics_rows(run_dir / "metrics.jsonl")] == [0, 10]
+    assert read_metrics(run_dir)[LOSS] == [(0, 6.0), (10, 2.5)]
+    for argv in (["runs", str(run_dir)], ["plot", str(run_dir)]):
+        with pytest.raises(SystemExit) as exit:
+            main(argv)
+        assert exit.value.code == 0, capsys.readouterr().err
+    assert "killed" in capsys.readouterr().out and (run_dir / "metrics.png").is_file()
+    compact_metrics(run_dir)
+    assert [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [0, 10]
+
+
+def test_log_axes_read_as_plain_numbers(three_runs):
+    """The overlay's loss axis spans less than a decade: its labels read 2, 3, 6, not 2x10^0 (sweep-*.png)."""
+    fig = runs_figure(three_runs)
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    labels = [t.get_text() for t in ax.get_yticklabels() + ax.get_yticklabels(minor=True) if t.get_text()]
+    assert labels and all(float(label.replace("\u2212", "-")) > 0 for label in labels), labels
+    assert {"2", "3", "6"} <= set(labels), labels
+    # a run's metrics.png: perplexity's log axis too
+    fig = run_figure(three_runs[0])
+    fig.canvas.draw()
+    perplexity = next(ax for ax in fig.axes if ax.get_ylabel() == "perplexity")
+    labels = [t.get_text() for t in perplexity.get_yticklabels() + perplexity.get_yticklabels(minor=True) if t.get_text()]
+    assert labels and not any("times" in label or "^" in label for label in labels), labels

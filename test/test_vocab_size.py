@@ -40,7 +40,7 @@ def test_data_summary_says_the_trained_size(tmp_path, cache_dir, capsys, monkeyp
                        data={"vocab_size": ASKED, "num_train_stories": 100, "num_val_stories": 10})
     code, out, err = run_in_process(["-c", str(cfg)], capsys, monkeypatch, env={"DATA": "1"})
     assert code == 0, err[-2000:]
-    path = out.split("rafale: data cache: ")[1].split("\n")[0]
+    path = out.split("rafale: data cached at ")[1].split("\n")[0]
     data = json.loads((Path(path) / "rafale.json").read_text())
     got = data["vocab_size"]
     said = f"vocabulary: {got:,} tokens (tokenizer trained here, fewer than the 5,000 data.vocab_size asked for)"

@@ -248,7 +248,7 @@ def test_dtype_kept_or_converted(tmp_path):
     model = from_pretrained(tmp_path)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert model.positions.inv_freq.dtype == torch.float32  # rotary tables stay fp32, as in transformers
-    torch.testing.assert_close(model.embed_out.weight, hf.lm_head.weight, atol=0, rtol=0)
+    torch.testing.assert_close(model.head.weight, hf.lm_head.weight, atol=0, rtol=0)
     assert {p.dtype for p in from_pretrained(tmp_path, dtype=torch.float32).parameters()} == {torch.float32}
 
     save_pretrained(model, tmp_path / "fp16", dtype=torch.float16)
@@ -391,12 +391,12 @@ def test_every_problem_reported_at_once(neox_folder):
 
 def test_unsupported_architecture(neox_folder):
     config = json.loads((neox_folder / "config.json").read_text())
-    config["architectures"] = ["LlamaForCausalLM"]
+    config["architectures"] = ["MistralForCausalLM"]
     (neox_folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(WeightsError) as err:
         from_pretrained(neox_folder)
     message = str(err.value)
-    assert str(neox_folder / "config.json") in message and "LlamaForCausalLM" in message
+    assert str(neox_folder / "config.json") in message and "MistralForCausalLM" in message
     assert "GPTNeoXForCausalLM" in message and "RobertaForSequenceClassification" in message
 
 

@@ -7,15 +7,19 @@ job, per batch. Each task is a subclass in its own file (rafale/data/causal_lm.p
 image_text.py), listed in DATAPIPES (rafale/data/__init__.py).
 
 Cache folders are named `{source}_{tokenizer}_bs{block_size}_len{N}_{fingerprint}` (N training blocks, or
-examples); the fingerprint covers every input that changes the content (the source's identity, the tokenizer,
-the block size, the pipeline version), so a changed input builds a new cache, and a cache is found by its
-fingerprint alone. A trained tokenizer is named by the size it got (`bpe2761`), known only once trained. A cache
-is built under a temporary name, holds a `rafale.json` written last, and is renamed into place when complete: an
-interrupted build is never mistaken for a finished one. Each split's `content_digest` goes in rafale.json, for
+examples); the fingerprint covers every input that changes the content (the source's files, the tokenizer, the
+pipeline version, and every data.* field), so a changed input builds a new cache, and a cache is found by its
+fingerprint alone. Safe by default: a field a datapipe starts to read (a response column, a second text) is in
+its fingerprint without a word; only the fields a datapipe declares it cannot be changed by (`not_in_cache`) are
+left out, so that changing them (data.num_workers, or data.mlm_probability, which the MLM collator reads per
+batch) reuses the cache. A trained tokenizer is named by the size it got (`bpe2761`), known only once trained.
+A cache is built under a temporary name, holds a `rafale.json` written last, and is renamed into place when
+complete: an interrupted build is never mistaken for a finished one. Each split's `content_digest` goes in rafale.json, for
 the resume guard.
 """
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -33,12 +37,22 @@ from filelock import FileLock
 from tokenizers import Tokenizer
 
 from rafale.config import DataConfig
-from rafale.data.sources import load_source, source_identity, source_name
+from rafale.data.sources import fields_the_source_ignores, load_source, source_identity, source_name
 from rafale.data.tokenizers import (TRAINED_SPECIALS, load_tokenizer, smallest_vocabulary, special_token_ids,
                                     tokenizer_identity, tokenizer_name, train_tokenizer, warn_if_smaller)
 from rafale.errors import DataError
+from rafale.progress import Progress
 
-PIPELINE_VERSION = 2  # 2: caches named by the trained vocabulary size; trained tokenizers carry their post-processor
+PIPELINE_VERSION = 3  # 2: caches named by the trained vocabulary size; trained tokenizers carry their post-processor
+# 3: every data.* field but a datapipe's not_in_cache is a fingerprint input
+
+# data.* fields that cannot change what any datapipe writes to its cache: where the cache is, how many processes
+# build it and load batches from it, and decode_errors ('error' either stops or reads what 'replace' reads)
+NEVER_IN_CACHE = frozenset({"cache_dir", "num_proc", "num_workers", "decode_errors"})
+# the fields only the image-text datapipe reads, which a text datapipe says cannot change its cache
+IMAGE_FIELDS = frozenset({"image_size", "image_column", "num_train_images", "num_val_images", "num_zero_shot_images",
+                          "zero_shot_source", "prompt_templates", "augment"})
+LABEL_FIELDS = frozenset({"label_column", "label_names"})  # what only a labelled (classification) datapipe reads
 
 
 def cache_root(cache_dir=None) -> Path:
@@ -58,6 +72,7 @@ class PreparedData:
     tokenizer: Tokenizer
     path: Path
     meta: dict
+    announced: bool = False  # whether loading said where the cache is ("using cached data at", "data cached at")
 
     @property
     def eos_token_id(self) -> int:
@@ -139,6 +154,9 @@ class DataPipe:
 
     name = "base"
     head = "base"  # causal_lm, mlm, classification or contrastive: the model head the examples are for
+    # data.* fields this datapipe's cache cannot depend on (besides NEVER_IN_CACHE): every other field is in its
+    # fingerprint, read or not; a field left out here is the safe side (a cache built again, never a stale one)
+    not_in_cache: frozenset = frozenset()
     tokenizer_kind = "bpe"  # what `tokenizer: train` trains, unless the constructor says otherwise
     labelled = False  # whether the source must have a label column
     scratch: Path | None = None  # while building: a folder inside the temporary cache for files `_prepare` streams
@@ -156,12 +174,26 @@ class DataPipe:
         raise NotImplementedError
 
     def fingerprint_inputs(self) -> dict:
+        """What the cache's content depends on: the source's files (names, sizes, times), the tokenizer, and every
+        data.* field but those that cannot change it (`fields_not_in_cache`)."""
         return {
             "pipeline": [self.name, PIPELINE_VERSION],
-            "source": source_identity(self.cfg),
+            "source": self.source_identity(),
             "tokenizer": tokenizer_identity(self.cfg, self.tokenizer_kind),
-            "block_size": self.cfg.block_size,
+            "data": {f.name: getattr(self.cfg, f.name) for f in dataclasses.fields(self.cfg)
+                     if f.name not in self.fields_not_in_cache()},
         }
+
+    def source_identity(self) -> list:
+        """The source's files by name, size and modification time (rafale/data/sources.py), or its generator."""
+        return source_identity(self.cfg)
+
+    def fields_not_in_cache(self) -> frozenset:
+        """NEVER_IN_CACHE, this datapipe's `not_in_cache`, the fields its kind of source does not read, and those
+        the fingerprint takes otherwise: data.source and data.tokenizer by their files (a tokenizer file by its
+        content, so a copy elsewhere is the same), data.vocab_size when the tokenizer is not trained here."""
+        identified = {"source", "tokenizer"} | ({"vocab_size"} if self.cfg.tokenizer != "train" else set())
+        return NEVER_IN_CACHE | self.not_in_cache | fields_the_source_ignores(self.cfg) | identified
 
     @property
     def fingerprint(self) -> str:
@@ -201,6 +233,8 @@ class DataPipe:
                         print(f"rafale: using cached data at {path}")
                 else:
                     path = self._build(folder, verbose)
+                    if verbose:
+                        print(f"rafale: data cached at {path}")
             finally:
                 # No lock file is left behind, after a build, a failed build or a cache hit. It is removed while
                 # still held: a process already waiting on it then gets a lock on an unlinked file, which filelock
@@ -214,7 +248,7 @@ class DataPipe:
         meta = json.loads((path / "rafale.json").read_text())
         splits = DatasetDict({split: load_from_disk(str(path / split)) for split in meta["splits"]})
         tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
-        return PreparedData(splits.with_format("torch"), tokenizer, path, meta)
+        return PreparedData(splits.with_format("torch"), tokenizer, path, meta, announced=verbose)
 
     def _build(self, folder: Path, verbose: bool) -> Path:
         """Build the cache under a temporary name in `folder`; rename it, once complete, to its final name
@@ -231,48 +265,53 @@ class DataPipe:
         tmp = folder / f"{name}.tmp-{os.getpid()}"
         self.scratch = tmp / "scratch"  # source copies and streamed splits while building; gone before the rename
         try:
-            tmp.mkdir(parents=True)
-            raw = self.load_raw()
-            if self.cfg.tokenizer == "train":
-                tokenizer = train_tokenizer(raw["train"], self.cfg.vocab_size, self.tokenizer_kind)
-                warn_if_smaller(tokenizer.get_vocab_size(), self.cfg.vocab_size, self.tokenizer_kind)
-            else:
-                tokenizer = load_tokenizer(self.cfg.tokenizer)
-            meta = {
-                "datapipe": self.name,
-                "fingerprint_inputs": self.fingerprint_inputs(),
-                "config": dict(vars(self.cfg)),
-                "vocab_size": tokenizer.get_vocab_size(),
-                # what `tokenizer: train` asked for; the trainer may learn fewer tokens (vocab_size is what it got)
-                "vocab_size_asked": self.cfg.vocab_size if self.cfg.tokenizer == "train" else None,
-                **self.special_ids(tokenizer),
-                "splits": {},
-            }
-            prepared = self._prepare(raw, tokenizer, meta)
-            path = folder / self.cache_name(meta["vocab_size"], len(prepared["train"]))
-            try:
-                tokenizer.save(str(tmp / "tokenizer.json"))
+            with library_progress_bars_off():
+                return self._build_into(tmp, folder)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    def _build_into(self, tmp: Path, folder: Path) -> Path:
+        """`_build`'s steps: read, get a tokenizer, prepare the splits, write them into `tmp`, rename it."""
+        tmp.mkdir(parents=True)
+        raw = self.load_raw()
+        if self.cfg.tokenizer == "train":
+            tokenizer = train_tokenizer(raw["train"], self.cfg.vocab_size, self.tokenizer_kind)
+            warn_if_smaller(tokenizer.get_vocab_size(), self.cfg.vocab_size, self.tokenizer_kind)
+        else:
+            tokenizer = load_tokenizer(self.cfg.tokenizer)
+        meta = {
+            "datapipe": self.name,
+            "fingerprint_inputs": self.fingerprint_inputs(),
+            "config": dict(vars(self.cfg)),
+            "vocab_size": tokenizer.get_vocab_size(),
+            # what `tokenizer: train` asked for; the trainer may learn fewer tokens (vocab_size is what it got)
+            "vocab_size_asked": self.cfg.vocab_size if self.cfg.tokenizer == "train" else None,
+            **self.special_ids(tokenizer),
+            "splits": {},
+        }
+        prepared = self._prepare(raw, tokenizer, meta)
+        path = folder / self.cache_name(meta["vocab_size"], len(prepared["train"]))
+        try:
+            tokenizer.save(str(tmp / "tokenizer.json"))
+            with Progress("writing the cache", total=len(prepared), unit="splits") as progress:
                 for split, ds in prepared.items():
                     save_split(ds, tmp / split, self.scratch)
                     meta["splits"][split] = self._describe(ds)
                     meta["splits"][split]["sha256"] = content_digest(load_from_disk(str(tmp / split)))
-                shutil.rmtree(self.scratch, ignore_errors=True)
-                (tmp / "rafale.json").write_text(json.dumps(meta, indent=2))  # written last: marks the cache complete
-                try:
-                    os.replace(tmp, path)
-                except OSError:
-                    if not (path / "rafale.json").is_file():
-                        raise
-                    # another process built the same cache meanwhile (see load): keep theirs, drop ours
-                    shutil.rmtree(tmp, ignore_errors=True)
-                if verbose and path.name != name:
-                    print(f"rafale: data cached at {path}")
-            except OSError as err:  # a full disk or a read-only folder: the except below removes what was written
-                raise DataError(f"data.cache_dir: could not write the data cache {path}: {err.strerror or err} "
-                                "(free space there, or point data.cache_dir / $RAFALE_CACHE elsewhere)") from None
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+                    progress.update()
+            shutil.rmtree(self.scratch, ignore_errors=True)
+            (tmp / "rafale.json").write_text(json.dumps(meta, indent=2))  # written last: marks the cache complete
+            try:
+                os.replace(tmp, path)
+            except OSError:
+                if not (path / "rafale.json").is_file():
+                    raise
+                # another process built the same cache meanwhile (see load): keep theirs, drop ours
+                shutil.rmtree(tmp, ignore_errors=True)
+        except OSError as err:  # a full disk or a read-only folder: _build removes what was written
+            raise DataError(f"data.cache_dir: could not write the data cache {path}: {err.strerror or err} "
+                            "(free space there, or point data.cache_dir / $RAFALE_CACHE elsewhere)") from None
         return path
 
     def load_raw(self) -> DatasetDict:
@@ -294,17 +333,27 @@ class DataPipe:
     def _tokenize(self, ds: Dataset, split: str, function, features: Features) -> Dataset:
         """Batched, multi-process `map` of `function(batch of rows) -> batch of token lists` over a split."""
         num_proc = self.num_proc if len(ds) >= 20_000 and self.num_proc > 1 else None
-        return ds.map(
-            function,
-            batched=True,
-            batch_size=10_000,  # large batches: encode_batch parallelizes within each call
-            num_proc=num_proc,
-            remove_columns=ds.column_names,
-            features=features,
-            desc=f"tokenizing {split}",
-            load_from_cache_file=False,
-            keep_in_memory=True,
-        )
+        with Progress(f"tokenizing {split}", total=len(ds), unit="examples") as progress:
+            return ds.map(counted(function, progress) if num_proc is None else function,
+                          batched=True,
+                          batch_size=10_000,  # large batches: encode_batch parallelizes within each call
+                          num_proc=num_proc,
+                          remove_columns=ds.column_names,
+                          features=features,
+                          load_from_cache_file=False,
+                          keep_in_memory=True)
+
+
+def counted(function, progress):
+    """A batched `map` function that also counts its rows on `progress` (in this process only: `map` with
+    num_proc pickles the function into other processes, where rafale's progress only says the stage runs)."""
+
+    def function_counting_rows(batch, *args):
+        out = function(batch, *args)
+        progress.update(len(next(iter(batch.values()))))
+        return out
+
+    return function_counting_rows
 
 
 def content_digest(ds: Dataset) -> str:
@@ -334,9 +383,10 @@ def _digest_array(digest, array: pa.Array):
 
 
 @contextlib.contextmanager
-def save_progress_bar_off():
-    """`save_to_disk` draws a "Saving the dataset (0/1 shards)" bar for each split and has no flag to stop it;
-    rafale says what it caches itself. `datasets`' bars (the `map` that tokenizes) come back afterwards."""
+def library_progress_bars_off():
+    """`datasets` draws bars of its own while a cache is built ("Generating train split" reading a .csv or .jsonl,
+    `map`'s "tokenizing train", `save_to_disk`'s "Saving the dataset (0/1 shards)"), with carriage returns in a
+    log; rafale says what it does itself (rafale.progress). Their setting comes back afterwards."""
     was_off = datasets.are_progress_bars_disabled()
     datasets.disable_progress_bars()
     try:
@@ -354,10 +404,10 @@ def save_split(ds: Dataset, path: Path, scratch: Path | None):
     and the streamed file replaces that row's data file."""
     files = [Path(f["filename"]).resolve() for f in ds.cache_files]
     if scratch is None or len(files) != 1 or files[0].parent != scratch.resolve() or ds._indices is not None:
-        with save_progress_bar_off():
+        with library_progress_bars_off():
             ds.save_to_disk(str(path))
         return
-    with save_progress_bar_off():
+    with library_progress_bars_off():
         Dataset.from_dict(ds[:1], features=ds.features).save_to_disk(str(path), num_shards=1)
     (data_file,) = json.loads((path / "state.json").read_text())["_data_files"]
     os.replace(files[0], path / data_file["filename"])
@@ -377,8 +427,9 @@ def describe_vocabulary(data: PreparedData) -> str:
 
 
 def print_data_summary(data: PreparedData):
-    """What DATA=1 and every run print of the prepared data."""
-    print(f"rafale: data cache: {data.path}")
+    """What DATA=1 and every run print of the prepared data; where the cache is, unless loading said it."""
+    if not data.announced:
+        print(f"rafale: data cache: {data.path}")
     print(f"rafale:   {describe_vocabulary(data)}")
     for split, info in data.meta["splits"].items():
         if "images" in info:

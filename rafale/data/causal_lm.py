@@ -7,7 +7,6 @@ straight into the cache folder's layout (`BlockWriter`, then `save_split` moves 
 helpers here (`chunk_into_blocks`, `describe_blocks`) serve the MLM datapipe too.
 """
 
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +17,9 @@ import torch
 from datasets import Dataset, DatasetDict, Features, Sequence, Value
 from tokenizers import Tokenizer
 
-from rafale.data.cache import DataPipe
+from rafale.data.cache import IMAGE_FIELDS, LABEL_FIELDS, DataPipe
 from rafale.errors import IGNORE_INDEX, DataError
+from rafale.progress import Progress
 
 TOKEN_FEATURES = Features({"input_ids": Sequence(Value("int32"))})  # a split of blocks (causal LM, MLM)
 INT32_MAX = 2**31 - 1  # an Arrow list's offsets are int32: one list array holds at most this many values
@@ -55,7 +55,6 @@ def describe_blocks(ds: Dataset) -> dict:
 
 SHARD_TOKENS = 2**22  # tokens cut into blocks and written at a time (16 MiB of int32): about what a split holds in memory
 ENCODE_BATCH = 1000  # documents per encode_batch call, which tokenizes them in parallel
-PROGRESS_EVERY = 50_000_000  # tokens between progress lines when stderr is not a terminal
 
 
 class BlockWriter:
@@ -104,29 +103,6 @@ class BlockWriter:
         self.shards += 1
 
 
-class TokenProgress:
-    """Tokens done so far: a tqdm bar on an interactive stderr, else a line every PROGRESS_EVERY tokens."""
-
-    def __init__(self, desc: str, every: int | None = None):
-        self.desc, self.every, self.count = desc, every or PROGRESS_EVERY, 0
-        self.bar = None
-        if sys.stderr.isatty():
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(desc=desc, unit="tok", unit_scale=True, file=sys.stderr)
-
-    def update(self, tokens: int):
-        before, self.count = self.count, self.count + tokens
-        if self.bar is not None:
-            self.bar.update(tokens)
-        elif self.count // self.every > before // self.every:
-            print(f"rafale: {self.desc}: {self.count:,} tokens", flush=True)
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
-
-
 def token_stream(encodings, end_id: int) -> np.ndarray:
     """The ids of encoded documents, each followed by `end_id`, as one int32 array."""
     return pa.array([e.ids + [end_id] for e in encodings], pa.list_(pa.int32())).flatten().to_numpy()
@@ -136,12 +112,12 @@ def write_blocks(texts: Dataset, tokenizer: Tokenizer, end_id: int, block_size: 
                  shard_tokens: int = SHARD_TOKENS) -> BlockWriter:
     """Tokenize `texts` batch by batch, each document followed by `end_id`, and write the stream's blocks to `path`."""
     writer = BlockWriter(path, block_size, shard_tokens)
-    progress = TokenProgress(desc)
+    progress = Progress(desc, total=len(texts), unit="documents")
     try:
         for batch in texts.iter(batch_size=ENCODE_BATCH):
             tokens = token_stream(tokenizer.encode_batch(batch["text"], add_special_tokens=False), end_id)
             writer.add(tokens)
-            progress.update(len(tokens))
+            progress.update(len(batch["text"]))
         writer.close()
     except OSError as err:  # a full disk: the build's cleanup removes what was written
         raise DataError(f"data.cache_dir: could not write the data cache ({path}): {err.strerror or err} "
@@ -159,6 +135,7 @@ class CausalLMDataPipe(DataPipe):
 
     name = "causal_lm"
     head = "causal_lm"
+    not_in_cache = IMAGE_FIELDS | LABEL_FIELDS | {"mlm_probability"}  # none of them read here
     shard_tokens = SHARD_TOKENS
 
     def _prepare(self, raw: DatasetDict, tokenizer: Tokenizer, meta: dict) -> DatasetDict:

@@ -9,8 +9,10 @@ import torch
 from datasets import Dataset, DatasetDict, Features, Sequence, Value
 from tokenizers import Tokenizer
 
+from rafale.data.cache import IMAGE_FIELDS, counted
 from rafale.data.encoder import EncoderDataPipe, pad_batch
 from rafale.errors import DataError
+from rafale.progress import Progress
 
 
 class ClassificationDataPipe(EncoderDataPipe):
@@ -22,9 +24,7 @@ class ClassificationDataPipe(EncoderDataPipe):
     name = "classification"
     head = "classification"
     labelled = True
-
-    def fingerprint_inputs(self) -> dict:
-        return super().fingerprint_inputs() | {"labels": [self.cfg.label_column, self.cfg.label_names]}
+    not_in_cache = IMAGE_FIELDS | {"mlm_probability"}  # neither read here
 
     def label_names(self, raw: DatasetDict) -> list[str]:
         if self.cfg.label_names is not None:
@@ -66,10 +66,11 @@ class ClassificationDataPipe(EncoderDataPipe):
                 }
 
             features = Features({"input_ids": Sequence(Value("int32")), "label": Value("int64")})
-            out[split] = ds.map(
-                tokenize, batched=True, with_indices=True, remove_columns=ds.column_names, features=features,
-                desc=f"tokenizing {split}", load_from_cache_file=False, keep_in_memory=True,
-            )
+            with Progress(f"tokenizing {split}", total=len(ds), unit="examples") as progress:
+                out[split] = ds.map(
+                    counted(tokenize, progress), batched=True, with_indices=True, remove_columns=ds.column_names,
+                    features=features, load_from_cache_file=False, keep_in_memory=True,
+                )
         return DatasetDict(out)
 
     def _describe(self, ds: Dataset) -> dict:

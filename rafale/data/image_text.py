@@ -32,9 +32,8 @@ from PIL import Image
 from tokenizers import Tokenizer
 
 from rafale.config import DataConfig
-from rafale.data.cache import PIPELINE_VERSION, DataPipe
+from rafale.data.cache import LABEL_FIELDS, PIPELINE_VERSION, DataPipe
 from rafale.data.sources import file_identity
-from rafale.data.tokenizers import tokenizer_identity
 from rafale.errors import DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
@@ -259,6 +258,8 @@ class ImageTextDataPipe(DataPipe):
 
     name = "contrastive"
     head = "contrastive"
+    # augment is the collator's (a fresh crop each batch); the others are never read here
+    not_in_cache = LABEL_FIELDS | {"mlm_probability", "doc_separator", "augment"}
 
     def __init__(self, cfg: DataConfig, tokenizer_kind: str | None = None, num_proc: int = 0, *,
                  fixed_text_length: bool, image_mean, image_std):
@@ -266,7 +267,9 @@ class ImageTextDataPipe(DataPipe):
         self.text_length = cfg.block_size if fixed_text_length else None
         self.image_mean, self.image_std = [float(v) for v in image_mean], [float(v) for v in image_std]
 
-    def fingerprint_inputs(self) -> dict:
+    def source_identity(self) -> list:
+        """The source's files: the shapes generator, a hub name, or the captions file's folder (the file and the
+        images it names); and the zero-shot folder's."""
         cfg = self.cfg
         if cfg.source == "shapes":
             generator = (Path(__file__).parents[1] / "shapes.py").read_bytes()
@@ -278,13 +281,12 @@ class ImageTextDataPipe(DataPipe):
             path = Path(cfg.source).expanduser()
             source = file_identity(path if path.is_dir() else path.parent)
         zero_shot = None if cfg.zero_shot_source is None else file_identity(Path(cfg.zero_shot_source).expanduser())
-        return {
+        return [source, zero_shot]
+
+    def fingerprint_inputs(self) -> dict:
+        return super().fingerprint_inputs() | {  # and what the model side says of its inputs, which the meta records
             "pipeline": [self.name, PIPELINE_VERSION, IMAGE_TEXT_VERSION],
-            "source": [source, cfg.image_column, cfg.text_column, cfg.val_fraction, cfg.split_seed],
-            "tokenizer": tokenizer_identity(cfg, self.tokenizer_kind),
-            "block_size": cfg.block_size,
-            "images": [cfg.image_size, zero_shot, cfg.prompt_templates],
-            "model_inputs": [self.text_length, self.image_mean, self.image_std],  # the meta records them
+            "model_inputs": [self.text_length, self.image_mean, self.image_std],
         }
 
     def load_raw(self) -> DatasetDict:

@@ -9,6 +9,7 @@ import torch
 from datasets import Dataset, DatasetDict
 from tokenizers import Tokenizer
 
+from rafale.data.cache import IMAGE_FIELDS, LABEL_FIELDS
 from rafale.data.causal_lm import TOKEN_FEATURES, chunk_into_blocks, describe_blocks
 from rafale.data.encoder import EncoderDataPipe, pad_batch
 from rafale.errors import IGNORE_INDEX
@@ -21,6 +22,8 @@ class MLMDataPipe(EncoderDataPipe):
 
     name = "mlm"
     head = "mlm"
+    # mlm_probability is the collator's (it masks each batch afresh), not the cache's
+    not_in_cache = IMAGE_FIELDS | LABEL_FIELDS | {"mlm_probability"}
 
     def _prepare(self, raw: DatasetDict, tokenizer: Tokenizer, meta: dict) -> DatasetDict:
         sep = meta["sep_token_id"]

@@ -23,6 +23,7 @@ from datasets import Dataset, DatasetDict, Features, Value, concatenate_datasets
 
 from rafale.config import DataConfig, split_source_files
 from rafale.errors import DataError
+from rafale.progress import Progress
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet", ".csv")
 
@@ -49,19 +50,23 @@ CONTROL_BYTES = bytes([*range(0x09), *range(0x0E, 0x20), 0x7F])
 NOT_CONTROL_BYTES = bytes(b for b in range(256) if b not in CONTROL_BYTES)
 
 
-def iter_text_documents(path: Path, separator: str, errors: str = "replace", piece_bytes: int | None = None):
+def iter_text_documents(path: Path, separator: str, errors: str = "replace", piece_bytes: int | None = None,
+                        progress=None):
     """The documents of a .txt source, stripped, empty ones dropped, reading `piece_bytes` at a time.
 
     The bytes are split on the separator's UTF-8 bytes, then each document is decoded: a UTF-8 sequence never
     starts inside another, so the cuts are those of splitting the decoded text, and a bad byte's offset is exact.
     A file whose characters are mostly invalid UTF-8 or control bytes (an executable, UTF-16) is a DataError,
-    checked after each piece: it does not look like text, and replacing its bytes would train on noise."""
+    checked after each piece: it does not look like text, and replacing its bytes would train on noise. `progress`
+    (rafale.progress.Progress) counts the bytes read."""
     sep, piece_bytes = separator.encode(), piece_bytes or READ_PIECE_BYTES
     replaced, offset, rest = 0, 0, b""  # offset: where `rest` starts in the file
     characters = controls = 0  # so far, for the share of what is not text
     with path.open("rb") as f:
         while True:
             piece = f.read(piece_bytes)
+            if progress is not None:
+                progress.update(len(piece))
             parts = (rest + piece).split(sep)
             rest = parts.pop() if piece else b""  # the last part may go on in the next piece (at the end it is a document)
             for raw in parts:
@@ -107,9 +112,10 @@ def _text_source_dataset(path: Path, cfg: DataConfig, scratch: Path) -> Dataset:
     handle, name = tempfile.mkstemp(suffix=".arrow", prefix=f"{safe_name(path.stem)}-", dir=scratch)
     os.close(handle)
     schema = Features({"text": Value("string")}).arrow_schema
-    with pa.OSFile(name, "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+    with (pa.OSFile(name, "wb") as sink, pa.ipc.new_stream(sink, schema) as writer,
+          Progress(f"reading {path.name}", total=path.stat().st_size, unit="bytes") as progress):
         batch, size = [], 0
-        for doc in iter_text_documents(path, cfg.doc_separator, cfg.decode_errors):
+        for doc in iter_text_documents(path, cfg.doc_separator, cfg.decode_errors, progress=progress):
             batch.append(doc)
             size += len(doc)
             if size >= TEXT_BATCH_BYTES:
@@ -141,7 +147,8 @@ def load_source(cfg: DataConfig, scratch: Path, labelled: bool = False) -> Datas
     if cfg.source.startswith("hf:"):
         name = cfg.source[3:]
         try:
-            loaded = load_dataset(name, cfg.hub_config)
+            with Progress(f"loading {name} from the hub"):
+                loaded = load_dataset(name, cfg.hub_config)
         except Exception as err:  # the hub raises many types; all mean the same to a user
             raise DataError(f"data.source: could not load hub dataset '{name}' (needs internet): {err}") from None
     else:
@@ -184,7 +191,8 @@ def _load_file(path: Path, cfg: DataConfig, labelled: bool, scratch: Path) -> Da
 
 def _read_table(read, path: Path, named: Path) -> Dataset:
     try:
-        return read(str(path))
+        with Progress(f"reading {named.name}"):  # datasets' "Generating train split" bar is off (rafale.data.cache)
+            return read(str(path))
     except Exception as err:  # Arrow and datasets raise many types for a malformed file
         message = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
         raise DataError(f"data.source: {named} could not be read as {named.suffix[1:]}: {message}") from None
@@ -293,6 +301,18 @@ def source_identity(cfg: DataConfig) -> list:
         return [cfg.source, cfg.hub_config, cfg.text_column, cfg.val_fraction, cfg.split_seed]
     path = Path(cfg.source).expanduser()
     return [file_identity(path), cfg.text_column, cfg.doc_separator, cfg.val_fraction, cfg.split_seed]
+
+
+def fields_the_source_ignores(cfg: DataConfig) -> frozenset:
+    """The data.* fields this kind of source never reads, left out of the cache's fingerprint (rafale/data/cache.py):
+    the story counts unless it is the stories, the columns, separator and validation fraction of the stories
+    (which have their own validation split and no file), a hub configuration unless it is the hub."""
+    ignored = {"hub_config"} if not (isinstance(cfg.source, str) and cfg.source.startswith("hf:")) else set()
+    if cfg.source == "stories":
+        return frozenset(ignored | {"text_column", "doc_separator", "val_fraction"})
+    if isinstance(cfg.source, dict) and "validation" in split_source_files(cfg.source):
+        ignored.add("val_fraction")  # a validation file of its own: nothing is carved off
+    return frozenset(ignored | {"num_train_stories", "num_val_stories"})
 
 
 def source_name(cfg: DataConfig) -> str:

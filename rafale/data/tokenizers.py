@@ -9,7 +9,6 @@ fingerprint and folder name take of a tokenizer (rafale/data/cache.py).
 """
 
 import hashlib
-import sys
 from pathlib import Path
 
 from datasets import Dataset
@@ -18,6 +17,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from rafale.config import DataConfig
 from rafale.data.sources import safe_name
 from rafale.errors import DataError
+from rafale.progress import Progress
 
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "[SEP]")
 PAD_CANDIDATES = ("<|padding|>", "<pad>", "[PAD]")
@@ -59,7 +59,7 @@ def train_tokenizer(texts: Dataset, vocab_size: int, kind: str = "bpe") -> Token
         tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
         tokenizer.decoder = decoders.WordPiece()
         trainer = trainers.WordPieceTrainer(
-            vocab_size=vocab_size, special_tokens=specials, show_progress=sys.stderr.isatty()
+            vocab_size=vocab_size, special_tokens=specials, show_progress=False
         )
     else:
         tokenizer = Tokenizer(models.BPE())
@@ -69,10 +69,19 @@ def train_tokenizer(texts: Dataset, vocab_size: int, kind: str = "bpe") -> Token
             vocab_size=vocab_size,
             special_tokens=specials,
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-            show_progress=sys.stderr.isatty(),
+            show_progress=False,
         )
-    batches = (texts[i : i + 1000]["text"] for i in range(0, len(texts), 1000))
-    tokenizer.train_from_iterator(batches, trainer, length=len(texts))
+    # the trainer's own bar is off (it draws carriage returns into a log); rafale's counts the documents read, and
+    # keeps saying the stage runs while the trainer computes its merges
+    with Progress("training the tokenizer", total=len(texts), unit="documents") as progress:
+
+        def batches():
+            for i in range(0, len(texts), 1000):
+                batch = texts[i : i + 1000]["text"]
+                yield batch
+                progress.update(len(batch))
+
+        tokenizer.train_from_iterator(batches(), trainer, length=len(texts))
     if kind != "bpe":
         tokenizer.post_processor = encoder_post_processor(kind)
     return tokenizer

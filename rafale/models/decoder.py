@@ -1,26 +1,34 @@
-"""Pythia / GPT-NeoX: a decoder-only transformer, read top to bottom.
+"""The decoder, built from parts, read top to bottom.
 
-    x = embed_in(ids)
-    for each layer:  x = x + attn(ln1(x)) + mlp(ln2(x))     (parallel residual, Pythia)
-                 or  x = x + attn(ln1(x)); x = x + mlp(ln2(x))   (sequential)
-    logits = embed_out(final_layer_norm(x))
+    x = embed(ids)
+    for each block:  x = x + attn(attn_norm(x)) + mlp(mlp_norm(x))     (parallel residual: GPT-NeoX, Pythia)
+                 or  x = x + attn(attn_norm(x)); x = x + mlp(mlp_norm(x))   (sequential: Llama, Qwen, GPT-2)
+    logits = head(norm(x))                      (head tied to embed or its own; soft-capped if asked)
 
-Module names mirror the Hugging Face GPT-NeoX checkpoint (`gpt_neox.layers.0.attention.query_key_value`
-here is `layers.0.attention.query_key_value`), so loading real weights is a rename. Attention goes through
-`scaled_dot_product_attention` (flash / memory-efficient kernels on a GPU). `generate` decodes greedily with a
-`KVCache`.
+Every part is chosen by one field of `DecoderConfig`: the norm (`NORMS`: LayerNorm, RMSNorm), the MLP (`MLPS`:
+GELU as GPT-NeoX, SwiGLU as Llama and Qwen, ReLU^2 as modded-nanogpt), how positions enter attention
+(`POSITIONS`: rotary with its base and the fraction of each head it turns, or a scheme of your own), the attention's
+key/value heads (`num_kv_heads`: multi-head, grouped-query, multi-query), its biases and Qwen3's per-head QK-norm,
+the residual (parallel or sequential), a tied or untied head, zero-initialised output projections and a logit
+soft-cap. GPT-NeoX (rafale/models/pythia.py), Llama (llama.py) and Qwen3 (qwen3.py) are this one decoder with other
+fields; `DecoderConfig`'s defaults are GPT-NeoX's. The modules' names are rafale's own (`attn.qkv`, `mlp.up`);
+each family's Hugging Face tensor names are in its file's `WeightLayout`.
 
-How positions enter attention is a part of its own, chosen by `model.positions` from `POSITIONS`: `Rotary`
-(GPT-NeoX's, on the first `rotary_pct` of each head) by default. A part may change the queries and keys
-(`rotate`) and the scores' mask and bias (`mask`); it reads where the forward pass stands from a `Span` (the
-cached length from the KV cache, the new tokens' positions, the padding). A new scheme is a subclass of
-`Positions` and one line in `POSITIONS` (README, "Adding a model"; ALiBi is the worked example).
+What depends on the parts is computed by the parts: each reports its matmul FLOPs per token (`flops`), and the
+model's `flops_per_token` is their sum.
+
+Attention goes through `scaled_dot_product_attention` (flash / memory-efficient kernels on a GPU). `generate`
+decodes greedily or samples, with a `KVCache` that holds the key/value heads (not the query heads). A position
+part may change the queries and keys (`rotate`) and the scores' mask and bias (`mask`); it reads where the forward
+pass stands from a `Span` (the cached length from the KV cache, the new tokens' positions, the padding). A new
+scheme is a subclass of `Positions` and one line in `POSITIONS` (README, "A new attention or position scheme";
+ALiBi is the worked example); a new MLP or norm is one class and one line in `MLPS` or `NORMS`.
 
 The module imports torch only; its Composer wrapper, `ComposerLM`, is in rafale/models/composer.py.
 """
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import ClassVar, Literal, Optional
 
 import torch
 import torch.nn as nn
@@ -33,65 +41,106 @@ from rafale.models.decoding import DecodingLinears
 
 @dataclass
 class DecoderConfig:
+    """The decoder's sizes and parts. The defaults are GPT-NeoX's (Pythia); a family with other defaults subclasses
+    it (rafale/models/llama.py's LlamaConfig) and says so in `family`, which picks the Hugging Face format an export
+    is written in."""
+
+    family: ClassVar[str] = "pythia"  # the FAMILIES entry whose Hugging Face format describes this config
     vocab_size: Optional[int] = None  # None: the tokenizer's size rounded up to a multiple of 64
     hidden_size: int = 512
     num_layers: int = 6
     num_heads: int = 8
+    num_kv_heads: Optional[int] = None  # key/value heads, each shared by num_heads // num_kv_heads query heads
+    # (grouped-query attention; 1: multi-query); None: num_heads (multi-head)
+    head_dim: Optional[int] = None  # dims per head; None: hidden_size // num_heads (Qwen3 sets its own)
     intermediate_size: int = 2048
     max_position_embeddings: int = 2048
     rotary_pct: float = 0.25  # fraction of each head's dims that get rotary embeddings
     rotary_base: float = 10000.0
     parallel_residual: bool = True
-    layer_norm_eps: float = 1e-5
+    layer_norm_eps: float = 1e-5  # the epsilon of every norm (LayerNorm's or RMSNorm's)
     init_std: float = 0.02
-    norm: Literal["layernorm", "rmsnorm"] = "layernorm"  # rmsnorm has no Hugging Face export (GPT-NeoX has none)
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"  # a key of NORMS (GPT-NeoX has no rmsnorm; Llama no layernorm)
     positions: str = "rotary"  # how positions enter attention: a key of POSITIONS (only rotary exports to HF)
+    mlp: str = "gelu"  # a key of MLPS: gelu (GPT-NeoX), swiglu (Llama, Qwen), relu2 (modded-nanogpt; no HF export)
+    mlp_bias: bool = True  # biases in the MLP's projections
+    attention_bias: bool = True  # biases in the attention's projections (q, k, v and the output)
+    qk_norm: bool = False  # RMSNorm over each head of q and k before the positions (Qwen3, modded-nanogpt)
+    tie_embeddings: bool = False  # the output head is the input embedding (SmolLM2, Llama 3.2 1B, Qwen3 0.6B)
+    zero_init_proj: bool = False  # start each block's output projections (attention's and the MLP's) at zero, so
+    # every block starts as the identity (modded-nanogpt); training-only: the export carries the weights
+    logit_softcap: Optional[float] = None  # logits = cap * tanh(logits / cap) (Gemma 2, modded-nanogpt); None: off
+
+    def __post_init__(self):
+        # one spelling per model: a value equal to what None means is None (the export's round trip compares fields)
+        if self.num_kv_heads is not None and self.num_kv_heads == self.num_heads:
+            self.num_kv_heads = None
+        if (self.head_dim is not None and self.num_heads > 0 and self.hidden_size % self.num_heads == 0
+                and self.head_dim == self.hidden_size // self.num_heads):
+            self.head_dim = None
 
     @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def head_size(self) -> int:
+        """Dims per head: head_dim, or hidden_size // num_heads."""
+        return self.head_dim or self.hidden_size // self.num_heads
 
     @property
     def rotary_dim(self) -> int:
-        return int(self.head_dim * self.rotary_pct)
+        return int(self.head_size * self.rotary_pct)
 
     def validate(self):
         for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "max_position_embeddings"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.vocab_size is not None and self.vocab_size <= 0:
-            raise ValueError(f"vocab_size must be positive, got {self.vocab_size}")
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})")
+        for name in ("vocab_size", "num_kv_heads", "head_dim", "logit_softcap"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.head_dim is None and self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads}), "
+                             "or head_dim set")
+        if self.num_heads % self.kv_heads:
+            raise ValueError(f"num_heads ({self.num_heads}) must be divisible by num_kv_heads ({self.num_kv_heads})")
         if not 0 <= self.rotary_pct <= 1:
             raise ValueError(f"rotary_pct must be in [0, 1], got {self.rotary_pct}")
         if self.rotary_dim % 2:
             raise ValueError(f"rotary_pct * head_dim must be even, got {self.rotary_dim}")
-        if self.norm not in NORMS:
-            raise ValueError(f"norm must be one of {', '.join(NORMS)}, got {self.norm!r}")
-        if self.positions not in POSITIONS:
-            raise ValueError(f"positions must be one of {', '.join(POSITIONS)}, got {self.positions!r}")
+        for name, registry in (("norm", NORMS), ("positions", POSITIONS), ("mlp", MLPS)):
+            if getattr(self, name) not in registry:
+                raise ValueError(f"{name} must be one of {', '.join(registry)}, got {getattr(self, name)!r}")
 
 
-# x / sqrt(mean(x^2) + eps) * weight, without LayerNorm's centring and bias (Zhang & Sennrich 2019)
+def linear_flops(*linears: nn.Linear) -> int:
+    """Matmul FLOPs per token of a forward pass through these projections: 2 per multiply-add."""
+    return sum(2 * m.in_features * m.out_features for m in linears)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Norms: model.norm -> the class, built as cls(dims, eps=...)
+
+# RMSNorm: x / sqrt(mean(x^2) + eps) * weight, without LayerNorm's centring and bias (Zhang & Sennrich 2019)
 NORMS = {"layernorm": nn.LayerNorm, "rmsnorm": nn.RMSNorm}
 
 
-def make_norm(cfg: DecoderConfig) -> nn.Module:
-    return NORMS[cfg.norm](cfg.hidden_size, eps=cfg.layer_norm_eps)
+def make_norm(cfg: DecoderConfig, dims: Optional[int] = None) -> nn.Module:
+    return NORMS[cfg.norm](dims or cfg.hidden_size, eps=cfg.layer_norm_eps)
 
 
 class KVCache:
-    """Keys and values of the positions decoded so far, for every layer, allocated once.
+    """Keys and values of the positions decoded so far, for every layer, allocated once. It holds the key/value
+    heads: grouped-query attention caches num_kv_heads of them, not one per query head.
 
-    k, v: (num_layers, B, nh, max_len, hs); `length` positions of them are filled.
+    k, v: (num_layers, B, nkv, max_len, hs); `length` positions of them are filled.
     """
 
     def __init__(self, cfg: DecoderConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
-        shape = (cfg.num_layers, batch_size, cfg.num_heads, max_len, cfg.head_dim)
+        shape = (cfg.num_layers, batch_size, cfg.kv_heads, max_len, cfg.head_size)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
-        # one (B, nh, max_len, hs) view per layer, taken once rather than indexed again at every step
+        # one (B, nkv, max_len, hs) view per layer, taken once rather than indexed again at every step
         self.layer_k = [self.k[i] for i in range(cfg.num_layers)]
         self.layer_v = [self.v[i] for i in range(cfg.num_layers)]
         self.length = 0
@@ -101,9 +150,9 @@ class KVCache:
         return self.k.shape[3]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Store k, v (B, nh, T, hs) after the filled positions; return all keys and values (B, nh, length+T, hs)."""
+        """Store k, v (B, nkv, T, hs) after the filled positions; return all keys and values (B, nkv, length+T, hs)."""
         start, end = self.length, self.length + k.shape[2]
-        k_all, v_all = self.layer_k[layer], self.layer_v[layer]  # (B, nh, max_len, hs)
+        k_all, v_all = self.layer_k[layer], self.layer_v[layer]  # (B, nkv, max_len, hs)
         k_all[:, :, start:end].copy_(k)
         v_all[:, :, start:end].copy_(v)
         return k_all[:, :, :end], v_all[:, :, :end]
@@ -232,51 +281,114 @@ POSITIONS = {
 
 
 class Attention(nn.Module):
+    """Causal self-attention with num_kv_heads key/value heads, each shared by a group of num_heads // num_kv_heads
+    query heads (as many as the query heads: multi-head; one: multi-query). q, k and v come from one projection,
+    laid out per key/value head: [the group's query heads, its key, its value] for each (with one query head per
+    group this is GPT-NeoX's own fused layout). Optional: biases (cfg.attention_bias) and Qwen3's QK-norm,
+    an RMSNorm over each head of q and k before the positions."""
+
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
-        self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
-        self.query_key_value = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
-        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.kv_heads, cfg.head_size
+        self.group = cfg.num_heads // cfg.kv_heads  # query heads per key/value head
+        self.qkv = nn.Linear(cfg.hidden_size, (cfg.num_heads + 2 * cfg.kv_heads) * cfg.head_size, bias=cfg.attention_bias)
+        self.proj = nn.Linear(cfg.num_heads * cfg.head_size, cfg.hidden_size, bias=cfg.attention_bias)
+        self.q_norm = nn.RMSNorm(cfg.head_size, eps=cfg.layer_norm_eps) if cfg.qk_norm else None
+        self.k_norm = nn.RMSNorm(cfg.head_size, eps=cfg.layer_norm_eps) if cfg.qk_norm else None
 
     def forward(self, x, positions: Positions, span: Span, kv_cache: Optional[KVCache] = None, layer: int = 0):
-        B, T, C = x.shape
-        # GPT-NeoX lays out the fused projection per head: [q_h, k_h, v_h] for each head h
-        qkv = self.query_key_value(x).view(B, T, self.num_heads, 3 * self.head_dim)  # (B, T, nh, 3*hs)
-        q, k, v = qkv.transpose(1, 2).split(self.head_dim, dim=-1)  # each (B, nh, T, hs)
+        B, T, _ = x.shape
+        nh, nkv, hs, g = self.num_heads, self.num_kv_heads, self.head_dim, self.group
+        qkv = self.qkv(x).view(B, T, nkv, (g + 2) * hs)  # (B, T, nkv, (g+2)*hs)
+        q, k, v = qkv.split((g * hs, hs, hs), dim=-1)  # (B, T, nkv, g*hs), (B, T, nkv, hs), (B, T, nkv, hs)
+        q = q.reshape(B, T, nh, hs)  # (B, T, nh, hs): query head j belongs to key/value head j // g
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)  # over each head's hs dims
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, nh, T, hs), (B, nkv, T, hs) x2
         q, k = positions.rotate(q, k, span)
         if kv_cache is not None:
-            k, v = kv_cache.update(layer, k, v)  # (B, nh, past+T, hs)
+            k, v = kv_cache.update(layer, k, v)  # (B, nkv, past+T, hs)
         attn_mask, is_causal = positions.mask(span, q.dtype)  # (B or 1, 1 or nh, T, past+T), or implicit
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
-        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, nh*hs)
-        return self.dense(y)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                           enable_gqa=g > 1)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).reshape(B, T, nh * hs)  # (B, T, nh*hs)
+        return self.proj(y)
+
+    def flops(self, seq_len: int) -> int:
+        """Per token: the projections, and the scores and weighted values of each query head over seq_len keys (PaLM's
+        count, not halved for the causal mask: see Decoder.flops_per_token)."""
+        return linear_flops(self.qkv, self.proj) + 2 * 2 * seq_len * self.num_heads * self.head_dim
 
 
 class MLP(nn.Module):
+    """down(act(up(x))) with GELU (the exact, erf form: GPT-NeoX's "gelu")."""
+
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
-        self.dense_h_to_4h = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
-        self.dense_4h_to_h = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.up = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def act(self, x):
+        return F.gelu(x)
 
     def forward(self, x):
-        return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x)))
+        return self.down(self.act(self.up(x)))
+
+    def flops(self, seq_len: int) -> int:
+        return linear_flops(self.up, self.down)
 
 
-class Layer(nn.Module):
+class ReLU2(MLP):
+    """down(relu(up(x))^2) (So et al. 2021, Primer; modded-nanogpt's MLP)."""
+
+    def act(self, x):
+        return F.relu(x).square()
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)) (Shazeer 2020; Llama's and Qwen's MLP, HF hidden_act "silu")."""
+
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.gate = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x):
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+    def flops(self, seq_len: int) -> int:
+        return linear_flops(self.gate, self.up, self.down)
+
+
+# model.mlp -> the part; a new MLP is one class (with .down, its output projection, and flops) and one line here
+MLPS = {
+    "gelu": MLP,
+    "swiglu": SwiGLU,
+    "relu2": ReLU2,
+}
+
+
+class Block(nn.Module):
+    """One layer: attention and the MLP, each after its norm, added to the residual in parallel or in sequence."""
+
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
         self.parallel_residual = cfg.parallel_residual
-        self.input_layernorm = make_norm(cfg)
-        self.post_attention_layernorm = make_norm(cfg)
-        self.attention = Attention(cfg)
-        self.mlp = MLP(cfg)
+        self.attn_norm = make_norm(cfg)
+        self.attn = Attention(cfg)
+        self.mlp_norm = make_norm(cfg)
+        self.mlp = MLPS[cfg.mlp](cfg)
 
     def forward(self, x, positions: Positions, span: Span, kv_cache=None, layer=0):
-        attn = self.attention(self.input_layernorm(x), positions, span, kv_cache, layer)
+        attn = self.attn(self.attn_norm(x), positions, span, kv_cache, layer)
         if self.parallel_residual:
-            return x + attn + self.mlp(self.post_attention_layernorm(x))
+            return x + attn + self.mlp(self.mlp_norm(x))  # x + attn(ln1(x)) + mlp(ln2(x))
         x = x + attn
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x + self.mlp(self.mlp_norm(x))
+
+    def flops(self, seq_len: int) -> int:
+        return self.attn.flops(seq_len) + self.mlp.flops(seq_len)
 
 
 def pick_next_token(logits, temperature: float = 0.0, top_k=None, top_p=None, generator=None):
@@ -298,7 +410,7 @@ def pick_next_token(logits, temperature: float = 0.0, top_k=None, top_p=None, ge
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-class GPTNeoX(nn.Module):
+class Decoder(nn.Module):
     """The decoder. forward(input_ids) -> logits (B, T, vocab_size)."""
 
     def __init__(self, cfg: DecoderConfig):
@@ -307,30 +419,36 @@ class GPTNeoX(nn.Module):
             raise ValueError("vocab_size must be set before building the model")
         cfg.validate()
         self.cfg = cfg
-        self.embed_in = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.positions = POSITIONS[cfg.positions](cfg)
-        self.layers = nn.ModuleList(Layer(cfg) for _ in range(cfg.num_layers))
-        self.final_layer_norm = make_norm(cfg)
-        self.embed_out = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.norm = make_norm(cfg)
+        self.head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.head.weight = self.embed.weight  # one Parameter under both names
         self.activation_checkpointing = False  # training.activation_checkpointing; see forward
         self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self):
-        """HF's `GPTNeoXForCausalLM` init from a config: N(0, init_std) for every Linear and Embedding weight,
-        zero biases, LayerNorm weight 1 and bias 0. There is no depth scaling of the output projections (GPT-2's
-        1/sqrt(2 * num_layers)), since HF has none; EleutherAI's own GPT-NeoX library, which trained Pythia, used
-        other schemes again (small_init / wang_init), which neither HF nor rafale reproduce."""
+        """HF's init from a config (GPTNeoXForCausalLM's, LlamaForCausalLM's, Qwen3ForCausalLM's): N(0, init_std) for
+        every Linear and Embedding weight, zero biases, norm weights 1 and biases 0. There is no depth scaling of the
+        output projections (GPT-2's 1/sqrt(2 * num_layers)), since HF has none; EleutherAI's own GPT-NeoX library,
+        which trained Pythia, used other schemes again (small_init / wang_init), which neither HF nor rafale
+        reproduce. cfg.zero_init_proj starts each block's output projections at zero instead (modded-nanogpt)."""
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, mean=0.0, std=self.cfg.init_std)
             if isinstance(m, nn.Linear) and m.bias is not None:
                 nn.init.zeros_(m.bias)
+            if isinstance(m, (nn.LayerNorm, nn.RMSNorm)):
+                nn.init.ones_(m.weight)
             if isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-            if isinstance(m, nn.RMSNorm):  # model.norm: rmsnorm (HF's GPT-NeoX has none)
-                nn.init.ones_(m.weight)
+        if self.cfg.zero_init_proj:
+            for block in self.layers:
+                nn.init.zeros_(block.attn.proj.weight)
+                nn.init.zeros_(block.mlp.down.weight)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, kv_cache: Optional[KVCache] = None,
                 labels=None, vocab_size: Optional[int] = None, last_only: bool = False):
@@ -340,7 +458,7 @@ class GPTNeoX(nn.Module):
         labels (B, T): return the mean cross-entropy against them instead of the logits, computed in chunks so
         the (B, T, vocab) logits never exist at once (`chunked_cross_entropy`); vocab_size, the tokenizer's true
         vocabulary when the embedding is padded, keeps the padding rows out of the softmax. The loss is computed
-        here rather than by the caller so that a sharded (FSDP) embed_out is still gathered when it is used.
+        here rather than by the caller so that a sharded (FSDP) head is still gathered when it is used.
         last_only: return the logits of the last position only, (B, 1, vocab_size), which is all generation
         needs; the final norm and the vocabulary-sized projection then skip the other positions.
         """
@@ -353,9 +471,9 @@ class GPTNeoX(nn.Module):
         if position_ids is None and attention_mask is not None:
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # (B, T)
         key_mask = attention_mask.bool() if attention_mask is not None else None  # (B, past+T)
-        span = Span(past, T, position_ids, key_mask, self.embed_in.weight.dtype, input_ids.device)
+        span = Span(past, T, position_ids, key_mask, self.embed.weight.dtype, input_ids.device)
 
-        x = self.embed_in(input_ids)  # (B, T, C)
+        x = self.embed(input_ids)  # (B, T, C)
         for i, layer in enumerate(self.layers):
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
                 # keep only each block's input; the backward pass recomputes the rest (less memory, ~1/3 more compute)
@@ -366,10 +484,11 @@ class GPTNeoX(nn.Module):
             kv_cache.length += T
         if last_only:
             x = x[:, -1:]  # (B, 1, C)
-        x = self.final_layer_norm(x)
+        x = self.norm(x)
         if labels is not None:
-            return chunked_cross_entropy(x.flatten(0, 1), self.embed_out.weight[:vocab_size], labels.flatten())
-        return self.embed_out(x)  # (B, T or 1, vocab_size)
+            return chunked_cross_entropy(x.flatten(0, 1), self.head.weight[:vocab_size], labels.flatten(),
+                                         softcap=self.cfg.logit_softcap)
+        return softcap(self.head(x), self.cfg.logit_softcap)  # (B, T or 1, vocab_size)
 
     @torch.no_grad()
     def generate(
@@ -440,33 +559,40 @@ class GPTNeoX(nn.Module):
         return tokens[:, :length]
 
     @torch.no_grad()
-    def shrink_vocab(self, vocab_size: int) -> "GPTNeoX":
-        """Keep the first vocab_size rows of both embeddings: training pads the vocabulary to a multiple of 64,
-        inference wants the tokenizer's own (so padding rows can never be sampled)."""
+    def shrink_vocab(self, vocab_size: int) -> "Decoder":
+        """Keep the first vocab_size rows of the embedding and the head: training pads the vocabulary to a multiple
+        of 64, inference wants the tokenizer's own (so padding rows can never be sampled)."""
         if vocab_size < self.cfg.vocab_size:
-            self.embed_in.weight = nn.Parameter(self.embed_in.weight[:vocab_size].clone())
-            self.embed_out.weight = nn.Parameter(self.embed_out.weight[:vocab_size].clone())
-            self.embed_in.num_embeddings = self.embed_out.out_features = self.cfg.vocab_size = vocab_size
+            self.embed.weight = nn.Parameter(self.embed.weight[:vocab_size].clone())
+            self.head.weight = (self.embed.weight if self.cfg.tie_embeddings
+                                else nn.Parameter(self.head.weight[:vocab_size].clone()))
+            self.embed.num_embeddings = self.head.out_features = self.cfg.vocab_size = vocab_size
         return self
 
     def num_params(self, non_embedding: bool = True) -> int:
-        """Parameters; non_embedding leaves out the input embedding but counts the output projection."""
+        """Parameters (a tied head once); non_embedding leaves out the input embedding but counts the output
+        projection, so a tied one stays in."""
         n = sum(p.numel() for p in self.parameters())
-        return n - self.embed_in.weight.numel() if non_embedding else n
+        return n - self.embed.weight.numel() if non_embedding and not self.cfg.tie_embeddings else n
 
     def flops_per_token(self, seq_len: int) -> int:
-        """Matmul FLOPs per token of a training step at sequence length seq_len: 3x the forward's (the backward
-        multiplies twice as much), 2 FLOPs per multiply-add. Per layer: q, k, v (3 C^2 multiply-adds), attention
-        scores and values (2 T C), the output projection (C^2), the MLP (2 C I); then embed_out (C V, every token).
-        embed_in is a lookup; biases, norms and the softmax are not matmuls (a few percent more work, uncounted).
+        """Matmul FLOPs per token of a training step at sequence length seq_len, summed over the parts (each block's
+        `flops`, the head's): 3x the forward's (the backward multiplies twice as much), 2 FLOPs per multiply-add.
+        The embedding is a lookup; biases, norms, the soft-cap and the softmax are not matmuls (a few percent more
+        work, uncounted).
 
         The attention term is PaLM's (appendix B: 6N + 12 L T C) and is not halved for the causal mask: it is the
         convention published MFUs use, bench/ divides rafale's and HF's times by this same count, and the CPU's
         attention kernels do not all skip the masked half either."""
-        c = self.cfg
-        C, L, T = c.hidden_size, c.num_layers, seq_len
-        per_layer = 3 * C * C + 2 * T * C + C * C + 2 * C * c.intermediate_size
-        return 6 * (L * per_layer + C * c.vocab_size)
+        return 3 * (sum(block.flops(seq_len) for block in self.layers) + linear_flops(self.head))
+
+
+GPTNeoX = Decoder  # its name when it was GPT-NeoX only; GPT-NeoX is now DecoderConfig's defaults
+
+
+def softcap(logits, cap: Optional[float]):
+    """cap * tanh(logits / cap): logits kept within (-cap, cap) (Gemma 2; modded-nanogpt's 30 or 15)."""
+    return logits if cap is None else cap * torch.tanh(logits / cap)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -488,7 +614,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     would, with the weight cast once rather than per chunk; the softmax and the sums are fp32."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, chunk_rows: int, want_grad: bool):
+    def forward(ctx, hidden, weight, labels, chunk_rows: int, want_grad: bool, cap: Optional[float] = None):
         # hidden (N, C), weight (V, C), labels (N,) with IGNORE_INDEX where no token is predicted
         device = hidden.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
@@ -503,6 +629,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 keep = (y != IGNORE_INDEX).float()  # (n,)
                 target = y.clamp(min=0)[:, None]  # (n, 1), ignored rows point at token 0 and are zeroed by keep
                 logits = F.linear(h, w).float()  # (n, V)
+                if cap is not None:  # soft-capped: cap * tanh(logits / cap), whose derivative is 1 - tanh^2
+                    tanh = logits.div_(cap).tanh_()  # (n, V), in the logits' memory
+                    logits = tanh * cap  # (n, V)
                 picked = logits.gather(1, target).squeeze(1)  # (n,) the labels' logits
                 # logsumexp in the logits' own memory (torch.logsumexp would allocate another (n, V))
                 top = logits.amax(dim=-1, keepdim=True)  # (n, 1)
@@ -514,6 +643,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                     weight_of_row = (keep / count)[:, None]  # (n, 1)
                     probs = exps.mul_(weight_of_row / sums)  # softmax * keep / count, in the same memory (one pass)
                     probs.scatter_add_(1, target, -weight_of_row)  # - one_hot * keep / count: (n, V) d loss / d logits
+                    if cap is not None:
+                        probs.mul_(tanh.square_().neg_().add_(1))  # (n, V) d loss / d uncapped logits
                     probs = probs.to(dtype)
                     grad_hidden[start : start + chunk_rows] = probs @ w  # (n, C)
                     if dtype == grad_weight.dtype:
@@ -527,15 +658,15 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_loss, grad_weight * grad_loss, None, None, None
+        return grad_hidden * grad_loss, grad_weight * grad_loss, None, None, None, None
 
 
-def chunked_cross_entropy(hidden, weight, labels, chunk_rows: Optional[int] = None):
+def chunked_cross_entropy(hidden, weight, labels, chunk_rows: Optional[int] = None, softcap: Optional[float] = None):
     """Mean cross-entropy of the logits hidden @ weight.T against labels (IGNORE_INDEX skipped), equal to
     F.cross_entropy(F.linear(hidden, weight).float(), labels, ignore_index=IGNORE_INDEX) without ever holding
-    the (N, V) logits. hidden: (N, C); weight: (V, C); labels: (N,)."""
+    the (N, V) logits. hidden: (N, C); weight: (V, C); labels: (N,). softcap: the logits soft-capped first."""
     if chunk_rows is None:
         chunk_rows = max(LOSS_CHUNK_MIN_ROWS, LOSS_CHUNK_ELEMENTS // weight.shape[0])
     # forward runs without grad mode, so whether a backward can follow is decided here
     want_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    return _ChunkedLinearCrossEntropy.apply(hidden, weight, labels, chunk_rows, want_grad)
+    return _ChunkedLinearCrossEntropy.apply(hidden, weight, labels, chunk_rows, want_grad, softcap)

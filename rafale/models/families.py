@@ -7,10 +7,14 @@ the datapipes, generation, lm-eval, the export, the resume guard) asks the famil
 
 from rafale.models.bert import BERT, ROBERTA
 from rafale.models.contrastive import CLIP, SIGLIP
+from rafale.models.llama import LLAMA
 from rafale.models.pythia import PYTHIA
+from rafale.models.qwen3 import QWEN3
 
 FAMILIES = {
     "pythia": PYTHIA,
+    "llama": LLAMA,
+    "qwen3": QWEN3,
     "bert": BERT,
     "roberta": ROBERTA,
     "clip": CLIP,

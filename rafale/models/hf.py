@@ -264,7 +264,7 @@ def check_exportable(model: nn.Module) -> str:
 # hold them to come back equal
 TRAINING_ONLY_FIELDS = (
     "vocab_size",  # the export has the tokenizer's vocabulary: the padding rows (to a multiple of 64) are cut off
-    "init_std",  # how the weights started; the weights themselves are exported
+    "init_std", "zero_init_proj",  # how the weights started; the weights themselves are exported
     "hidden_dropout", "attention_dropout", "classifier_dropout",  # training only (transformers' eval mode)
     "num_labels",  # a masked LM's unused default; a classifier's is its head's shape and id2label, exported
     "logit_scale_init", "logit_bias_init",  # CLIP/SigLIP: the starting values of parameters that are exported

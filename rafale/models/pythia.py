@@ -1,6 +1,7 @@
 """The Pythia / GPT-NeoX family in one place: its presets, what it trains for, how its Composer model is built,
-and its Hugging Face format (config.json both ways, and the name map of its tensors). The model itself, the
-nn.Modules, is rafale/models/decoder.py.
+and its Hugging Face format (config.json both ways, and the name map of its tensors). The model itself is
+rafale/models/decoder.py's Decoder with DecoderConfig's defaults (LayerNorm, GELU MLP, fused biased q/k/v,
+parallel residual, rotary on a quarter of each head, untied head).
 
     model: {type: pythia, preset: pythia-tiny}     # a preset below, any DecoderConfig field overridden
 """
@@ -8,7 +9,7 @@ nn.Modules, is rafale/models/decoder.py.
 from pathlib import Path
 
 from rafale.errors import WeightsError
-from rafale.models.decoder import DecoderConfig, GPTNeoX
+from rafale.models.decoder import Decoder, DecoderConfig
 from rafale.models.family import Family, HFFormat, model_vocab_size
 from rafale.models.layout import WeightLayout, layout_loader, layout_tensors, require
 
@@ -35,12 +36,14 @@ PRESETS = {
 
 
 def build(model_cfg: DecoderConfig, head: str, meta: dict, tokenizer):
-    """A GPT-NeoX decoder for causal LM (validation bits per byte need the tokenizer's token lengths)."""
+    """A decoder for causal LM (validation bits per byte need the tokenizer's token lengths); every decoder family
+    (Pythia, Llama, Qwen3) builds its model this way."""
     from rafale.models.token_bytes import token_bytes
     from rafale.models.composer import ComposerLM
 
     model_cfg.vocab_size = model_vocab_size(model_cfg.vocab_size, meta["vocab_size"])
-    return ComposerLM(GPTNeoX(model_cfg), vocab_size=meta["vocab_size"], token_bytes=token_bytes(tokenizer))
+    # exact for a byte-level BPE; None (no BitsPerByte, rafale.train says why) for other kinds: validation sees ids
+    return ComposerLM(Decoder(model_cfg), vocab_size=meta["vocab_size"], token_bytes=token_bytes(tokenizer))
 
 
 
@@ -51,27 +54,28 @@ ARCHITECTURE = "GPTNeoXForCausalLM"
 
 LAYOUT = WeightLayout(
     names={
-        "gpt_neox.embed_in.weight": "embed_in.weight",
-        "gpt_neox.layers.{}.input_layernorm.weight": "layers.{}.input_layernorm.weight",
-        "gpt_neox.layers.{}.input_layernorm.bias": "layers.{}.input_layernorm.bias",
-        "gpt_neox.layers.{}.post_attention_layernorm.weight": "layers.{}.post_attention_layernorm.weight",
-        "gpt_neox.layers.{}.post_attention_layernorm.bias": "layers.{}.post_attention_layernorm.bias",
-        # the fused q/k/v keeps NeoX's per-head interleaving; rafale's Attention splits it the same way
-        "gpt_neox.layers.{}.attention.query_key_value.weight": "layers.{}.attention.query_key_value.weight",
-        "gpt_neox.layers.{}.attention.query_key_value.bias": "layers.{}.attention.query_key_value.bias",
-        "gpt_neox.layers.{}.attention.dense.weight": "layers.{}.attention.dense.weight",
-        "gpt_neox.layers.{}.attention.dense.bias": "layers.{}.attention.dense.bias",
-        "gpt_neox.layers.{}.mlp.dense_h_to_4h.weight": "layers.{}.mlp.dense_h_to_4h.weight",
-        "gpt_neox.layers.{}.mlp.dense_h_to_4h.bias": "layers.{}.mlp.dense_h_to_4h.bias",
-        "gpt_neox.layers.{}.mlp.dense_4h_to_h.weight": "layers.{}.mlp.dense_4h_to_h.weight",
-        "gpt_neox.layers.{}.mlp.dense_4h_to_h.bias": "layers.{}.mlp.dense_4h_to_h.bias",
-        "gpt_neox.final_layer_norm.weight": "final_layer_norm.weight",
-        "gpt_neox.final_layer_norm.bias": "final_layer_norm.bias",
-        # the name in the Pythia checkpoints, and still the one transformers 5 writes to files
-        "embed_out.weight": "embed_out.weight",
+        "gpt_neox.embed_in.weight": "embed.weight",
+        "gpt_neox.layers.{}.input_layernorm.weight": "layers.{}.attn_norm.weight",
+        "gpt_neox.layers.{}.input_layernorm.bias": "layers.{}.attn_norm.bias",
+        "gpt_neox.layers.{}.post_attention_layernorm.weight": "layers.{}.mlp_norm.weight",
+        "gpt_neox.layers.{}.post_attention_layernorm.bias": "layers.{}.mlp_norm.bias",
+        # NeoX's fused q/k/v is interleaved per head ([q_h, k_h, v_h] for each head h): rafale's attn.qkv layout
+        # with one query head per key/value head, so it is a rename
+        "gpt_neox.layers.{}.attention.query_key_value.weight": "layers.{}.attn.qkv.weight",
+        "gpt_neox.layers.{}.attention.query_key_value.bias": "layers.{}.attn.qkv.bias",
+        "gpt_neox.layers.{}.attention.dense.weight": "layers.{}.attn.proj.weight",
+        "gpt_neox.layers.{}.attention.dense.bias": "layers.{}.attn.proj.bias",
+        "gpt_neox.layers.{}.mlp.dense_h_to_4h.weight": "layers.{}.mlp.up.weight",
+        "gpt_neox.layers.{}.mlp.dense_h_to_4h.bias": "layers.{}.mlp.up.bias",
+        "gpt_neox.layers.{}.mlp.dense_4h_to_h.weight": "layers.{}.mlp.down.weight",
+        "gpt_neox.layers.{}.mlp.dense_4h_to_h.bias": "layers.{}.mlp.down.bias",
+        "gpt_neox.final_layer_norm.weight": "norm.weight",
+        "gpt_neox.final_layer_norm.bias": "norm.bias",
+        # the name in the Pythia checkpoints, and still the one transformers 5 writes to files (tied: not written)
+        "embed_out.weight": "head.weight",
     },
     # transformers 5 calls the output projection `lm_head` in memory, so a state dict saved by hand has that name
-    aliases={"lm_head.weight": "embed_out.weight"},
+    aliases={"lm_head.weight": "head.weight"},
     ignored=(
         "gpt_neox.layers.{}.attention.rotary_emb.inv_freq",  # rotary frequencies: recomputed from rotary_emb_base
         "gpt_neox.rotary_emb.inv_freq",  # the same, where transformers 4.4x keeps one table for all layers
@@ -82,13 +86,19 @@ LAYOUT = WeightLayout(
 
 
 
+# config.json's hidden_act -> model.mlp: GPT-NeoX's MLP is down(act(up(x))) with any activation, and transformers'
+# "relu2" is ReLU^2 (ReLUSquaredActivation), so that trick exports as GPT-NeoX; SwiGLU has no GPT-NeoX form
+ACTIVATIONS = {"gelu": "gelu", "relu2": "relu2"}
+
+
 def config_from_hf(hf: dict, config_path: Path) -> DecoderConfig:
-    if hf.get("hidden_act", "gelu") != "gelu":
-        raise WeightsError(f"{config_path}: hidden_act must be 'gelu' (rafale's GPT-NeoX), got {hf['hidden_act']!r}")
+    act = hf.get("hidden_act", "gelu")
+    if act not in ACTIVATIONS:
+        raise WeightsError(f"{config_path}: hidden_act must be one of {', '.join(ACTIVATIONS)} (rafale's GPT-NeoX "
+                           f"MLPs), got {act!r}")
     if hf.get("tie_word_embeddings", False):
-        raise WeightsError(f"{config_path}: tie_word_embeddings must be false: rafale's GPT-NeoX has its own embed_out")
-    if not hf.get("attention_bias", True):
-        raise WeightsError(f"{config_path}: attention_bias must be true: rafale's GPT-NeoX attention has biases")
+        raise WeightsError(f"{config_path}: tie_word_embeddings must be false: GPT-NeoX checkpoints have their own "
+                           "embed_out (a tied decoder is model.type: llama)")
     # rope settings moved over the years: rotary_pct / rotary_emb_base (Pythia), partial_rotary_factor /
     # rope_theta (transformers 4.5x), and in transformers 5 a `rope_parameters` dict, which is what it writes
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
@@ -109,6 +119,8 @@ def config_from_hf(hf: dict, config_path: Path) -> DecoderConfig:
         parallel_residual=hf.get("use_parallel_residual", True),
         layer_norm_eps=hf.get("layer_norm_eps", 1e-5),
         init_std=hf.get("initializer_range", 0.02),
+        mlp=ACTIVATIONS[act],
+        attention_bias=hf.get("attention_bias", True),
     )
     try:
         cfg.validate()
@@ -140,9 +152,11 @@ def config_to_hf(cfg: DecoderConfig, architecture: str = "GPTNeoXForCausalLM", v
         },
         "use_parallel_residual": cfg.parallel_residual,
         "layer_norm_eps": cfg.layer_norm_eps,
-        "hidden_act": "gelu",
-        "tie_word_embeddings": False,
-        "attention_bias": True,
+        # model.mlp's activation (gelu or relu2); another MLP (swiglu) is written as gelu, and the export check,
+        # reading this back, refuses it by name
+        "hidden_act": {mlp: act for act, mlp in ACTIVATIONS.items()}.get(cfg.mlp, "gelu"),
+        "tie_word_embeddings": False,  # model.tie_embeddings: true is refused by the export check, by name
+        "attention_bias": cfg.attention_bias,
         "hidden_dropout": 0.0,
         "attention_dropout": 0.0,
         "initializer_range": cfg.init_std,
@@ -153,7 +167,7 @@ def config_to_hf(cfg: DecoderConfig, architecture: str = "GPTNeoXForCausalLM", v
 
 
 def architecture_of(module) -> str | None:
-    return ARCHITECTURE if type(module) is GPTNeoX else None
+    return ARCHITECTURE if type(module) is Decoder and module.cfg.family == "pythia" else None
 
 
 PYTHIA = Family(
@@ -168,7 +182,7 @@ PYTHIA = Family(
         model_type="gpt_neox",
         config_from_hf=config_from_hf,
         config_to_hf=config_to_hf,
-        module=lambda cfg, head: GPTNeoX(cfg),
+        module=lambda cfg, head: Decoder(cfg),
         architecture_of=architecture_of,
         load=layout_loader(lambda architecture: LAYOUT),
         # the tensors with one row per token, cut to the tokenizer's vocabulary on export

@@ -1,10 +1,19 @@
-"""How many bytes of text each token id stands for: the table validation's bits per byte divides by
-(rafale.metrics.BitsPerByte, built with a causal LM's Composer wrapper) and `rafale score` too. Kept apart from
-rafale.metrics, which imports torchmetrics, so `rafale score` starts without it; it reads the tokenizer object only.
+"""How many bytes of text each token covers: the id table validation's bits per byte divides by
+(`token_bytes`, for rafale.metrics.BitsPerByte, built with a causal LM's Composer wrapper: validation sees ids, not
+text) and the count from the text `rafale score` makes for every kind of tokenizer (`TextBytes`, from the tokens'
+offsets). Kept apart from rafale.metrics, which imports torchmetrics, so `rafale score` starts without it; it reads
+the tokenizer object only.
+
+The convention: a document's bytes are shared out among its tokens, so that they add up to len(text.encode())
+less the text of special tokens spelled out in it. Each token covers its own text and the whitespace before it
+(as byte-level BPE's "Ġword" does), so WordPiece's "cafe" covers " Café", 6 bytes, whatever its normalizer made
+of it; the first token also covers the document's leading whitespace, the last its trailing whitespace. Special
+tokens (<|endoftext|>, [SEP], and such a token spelled in the text) cover nothing: 0.
 """
 
 import json
 
+import numpy as np
 import torch
 
 
@@ -21,16 +30,26 @@ def byte_level_alphabet() -> dict[str, int]:
     return chars
 
 
-def token_bytes(tokenizer) -> torch.Tensor:
-    """(vocab_size,) int64: how many UTF-8 bytes of text each token id stands for: what it decodes to.
+def special_tokens(tokenizer) -> dict[int, str]:
+    """id -> text of the tokenizer's special tokens (an encoding's special_tokens_mask misses those spelled in a text)."""
+    return {i: token.content for i, token in tokenizer.get_added_tokens_decoder().items() if token.special}
 
-    Special tokens (<|endoftext|>) cover no text: 0. Added tokens that are not special (GPT-NeoX's 23 runs of 2 to
-    24 spaces, ids 50254-50276) are literal text, matched before the byte-level step: the UTF-8 length of their
-    content. Byte-level BPE's own entries (GPT-2, GPT-NeoX, RoBERTa, rafale's) are exact: each character of a
-    token is one byte. Other tokenizers (WordPiece) decode each token alone, which is exact for whole characters."""
+
+def token_bytes(tokenizer) -> torch.Tensor | None:
+    """(vocab_size,) int64: how many UTF-8 bytes of text each token id stands for, for a byte-level BPE (GPT-2,
+    GPT-NeoX, RoBERTa, rafale's "bpe" and "bpe-roberta"); None for any other kind.
+
+    Byte-level BPE writes each byte of the text as one character of a token, so a token's length is exact without
+    its text: this is what validation's BitsPerByte takes, seeing only the ids of its blocks. Special tokens cover
+    no text: 0. Added tokens that are not special (GPT-NeoX's 23 runs of 2 to 24 spaces, ids 50254-50276) are
+    literal text, matched before the byte-level step: their content's UTF-8 length. A normalizer runs first
+    (GPT-NeoX's NFC): the table counts the normalised text's bytes, the same on NFC text, as nearly all text is.
+    Other kinds have no such table: WordPiece's "##e" is 1 byte of text but 3 when decoded alone, and its
+    normalizer lower-cases and strips accents ("café" -> "cafe"); their bytes come from the text (`covered_bytes`)."""
     spec = json.loads(tokenizer.to_str())
+    if (spec.get("decoder") or {}).get("type") != "ByteLevel":
+        return None
     added = {t["id"]: t for t in spec.get("added_tokens", [])}
-    byte_level = (spec.get("decoder") or {}).get("type") == "ByteLevel"
     alphabet = byte_level_alphabet()
     sizes = torch.zeros(tokenizer.get_vocab_size(), dtype=torch.long)
     for token, i in tokenizer.get_vocab().items():
@@ -38,8 +57,64 @@ def token_bytes(tokenizer) -> torch.Tensor:
             continue
         if i in added:
             sizes[i] = 0 if added[i].get("special") else len(added[i]["content"].encode("utf-8"))
-        elif byte_level:
-            sizes[i] = sum(1 for c in token if c in alphabet)
         else:
-            sizes[i] = len(tokenizer.decode([i], skip_special_tokens=False).encode("utf-8"))
+            sizes[i] = sum(1 for c in token if c in alphabet)
     return sizes
+
+
+def byte_offsets(text: str) -> np.ndarray:
+    """(len(text) + 1,) int64: the UTF-8 byte offset of each character offset of `text` (the tokenizers library's
+    offsets count characters)."""
+    code_points = np.frombuffer(text.encode("utf-32-le", errors="surrogatepass"), dtype=np.uint32)
+    lengths = 1 + (code_points >= 0x80) + (code_points >= 0x800) + (code_points >= 0x10000)
+    return np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+
+
+class TextBytes:
+    """How many UTF-8 bytes of a text each of its tokens covers, by the convention above, from the tokens' offsets:
+    `TextBytes(tokenizer)(texts)` -> [(ids, bytes)] of each text encoded without special tokens (as the datapipes
+    encode it). Built once per tokenizer (its byte table takes a second for a 50k vocabulary).
+
+    Each token covers from where the previous one stopped to the end of its own offsets. The offsets count
+    characters, and a byte-level BPE cuts characters into bytes: its pieces of "😀" all have the offsets of the
+    whole character, and a token may end inside a character ("±ä" ends in 東 and starts 京). So a byte-level
+    token covers at most its own length (`token_bytes`), which is exact; what a normalizer grew is given to the
+    tokens after it, and what is left at the end to the last token, so the sum is always the text's. A special
+    token spelled in the text covers nothing; an unknown token ([UNK], special too) covers its text."""
+
+    def __init__(self, tokenizer):
+        self.table = token_bytes(tokenizer)
+        self.lengths = None if self.table is None else self.table.tolist()
+        self.specials = special_tokens(tokenizer)
+        # the post-processor adds nothing without special tokens, but trims whitespace off byte-level offsets
+        # (GPT-NeoX's "ĊĠ" would cover only the newline): offsets without it, the same ids
+        self.tokenizer = type(tokenizer).from_str(tokenizer.to_str())  # a tokenizers.Tokenizer
+        self.tokenizer.post_processor = None
+
+    def __call__(self, texts: list[str]) -> list[tuple[list[int], list[int]]]:
+        return [(encoding.ids, self.shares(text, encoding))
+                for text, encoding in zip(texts, self.tokenizer.encode_batch(texts, add_special_tokens=False))]
+
+    def shares(self, text: str, encoding) -> list[int]:
+        at = byte_offsets(text).tolist()  # (a list: indexing it is much faster than an array's)
+        shares, cursor, last = [], 0, None
+        for i, (token, (start, stop)) in enumerate(zip(encoding.ids, encoding.offsets)):
+            end = at[stop]  # in bytes
+            if token in self.specials and text[start:stop] == self.specials[token]:
+                shares.append(0)
+                cursor = max(cursor, end)  # its text is not counted
+                continue
+            share = max(0, end - cursor)
+            if self.lengths is not None:
+                share = min(share, self.lengths[token])
+            shares.append(share)
+            cursor += share
+            last = i
+        if last is not None:
+            shares[last] += at[-1] - cursor  # trailing whitespace, and what a byte-level normalizer grew
+        return shares
+
+
+def covered_bytes(tokenizer, texts: list[str]) -> list[tuple[list[int], list[int]]]:
+    """[(ids, bytes)] of each text: how many UTF-8 bytes of it each token covers (`TextBytes`)."""
+    return TextBytes(tokenizer)(texts)

@@ -1,0 +1,506 @@
+"""`rafale law RUNS...`: a scaling law fitted to finished runs, and checked on runs it did not see.
+
+    rafale law runs/law                              fit L(N, D) to every complete run under runs/law
+    rafale law runs/law --holdout 'law-*_128_*'      fit without those runs, then predict them
+    rafale law runs/a runs/b --bits-per-byte         runs with different tokenizers: a law of bits per byte
+
+The law is Chinchilla's (Hoffmann et al. 2022, approach 3):
+
+    L(N, D) = E + A / N^alpha + B / D^beta
+
+N the non-embedding parameters, D the tokens trained on, L the final validation loss (each run's summary.json).
+Fitted as the paper does: the Huber loss (delta 1e-3) between log L and the prediction's log, written
+log L = LSE(a - alpha log N, b - beta log D, e) with A = e^a, B = e^b, E = e^e, minimized by L-BFGS (torch's)
+from the best starting points of the paper's grid. Each parameter gets a 95% interval from a bootstrap over the
+runs (the fit repeated on runs drawn with replacement; its 2.5th and 97.5th percentiles).
+
+Compute: a run's training FLOPs are C = flops_per_token * D, from the model's own count (3x the forward's matmul
+FLOPs: the backward multiplies twice as much; summary.json's flops_per_token). For the compute-optimal split that
+count is fitted over the runs' sizes as flops_per_token = k N^gamma (gamma is near 1 for big models, where 6N
+dominates; the vocabulary projection and attention make it smaller for tiny ones). Minimizing L(N, D) at fixed
+C = k N^gamma D gives N_opt ~ C^a and D_opt ~ C^b with a = beta / (alpha + gamma beta), b = alpha / (alpha +
+gamma beta), which are Chinchilla's beta / (alpha + beta) and alpha / (alpha + beta) at gamma = 1.
+
+What the runs cannot tell is said, not printed as a number: A, alpha (and E apart from them) need at least 3
+sizes, B and beta at least 3 budgets. Runs of one size give the law in D alone (E' = E + A/N^alpha at that N),
+runs of one budget the law in N alone; anything else short is refused. Runs of different data, tokenizers or
+tasks are refused, naming the difference (with --bits-per-byte, runs with different tokenizers share a law of
+bits per byte); runs not complete (in progress, stopped by a signal, failed) are left out and listed.
+"""
+
+import argparse
+import fnmatch
+import hashlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from rafale.errors import RafaleError
+from rafale.plots import pyplot
+from rafale.run_folder import TOKENIZER_FILE, read_config, read_summary
+from rafale.runs import run_folders
+
+HUBER_DELTA = 1e-3
+# the starting points of Hoffmann et al. (appendix D.2): every combination, the best few by the objective kept
+GRID = {"e": np.arange(-1, 1.01, 0.5), "a": np.arange(0, 25.1, 5), "alpha": np.arange(0, 2.01, 0.5),
+        "b": np.arange(0, 25.1, 5), "beta": np.arange(0, 2.01, 0.5)}
+STARTS = 8  # L-BFGS runs from the best this many grid points
+MIN_DISTINCT = 3  # sizes for A and alpha, budgets for B and beta: 3 values for a power law with an offset
+# data keys that say how the data was prepared, not what it is; with --bits-per-byte, the tokenizer's too
+NOT_THE_DATA = {"num_proc", "num_workers", "cache_dir"}
+TOKENIZER_KEYS = {"tokenizer", "vocab_size"}
+PARAMETERS = ("E", "A", "alpha", "B", "beta")
+
+
+class LawError(RafaleError):
+    pass
+
+
+@dataclass
+class Point:
+    """One run, as the law sees it."""
+    name: str
+    N: int  # non-embedding parameters
+    D: int  # tokens trained on
+    flops_per_token: int
+    target: float  # the final validation loss, or bits per byte
+
+    @property
+    def C(self) -> float:
+        return self.flops_per_token * self.D
+
+
+# ----------------------------------------------------------------------------------------------------
+# reading the runs
+
+
+def read_points(paths: list[Path], bits_per_byte: bool = False) -> tuple[list[Point], list[str]]:
+    """(the complete runs under `paths` as points, 'name (why)' for each run left out). Refuses runs whose data,
+    tokenizer (unless bits_per_byte) or task differ, naming the difference."""
+    points, left_out, identities = [], [], {}
+    for run_dir in run_folders(paths):
+        summary = read_summary(run_dir) or {}
+        status = summary.get("status")
+        if status != "complete":
+            how = f"stopped by {summary['stopped_by']}" if summary.get("stopped_by") else (status or "no summary.json")
+            left_out.append(f"{run_dir.name} ({how} at batch {summary.get('batches', 0)})")
+            continue
+        metric = "BitsPerByte" if bits_per_byte else "LanguageCrossEntropy"
+        target = summary.get("validation", {}).get(metric)
+        if summary.get("non_embedding_parameters") is None or summary.get("flops_per_token") is None:
+            left_out.append(f"{run_dir.name} (its summary.json has no non_embedding_parameters or flops_per_token: "
+                            "trained before rafale recorded them, or a model without a FLOPs count)")
+            continue
+        if target is None:
+            left_out.append(f"{run_dir.name} (no final validation {metric})")
+            continue
+        identities[run_dir.name] = run_identity(run_dir, summary, bits_per_byte)
+        points.append(Point(run_dir.name, summary["non_embedding_parameters"], summary["tokens"],
+                            summary["flops_per_token"], target))
+    check_same(identities, bits_per_byte)
+    return points, left_out
+
+
+def run_identity(run_dir: Path, summary: dict, bits_per_byte: bool) -> dict:
+    """What must be the same in every run of one law: the task, the data (config.yaml's data section, but for
+    how it was prepared) and the tokenizer (tokenizer.json's digest; with bits_per_byte neither it nor the data
+    keys that choose it)."""
+    config = read_config(run_dir) or {}
+    ignored = {f"data.{key}" for key in NOT_THE_DATA | (TOKENIZER_KEYS if bits_per_byte else set())}
+    identity = {"task": summary.get("task") or config.get("model.task")}
+    identity |= {key: value for key, value in config.items() if key.startswith("data.") and key not in ignored}
+    if not bits_per_byte:
+        tokenizer = run_dir / TOKENIZER_FILE
+        identity["tokenizer"] = hashlib.sha256(tokenizer.read_bytes()).hexdigest()[:12] if tokenizer.is_file() else None
+    return identity
+
+
+def check_same(identities: dict[str, dict], bits_per_byte: bool) -> None:
+    if not identities:
+        return
+    first_name, first = next(iter(identities.items()))
+    for name, identity in identities.items():
+        differ = [key for key in sorted(first.keys() | identity.keys()) if first.get(key) != identity.get(key)]
+        if not differ:
+            continue
+        what = "; ".join(f"{key}: {first.get(key)!r} in {first_name}, {identity.get(key)!r} in {name}" for key in differ)
+        hint = ("; fit them on bits per byte with --bits-per-byte, which a tokenizer does not change"
+                if not bits_per_byte and set(differ) <= {"tokenizer", "data.tokenizer", "data.vocab_size"} else "")
+        raise LawError(f"these runs cannot share a law: {what}{hint}")
+
+
+def select(points: list[Point], patterns: list[str]) -> tuple[list[Point], list[Point]]:
+    """(the points no pattern names, the ones some does): a run's name or a shell pattern of names."""
+    held = [p for p in points if any(fnmatch.fnmatchcase(p.name, pattern) for pattern in patterns)]
+    for pattern in patterns:
+        if not any(fnmatch.fnmatchcase(p.name, pattern) for p in points):
+            raise LawError(f"--holdout {pattern}: no complete run is named so; the runs are "
+                           f"{', '.join(p.name for p in points)}")
+    return [p for p in points if p not in held], held
+
+
+# ----------------------------------------------------------------------------------------------------
+# the fit
+
+
+@dataclass
+class Law:
+    """A fitted law. `sides`: 'N' and 'D' for the whole law; one of them for a law in that variable alone, whose
+    E is then the other term's constant too. params: E, A, alpha, B, beta (None for what the runs cannot tell)."""
+    sides: tuple[str, ...]
+    params: dict
+    fixed: dict  # for a one-sided law: the N or D every run had
+
+    def predict(self, N, D):
+        N, D = np.asarray(N, dtype=float), np.asarray(D, dtype=float)
+        p, loss = self.params, self.params["E"]
+        if "N" in self.sides:
+            loss = loss + p["A"] / N ** p["alpha"]
+        if "D" in self.sides:
+            loss = loss + p["B"] / D ** p["beta"]
+        return loss
+
+
+def huber(r: np.ndarray, delta: float = HUBER_DELTA) -> np.ndarray:
+    a = np.abs(r)
+    return np.where(a <= delta, 0.5 * r ** 2, delta * (a - 0.5 * delta))
+
+
+def grid_starts(log_n, log_d, log_l, sides: tuple[str, ...], keep: int = STARTS) -> np.ndarray:
+    """The `keep` grid points (rows of e, a, alpha, b, beta) with the lowest objective, evaluated all at once."""
+    axes = [GRID["e"], GRID["a"] if "N" in sides else [0.0], GRID["alpha"] if "N" in sides else [0.0],
+            GRID["b"] if "D" in sides else [0.0], GRID["beta"] if "D" in sides else [0.0]]
+    starts = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 5)
+    objective = huber(log_predictions(starts, log_n, log_d, sides) - log_l).sum(1)
+    return starts[np.argsort(objective)[:keep]]
+
+
+def log_predictions(theta: np.ndarray, log_n, log_d, sides) -> np.ndarray:
+    """log L for each row of theta (e, a, alpha, b, beta) at each point: LSE of the law's terms' logs."""
+    e, a, alpha, b, beta = (theta[:, i:i + 1] for i in range(5))
+    terms = [np.broadcast_to(e, (len(theta), len(log_n)))]
+    if "N" in sides:
+        terms.append(a - alpha * log_n)
+    if "D" in sides:
+        terms.append(b - beta * log_d)
+    return np.logaddexp.reduce(np.stack(terms), axis=0)
+
+
+def objective_and_gradient(theta: np.ndarray, log_n, log_d, log_l, weights, sides) -> tuple[float, np.ndarray]:
+    """The weighted Huber loss of the log predictions at theta (e, a, alpha, b, beta), and its gradient (a side the
+    law lacks has a zero gradient, so its coordinates stay where they start)."""
+    e, a, alpha, b, beta = theta
+    terms = [np.full_like(log_n, e), a - alpha * log_n if "N" in sides else np.full_like(log_n, -np.inf),
+             b - beta * log_d if "D" in sides else np.full_like(log_n, -np.inf)]
+    terms = np.stack(terms)  # (3, points)
+    top = terms.max(0)
+    shares = np.exp(terms - top)
+    total = shares.sum(0)
+    residual = top + np.log(total) - log_l
+    shares /= total  # d LSE / d term
+    slope = weights * np.clip(residual, -HUBER_DELTA, HUBER_DELTA)  # Huber's derivative
+    gradient = np.array([(slope * shares[0]).sum(), (slope * shares[1]).sum(), -(slope * shares[1] * log_n).sum(),
+                         (slope * shares[2]).sum(), -(slope * shares[2] * log_d).sum()])
+    return float((weights * huber(residual)).sum()), gradient
+
+
+def lbfgs(theta0: np.ndarray, log_n, log_d, log_l, weights, sides, iterations: int = 1000,
+          memory: int = 10) -> tuple[np.ndarray, float]:
+    """(theta, objective) from L-BFGS started at theta0 (Nocedal & Wright, algorithm 7.4, with a backtracking line
+    search). Written here in numpy because rafale does not depend on scipy, and torch's LBFGS costs ~1 s a fit in
+    per-call overhead on five numbers: a bootstrap needs hundreds."""
+    theta = np.array(theta0, dtype=float)
+    value, gradient = objective_and_gradient(theta, log_n, log_d, log_l, weights, sides)
+    steps, changes = [], []
+    for _ in range(iterations):
+        direction = -gradient  # two-loop recursion: -H gradient
+        alphas = []
+        for s, y in reversed(list(zip(steps, changes))):
+            rho = 1 / (y @ s)
+            alphas.append(rho * (s @ direction))
+            direction = direction - alphas[-1] * y
+        if steps:
+            direction *= (steps[-1] @ changes[-1]) / (changes[-1] @ changes[-1])
+        for (s, y), alpha in zip(zip(steps, changes), reversed(alphas)):
+            direction = direction + s * (alpha - (y @ direction) / (y @ s))
+        if gradient @ direction >= 0:  # not a descent direction: start the memory over
+            direction, steps, changes = -gradient, [], []
+        step = 1.0 if steps else min(1.0, 1 / max(np.abs(gradient).max(), 1e-12))
+        while True:
+            candidate = theta + step * direction
+            new_value, new_gradient = objective_and_gradient(candidate, log_n, log_d, log_l, weights, sides)
+            if new_value <= value + 1e-4 * step * (gradient @ direction) or step < 1e-12:
+                break
+            step /= 2
+        if step < 1e-12 or value - new_value <= 1e-16 * max(abs(value), 1e-30):
+            if new_value < value:
+                theta, value = candidate, new_value
+            break
+        s, y = candidate - theta, new_gradient - gradient
+        if y @ s > 1e-20:
+            steps, changes = (steps + [s])[-memory:], (changes + [y])[-memory:]
+        theta, value, gradient = candidate, new_value, new_gradient
+    return theta, value if np.all(np.isfinite(theta)) else math.inf
+
+
+def fit_theta(points: list[Point], sides, weights=None, starts=None) -> np.ndarray:
+    """The best theta over L-BFGS runs from `starts` (default: the best grid points)."""
+    log_n, log_d = np.log([p.N for p in points]), np.log([p.D for p in points])
+    log_l = np.log([p.target for p in points])
+    weights = np.ones(len(points)) if weights is None else weights
+    starts = grid_starts(log_n, log_d, log_l, sides) if starts is None else starts
+    best = min((lbfgs(s, log_n, log_d, log_l, weights, sides) for s in starts), key=lambda r: r[1])
+    return best[0]
+
+
+def as_params(theta: np.ndarray, sides) -> dict:
+    """E, A, alpha, B, beta from theta (e, a, alpha, b, beta); a runaway fit's exp is inf, not an error."""
+    with np.errstate(over="ignore"):
+        E, A, B = (float(np.exp(v)) for v in (theta[0], theta[1], theta[3]))
+    alpha, beta = float(theta[2]), float(theta[4])
+    return {"E": E, "A": A if "N" in sides else None, "alpha": alpha if "N" in sides else None,
+            "B": B if "D" in sides else None, "beta": beta if "D" in sides else None}
+
+
+def what_the_runs_tell(points: list[Point]) -> tuple[tuple[str, ...], list[str]]:
+    """(the sides of the law these runs determine, a sentence for each parameter they cannot). A LawError when
+    they determine neither side."""
+    sizes, budgets = len({p.N for p in points}), len({p.D for p in points})
+    sides = tuple(side for side, count in (("N", sizes), ("D", budgets)) if count >= MIN_DISTINCT)
+    said = []
+    if sizes < MIN_DISTINCT:
+        said.append(f"A and alpha (and E apart from A/N^alpha): the runs have {sizes} size{'s' * (sizes != 1)}, a "
+                    f"power law with an offset needs at least {MIN_DISTINCT}")
+    if budgets < MIN_DISTINCT:
+        said.append(f"B and beta (and E apart from B/D^beta): the runs have {budgets} token budget"
+                    f"{'s' * (budgets != 1)}, a power law with an offset needs at least {MIN_DISTINCT}")
+    one_side = (sizes == 1 and "D" in sides) or (budgets == 1 and "N" in sides)
+    if len(sides) < 2 and not one_side:
+        raise LawError("these runs cannot determine a law: " + "; ".join(said) + ". Add sizes or budgets "
+                       "(cooldown branches give budgets cheaply: training.cooldowns)")
+    return sides, said
+
+
+@dataclass
+class Fit:
+    law: Law
+    intervals: dict  # parameter or exponent -> (2.5th, 97.5th percentile) over the bootstrap fits
+    not_determined: list[str]  # a sentence for each parameter the runs cannot tell
+    samples: list[Law]  # the bootstrap fits
+
+    def prediction_interval(self, N, D) -> tuple[float, float]:
+        values = [float(s.predict(N, D)) for s in self.samples]
+        return float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))
+
+
+def fit_law(points: list[Point], bootstrap: int = 200, seed: int = 0) -> Fit:
+    """The law, with a 95% bootstrap interval for each parameter and exponent. A resample that loses a size or
+    budget the law needs is drawn again (at most 5x as many draws as fits)."""
+    sides, said = what_the_runs_tell(points)
+    theta = fit_theta(points, sides)
+    fixed = {} if len(sides) == 2 else ({"N": points[0].N} if sides == ("D",) else {"D": points[0].D})
+    law = Law(sides, as_params(theta, sides), fixed)
+    rng, samples, tries = np.random.default_rng(seed), [], 0
+    free = 1 + 2 * len(sides)
+    if len(points) <= free:  # every resample that keeps the sizes and budgets is the same points: no spread
+        said.append(f"intervals: {len(points)} runs for {free} parameters fit exactly, which leaves a bootstrap "
+                    "nothing to vary; add runs")
+        bootstrap = 0
+    while len(samples) < bootstrap and tries < 5 * bootstrap:
+        tries += 1
+        counts = np.bincount(rng.integers(0, len(points), len(points)), minlength=len(points))
+        chosen = [p for p, c in zip(points, counts) if c]
+        if any(len({getattr(p, side) for p in chosen}) < MIN_DISTINCT for side in sides):
+            continue
+        params = as_params(fit_theta(points, sides, weights=counts.astype(float), starts=[theta]), sides)
+        if all(v is None or np.isfinite(v) for v in params.values()):  # (a runaway fit is drawn again)
+            samples.append(Law(sides, params | exponents(params, points), fixed))
+    intervals = {}
+    for key in samples[0].params if samples else []:
+        values = [s.params[key] for s in samples if s.params[key] is not None and np.isfinite(s.params[key])]
+        if values:
+            intervals[key] = (float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5)))
+    law.params |= exponents(law.params, points)
+    return Fit(law, intervals, said, samples)
+
+
+def flops_relation(points: list[Point]) -> tuple[float, float]:
+    """(k, gamma) of flops_per_token = k N^gamma, least squares in logs over the runs' sizes (gamma 1, k the mean
+    ratio, with one size)."""
+    sizes = sorted({(p.N, p.flops_per_token) for p in points})
+    n, f = np.log([s[0] for s in sizes]), np.log([s[1] for s in sizes])
+    if len(sizes) == 1:
+        return float(math.exp(f[0] - n[0])), 1.0
+    gamma, log_k = np.polyfit(n, f, 1)
+    return float(math.exp(log_k)), float(gamma)
+
+
+def exponents(params: dict, points: list[Point]) -> dict:
+    """a and b of N_opt ~ C^a, D_opt ~ C^b (see the module's docstring), None without the whole law."""
+    if params.get("alpha") is None or params.get("beta") is None:
+        return {"a": None, "b": None}
+    _, gamma = flops_relation(points)
+    alpha, beta = params["alpha"], params["beta"]
+    return {"a": beta / (alpha + gamma * beta), "b": alpha / (alpha + gamma * beta)}
+
+
+def compute_optimal(law: Law, points: list[Point], flops) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(N_opt, D_opt, L_opt) at each of `flops`, on the runs' FLOPs relation."""
+    p, (k, gamma) = law.params, flops_relation(points)
+    flops = np.asarray(flops, dtype=float)
+    alpha, beta = p["alpha"], p["beta"]
+    n_opt = (alpha * p["A"] / (gamma * beta * p["B"])) ** (1 / (alpha + gamma * beta)) * (flops / k) ** (
+        beta / (alpha + gamma * beta))
+    d_opt = flops / (k * n_opt ** gamma)
+    return n_opt, d_opt, law.predict(n_opt, d_opt)
+
+
+# ----------------------------------------------------------------------------------------------------
+# what a person reads
+
+
+def describe_law(fit: Fit, points: list[Point], what: str) -> str:
+    law, intervals = fit.law, fit.intervals
+    k, gamma = flops_relation(points)
+    sizes, budgets = sorted({p.N for p in points}), sorted({p.D for p in points})
+    def span(values, one, many):
+        return (f"1 {one}, {values[0]:,}" if len(values) == 1 else f"{len(values)} {many}, {values[0]:,} to "
+                f"{values[-1]:,}")
+
+    lines = [f"{what} = E + A/N^alpha + B/D^beta, fitted to {len(points)} runs ({span(sizes, 'size', 'sizes')} "
+             f"non-embedding parameters; {span(budgets, 'budget', 'budgets')} tokens); "
+             + (f"95% intervals from {len(fit.samples)} bootstrap fits" if fit.samples else "no intervals")]
+    for key in PARAMETERS + ("a", "b"):
+        value = law.params.get(key)
+        if value is None:
+            continue
+        interval = f"[{intervals[key][0]:.5g}, {intervals[key][1]:.5g}]" if key in intervals else "[no interval]"
+        label = key
+        if key == "E" and len(law.sides) == 1:
+            other = "A/N^alpha" if "D" in law.sides else "B/D^beta"
+            label = f"E + {other} ({_fixed_text(law)})"
+        note = {"a": "  N_opt ~ C^a", "b": "  D_opt ~ C^b"}.get(key, "")
+        lines.append(f"  {label:<10} {value:12.5g}   {interval}{note}")
+    if law.params.get("a") is not None:
+        lines.append(f"  compute: C = flops_per_token x D, flops_per_token = {k:.4g} N^{gamma:.3f} over these sizes "
+                     f"(3x the forward's matmul FLOPs); a = beta/(alpha + {gamma:.3f} beta), b = alpha/(alpha + "
+                     f"{gamma:.3f} beta)")
+    for sentence in fit.not_determined:
+        lines.append(f"  not determined: {sentence}")
+    return "\n".join(lines)
+
+
+def table(points: list[Point], fit: Fit, held: list[Point], what: str) -> str:
+    """A markdown table of the runs: N, D, C, the measured value, the law's (with its 95% interval for a held-out
+    run) and the error."""
+    law = fit.law
+    lines = [f"| run | N | D | C (FLOPs) | {what} | law | error |", "|---|---|---|---|---|---|---|"]
+    for p in sorted(points + held, key=lambda p: (p.N, p.D)):
+        predicted = float(law.predict(p.N, p.D)) if not law.fixed or _same_fixed(law, p) else math.nan
+        error = (predicted - p.target) / p.target
+        mark = " (held out)" if p in held else ""
+        interval = fit.prediction_interval(p.N, p.D) if p in held and fit.samples else None
+        shown = f"{predicted:.4f}" + (f" [{interval[0]:.4f}, {interval[1]:.4f}]" if interval else "")
+        lines.append(f"| {p.name}{mark} | {p.N:,} | {p.D:,} | {p.C:.3g} | {p.target:.4f} | {shown} | {error:+.2%} |")
+    return "\n".join(lines)
+
+
+def _fixed_text(law: Law) -> str:
+    return ", ".join(f"{side} = {value:,}" for side, value in law.fixed.items())
+
+
+def _same_fixed(law: Law, p: Point) -> bool:
+    return all(getattr(p, side) == value for side, value in law.fixed.items())
+
+
+def plot_law(points: list[Point], law: Law, held: list[Point], out: Path, what: str) -> Path:
+    """Loss against training FLOPs: each run, the fitted law along D for each size, and the compute-optimal
+    frontier when the law is whole. Held-out runs are hollow, with the law's prediction beside them."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    everyone = points + held
+    sizes = sorted({p.N for p in everyone})
+    colors = plt.get_cmap("viridis")(np.linspace(0, 0.9, len(sizes)))
+    d_min, d_max = min(p.D for p in everyone), max(p.D for p in everyone)
+    for size, color in zip(sizes, colors):
+        runs = [p for p in everyone if p.N == size]
+        fpt = runs[0].flops_per_token
+        fitted = [p for p in runs if p not in held]
+        if fitted:
+            ax.scatter([p.C for p in fitted], [p.target for p in fitted], color=color, zorder=3,
+                       label=f"N = {size:,}")
+        if any(p in held for p in runs):
+            ax.scatter([p.C for p in runs if p in held], [p.target for p in runs if p in held], facecolors="none",
+                       edgecolors=color, s=60, zorder=3, label=f"N = {size:,} (held out: measured)")
+            ax.scatter([p.C for p in runs if p in held], [float(law.predict(p.N, p.D)) for p in runs if p in held],
+                       marker="x", color=color, zorder=3, label="predicted")
+        if "N" in law.sides or size in law.fixed.values():
+            d = np.geomspace(d_min / 2, d_max * 2, 100)
+            ax.plot(fpt * d, law.predict(size, d), color=color, lw=1, ls="--" if not fitted else "-")
+    if law.params.get("a") is not None:
+        c = np.geomspace(min(p.C for p in everyone) / 2, max(p.C for p in everyone) * 4, 100)
+        ax.plot(c, compute_optimal(law, everyone, c)[2], color="black", lw=1.5, ls=":",
+                label=f"compute-optimal (N ~ C^{law.params['a']:.2f}, D ~ C^{law.params['b']:.2f})")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("training FLOPs C")
+    ax.set_ylabel(what)
+    ax.set_title(f"{what} = {law.params['E']:.3g}" + (f" + {law.params['A']:.3g}/N^{law.params['alpha']:.3g}"
+                 if "N" in law.sides else "") + (f" + {law.params['B']:.3g}/D^{law.params['beta']:.3g}"
+                                                  if "D" in law.sides else ""), fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(out)
+    return out
+
+
+def law_main(argv) -> int:
+    parser = argparse.ArgumentParser(
+        prog="rafale law", description="Fit L(N, D) = E + A/N^alpha + B/D^beta to finished runs (Chinchilla's "
+        "approach 3), with bootstrap intervals and the compute-optimal exponents; write a table and a plot.",
+        epilog="example: rafale law runs/law --holdout 'law-*hidden_size__128_*'")
+    parser.add_argument("paths", nargs="+", help="run folders, or folders of runs")
+    parser.add_argument("--holdout", action="append", default=[], metavar="NAME",
+                        help="fit without these runs (a name or a shell pattern; repeatable) and predict them")
+    parser.add_argument("--bits-per-byte", action="store_true",
+                        help="fit bits per byte instead of the loss: runs with different tokenizers may share it")
+    parser.add_argument("--bootstrap", type=int, default=200, help="bootstrap fits for the intervals (default 200)")
+    parser.add_argument("--out", help="where the table (.md) and the plot (.png) go (default: law.md and law.png "
+                        "in the first folder given)")
+    args = parser.parse_args(argv)
+    paths = [Path(p).expanduser() for p in args.paths]
+    points, left_out = read_points(paths, args.bits_per_byte)
+    if left_out:
+        print("rafale: left out (not complete): " + ", ".join(left_out))
+    fitted, held = select(points, args.holdout)
+    what = "bits per byte" if args.bits_per_byte else "validation loss"
+    if not fitted:
+        raise LawError("every run is held out; nothing is left to fit")
+    fit = fit_law(fitted, args.bootstrap)
+    law = fit.law
+    text = describe_law(fit, fitted, what)
+    if held and law.fixed and not all(_same_fixed(law, p) for p in held):
+        raise LawError(f"the runs fitted determine a law in {law.sides[0]} alone, at {_fixed_text(law)}; it cannot "
+                       f"predict runs at another {'N' if 'N' in law.fixed else 'D'}: "
+                       + ", ".join(p.name for p in held if not _same_fixed(law, p)))
+    rows = table(fitted, fit, held, what)
+    if held:
+        errors = [abs(float(law.predict(p.N, p.D)) - p.target) / p.target for p in held]
+        text += (f"\nheld out {len(held)} runs: the law predicts their {what} within {max(errors):.2%} (mean "
+                 f"{np.mean(errors):.2%})")
+    out = Path(args.out) if args.out else (paths[0] if paths[0].is_dir() else paths[0].parent) / "law"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp.md")
+    tmp.write_text(text + "\n\n" + rows + "\n")
+    tmp.replace(out.with_suffix(".md"))
+    plot = plot_law(fitted, law, held, out.with_suffix(".png"), what)
+    print(text + "\n\n" + rows)
+    print(f"rafale: wrote {out.with_suffix('.md')} and {plot}")
+    return 0

@@ -1,0 +1,164 @@
+"""Every example in every command's --help runs as written (`rafale runs --help` once suggested `--sort lr`, which
+fails where lr was not varied).
+
+The examples are read from the help itself (`example: rafale ...` lines, or the lines under `examples:`), each run
+in a folder of its own that holds what the examples name: `runs/pythia-tiny-stories`, `runs/bert-cls-stories` and
+`runs/clip-shapes` (tiny runs trained once for this module), `runs/a` and `runs/b`, `cfg.yaml`, `held-out.txt`,
+`verses.txt`, `rows.csv`, `photos/`, `tasks/` (an lm-eval task named mytask) and `test/` (this repository's
+configs). An example that trains (`rafale -c ...`, `rafale sweep ...`) is run with SHORTER appended: the same
+command on a few stories for 2 batches, in a folder with no runs yet."""
+
+import contextlib
+import csv
+import io
+import json
+import os
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, write_config
+from rafale.main import COMMANDS, main
+
+# what a training example gets appended: the tiniest Pythia on a few stories, for 2 batches
+SHORTER = ["data.num_train_stories=200", "data.num_val_stories=20", "data.vocab_size=300", "data.block_size=64",
+           "model.preset=pythia-debug", "training.max_duration=2ba", "training.eval_interval=2ba",
+           "training.save_interval=2ba", "training.warmup=0ba", "training.precision=fp32"]
+TRAINING = 4  # batches each fixture run trains
+
+
+def rafale(argv: list[str], env: dict | None = None) -> tuple[int, str, str]:
+    """rafale.main.main(argv) in this process, with `env` set: (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    saved = {key: os.environ.get(key) for key in env or {}}
+    os.environ.update(env or {})
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                main(argv)
+            except SystemExit as exit:
+                code = exit.code
+    finally:
+        for key, value in saved.items():
+            os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
+    return code, out.getvalue(), err.getvalue()
+
+
+def help_text(command: list[str]) -> str:
+    # argparse wraps its help at the terminal's width: as wide as needed, one example a line
+    code, out, err = rafale(command + ["--help"], env={"COLUMNS": "1000"})
+    assert code == 0, err
+    return out
+
+
+def examples(text: str) -> list[str]:
+    """The commands of `example: rafale ...` lines and of the lines under `examples:`, without their comments (what
+    follows two spaces)."""
+    found, listing = [], False
+    for line in text.splitlines():
+        if line.startswith("example: "):
+            found.append(re.split(r"\s{2,}", line[len("example: "):].strip())[0])
+        elif line.strip() == "examples:":
+            listing = True
+        elif listing and line.startswith("  ") and line.strip():
+            found.append(re.split(r"\s{2,}", line.strip())[0])
+        else:
+            listing = False
+    return found
+
+
+HELPS = [[]] + [[name] for name in COMMANDS]  # `rafale --help`, then each command's
+
+
+def test_every_command_has_examples_in_its_help():
+    for command in HELPS:
+        found = examples(help_text(command))
+        assert found and all(re.match(r"([A-Z_]+=\S+ )*rafale ", example) for example in found), (command, found)
+
+
+@pytest.fixture(scope="module")
+def fixtures(tmp_path_factory, cache_dir):
+    """The run folders and files the examples name, made once."""
+    folder = tmp_path_factory.mktemp("help_examples")
+    runs = folder / "runs"
+    steps = {"max_duration": f"{TRAINING}ba", "eval_interval": f"{TRAINING}ba", "save_interval": f"{TRAINING}ba",
+             "warmup": "0ba", "precision": "fp32"}
+    configs = [
+        write_config(folder / "lm.yaml", run={"name": "pythia-tiny-stories", "output_dir": str(runs)}, training=steps),
+        write_config(folder / "cls.yaml", base="bert_cls_stories.yaml",
+                     run={"name": "bert-cls-stories", "output_dir": str(runs)},
+                     data={"num_train_stories": 200, "num_val_stories": 40, "vocab_size": 500, "block_size": 64},
+                     training={**steps, "batch_size": 16}),
+        write_config(folder / "clip.yaml", base="clip_shapes.yaml", run={"name": "clip-shapes", "output_dir": str(runs)},
+                     data={"vocab_size": 512, "block_size": 32, "image_size": 32, "num_train_images": 48,
+                           "num_val_images": 16, "num_zero_shot_images": 36},
+                     model={"preset": "clip-debug", "vision": {"patch_size": 8}}, training={**steps, "batch_size": 16}),
+    ]
+    for cfg in configs:
+        code, out, err = rafale(["-c", str(cfg)])
+        assert code == 0, (out + err)[-3000:]
+    files = folder / "files"
+    files.mkdir()
+    from rafale.shapes import zero_shot_set
+    from rafale.stories import labelled_story_splits, story_splits
+
+    stories = story_splits(20, 10, seed=1)["validation"]
+    (files / "held-out.txt").write_text("<|endoftext|>".join(stories))
+    (files / "verses.txt").write_text("\n".join(story.replace("\n", " ") for story in stories))
+    with (files / "rows.csv").open("w", newline="") as f:
+        csv.writer(f).writerows([("text", "label"), *labelled_story_splits(20, 10, seed=1)["validation"]])
+    (files / "photos").mkdir()
+    for i, (image, _) in enumerate(zero_shot_set(36, seed=5, image_size=32)):
+        if i < 4:
+            image.save(files / "photos" / f"{i}.png")
+    (files / "tasks").mkdir()
+    (files / "tasks" / "mytask.jsonl").write_text("\n".join(
+        json.dumps({"question": f"Story {i}: the dog was", "choices": [" happy", " sad"], "answer": i % 2})
+        for i in range(4)))
+    (files / "tasks" / "mytask.yaml").write_text(f"""task: mytask
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {files / "tasks" / "mytask.jsonl"}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{answer}}}}"
+metric_list:
+  - metric: acc
+""")
+    write_config(files / "cfg.yaml", training=steps)  # the debug config, output_dir runs
+    return {"runs": runs, "files": files}
+
+
+def workdir(fixtures, where: Path, with_runs: bool) -> Path:
+    """A folder where the examples' names resolve: the files, this repository's test/, and (unless the example
+    trains) runs/ holding the fixture runs, with runs/a and runs/b two of them."""
+    where.mkdir()
+    for item in fixtures["files"].iterdir():
+        (where / item.name).symlink_to(item)
+    (where / "test").symlink_to(ROOT / "test")
+    if with_runs:
+        (where / "runs").mkdir()
+        for run in fixtures["runs"].iterdir():
+            (where / "runs" / run.name).symlink_to(run)
+        (where / "runs" / "a").symlink_to(fixtures["runs"] / "pythia-tiny-stories")
+        (where / "runs" / "b").symlink_to(fixtures["runs"] / "pythia-tiny-stories")
+    return where
+
+
+EXAMPLES = [(command, example) for command in HELPS for example in examples(help_text(command))]
+
+
+@pytest.mark.parametrize("example", [example for _, example in EXAMPLES])
+def test_each_help_example_runs_as_written(example, fixtures, tmp_path, monkeypatch):
+    words = shlex.split(example)
+    env = dict(word.split("=", 1) for word in words[: words.index("rafale")])
+    argv = words[words.index("rafale") + 1:]
+    trains = not argv or argv[0] not in COMMANDS or argv[0] == "sweep"
+    monkeypatch.chdir(workdir(fixtures, tmp_path / "here", with_runs=not trains))
+    code, out, err = rafale(argv + (SHORTER if trains else []), env=env)
+    assert code == 0, (example, (out + err)[-3000:])
