@@ -234,8 +234,7 @@ def run(cfg: Config, data: PreparedData, model, collator, debug: bool = False,
                        precision=precision_label(placement.precision, placement.autocast_dtype), changes=changes)
     record.outcome = lambda: outcome(trainer, cfg)
     if save and dist.get_global_rank() == 0:  # the process that saves (and moves the latest symlink) prunes
-        clock.on_save.append(lambda state, logger: prune_checkpoints(run_dir / "checkpoints",
-                                                                     cfg.training.checkpoints_to_keep))
+        clock.on_save.append(lambda *_: prune_checkpoints(run_dir / "checkpoints", cfg.training.checkpoints_to_keep))
     record.non_embedding_params = non_embedding_parameters(model.model)
     flops_per_token = getattr(model.model, "flops_per_token", None)
     record.flops_per_token = flops_per_token(cfg.data.block_size) if flops_per_token is not None else None
