@@ -66,14 +66,14 @@ def _public(name: str) -> bool:
     return not name.startswith("_") or name == "__init__"
 
 
-def _outline_class(node: ast.ClassDef, source: str, methods: bool = True) -> list[str]:
+def _outline_class(node: ast.ClassDef, source: str, methods: bool = True, fields: bool = True) -> list[str]:
     bases = ", ".join(ast.unparse(b) for b in node.bases + node.keywords)
     lines = [f"@{ast.unparse(d)}" for d in node.decorator_list]
     lines.append(f"class {node.name}({bases}):" if bases else f"class {node.name}:")
     doc = (ast.get_docstring(node) or "").split("\n")[0]
     lines += [f'    """{doc}"""'] if doc else []
     for item in node.body:
-        if isinstance(item, ast.AnnAssign) and any(isinstance(d, ast.Name) and d.id == "dataclass" or
+        if fields and isinstance(item, ast.AnnAssign) and any(isinstance(d, ast.Name) and d.id == "dataclass" or
                                                    "dataclass" in ast.unparse(d) for d in node.decorator_list):
             lines.append(f"    {ast.unparse(item.target)}: {ast.unparse(item.annotation)}")  # a dataclass field
         elif methods and isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef)) and _public(item.name):
@@ -92,9 +92,9 @@ def _constant(node, name: str, source: str) -> str:
     return f"{name} = ...  # {len(segment.splitlines())} lines"
 
 
-def outline(source: str, signatures: bool = True, methods: bool = True) -> str:
+def outline(source: str, signatures: bool = True, methods: bool = True, fields: bool = True) -> str:
     """A module without its function bodies: the first paragraph of its docstring, signatures of public functions,
-    classes and (`methods`) their methods, dataclass fields, and short module-level constants (`signatures` False:
+    classes and (`methods`) their methods, (`fields`) dataclass fields, and short module-level constants (`signatures` False:
     the first paragraph of its docstring only). Its imports are left out: the README's map gives the layers."""
     tree = ast.parse(source)
     doc = ast.get_docstring(tree)
@@ -103,7 +103,7 @@ def outline(source: str, signatures: bool = True, methods: bool = True) -> str:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and _public(node.name):
             parts.append("\n".join(_signature(node, "")))
         elif isinstance(node, ast.ClassDef) and _public(node.name):
-            parts.append("\n".join(_outline_class(node, source, methods)))
+            parts.append("\n".join(_outline_class(node, source, methods, fields)))
         elif isinstance(node, (ast.Assign, ast.AnnAssign)):
             targets = node.targets if isinstance(node, ast.Assign) else [node.target]
             names = [t.id for t in targets if isinstance(t, ast.Name)]
@@ -136,7 +136,8 @@ def docprompt(readme: str) -> str:
         parts.append(f"\n#### {path.relative_to(ROOT)} (in full)\n" + path.read_text())
     for path in [p for p in paths if str(p.relative_to(ROOT)) not in FULL_FILES]:
         name = str(path.relative_to(ROOT))
-        text = outline(path.read_text(), signatures=name not in DOCSTRING_ONLY, methods=name.startswith(WITH_METHODS))
+        text = outline(path.read_text(), signatures=name not in DOCSTRING_ONLY, methods=name.startswith(WITH_METHODS),
+                       fields=name != "rafale/config.py")  # the config's fields: in the README's config reference
         parts.append(f"\n#### {name}\n" + (text if text.strip() else "(no docstring or public names)\n"))
     return "".join(parts)
 
