@@ -137,13 +137,13 @@ def make_dataloader(dataset, batch_size: int, collate_fn, shuffle: bool, drop_la
     return DataSpec(loader, get_num_tokens_in_batch=count_tokens)
 
 
-def make_scheduler(cfg: Config, debug: bool, batches_per_epoch: int | None = None):
+def make_scheduler(cfg: Config, debug: bool, batches_per_epoch: int | None = None, schedule_free: bool | None = None):
     """The learning-rate schedule, a Composer scheduler (ScheduleAtBatchStart applies it). batches_per_epoch: for
-    wsd, whose phases are counted in batches."""
+    wsd, whose phases are counted in batches; schedule_free: whether the optimizer is (None: ask rafale.optim)."""
     t = cfg.training
     if debug:  # a fixed target and a fixed learning rate: the loss should only fall
         return ConstantWithWarmupScheduler(t_warmup="0ba")
-    if is_schedule_free(t):  # it warms up itself and needs no decay: a second schedule would distort it
+    if is_schedule_free(t) if schedule_free is None else schedule_free:  # it warms up itself and needs no decay: a second schedule would distort it
         return ConstantScheduler()
     # no warmup fits any max_duration unit (Composer would refuse 0ba against a max_duration in tok)
     warmup = "0dur" if Time.from_timestring(t.warmup).value == 0 else t.warmup
@@ -425,11 +425,12 @@ def build_trainer(cfg: Config, data: PreparedData, model, collator, placement: P
     resume_from = resume_checkpoint(cfg, run_dir) if save and cfg.run.autoresume else None
     if t.load_path is not None:  # Composer unpickles it
         check_checkpoint_safe(Path(t.load_path).expanduser(), "training.load_path", t.trust_checkpoint)
+    batches_per_epoch, schedule_free = len(train_loader.dataloader), is_schedule_free(t)
     warmup_steps = 0  # schedule-free warms up itself, counting batches
-    if is_schedule_free(t) and not debug:
-        warmup_steps = batches_in(t.warmup, t.max_duration, len(train_loader.dataloader), t.batch_size, cfg.data.block_size)
-    batches_per_epoch = len(train_loader.dataloader)
-    schedule = ScheduleAtBatchStart(make_scheduler(cfg, debug, batches_per_epoch))
+    if schedule_free and not debug:
+        warmup_steps = batches_in(t.warmup, t.max_duration, batches_per_epoch, t.batch_size, cfg.data.block_size)
+    optimizer = build_optimizer(model, t, placement.device, warmup_steps)
+    schedule = ScheduleAtBatchStart(make_scheduler(cfg, debug, batches_per_epoch, schedule_free))
     # the last evaluation batch is usually short; Composer says so on every evaluation
     warnings.filterwarnings("ignore", message="Cannot split tensor of length")
     with warnings.catch_warnings():
@@ -440,7 +441,7 @@ def build_trainer(cfg: Config, data: PreparedData, model, collator, placement: P
             train_dataloader=None if t.eval_only else train_loader,
             eval_dataloader=eval_loader,
             max_duration=f"{DEBUG_EPOCHS}ep" if debug else t.max_duration,
-            optimizers=build_optimizer(model, t, placement.device, warmup_steps),
+            optimizers=optimizer,
             algorithms=[GradientClipping(clipping_type="norm", clipping_threshold=t.clip_norm)] if t.clip_norm else [],
             callbacks=(make_callbacks(placement.device, peak, stopper, schedule, cache_root(cfg.data.cache_dir))
                        + [clock or RunClock()] + getattr(model, "callbacks", [])
