@@ -48,6 +48,26 @@ def batch_number(checkpoint: Path) -> int:
     return int(checkpoint.name.split("-ba")[1].split("-")[0])
 
 
+def prune_checkpoints(folder: Path, keep: int) -> list[Path]:
+    """Keep the newest `keep` checkpoints of the run folder (-1: all) and the one LATEST_CHECKPOINT points to (the one
+    a resume loads); remove the others and return them. Composer's num_checkpoints_to_keep removes only what its own
+    process saved, so without this every preemption would leave its checkpoints behind for good. A checkpoint is
+    every rank's file of one batch; files set aside (.unfinished, .corrupt) are left for the user to look at."""
+    if keep < 0:
+        return []
+    by_batch: dict[int, list[Path]] = {}
+    for path in folder.glob("ep*-ba*-rank*.pt"):
+        if not path.is_symlink():
+            by_batch.setdefault(batch_number(path), []).append(path)
+    latest = folder / LATEST_CHECKPOINT
+    needed = {batch_number(latest.resolve())} if latest.is_symlink() and latest.exists() else set()
+    kept = set(sorted(by_batch, reverse=True)[:keep]) | needed
+    removed = [path for batch in sorted(by_batch) if batch not in kept for path in by_batch[batch]]
+    for path in removed:
+        path.unlink(missing_ok=True)
+    return removed
+
+
 def check_resume_checkpoint(folder: Path, fallback: bool, trust: bool = False) -> Path | None:
     """The checkpoint a run resumes from (None: there is none): the latest one, checked first. An unreadable one is
     a clear error, or with run.resume_fallback set aside for the newest readable one before it. A whole checkpoint

@@ -21,10 +21,17 @@ ROOT = Path(__file__).resolve().parent.parent
 START, END = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
 # in full: the decoder, what a new attention, norm or position scheme changes
 FULL_FILES = ("rafale/models/decoder.py",)
-GENERATORS = ("rafale/stories.py", "rafale/shapes.py")  # word and shape tables: their docstring and functions only
+# their docstring only: the commands (their use is their --help and the README's), the CLI, and the word and shape
+# tables that make the built-in data
+DOCSTRING_ONLY = ("rafale/export.py", "rafale/predict.py", "rafale/score.py", "rafale/generate.py",
+                  "rafale/lm_eval_adapter.py", "rafale/zero_shot.py", "rafale/sweep.py", "rafale/runs.py",
+                  "rafale/docprompt.py", "rafale/law.py", "rafale/main.py", "rafale/stories.py", "rafale/shapes.py")
 # the README's figures, and the code that checks a figure by hand: no question on using rafale needs them
 LEFT_OUT_SECTIONS = ("Speed", "Measured here", "Bits per byte")
 MAX_BYTES = 165_000  # "at most about 160 KB": what most LLMs take in one message
+# the classes a fork subclasses or calls (model parts, datapipes, optimizers, metrics): with their methods; the
+# run's and the commands' classes (callbacks, the record) by their name and first line
+WITH_METHODS = ("rafale/models/", "rafale/data/", "rafale/optim.py", "rafale/metrics.py")
 REGISTRY_LINES = 16  # a module-level constant this short is shown whole (registries, tables); a longer one by name
 
 
@@ -59,17 +66,17 @@ def _public(name: str) -> bool:
     return not name.startswith("_") or name == "__init__"
 
 
-def _outline_class(node: ast.ClassDef, source: str) -> list[str]:
+def _outline_class(node: ast.ClassDef, source: str, methods: bool = True, fields: bool = True) -> list[str]:
     bases = ", ".join(ast.unparse(b) for b in node.bases + node.keywords)
     lines = [f"@{ast.unparse(d)}" for d in node.decorator_list]
     lines.append(f"class {node.name}({bases}):" if bases else f"class {node.name}:")
     doc = (ast.get_docstring(node) or "").split("\n")[0]
     lines += [f'    """{doc}"""'] if doc else []
     for item in node.body:
-        if isinstance(item, ast.AnnAssign) and any(isinstance(d, ast.Name) and d.id == "dataclass" or
+        if fields and isinstance(item, ast.AnnAssign) and any(isinstance(d, ast.Name) and d.id == "dataclass" or
                                                    "dataclass" in ast.unparse(d) for d in node.decorator_list):
             lines.append(f"    {ast.unparse(item.target)}: {ast.unparse(item.annotation)}")  # a dataclass field
-        elif isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef)) and _public(item.name):
+        elif methods and isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef)) and _public(item.name):
             lines += _signature(item, "    ")
     return lines
 
@@ -85,27 +92,23 @@ def _constant(node, name: str, source: str) -> str:
     return f"{name} = ...  # {len(segment.splitlines())} lines"
 
 
-def outline(source: str, tables: bool = True) -> str:
-    """A module without its function bodies: the first paragraph of its docstring, imports of rafale modules,
-    signatures of public functions, classes and methods, dataclass fields, and short module-level constants
-    (`tables`: and its classes and constants; else its functions only)."""
+def outline(source: str, signatures: bool = True, methods: bool = True, fields: bool = True) -> str:
+    """A module without its function bodies: the first paragraph of its docstring, signatures of public functions,
+    classes and (`methods`) their methods, (`fields`) dataclass fields, and short module-level constants (`signatures` False:
+    the first paragraph of its docstring only). Its imports are left out: the README's map gives the layers."""
     tree = ast.parse(source)
     doc = ast.get_docstring(tree)
     parts = ['"""' + doc.split("\n\n")[0] + '"""'] if doc else []
-    for node in tree.body:
+    for node in tree.body if signatures else ():
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and _public(node.name):
             parts.append("\n".join(_signature(node, "")))
-        elif not tables:
-            continue
         elif isinstance(node, ast.ClassDef) and _public(node.name):
-            parts.append("\n".join(_outline_class(node, source)))
+            parts.append("\n".join(_outline_class(node, source, methods, fields)))
         elif isinstance(node, (ast.Assign, ast.AnnAssign)):
             targets = node.targets if isinstance(node, ast.Assign) else [node.target]
             names = [t.id for t in targets if isinstance(t, ast.Name)]
             if names and all(n.isupper() and not n.startswith("_") for n in names):
                 parts.append(_constant(node, names[0], source))
-        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("rafale"):
-            parts.append(ast.unparse(node))
     return "\n".join(parts) + "\n"
 
 
@@ -124,16 +127,18 @@ def docprompt(readme: str) -> str:
         "# rafale: documentation and source code\n",
         "The README comes first (with the config reference), then the decoder in full, then every other module "
         "of the `rafale` package as an outline: its docstring's first paragraph and its public signatures (bodies "
-        "left out; read the file for those). Each file starts with a `#### path` line.\n\n",
+        "left out; read the file for those; a command's module, whose use is its --help, by its docstring alone). "
+        "Each file starts with a `#### path` line.\n\n",
         "\n#### README.md\n" + without_sections(readme),
     ]
     paths = sorted((ROOT / "rafale").rglob("*.py"))
     for path in [p for p in paths if str(p.relative_to(ROOT)) in FULL_FILES]:
         parts.append(f"\n#### {path.relative_to(ROOT)} (in full)\n" + path.read_text())
     for path in [p for p in paths if str(p.relative_to(ROOT)) not in FULL_FILES]:
-        text = outline(path.read_text(), tables=str(path.relative_to(ROOT)) not in GENERATORS)
-        if text.strip():
-            parts.append(f"\n#### {path.relative_to(ROOT)}\n" + text)
+        name = str(path.relative_to(ROOT))
+        text = outline(path.read_text(), signatures=name not in DOCSTRING_ONLY, methods=name.startswith(WITH_METHODS),
+                       fields=name != "rafale/config.py")  # the config's fields: in the README's config reference
+        parts.append(f"\n#### {name}\n" + (text if text.strip() else "(no docstring or public names)\n"))
     return "".join(parts)
 
 

@@ -152,7 +152,21 @@ def score_command(argv) -> int:
 def sweep_command(argv) -> int:
     from rafale.sweep import sweep_main
 
-    return sweep_main(argv, train_main)
+    return sweep_main(argv, train_main, on_every_rank)
+
+
+def on_every_rank(decide):
+    """decide() on rank 0 and its result on every process, under Composer's launcher (rafale.resilience's
+    decided_on_rank_zero, which imports Composer: only then); decide() itself in one process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return decide()
+    import torch
+    from composer.utils import dist
+
+    from rafale.resilience import decided_on_rank_zero
+
+    dist.initialize_dist("gpu" if torch.cuda.is_available() else "cpu")
+    return decided_on_rank_zero(decide)
 
 
 # `rafale <command> ...` -> (what runs it, what it does); without a command, rafale trains. Each has its own --help.

@@ -5,10 +5,11 @@ both, carried across a resume.
 
 import torch
 from composer import Trainer
+from composer.callbacks import EarlyStopper
 from composer.core import Callback, State, Time
 from composer.loggers import Logger
 
-from rafale.config import Config, parse_time
+from rafale.config import Config
 from rafale.errors import ConfigError
 
 
@@ -52,12 +53,24 @@ class KeepBest(Callback):
         self.eval_after_all(state, logger)
 
 
+class EarlyStopping(EarlyStopper):
+    """Composer's EarlyStopper, which also says whether it ended the run: `stopped_at` is the batch where it
+    stopped training (None while it has not). The run's timestamp cannot say it: a run stopped by a signal also
+    ends before training.max_duration, and so does every record saved at a checkpoint."""
+
+    stopped_at: int | None = None
+
+    def _update_stopper_state(self, state: State):
+        before = state.max_duration
+        super()._update_stopper_state(state)
+        if self.stopped_at is None and state.max_duration != before:  # it called state.stop_training()
+            self.stopped_at = int(state.timestamp.batch)
+
+
 def outcome_callbacks(cfg: Config, model, export_best) -> list:
     """training.keep_best and training.early_stopping (Composer's EarlyStopper), their metrics checked first.
     export_best(state) writes the weights to RUN/export-best/ and returns that folder; None for a model that cannot
     be exported (its best step is still recorded)."""
-    from composer.callbacks import EarlyStopper
-
     t, callbacks = cfg.training, []
     if t.keep_best is not None:
         higher = validation_metric(model, t.keep_best, "training.keep_best")
@@ -65,16 +78,14 @@ def outcome_callbacks(cfg: Config, model, export_best) -> list:
     if t.early_stopping is not None:
         metric = t.early_stopping["metric"]
         higher = validation_metric(model, metric, "training.early_stopping.metric")
-        callbacks.append(EarlyStopper(metric, "eval", comp=torch.greater if higher else torch.less,
-                                      patience=t.early_stopping.get("patience", "1ep")))
+        callbacks.append(EarlyStopping(metric, "eval", comp=torch.greater if higher else torch.less,
+                                       patience=t.early_stopping.get("patience", "1ep")))
     return callbacks
 
 
 def resume_outcome(trainer: Trainer, previous: dict) -> None:
     """A resumed run's best evaluation so far (training.keep_best) and early stopping's best, from its summary: the
     callbacks start a segment knowing nothing, and would otherwise take the segment's first evaluation as the best."""
-    from composer.callbacks import EarlyStopper
-
     for callback in trainer.state.callbacks:
         best = previous.get("best")
         if isinstance(callback, KeepBest) and best and best["metric"] == callback.metric:
@@ -87,10 +98,8 @@ def resume_outcome(trainer: Trainer, previous: dict) -> None:
 
 
 def outcome(trainer: Trainer, cfg: Config) -> dict:
-    """What the summary adds for training.keep_best (the best evaluation) and training.early_stopping (where the run
-    stopped, when it stopped before training.max_duration)."""
-    from composer.callbacks import EarlyStopper
-
+    """What the summary adds for training.keep_best (the best evaluation) and training.early_stopping (its best, and
+    where it stopped the run when it did)."""
     found = {}
     for callback in trainer.state.callbacks:
         if isinstance(callback, KeepBest) and callback.best is not None:
@@ -99,12 +108,9 @@ def outcome(trainer: Trainer, cfg: Config) -> dict:
             found["early_stopping"] = {"metric": callback.monitor, "best": float(callback.best),
                                        "best_step": int(callback.best_occurred.batch),
                                        "best_epoch": int(callback.best_occurred.epoch)}
-            value, unit = parse_time(cfg.training.max_duration)
-            timestamp = trainer.state.timestamp
-            counts = {"ba": timestamp.batch, "ep": timestamp.epoch, "sp": timestamp.sample, "tok": timestamp.token}
-            if int(counts[unit]) < value:
+            if getattr(callback, "stopped_at", None) is not None:  # it ended the run (not a signal, not the end)
                 found["early_stopped"] = {"metric": callback.monitor, "best": float(callback.best),
                                           "best_step": int(callback.best_occurred.batch),
                                           "patience": cfg.training.early_stopping.get("patience", "1ep"),
-                                          "at_batch": int(timestamp.batch)}
+                                          "at_batch": callback.stopped_at}
     return found

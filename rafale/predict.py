@@ -20,13 +20,12 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-import datasets
 import torch
 from datasets import Dataset, DatasetDict
 
 from rafale.config import Config
 from rafale.data import DATAPIPES
-from rafale.data.cache import PreparedData
+from rafale.data.cache import PreparedData, library_progress_bars_off
 from rafale.data.sources import _load_file
 from rafale.errors import ConfigError, DataError, RafaleError
 from rafale.run_folder import load_run_model
@@ -120,7 +119,11 @@ def predict_parser() -> argparse.ArgumentParser:
 
 def predict_main(argv) -> int:
     args = predict_parser().parse_args(argv)
-    datasets.disable_progress_bars()  # a bar per tokenized file: noise on the predictions' stderr
+    with library_progress_bars_off():  # a bar per tokenized file: noise on the predictions' stderr
+        return _predict(args)
+
+
+def _predict(args) -> int:
     if args.batch_size < 1:
         raise RafaleError(f"--batch-size must be at least 1, got {args.batch_size}")
     run_dir, path = Path(args.run).expanduser(), Path(args.file).expanduser()

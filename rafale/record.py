@@ -31,6 +31,7 @@ from composer.loggers import Logger
 from rafale.config import Config, save_config
 from rafale.hardware import machine_load
 from rafale.loggers import MetricsFile
+from rafale.resilience import decided_on_rank_zero
 from rafale.run_folder import (METRICS_FILE, PLOT_FILE, SUMMARY_FILE, best_validation, metrics_rows, read_summary,
                                write_json)
 
@@ -160,15 +161,15 @@ class RunRecord:
 
     def begin(self, state: State) -> None:
         """Start this segment where the Trainer stands: at batch 0 the folder's record starts empty; a resume keeps
-        the earlier segments up to its batch and drops the metrics rows logged past it."""
+        the earlier segments up to its batch and drops the metrics rows logged past it. Rank 0 reads the record and
+        every process gets what it read: the earlier best evaluations it holds drive keep_best and early stopping,
+        whose decisions every process must take alike (rafale.resilience.decided_on_rank_zero)."""
         self.start_batch, self.start_tokens = int(state.timestamp.batch), int(state.timestamp.token)
-        if not self.writes:
-            return
         if self.start_batch == 0:
-            for name in (METRICS_FILE, SUMMARY_FILE, PLOT_FILE):
+            for name in (METRICS_FILE, SUMMARY_FILE, PLOT_FILE) if self.writes else ():
                 (self.run_dir / name).unlink(missing_ok=True)
             return
-        self.previous = read_summary(self.run_dir) or {}
+        self.previous = decided_on_rank_zero(lambda: read_summary(self.run_dir)) or {}
         self.earlier = [cut(segment, self.start_batch) for segment in self.previous.get("segments", [])
                         if segment["batches"][0] < self.start_batch]
         if self.earlier and self.earlier[-1]["ended"] == "in progress":  # the process died after that checkpoint
@@ -181,7 +182,8 @@ class RunRecord:
                 "wall_time_s": None, "train_time_s": None, "eval_time_s": None, "checkpoint_time_s": None,
                 "startup_time_s": None, "first_batch_s": None, "batch_s_median": None, "precision": None,
                 "ended": "killed before its record was saved: its times are unknown"})
-        compact_metrics(self.run_dir, last_step=self.start_batch)
+        if self.writes:
+            compact_metrics(self.run_dir, last_step=self.start_batch)
 
     def checkpointed(self, state: State, logger: Logger) -> None:
         """After each checkpoint: the metrics logged so far and the record go to disk with it, so that a run killed

@@ -23,7 +23,8 @@ from composer.utils import dist
 
 # re-exported: the checkpoint checks moved to rafale.checkpoints, which `rafale generate`/`export` use without Composer
 from rafale.checkpoints import (CHECKPOINT_SAFE_GLOBALS, LATEST_CHECKPOINT, batch_number,  # noqa: F401
-                                check_checkpoint_safe, check_resume_checkpoint, checkpoint_readable, read_checkpoint)
+                                check_checkpoint_safe, check_resume_checkpoint, checkpoint_readable, prune_checkpoints,
+                                read_checkpoint)
 from rafale.config import Config
 from rafale.errors import ConfigError, RafaleError
 
@@ -33,6 +34,40 @@ DIVERGED_HINT = ("lower training.lr, keep gradient clipping on (training.clip_no
 
 class TrainingDiverged(RafaleError):
     pass
+
+
+def decided_on_rank_zero(decide):
+    """What `decide()` returns (or raises) on rank 0, on every process: rank 0 alone reads the run folder and every
+    rank acts on what it read. Processes that each read a shared file reach different decisions when the file
+    changes between their reads or a network disk serves one of them a stale copy, and a decision one rank takes
+    alone (stop, skip a collective) leaves the others waiting forever. Rank 0's error is raised on every rank (as
+    a RafaleError with its message where it cannot be rebuilt from a pickle), so they all stop with it. `decide`'s
+    result must pickle."""
+    result = error = None
+    if dist.get_global_rank() == 0:
+        try:
+            result = decide()
+        except Exception as err:  # handed to the other ranks, which would otherwise wait for rank 0 forever
+            error = err
+    if dist.get_world_size() > 1:
+        shared = [(result, error if error is None or _survives_pickling(error) else RafaleError(str(error)))]
+        dist.broadcast_object_list(shared, src=0)
+        if dist.get_global_rank() != 0:
+            result, error = shared[0]
+    if error is not None:
+        raise error
+    return result
+
+
+def _survives_pickling(error: Exception) -> bool:
+    """Whether the other ranks can rebuild `error` from its pickle: an exception is unpickled as
+    type(error)(*error.args), which fails for one whose __init__ takes other arguments than its message, like
+    ConfigError's (checked by calling that, so nothing is unpickled here)."""
+    try:
+        type(error)(*error.args)
+        return True
+    except Exception:
+        return False
 
 
 class FiniteLossMonitor(Callback):

@@ -278,12 +278,54 @@ def resume_refusals(run_dir: Path, cfg: Config, data, model_cfg) -> tuple[dict[s
     refused = [f"{key} was {_short(was)}, now {_short(now)}" for key, (was, now) in differences.items()
                if key not in applied and key not in data_keys]
     refused += data_conflicts(run_dir, data, data_keys)
-    if (run_dir / MODEL_FILE).is_file():
-        built = json.loads(json.dumps(dataclasses.asdict(model_cfg)))
-        saved = json.loads((run_dir / MODEL_FILE).read_text())
-        refused += [f"the model's {key} was {_short(saved.get(key))}, now {_short(built.get(key))}"
-                    for key in sorted(saved.keys() | built.keys()) if saved.get(key) != built.get(key)]
+    refused += model_differences(run_dir, model_cfg)
     return applied, refused
+
+
+def model_differences(run_dir: Path, model_cfg) -> list[str]:
+    """Each field of the model as built (`model_cfg`) that differs from the run's model.json."""
+    if not (run_dir / MODEL_FILE).is_file():
+        return []
+    built = json.loads(json.dumps(dataclasses.asdict(model_cfg)))
+    saved = json.loads((run_dir / MODEL_FILE).read_text())
+    return [f"the model's {key} was {_short(saved.get(key))}, now {_short(built.get(key))}"
+            for key in sorted(saved.keys() | built.keys()) if saved.get(key) != built.get(key)]
+
+
+def tokenizer_difference(saved: dict, now: dict) -> str | None:
+    """What differs between two tokenizer.json files, in a few words (None: they are the same)."""
+    if saved == now:
+        return None
+    old, new = saved.get("model", {}).get("vocab"), now.get("model", {}).get("vocab")
+    if isinstance(old, dict) and isinstance(new, dict) and old != new:
+        changed = sum(old.get(token) != new.get(token) for token in old.keys() | new.keys())
+        return f"{changed} of its {len(old)} vocabulary entries differ or are missing (now {len(new)} entries)"
+    parts = sorted(key for key in saved.keys() | now.keys() if saved.get(key) != now.get(key))
+    return f"its {', '.join(parts)} differ"
+
+
+def evaluation_conflicts(checkpoint: Path, cfg: Config, data, model_cfg) -> list[str]:
+    """What an evaluation of `checkpoint` (training.eval_only) would score with that the checkpoint was not trained
+    with: another tokenizer than its run folder's tokenizer.json, or another model than its model.json (the folder
+    that holds its checkpoints/). Another text is what an evaluation is for, so the data's content may differ. A
+    checkpoint outside a run folder cannot be checked: a message says so."""
+    run_dir = checkpoint.resolve().parent.parent
+    if checkpoint.resolve().parent.name != "checkpoints" or not (run_dir / "tokenizer.json").is_file():
+        print(f"rafale: {checkpoint} is not in a run folder (RUN/checkpoints/, beside RUN/tokenizer.json): its "
+              "tokenizer cannot be checked; data.tokenizer must be the one it was trained with")
+        return []
+    conflicts = model_differences(run_dir, model_cfg)
+    what = tokenizer_difference(json.loads((run_dir / "tokenizer.json").read_text()),
+                                json.loads((data.path / "tokenizer.json").read_text()))
+    if what is not None:
+        old = saved_config(run_dir)
+        causes = [f"{key} was {_short(was)}, now {_short(now)}"
+                  for key, (was, now) in (config_differences(old, cfg) if old else {}).items()
+                  if key.startswith("data.") and key not in APPLIED_ON_RESUME]
+        conflicts.append(f"the tokenizer differs from the run's {run_dir / 'tokenizer.json'}: {what}"
+                         + (f" ({'; '.join(causes)})" if causes else "")
+                         + f"; evaluate with data.tokenizer={run_dir / 'tokenizer.json'}")
+    return conflicts
 
 
 def data_conflicts(run_dir: Path, data, data_keys: dict[str, list]) -> list[str]:

@@ -36,12 +36,12 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import datasets
 import torch
 import torch.nn.functional as F
 from datasets import Dataset, DatasetDict
 
 from rafale.data import DATAPIPES
+from rafale.data.cache import library_progress_bars_off
 from rafale.data.causal_lm import describe_blocks
 from rafale.models.token_bytes import TextBytes
 from rafale.errors import IGNORE_INDEX, ConfigError, DataError, RafaleError
@@ -170,7 +170,11 @@ def score_parser() -> argparse.ArgumentParser:
 
 def score_main(argv) -> int:
     args = score_parser().parse_args(argv)
-    datasets.disable_progress_bars()  # with --per-line, a bar per line
+    with library_progress_bars_off():  # with --per-line, a bar per line
+        return _score(args)
+
+
+def _score(args) -> int:
     run_dir, path = Path(args.run).expanduser(), Path(args.file).expanduser()
     cfg, data, model = load_run_model(run_dir)
     if head_of(cfg) not in SCORED_HEADS:

@@ -24,6 +24,7 @@ would not apply (a changed base value, say) is refused before anything runs, nam
 
 import argparse
 import itertools
+import os
 from pathlib import Path
 
 from rafale.config import Config, ConfigError, RafaleError, load_config
@@ -156,8 +157,11 @@ def plan(point_configs: list[tuple[str, Config]], out_dir: Path, restart: bool) 
     return actions
 
 
-def sweep_main(argv, train) -> int:
-    """`train(args)` runs one training job (rafale.main.train_main); it is passed in so nothing imports main."""
+def sweep_main(argv, train, on_every_rank=lambda decide: decide()) -> int:
+    """`train(args)` runs one training job (rafale.main.train_main); it is passed in so nothing imports main.
+    `on_every_rank(decide)` hands what decide() returns on rank 0 to every process, when Composer's launcher runs
+    the sweep on several (the runs' folders are read once, and every process trains, skips or restarts the same
+    runs; rafale.main passes rafale.resilience.decided_on_rank_zero, which a command may not import)."""
     parser = argparse.ArgumentParser(
         prog="rafale sweep", description="Run a grid of config overrides one after another, then compare them.",
         epilog="example: rafale sweep -c test/pythia_tinystories.yaml training.lr=1e-3,3e-3 training.batch_size=16,32")
@@ -180,7 +184,7 @@ def sweep_main(argv, train) -> int:
     if len(set(names)) < len(names):  # two values that differ only in characters a folder name cannot keep
         raise ConfigError("axes", f"two sweep points would share a run folder: {', '.join(names)}")
     out_dir = Path(base.run.output_dir).expanduser()
-    actions = plan([(name, cfg) for name, _, cfg in named], out_dir, args.restart)
+    actions = on_every_rank(lambda: plan([(name, cfg) for name, _, cfg in named], out_dir, args.restart))
     rows, failed = [], 0
     for i, (name, point, _) in enumerate(named, 1):
         rows.append((name, point, out_dir / name))
@@ -195,6 +199,8 @@ def sweep_main(argv, train) -> int:
             failed += 1
             print(f"rafale: sweep: {name} failed: {err}")
     table = out_dir / f"sweep-{base.run.name}.md"
+    if os.environ.get("RANK", "0") != "0":  # under Composer's launcher, rank 0 writes the table and the picture
+        return 1 if failed else 0
     table.write_text(sweep_table(rows, fixed))
     finished = [run_dir for _, _, run_dir in rows if run_status(run_dir) == "complete"]
     if finished:

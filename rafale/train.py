@@ -42,12 +42,12 @@ from rafale.models.hf import export_refusal
 from rafale.optim import (WarmupStableDecay, batches_in, build_optimizer, is_schedule_free, schedule_free_switch,
                           wsd_batches)
 from rafale.outcomes import outcome, outcome_callbacks, resume_outcome
-from rafale.run_folder import (BEST_DIR, EXPORT_DIR, check_run_folder, eval_folder, export_model, set_run_folder_aside,
-                               write_run_folder)
+from rafale.run_folder import (BEST_DIR, EXPORT_DIR, ResumeConflict, check_run_folder, eval_folder,
+                               evaluation_conflicts, export_model, set_run_folder_aside, write_run_folder)
 from rafale.record import (RunClock, RunRecord, compact_metrics, describe, non_embedding_parameters, validation_loss,
                            write_eval_record)
 from rafale.resilience import (FiniteLossMonitor, StopOnSignal, check_checkpoint_safe, check_shared_run_folder,
-                               resume_checkpoint)
+                               decided_on_rank_zero, prune_checkpoints, resume_checkpoint)
 
 
 DEBUG_EPOCHS = 10
@@ -137,13 +137,13 @@ def make_dataloader(dataset, batch_size: int, collate_fn, shuffle: bool, drop_la
     return DataSpec(loader, get_num_tokens_in_batch=count_tokens)
 
 
-def make_scheduler(cfg: Config, debug: bool, batches_per_epoch: int | None = None):
+def make_scheduler(cfg: Config, debug: bool, batches_per_epoch: int | None = None, schedule_free: bool | None = None):
     """The learning-rate schedule, a Composer scheduler (ScheduleAtBatchStart applies it). batches_per_epoch: for
-    wsd, whose phases are counted in batches."""
+    wsd, whose phases are counted in batches; schedule_free: whether the optimizer is (None: ask rafale.optim)."""
     t = cfg.training
     if debug:  # a fixed target and a fixed learning rate: the loss should only fall
         return ConstantWithWarmupScheduler(t_warmup="0ba")
-    if is_schedule_free(t):  # it warms up itself and needs no decay: a second schedule would distort it
+    if is_schedule_free(t) if schedule_free is None else schedule_free:  # it warms up itself and needs no decay: a second schedule would distort it
         return ConstantScheduler()
     # no warmup fits any max_duration unit (Composer would refuse 0ba against a max_duration in tok)
     warmup = "0dur" if Time.from_timestring(t.warmup).value == 0 else t.warmup
@@ -219,9 +219,8 @@ def run(cfg: Config, data: PreparedData, model, collator, debug: bool = False,
                      writes=dist.get_global_rank() == 0)
     if dist.get_world_size() > 1:
         dist.barrier()  # the branch's folder is ready before any process looks for its checkpoint
-    changes, complete = check_run_folder(cfg, data, model, run_dir, save)
-    if dist.get_world_size() > 1:
-        dist.barrier()  # every process has read the folder's files before rank 0 writes them anew
+    # rank 0 reads the folder and every process acts on what it read: they all resume, or all stop
+    changes, complete = decided_on_rank_zero(lambda: check_run_folder(cfg, data, model, run_dir, save))
     if complete is not None:  # a re-run of a finished run: nothing to train, and its record stays as it is
         unapplied = f"; not applied, since nothing is left to train: {', '.join(changes)}" if changes else ""
         print(f"rafale: {run_dir} at batch {complete['batches']}: already complete (training.max_duration "
@@ -234,6 +233,8 @@ def run(cfg: Config, data: PreparedData, model, collator, debug: bool = False,
                        writes=dist.get_global_rank() == 0, mfu=mfu_of(model, cfg, placement, peak),
                        precision=precision_label(placement.precision, placement.autocast_dtype), changes=changes)
     record.outcome = lambda: outcome(trainer, cfg)
+    if save and dist.get_global_rank() == 0:  # the process that saves (and moves the latest symlink) prunes
+        clock.on_save.append(lambda *_: prune_checkpoints(run_dir / "checkpoints", cfg.training.checkpoints_to_keep))
     record.non_embedding_params = non_embedding_parameters(model.model)
     flops_per_token = getattr(model.model, "flops_per_token", None)
     record.flops_per_token = flops_per_token(cfg.data.block_size) if flops_per_token is not None else None
@@ -296,27 +297,34 @@ def fit(trainer: Trainer, stopper: StopOnSignal, cfg: Config, run_dir: Path, rec
     finally:
         stopper.uninstall()
     if stopper.signum is not None:
+        if dist.get_world_size() > 1:  # until this process has exited: Composer's launcher sends SIGTERM to the
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # ranks still running once one has exited 143
         name = signal.Signals(stopper.signum).name
         trainer.close()
         if dist.get_global_rank() == 0:
             compact_metrics(run_dir)
         record.save(state, "stopped", stopped_by=name)
-        where = f"checkpoint saved to {stopper.saved}" if stopper.saved else "no checkpoint saved"
+        if stopper.saved:
+            where = f"checkpoint saved to {stopper.saved}"
+        else:
+            where = "rank 0 saved the checkpoint" if stopper.save and dist.get_global_rank() else "no checkpoint saved"
         print(f"rafale: stopped by {name} at batch {int(state.timestamp.batch)}; {where}; run the same command "
               "to resume", file=sys.stderr)
+        if dist.get_world_size() > 1:
+            dist.barrier()  # no rank exits before rank 0 has saved the record
         sys.exit(128 + stopper.signum)  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
 
 
 def evaluate_checkpoint(cfg: Config, data: PreparedData, model, collator, placement: "Placement",
                         started: float) -> tuple[dict, Path]:
     """training.eval_only: evaluate training.load_path on the validation split, with a record of its own in
-    RUN/evals/<time>/ (config.yaml, summary.json, metrics.jsonl): a training run's own files are never touched."""
-    folder = eval_folder(Path(cfg.run.output_dir).expanduser() / cfg.run.name)
-    if dist.get_global_rank() == 0:
-        try:
-            folder.mkdir(parents=True)
-        except OSError as err:
-            raise ConfigError("run.output_dir", f"cannot create the evaluation's folder {folder}: {err}") from None
+    RUN/evals/<time>/ (config.yaml, summary.json, metrics.jsonl): a training run's own files are never touched.
+    The checkpoint is scored with the tokenizer and model it was trained with, or not at all
+    (rafale.record.evaluation_conflicts). Rank 0 checks and names the folder, and every process gets its word."""
+    if dist.get_world_size() > 1:
+        dist.initialize_dist("gpu" if torch.cuda.is_available() else "cpu")
+    checkpoint = Path(cfg.training.load_path).expanduser()
+    folder = decided_on_rank_zero(lambda: evaluation_folder(cfg, checkpoint, data, model))
     clock = RunClock()
     trainer, _, _ = build_trainer(cfg, data, model, collator, placement, folder, cfg.run.name, clock=clock)
     trainer.eval()
@@ -325,6 +333,21 @@ def evaluate_checkpoint(cfg: Config, data: PreparedData, model, collator, placem
                                 writes=dist.get_global_rank() == 0)
     print(f"rafale: evaluated {cfg.training.load_path} (batch {summary['batches']}); its record: {folder}")
     return summary, folder
+
+
+def evaluation_folder(cfg: Config, checkpoint: Path, data: PreparedData, model) -> Path:
+    """The new RUN/evals/<time>/ folder of an evaluation of `checkpoint`, once it is checked (a ResumeConflict
+    naming what it was not trained with)."""
+    conflicts = evaluation_conflicts(checkpoint, cfg, data, model.model.cfg)
+    if conflicts:
+        raise ResumeConflict(f"training.eval_only: cannot evaluate {checkpoint} with other inputs than it was "
+                             f"trained with: {'; '.join(conflicts)}")
+    folder = eval_folder(Path(cfg.run.output_dir).expanduser() / cfg.run.name)
+    try:
+        folder.mkdir(parents=True)
+    except OSError as err:
+        raise ConfigError("run.output_dir", f"cannot create the evaluation's folder {folder}: {err}") from None
+    return folder
 
 
 def full_weights(module: torch.nn.Module, sharded: bool) -> torch.nn.Module | None:
@@ -402,11 +425,12 @@ def build_trainer(cfg: Config, data: PreparedData, model, collator, placement: P
     resume_from = resume_checkpoint(cfg, run_dir) if save and cfg.run.autoresume else None
     if t.load_path is not None:  # Composer unpickles it
         check_checkpoint_safe(Path(t.load_path).expanduser(), "training.load_path", t.trust_checkpoint)
+    batches_per_epoch, schedule_free = len(train_loader.dataloader), is_schedule_free(t)
     warmup_steps = 0  # schedule-free warms up itself, counting batches
-    if is_schedule_free(t) and not debug:
-        warmup_steps = batches_in(t.warmup, t.max_duration, len(train_loader.dataloader), t.batch_size, cfg.data.block_size)
-    batches_per_epoch = len(train_loader.dataloader)
-    schedule = ScheduleAtBatchStart(make_scheduler(cfg, debug, batches_per_epoch))
+    if schedule_free and not debug:
+        warmup_steps = batches_in(t.warmup, t.max_duration, batches_per_epoch, t.batch_size, cfg.data.block_size)
+    optimizer = build_optimizer(model, t, placement.device, warmup_steps)
+    schedule = ScheduleAtBatchStart(make_scheduler(cfg, debug, batches_per_epoch, schedule_free))
     # the last evaluation batch is usually short; Composer says so on every evaluation
     warnings.filterwarnings("ignore", message="Cannot split tensor of length")
     with warnings.catch_warnings():
@@ -417,7 +441,7 @@ def build_trainer(cfg: Config, data: PreparedData, model, collator, placement: P
             train_dataloader=None if t.eval_only else train_loader,
             eval_dataloader=eval_loader,
             max_duration=f"{DEBUG_EPOCHS}ep" if debug else t.max_duration,
-            optimizers=build_optimizer(model, t, placement.device, warmup_steps),
+            optimizers=optimizer,
             algorithms=[GradientClipping(clipping_type="norm", clipping_threshold=t.clip_norm)] if t.clip_norm else [],
             callbacks=(make_callbacks(placement.device, peak, stopper, schedule, cache_root(cfg.data.cache_dir))
                        + [clock or RunClock()] + getattr(model, "callbacks", [])

@@ -1,15 +1,17 @@
-"""The training loss computed in chunks (rafale.models.decoder.chunked_cross_entropy) against the plain
+"""The training loss computed in chunks (rafale.models.chunked_loss.chunked_cross_entropy) against the plain
 full-logits cross-entropy, and the wrapper's own bf16 autocast on a CPU (rafale.train.pick_precision)."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import rafale.models.chunked_loss as chunked_loss
 import rafale.models.decoder as decoder
 from rafale.config import config_from_dict
 from rafale.errors import IGNORE_INDEX
 from rafale.models.composer import ComposerLM
-from rafale.models.decoder import DecoderConfig, GPTNeoX, chunked_cross_entropy
+from rafale.models.chunked_loss import chunked_cross_entropy
+from rafale.models.decoder import DecoderConfig, GPTNeoX
 from rafale.train import pick_precision
 
 PADDED_V, TRUE_V = 64, 59  # the embedding is padded to a multiple of 64; the tokenizer has 59 tokens
@@ -86,8 +88,8 @@ def batch_of(B=3, T=12):
 
 
 def test_composer_lm_training_loss_and_gradients_equal_the_plain_computation(monkeypatch):
-    monkeypatch.setattr(decoder, "LOSS_CHUNK_ELEMENTS", 5 * TRUE_V)  # 5 rows per chunk: several chunks
-    monkeypatch.setattr(decoder, "LOSS_CHUNK_MIN_ROWS", 1)
+    monkeypatch.setattr(chunked_loss, "LOSS_CHUNK_ELEMENTS", 5 * TRUE_V)  # 5 rows per chunk: several chunks
+    monkeypatch.setattr(chunked_loss, "LOSS_CHUNK_MIN_ROWS", 1)
     lm, batch = tiny_lm(), batch_of()
     loss = lm.loss(lm(batch), batch)
     loss.backward()

@@ -131,7 +131,18 @@ metric_list:
   - metric: acc
 """)
     write_config(files / "cfg.yaml", training=steps)  # the debug config, output_dir runs
+    law_runs(runs / "law")
     return {"runs": runs, "files": files}
+
+
+def law_runs(folder: Path) -> None:
+    """runs/law, which `rafale law`'s example fits: 4 widths x 3 budgets of complete runs named as the sweep of
+    test/law_stories.yaml names them, each with the loss of a known law (test_law's)."""
+    from test_law import BUDGETS, SIZES, fake_run, law_loss
+
+    for width, N in zip((48, 64, 96, 128), SIZES):
+        for D in BUDGETS[:3]:
+            fake_run(folder, f"law-model.overrides_hidden_size__{width}_-{int(D)}", int(N), int(D), law_loss(N, D))
 
 
 def workdir(fixtures, where: Path, with_runs: bool) -> Path:

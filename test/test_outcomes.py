@@ -52,6 +52,12 @@ def test_keep_best_exports_the_weights_of_the_best_evaluation(tmp_path, cache_di
 
 
 def test_early_stopping_stops_after_patience_without_improvement(tmp_path, cache_dir, capsys, monkeypatch):
+    from rafale.record import RunRecord
+
+    saved = []  # every record written: the ones at checkpoints before the stop say nothing of an early stop
+    save = RunRecord.save
+    monkeypatch.setattr(RunRecord, "save", lambda self, state, status, **extra: saved.append(
+        save(self, state, status, **extra)) or saved[-1])
     cfg = config(tmp_path, "early", early_stopping={"metric": "LanguageCrossEntropy", "patience": "16ba"})
     code, out, err = run_in_process(["-c", str(cfg)], capsys, monkeypatch)
     assert code == 0, err[-3000:]
@@ -65,6 +71,8 @@ def test_early_stopping_stops_after_patience_without_improvement(tmp_path, cache
     assert stop["best_step"] == best_step and stop["at_batch"] == best_step + 24 < 64, (losses, stop)
     assert summary["batches"] == stop["at_batch"] and max(losses) == stop["at_batch"]
     assert summary["status"] == "complete" and "stopped early at batch" in out
+    before_the_stop = [record for record in saved if record["batches"] < stop["at_batch"]]
+    assert len(before_the_stop) >= 2 and not any("early_stopped" in record for record in before_the_stop)
     # a re-run is complete: it does not train on past the stop
     code, out, err = run_in_process(["-c", str(cfg)], capsys, monkeypatch)
     assert code == 0 and "already complete" in out, out

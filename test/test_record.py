@@ -157,6 +157,17 @@ def test_eval_only_writes_its_own_record_and_a_rerun_of_a_finished_run_changes_n
     assert [row["step"] for row in metric_rows(evaluation)] == [4]
     assert yaml.safe_load((evaluation / "config.yaml").read_text())["training"]["eval_only"] is True
     assert f"its record: {evaluation}" in out
+    # scored with another tokenizer (trained on other stories), the checkpoint would read 5.33 where it is 4.61:
+    # refused, naming the difference and its likely cause; its own tokenizer.json is accepted
+    out = train(cfg, capsys, monkeypatch, "training.eval_only=true", f"training.load_path={checkpoint}",
+                "data.num_train_stories=300", expect=2)
+    assert "the tokenizer differs from the run's" in out and "vocabulary entries differ" in out, out
+    assert "data.num_train_stories was 400, now 300" in out and f"data.tokenizer={run_dir / 'tokenizer.json'}" in out
+    assert len(list((run_dir / "evals").iterdir())) == 1
+    train(cfg, capsys, monkeypatch, "training.eval_only=true", f"training.load_path={checkpoint}",
+          f"data.tokenizer={run_dir / 'tokenizer.json'}")
+    (own,) = set((run_dir / "evals").iterdir()) - {evaluation}
+    assert summary_of(own)["validation"] == summary["validation"]
 
 
 def test_tokens_per_second_counts_the_time_inside_training_batches(tmp_path, cache_dir, capsys, monkeypatch):

@@ -15,7 +15,7 @@ from conftest import run_in_process, write_config
 from rafale.config import load_config
 from rafale.data.cache import PreparedData
 from rafale.run_folder import latest_checkpoint, load_run_model
-from rafale.resilience import read_checkpoint
+from rafale.resilience import prune_checkpoints, read_checkpoint
 from rafale.run_folder import data_conflicts
 
 # two checkpoints (batches 2 and 4), the last one at the end of training, so the export equals it
@@ -251,3 +251,20 @@ def test_run_folder_is_complete_and_consistent(trained):
         expected, got = ours(ids), theirs(ids).logits
     assert got.shape == (2, 16, data.vocab_size)
     torch.testing.assert_close(got, expected[..., : data.vocab_size], atol=1e-5, rtol=1e-4)
+
+
+def test_pruning_keeps_the_newest_checkpoints_and_the_one_a_resume_needs(tmp_path):
+    """training.checkpoints_to_keep over every process's checkpoints (Composer prunes only its own process's): the
+    newest ones, every rank's file of a batch, and the one the latest symlink points to (after run.resume_fallback,
+    an older one) are kept; a checkpoint set aside (.corrupt) is left for the user."""
+    for batch in (4, 8, 12, 16):
+        for rank in (0, 1):
+            (tmp_path / f"ep0-ba{batch}-rank{rank}.pt").write_bytes(b"x")
+    (tmp_path / "ep0-ba20-rank0.pt.corrupt").write_bytes(b"x")
+    os.symlink("ep0-ba8-rank0.pt", tmp_path / "latest-rank0.pt")
+    removed = prune_checkpoints(tmp_path, 2)
+    assert sorted(p.name for p in removed) == ["ep0-ba4-rank0.pt", "ep0-ba4-rank1.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "ep0-ba12-rank0.pt", "ep0-ba12-rank1.pt", "ep0-ba16-rank0.pt", "ep0-ba16-rank1.pt", "ep0-ba20-rank0.pt.corrupt",
+        "ep0-ba8-rank0.pt", "ep0-ba8-rank1.pt", "latest-rank0.pt"]
+    assert prune_checkpoints(tmp_path, -1) == []  # -1: every checkpoint is kept

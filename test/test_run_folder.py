@@ -66,7 +66,8 @@ def test_run_folder_has_metrics_plots_and_a_summary(tmp_path, cache_dir, capsys,
     code, out, _ = run_in_process(["runs", str(tmp_path / "runs"), "--all"], capsys, monkeypatch)
     assert code == 0
     header, _, killed, finished = out.strip().splitlines()
-    assert header.split() == ["run", "model", "params", "tokens", "wall", "tok/s", "val", "loss", "ppl", "bits/byte"]
+    assert header.split() == ["run", "model", "params", "N", "tokens", "C", "wall", "tok/s", "val", "loss", "ppl",
+                              "bits/byte"]
     final = series["metrics/eval/LanguageCrossEntropy"][-1][1]
     assert finished.split()[:4] == ["pythia-debug", "pythia", "pythia-debug", "0.17M"]
     assert "10,240" in finished and f"{final:.4f}" in finished

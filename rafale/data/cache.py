@@ -20,6 +20,7 @@ the resume guard.
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -176,12 +177,12 @@ class DataPipe:
     def fingerprint_inputs(self) -> dict:
         """What the cache's content depends on: the source's files (names, sizes, times), the tokenizer, and every
         data.* field but those that cannot change it (`fields_not_in_cache`)."""
+        left_out, source = self.fields_not_in_cache(), self.source_identity()  # the source's, then the tokenizer's
         return {
             "pipeline": [self.name, PIPELINE_VERSION],
-            "source": self.source_identity(),
+            "source": source,
             "tokenizer": tokenizer_identity(self.cfg, self.tokenizer_kind),
-            "data": {f.name: getattr(self.cfg, f.name) for f in dataclasses.fields(self.cfg)
-                     if f.name not in self.fields_not_in_cache()},
+            "data": {f.name: getattr(self.cfg, f.name) for f in dataclasses.fields(self.cfg) if f.name not in left_out},
         }
 
     def source_identity(self) -> list:
@@ -195,16 +196,19 @@ class DataPipe:
         identified = {"source", "tokenizer"} | ({"vocab_size"} if self.cfg.tokenizer != "train" else set())
         return NEVER_IN_CACHE | self.not_in_cache | fields_the_source_ignores(self.cfg) | identified
 
-    @property
+    @functools.cached_property
     def fingerprint(self) -> str:
+        """Computed once per datapipe (the source's files are stat'ed, a tokenizer file hashed): a datapipe is made
+        for one config, and a changed input is a new DataPipe."""
         return _sha(self.fingerprint_inputs())[:10]
 
     def cache_name(self, vocab_size: int | None = None, train_examples: int | None = None) -> str:
         """The cache folder's name; once built it holds the trained tokenizer's real `vocab_size` and the number of
         training blocks (`len{N}`), both known only then."""
+        source, fingerprint = source_name(self.cfg), self.fingerprint
         tokenizer = tokenizer_name(self.cfg, self.tokenizer_kind, vocab_size)
         length = f"_len{train_examples}" if train_examples is not None else ""
-        return f"{source_name(self.cfg)}_{tokenizer}_bs{self.cfg.block_size}{length}_{self.fingerprint}"
+        return f"{source}_{tokenizer}_bs{self.cfg.block_size}{length}_{fingerprint}"
 
     @property
     def cache_path(self) -> Path:
