@@ -30,6 +30,19 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
 
 
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test, then as it was: tiny matmuls gain nothing from threads, a busy 2-core
+    machine makes them far slower, and a count left changed would make later in-process runs differ in the last
+    bits from subprocess ones. A file takes it for all its tests with pytestmark = usefixtures("one_thread")."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory):
     """One data cache for the whole session, so tests that use the same data build it once."""

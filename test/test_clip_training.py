@@ -28,13 +28,7 @@ TINY_DATA = dict(source="shapes", tokenizer="train", vocab_size=512, block_size=
                  num_train_images=48, num_val_images=16, num_zero_shot_images=36)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls gain nothing from threads, and a busy 2-core machine makes them far slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # test/conftest.py
 
 
 # ---------------------------------------------------------------- data

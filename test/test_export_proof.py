@@ -22,12 +22,7 @@ from rafale.run_folder import REFUSED_FILE, export_model
 VOCAB = 128
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # test/conftest.py
 
 
 def with_vocab(cfg):

@@ -37,14 +37,6 @@ def masks_seeded_by_content(monkeypatch):
     monkeypatch.setattr(learning_mlm.MLMCollator, "__call__", seeded)
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny matrices: threads only add overhead on a busy machine. Restored afterwards: a later test that compares
-    an in-process run with a subprocess run (test_robustness) needs the same thread count on both sides."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_mlm_learns_as_the_hf_reference_does_in_a_plain_loop(tmp_path, cache_dir, capsys, monkeypatch, one_thread):

@@ -29,12 +29,7 @@ IDS = [f"{a[:5]}-{h}h{kv}kv-{'tied' if t else 'untied'}-{int(b)}" for a, h, kv, 
 CONFIG_CLASSES = {"LlamaForCausalLM": LlamaConfig, "Qwen3ForCausalLM": Qwen3Config}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # test/conftest.py
 
 
 @torch.no_grad()

@@ -40,14 +40,7 @@ AUTO_CLASSES = {
 VOCAB = 100
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: with several threads, OpenMP's per-op synchronisation costs more than the math (on a busy
-    CPU, 100x more in generation). Restored afterwards, so other test files keep the default."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # test/conftest.py
 
 
 @torch.no_grad()
