@@ -86,16 +86,15 @@ def check_parent(cfg: Config, data, model_cfg, batches_per_epoch: int) -> tuple[
     return parent, parent_cfg, at
 
 
-def start_branch(cfg: Config, data, model_cfg, run_dir: Path, batches_per_epoch: int, writes: bool = True) -> None:
+def start_branch(cfg: Config, data, model_cfg, run_dir: Path, batches_per_epoch: int) -> None:
     """A new branch's folder: the parent's checkpoint at the branch point, its metrics up to there and its summary
-    cut there (see the module's docstring), written by the process that `writes` (rank 0) after every process has
-    checked the parent (so a refusal stops them all). Does nothing for a branch that has checkpoints of its own
-    already (a resumed branch resumes from them)."""
+    cut there (see the module's docstring), once the parent is checked. Does nothing for a branch that has
+    checkpoints of its own already (a resumed branch resumes from them). With several processes, rank 0 alone
+    runs this and the others get its result or its refusal (rafale.resilience.decided_on_rank_zero, in
+    rafale.train.run): one process reads the parent's folder and the branch's, so they all act on one reading."""
     if list((run_dir / CHECKPOINTS_DIR).glob("*.pt")):
         return
     parent, _, at = check_parent(cfg, data, model_cfg, batches_per_epoch)
-    if not writes:
-        return
     (run_dir / CHECKPOINTS_DIR).mkdir(parents=True, exist_ok=True)
     for checkpoint in checkpoints_at(parent, at):
         tmp = run_dir / CHECKPOINTS_DIR / (checkpoint.name + ".tmp")

@@ -212,13 +212,13 @@ def run(cfg: Config, data: PreparedData, model, collator, debug: bool = False,
         set_run_folder_aside(run_dir)
     if dist.get_world_size() > 1:
         check_shared_run_folder(run_dir)
-    if cfg.training.branch_from is not None and save:  # every process checks the parent; rank 0 copies from it
+    if cfg.training.branch_from is not None and save:
         from rafale.branch import start_branch
 
-        start_branch(cfg, data, model.model.cfg, run_dir, len(data.splits["train"]) // cfg.training.batch_size,
-                     writes=dist.get_global_rank() == 0)
-    if dist.get_world_size() > 1:
-        dist.barrier()  # the branch's folder is ready before any process looks for its checkpoint
+        # rank 0 checks the parent and writes the branch's folder; every process gets its word (or its refusal)
+        # only once that is done, so none looks for the branch's checkpoint before rank 0 has copied it
+        batches_per_epoch = len(data.splits["train"]) // cfg.training.batch_size
+        decided_on_rank_zero(lambda: start_branch(cfg, data, model.model.cfg, run_dir, batches_per_epoch))
     # rank 0 reads the folder and every process acts on what it read: they all resume, or all stop
     changes, complete = decided_on_rank_zero(lambda: check_run_folder(cfg, data, model, run_dir, save))
     if complete is not None:  # a re-run of a finished run: nothing to train, and its record stays as it is

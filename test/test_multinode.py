@@ -292,6 +292,54 @@ def test_two_processes_interrupted_resumed_stopped_early_evaluated_and_rerun_rec
         torch.testing.assert_close(wb[key], wa[key], atol=1e-3, rtol=1e-3)
 
 
+# Records what a process other than rank 0 opens or lists under $RAFALE_READS_ROOT (Python's audit hooks)
+READS = '''
+import os, sys
+root = os.environ.get("RAFALE_READS_ROOT")
+if root and os.environ.get("RANK", "0") != "0":
+    log = open(os.environ["RAFALE_READS_LOG"], "a", buffering=1)
+    def hook(event, args):
+        if event in ("open", "os.scandir", "os.listdir") and args and isinstance(args[0], (str, bytes, os.PathLike)):
+            path = os.path.abspath(os.fsdecode(args[0]))
+            if path.startswith(root):
+                log.write(f"{event} {path}\\n")
+    sys.addaudithook(hook)
+'''
+
+
+def test_a_refused_branch_stops_every_rank_with_rank_zero_s_error_and_only_rank_zero_reads_the_parent(
+        tmp_path, cache_dir, capsys, monkeypatch):
+    """A cooldown branch from where its parent kept no checkpoint, with two processes: rank 0 alone reads the parent
+    (its config, its checkpoints) and the branch's folder, and every rank stops with rank 0's one-line refusal."""
+    from conftest import run_in_process
+
+    parent_training = {"max_duration": "8ba", "save_interval": "4ba", "eval_interval": "4ba", "eval_batches": 1,
+                       "checkpoints_to_keep": -1, "schedule": "constant", "warmup": 0, "precision": "fp32"}
+    cfg = write_config(tmp_path / "parent.yaml", run={"output_dir": str(tmp_path / "runs"), "name": "parent"},
+                       data={"num_train_stories": 12}, training=parent_training)
+    code, out, err = run_in_process(["-c", str(cfg)], capsys, monkeypatch)
+    assert code == 0, err[-3000:]
+    parent = tmp_path / "runs" / "parent"
+    (tmp_path / "reads").mkdir()
+    (tmp_path / "reads" / "sitecustomize.py").write_text(READS)
+    reads = tmp_path / "rank1-reads.log"
+    code, ranks, logs = two_processes(
+        tmp_path / "logs", str(ROOT / "rafale" / "main.py"), cfg, "run.name=branch", "training.schedule=wsd",
+        f"training.branch_from.run={parent}", "training.branch_from.at=3ba",
+        env={"PYTHONPATH": str(tmp_path / "reads"), "RAFALE_READS_ROOT": str(tmp_path),
+             "RAFALE_READS_LOG": str(reads), "RAFALE_CACHE": str(cache_dir)})
+    refusal = (f"rafale: error: config error at 'training.branch_from.at': {parent} has no checkpoint at batch 3 "
+               "(it has 4, 8)")
+    assert code != 0, logs
+    for rank in ranks:
+        errors = [line for line in rank.splitlines() if line.startswith("rafale: error:")]
+        assert len(errors) == 1 and errors[0].startswith(refusal) and "Traceback" not in rank, logs
+    read = reads.read_text().splitlines()
+    assert f"open {cfg}" in read  # the hook watched rank 1: it read its config, and nothing of the parent's
+    assert not [line for line in read if str(tmp_path / "runs") in line], read  # nor of the branch's folder
+    assert not (tmp_path / "runs" / "branch" / "checkpoints").exists()
+
+
 def test_a_run_folder_the_nodes_do_not_share_is_an_error_on_every_node(reference, tmp_path):
     """Node 1 with a run folder of its own (a node-local disk): both nodes stop at once with one clear error."""
     cfg, logs, port = config(tmp_path, "apart"), tmp_path / "logs", free_port()
