@@ -3,14 +3,18 @@ exported to RUN/export-best/) and training.early_stopping (Composer's EarlyStopp
 both, carried across a resume.
 """
 
+from pathlib import Path
+
 import torch
 from composer import Trainer
 from composer.callbacks import EarlyStopper
-from composer.core import Callback, State, Time
+from composer.core import Callback, State, Time, TimeUnit
 from composer.loggers import Logger
 
 from rafale.config import Config
 from rafale.errors import ConfigError
+from rafale.resilience import decided_on_rank_zero
+from rafale.run_folder import BEST_DIR, METRICS_FILE, metrics_rows
 
 
 def validation_metric(model, name: str, key: str) -> bool:
@@ -83,18 +87,84 @@ def outcome_callbacks(cfg: Config, model, export_best) -> list:
     return callbacks
 
 
-def resume_outcome(trainer: Trainer, previous: dict) -> None:
+def resume_outcome(trainer: Trainer, previous: dict, run_dir: Path, eval_interval: str) -> None:
     """A resumed run's best evaluation so far (training.keep_best) and early stopping's best, from its summary: the
-    callbacks start a segment knowing nothing, and would otherwise take the segment's first evaluation as the best."""
-    for callback in trainer.state.callbacks:
-        best = previous.get("best")
-        if isinstance(callback, KeepBest) and best and best["metric"] == callback.metric:
-            callback.best = best
-        stopping = previous.get("early_stopping")
-        if isinstance(callback, EarlyStopper) and stopping and stopping["metric"] == callback.monitor:
-            callback.best = torch.tensor(stopping["best"])
-            callback.best_occurred = trainer.state.timestamp.copy(batch=Time(stopping["best_step"], "ba"),
-                                                                  epoch=Time(stopping["best_epoch"], "ep"))
+    callbacks start a segment knowing nothing, and would otherwise take the segment's first evaluation as the best.
+
+    After run.resume_fallback the summary (saved at the newest checkpoint, now set aside) may hold a best from the
+    batches after the checkpoint the run resumes from: batches that are lost and trained again. That best is not
+    in the run's history any more, so each such best is taken again from the run's metrics rows up to the resume
+    batch (lost_bests_forgotten); early stopping then counts its patience from a best the run really had."""
+    start = int(trainer.state.timestamp.batch)
+    keep_best = next((c for c in trainer.state.callbacks if isinstance(c, KeepBest)), None)
+    stopper = next((c for c in trainer.state.callbacks if isinstance(c, EarlyStopper)), None)
+    best, stopping = previous.get("best"), previous.get("early_stopping")
+    best = best if keep_best is not None and best and best["metric"] == keep_best.metric else None
+    stopping = stopping if stopper is not None and stopping and stopping["metric"] == stopper.monitor else None
+    lost = {}  # what was lost -> (its metric, whether higher is better, the lost best's step)
+    if best and best["step"] > start:
+        lost["training.keep_best"] = (best["metric"], keep_best.higher, best["step"])
+    if stopping and stopping["best_step"] > start:
+        lost["training.early_stopping"] = (stopping["metric"], stopper.comp_func is torch.greater,
+                                           stopping["best_step"])
+    if lost:  # (every rank has the same summary: they all take this road, and all get rank 0's reading)
+        found = decided_on_rank_zero(lambda: lost_bests_forgotten(run_dir, start, lost))
+        if "training.keep_best" in lost:
+            value, step = found["training.keep_best"] or (None, None)
+            best = {"metric": best["metric"], "value": value, "step": step, "export": None} if step is not None else None
+        if "training.early_stopping" in lost:
+            value, step = found["training.early_stopping"] or (None, None)
+            stopping = (None if step is None else {
+                "metric": stopping["metric"], "best": value, "best_step": step,
+                "best_epoch": evaluation_epoch(step, len(trainer.state.train_dataloader), eval_interval)})
+    if best:
+        keep_best.best = best
+    if stopping:
+        stopper.best = torch.tensor(stopping["best"])
+        stopper.best_occurred = trainer.state.timestamp.copy(batch=Time(stopping["best_step"], "ba"),
+                                                             epoch=Time(stopping["best_epoch"], "ep"))
+
+
+def lost_bests_forgotten(run_dir: Path, start: int, lost: dict[str, tuple[str, bool, int]]) -> dict:
+    """On rank 0, for a run resumed at batch `start` before the best evaluations in `lost` ({what: (metric, higher is
+    better, its step)}): the best evaluation of each metric in RUN/metrics.jsonl up to and including `start` (the
+    evaluation at the resume batch ran before its checkpoint was saved), as {what: (value, step) or None}, the
+    earliest of equal ones (as the callbacks keep the first). It says so in one line, and sets RUN/export-best/
+    aside as export-best.lost-<step>: it holds the weights of a lost step that the run no longer has, and is not
+    left under the name that means "the best weights of this run". The retrained batches export again when they
+    beat the best found here; until then the summary's best has no export (the weights of an earlier step are in
+    its checkpoint, if one was kept there)."""
+    rows = [row for row in metrics_rows(run_dir / METRICS_FILE) if row["step"] <= start] \
+        if (run_dir / METRICS_FILE).is_file() else []
+    found, said = {}, []
+    for what, (metric, higher, lost_step) in lost.items():
+        evaluations = [(row[f"metrics/eval/{metric}"], row["step"]) for row in rows if f"metrics/eval/{metric}" in row]
+        ranked = sorted(evaluations, key=lambda e: (-e[0] if higher else e[0], e[1]))  # best first, then earliest
+        found[what] = ranked[0] if ranked else None
+        now = f"{found[what][0]:.4f} at step {found[what][1]}" if found[what] else "none (no evaluation up to there)"
+        said.append(f"{what} starts from the best {metric} up to batch {start} ({now}) instead of the lost one at step "
+                    f"{lost_step}")
+    aside = None
+    if "training.keep_best" in lost and (run_dir / BEST_DIR).is_dir():
+        aside = run_dir / f"{BEST_DIR}.lost-{lost['training.keep_best'][2]}"
+        n = 1
+        while aside.exists():  # a folder set aside by an earlier fallback is kept too
+            n += 1
+            aside = run_dir / f"{BEST_DIR}.lost-{lost['training.keep_best'][2]}-{n}"
+        (run_dir / BEST_DIR).rename(aside)
+    print(f"rafale: the record's best evaluation is in the lost batches after batch {start}: {'; '.join(said)}"
+          + (f"; {BEST_DIR}/ held that lost step's weights and is set aside as {aside.name}" if aside else ""),
+          flush=True)
+    return found
+
+
+def evaluation_epoch(step: int, batches_per_epoch: int, eval_interval: str) -> int:
+    """The epoch on Composer's clock at the evaluation after batch `step` (early stopping's patience in epochs counts
+    from it): an eval_interval in epochs evaluates at an epoch's end, once the clock has moved on to the next epoch;
+    any other at the end of a batch, still in that batch's epoch. A fresh run's first evaluation is at 0."""
+    if Time.from_input(eval_interval, TimeUnit.EPOCH).unit == TimeUnit.EPOCH:
+        return max(step - 1, 0) // batches_per_epoch
+    return max(step - 1, 0) // batches_per_epoch
 
 
 def outcome(trainer: Trainer, cfg: Config) -> dict:

@@ -239,7 +239,7 @@ def run(cfg: Config, data: PreparedData, model, collator, debug: bool = False,
     flops_per_token = getattr(model.model, "flops_per_token", None)
     record.flops_per_token = flops_per_token(cfg.data.block_size) if flops_per_token is not None else None
     record.begin(trainer.state)
-    resume_outcome(trainer, record.previous)
+    resume_outcome(trainer, record.previous, run_dir, cfg.training.eval_interval)
     fit(trainer, stopper, cfg, run_dir, record)
     record.export_dir = export_run(model.model, run_dir, data, sharded=cfg.training.fsdp is not None) if save else None
     trainer.close()  # flushes the metrics file

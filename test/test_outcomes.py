@@ -82,3 +82,82 @@ def test_a_metric_the_model_does_not_have_is_refused_before_training(tmp_path, c
     code, out, err = run_in_process(["-c", str(config(tmp_path, "typo", keep_best="Accuracy"))], capsys, monkeypatch)
     assert code == 2 and "training.keep_best" in err and "LanguageCrossEntropy" in err, err
     assert not (tmp_path / "runs" / "typo" / "checkpoints").exists()
+
+
+# keep_best and early stopping on a run that stops early: best 4.2575 at batch 30, stopped at 34 (patience 3 batches)
+STOPS_EARLY = {**OVERFIT, "max_duration": "40ba", "eval_interval": "2ba", "save_interval": "4ba",
+               "keep_best": "LanguageCrossEntropy", "early_stopping": {"metric": "LanguageCrossEntropy", "patience": "3ba"}}
+
+
+def test_a_fallback_resume_starts_from_the_best_up_to_its_checkpoint_and_ends_as_the_uninterrupted_run(
+        tmp_path, cache_dir, capsys, monkeypatch):
+    """A run whose newest checkpoint (32) is unreadable resumes from the one before (28) with run.resume_fallback.
+    Its record, saved at 32, holds a best evaluation from the lost batches 29-32 that their retraining does not give
+    again (made so here by lowering that record's evaluation at 32, as a GPU's sums, not bit for bit the same, would
+    move it). keep_best and early stopping start from the best in metrics.jsonl up to batch 28, exactly where the
+    uninterrupted run stood there, and the run ends as that one did: the same best, the same early stop, the same
+    export-best weights; the export of the lost step is set aside."""
+    import shutil
+
+    import rafale.train as train_module
+    from rafale.checkpoints import batch_number
+    from rafale.outcomes import outcome
+    from rafale.record import RunRecord
+
+    saved = []  # every record the uninterrupted run writes, one at each checkpoint
+    save = RunRecord.save
+    with monkeypatch.context() as m:
+        m.setattr(RunRecord, "save", lambda self, state, status, **extra: saved.append(
+            save(self, state, status, **extra)) or saved[-1])
+        code, out, err = run_in_process(["-c", str(config(tmp_path, "reference", **STOPS_EARLY))], capsys, monkeypatch)
+    assert code == 0, err[-3000:]
+    reference = tmp_path / "runs" / "reference"
+    final = json.loads((reference / "summary.json").read_text())
+    stop = final["early_stopped"]
+    at = {record["batches"]: record for record in saved if record["status"] == "in progress"}
+    newest = max(batch for batch in at if batch < stop["at_batch"])  # killed after this checkpoint...
+    resume = max(batch for batch in at if batch < newest)  # ... which is unreadable: the run resumes here
+
+    # the run folder as that run left it at `newest`, its evaluation there better than anything retraining gives
+    run_dir = tmp_path / "runs" / "damaged"
+    shutil.copytree(reference, run_dir, symlinks=True)
+    shutil.rmtree(run_dir / "export")
+    checkpoints = run_dir / "checkpoints"
+    for checkpoint in checkpoints.glob("ep*-ba*-rank0.pt"):
+        if batch_number(checkpoint) > newest:
+            checkpoint.unlink()
+    (newest_checkpoint,) = checkpoints.glob(f"ep*-ba{newest}-rank0.pt")
+    (checkpoints / "latest-rank0.pt").unlink()
+    (checkpoints / "latest-rank0.pt").symlink_to(newest_checkpoint.name)
+    lowered = min(validation(reference).values()) - 0.01
+    record = dict(at[newest], best={**at[newest]["best"], "value": lowered, "step": newest},
+                  early_stopping={**at[newest]["early_stopping"], "best": lowered, "best_step": newest})
+    (run_dir / "summary.json").write_text(json.dumps(record))
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [{**row, "metrics/eval/LanguageCrossEntropy": lowered} if row["step"] == newest else row
+            for row in rows if row["step"] <= newest]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    newest_checkpoint.write_bytes(newest_checkpoint.read_bytes()[: newest_checkpoint.stat().st_size // 2])
+
+    resumed = []  # keep_best's and early stopping's state once the resume has set it
+    resume_outcome = train_module.resume_outcome
+    monkeypatch.setattr(train_module, "resume_outcome", lambda trainer, *args: (
+        resume_outcome(trainer, *args), resumed.append(outcome(trainer, None))))
+    cfg = write_config(tmp_path / "damaged.yaml", run={"output_dir": str(tmp_path / "runs"), "name": "damaged",
+                                                       "resume_fallback": True},
+                       data={"num_train_stories": 12}, training=STOPS_EARLY)
+    code, out, err = run_in_process(["-c", str(cfg)], capsys, monkeypatch)
+    assert code == 0, err[-3000:]
+    assert f"resumed {run_dir} at batch {resume}" in out, out[-3000:]
+    without_export = lambda best: {k: v for k, v in best.items() if k != "export"}
+    assert without_export(resumed[0]["best"]) == without_export(at[resume]["best"])
+    assert resumed[0]["early_stopping"] == at[resume]["early_stopping"]  # with the epoch Composer's clock gave it
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert without_export(summary["best"]) == without_export(final["best"])
+    assert summary["early_stopping"] == final["early_stopping"] and summary["early_stopped"] == stop
+    assert (f"the record's best evaluation is in the lost batches after batch {resume}" in out
+            and f"set aside as export-best.lost-{newest}" in out), out[-3000:]
+    assert summary["best"]["export"] == str(run_dir / "export-best")
+    assert (run_dir / f"export-best.lost-{newest}" / "model.safetensors").is_file()
+    best, kept = (load_file(d / "export-best" / "model.safetensors") for d in (run_dir, reference))
+    assert best.keys() == kept.keys() and all(torch.equal(best[k], kept[k]) for k in best)
