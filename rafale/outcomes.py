@@ -136,14 +136,14 @@ def lost_bests_forgotten(run_dir: Path, start: int, lost: dict[str, tuple[str, b
     its checkpoint, if one was kept there)."""
     rows = [row for row in metrics_rows(run_dir / METRICS_FILE) if row["step"] <= start] \
         if (run_dir / METRICS_FILE).is_file() else []
-    found, said = {}, []
+    found, said = {}, {}  # what happened -> the keys it happened to
     for what, (metric, higher, lost_step) in lost.items():
         evaluations = [(row[f"metrics/eval/{metric}"], row["step"]) for row in rows if f"metrics/eval/{metric}" in row]
         ranked = sorted(evaluations, key=lambda e: (-e[0] if higher else e[0], e[1]))  # best first, then earliest
         found[what] = ranked[0] if ranked else None
-        now = f"{found[what][0]:.4f} at step {found[what][1]}" if found[what] else "none (no evaluation up to there)"
-        said.append(f"{what} starts from the best {metric} up to batch {start} ({now}) instead of the lost one at step "
-                    f"{lost_step}")
+        now = f"{found[what][0]:.4f} at step {found[what][1]}" if found[what] else "none: no evaluation up to there"
+        said.setdefault(f"the best {metric} up to batch {start} ({now}) instead of the lost one at step {lost_step}",
+                        []).append(what)
     aside = None
     if "training.keep_best" in lost and (run_dir / BEST_DIR).is_dir():
         aside = run_dir / f"{BEST_DIR}.lost-{lost['training.keep_best'][2]}"
@@ -152,7 +152,8 @@ def lost_bests_forgotten(run_dir: Path, start: int, lost: dict[str, tuple[str, b
             n += 1
             aside = run_dir / f"{BEST_DIR}.lost-{lost['training.keep_best'][2]}-{n}"
         (run_dir / BEST_DIR).rename(aside)
-    print(f"rafale: the record's best evaluation is in the lost batches after batch {start}: {'; '.join(said)}"
+    said = "; ".join(f"{' and '.join(keys)} start{'s' if len(keys) == 1 else ''} from {what}" for what, keys in said.items())
+    print(f"rafale: the record's best evaluation is in the lost batches after batch {start}: {said}"
           + (f"; {BEST_DIR}/ held that lost step's weights and is set aside as {aside.name}" if aside else ""),
           flush=True)
     return found
@@ -163,7 +164,7 @@ def evaluation_epoch(step: int, batches_per_epoch: int, eval_interval: str) -> i
     from it): an eval_interval in epochs evaluates at an epoch's end, once the clock has moved on to the next epoch;
     any other at the end of a batch, still in that batch's epoch. A fresh run's first evaluation is at 0."""
     if Time.from_input(eval_interval, TimeUnit.EPOCH).unit == TimeUnit.EPOCH:
-        return max(step - 1, 0) // batches_per_epoch
+        return step // batches_per_epoch
     return max(step - 1, 0) // batches_per_epoch
 
 
