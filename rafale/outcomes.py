@@ -91,10 +91,11 @@ def resume_outcome(trainer: Trainer, previous: dict, run_dir: Path, eval_interva
     """A resumed run's best evaluation so far (training.keep_best) and early stopping's best, from its summary: the
     callbacks start a segment knowing nothing, and would otherwise take the segment's first evaluation as the best.
 
-    After run.resume_fallback the summary (saved at the newest checkpoint, now set aside) may hold a best from the
-    batches after the checkpoint the run resumes from: batches that are lost and trained again. That best is not
-    in the run's history any more, so each such best is taken again from the run's metrics rows up to the resume
-    batch (lost_bests_forgotten); early stopping then counts its patience from a best the run really had."""
+    The summary may hold a best from after the batch the run resumes at: after run.resume_fallback (the summary
+    was saved at the newest checkpoint, now set aside) one from the lost batches, trained again now; in a cooldown
+    branch (rafale.branch) one from its parent's batches past the branch point. That best is not in the run's
+    history, so each such best is taken again from the run's metrics rows up to the resume batch
+    (lost_bests_forgotten); early stopping then counts its patience from a best the run really had."""
     start = int(trainer.state.timestamp.batch)
     keep_best = next((c for c in trainer.state.callbacks if isinstance(c, KeepBest)), None)
     stopper = next((c for c in trainer.state.callbacks if isinstance(c, EarlyStopper)), None)
@@ -142,7 +143,7 @@ def lost_bests_forgotten(run_dir: Path, start: int, lost: dict[str, tuple[str, b
         ranked = sorted(evaluations, key=lambda e: (-e[0] if higher else e[0], e[1]))  # best first, then earliest
         found[what] = ranked[0] if ranked else None
         now = f"{found[what][0]:.4f} at step {found[what][1]}" if found[what] else "none: no evaluation up to there"
-        said.setdefault(f"the best {metric} up to batch {start} ({now}) instead of the lost one at step {lost_step}",
+        said.setdefault(f"the best {metric} up to batch {start} ({now}), not the one at step {lost_step}",
                         []).append(what)
     aside = None
     if "training.keep_best" in lost and (run_dir / BEST_DIR).is_dir():
@@ -153,8 +154,8 @@ def lost_bests_forgotten(run_dir: Path, start: int, lost: dict[str, tuple[str, b
             aside = run_dir / f"{BEST_DIR}.lost-{lost['training.keep_best'][2]}-{n}"
         (run_dir / BEST_DIR).rename(aside)
     said = "; ".join(f"{' and '.join(keys)} start{'s' if len(keys) == 1 else ''} from {what}" for what, keys in said.items())
-    print(f"rafale: the record's best evaluation is in the lost batches after batch {start}: {said}"
-          + (f"; {BEST_DIR}/ held that lost step's weights and is set aside as {aside.name}" if aside else ""),
+    print(f"rafale: resuming at batch {start}, before the record's best evaluation, in batches this run no longer "
+          f"has: {said}" + (f"; {BEST_DIR}/ held that step's weights and is set aside as {aside.name}" if aside else ""),
           flush=True)
     return found
 

@@ -303,7 +303,8 @@ def test_a_cooldown_branch_continues_its_parent_and_decays_to_zero(tmp_path, cac
     parent's weights and data (the same loss), its rates follow the formula, and the parent is not touched."""
     config = write_config(tmp_path / "cfg.yaml", run={"output_dir": str(tmp_path / "runs")},
                           training={"schedule": "wsd", "decay_fraction": 0.2, "decay_shape": "linear",
-                                    "save_interval": "8ba", "checkpoints_to_keep": -1, "eval_interval": "8ba"})
+                                    "save_interval": "8ba", "checkpoints_to_keep": -1, "eval_interval": "8ba",
+                                    "keep_best": "LanguageCrossEntropy"})
     code, out, err = run_in_process(["-c", str(config)], capsys, monkeypatch)
     assert code == 0, err[-3000:]
     parent = tmp_path / "runs" / "pythia-debug"
@@ -339,6 +340,11 @@ def test_a_cooldown_branch_continues_its_parent_and_decays_to_zero(tmp_path, cac
     assert parent_rows[20]["lr-AdamW/group0-decay"] == pytest.approx(lr)  # the parent was still stable there
     assert branch_rows[20]["metrics/eval/LanguageCrossEntropy"] == pytest.approx(
         summary["validation"]["LanguageCrossEntropy"])
+    # keep_best's best is the branch's own (its evaluations, the parent's up to 16), not the parent's past 16
+    losses = {step: row["metrics/eval/LanguageCrossEntropy"] for step, row in branch_rows.items()
+              if "metrics/eval/LanguageCrossEntropy" in row}
+    assert json.loads((parent / "summary.json").read_text())["best"]["step"] > 16
+    assert summary["best"]["step"] == min(losses, key=losses.get) and summary["best"]["value"] == min(losses.values())
     # a branch from where the parent kept no checkpoint is refused, naming the ones it has
     code, out, err = run_in_process(["-c", str(config), "run.name=branch2", "training.max_duration=35ba",
                                      f"training.branch_from.run={parent}"], capsys, monkeypatch)

@@ -155,8 +155,9 @@ def test_a_fallback_resume_starts_from_the_best_up_to_its_checkpoint_and_ends_as
     summary = json.loads((run_dir / "summary.json").read_text())
     assert without_export(summary["best"]) == without_export(final["best"])
     assert summary["early_stopping"] == final["early_stopping"] and summary["early_stopped"] == stop
-    assert (f"the record's best evaluation is in the lost batches after batch {resume}" in out
-            and f"set aside as export-best.lost-{newest}" in out), out[-3000:]
+    assert (f"resuming at batch {resume}, before the record's best evaluation" in out
+            and f"not the one at step {newest}; export-best/ held that step's weights and is set aside as "
+                f"export-best.lost-{newest}" in out), out[-3000:]
     assert summary["best"]["export"] == str(run_dir / "export-best")
     assert (run_dir / f"export-best.lost-{newest}" / "model.safetensors").is_file()
     best, kept = (load_file(d / "export-best" / "model.safetensors") for d in (run_dir, reference))
