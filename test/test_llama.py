@@ -1,9 +1,10 @@
-"""The Llama and Qwen3 families against transformers' LlamaForCausalLM and Qwen3ForCausalLM, both ways: a random HF
-model loaded by rafale and a random rafale model exported and loaded by transformers give the same logits (fp32,
+"""The Llama, Qwen2 and Qwen3 families against transformers' LlamaForCausalLM, Qwen2ForCausalLM and
+Qwen3ForCausalLM, both ways: a random HF model loaded by rafale and a random rafale model exported and loaded by transformers give the same logits (fp32,
 1e-5, with left padding); greedy decoding with rafale's grouped-query KV cache equals HF's generate and rafale's own
 decoding without a cache; a real checkpoint's folder shape (sharded safetensors, an index, tied weights written once)
 loads. Shapes held out from the presets: GQA ratios 1, 2 and 4 and one KV head, tied and untied heads, rope bases
-10,000 and 1,000,000, Qwen3 heads wider than hidden_size / num_heads."""
+10,000 and 1,000,000, Qwen2's biases on q, k and v alone (random, like every weight), Qwen3 heads wider than
+hidden_size / num_heads."""
 
 import json
 
@@ -15,6 +16,7 @@ transformers = pytest.importorskip("transformers")
 from rafale.models.decoder import Decoder, KVCache  # noqa: E402
 from rafale.models.hf import from_pretrained, save_pretrained  # noqa: E402
 from rafale.models.llama import LlamaConfig  # noqa: E402
+from rafale.models.qwen2 import Qwen2Config  # noqa: E402
 from rafale.models.qwen3 import Qwen3Config  # noqa: E402
 
 VOCAB = 96
@@ -24,9 +26,11 @@ CASES = [
     ("LlamaForCausalLM", 4, 2, True, 1_000_000.0, None),  # ratio 2, tied
     ("Qwen3ForCausalLM", 8, 2, False, 1_000_000.0, 16),  # ratio 4, heads of 16 on a 48-wide residual
     ("Qwen3ForCausalLM", 4, 1, True, 10_000.0, None),  # one KV head (multi-query), tied
+    ("Qwen2ForCausalLM", 4, 2, True, 1_000_000.0, None),  # q, k and v biases, no output bias; ratio 2, tied
+    ("Qwen2ForCausalLM", 4, 1, False, 1_000_000.0, None),  # the same, one KV head, untied
 ]
 IDS = [f"{a[:5]}-{h}h{kv}kv-{'tied' if t else 'untied'}-{int(b)}" for a, h, kv, t, b, _ in CASES]
-CONFIG_CLASSES = {"LlamaForCausalLM": LlamaConfig, "Qwen3ForCausalLM": Qwen3Config}
+CONFIG_CLASSES = {"LlamaForCausalLM": LlamaConfig, "Qwen2ForCausalLM": Qwen2Config, "Qwen3ForCausalLM": Qwen3Config}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # test/conftest.py
@@ -43,11 +47,13 @@ def randomize_(model, seed=0):
 
 def hf_model(architecture, heads, kv_heads, tied, base, head_dim, seed=0):
     config_class = getattr(transformers, architecture.replace("ForCausalLM", "Config"))
+    # Qwen2's config has no head_dim (its heads are hidden_size / num_heads wide)
+    sizes = {} if architecture == "Qwen2ForCausalLM" else {"head_dim": head_dim or 32 // heads}
     config = config_class(vocab_size=VOCAB, hidden_size=48 if head_dim else 32, intermediate_size=80,
                           num_hidden_layers=2, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                          head_dim=head_dim or 32 // heads, max_position_embeddings=64, tie_word_embeddings=tied,
+                          max_position_embeddings=64, tie_word_embeddings=tied,
                           rope_parameters={"rope_type": "default", "rope_theta": base}, rms_norm_eps=1e-6,
-                          bos_token_id=None, eos_token_id=None, pad_token_id=None)
+                          bos_token_id=None, eos_token_id=None, pad_token_id=None, **sizes)
     torch.manual_seed(seed)
     model = getattr(transformers, architecture)(config).eval()
     randomize_(model, seed)
@@ -103,7 +109,7 @@ def test_hf_to_rafale_and_rafale_to_hf_logits(tmp_path, case):
     assert_same_logits(mine, loaded)
 
 
-@pytest.mark.parametrize("case", [CASES[1], CASES[2]], ids=[IDS[1], IDS[2]])
+@pytest.mark.parametrize("case", [CASES[1], CASES[2], CASES[5]], ids=[IDS[1], IDS[2], IDS[5]])
 def test_greedy_generation_with_the_gqa_cache_equals_hf_generate(case):
     hf = hf_model(*case)
     ours = rafale_model(*case)
