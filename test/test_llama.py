@@ -1,10 +1,10 @@
 """The Llama, Qwen2 and Qwen3 families against transformers' LlamaForCausalLM, Qwen2ForCausalLM and
-Qwen3ForCausalLM, both ways: a random HF model loaded by rafale and a random rafale model exported and loaded by transformers give the same logits (fp32,
-1e-5, with left padding); greedy decoding with rafale's grouped-query KV cache equals HF's generate and rafale's own
-decoding without a cache; a real checkpoint's folder shape (sharded safetensors, an index, tied weights written once)
-loads. Shapes held out from the presets: GQA ratios 1, 2 and 4 and one KV head, tied and untied heads, rope bases
-10,000 and 1,000,000, Qwen2's biases on q, k and v alone (random, like every weight), Qwen3 heads wider than
-hidden_size / num_heads."""
+Qwen3ForCausalLM, both ways: a random HF model loaded by rafale and a random rafale model exported and loaded by
+transformers give the same logits (fp32, 1e-5, with left padding); greedy decoding with rafale's grouped-query KV
+cache equals HF's generate and rafale's own decoding without a cache; a real checkpoint's folder shape (sharded
+safetensors, an index, tied weights written once) loads. Shapes held out from the presets: GQA ratios 1, 2 and 4 and
+one KV head, tied and untied heads, rope bases 10,000 and 1,000,000, Qwen2's biases on q, k and v alone (random, like
+every weight), Qwen3 heads wider than hidden_size / num_heads."""
 
 import json
 
@@ -180,7 +180,7 @@ def test_every_problem_with_the_split_qkv_is_named(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Through the command line: what a Pythia run can do, a Llama and a Qwen3 run do
+# Through the command line: what a Pythia run can do, a Llama, a Qwen2 and a Qwen3 run do
 
 
 def test_a_llama_run_trains_resumes_exports_generates_scores_and_runs_lm_eval(tmp_path, cache_dir, capsys, monkeypatch):
@@ -232,23 +232,31 @@ def test_a_llama_run_trains_resumes_exports_generates_scores_and_runs_lm_eval(tm
     assert code == 0 and "rafale_toy" in out, err[-2000:]
 
 
-def test_qwen3_overfits_in_debug_and_a_sweep_trains_both_families(tmp_path, cache_dir, capsys, monkeypatch):
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_a_qwen_run_overfits_in_debug(tmp_path, cache_dir, capsys, monkeypatch, family):
     import re
 
     from conftest import run_in_process, write_config
 
-    cfg = write_config(tmp_path / "qwen3.yaml", base="qwen3_debug.yaml", run={"output_dir": str(tmp_path / "runs")})
+    cfg = write_config(tmp_path / f"{family}.yaml", base=f"{family}_debug.yaml",
+                       run={"output_dir": str(tmp_path / "runs")})
     code, out, err = run_in_process(["-c", str(cfg)], capsys, monkeypatch, env={"DEBUG": "1"})
     assert code == 0, err[-3000:]
     start, end = (float(x) for x in re.search(r"DEBUG: loss on the batch went from ([\d.]+) to ([\d.]+)", out).groups())
     assert end < 0.3 * start, out
 
-    monkeypatch.delenv("DEBUG")
+
+def test_a_sweep_over_model_type_trains_and_exports_every_decoder_family(tmp_path, cache_dir, capsys, monkeypatch):
+    from conftest import run_in_process, write_config
+
+    cfg = write_config(tmp_path / "qwen2.yaml", base="qwen2_debug.yaml", run={"output_dir": str(tmp_path / "runs")})
     sweep = tmp_path / "sweep"
-    code, out, err = run_in_process(["sweep", "-c", str(cfg), "model.type=llama,qwen3", "model.preset=null",
+    code, out, err = run_in_process(["sweep", "-c", str(cfg), "model.type=llama,qwen2,qwen3", "model.preset=null",
                                      "training.max_duration=1ba", f"run.output_dir={sweep}"], capsys, monkeypatch)
     assert code == 0, err[-3000:]
     models = {json.loads(p.read_text())["model"] for p in sweep.glob("*/summary.json")}
-    assert models == {"llama", "qwen3"}, models  # each family's first (tiny) preset
+    assert models == {"llama", "qwen2", "qwen3"}, models  # each family's first (tiny) preset
     exports = {json.loads(p.read_text())["architectures"][0] for p in sweep.glob("*/export/config.json")}
-    assert exports == {"LlamaForCausalLM", "Qwen3ForCausalLM"}
+    assert exports == {"LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"}
+    for architecture in exports:  # each export loaded back by transformers with the run's logits (export_proof.py)
+        assert f"loads it as {architecture} and gives the same outputs" in out, out[-3000:]
