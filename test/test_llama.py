@@ -179,6 +179,17 @@ def test_every_problem_with_the_split_qkv_is_named(tmp_path):
     assert "unexpected: model.layers.0.self_attn.q_proj.bias" in message
 
 
+
+def test_a_qwen2_config_with_sliding_window_attention_is_refused(tmp_path):
+    """rafale attends to every position: a Qwen2 that turns on its sliding window is not the model rafale computes."""
+    from rafale.models.hf import WeightsError
+
+    hf_model(*CASES[4]).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(config | {"use_sliding_window": True, "sliding_window": 4}))
+    with pytest.raises(WeightsError, match="use_sliding_window must be false"):
+        from_pretrained(tmp_path)
+
 # ----------------------------------------------------------------------------------------------------
 # Through the command line: what a Pythia run can do, a Llama, a Qwen2 and a Qwen3 run do
 
