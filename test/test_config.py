@@ -71,6 +71,8 @@ def test_default_configs_load():
         ({"model": {"num_layers": "two"}}, "model.num_layers", "expected an integer"),
         ({"model": {"num_heads": 3}}, "model", "divisible by num_heads"),
         ({"run": {"name": "a/b"}}, "run.name", "plain folder name"),
+        ({"run": {"device": "gpu"}, "training": {"fsdp": {"state_dict_type": "sharded"}}},
+         "training.fsdp.state_dict_type", "full checkpoints only"),
     ],
 )
 def test_bad_values_name_the_key(changes, key, expected):
