@@ -72,6 +72,8 @@ def test_default_configs_load():
         ({"model": {"num_heads": 3}}, "model", "divisible by num_heads"),
         ({"model": {"qkv_bias": True}}, "model", "says again what attention_bias: true does"),  # Pythia's is true
         ({"run": {"name": "a/b"}}, "run.name", "plain folder name"),
+        ({"run": {"device": "gpu"}, "training": {"fsdp": {"state_dict_type": "sharded"}}},
+         "training.fsdp.state_dict_type", "full checkpoints only"),
     ],
 )
 def test_bad_values_name_the_key(changes, key, expected):
