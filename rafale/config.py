@@ -532,6 +532,12 @@ def validate(cfg: Config, check_files: bool = True) -> None:
         )
     if cfg.training.fsdp is not None and cfg.run.device == "cpu":
         raise ConfigError("training.fsdp", "FSDP needs GPUs; remove it on run.device: cpu")
+    if cfg.training.fsdp is not None and cfg.training.fsdp.get("state_dict_type", "full") != "full":
+        # a sharded checkpoint is a folder of per-rank shards, which rafale's resume checks, pruning
+        # (checkpoints_to_keep across resumes), branches and eval-only, made for one file per rank, do not read
+        raise ConfigError("training.fsdp.state_dict_type", f"rafale saves full checkpoints only (one file a rank, "
+                          f"what its resume, pruning and branches read); got {cfg.training.fsdp['state_dict_type']!r}: "
+                          "remove it or set it to full")
     if len(set(cfg.run.loggers)) != len(cfg.run.loggers):
         raise ConfigError("run.loggers", f"lists a logger twice: {cfg.run.loggers}")
     if mb == "auto" and cfg.run.device == "cpu":

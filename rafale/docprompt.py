@@ -32,6 +32,9 @@ MAX_BYTES = 165_000  # "at most about 160 KB": what most LLMs take in one messag
 # the classes a fork subclasses or calls (model parts, datapipes, optimizers, metrics): with their methods; the
 # run's and the commands' classes (callbacks, the record) by their name and first line
 WITH_METHODS = ("rafale/models/", "rafale/data/", "rafale/optim.py", "rafale/metrics.py")
+# ...but the encoders' and CLIP's module trees, ported from HF's class by class (every forward takes what HF's
+# does): their classes by name and first line, which leaves room under MAX_BYTES for the decoder in full
+WITHOUT_METHODS = ("rafale/models/encoder.py", "rafale/models/clip.py")
 REGISTRY_LINES = 16  # a module-level constant this short is shown whole (registries, tables); a longer one by name
 
 
@@ -136,7 +139,7 @@ def docprompt(readme: str) -> str:
         parts.append(f"\n#### {path.relative_to(ROOT)} (in full)\n" + path.read_text())
     for path in [p for p in paths if str(p.relative_to(ROOT)) not in FULL_FILES]:
         name = str(path.relative_to(ROOT))
-        text = outline(path.read_text(), signatures=name not in DOCSTRING_ONLY, methods=name.startswith(WITH_METHODS),
+        text = outline(path.read_text(), signatures=name not in DOCSTRING_ONLY, methods=name.startswith(WITH_METHODS) and name not in WITHOUT_METHODS,
                        fields=name != "rafale/config.py")  # the config's fields: in the README's config reference
         parts.append(f"\n#### {name}\n" + (text if text.strip() else "(no docstring or public names)\n"))
     return "".join(parts)

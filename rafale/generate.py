@@ -37,7 +37,7 @@ def load_decoder(path: Path):
 
         model = from_pretrained(path, dtype=torch.float32)
         if not isinstance(model, Decoder):
-            raise RafaleError(f"{path}: holds a {type(model).__name__}; only decoders (GPT-NeoX, Llama, Qwen3) can generate text")
+            raise RafaleError(f"{path}: holds a {type(model).__name__}; only decoders (GPT-NeoX, Llama, Qwen2, Qwen3) can generate text")
         tokenizer = load_tokenizer_from_folder(path)
         if tokenizer is None:
             raise RafaleError(f"{path}: no tokenizer.json beside the weights")

@@ -4,7 +4,7 @@
     rafale lm-eval runs/pythia-tiny-stories/export --tasks hellaswag,lambada_openai    (online: hub datasets)
 
 `RafaleLM` implements lm-eval's `LM` interface (loglikelihood, loglikelihood_rolling, generate_until) on
-rafale's decoders (GPT-NeoX, Llama, Qwen3) and their tokenizer. It tokenizes as lm-eval's Hugging Face model
+rafale's decoders (GPT-NeoX, Llama, Qwen2, Qwen3) and their tokenizer. It tokenizes as lm-eval's Hugging Face model
 does (`HFLM`), so the scores equal those of HFLM on the exported weights (tested). Needs the optional extra: pip install 'rafale[lm-eval]'.
 """
 

@@ -70,7 +70,10 @@ def test_default_configs_load():
         ({"model": {"num_layer": 3}}, "model.num_layer", "did you mean 'num_layers'"),
         ({"model": {"num_layers": "two"}}, "model.num_layers", "expected an integer"),
         ({"model": {"num_heads": 3}}, "model", "divisible by num_heads"),
+        ({"model": {"qkv_bias": True}}, "model", "says again what attention_bias: true does"),  # Pythia's is true
         ({"run": {"name": "a/b"}}, "run.name", "plain folder name"),
+        ({"run": {"device": "gpu"}, "training": {"fsdp": {"state_dict_type": "sharded"}}},
+         "training.fsdp.state_dict_type", "full checkpoints only"),
     ],
 )
 def test_bad_values_name_the_key(changes, key, expected):

@@ -34,7 +34,8 @@ def test_every_preset_of_every_family_is_exportable():
                 architecture = ARCHITECTURE[(family, task)]
                 assert config_refusal(with_vocab(cfg), architecture) is None, (family, name, task)
                 checked += 1
-    assert checked == 25  # 4 Pythia, 4 Llama, 3 Qwen3, 2 x 2 BERT and RoBERTa presets x 2 tasks, 3 CLIP, 3 SigLIP
+    assert checked == 28  # 4 Pythia, 4 Llama, 3 Qwen2, 3 Qwen3, 2 x 2 BERT and RoBERTa presets x 2 tasks, 3 CLIP,
+    # 3 SigLIP
 
 
 def test_tiny_models_of_every_head_are_exportable():
@@ -69,15 +70,17 @@ def other_value(value, annotation):
 
 # what each decoder's config.json cannot say, among the fields a bool, number or Literal flips
 CANNOT_SAY = {
-    "pythia": {"norm", "mlp_bias", "qk_norm", "tie_embeddings"},
-    "llama": {"norm", "parallel_residual", "rotary_pct", "qk_norm"},
-    "qwen3": {"norm", "parallel_residual", "rotary_pct", "qk_norm", "mlp_bias"},
+    "pythia": {"norm", "mlp_bias", "qk_norm", "tie_embeddings"},  # qkv_bias: invalid beside attention_bias
+    "llama": {"norm", "parallel_residual", "rotary_pct", "qkv_bias", "qk_norm"},
+    "qwen2": {"norm", "parallel_residual", "rotary_pct", "qk_norm", "mlp_bias", "qkv_bias"},
+    "qwen3": {"norm", "parallel_residual", "rotary_pct", "qk_norm", "mlp_bias", "qkv_bias"},
 }
 
 
 @pytest.mark.parametrize("base", [
     ("pythia", "pythia-debug", "GPTNeoXForCausalLM"),
     ("llama", "llama-debug", "LlamaForCausalLM"),
+    ("qwen2", "qwen2-debug", "Qwen2ForCausalLM"),
     ("qwen3", "qwen3-debug", "Qwen3ForCausalLM"),
     ("bert", "bert-tiny", "BertForSequenceClassification"),
     ("roberta", "roberta-tiny", "RobertaForMaskedLM"),

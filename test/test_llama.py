@@ -1,9 +1,10 @@
-"""The Llama and Qwen3 families against transformers' LlamaForCausalLM and Qwen3ForCausalLM, both ways: a random HF
-model loaded by rafale and a random rafale model exported and loaded by transformers give the same logits (fp32,
-1e-5, with left padding); greedy decoding with rafale's grouped-query KV cache equals HF's generate and rafale's own
-decoding without a cache; a real checkpoint's folder shape (sharded safetensors, an index, tied weights written once)
-loads. Shapes held out from the presets: GQA ratios 1, 2 and 4 and one KV head, tied and untied heads, rope bases
-10,000 and 1,000,000, Qwen3 heads wider than hidden_size / num_heads."""
+"""The Llama, Qwen2 and Qwen3 families against transformers' LlamaForCausalLM, Qwen2ForCausalLM and
+Qwen3ForCausalLM, both ways: a random HF model loaded by rafale and a random rafale model exported and loaded by
+transformers give the same logits (fp32, 1e-5, with left padding); greedy decoding with rafale's grouped-query KV
+cache equals HF's generate and rafale's own decoding without a cache; a real checkpoint's folder shape (sharded
+safetensors, an index, tied weights written once) loads. Shapes held out from the presets: GQA ratios 1, 2 and 4 and
+one KV head, tied and untied heads, rope bases 10,000 and 1,000,000, Qwen2's biases on q, k and v alone (random, like
+every weight), Qwen3 heads wider than hidden_size / num_heads."""
 
 import json
 
@@ -15,6 +16,7 @@ transformers = pytest.importorskip("transformers")
 from rafale.models.decoder import Decoder, KVCache  # noqa: E402
 from rafale.models.hf import from_pretrained, save_pretrained  # noqa: E402
 from rafale.models.llama import LlamaConfig  # noqa: E402
+from rafale.models.qwen2 import Qwen2Config  # noqa: E402
 from rafale.models.qwen3 import Qwen3Config  # noqa: E402
 
 VOCAB = 96
@@ -24,9 +26,11 @@ CASES = [
     ("LlamaForCausalLM", 4, 2, True, 1_000_000.0, None),  # ratio 2, tied
     ("Qwen3ForCausalLM", 8, 2, False, 1_000_000.0, 16),  # ratio 4, heads of 16 on a 48-wide residual
     ("Qwen3ForCausalLM", 4, 1, True, 10_000.0, None),  # one KV head (multi-query), tied
+    ("Qwen2ForCausalLM", 4, 2, True, 1_000_000.0, None),  # q, k and v biases, no output bias; ratio 2, tied
+    ("Qwen2ForCausalLM", 4, 1, False, 1_000_000.0, None),  # the same, one KV head, untied
 ]
 IDS = [f"{a[:5]}-{h}h{kv}kv-{'tied' if t else 'untied'}-{int(b)}" for a, h, kv, t, b, _ in CASES]
-CONFIG_CLASSES = {"LlamaForCausalLM": LlamaConfig, "Qwen3ForCausalLM": Qwen3Config}
+CONFIG_CLASSES = {"LlamaForCausalLM": LlamaConfig, "Qwen2ForCausalLM": Qwen2Config, "Qwen3ForCausalLM": Qwen3Config}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # test/conftest.py
@@ -43,11 +47,13 @@ def randomize_(model, seed=0):
 
 def hf_model(architecture, heads, kv_heads, tied, base, head_dim, seed=0):
     config_class = getattr(transformers, architecture.replace("ForCausalLM", "Config"))
+    # Qwen2's config has no head_dim (its heads are hidden_size / num_heads wide)
+    sizes = {} if architecture == "Qwen2ForCausalLM" else {"head_dim": head_dim or 32 // heads}
     config = config_class(vocab_size=VOCAB, hidden_size=48 if head_dim else 32, intermediate_size=80,
                           num_hidden_layers=2, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                          head_dim=head_dim or 32 // heads, max_position_embeddings=64, tie_word_embeddings=tied,
+                          max_position_embeddings=64, tie_word_embeddings=tied,
                           rope_parameters={"rope_type": "default", "rope_theta": base}, rms_norm_eps=1e-6,
-                          bos_token_id=None, eos_token_id=None, pad_token_id=None)
+                          bos_token_id=None, eos_token_id=None, pad_token_id=None, **sizes)
     torch.manual_seed(seed)
     model = getattr(transformers, architecture)(config).eval()
     randomize_(model, seed)
@@ -103,7 +109,7 @@ def test_hf_to_rafale_and_rafale_to_hf_logits(tmp_path, case):
     assert_same_logits(mine, loaded)
 
 
-@pytest.mark.parametrize("case", [CASES[1], CASES[2]], ids=[IDS[1], IDS[2]])
+@pytest.mark.parametrize("case", [CASES[1], CASES[2], CASES[5]], ids=[IDS[1], IDS[2], IDS[5]])
 def test_greedy_generation_with_the_gqa_cache_equals_hf_generate(case):
     hf = hf_model(*case)
     ours = rafale_model(*case)
@@ -173,8 +179,19 @@ def test_every_problem_with_the_split_qkv_is_named(tmp_path):
     assert "unexpected: model.layers.0.self_attn.q_proj.bias" in message
 
 
+
+def test_a_qwen2_config_with_sliding_window_attention_is_refused(tmp_path):
+    """rafale attends to every position: a Qwen2 that turns on its sliding window is not the model rafale computes."""
+    from rafale.models.hf import WeightsError
+
+    hf_model(*CASES[4]).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(config | {"use_sliding_window": True, "sliding_window": 4}))
+    with pytest.raises(WeightsError, match="use_sliding_window must be false"):
+        from_pretrained(tmp_path)
+
 # ----------------------------------------------------------------------------------------------------
-# Through the command line: what a Pythia run can do, a Llama and a Qwen3 run do
+# Through the command line: what a Pythia run can do, a Llama, a Qwen2 and a Qwen3 run do
 
 
 def test_a_llama_run_trains_resumes_exports_generates_scores_and_runs_lm_eval(tmp_path, cache_dir, capsys, monkeypatch):
@@ -226,23 +243,31 @@ def test_a_llama_run_trains_resumes_exports_generates_scores_and_runs_lm_eval(tm
     assert code == 0 and "rafale_toy" in out, err[-2000:]
 
 
-def test_qwen3_overfits_in_debug_and_a_sweep_trains_both_families(tmp_path, cache_dir, capsys, monkeypatch):
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_a_qwen_run_overfits_in_debug(tmp_path, cache_dir, capsys, monkeypatch, family):
     import re
 
     from conftest import run_in_process, write_config
 
-    cfg = write_config(tmp_path / "qwen3.yaml", base="qwen3_debug.yaml", run={"output_dir": str(tmp_path / "runs")})
+    cfg = write_config(tmp_path / f"{family}.yaml", base=f"{family}_debug.yaml",
+                       run={"output_dir": str(tmp_path / "runs")})
     code, out, err = run_in_process(["-c", str(cfg)], capsys, monkeypatch, env={"DEBUG": "1"})
     assert code == 0, err[-3000:]
     start, end = (float(x) for x in re.search(r"DEBUG: loss on the batch went from ([\d.]+) to ([\d.]+)", out).groups())
     assert end < 0.3 * start, out
 
-    monkeypatch.delenv("DEBUG")
+
+def test_a_sweep_over_model_type_trains_and_exports_every_decoder_family(tmp_path, cache_dir, capsys, monkeypatch):
+    from conftest import run_in_process, write_config
+
+    cfg = write_config(tmp_path / "qwen2.yaml", base="qwen2_debug.yaml", run={"output_dir": str(tmp_path / "runs")})
     sweep = tmp_path / "sweep"
-    code, out, err = run_in_process(["sweep", "-c", str(cfg), "model.type=llama,qwen3", "model.preset=null",
+    code, out, err = run_in_process(["sweep", "-c", str(cfg), "model.type=llama,qwen2,qwen3", "model.preset=null",
                                      "training.max_duration=1ba", f"run.output_dir={sweep}"], capsys, monkeypatch)
     assert code == 0, err[-3000:]
     models = {json.loads(p.read_text())["model"] for p in sweep.glob("*/summary.json")}
-    assert models == {"llama", "qwen3"}, models  # each family's first (tiny) preset
+    assert models == {"llama", "qwen2", "qwen3"}, models  # each family's first (tiny) preset
     exports = {json.loads(p.read_text())["architectures"][0] for p in sweep.glob("*/export/config.json")}
-    assert exports == {"LlamaForCausalLM", "Qwen3ForCausalLM"}
+    assert exports == {"LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"}
+    for architecture in exports:  # each export loaded back by transformers with the run's logits (export_proof.py)
+        assert f"loads it as {architecture} and gives the same outputs" in out, out[-3000:]

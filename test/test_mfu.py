@@ -101,6 +101,8 @@ DECODER_PARTS = [
     ("llama", {"num_kv_heads": 1, "tie_embeddings": False}),  # multi-query, untied
     ("llama", {"mlp": "relu2", "qk_norm": True, "logit_softcap": 30.0}),
     ("qwen3", {}),  # QK-norm, heads of 32 on a 64-wide residual
+    ("qwen2", {}),  # biases on q, k and v, none on the output
+    ("pythia", {"attention_bias": False, "qkv_bias": True}),  # the same on GPT-NeoX's parts
 ]
 
 

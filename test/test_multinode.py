@@ -20,7 +20,7 @@ import yaml
 from conftest import ROOT, write_config
 from rafale.run_folder import read_checkpoint_weights
 
-# long enough (60 batches, a checkpoint every 10) for a signal to land mid-run however fast the machine is
+# 60 batches, a checkpoint every 10: the tests that signal a run mid-way also slow its steps (SLOW_STEPS)
 RUN = {"max_duration": "60ba", "save_interval": "10ba", "eval_interval": "20ba", "eval_batches": 2,
        "checkpoints_to_keep": -1, "batch_size": 8, "precision": "fp32"}
 LAUNCHER = [sys.executable, "-c", "import sys; from composer.cli.launcher import main; sys.exit(main())"]
@@ -48,6 +48,18 @@ if root:
             if path.startswith(root):
                 log.write(f"{event} {path}\\n")
     sys.addaudithook(hook)
+'''
+
+# Slows every optimizer step of a rank (a process Composer's launcher started, so RANK is set) by
+# $RAFALE_TEST_STEP_SLEEP seconds, so that a signal the test sends after batch 10 lands mid-run on any machine: a
+# CI machine trained all 60 batches in 1.6 s, and the run ended before the signal came
+SLOW_STEPS = '''
+import os
+if os.environ.get("RAFALE_TEST_STEP_SLEEP") and "RANK" in os.environ:
+    import time
+    import torch.optim.optimizer
+    pause = float(os.environ["RAFALE_TEST_STEP_SLEEP"])
+    torch.optim.optimizer.register_optimizer_step_post_hook(lambda *args: time.sleep(pause))
 '''
 
 
@@ -385,10 +397,13 @@ exit $code
 ''')
     for stand_in in ("srun", "scontrol"):
         (bin_dir / stand_in).chmod(0o755)
+    (tmp_path / "slow").mkdir()
+    (tmp_path / "slow" / "sitecustomize.py").write_text(SLOW_STEPS)
     cfg = config(tmp_path, "two")  # the reference two-node run's config, in another folder
     env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_NNODES="2", SLURM_GPUS_PER_NODE="1",
                SLURM_JOB_NODELIST="node[1-2]", SLURM_JOB_ID="4242", RAFALE_CACHE=str(tmp_path / "cache"),
-               RAFALE_OUTPUT_DIR=str(tmp_path / "shared-runs"), PYTHONUNBUFFERED="1")
+               RAFALE_OUTPUT_DIR=str(tmp_path / "shared-runs"), PYTHONUNBUFFERED="1",
+               PYTHONPATH=str(tmp_path / "slow"), RAFALE_TEST_STEP_SLEEP="0.1")
     run_dir = tmp_path / "shared-runs" / "two"
 
     def submit(job: int) -> subprocess.Popen:

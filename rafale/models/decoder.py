@@ -8,11 +8,12 @@
 Every part is chosen by one field of `DecoderConfig`: the norm (`NORMS`: LayerNorm, RMSNorm), the MLP (`MLPS`:
 GELU as GPT-NeoX, SwiGLU as Llama and Qwen, ReLU^2 as modded-nanogpt), how positions enter attention
 (`POSITIONS`: rotary with its base and the fraction of each head it turns, or a scheme of your own), the attention's
-key/value heads (`num_kv_heads`: multi-head, grouped-query, multi-query), its biases and Qwen3's per-head QK-norm,
-the residual (parallel or sequential), a tied or untied head, zero-initialised output projections and a logit
-soft-cap. GPT-NeoX (rafale/models/pythia.py), Llama (llama.py) and Qwen3 (qwen3.py) are this one decoder with other
-fields; `DecoderConfig`'s defaults are GPT-NeoX's. The modules' names are rafale's own (`attn.qkv`, `mlp.up`);
-each family's Hugging Face tensor names are in its file's `WeightLayout`.
+key/value heads (`num_kv_heads`: multi-head, grouped-query, multi-query), its biases (all, or Qwen2's on q, k and v
+only) and Qwen3's per-head QK-norm, the residual (parallel or sequential), a tied or untied head, zero-initialised
+output projections and a logit soft-cap. GPT-NeoX (rafale/models/pythia.py), Llama (llama.py), Qwen2 (qwen2.py) and
+Qwen3 (qwen3.py) are this one decoder with other fields; `DecoderConfig`'s defaults are GPT-NeoX's. The modules'
+names are rafale's own (`attn.qkv`, `mlp.up`); each family's Hugging Face tensor names are in its file's
+`WeightLayout`.
 
 What depends on the parts is computed by the parts: each reports its matmul FLOPs per token (`flops`), and the
 model's `flops_per_token` is their sum.
@@ -66,6 +67,7 @@ class DecoderConfig:
     mlp: str = "gelu"  # a key of MLPS: gelu (GPT-NeoX), swiglu (Llama, Qwen), relu2 (modded-nanogpt; no HF export)
     mlp_bias: bool = True  # biases in the MLP's projections
     attention_bias: bool = True  # biases in the attention's projections (q, k, v and the output)
+    qkv_bias: bool = False  # biases in q, k and v only, not the output (Qwen2); attention_bias has them all
     qk_norm: bool = False  # RMSNorm over each head of q and k before the positions (Qwen3, modded-nanogpt)
     tie_embeddings: bool = False  # the output head is the input embedding (SmolLM2, Llama 3.2 1B, Qwen3 0.6B)
     zero_init_proj: bool = False  # start each block's output projections (attention's and the MLP's) at zero, so
@@ -105,6 +107,9 @@ class DecoderConfig:
                              "or head_dim set")
         if self.num_heads % self.kv_heads:
             raise ValueError(f"num_heads ({self.num_heads}) must be divisible by num_kv_heads ({self.num_kv_heads})")
+        if self.attention_bias and self.qkv_bias:
+            raise ValueError("qkv_bias: true says again what attention_bias: true does (biases on q, k, v and the "
+                             "output); set one of them false")
         if not 0 <= self.rotary_pct <= 1:
             raise ValueError(f"rotary_pct must be in [0, 1], got {self.rotary_pct}")
         if self.rotary_dim % 2:
@@ -285,14 +290,15 @@ class Attention(nn.Module):
     """Causal self-attention with num_kv_heads key/value heads, each shared by a group of num_heads // num_kv_heads
     query heads (as many as the query heads: multi-head; one: multi-query). q, k and v come from one projection,
     laid out per key/value head: [the group's query heads, its key, its value] for each (with one query head per
-    group this is GPT-NeoX's own fused layout). Optional: biases (cfg.attention_bias) and Qwen3's QK-norm,
-    an RMSNorm over each head of q and k before the positions."""
+    group this is GPT-NeoX's own fused layout). Optional: biases (cfg.attention_bias; on q, k and v alone, as
+    Qwen2's: cfg.qkv_bias) and Qwen3's QK-norm, an RMSNorm over each head of q and k before the positions."""
 
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.kv_heads, cfg.head_size
         self.group = cfg.num_heads // cfg.kv_heads  # query heads per key/value head
-        self.qkv = nn.Linear(cfg.hidden_size, (cfg.num_heads + 2 * cfg.kv_heads) * cfg.head_size, bias=cfg.attention_bias)
+        self.qkv = nn.Linear(cfg.hidden_size, (cfg.num_heads + 2 * cfg.kv_heads) * cfg.head_size,
+                             bias=cfg.attention_bias or cfg.qkv_bias)
         self.proj = nn.Linear(cfg.num_heads * cfg.head_size, cfg.hidden_size, bias=cfg.attention_bias)
         self.q_norm = nn.RMSNorm(cfg.head_size, eps=cfg.layer_norm_eps) if cfg.qk_norm else None
         self.k_norm = nn.RMSNorm(cfg.head_size, eps=cfg.layer_norm_eps) if cfg.qk_norm else None

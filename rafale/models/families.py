@@ -9,11 +9,13 @@ from rafale.models.bert import BERT, ROBERTA
 from rafale.models.contrastive import CLIP, SIGLIP
 from rafale.models.llama import LLAMA
 from rafale.models.pythia import PYTHIA
+from rafale.models.qwen2 import QWEN2
 from rafale.models.qwen3 import QWEN3
 
 FAMILIES = {
     "pythia": PYTHIA,
     "llama": LLAMA,
+    "qwen2": QWEN2,
     "qwen3": QWEN3,
     "bert": BERT,
     "roberta": ROBERTA,

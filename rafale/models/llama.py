@@ -101,7 +101,7 @@ VOCAB_ROWS = ("model.embed_tokens.weight", "lm_head.weight")
 
 
 def config_from_hf(hf: dict, config_path: Path, config_class: type = LlamaConfig, **fixed) -> LlamaConfig:
-    """The config of a Llama-like config.json (Qwen3's too: `config_class` and its `fixed` fields)."""
+    """The config of a Llama-like config.json (Qwen2's and Qwen3's too: `config_class` and its `fixed` fields)."""
     if hf.get("hidden_act", "silu") != "silu":
         raise WeightsError(f"{config_path}: hidden_act must be 'silu' (a SwiGLU MLP), got {hf['hidden_act']!r}")
     if hf.get("pretraining_tp", 1) != 1:
