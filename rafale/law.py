@@ -156,10 +156,13 @@ class Law:
     def predict(self, N, D):
         N, D = np.asarray(N, dtype=float), np.asarray(D, dtype=float)
         p, loss = self.params, self.params["E"]
-        if "N" in self.sides:
-            loss = loss + p["A"] / N ** p["alpha"]
-        if "D" in self.sides:
-            loss = loss + p["B"] / D ** p["beta"]
+        # A / N^alpha as exp(log A - alpha log N): a bootstrap fit can reach A = 1e290 and alpha = 55, whose power
+        # alone overflows while the term itself is small (A = 0 gives exp(-inf) = 0)
+        with np.errstate(divide="ignore"):
+            if "N" in self.sides:
+                loss = loss + np.exp(np.log(p["A"]) - p["alpha"] * np.log(N))
+            if "D" in self.sides:
+                loss = loss + np.exp(np.log(p["B"]) - p["beta"] * np.log(D))
         return loss
 
 

@@ -9,6 +9,7 @@ import hashlib
 import json
 import math
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -350,3 +351,18 @@ def test_a_cooldown_branch_continues_its_parent_and_decays_to_zero(tmp_path, cac
                                      f"training.branch_from.run={parent}"], capsys, monkeypatch)
     assert code == 2 and "has no checkpoint at batch 28 (it has 8, 16, 24, 32, 40)" in err
     assert not (tmp_path / "runs" / "branch2" / "checkpoints").exists()
+
+
+def test_the_law_predicts_a_finite_loss_where_a_bootstrap_fit_s_power_alone_would_overflow():
+    """A bootstrap fit reached A = 4e290, alpha = 55 on the README's sweep: N^alpha overflows a float (and numpy
+    warned on the console), the term A / N^alpha does not. Checked against exact decimal arithmetic."""
+    from decimal import Decimal
+
+    from rafale.law import Law
+
+    law = Law(("N", "D"), {"E": 0.7, "A": 4e290, "alpha": 55.0, "B": 2.8e9, "beta": 1.8}, {})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        predicted = float(law.predict(447_552, 307_200))
+    exact = Decimal(0.7) + Decimal(4e290) / Decimal(447_552) ** 55 + Decimal(2.8e9) / Decimal(307_200) ** Decimal(1.8)
+    assert predicted == pytest.approx(float(exact), rel=1e-12)
