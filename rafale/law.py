@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from rafale.errors import RafaleError
-from rafale.plots import pyplot
+from rafale.plots import plain_log_axis, pyplot
 from rafale.run_folder import TOKENIZER_FILE, read_config, read_summary
 from rafale.runs import run_folders
 
@@ -419,6 +419,18 @@ def _same_fixed(law: Law, p: Point) -> bool:
 
 
 def plot_law(points: list[Point], law: Law, held: list[Point], out: Path, what: str) -> Path:
+    """law_figure, written to `out` (a temporary name, then renamed)."""
+    plt = pyplot()
+    fig = law_figure(points, law, held, what)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(out)
+    return out
+
+
+def law_figure(points: list[Point], law: Law, held: list[Point], what: str):
     """Loss against training FLOPs: each run, the fitted law along D for each size, and the compute-optimal
     frontier when the law is whole. Held-out runs are hollow, with the law's prediction beside them."""
     plt = pyplot()
@@ -448,6 +460,7 @@ def plot_law(points: list[Point], law: Law, held: list[Point], out: Path, what: 
                 label=f"compute-optimal (N ~ C^{law.params['a']:.2f}, D ~ C^{law.params['b']:.2f})")
     ax.set_xscale("log")
     ax.set_yscale("log")
+    plain_log_axis(ax.yaxis)  # a loss axis spans less than a decade: 0.9, 2, not 2x10^0
     ax.set_xlabel("training FLOPs C")
     ax.set_ylabel(what)
     ax.set_title(f"{what} = {law.params['E']:.3g}" + (f" + {law.params['A']:.3g}/N^{law.params['alpha']:.3g}"
@@ -456,12 +469,7 @@ def plot_law(points: list[Point], law: Law, held: list[Point], out: Path, what: 
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(out)
-    return out
+    return fig
 
 
 def law_main(argv) -> int:

@@ -366,3 +366,16 @@ def test_the_law_predicts_a_finite_loss_where_a_bootstrap_fit_s_power_alone_woul
         predicted = float(law.predict(447_552, 307_200))
     exact = Decimal(0.7) + Decimal(4e290) / Decimal(447_552) ** 55 + Decimal(2.8e9) / Decimal(307_200) ** Decimal(1.8)
     assert predicted == pytest.approx(float(exact), rel=1e-12)
+
+
+def test_the_law_plot_s_loss_axis_reads_as_plain_numbers():
+    """The README's law plot spans less than a decade of loss: its labels read 1, 2, not 2x10^0 and 10^0."""
+    from rafale.law import Law, Point, law_figure
+
+    law = Law(("N", "D"), {"E": 0.7, "A": 400.0, "alpha": 0.5, "B": 4000.0, "beta": 0.6}, {})
+    points = [Point(f"n{N}-d{D}", N, D, 6 * N, float(law.predict(N, D))) for N in (1e5, 2e5) for D in (3e5, 8e5)]
+    fig = law_figure(points, law, [], "validation loss")
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    labels = [t.get_text() for t in ax.get_yticklabels() + ax.get_yticklabels(minor=True) if t.get_text()]
+    assert labels and all(float(label.replace("\u2212", "-")) > 0 for label in labels), labels
