@@ -169,7 +169,7 @@ class RunRecord:
             for name in (METRICS_FILE, SUMMARY_FILE, PLOT_FILE) if self.writes else ():
                 (self.run_dir / name).unlink(missing_ok=True)
             return
-        self.previous = decided_on_rank_zero(lambda: read_summary(self.run_dir)) or {}
+        self.previous = decided_on_rank_zero(lambda: self._read_previous()) or {}
         self.earlier = [cut(segment, self.start_batch) for segment in self.previous.get("segments", [])
                         if segment["batches"][0] < self.start_batch]
         if self.earlier and self.earlier[-1]["ended"] == "in progress":  # the process died after that checkpoint
@@ -184,6 +184,20 @@ class RunRecord:
                 "ended": "killed before its record was saved: its times are unknown"})
         if self.writes:
             compact_metrics(self.run_dir, last_step=self.start_batch)
+
+    def _read_previous(self) -> dict:
+        """The record this segment continues. Resumed before its latest evaluation (run.resume_fallback onto an
+        older checkpoint), its `validation` would be one of batches the run no longer has, and would stay in the
+        summary until this segment evaluates: it is the latest in metrics.jsonl up to the resume batch instead."""
+        previous = read_summary(self.run_dir) or {}
+        step = previous.get("validation_step")
+        if step is not None and step > self.start_batch:
+            rows = metrics_rows(self.run_dir / METRICS_FILE) if (self.run_dir / METRICS_FILE).is_file() else []
+            evals = [(row["step"], {k.removeprefix("metrics/eval/"): v for k, v in row.items()
+                                    if k.startswith("metrics/eval/")}) for row in rows if row["step"] <= self.start_batch]
+            evals = [(step, metrics) for step, metrics in evals if metrics]
+            previous["validation_step"], previous["validation"] = evals[-1] if evals else (None, {})
+        return previous
 
     def checkpointed(self, state: State, logger: Logger) -> None:
         """After each checkpoint: the metrics logged so far and the record go to disk with it, so that a run killed

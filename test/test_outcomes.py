@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import run_in_process, write_config
+from signalled_run import SignalAt
 from rafale.run_folder import read_checkpoint_weights
 
 OVERFIT = {"max_duration": "64ba", "eval_interval": "8ba", "save_interval": "8ba", "checkpoints_to_keep": -1,
@@ -91,7 +92,8 @@ STOPS_EARLY = {**OVERFIT, "max_duration": "40ba", "eval_interval": "2ba", "save_
 
 def test_a_fallback_resume_starts_from_the_best_up_to_its_checkpoint_and_ends_as_the_uninterrupted_run(
         tmp_path, cache_dir, capsys, monkeypatch):
-    """A run whose newest checkpoint (32) is unreadable resumes from the one before (28) with run.resume_fallback.
+    """A run whose newest checkpoint (32) is unreadable resumes from the one before (28) with run.resume_fallback
+    (stopped by SIGTERM at 29, before it evaluates: its summary's latest validation is 28's, then resumed again).
     Its record, saved at 32, holds a best evaluation from the lost batches 29-32 that their retraining does not give
     again (made so here by lowering that record's evaluation at 32, as a GPU's sums, not bit for bit the same, would
     move it). keep_best and early stopping start from the best in metrics.jsonl up to batch 28, exactly where the
@@ -146,9 +148,17 @@ def test_a_fallback_resume_starts_from_the_best_up_to_its_checkpoint_and_ends_as
     cfg = write_config(tmp_path / "damaged.yaml", run={"output_dir": str(tmp_path / "runs"), "name": "damaged",
                                                        "resume_fallback": True},
                        data={"num_train_stories": 12}, training=STOPS_EARLY)
-    code, out, err = run_in_process(["-c", str(cfg)], capsys, monkeypatch)
+    with monkeypatch.context() as m:  # stopped by SIGTERM one batch after the resume, before it evaluates again
+        callbacks = train_module.make_callbacks
+        m.setattr(train_module, "make_callbacks", lambda *args: callbacks(*args) + [SignalAt(resume + 1)])
+        code, first, err = run_in_process(["-c", str(cfg)], capsys, monkeypatch)
+    assert code == 143 and f"resumed {run_dir} at batch {resume}" in first, err[-3000:]
+    stopped = json.loads((run_dir / "summary.json").read_text())  # its latest validation: not the lost one at 32
+    assert (stopped["validation_step"], stopped["validation"]) == (at[resume]["validation_step"], at[resume]["validation"])
+    code, out, err = run_in_process(["-c", str(cfg)], capsys, monkeypatch)  # then resumed to its end
     assert code == 0, err[-3000:]
-    assert f"resumed {run_dir} at batch {resume}" in out, out[-3000:]
+    assert f"resumed {run_dir} at batch {resume + 1}" in out, out[-3000:]
+    out = first + out
     without_export = lambda best: {k: v for k, v in best.items() if k != "export"}
     assert without_export(resumed[0]["best"]) == without_export(at[resume]["best"])
     assert resumed[0]["early_stopping"] == at[resume]["early_stopping"]  # with the epoch Composer's clock gave it
