@@ -76,8 +76,8 @@ def reference_run(tmp_path_factory, cache_dir):
 def reference_until(reference_dir: Path, tmp_path: Path, batch: int) -> Path:
     """A copy of the reference run as it was at `batch`: what a run killed after that checkpoint leaves.
 
-    (Tests compare with the reference from one of its checkpoints on, because the initial weights are not
-    seeded: the model is built before rafale seeds torch, so two fresh runs start from different weights.)"""
+    (A copy, rather than a second run stopped there: the reference has trained those batches already, and a
+    fresh run of the same config would train the same weights, run.seed seeding the initial ones too.)"""
     run_dir = tmp_path / "runs" / "pythia-debug"
     shutil.copytree(reference_dir, run_dir, symlinks=True)
     checkpoints = run_dir / "checkpoints"
