@@ -14,7 +14,7 @@ from composer.loggers import Logger
 from rafale.config import Config
 from rafale.errors import ConfigError
 from rafale.resilience import decided_on_rank_zero
-from rafale.run_folder import BEST_DIR, METRICS_FILE, metrics_rows
+from rafale.run_folder import BEST_DIR, evaluations
 
 
 def validation_metric(model, name: str, key: str) -> bool:
@@ -135,12 +135,11 @@ def lost_bests_forgotten(run_dir: Path, start: int, lost: dict[str, tuple[str, b
     left under the name that means "the best weights of this run". The retrained batches export again when they
     beat the best found here; until then the summary's best has no export (the weights of an earlier step are in
     its checkpoint, if one was kept there)."""
-    rows = [row for row in metrics_rows(run_dir / METRICS_FILE) if row["step"] <= start] \
-        if (run_dir / METRICS_FILE).is_file() else []
+    kept = evaluations(run_dir, start)
     found, said = {}, {}  # what happened -> the keys it happened to
     for what, (metric, higher, lost_step) in lost.items():
-        evaluations = [(row[f"metrics/eval/{metric}"], row["step"]) for row in rows if f"metrics/eval/{metric}" in row]
-        ranked = sorted(evaluations, key=lambda e: (-e[0] if higher else e[0], e[1]))  # best first, then earliest
+        values = [(metrics[metric], step) for step, metrics in kept if metric in metrics]
+        ranked = sorted(values, key=lambda e: (-e[0] if higher else e[0], e[1]))  # best first, then earliest
         found[what] = ranked[0] if ranked else None
         now = f"{found[what][0]:.4f} at step {found[what][1]}" if found[what] else "none: no evaluation up to there"
         said.setdefault(f"the best {metric} up to batch {start} ({now}), not the one at step {lost_step}",

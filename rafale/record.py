@@ -32,8 +32,8 @@ from rafale.config import Config, save_config
 from rafale.hardware import machine_load
 from rafale.loggers import MetricsFile
 from rafale.resilience import decided_on_rank_zero
-from rafale.run_folder import (METRICS_FILE, PLOT_FILE, SUMMARY_FILE, best_validation, metrics_rows, read_summary,
-                               write_json)
+from rafale.run_folder import (METRICS_FILE, PLOT_FILE, SUMMARY_FILE, best_validation, evaluations, metrics_rows,
+                               read_summary, write_json)
 
 LOSS_METRICS = ("LanguageCrossEntropy", "CrossEntropy", "ContrastiveLoss")
 
@@ -192,11 +192,8 @@ class RunRecord:
         previous = read_summary(self.run_dir) or {}
         step = previous.get("validation_step")
         if step is not None and step > self.start_batch:
-            rows = metrics_rows(self.run_dir / METRICS_FILE) if (self.run_dir / METRICS_FILE).is_file() else []
-            evals = [(row["step"], {k.removeprefix("metrics/eval/"): v for k, v in row.items()
-                                    if k.startswith("metrics/eval/")}) for row in rows if row["step"] <= self.start_batch]
-            evals = [(step, metrics) for step, metrics in evals if metrics]
-            previous["validation_step"], previous["validation"] = evals[-1] if evals else (None, {})
+            kept = evaluations(self.run_dir, self.start_batch)
+            previous["validation_step"], previous["validation"] = kept[-1] if kept else (None, {})
         return previous
 
     def checkpointed(self, state: State, logger: Logger) -> None:

@@ -165,6 +165,17 @@ def read_metrics(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return {name: sorted(points.items()) for name, points in series.items()}
 
 
+def evaluations(run_dir: Path, up_to: int) -> list[tuple[int, dict[str, float]]]:
+    """(step, {metric: value}) of each evaluation in RUN/metrics.jsonl up to and including batch `up_to`, in file
+    order: what a run resumed at that batch still has of its evaluations (a resume onto a checkpoint older than the
+    record's latest evaluation, with run.resume_fallback or in a cooldown branch, takes its figures from these)."""
+    path = Path(run_dir) / METRICS_FILE
+    found = [(row["step"], {name.removeprefix("metrics/eval/"): value for name, value in row.items()
+                            if name.startswith("metrics/eval/")})
+             for row in (metrics_rows(path) if path.is_file() else []) if row["step"] <= up_to]
+    return [(step, metrics) for step, metrics in found if metrics]
+
+
 def best_validation(run_dir: Path) -> tuple[str, float, int] | None:
     """(metric, best value, step) of the run's validation loss (lowest), or accuracy (highest) if no loss."""
     if not (Path(run_dir) / METRICS_FILE).is_file():

@@ -43,6 +43,40 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def randomize_(model, seed=0):
+    """Every parameter of `model` far from its init (norm weights around 1), so a swapped or dropped tensor shows in
+    a parity test; returns the model in eval mode."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g) * 0.2
+            p.copy_(noise + 1.0 if name.endswith("weight") and "norm" in name.lower() else noise)
+    return model.eval()
+
+
+def write_lm_eval_task(folder: Path, name: str, rows: list[dict]) -> None:
+    """A local lm-evaluation-harness task, multiple choice over {question, choices, answer} rows: FOLDER/<name>.yaml
+    (the task `name`) and its data, FOLDER/<name>.jsonl."""
+    import json
+
+    (folder / f"{name}.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
+    (folder / f"{name}.yaml").write_text(f"""task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {folder / f"{name}.jsonl"}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{answer}}}}"
+metric_list:
+  - metric: acc
+""")
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory):
     """One data cache for the whole session, so tests that use the same data build it once."""

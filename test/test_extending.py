@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-from conftest import ROOT, run_in_process, write_config
+from conftest import ROOT, run_in_process, write_config, write_lm_eval_task
 from rafale.data import DATAPIPES
 from rafale.models import decoder
 from rafale.models.families import FAMILIES
@@ -47,8 +47,6 @@ def module_from(tmp_path, monkeypatch, name: str, source: str):
 
 def test_a_new_family_as_the_readme_writes_it_trains_exports_generates_and_runs_lm_eval(tmp_path, cache_dir, capsys,
                                                                                         monkeypatch):
-    from test_lm_eval import write_task
-
     section, files, code = recipe("Adding a model family")
     assert files == ["rafale/models/sequential.py", "rafale/models/families.py"]
     assert '`"sequential": SEQUENTIAL,`' in section
@@ -70,8 +68,8 @@ def test_a_new_family_as_the_readme_writes_it_trains_exports_generates_and_runs_
     assert code == 0 and out.startswith("Once upon a time"), err
     tasks = tmp_path / "tasks"
     tasks.mkdir()
-    write_task(tasks, [{"question": f"Story {i}: the dog was", "choices": [" happy", " sad"], "answer": i % 2}
-                       for i in range(4)])
+    write_lm_eval_task(tasks, "rafale_toy", [
+        {"question": f"Story {i}: the dog was", "choices": [" happy", " sad"], "answer": i % 2} for i in range(4)])
     code, out, err = run_in_process(["lm-eval", str(run_dir), "--tasks", "rafale_toy", "--include-path", str(tasks)],
                                     capsys, monkeypatch)
     assert code == 0 and "rafale_toy" in out, err[-2000:]

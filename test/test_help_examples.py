@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, write_config
+from conftest import ROOT, write_config, write_lm_eval_task
 from rafale.main import COMMANDS, main
 
 # what a training example gets appended: the tiniest Pythia on a few stories, for 2 batches
@@ -114,22 +114,8 @@ def fixtures(tmp_path_factory, cache_dir):
         if i < 4:
             image.save(files / "photos" / f"{i}.png")
     (files / "tasks").mkdir()
-    (files / "tasks" / "mytask.jsonl").write_text("\n".join(
-        json.dumps({"question": f"Story {i}: the dog was", "choices": [" happy", " sad"], "answer": i % 2})
-        for i in range(4)))
-    (files / "tasks" / "mytask.yaml").write_text(f"""task: mytask
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {files / "tasks" / "mytask.jsonl"}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{question}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{answer}}}}"
-metric_list:
-  - metric: acc
-""")
+    write_lm_eval_task(files / "tasks", "mytask", [
+        {"question": f"Story {i}: the dog was", "choices": [" happy", " sad"], "answer": i % 2} for i in range(4)])
     write_config(files / "cfg.yaml", training=steps)  # the debug config, output_dir runs
     law_runs(runs / "law")
     return {"runs": runs, "files": files}

@@ -13,6 +13,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from conftest import randomize_  # noqa: E402
 from rafale.models.decoder import Decoder, KVCache  # noqa: E402
 from rafale.models.hf import from_pretrained, save_pretrained  # noqa: E402
 from rafale.models.llama import LlamaConfig  # noqa: E402
@@ -34,15 +35,6 @@ CONFIG_CLASSES = {"LlamaForCausalLM": LlamaConfig, "Qwen2ForCausalLM": Qwen2Conf
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # test/conftest.py
-
-
-@torch.no_grad()
-def randomize_(model, seed=0):
-    """Every parameter far from its init (norm weights around 1), so a swapped or dropped tensor shows."""
-    g = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        noise = torch.randn(p.shape, generator=g) * 0.2
-        p.copy_(noise + 1.0 if "norm" in name else noise)
 
 
 def hf_model(architecture, heads, kv_heads, tied, base, head_dim, seed=0):
@@ -195,9 +187,8 @@ def test_a_qwen2_config_with_sliding_window_attention_is_refused(tmp_path):
 
 
 def test_a_llama_run_trains_resumes_exports_generates_scores_and_runs_lm_eval(tmp_path, cache_dir, capsys, monkeypatch):
-    from conftest import run_in_process, write_config
+    from conftest import run_in_process, write_config, write_lm_eval_task
     from rafale.run_folder import latest_checkpoint, read_checkpoint_weights
-    from test_lm_eval import write_task
 
     def train(name, batches):
         cfg = write_config(tmp_path / f"{name}.yaml", base="llama_debug.yaml",
@@ -236,8 +227,8 @@ def test_a_llama_run_trains_resumes_exports_generates_scores_and_runs_lm_eval(tm
     assert score["file"] == "held-out.txt" and 0 < float(score["bits_per_byte"]) < 20, out
     tasks = tmp_path / "tasks"
     tasks.mkdir()
-    write_task(tasks, [{"question": f"Story {i}: the dog was", "choices": [" happy", " sad"], "answer": i % 2}
-                       for i in range(4)])
+    write_lm_eval_task(tasks, "rafale_toy", [
+        {"question": f"Story {i}: the dog was", "choices": [" happy", " sad"], "answer": i % 2} for i in range(4)])
     code, out, err = run_in_process(["lm-eval", str(whole), "--tasks", "rafale_toy", "--include-path", str(tasks)],
                                     capsys, monkeypatch)
     assert code == 0 and "rafale_toy" in out, err[-2000:]

@@ -17,7 +17,7 @@ from rafale.data.causal_lm import CausalLMDataPipe  # noqa: E402
 from rafale.lm_eval_adapter import RafaleLM  # noqa: E402
 from rafale.models.decoder import DecoderConfig, GPTNeoX  # noqa: E402
 from rafale.models.hf import save_pretrained  # noqa: E402
-from conftest import run_in_process  # noqa: E402
+from conftest import run_in_process, write_lm_eval_task  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -57,28 +57,11 @@ def test_loglikelihoods_equal_lm_evals_hf_model(exported):
     assert len(generated) == 1 and "." not in generated[0]
 
 
-def write_task(folder, data):
-    (folder / "toy.jsonl").write_text("\n".join(json.dumps(d) for d in data))
-    (folder / "toy.yaml").write_text(f"""task: rafale_toy
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {folder / "toy.jsonl"}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{question}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{answer}}}}"
-metric_list:
-  - metric: acc
-""")
-
-
 def test_a_local_task_scores_the_same_through_the_adapter_and_hf(exported, tmp_path, capsys, monkeypatch):
     model, tokenizer, folder = exported
     data = [{"question": f"Story {i}: the dog was", "choices": [" happy", " sad", " big"], "answer": i % 3}
             for i in range(12)]
-    write_task(tmp_path, data)
+    write_lm_eval_task(tmp_path, "rafale_toy", data)
     manager = TaskManager(include_path=str(tmp_path))
     ours = lm_eval.simple_evaluate(model=RafaleLM(model, tokenizer), tasks=["rafale_toy"], task_manager=manager)
     theirs = lm_eval.simple_evaluate(model=HFLM(pretrained=str(folder), device="cpu"), tasks=["rafale_toy"],

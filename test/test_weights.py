@@ -9,6 +9,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 transformers = pytest.importorskip("transformers")
 
+from conftest import randomize_  # noqa: E402
 from rafale.models import hf as rafale_hf  # noqa: E402
 from rafale.models.decoder import DecoderConfig, GPTNeoX  # noqa: E402
 from rafale.models.encoder import EncoderConfig, build_encoder  # noqa: E402
@@ -41,17 +42,6 @@ VOCAB = 100
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # test/conftest.py
-
-
-@torch.no_grad()
-def randomize_(model, seed=0):
-    """Every parameter far from its init (LayerNorm weights around 1), so a swapped or dropped tensor shows."""
-    g = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        noise = torch.randn(p.shape, generator=g) * 0.2
-        is_norm_weight = name.endswith("weight") and ("norm" in name.lower())
-        p.copy_(noise + 1.0 if is_norm_weight else noise)
-    return model.eval()
 
 
 def hf_config(family, head, rotary_pct=0.25, parallel_residual=True, vocab_size=VOCAB):
