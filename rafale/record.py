@@ -169,7 +169,7 @@ class RunRecord:
             for name in (METRICS_FILE, SUMMARY_FILE, PLOT_FILE) if self.writes else ():
                 (self.run_dir / name).unlink(missing_ok=True)
             return
-        self.previous = decided_on_rank_zero(lambda: self._read_previous()) or {}
+        self.previous = decided_on_rank_zero(self._read_previous) or {}
         self.earlier = [cut(segment, self.start_batch) for segment in self.previous.get("segments", [])
                         if segment["batches"][0] < self.start_batch]
         if self.earlier and self.earlier[-1]["ended"] == "in progress":  # the process died after that checkpoint
