@@ -105,7 +105,8 @@ def test_nothing_imports_the_cli():
 # package: every module in it belongs there (a new family or datapipe is one file, no line here); any other new
 # module must be given a layer. "models | data" is one layer of two halves that never import each other.
 LAYERS = {
-    "errors": {"rafale", "rafale.errors", "rafale.progress"},  # (progress: what a long stage says, a leaf)
+    "errors": {"rafale", "rafale.errors", "rafale.progress",  # (progress: what a long stage says, a leaf)
+               "rafale.stats"},  # (stats: a mean's interval, a difference's test; numbers in, numbers out)
     "config": {"rafale.config"},
     "models | data": {"rafale.models.", "rafale.metrics",  # (metrics: the Composer wrappers' validation metrics)
                       "rafale.data.", "rafale.stories", "rafale.shapes"},
