@@ -576,6 +576,10 @@ class Decoder(nn.Module):
             self.embed.num_embeddings = self.head.out_features = self.cfg.vocab_size = vocab_size
         return self
 
+    def output_head(self) -> nn.Linear:
+        """The projection onto the vocabulary (rafale.record.non_embedding_parameters leaves it out of N)."""
+        return self.head
+
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameters (a tied head once); non_embedding leaves out the input embedding but counts the output
         projection, so a tied one stays in."""
