@@ -372,11 +372,15 @@ def test_a_cooldown_branch_continues_its_parent_and_decays_to_zero(tmp_path, cac
     assert summary["status"] == "complete" and summary["batches"] == 20 and summary["tokens"] == 20 * 8 * 64
     assert [s.get("run") for s in summary["segments"]] == ["pythia-debug", None]
     assert summary["segments"][0]["batches"] == [0, 16]
-    # C = flops_per_token x tokens, flops_per_token the model's own (3x the forward's matmul FLOPs)
+    # C = flops_per_token x tokens, flops_per_token the model's own (3x the forward's matmul FLOPs), its head over
+    # the tokenizer's rows (the embedding is padded to a multiple of 64; the loss multiplies the tokenizer's rows)
+    from tokenizers import Tokenizer
+
     from rafale.models.decoder import DecoderConfig, GPTNeoX
 
     model = GPTNeoX(DecoderConfig(**json.loads((branch / "model.json").read_text())))
-    assert summary["flops_per_token"] == model.flops_per_token(64)
+    tokenizer_vocab = Tokenizer.from_file(str(branch / "tokenizer.json")).get_vocab_size()
+    assert summary["flops_per_token"] == model.flops_per_token(64, vocab_size=tokenizer_vocab)
     assert summary["training_flops"] == summary["flops_per_token"] * summary["tokens"]
     assert summary["non_embedding_parameters"] == json.loads((parent / "summary.json").read_text())["non_embedding_parameters"]
 

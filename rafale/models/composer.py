@@ -76,9 +76,13 @@ class ComposerLM(ComposerModel):
     def update_metric(self, batch, outputs, metric):
         metric.update(outputs, batch["labels"])
 
+    def flops_per_token(self, T: int) -> int:
+        """A training step's FLOPs per token: the head over the tokenizer's rows, which are all the loss multiplies."""
+        return self.model.flops_per_token(T, vocab_size=self.vocab_size)
+
     def flops_per_batch(self, batch):
         B, T = batch["input_ids"].shape
-        return self.model.flops_per_token(T) * B * T
+        return self.flops_per_token(T) * B * T
 
 
 class ComposerEncoder(ComposerModel):
@@ -105,9 +109,13 @@ class ComposerEncoder(ComposerModel):
     def get_metrics(self, is_train: bool = False):
         return self.train_metrics if is_train else self.val_metrics
 
+    def flops_per_token(self, T: int) -> float:
+        # an MLM's logits over the padded vocabulary are all computed (then cut to vocab_size): the model's count
+        return self.model.flops_per_token(T)
+
     def flops_per_batch(self, batch):
         B, T = batch["input_ids"].shape
-        return self.model.flops_per_token(T) * B * T
+        return self.flops_per_token(T) * B * T
 
 
 class ComposerMLM(ComposerEncoder):
