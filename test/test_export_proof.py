@@ -128,7 +128,9 @@ def test_an_equivalent_export_with_large_logits_is_accepted(tmp_path):
     save_pretrained(model, tmp_path / "export")
     proof = prove_export(model, tmp_path / "export")
     assert proof.scale > 20
-    assert proof.max_difference > 1e-4  # what the absolute bound refused: rounding, at this scale
+    # the bound grows with the logits' scale (the old absolute 1e-4 refused this model's rounding: 2.8e-4 on the
+    # machine that wrote this test; how far rounding goes depends on the CPU's kernels, so that is not asserted)
+    assert proof.allowed > 20 * TOLERANCE
     assert proof.max_difference <= proof.allowed == pytest.approx(TOLERANCE * (1 + proof.scale))
 
 
