@@ -338,6 +338,14 @@ def test_a_cooldown_branch_continues_its_parent_and_decays_to_zero(tmp_path, cac
     assert summary["status"] == "complete" and summary["batches"] == 20 and summary["tokens"] == 20 * 8 * 64
     assert [s.get("run") for s in summary["segments"]] == ["pythia-debug", None]
     assert summary["segments"][0]["batches"] == [0, 16]
+    # its wall time is the parent's up to batch 16 (its start-up whole, the rest 16/40 of it) plus its own, not the
+    # parent's whole run (rafale.record.cut)
+    (whole,), own = json.loads((parent / "summary.json").read_text())["segments"], summary["segments"][1]
+    up_to_16 = whole["startup_time_s"] + (whole["wall_time_s"] - whole["startup_time_s"]) * 16 / 40
+    assert summary["segments"][0]["wall_time_s"] == pytest.approx(up_to_16, abs=2e-3)
+    assert summary["wall_time_s"] == pytest.approx(up_to_16 + own["wall_time_s"], abs=3e-3)
+    assert summary["wall_time_s"] < whole["wall_time_s"] + own["wall_time_s"] - 0.5 * whole["train_time_s"]
+    assert summary["startup_time_s"] == pytest.approx(whole["startup_time_s"] + own["startup_time_s"], abs=3e-3)
     # C = flops_per_token x tokens, flops_per_token the model's own (3x the forward's matmul FLOPs)
     from rafale.models.decoder import DecoderConfig, GPTNeoX
 
