@@ -145,9 +145,12 @@ def make_scheduler(cfg: Config, debug: bool, batches_per_epoch: int | None = Non
         return ConstantWithWarmupScheduler(t_warmup="0ba")
     if is_schedule_free(t) if schedule_free is None else schedule_free:  # it warms up itself and needs no decay: a second schedule would distort it
         return ConstantScheduler()
-    # no warmup fits any max_duration unit (Composer would refuse 0ba against a max_duration in tok); a fraction of
-    # the run is turned into whole batches here, exactly (Composer's int() of a float product floors 28.999...)
-    warmup = "0dur" if Time.from_timestring(t.warmup).value == 0 else whole_time(t.warmup, t.max_duration, batches_per_epoch)
+    # no warmup fits any max_duration unit (Composer would refuse 0ba against a max_duration in tok); in a run (which
+    # knows batches_per_epoch) a fraction of it becomes whole batches here, exactly (Composer's int() of a float
+    # product floors 28.999...)
+    warmup = "0dur" if Time.from_timestring(t.warmup).value == 0 else t.warmup
+    if warmup != "0dur" and batches_per_epoch is not None:
+        warmup = whole_time(warmup, t.max_duration, batches_per_epoch)
     if t.schedule == "cosine":
         return CosineAnnealingWithWarmupScheduler(t_warmup=warmup, alpha_f=t.lr_final_ratio)
     if t.schedule == "linear":
