@@ -415,6 +415,10 @@ def wsd_batches(t: "TrainingConfig", batches_per_epoch: int, tokens_per_sample: 
     return batches(t.warmup, "training.warmup"), decay_start, end
 
 
+# ----------------------------------------------------------------------------------------------------
+# schedule-free: train/eval modes around each batch (its warmup in batches: batches_in above)
+
+
 def schedule_free_switch():
     """A Composer callback: train mode for each training batch only, eval mode (the averaged weights x) elsewhere.
 
