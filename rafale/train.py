@@ -40,7 +40,7 @@ from rafale.resolve import family_of, head_of
 from rafale.loggers import CheckedSpeedMonitor, ConsoleLog, LearningRates, MetricsFile, eval_subset_batches
 from rafale.models.hf import export_refusal
 from rafale.optim import (WarmupStableDecay, batches_in, build_optimizer, is_schedule_free, schedule_free_switch,
-                          wsd_batches)
+                          whole_time, wsd_batches)
 from rafale.outcomes import outcome, outcome_callbacks, resume_outcome
 from rafale.run_folder import (BEST_DIR, EXPORT_DIR, ResumeConflict, check_run_folder, eval_folder,
                                evaluation_conflicts, export_model, set_run_folder_aside, write_run_folder)
@@ -145,8 +145,12 @@ def make_scheduler(cfg: Config, debug: bool, batches_per_epoch: int | None = Non
         return ConstantWithWarmupScheduler(t_warmup="0ba")
     if is_schedule_free(t) if schedule_free is None else schedule_free:  # it warms up itself and needs no decay: a second schedule would distort it
         return ConstantScheduler()
-    # no warmup fits any max_duration unit (Composer would refuse 0ba against a max_duration in tok)
+    # no warmup fits any max_duration unit (Composer would refuse 0ba against a max_duration in tok); in a run (which
+    # knows batches_per_epoch) a fraction of it becomes whole batches here, exactly (Composer's int() of a float
+    # product floors 28.999...)
     warmup = "0dur" if Time.from_timestring(t.warmup).value == 0 else t.warmup
+    if warmup != "0dur" and batches_per_epoch is not None:
+        warmup = whole_time(warmup, t.max_duration, batches_per_epoch)
     if t.schedule == "cosine":
         return CosineAnnealingWithWarmupScheduler(t_warmup=warmup, alpha_f=t.lr_final_ratio)
     if t.schedule == "linear":
@@ -449,7 +453,7 @@ def build_trainer(cfg: Config, data: PreparedData, model, collator, placement: P
             loggers=make_loggers(cfg, run_dir) if dist.get_global_rank() == 0 else [],
             compile_config={} if t.compile else None,
             parallelism_config={"fsdp": t.fsdp} if t.fsdp is not None else None,
-            eval_interval="1ep" if debug else t.eval_interval,
+            eval_interval="1ep" if debug else whole_time(t.eval_interval, t.max_duration, batches_per_epoch),
             eval_subset_num_batches=eval_subset_batches(t.eval_batches, len(eval_loader.dataloader)),
             device=placement.device,
             precision=placement.precision,
@@ -474,14 +478,15 @@ def build_trainer(cfg: Config, data: PreparedData, model, collator, placement: P
 
 def save_schedule(cfg: Config, batches_per_epoch: int):
     """training.save_interval, and with training.cooldowns also each batch a cooldown branches at (rafale.branch)."""
+    interval = whole_time(cfg.training.save_interval, cfg.training.max_duration, batches_per_epoch)
     if not cfg.training.cooldowns:
-        return cfg.training.save_interval
+        return interval
     from composer.core import Event
     from composer.utils import create_interval_scheduler
 
     from rafale.branch import branch_points
 
-    every, points = create_interval_scheduler(cfg.training.save_interval), set(branch_points(cfg, batches_per_epoch))
+    every, points = create_interval_scheduler(interval), set(branch_points(cfg, batches_per_epoch))
 
     def save_now(state: State, event) -> bool:
         at_point = event == Event.BATCH_CHECKPOINT and int(state.timestamp.batch) in points

@@ -322,6 +322,23 @@ def test_wsd_phases_in_batches():
     assert wsd_batches(t, 1000, 128) == (8, 64, 80)  # 256 tokens a batch
 
 
+def test_one_epoch_wsd_run_of_49_batches_ends_at_the_readme_rates():
+    """The issue's run: 1 epoch of 49 batches, decay_fraction 0.2, linear. The README: the rate decays to 0 over the
+    last decay_fraction of the run, 0.2 x 49 = 9.8 batches, rounded up to 10: batches 39..48 decay, and batch i
+    runs at lr x (1 - (i - 39) / 10). (An epoch counted as 50 batches ran batches 45-48 at 1.5e-3 ... 6e-4.)"""
+    from rafale.config import Config
+    from rafale.train import make_scheduler
+
+    lr, end, decay = 3.0e-3, 49, math.ceil(0.2 * 49)
+    cfg = Config(training=TrainingConfig(schedule="wsd", lr=lr, warmup="0.05dur", max_duration="1ep",
+                                         decay_fraction=0.2, decay_shape="linear"))
+    schedule = make_scheduler(cfg, debug=False, batches_per_epoch=end)
+    assert (schedule.decay_start, schedule.end) == (end - decay, end) == (39, 49)
+    by_hand = [lr * (1 - (i - (end - decay)) / decay) for i in range(45, 49)]
+    rates = [lr * schedule.factor(i) for i in range(45, 49)]
+    assert rates == pytest.approx(by_hand, rel=1e-12) and rates == pytest.approx([1.2e-3, 9e-4, 6e-4, 3e-4], rel=1e-12)
+
+
 @pytest.mark.parametrize("training,key,message", [
     ({"decay_fraction": 0}, "training.decay_fraction", "must be in"),
     ({"schedule": "cosine", "branch_from": {"run": "x"}}, "training.branch_from", "needs training.schedule: wsd"),
@@ -372,6 +389,14 @@ def test_a_cooldown_branch_continues_its_parent_and_decays_to_zero(tmp_path, cac
     assert summary["status"] == "complete" and summary["batches"] == 20 and summary["tokens"] == 20 * 8 * 64
     assert [s.get("run") for s in summary["segments"]] == ["pythia-debug", None]
     assert summary["segments"][0]["batches"] == [0, 16]
+    # its wall time is the parent's up to batch 16 (its start-up whole, the rest 16/40 of it) plus its own, not the
+    # parent's whole run (rafale.record.cut)
+    (whole,), own = json.loads((parent / "summary.json").read_text())["segments"], summary["segments"][1]
+    up_to_16 = whole["startup_time_s"] + (whole["wall_time_s"] - whole["startup_time_s"]) * 16 / 40
+    assert summary["segments"][0]["wall_time_s"] == pytest.approx(up_to_16, abs=2e-3)
+    assert summary["wall_time_s"] == pytest.approx(up_to_16 + own["wall_time_s"], abs=3e-3)
+    assert summary["wall_time_s"] < whole["wall_time_s"] + own["wall_time_s"] - 0.5 * whole["train_time_s"]
+    assert summary["startup_time_s"] == pytest.approx(whole["startup_time_s"] + own["startup_time_s"], abs=3e-3)
     # C = flops_per_token x tokens, flops_per_token the model's own (3x the forward's matmul FLOPs), its head over
     # the tokenizer's rows (the embedding is padded to a multiple of 64; the loss multiplies the tokenizer's rows)
     from tokenizers import Tokenizer
