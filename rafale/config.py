@@ -4,7 +4,7 @@ A config has four sections, each a dataclass below whose fields carry their own 
 (`help=`). `load_config` reads the YAML with `yaml.safe_load`, rejects unknown keys (suggesting the
 nearest valid name), wrong types, missing sections and impossible values, and raises `ConfigError`
 naming the key path and what was expected. `config_reference()` renders the same documentation as a
-markdown table for the README, so the two cannot drift apart.
+markdown table for docs/config.md, so the two cannot drift apart.
 
     run:      name: my-run                # where the run's files go, and how autoresume finds it
     data:     source: stories             # the embedded story generator, a local file, or hf:<name>

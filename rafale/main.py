@@ -15,7 +15,7 @@
 
 This module is the command line only (arguments, commands, exit codes); each command imports what it needs
 when it runs, so `rafale --help` and a config error answer without loading torch or Composer. Nothing imports
-this module. To add a model, a datapipe or an optimizer, see the README's "Adding a model" and the sections after it.
+this module. To add a model, a datapipe or an optimizer, see docs/extending.md.
 """
 
 import argparse

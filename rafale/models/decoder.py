@@ -22,7 +22,7 @@ Attention goes through `scaled_dot_product_attention` (flash / memory-efficient 
 decodes greedily or samples, with a `KVCache` that holds the key/value heads (not the query heads). A position
 part may change the queries and keys (`rotate`) and the scores' mask and bias (`mask`); it reads where the forward
 pass stands from a `Span` (the cached length from the KV cache, the new tokens' positions, the padding). A new
-scheme is a subclass of `Positions` and one line in `POSITIONS` (README, "A new attention or position scheme";
+scheme is a subclass of `Positions` and one line in `POSITIONS` (docs/extending.md, "A new attention or position scheme";
 ALiBi is the worked example); a new MLP or norm is one class and one line in `MLPS` or `NORMS`.
 
 The module imports torch only; its Composer wrapper, `ComposerLM`, is in rafale/models/composer.py.
