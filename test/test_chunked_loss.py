@@ -1,5 +1,5 @@
 """The training loss computed in chunks (rafale.models.chunked_loss.chunked_cross_entropy) against the plain
-full-logits cross-entropy, and the wrapper's own bf16 autocast on a CPU (rafale.train.pick_precision)."""
+full-logits cross-entropy, and the wrapper's own bf16 autocast on a CPU (rafale.run.train.pick_precision)."""
 
 import pytest
 import torch
@@ -12,7 +12,7 @@ from rafale.errors import IGNORE_INDEX
 from rafale.models.composer import ComposerLM
 from rafale.models.chunked_loss import chunked_cross_entropy
 from rafale.models.decoder import DecoderConfig, GPTNeoX
-from rafale.train import pick_precision
+from rafale.run.train import pick_precision
 
 PADDED_V, TRUE_V = 64, 59  # the embedding is padded to a multiple of 64; the tokenizer has 59 tokens
 
@@ -170,7 +170,7 @@ def config(precision):
 
 
 def test_pick_precision_on_a_cpu(monkeypatch, capsys):
-    import rafale.train as train
+    import rafale.run.train as train
 
     lm = tiny_lm()
     assert pick_precision(config("fp32"), "cpu", lm) == ("fp32", None)

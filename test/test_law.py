@@ -18,9 +18,9 @@ import yaml
 
 from conftest import run_in_process, write_config
 from rafale.config import ConfigError, TrainingConfig, config_from_dict
-from rafale.law import LawError, Point, compute_optimal, fit_law, flops_relation, read_points, select
-from rafale.optim import DECAY_SHAPES, WarmupStableDecay, wsd_batches
-from rafale.record import non_embedding_parameters
+from rafale.commands.law import LawError, Point, compute_optimal, fit_law, flops_relation, read_points, select
+from rafale.run.optim import DECAY_SHAPES, WarmupStableDecay, wsd_batches
+from rafale.run.record import non_embedding_parameters
 
 TRUE = {"E": 1.8, "A": 40.0, "alpha": 0.34, "B": 60.0, "beta": 0.3}
 SIZES = (3e4, 1e5, 3e5, 1e6)
@@ -210,8 +210,8 @@ def test_law_command_writes_the_table_and_the_plot_and_reports_the_holdout(tmp_p
 
 
 def test_runs_table_shows_and_filters_by_N_D_and_C(tmp_path, capsys, monkeypatch):
-    from rafale.plots import table_rows
-    from rafale.runs import run_folders
+    from rafale.run_folder.plots import table_rows
+    from rafale.commands.runs import run_folders
 
     grid_of_runs(tmp_path)
     headers, rows = table_rows(run_folders([tmp_path]), sort="C", where=["N>5e4", "D<=4e5"])
@@ -358,7 +358,7 @@ def test_the_law_predicts_a_finite_loss_where_a_bootstrap_fit_s_power_alone_woul
     warned on the console), the term A / N^alpha does not. Checked against exact decimal arithmetic."""
     from decimal import Decimal
 
-    from rafale.law import Law
+    from rafale.commands.law import Law
 
     law = Law(("N", "D"), {"E": 0.7, "A": 4e290, "alpha": 55.0, "B": 2.8e9, "beta": 1.8}, {})
     with warnings.catch_warnings():
@@ -370,7 +370,7 @@ def test_the_law_predicts_a_finite_loss_where_a_bootstrap_fit_s_power_alone_woul
 
 def test_the_law_plot_s_loss_axis_reads_as_plain_numbers():
     """The README's law plot spans less than a decade of loss: its labels read 1, 2, not 2x10^0 and 10^0."""
-    from rafale.law import Law, Point, law_figure
+    from rafale.commands.law import Law, Point, law_figure
 
     law = Law(("N", "D"), {"E": 0.7, "A": 400.0, "alpha": 0.5, "B": 4000.0, "beta": 0.6}, {})
     points = [Point(f"n{N}-d{D}", N, D, 6 * N, float(law.predict(N, D))) for N in (1e5, 2e5) for D in (3e5, 8e5)]

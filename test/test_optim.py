@@ -1,4 +1,4 @@
-"""rafale/optim.py: the optimizer registry, parameter groups, layerwise lr decay, schedule-free's modes; RMSNorm."""
+"""rafale/run/optim.py: the optimizer registry, parameter groups, layerwise lr decay, schedule-free's modes; RMSNorm."""
 
 import dataclasses
 import math
@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from conftest import run_in_process, write_config
-from rafale import optim
+from rafale.run import optim
 from rafale.config import ConfigError, TrainingConfig, config_from_dict
 from rafale.resolve import resolve_model_config
 from rafale.run_folder import read_checkpoint_weights
@@ -185,7 +185,7 @@ def test_schedule_free_warmup_in_batches_and_a_constant_schedule():
     from composer.optim import ConstantScheduler
 
     from rafale.config import Config
-    from rafale.train import make_scheduler
+    from rafale.run.train import make_scheduler
 
     assert optim.batches_in("5ba", "40ba", 10, 8, 64) == 5
     assert optim.batches_in("0.05dur", "40ba", 10, 8, 64) == 2
@@ -266,7 +266,7 @@ def schedule_free_config(tmp_path: Path, **training) -> Path:
 
 
 def read_checkpoint(path: Path) -> dict:
-    from rafale.resilience import CHECKPOINT_SAFE_GLOBALS
+    from rafale.run.resilience import CHECKPOINT_SAFE_GLOBALS
 
     with torch.serialization.safe_globals(CHECKPOINT_SAFE_GLOBALS):
         return torch.load(path, map_location="cpu", weights_only=True)["state"]

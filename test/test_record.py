@@ -1,5 +1,5 @@
 """The run's record is the run: after a resume, a re-run, an eval-only or a sweep re-run, config.yaml, summary.json
-and metrics.jsonl say exactly what happened (rafale/record.py). Every test goes through `rafale -c` (or `rafale
+and metrics.jsonl say exactly what happened (rafale/run/record.py). Every test goes through `rafale -c` (or `rafale
 sweep`) on short runs of test/pythia_debug.yaml."""
 
 import json
@@ -77,7 +77,7 @@ def test_a_corpus_edited_without_changing_its_size_is_not_resumed_but_a_moved_on
     from datasets import Dataset
 
     from rafale.data.tokenizers import train_tokenizer
-    from rafale.stories import story_splits
+    from rafale.data.stories import story_splits
 
     stories = story_splits(120, 0, seed=0)["train"]
     text = "\n<|endoftext|>\n".join(stories)
@@ -219,7 +219,7 @@ def test_an_interrupted_and_resumed_run_records_what_an_uninterrupted_one_does(t
     import os
     import subprocess
 
-    import rafale.train as train_module
+    import rafale.run.train as train_module
     from conftest import ROOT
 
     a_cfg = config(tmp_path, "a.yaml", run={"name": "a"})

@@ -42,7 +42,7 @@ def build(model_cfg: DecoderConfig, head: str, meta: dict, tokenizer):
     from rafale.models.composer import ComposerLM
 
     model_cfg.vocab_size = model_vocab_size(model_cfg.vocab_size, meta["vocab_size"])
-    # exact for a byte-level BPE; None (no BitsPerByte, rafale.train says why) for other kinds: validation sees ids
+    # exact for a byte-level BPE; None (no BitsPerByte, rafale.run.train says why) for other kinds: validation sees ids
     return ComposerLM(Decoder(model_cfg), vocab_size=meta["vocab_size"], token_bytes=token_bytes(tokenizer))
 
 

@@ -1,7 +1,7 @@
 """Keep the generated docs current: the config reference in README.md, and llm-docprompt.txt.
 
-    python -m rafale.docprompt            rewrite both
-    python -m rafale.docprompt --check    exit 1 if either is out of date (the tests run this)
+    python -m rafale.commands.docprompt            rewrite both
+    python -m rafale.commands.docprompt --check    exit 1 if either is out of date (the tests run this)
 
 llm-docprompt.txt is what an LLM needs to answer questions on using and extending rafale, in one message (at most
 about 160 KB, `MAX_BYTES`): the README (with the config reference; its measurements, `LEFT_OUT_SECTIONS`, stay in
@@ -17,21 +17,22 @@ from pathlib import Path
 
 from rafale.config import config_reference
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 START, END = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
 # in full: the decoder, what a new attention, norm or position scheme changes
 FULL_FILES = ("rafale/models/decoder.py",)
 # their docstring only: the commands (their use is their --help and the README's), the CLI, and the word and shape
 # tables that make the built-in data
-DOCSTRING_ONLY = ("rafale/export.py", "rafale/predict.py", "rafale/score.py", "rafale/generate.py",
-                  "rafale/lm_eval_adapter.py", "rafale/zero_shot.py", "rafale/sweep.py", "rafale/runs.py",
-                  "rafale/docprompt.py", "rafale/law.py", "rafale/main.py", "rafale/stories.py", "rafale/shapes.py")
+DOCSTRING_ONLY = ("rafale/commands/export.py", "rafale/commands/predict.py", "rafale/commands/score.py",
+                  "rafale/commands/generate.py", "rafale/commands/lm_eval.py", "rafale/commands/zero_shot.py",
+                  "rafale/commands/sweep.py", "rafale/commands/runs.py", "rafale/commands/docprompt.py",
+                  "rafale/commands/law.py", "rafale/main.py", "rafale/data/stories.py", "rafale/data/shapes.py")
 # the README's figures, and the code that checks a figure by hand: no question on using rafale needs them
 LEFT_OUT_SECTIONS = ("Speed", "Measured here", "Bits per byte")
 MAX_BYTES = 165_000  # "at most about 160 KB": what most LLMs take in one message
 # the classes a fork subclasses or calls (model parts, datapipes, optimizers, metrics): with their methods; the
 # run's and the commands' classes (callbacks, the record) by their name and first line
-WITH_METHODS = ("rafale/models/", "rafale/data/", "rafale/optim.py", "rafale/metrics.py")
+WITH_METHODS = ("rafale/models/", "rafale/data/", "rafale/run/optim.py", "rafale/models/metrics.py")
 # ...but the encoders' and CLIP's module trees, ported from HF's class by class (every forward takes what HF's
 # does): their classes by name and first line, which leaves room under MAX_BYTES for the decoder in full
 WITHOUT_METHODS = ("rafale/models/encoder.py", "rafale/models/clip.py")
@@ -154,7 +155,7 @@ def main(argv=None) -> int:
              if not p.is_file() or p.read_text() != text]
     if check:
         if stale:
-            print(f"out of date: {', '.join(stale)}; run python -m rafale.docprompt", file=sys.stderr)
+            print(f"out of date: {', '.join(stale)}; run python -m rafale.commands.docprompt", file=sys.stderr)
         return 1 if stale else 0
     readme_path.write_text(readme)
     prompt_path.write_text(prompt)

@@ -5,7 +5,7 @@
 complete), write its files, the Trainer (`build_trainer`: loaders, optimizer, schedule, clipping, callbacks,
 loggers, checkpoints and the resume), fit, and the Hugging Face export. The run folder's checks and files are
 rafale.run_folder's; what it records of the run (summary.json over every segment, metrics.jsonl, an evaluation's
-own folder) is rafale.record's; keep_best and early stopping are rafale.outcomes'.
+own folder) is rafale.run.record's; keep_best and early stopping are rafale.run.outcomes'.
 """
 
 import signal
@@ -35,18 +35,18 @@ from rafale.config import Config, pretrained_folder
 from rafale.data import DATAPIPES
 from rafale.data.cache import DataPipe, PreparedData, cache_root, describe_vocabulary, print_data_summary
 from rafale.errors import IGNORE_INDEX, ConfigError, DataError, RafaleError, WeightsError
-from rafale.hardware import confirm_peak, keep_freed_memory, peak_flops
+from rafale.run.hardware import confirm_peak, keep_freed_memory, peak_flops
 from rafale.resolve import family_of, head_of
-from rafale.loggers import CheckedSpeedMonitor, ConsoleLog, LearningRates, MetricsFile, eval_subset_batches
+from rafale.run.loggers import CheckedSpeedMonitor, ConsoleLog, LearningRates, MetricsFile, eval_subset_batches
 from rafale.models.hf import export_refusal
-from rafale.optim import (WarmupStableDecay, batches_in, build_optimizer, is_schedule_free, schedule_free_switch,
+from rafale.run.optim import (WarmupStableDecay, batches_in, build_optimizer, is_schedule_free, schedule_free_switch,
                           wsd_batches)
-from rafale.outcomes import outcome, outcome_callbacks, resume_outcome
+from rafale.run.outcomes import outcome, outcome_callbacks, resume_outcome
 from rafale.run_folder import (BEST_DIR, EXPORT_DIR, ResumeConflict, check_run_folder, eval_folder,
                                evaluation_conflicts, export_model, set_run_folder_aside, write_run_folder)
-from rafale.record import (RunClock, RunRecord, compact_metrics, describe, non_embedding_parameters, validation_loss,
+from rafale.run.record import (RunClock, RunRecord, compact_metrics, describe, non_embedding_parameters, validation_loss,
                            write_eval_record)
-from rafale.resilience import (FiniteLossMonitor, StopOnSignal, check_checkpoint_safe, check_shared_run_folder,
+from rafale.run.resilience import (FiniteLossMonitor, StopOnSignal, check_checkpoint_safe, check_shared_run_folder,
                                decided_on_rank_zero, prune_checkpoints, resume_checkpoint)
 
 
@@ -139,7 +139,7 @@ def make_dataloader(dataset, batch_size: int, collate_fn, shuffle: bool, drop_la
 
 def make_scheduler(cfg: Config, debug: bool, batches_per_epoch: int | None = None, schedule_free: bool | None = None):
     """The learning-rate schedule, a Composer scheduler (ScheduleAtBatchStart applies it). batches_per_epoch: for
-    wsd, whose phases are counted in batches; schedule_free: whether the optimizer is (None: ask rafale.optim)."""
+    wsd, whose phases are counted in batches; schedule_free: whether the optimizer is (None: ask rafale.run.optim)."""
     t = cfg.training
     if debug:  # a fixed target and a fixed learning rate: the loss should only fall
         return ConstantWithWarmupScheduler(t_warmup="0ba")
@@ -201,7 +201,7 @@ def run(cfg: Config, data: PreparedData, model, collator, debug: bool = False,
     Trainer (loaders, optimizer, callbacks), fit, and the Hugging Face export. Returns (the run's summary, the
     folder it is in). `started`: when the command started (time.perf_counter()), for the start-up time."""
     started = time.perf_counter() if started is None else started
-    keep_freed_memory()  # no page faults for each step's activations (rafale.hardware)
+    keep_freed_memory()  # no page faults for each step's activations (rafale.run.hardware)
     placement = place(cfg, model)
     if cfg.training.eval_only:
         return evaluate_checkpoint(cfg, data, model, collator, placement, started)
@@ -213,7 +213,7 @@ def run(cfg: Config, data: PreparedData, model, collator, debug: bool = False,
     if dist.get_world_size() > 1:
         check_shared_run_folder(run_dir)
     if cfg.training.branch_from is not None and save:
-        from rafale.branch import start_branch
+        from rafale.run.branch import start_branch
 
         # rank 0 checks the parent and writes the branch's folder; every process gets its word (or its refusal)
         # only once that is done, so none looks for the branch's checkpoint before rank 0 has copied it
@@ -259,7 +259,7 @@ def run(cfg: Config, data: PreparedData, model, collator, debug: bool = False,
 
 def mfu_of(model, cfg: Config, placement: "Placement", peak: float | None):
     """tokens/s over the run -> model FLOPs utilization against the device's peak, or None without a peak or a FLOPs
-    count. A run that measures above the cached peak has the CPU probed again (rafale.hardware.confirm_peak): an
+    count. A run that measures above the cached peak has the CPU probed again (rafale.run.hardware.confirm_peak): an
     MFU above 100% is a wrong peak, and is never reported."""
     flops_per_token = getattr(model.model, "flops_per_token", None)
     if not peak or flops_per_token is None:
@@ -320,7 +320,7 @@ def evaluate_checkpoint(cfg: Config, data: PreparedData, model, collator, placem
     """training.eval_only: evaluate training.load_path on the validation split, with a record of its own in
     RUN/evals/<time>/ (config.yaml, summary.json, metrics.jsonl): a training run's own files are never touched.
     The checkpoint is scored with the tokenizer and model it was trained with, or not at all
-    (rafale.record.evaluation_conflicts). Rank 0 checks and names the folder, and every process gets its word."""
+    (rafale.run.record.evaluation_conflicts). Rank 0 checks and names the folder, and every process gets its word."""
     if dist.get_world_size() > 1:
         dist.initialize_dist("gpu" if torch.cuda.is_available() else "cpu")
     checkpoint = Path(cfg.training.load_path).expanduser()
@@ -416,7 +416,7 @@ def build_trainer(cfg: Config, data: PreparedData, model, collator, placement: P
                   clock: RunClock | None = None) -> tuple[Trainer, StopOnSignal, float | None]:
     """The Trainer `rafale -c` runs (loaders, optimizer, schedule, clipping, callbacks, loggers, checkpoints), its
     signal handler, and the device's peak FLOP/s. bench/ builds its Trainer here too, so it times the real thing.
-    `clock` times the run for its record (rafale.record.RunClock); the metrics go to run_dir/metrics.jsonl."""
+    `clock` times the run for its record (rafale.run.record.RunClock); the metrics go to run_dir/metrics.jsonl."""
     t = cfg.training
     train_loader, eval_loader = make_loaders(cfg, data, collator, placement, debug)
     save = not debug and not t.eval_only
@@ -456,7 +456,7 @@ def build_trainer(cfg: Config, data: PreparedData, model, collator, placement: P
             device_train_microbatch_size=placement.microbatch,
             accumulate_train_batch_on_tokens=True,  # a step's loss is its mean over count_tokens' loss_generating
             seed=cfg.run.seed,
-            progress_bar=False,  # rafale.loggers.ConsoleLog draws the bar and prints the lines
+            progress_bar=False,  # rafale.run.loggers.ConsoleLog draws the bar and prints the lines
             log_to_console=False,
             # a resume loads the whole state (weights, optimizer, schedule, RNG, data position); a fresh run may start
             # from training.load_path's weights; eval_only evaluates that checkpoint as it was saved
@@ -473,13 +473,13 @@ def build_trainer(cfg: Config, data: PreparedData, model, collator, placement: P
 
 
 def save_schedule(cfg: Config, batches_per_epoch: int):
-    """training.save_interval, and with training.cooldowns also each batch a cooldown branches at (rafale.branch)."""
+    """training.save_interval, and with training.cooldowns also each batch a cooldown branches at (rafale.run.branch)."""
     if not cfg.training.cooldowns:
         return cfg.training.save_interval
     from composer.core import Event
     from composer.utils import create_interval_scheduler
 
-    from rafale.branch import branch_points
+    from rafale.run.branch import branch_points
 
     every, points = create_interval_scheduler(cfg.training.save_interval), set(branch_points(cfg, batches_per_epoch))
 
@@ -534,7 +534,7 @@ def make_callbacks(device: str, peak: float | None, stopper: StopOnSignal, sched
                    cache_dir: Path | None = None) -> list:
     """The learning-rate schedule, speed (with MFU against `peak`, probed again if the run outruns it; the new peak
     goes to `cache_dir`'s cpu_peak.json), the learning rates each batch applied, NaN losses, signals,
-    schedule-free's modes. (The console's time left is rafale.loggers.RecentPace's, from the recent batches.)"""
+    schedule-free's modes. (The console's time left is rafale.run.loggers.RecentPace's, from the recent batches.)"""
     callbacks = [schedule, CheckedSpeedMonitor(10, peak, device, cache_dir), LearningRates(),
                  FiniteLossMonitor(), stopper, schedule_free_switch()]
     if device == "gpu":
@@ -586,9 +586,9 @@ def train(cfg: Config, model_cfg, data_only: bool = False, debug: bool = False, 
 
 
 def train_cooldowns(cfg: Config, model_cfg, data: PreparedData, pipe: DataPipe, run_dir: Path) -> None:
-    """training.cooldowns: once the run is complete, one branch per budget (rafale.branch), one after another; a
+    """training.cooldowns: once the run is complete, one branch per budget (rafale.run.branch), one after another; a
     branch complete before is left as it is, an interrupted one resumes."""
-    from rafale.branch import cooldown_config
+    from rafale.run.branch import cooldown_config
 
     for budget in cfg.training.cooldowns:
         branch = cooldown_config(cfg, run_dir, budget)
@@ -604,7 +604,7 @@ def build_model(cfg: Config, model_cfg, data: PreparedData):
     model = family_of(cfg).build(model_cfg, head_of(cfg), data.meta, data.tokenizer)
     if head_of(cfg) == "causal_lm" and "BitsPerByte" not in getattr(model, "val_metrics", {}):
         print("rafale: validation reports no BitsPerByte: the tokenizer is not a byte-level BPE, so a token's bytes "
-              "depend on the text around it (rafale.metrics); `rafale score RUN --file FILE` counts them in the text")
+              "depend on the text around it (rafale.models.metrics); `rafale score RUN --file FILE` counts them in the text")
     if cfg.model.pretrained is not None:
         from rafale.models.hf import copy_pretrained, from_pretrained
 
