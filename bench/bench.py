@@ -34,7 +34,7 @@ from common import (  # noqa: E402
 )
 from rafale.config import load_config  # noqa: E402
 from rafale.run.hardware import keep_freed_memory  # noqa: E402
-from rafale.run.train import cpu_has_fast_bf16  # noqa: E402
+from rafale.run.trainer_parts import cpu_has_fast_bf16  # noqa: E402
 
 ROWS = []  # (comparison, ours, reference, ratio, goal text, met)
 

@@ -123,7 +123,8 @@ def train_rafale(lm: ComposerLM, blocks, batch_size, steps, workdir, precision=N
 
     from rafale.config import load_config
     from rafale.data.causal_lm import CausalLMCollator
-    from rafale.run.train import build_trainer, place, precision_label
+    from rafale.run.train import build_trainer
+    from rafale.run.trainer_parts import place, precision_label
 
     T = len(blocks[0]["input_ids"])
     cfg = load_config(DEFAULT_CONFIG)

@@ -90,7 +90,7 @@ def main(argv=None):
     parser.add_argument("--checkpointing", action="store_true", help="also rafale with activation checkpointing")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT))
-    from rafale.run.train import cpu_has_fast_bf16
+    from rafale.run.trainer_parts import cpu_has_fast_bf16
 
     bf16 = args.precision == "amp_bf16" and (args.device == "cuda" or cpu_has_fast_bf16())
     ours_label = f"rafale ({'bf16 autocast' if bf16 else 'fp32'}, {'plain' if args.plain_adamw else 'rafale'} AdamW)"

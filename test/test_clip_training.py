@@ -134,7 +134,8 @@ def test_two_ranks_gather_features_into_the_loss_of_the_whole_batch(tmp_path):
 
 
 def test_pairs_count_as_the_loss_is_averaged_and_a_pretrained_clip_keeps_its_image_size_and_end_of_text():
-    from rafale.run.train import check_fits_images, count_tokens
+    from rafale.run.train import check_fits_images
+    from rafale.run.trainer_parts import count_tokens
 
     batch = {"pixel_values": torch.zeros(3, 3, 4, 4), "input_ids": torch.tensor([[5, 0, 1], [6, 7, 0], [8, 0, 1]]),
              "attention_mask": torch.tensor([[1, 1, 0], [1, 1, 1], [1, 1, 0]])}

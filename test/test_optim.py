@@ -185,7 +185,7 @@ def test_schedule_free_warmup_in_batches_and_a_constant_schedule():
     from composer.optim import ConstantScheduler
 
     from rafale.config import Config
-    from rafale.run.train import make_scheduler
+    from rafale.run.trainer_parts import make_scheduler
 
     assert optim.batches_in("5ba", "40ba", 10, 8, 64) == 5
     assert optim.batches_in("0.05dur", "40ba", 10, 8, 64) == 2

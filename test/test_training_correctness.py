@@ -28,7 +28,7 @@ from rafale.models.pythia import PRESETS as PYTHIA_PRESETS
 from rafale.models.decoder import GPTNeoX
 from rafale.models.encoder import build_encoder
 from rafale.run.resilience import FiniteLossMonitor, TrainingDiverged
-from rafale.run.train import count_tokens, make_dataloader, make_scheduler
+from rafale.run.trainer_parts import count_tokens, make_dataloader, make_scheduler
 
 
 def blocks(n: int, length: int = 8) -> Dataset:

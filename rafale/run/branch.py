@@ -91,7 +91,7 @@ def start_branch(cfg: Config, data, model_cfg, run_dir: Path, batches_per_epoch:
     cut there (see the module's docstring), once the parent is checked. Does nothing for a branch that has
     checkpoints of its own already (a resumed branch resumes from them). With several processes, rank 0 alone
     runs this and the others get its result or its refusal (rafale.run.resilience.decided_on_rank_zero, in
-    rafale.run.train.run): one process reads the parent's folder and the branch's, so they all act on one reading."""
+    rafale.run.train.open_run_folder): one process reads the parent's folder and the branch's, so they all act on one reading."""
     if list((run_dir / CHECKPOINTS_DIR).glob("*.pt")):
         return
     parent, _, at = check_parent(cfg, data, model_cfg, batches_per_epoch)

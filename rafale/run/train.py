@@ -2,204 +2,82 @@
 
 `train(cfg, model_cfg)` is what `rafale -c` does once the config is loaded: prepare the data, build the model,
 `run` it, report. `run` is a few named steps: check the run folder (restart, the resume guard, a run already
-complete), write its files, the Trainer (`build_trainer`: loaders, optimizer, schedule, clipping, callbacks,
-loggers, checkpoints and the resume), fit, and the Hugging Face export. The run folder's checks and files are
-rafale.run_folder's; what it records of the run (summary.json over every segment, metrics.jsonl, an evaluation's
-own folder) is rafale.run.record's; keep_best and early stopping are rafale.run.outcomes'.
+complete; `open_run_folder`), write its files, the Trainer (`build_trainer`: loaders, optimizer, schedule, clipping,
+callbacks, loggers, checkpoints and the resume; its parts are rafale.run.trainer_parts'), the record, fit, and the
+Hugging Face export (`finish`). The run folder's checks and files are rafale.run_folder's; what it records of the
+run (summary.json over every segment, metrics.jsonl, an evaluation's own folder) is rafale.run.record's; keep_best
+and early stopping are rafale.run.outcomes'.
 """
 
 import signal
 import sys
 import time
 import warnings
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from dataclasses import replace as dataclass_replace
 from pathlib import Path
 
 import torch
-from composer import DataSpec, Trainer
+from composer import Trainer
 from composer.algorithms import GradientClipping
-from composer.callbacks import MemoryMonitor
-from composer.optim import (
-    ConstantScheduler,
-    ConstantWithWarmupScheduler,
-    CosineAnnealingWithWarmupScheduler,
-    LinearWithWarmupScheduler,
-)
-from composer.core import Callback, State, Time
-from composer.loggers import Logger
 from composer.utils import dist, reproducibility
-from torch.utils.data import DataLoader
 
 from rafale.config import Config, pretrained_folder
 from rafale.data import DATAPIPES
 from rafale.data.cache import DataPipe, PreparedData, cache_root, describe_vocabulary, print_data_summary
-from rafale.errors import IGNORE_INDEX, ConfigError, DataError, RafaleError, WeightsError
+from rafale.errors import ConfigError, DataError, WeightsError
 from rafale.run.hardware import confirm_peak, keep_freed_memory, peak_flops
 from rafale.resolve import family_of, head_of
-from rafale.run.loggers import CheckedSpeedMonitor, ConsoleLog, LearningRates, MetricsFile, eval_subset_batches
+from rafale.run.loggers import eval_subset_batches
 from rafale.models.hf import export_refusal
-from rafale.run.optim import (WarmupStableDecay, batches_in, build_optimizer, is_schedule_free, schedule_free_switch,
-                          wsd_batches)
+from rafale.run.optim import batches_in, build_optimizer, is_schedule_free
 from rafale.run.outcomes import outcome, outcome_callbacks, resume_outcome
 from rafale.run_folder import (BEST_DIR, EXPORT_DIR, ResumeConflict, check_run_folder, eval_folder,
                                evaluation_conflicts, export_model, set_run_folder_aside, write_run_folder)
 from rafale.run.record import (RunClock, RunRecord, compact_metrics, describe, non_embedding_parameters, validation_loss,
-                           write_eval_record)
-from rafale.run.resilience import (FiniteLossMonitor, StopOnSignal, check_checkpoint_safe, check_shared_run_folder,
-                               decided_on_rank_zero, prune_checkpoints, resume_checkpoint)
+                               write_eval_record)
+from rafale.run.resilience import (StopOnSignal, check_checkpoint_safe, check_shared_run_folder, decided_on_rank_zero,
+                                   prune_checkpoints, resume_checkpoint)
+from rafale.run.trainer_parts import (DEBUG_EPOCHS, DEBUG_STEPS_PER_EPOCH, Placement, ScheduleAtBatchStart,
+                                      make_callbacks, make_loaders, make_loggers, make_scheduler, place,
+                                      precision_label, save_schedule)
 
-
-DEBUG_EPOCHS = 10
-DEBUG_STEPS_PER_EPOCH = 10
 DROPOUT_FIELDS = ("hidden_dropout", "attention_dropout", "classifier_dropout")
 
 
-def without_dropout(model_cfg):
-    """The model config for DEBUG=1: no dropout, so the target holds still (as the MLM masks do). With dropout, a
-    near-memorized batch sees Adam's steps blow up on a noisy gradient: the loss jumps back to chance or above
-    for a step (measured on bert-tiny classification), and a jump in the last steps fails the check."""
-    present = {f.name for f in fields(model_cfg)} & set(DROPOUT_FIELDS)
-    return dataclass_replace(model_cfg, **{name: 0.0 for name in present})
-
-
-def pick_device(cfg: Config) -> str:
-    if cfg.run.device == "gpu" and not torch.cuda.is_available():
-        raise ConfigError("run.device", "'gpu' was asked for but torch sees no GPU")
-    if cfg.run.device == "auto":
-        return "gpu" if torch.cuda.is_available() else "cpu"
-    return cfg.run.device
-
-
-def cpu_has_fast_bf16() -> bool:
-    """Whether this CPU multiplies bf16 matrices natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated and
-    slower than fp32."""
-    cpu = getattr(torch._C, "_cpu", None)  # torch's own CPU feature probe (private, hence the care)
-    try:
-        return bool(cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported())
-    except AttributeError:
-        return False
-
-
-def pick_precision(cfg: Config, device: str, model=None) -> tuple[str, torch.dtype | None]:
-    """(Composer's precision, the dtype the model wrapper autocasts itself to or None).
-
-    Composer refuses amp_bf16 on a CPU, so there a wrapper that can autocast itself (the autocast_dtype of
-    ComposerLM and the encoders' wrappers) runs its forward under torch.autocast("cpu", bfloat16) while Composer
-    stays fp32, on a CPU with bf16 matmul units; anything else on a CPU runs fp32, said once.
-    """
-    precision = cfg.training.precision
-    if device != "cpu" or precision == "fp32":
-        return precision, None
-    if precision == "amp_bf16" and cpu_has_fast_bf16() and hasattr(model, "autocast_dtype"):
-        return "fp32", torch.bfloat16
-    if precision == "amp_bf16" and hasattr(model, "autocast_dtype"):
-        why = "needs a GPU or a CPU with bf16 matrix units (AVX512-BF16 or AMX), which this one lacks"
-    else:
-        why = "needs a GPU for this model" if precision == "amp_bf16" else "needs a GPU"
-    print(f"rafale: training.precision {precision} {why}; running fp32 on the CPU")
-    return "fp32", None
-
-
-def precision_label(precision: str, autocast_dtype) -> str:
-    return "amp_bf16 (the model's own bf16 autocast on the CPU)" if autocast_dtype is not None else precision
-
-
-def count_tokens(batch: dict) -> dict[str, int]:
-    """Composer's token counts of a batch. 'total' leaves out padding (tokens/s, max_duration in tok);
-    'loss_generating' is what the loss is a mean over (labelled tokens for LM and MLM, examples for classification,
-    image-text pairs for CLIP and SigLIP), so that gradient accumulation and DDP weigh each of them equally
-    (accumulate_train_batch_on_tokens)."""
-    input_ids, labels = batch["input_ids"], batch.get("labels")
-    mask = batch.get("attention_mask")
-    total = int(mask.sum()) if mask is not None else input_ids.numel()
-    if labels is None:  # contrastive pairs (a caption each)
-        return {"total": total, "loss_generating": len(input_ids)}
-    per_token = labels.shape == input_ids.shape
-    return {"total": total, "loss_generating": int((labels != IGNORE_INDEX).sum()) if per_token else len(labels)}
-
-
-def make_dataloader(dataset, batch_size: int, collate_fn, shuffle: bool, drop_last: bool, num_workers: int, pin: bool,
-                    *, seed: int) -> DataSpec:
-    # the sampler gives each rank its own shard when Composer's launcher runs several processes; its order
-    # follows run.seed (and the epoch, which Composer sets)
-    sampler = dist.get_sampler(dataset, shuffle=shuffle, drop_last=drop_last, seed=seed)
-    loader = DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=sampler,
-        collate_fn=collate_fn,
-        drop_last=drop_last,
-        num_workers=num_workers,
-        pin_memory=pin,
-        persistent_workers=num_workers > 0,
-    )
-    return DataSpec(loader, get_num_tokens_in_batch=count_tokens)
-
-
-def make_scheduler(cfg: Config, debug: bool, batches_per_epoch: int | None = None, schedule_free: bool | None = None):
-    """The learning-rate schedule, a Composer scheduler (ScheduleAtBatchStart applies it). batches_per_epoch: for
-    wsd, whose phases are counted in batches; schedule_free: whether the optimizer is (None: ask rafale.run.optim)."""
-    t = cfg.training
-    if debug:  # a fixed target and a fixed learning rate: the loss should only fall
-        return ConstantWithWarmupScheduler(t_warmup="0ba")
-    if is_schedule_free(t) if schedule_free is None else schedule_free:  # it warms up itself and needs no decay: a second schedule would distort it
-        return ConstantScheduler()
-    # no warmup fits any max_duration unit (Composer would refuse 0ba against a max_duration in tok)
-    warmup = "0dur" if Time.from_timestring(t.warmup).value == 0 else t.warmup
-    if t.schedule == "cosine":
-        return CosineAnnealingWithWarmupScheduler(t_warmup=warmup, alpha_f=t.lr_final_ratio)
-    if t.schedule == "linear":
-        return LinearWithWarmupScheduler(t_warmup=warmup, alpha_f=t.lr_final_ratio)
-    if t.schedule == "wsd":
-        return WarmupStableDecay(*wsd_batches(t, batches_per_epoch, cfg.data.block_size), shape=t.decay_shape)
-    return ConstantWithWarmupScheduler(t_warmup=warmup)
-
-
-class ScheduleAtBatchStart(Callback):
-    """Sets each batch's learning rate when the batch starts: group lr = its initial lr x schedule(this batch).
-
-    Composer steps its schedulers after a batch but before its clock moves past that batch, so handed the schedule
-    itself it would run batch i at the value for batch i - 1 (two batches at lr 0 after a warmup from 0, and the
-    last batch one step short of the end). Evaluated here, batch i gets schedule(i), as the formula, Hugging Face's
-    schedulers and a plain PyTorch loop give it. The scheduler is Composer's own and stateless; each group's
-    `initial_lr` (torch's name for it) is saved with the optimizer, so a resumed run continues the same curve."""
-
-    def __init__(self, scheduler):
-        self.scheduler = scheduler
-
-    def fit_start(self, state: State, logger: Logger) -> None:
-        for optimizer in state.optimizers:
-            for group in optimizer.param_groups:
-                group.setdefault("initial_lr", group["lr"])
-
-    def batch_start(self, state: State, logger: Logger) -> None:
-        factor = self.scheduler(state)
-        for optimizer in state.optimizers:
-            for group in optimizer.param_groups:
-                group["lr"] = group["initial_lr"] * factor
-
-
-def make_loggers(cfg: Config, run_dir: Path) -> list:
-    """The console lines and RUN/metrics.jsonl (and its plots) always; TensorBoard and Weights & Biases when
-    run.loggers asks."""
-    loggers = [ConsoleLog(cfg.training.log_interval), MetricsFile(run_dir)]
-    if "tensorboard" in cfg.run.loggers:
-        from composer.loggers import TensorboardLogger
-
-        loggers.append(TensorboardLogger(log_dir=str(run_dir / "tensorboard"), flush_interval=10))
-    if "wandb" in cfg.run.loggers:
-        from composer.loggers import WandBLogger
-
-        loggers.append(WandBLogger(project=cfg.run.wandb_project, name=run_dir.name, init_kwargs={"dir": str(run_dir)}))
-    return loggers
+def train(cfg: Config, model_cfg, data_only: bool = False, debug: bool = False, started: float | None = None) -> int:
+    """Prepare the data (cached), build the model, train and evaluate it, report. Returns the exit code.
+    `started`: when the command started (time.perf_counter()), for the run's start-up time."""
+    started = time.perf_counter() if started is None else started
+    pipe = datapipe_for(cfg)
+    data = pipe.load()
+    print_data_summary(data)
+    if data_only:  # (main.train_main prepares the data itself, without importing Composer)
+        return 0
+    reproducibility.seed_all(cfg.run.seed)  # the initial weights too, not only what the Trainer draws
+    if debug:
+        model_cfg = without_dropout(model_cfg)
+    model = build_model(cfg, model_cfg, data)
+    collator = pipe.collator(data.meta)
+    if debug and hasattr(collator, "fixed_seed"):  # the same masks every step, so the target holds still
+        collator.fixed_seed = cfg.run.seed
+    summary, folder = run(cfg, data, model, collator, debug=debug, started=started)
+    print(describe(summary, folder))
+    if not debug and cfg.training.cooldowns and summary.get("status") == "complete":
+        train_cooldowns(cfg, model_cfg, data, pipe, folder)
+    print(f"rafale: {describe_vocabulary(data)}")
+    start, end = summary.get("validation_loss_start"), validation_loss(summary.get("validation", {}))
+    if debug and start is not None and end is not None:
+        print(f"rafale: DEBUG: loss on the batch went from {start:.4f} to {end:.4f} in {DEBUG_EPOCHS} epochs of "
+              f"{DEBUG_STEPS_PER_EPOCH} steps ({end / start:.1%} of the start)")
+    return 0
 
 
 def run(cfg: Config, data: PreparedData, model, collator, debug: bool = False,
         started: float | None = None) -> tuple[dict, Path]:
     """Train (or with training.eval_only, evaluate) `model` on `data`, as the config says: the run folder, the
-    Trainer (loaders, optimizer, callbacks), fit, and the Hugging Face export. Returns (the run's summary, the
-    folder it is in). `started`: when the command started (time.perf_counter()), for the start-up time."""
+    Trainer (loaders, optimizer, callbacks), the record, fit, and the Hugging Face export. Returns (the run's
+    summary, the folder it is in). `started`: when the command started (time.perf_counter()), for the start-up time."""
     started = time.perf_counter() if started is None else started
     keep_freed_memory()  # no page faults for each step's activations (rafale.run.hardware)
     placement = place(cfg, model)
@@ -208,6 +86,22 @@ def run(cfg: Config, data: PreparedData, model, collator, debug: bool = False,
     run_name = cfg.run.name + ("-debug" if debug else "")
     save = not debug
     run_dir = Path(cfg.run.output_dir).expanduser() / run_name
+    changes, complete = open_run_folder(cfg, data, model, run_dir, save)
+    if complete is not None:  # a re-run of a finished run: nothing to train, and its record stays as it is
+        return complete, run_dir
+    write_run_folder(cfg, data, model, run_dir)
+    clock = RunClock()
+    trainer, stopper, peak = build_trainer(cfg, data, model, collator, placement, run_dir, run_name, debug, clock)
+    record = start_record(cfg, model, trainer, placement, peak, run_dir, clock, started, changes, save)
+    resume_outcome(trainer, record.previous, run_dir, cfg.training.eval_interval)
+    fit(trainer, stopper, cfg, run_dir, record)
+    return finish(cfg, model, data, trainer, record, run_dir, save), run_dir
+
+
+def open_run_folder(cfg: Config, data: PreparedData, model, run_dir: Path, save: bool) -> tuple[dict, dict | None]:
+    """run.restart's setting aside, the checks of a shared folder and of a branch's parent, then the resume guard:
+    (the changes a resume applies, the summary of a run already complete or None). Rank 0 reads the folder and
+    every process acts on what it read: they all resume, or all stop."""
     if cfg.run.restart and dist.get_global_rank() == 0:
         set_run_folder_aside(run_dir)
     if dist.get_world_size() > 1:
@@ -219,16 +113,18 @@ def run(cfg: Config, data: PreparedData, model, collator, debug: bool = False,
         # only once that is done, so none looks for the branch's checkpoint before rank 0 has copied it
         batches_per_epoch = len(data.splits["train"]) // cfg.training.batch_size
         decided_on_rank_zero(lambda: start_branch(cfg, data, model.model.cfg, run_dir, batches_per_epoch))
-    # rank 0 reads the folder and every process acts on what it read: they all resume, or all stop
     changes, complete = decided_on_rank_zero(lambda: check_run_folder(cfg, data, model, run_dir, save))
-    if complete is not None:  # a re-run of a finished run: nothing to train, and its record stays as it is
+    if complete is not None:
         unapplied = f"; not applied, since nothing is left to train: {', '.join(changes)}" if changes else ""
         print(f"rafale: {run_dir} at batch {complete['batches']}: already complete (training.max_duration "
               f"{cfg.training.max_duration}); nothing was run and its record is unchanged{unapplied}")
-        return complete, run_dir
-    write_run_folder(cfg, data, model, run_dir)
-    clock = RunClock()
-    trainer, stopper, peak = build_trainer(cfg, data, model, collator, placement, run_dir, run_name, debug, clock)
+    return changes, complete
+
+
+def start_record(cfg: Config, model, trainer: Trainer, placement: Placement, peak: float | None, run_dir: Path,
+                 clock: RunClock, started: float, changes: dict, save: bool) -> RunRecord:
+    """The run's record (summary.json), begun at the Trainer's state: its sizes, FLOPs per token and MFU, its
+    outcome (keep_best, early stopping), and the pruning of old checkpoints each time one is saved."""
     record = RunRecord(run_dir, cfg, sum(p.numel() for p in model.parameters()), clock, started,
                        writes=dist.get_global_rank() == 0, mfu=mfu_of(model, cfg, placement, peak),
                        precision=precision_label(placement.precision, placement.autocast_dtype), changes=changes)
@@ -239,8 +135,13 @@ def run(cfg: Config, data: PreparedData, model, collator, debug: bool = False,
     flops_per_token = getattr(model.model, "flops_per_token", None)
     record.flops_per_token = flops_per_token(cfg.data.block_size) if flops_per_token is not None else None
     record.begin(trainer.state)
-    resume_outcome(trainer, record.previous, run_dir, cfg.training.eval_interval)
-    fit(trainer, stopper, cfg, run_dir, record)
+    return record
+
+
+def finish(cfg: Config, model, data: PreparedData, trainer: Trainer, record: RunRecord, run_dir: Path,
+           save: bool) -> dict:
+    """After fit: the Hugging Face export, the metrics file closed and compacted, the record saved complete, and a
+    line on keep_best's best and on early stopping. Returns the run's summary."""
     record.export_dir = export_run(model.model, run_dir, data, sharded=cfg.training.fsdp is not None) if save else None
     trainer.close()  # flushes the metrics file
     if dist.get_global_rank() == 0:
@@ -254,24 +155,7 @@ def run(cfg: Config, data: PreparedData, model, collator, debug: bool = False,
         stop = summary["early_stopped"]
         print(f"rafale: stopped early at batch {stop['at_batch']}: {stop['metric']} had not improved on its best "
               f"({stop['best']:.4f} at step {stop['best_step']}) for {stop['patience']}")
-    return summary, run_dir
-
-
-def mfu_of(model, cfg: Config, placement: "Placement", peak: float | None):
-    """tokens/s over the run -> model FLOPs utilization against the device's peak, or None without a peak or a FLOPs
-    count. A run that measures above the cached peak has the CPU probed again (rafale.run.hardware.confirm_peak): an
-    MFU above 100% is a wrong peak, and is never reported."""
-    flops_per_token = getattr(model.model, "flops_per_token", None)
-    if not peak or flops_per_token is None:
-        return None
-
-    def mfu(tokens_per_s: float) -> float | None:
-        achieved = tokens_per_s * flops_per_token(cfg.data.block_size) / placement.world  # per device
-        confirmed = confirm_peak(achieved, placement.device, placement.precision, cache_root(cfg.data.cache_dir),
-                                 placement.autocast_dtype)
-        return achieved / confirmed if confirmed else None
-
-    return mfu
+    return summary
 
 
 def fit(trainer: Trainer, stopper: StopOnSignal, cfg: Config, run_dir: Path, record: RunRecord) -> None:
@@ -313,102 +197,6 @@ def fit(trainer: Trainer, stopper: StopOnSignal, cfg: Config, run_dir: Path, rec
         if dist.get_world_size() > 1:
             dist.barrier()  # no rank exits before rank 0 has saved the record
         sys.exit(128 + stopper.signum)  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
-
-
-def evaluate_checkpoint(cfg: Config, data: PreparedData, model, collator, placement: "Placement",
-                        started: float) -> tuple[dict, Path]:
-    """training.eval_only: evaluate training.load_path on the validation split, with a record of its own in
-    RUN/evals/<time>/ (config.yaml, summary.json, metrics.jsonl): a training run's own files are never touched.
-    The checkpoint is scored with the tokenizer and model it was trained with, or not at all
-    (rafale.run.record.evaluation_conflicts). Rank 0 checks and names the folder, and every process gets its word."""
-    if dist.get_world_size() > 1:
-        dist.initialize_dist("gpu" if torch.cuda.is_available() else "cpu")
-    checkpoint = Path(cfg.training.load_path).expanduser()
-    folder = decided_on_rank_zero(lambda: evaluation_folder(cfg, checkpoint, data, model))
-    clock = RunClock()
-    trainer, _, _ = build_trainer(cfg, data, model, collator, placement, folder, cfg.run.name, clock=clock)
-    trainer.eval()
-    trainer.close()
-    summary = write_eval_record(folder, cfg, trainer.state, clock, started, sum(p.numel() for p in model.parameters()),
-                                writes=dist.get_global_rank() == 0)
-    print(f"rafale: evaluated {cfg.training.load_path} (batch {summary['batches']}); its record: {folder}")
-    return summary, folder
-
-
-def evaluation_folder(cfg: Config, checkpoint: Path, data: PreparedData, model) -> Path:
-    """The new RUN/evals/<time>/ folder of an evaluation of `checkpoint`, once it is checked (a ResumeConflict
-    naming what it was not trained with)."""
-    conflicts = evaluation_conflicts(checkpoint, cfg, data, model.model.cfg)
-    if conflicts:
-        raise ResumeConflict(f"training.eval_only: cannot evaluate {checkpoint} with other inputs than it was "
-                             f"trained with: {'; '.join(conflicts)}")
-    folder = eval_folder(Path(cfg.run.output_dir).expanduser() / cfg.run.name)
-    try:
-        folder.mkdir(parents=True)
-    except OSError as err:
-        raise ConfigError("run.output_dir", f"cannot create the evaluation's folder {folder}: {err}") from None
-    return folder
-
-
-def full_weights(module: torch.nn.Module, sharded: bool) -> torch.nn.Module | None:
-    """The model to export, on rank 0 (None elsewhere). Under FSDP each rank holds a shard, and gathering the full
-    weights is a collective: every rank must call it (rank 0 alone would wait for the others forever). Rank 0 then
-    gets an unsharded copy of the same class holding them."""
-    if not sharded:
-        return module if dist.get_global_rank() == 0 else None
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if dist.get_global_rank() != 0:
-        return None
-    copy = type(module)(module.cfg)
-    copy.load_state_dict(state, strict=True)
-    return copy
-
-
-def export_run(module: torch.nn.Module, run_dir: Path, data: PreparedData, sharded: bool = False,
-               folder: str = EXPORT_DIR) -> Path | None:
-    """RUN/export in Hugging Face format; after hours of training a failed export must not fail the run: the
-    checkpoints are already safe, so say why there is none and where they are."""
-    module = full_weights(module, sharded)
-    if module is None:
-        return None
-    try:
-        return export_model(module, run_dir / folder, data)
-    except WeightsError as err:
-        print(f"rafale: no Hugging Face export: {err}; the checkpoints are in {run_dir / 'checkpoints'}")
-        return None
-
-
-@dataclass
-class Placement:
-    """Where and how the run computes: the device, Composer's precision, the model's own autocast, the batches."""
-    device: str
-    precision: str
-    autocast_dtype: torch.dtype | None
-    world: int
-    per_rank_batch: int
-    microbatch: int | str
-
-
-def place(cfg: Config, model) -> Placement:
-    """Device, precision and batch sizes for `model`, checked before anything is written; sets the wrapper's
-    autocast (see pick_precision)."""
-    t = cfg.training
-    device = pick_device(cfg)
-    precision, autocast_dtype = pick_precision(cfg, device, model)
-    if hasattr(model, "autocast_dtype"):
-        model.autocast_dtype = autocast_dtype
-    world = dist.get_world_size()
-    if t.batch_size % world:
-        raise ConfigError("training.batch_size", f"({t.batch_size}) must be divisible by the number of processes ({world})")
-    per_rank_batch = t.batch_size // world
-    if t.microbatch_size == "auto" and device != "gpu":
-        raise ConfigError("training.microbatch_size", "'auto' needs a GPU and this run is on the CPU; give a number")
-    microbatch = t.microbatch_size if t.microbatch_size is not None else per_rank_batch
-    if isinstance(microbatch, int):
-        microbatch = min(microbatch, per_rank_batch)
-    return Placement(device, precision, autocast_dtype, world, per_rank_batch, microbatch)
 
 
 def build_trainer(cfg: Config, data: PreparedData, model, collator, placement: Placement, run_dir: Path,
@@ -472,22 +260,94 @@ def build_trainer(cfg: Config, data: PreparedData, model, collator, placement: P
     return trainer, stopper, peak
 
 
-def save_schedule(cfg: Config, batches_per_epoch: int):
-    """training.save_interval, and with training.cooldowns also each batch a cooldown branches at (rafale.run.branch)."""
-    if not cfg.training.cooldowns:
-        return cfg.training.save_interval
-    from composer.core import Event
-    from composer.utils import create_interval_scheduler
+def mfu_of(model, cfg: Config, placement: "Placement", peak: float | None):
+    """tokens/s over the run -> model FLOPs utilization against the device's peak, or None without a peak or a FLOPs
+    count. A run that measures above the cached peak has the CPU probed again (rafale.run.hardware.confirm_peak): an
+    MFU above 100% is a wrong peak, and is never reported."""
+    flops_per_token = getattr(model.model, "flops_per_token", None)
+    if not peak or flops_per_token is None:
+        return None
 
-    from rafale.run.branch import branch_points
+    def mfu(tokens_per_s: float) -> float | None:
+        achieved = tokens_per_s * flops_per_token(cfg.data.block_size) / placement.world  # per device
+        confirmed = confirm_peak(achieved, placement.device, placement.precision, cache_root(cfg.data.cache_dir),
+                                 placement.autocast_dtype)
+        return achieved / confirmed if confirmed else None
 
-    every, points = create_interval_scheduler(cfg.training.save_interval), set(branch_points(cfg, batches_per_epoch))
+    return mfu
 
-    def save_now(state: State, event) -> bool:
-        at_point = event == Event.BATCH_CHECKPOINT and int(state.timestamp.batch) in points
-        return every(state, event) or at_point
 
-    return save_now
+# ----------------------------------------------------------------------------------------------------
+# training.eval_only: an evaluation with a record of its own
+
+
+def evaluate_checkpoint(cfg: Config, data: PreparedData, model, collator, placement: "Placement",
+                        started: float) -> tuple[dict, Path]:
+    """training.eval_only: evaluate training.load_path on the validation split, with a record of its own in
+    RUN/evals/<time>/ (config.yaml, summary.json, metrics.jsonl): a training run's own files are never touched.
+    The checkpoint is scored with the tokenizer and model it was trained with, or not at all
+    (rafale.run.record.evaluation_conflicts). Rank 0 checks and names the folder, and every process gets its word."""
+    if dist.get_world_size() > 1:
+        dist.initialize_dist("gpu" if torch.cuda.is_available() else "cpu")
+    checkpoint = Path(cfg.training.load_path).expanduser()
+    folder = decided_on_rank_zero(lambda: evaluation_folder(cfg, checkpoint, data, model))
+    clock = RunClock()
+    trainer, _, _ = build_trainer(cfg, data, model, collator, placement, folder, cfg.run.name, clock=clock)
+    trainer.eval()
+    trainer.close()
+    summary = write_eval_record(folder, cfg, trainer.state, clock, started, sum(p.numel() for p in model.parameters()),
+                                writes=dist.get_global_rank() == 0)
+    print(f"rafale: evaluated {cfg.training.load_path} (batch {summary['batches']}); its record: {folder}")
+    return summary, folder
+
+
+def evaluation_folder(cfg: Config, checkpoint: Path, data: PreparedData, model) -> Path:
+    """The new RUN/evals/<time>/ folder of an evaluation of `checkpoint`, once it is checked (a ResumeConflict
+    naming what it was not trained with)."""
+    conflicts = evaluation_conflicts(checkpoint, cfg, data, model.model.cfg)
+    if conflicts:
+        raise ResumeConflict(f"training.eval_only: cannot evaluate {checkpoint} with other inputs than it was "
+                             f"trained with: {'; '.join(conflicts)}")
+    folder = eval_folder(Path(cfg.run.output_dir).expanduser() / cfg.run.name)
+    try:
+        folder.mkdir(parents=True)
+    except OSError as err:
+        raise ConfigError("run.output_dir", f"cannot create the evaluation's folder {folder}: {err}") from None
+    return folder
+
+
+# ----------------------------------------------------------------------------------------------------
+# the Hugging Face export, at the end of the run and of keep_best's best
+
+
+def full_weights(module: torch.nn.Module, sharded: bool) -> torch.nn.Module | None:
+    """The model to export, on rank 0 (None elsewhere). Under FSDP each rank holds a shard, and gathering the full
+    weights is a collective: every rank must call it (rank 0 alone would wait for the others forever). Rank 0 then
+    gets an unsharded copy of the same class holding them."""
+    if not sharded:
+        return module if dist.get_global_rank() == 0 else None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.get_global_rank() != 0:
+        return None
+    copy = type(module)(module.cfg)
+    copy.load_state_dict(state, strict=True)
+    return copy
+
+
+def export_run(module: torch.nn.Module, run_dir: Path, data: PreparedData, sharded: bool = False,
+               folder: str = EXPORT_DIR) -> Path | None:
+    """RUN/export in Hugging Face format; after hours of training a failed export must not fail the run: the
+    checkpoints are already safe, so say why there is none and where they are."""
+    module = full_weights(module, sharded)
+    if module is None:
+        return None
+    try:
+        return export_model(module, run_dir / folder, data)
+    except WeightsError as err:
+        print(f"rafale: no Hugging Face export: {err}; the checkpoints are in {run_dir / 'checkpoints'}")
+        return None
 
 
 def say_if_no_export(module: torch.nn.Module) -> str | None:
@@ -509,41 +369,8 @@ def best_exporter(cfg: Config, model, run_dir: Path, data: PreparedData):
     return lambda state: export_run(module, run_dir, data, sharded=sharded, folder=BEST_DIR)
 
 
-def make_loaders(cfg: Config, data: PreparedData, collator, placement: Placement, debug: bool):
-    """(train, validation) DataLoaders; under DEBUG, one fixed batch for both."""
-    t = cfg.training
-    train_set, eval_set = data.splits["train"], data.splits["validation"]
-    if len(train_set) < t.batch_size:
-        raise RafaleError(
-            f"training.batch_size ({t.batch_size}) is larger than the training split ({len(train_set)} blocks "
-            f"of data.block_size {cfg.data.block_size}); use a smaller batch or more data"
-        )
-    if debug:
-        # One fixed batch, evaluated on itself. An epoch shows it DEBUG_STEPS_PER_EPOCH times (no shuffling, so
-        # every step sees exactly that batch): 10 epochs are enough steps for a healthy model to overfit it.
-        eval_set = train_set.select(range(t.batch_size))
-        train_set = train_set.select(list(range(t.batch_size)) * DEBUG_STEPS_PER_EPOCH)
-    pin, batch, workers, seed = placement.device == "gpu", placement.per_rank_batch, cfg.data.num_workers, cfg.run.seed
-    # MLM: evaluation masks are drawn from each example, so every evaluation scores the same masks
-    eval_collator = collator.for_evaluation() if hasattr(collator, "for_evaluation") else collator
-    return (make_dataloader(train_set, batch, collator, not debug, True, workers, pin, seed=seed),
-            make_dataloader(eval_set, batch, eval_collator, False, False, workers, pin, seed=seed))
-
-
-def make_callbacks(device: str, peak: float | None, stopper: StopOnSignal, schedule: ScheduleAtBatchStart,
-                   cache_dir: Path | None = None) -> list:
-    """The learning-rate schedule, speed (with MFU against `peak`, probed again if the run outruns it; the new peak
-    goes to `cache_dir`'s cpu_peak.json), the learning rates each batch applied, NaN losses, signals,
-    schedule-free's modes. (The console's time left is rafale.run.loggers.RecentPace's, from the recent batches.)"""
-    callbacks = [schedule, CheckedSpeedMonitor(10, peak, device, cache_dir), LearningRates(),
-                 FiniteLossMonitor(), stopper, schedule_free_switch()]
-    if device == "gpu":
-        callbacks.append(MemoryMonitor())
-    return callbacks
-
-
 # ----------------------------------------------------------------------------------------------------
-# the `rafale -c cfg.yaml` command, once the config is loaded and its model section resolved
+# the data and the model, as the config says
 
 
 def datapipe_for(cfg: Config) -> DataPipe:
@@ -555,47 +382,6 @@ def datapipe_for(cfg: Config) -> DataPipe:
 def prepare_data(cfg: Config) -> PreparedData:
     """The config's data, from the cache or prepared now."""
     return datapipe_for(cfg).load()
-
-
-def train(cfg: Config, model_cfg, data_only: bool = False, debug: bool = False, started: float | None = None) -> int:
-    """Prepare the data (cached), build the model, train and evaluate it, report. Returns the exit code.
-    `started`: when the command started (time.perf_counter()), for the run's start-up time."""
-    started = time.perf_counter() if started is None else started
-    pipe = datapipe_for(cfg)
-    data = pipe.load()
-    print_data_summary(data)
-    if data_only:  # (main.train_main prepares the data itself, without importing Composer)
-        return 0
-    reproducibility.seed_all(cfg.run.seed)  # the initial weights too, not only what the Trainer draws
-    if debug:
-        model_cfg = without_dropout(model_cfg)
-    model = build_model(cfg, model_cfg, data)
-    collator = pipe.collator(data.meta)
-    if debug and hasattr(collator, "fixed_seed"):  # the same masks every step, so the target holds still
-        collator.fixed_seed = cfg.run.seed
-    summary, folder = run(cfg, data, model, collator, debug=debug, started=started)
-    print(describe(summary, folder))
-    if not debug and cfg.training.cooldowns and summary.get("status") == "complete":
-        train_cooldowns(cfg, model_cfg, data, pipe, folder)
-    print(f"rafale: {describe_vocabulary(data)}")
-    start, end = summary.get("validation_loss_start"), validation_loss(summary.get("validation", {}))
-    if debug and start is not None and end is not None:
-        print(f"rafale: DEBUG: loss on the batch went from {start:.4f} to {end:.4f} in {DEBUG_EPOCHS} epochs of "
-              f"{DEBUG_STEPS_PER_EPOCH} steps ({end / start:.1%} of the start)")
-    return 0
-
-
-def train_cooldowns(cfg: Config, model_cfg, data: PreparedData, pipe: DataPipe, run_dir: Path) -> None:
-    """training.cooldowns: once the run is complete, one branch per budget (rafale.run.branch), one after another; a
-    branch complete before is left as it is, an interrupted one resumes."""
-    from rafale.run.branch import cooldown_config
-
-    for budget in cfg.training.cooldowns:
-        branch = cooldown_config(cfg, run_dir, budget)
-        print(f"rafale: cooldown to {budget}: {branch.run.name}", flush=True)
-        reproducibility.seed_all(cfg.run.seed)
-        summary, folder = run(branch, data, build_model(branch, model_cfg, data), pipe.collator(data.meta))
-        print(describe(summary, folder))
 
 
 def build_model(cfg: Config, model_cfg, data: PreparedData):
@@ -616,6 +402,14 @@ def build_model(cfg: Config, model_cfg, data: PreparedData):
     if hasattr(model, "attach_splits"):  # a wrapper that evaluates on more than the validation split (CLIP's zero-shot)
         model.attach_splits(data.splits)
     return model
+
+
+def without_dropout(model_cfg):
+    """The model config for DEBUG=1: no dropout, so the target holds still (as the MLM masks do). With dropout, a
+    near-memorized batch sees Adam's steps blow up on a noisy gradient: the loss jumps back to chance or above
+    for a step (measured on bert-tiny classification), and a jump in the last steps fails the check."""
+    present = {f.name for f in fields(model_cfg)} & set(DROPOUT_FIELDS)
+    return dataclass_replace(model_cfg, **{name: 0.0 for name in present})
 
 
 def enable_activation_checkpointing(module: torch.nn.Module, model_type: str) -> None:
@@ -655,3 +449,16 @@ def check_fits_images(model_cfg, meta: dict) -> None:
     if text.pooling == "eos" and pooled != meta["eos_token_id"]:  # (SigLIP pools the last position)
         raise DataError(f"data.tokenizer: its end-of-text id {meta['eos_token_id']} differs from the id the pretrained "
                         f"CLIP pools its text at ({pooled}); use the checkpoint's tokenizer")
+
+
+def train_cooldowns(cfg: Config, model_cfg, data: PreparedData, pipe: DataPipe, run_dir: Path) -> None:
+    """training.cooldowns: once the run is complete, one branch per budget (rafale.run.branch), one after another; a
+    branch complete before is left as it is, an interrupted one resumes."""
+    from rafale.run.branch import cooldown_config
+
+    for budget in cfg.training.cooldowns:
+        branch = cooldown_config(cfg, run_dir, budget)
+        print(f"rafale: cooldown to {budget}: {branch.run.name}", flush=True)
+        reproducibility.seed_all(cfg.run.seed)
+        summary, folder = run(branch, data, build_model(branch, model_cfg, data), pipe.collator(data.meta))
+        print(describe(summary, folder))
