@@ -4,7 +4,7 @@
                                     [--precision fp32,amp_bf16] [--default-malloc]
 
 Every comparison runs both sides in this one process, with the same shapes and torch threads, after warm-up,
-and reports medians. Both sides run with the malloc settings `rafale -c` sets (rafale.hardware.keep_freed_memory:
+and reports medians. Both sides run with the malloc settings `rafale -c` sets (rafale.run.hardware.keep_freed_memory:
 freed memory is kept for the next step) and huge pages for big tensors (rafale/main.py: THP_MEM_ALLOC_ENABLE);
 --default-malloc leaves glibc's and torch's defaults, for what they cost. The table is printed and written to
 bench/results.md (bench/results-quick.md for --quick).
@@ -33,8 +33,8 @@ from common import (  # noqa: E402
     train_plain, train_rafale,
 )
 from rafale.config import load_config  # noqa: E402
-from rafale.hardware import keep_freed_memory  # noqa: E402
-from rafale.train import cpu_has_fast_bf16  # noqa: E402
+from rafale.run.hardware import keep_freed_memory  # noqa: E402
+from rafale.run.trainer_parts import cpu_has_fast_bf16  # noqa: E402
 
 ROWS = []  # (comparison, ours, reference, ratio, goal text, met)
 
@@ -59,7 +59,7 @@ def fmt(x, unit=""):
 
 def bench_train(label, preset, vocab, T, B, warmup, measure, rounds, workdir, peaks=None, mfu_goal=None,
                 precision=None):
-    """rafale as `rafale -c` runs it (rafale.train's Trainer at training.precision `precision`, None: the default
+    """rafale as `rafale -c` runs it (rafale.run.train's Trainer at training.precision `precision`, None: the default
     config's) against HF GPTNeoX in a plain fp32 eager loop (the headline), against HF in the same precision, and
     against rafale's own model in a plain loop at that precision (the Trainer's overhead); same weights and data,
     medians of every side. Every plain loop clips the gradient norm at the default config's training.clip_norm,
@@ -202,7 +202,7 @@ def bench_data(data_path, tokenizer_path, n_stories, repeats, workdir: Path):
     if data_path is None:
         from datasets import Dataset
 
-        from rafale.stories import story_splits
+        from rafale.data.stories import story_splits
 
         docs = story_splits(n_stories, 0, seed=0)["train"]
         data_path = workdir / "stories.txt"

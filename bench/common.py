@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from composer.core import Callback
 
 from rafale.data.cache import cache_root
-from rafale.hardware import cached_cpu_peaks, cpu_model, cpu_peak_flops, cpu_peak_key, measure_cpu_peak  # noqa: F401
+from rafale.run.hardware import cached_cpu_peaks, cpu_model, cpu_peak_flops, cpu_peak_key, measure_cpu_peak  # noqa: F401
 from rafale.models.pythia import PRESETS as PYTHIA_PRESETS
 from rafale.errors import IGNORE_INDEX
 from rafale.models.composer import ComposerLM
@@ -114,7 +114,7 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "test" / "pythia_tinys
 
 def train_rafale(lm: ComposerLM, blocks, batch_size, steps, workdir, precision=None):
     """What `rafale -c` runs: the default config (test/pythia_tinystories.yaml) with this batch, block length and
-    number of steps, and the Trainer rafale.train builds for it (loaders, collator, optimizer, schedule, clipping,
+    number of steps, and the Trainer rafale.run.train builds for it (loaders, collator, optimizer, schedule, clipping,
     callbacks, metrics file, final checkpoint). precision None keeps the config's (amp_bf16: on a CPU, the
     model's own bf16 autocast where the CPU has bf16 units). The optimizer is rafale's AdamW (the default job's
     Muon is a recipe choice, measured by bench/time_to_target.py; step times compare like with like). Returns
@@ -123,7 +123,8 @@ def train_rafale(lm: ComposerLM, blocks, batch_size, steps, workdir, precision=N
 
     from rafale.config import load_config
     from rafale.data.causal_lm import CausalLMCollator
-    from rafale.train import build_trainer, place, precision_label
+    from rafale.run.train import build_trainer
+    from rafale.run.trainer_parts import place, precision_label
 
     T = len(blocks[0]["input_ids"])
     cfg = load_config(DEFAULT_CONFIG)
@@ -199,7 +200,7 @@ def nproc():
 
 
 def matmul_peak(threads, n=2048, repeats=10, cache=True, reprobe=False, dtype=torch.float32):
-    """(`dtype` matmul FLOP/s at `threads`, whether it came from the cache): rafale's own probe (rafale.hardware),
+    """(`dtype` matmul FLOP/s at `threads`, whether it came from the cache): rafale's own probe (rafale.run.hardware),
     cached in the rafale cache folder's cpu_peak.json, or measured afresh with cache=False."""
     torch.set_num_threads(threads)
     if not cache:

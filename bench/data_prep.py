@@ -93,7 +93,7 @@ def bare_encode_batch(docs: list[str], tokenizer) -> tuple[float, int]:
 
 def write_stories(path: Path, megabytes: float) -> Path:
     """Generated stories, a chunk at a time, until the file holds `megabytes`."""
-    from rafale.stories import generate_stories
+    from rafale.data.stories import generate_stories
 
     with path.open("w") as f:
         written, seed = 0, 0
@@ -112,7 +112,7 @@ def default_tokenizer(workdir: Path) -> Path:
     from datasets import Dataset
 
     from rafale.data.tokenizers import train_tokenizer
-    from rafale.stories import generate_stories
+    from rafale.data.stories import generate_stories
 
     path = workdir / "tokenizer.json"
     train_tokenizer(Dataset.from_dict({"text": generate_stories(5000)}), 4096).save(str(path))

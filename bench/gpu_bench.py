@@ -27,7 +27,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 from common import (  # noqa: E402
     decoder_cfg, hf_from_rafale, make_rafale, matmul_peak, median, random_blocks, train_plain, train_rafale,
 )
-from rafale.hardware import gpu_peak_flops  # noqa: E402
+from rafale.run.hardware import gpu_peak_flops  # noqa: E402
 from rafale.models.composer import ComposerLM  # noqa: E402
 
 
@@ -61,7 +61,7 @@ def main():
         vocab, device, composer_device, dtype = None, "cuda", "gpu", torch.bfloat16
         trainer_precision = "amp_bf16"
         name = torch.cuda.get_device_name()
-        peak = gpu_peak_flops("amp_bf16", name)  # the one table, in rafale/hardware.py
+        peak = gpu_peak_flops("amp_bf16", name)  # the one table, in rafale/run/hardware.py
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     print(f"device: {name}; peak {peak / 1e12 if peak else float('nan'):.3f} TFLOP/s; torch {torch.__version__}; "
@@ -108,7 +108,7 @@ def main():
         run("d. rafale plain loop, SDPA MATH only", fresh(), step_ctx=lambda: sdpa_kernel(SDPBackend.MATH))
     if "trainer" not in skip:
         blocks = random_blocks((args.warmup + args.steps) * args.batch, args.seq, cfg.vocab_size)
-        label = f"e. rafale -c: rafale.train's Trainer ({trainer_precision})"
+        label = f"e. rafale -c: rafale.run.train's Trainer ({trainer_precision})"
         try:
             with tempfile.TemporaryDirectory(prefix="rafale-gpu-bench-") as workdir:
                 times, _ = train_rafale(ComposerLM(fresh()), blocks, args.batch, args.warmup + args.steps, workdir,

@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from rafale.config import Config, load_config  # noqa: E402
-from rafale.train import prepare_data  # noqa: E402
+from rafale.run.train import prepare_data  # noqa: E402
 from rafale.resolve import resolve_model_config  # noqa: E402
 from rafale.main import main as rafale_main  # noqa: E402
 from rafale.models.pythia import config_to_hf as decoder_config_to_hf  # noqa: E402

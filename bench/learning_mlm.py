@@ -33,7 +33,8 @@ from rafale.resolve import resolve_model_config  # noqa: E402
 from rafale.data.cache import PreparedData  # noqa: E402
 from rafale.data.mlm import MLMCollator  # noqa: E402
 from rafale.errors import IGNORE_INDEX  # noqa: E402
-from rafale.train import make_dataloader, prepare_data  # noqa: E402
+from rafale.run.train import prepare_data  # noqa: E402
+from rafale.run.trainer_parts import make_dataloader  # noqa: E402
 
 TOLERANCE = 1.01  # rafale's final loss may be at most 1% above the reference's
 VALIDATION_SEED = 1234  # the fixed masks of the validation set: batch i is masked with seed VALIDATION_SEED + i

@@ -9,7 +9,7 @@ peak resident set (ru_maxrss) above that baseline: the activations, the logits a
 the optimizer's state and its temporaries. The weights and the imported libraries are in the baseline.
 
 - rafale: what `rafale -c` runs with the default config's precision (amp_bf16: rafale's own bf16 autocast on a CPU
-  with bf16 matrix units, else fp32), rafale's chunked loss and rafale's AdamW (rafale.optim: fused on a CPU too).
+  with bf16 matrix units, else fp32), rafale's chunked loss and rafale's AdamW (rafale.run.optim: fused on a CPU too).
 - HF, the headline reference: the plain fp32 loop most people write (torch.optim.AdamW's defaults).
 - HF at rafale's precision (the same bf16 autocast), with the same plain AdamW.
 
@@ -33,7 +33,7 @@ sys.path.insert(0, {root!r})
 from rafale.config import TrainingConfig
 from rafale.models.pythia import PRESETS as PYTHIA_PRESETS
 from rafale.models.pythia import config_to_hf as decoder_config_to_hf
-from rafale.optim import build_optimizer
+from rafale.run.optim import build_optimizer
 side, preset, T, B, device, checkpointing, bf16, plain_adamw = {args!r}
 torch.manual_seed(0)
 cfg = PYTHIA_PRESETS[preset]
@@ -90,7 +90,7 @@ def main(argv=None):
     parser.add_argument("--checkpointing", action="store_true", help="also rafale with activation checkpointing")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT))
-    from rafale.train import cpu_has_fast_bf16
+    from rafale.run.trainer_parts import cpu_has_fast_bf16
 
     bf16 = args.precision == "amp_bf16" and (args.device == "cuda" or cpu_has_fast_bf16())
     ours_label = f"rafale ({'bf16 autocast' if bf16 else 'fp32'}, {'plain' if args.plain_adamw else 'rafale'} AdamW)"

@@ -29,9 +29,9 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 from common import decoder_cfg, hf_from_rafale, make_rafale, random_blocks, seconds  # noqa: E402
 from rafale.errors import IGNORE_INDEX  # noqa: E402
 from rafale.models.composer import ComposerLM  # noqa: E402
-from rafale.optim import build_optimizer  # noqa: E402
+from rafale.run.optim import build_optimizer  # noqa: E402
 from rafale.config import TrainingConfig  # noqa: E402
-from rafale.train import cpu_has_fast_bf16  # noqa: E402
+from rafale.run.trainer_parts import cpu_has_fast_bf16  # noqa: E402
 
 # op name -> kind, first match wins (self time, so a linear's time lands on its mm/addmm)
 KINDS = [

@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from learning import hf_model, run_rafale, steps_of  # noqa: E402
 from rafale.config import apply_overrides, load_config  # noqa: E402
-from rafale.train import prepare_data  # noqa: E402
+from rafale.run.train import prepare_data  # noqa: E402
 from rafale.run_folder import read_metrics  # noqa: E402
 
 VAL_LOSS = "metrics/eval/LanguageCrossEntropy"

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from rafale import shapes
+from rafale.data import shapes
 from rafale.config import load_config
-from rafale.zero_shot import classify, load_contrastive
+from rafale.commands.zero_shot import classify, load_contrastive
 
 
 def breakdown(run: Path) -> str:

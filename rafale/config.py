@@ -52,7 +52,7 @@ class RunConfig:
     restart: bool = option(
         False, "Start this run.name over: set the existing run folder aside as NAME.old-<timestamp> (also: "
         "--restart). Without it, resuming a run folder whose checkpoints were trained with another config (other "
-        "data, tokenizer, model, optimizer or schedule; see rafale/run_folder.py APPLIED_ON_RESUME for what may change) "
+        "data, tokenizer, model, optimizer or schedule; see rafale/run_folder/__init__.py APPLIED_ON_RESUME for what may change) "
         "is an error."
     )
     resume_fallback: bool = option(
@@ -160,7 +160,7 @@ class TrainingConfig:
     optimizer: dict = option(
         default_factory=lambda: {"name": "adamw"},
         help="The optimizer: {name: adamw | schedulefree_adamw | soap | muon | lion | a dotted path such as "
-        "torch.optim.SGD, <its arguments>}; see rafale/optim.py. schedulefree_adamw needs `pip install 'rafale[optim]'`.",
+        "torch.optim.SGD, <its arguments>}; see rafale/run/optim.py. schedulefree_adamw needs `pip install 'rafale[optim]'`.",
     )
     decay_embeddings: bool = option(True, "Apply weight_decay to the embedding matrices too.")
     layer_decay: Optional[float] = option(
@@ -169,7 +169,7 @@ class TrainingConfig:
     )
     schedule: Literal["cosine", "linear", "constant", "wsd"] = option(
         "cosine", "Learning-rate schedule after warmup. wsd: warmup-stable-decay (constant at lr, then a decay to 0 "
-        "over the last decay_fraction of the run; see rafale/optim.py)."
+        "over the last decay_fraction of the run; see rafale/run/optim.py)."
     )
     warmup: str = option("0.05dur", f"Warmup length, {TIME_HELP}.")
     lr_final_ratio: float = option(0.1, "Learning rate at the end of a cosine or linear schedule, relative to lr.")
@@ -383,7 +383,7 @@ def exact_time(text: str) -> tuple[fractions.Fraction, str]:
 
 def _check_wsd(t: "TrainingConfig") -> None:
     """The warmup-stable-decay keys: a decay fraction in (0, 1], and branch_from and cooldowns only with wsd, in
-    max_duration's unit (rafale.optim.wsd_batches turns them into batches)."""
+    max_duration's unit (rafale.run.optim.wsd_batches turns them into batches)."""
     if not 0 < t.decay_fraction <= 1:
         raise ConfigError("training.decay_fraction", f"must be in (0, 1], got {t.decay_fraction}")
     for key, value in (("branch_from", t.branch_from), ("cooldowns", t.cooldowns)):
@@ -569,7 +569,7 @@ def validate(cfg: Config, check_files: bool = True) -> None:
                               f"each template needs '{{}}' for the class name, got {template!r}")
     if check_files:
         _check_files(cfg)
-    # training.optimizer's name and arguments are checked by rafale.optim.check_optimizer, which `rafale -c` and
+    # training.optimizer's name and arguments are checked by rafale.run.optim.check_optimizer, which `rafale -c` and
     # `rafale sweep` call right after loading the config: building a stand-in optimizer imports torch's optimizers
     # (torch._dynamo, seconds), which a command that only reads a run folder must not wait for
 
@@ -589,7 +589,7 @@ def _check_creatable(folder: Path, key: str, what: str) -> None:
 
 def _check_early_stopping(spec) -> None:
     """training.early_stopping: {metric, patience}; the metric's name is checked against the model's metrics once
-    the model is built (rafale.outcomes.validation_metric)."""
+    the model is built (rafale.run.outcomes.validation_metric)."""
     if spec is None:
         return
     unknown = set(spec) - {"metric", "patience"}

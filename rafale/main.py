@@ -75,7 +75,7 @@ def train_main(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     cfg.run.restart = cfg.run.restart or getattr(args, "restart", False)
-    from rafale.optim import check_optimizer  # torch's optimizers: training needs them anyway
+    from rafale.run.optim import check_optimizer  # torch's optimizers: training needs them anyway
 
     check_optimizer(cfg.training)  # a wrong optimizer name, argument or value before any data work
     from rafale.resolve import resolve_model_config  # torch: the model files define the sizes
@@ -86,84 +86,84 @@ def train_main(args) -> int:
         from rafale.data.cache import print_data_summary
         from rafale.resolve import family_of
 
-        # rafale.train.datapipe_for, without importing Composer (resolve_model_config has set model.task)
+        # rafale.run.train.datapipe_for, without importing Composer (resolve_model_config has set model.task)
         print_data_summary(DATAPIPES[cfg.model.task](cfg.data, **family_of(cfg).data).load())
         return 0
-    from rafale.train import train  # Composer: only once the config is known to be good
+    from rafale.run.train import train  # Composer: only once the config is known to be good
 
     return train(cfg, model_cfg, data_only=args.data_only or env_flag("DATA"), debug=args.debug or env_flag("DEBUG"),
                  started=getattr(args, "started", None))
 
 
 def export_command(argv) -> int:
-    from rafale.export import export_main
+    from rafale.commands.export import export_main
 
     return export_main(argv)
 
 
 def generate_command(argv) -> int:
-    from rafale.generate import generate_main
+    from rafale.commands.generate import generate_main
 
     return generate_main(argv)
 
 
 def law_command(argv) -> int:
-    from rafale.law import law_main
+    from rafale.commands.law import law_main
 
     return law_main(argv)
 
 
 def lm_eval_command(argv) -> int:
-    from rafale.lm_eval_adapter import lm_eval_main
+    from rafale.commands.lm_eval import lm_eval_main
 
     return lm_eval_main(argv)
 
 
 def plot_command(argv) -> int:
-    from rafale.runs import plot_main
+    from rafale.commands.runs import plot_main
 
     return plot_main(argv)
 
 
 def runs_command(argv) -> int:
-    from rafale.runs import runs_main
+    from rafale.commands.runs import runs_main
 
     return runs_main(argv)
 
 
 def zero_shot_command(argv) -> int:
-    from rafale.zero_shot import zero_shot_main
+    from rafale.commands.zero_shot import zero_shot_main
 
     return zero_shot_main(argv)
 
 
 def predict_command(argv) -> int:
-    from rafale.predict import predict_main
+    from rafale.commands.predict import predict_main
 
     return predict_main(argv)
 
 
 def score_command(argv) -> int:
-    from rafale.score import score_main
+    from rafale.commands.score import score_main
 
     return score_main(argv)
 
 
 def sweep_command(argv) -> int:
-    from rafale.sweep import sweep_main
+    from rafale.commands.sweep import sweep_main
 
     return sweep_main(argv, train_main, on_every_rank)
 
 
 def on_every_rank(decide):
-    """decide() on rank 0 and its result on every process, under Composer's launcher (rafale.resilience's
+    """decide() on rank 0 and its result on every process, under Composer's launcher (rafale.run.resilience's
     decided_on_rank_zero, which imports Composer: only then); decide() itself in one process."""
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return decide()
     import torch
     from composer.utils import dist
 
-    from rafale.resilience import decided_on_rank_zero
+    from rafale.run.resilience import decided_on_rank_zero
 
     dist.initialize_dist("gpu" if torch.cuda.is_available() else "cpu")
     return decided_on_rank_zero(decide)

@@ -20,7 +20,7 @@ def SignalAt(batch: int):
 
 
 if __name__ == "__main__":
-    import rafale.train as train_module
+    import rafale.run.train as train_module
     from rafale.main import main
 
     extra = [SignalAt(int(os.environ["RAFALE_TEST_SIGNAL_AT"]))] if os.environ.get("RANK", "0") == "0" else []

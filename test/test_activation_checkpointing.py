@@ -9,7 +9,7 @@ from rafale.config import config_from_dict
 from rafale.errors import ConfigError
 from rafale.models.decoder import DecoderConfig, GPTNeoX
 from rafale.models.encoder import EncoderConfig, build_encoder
-from rafale.train import enable_activation_checkpointing
+from rafale.run.train import enable_activation_checkpointing
 
 
 def saved_bytes(fn) -> int:

@@ -15,7 +15,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre
 
 from rafale.config import DataConfig
 from rafale.data.tokenizers import train_tokenizer
-from rafale.metrics import BitsPerByte
+from rafale.models.metrics import BitsPerByte
 from rafale.models.token_bytes import TextBytes, covered_bytes, token_bytes
 
 # non-ASCII on purpose: accents (in NFC, and one in NFD), an emoji, CJK, mojibake, tabs, newlines, runs of spaces
@@ -137,7 +137,7 @@ def test_scores_bytes_of_the_datapipes_blocks_add_up_to_the_file(kind, task, tmp
     """rafale score's count on the blocks a datapipe cuts (documents joined by <|endoftext|> or [SEP], blocks framed
     by [CLS] ... [SEP]): every byte of every document once, the special tokens none."""
     from rafale.data import DATAPIPES
-    from rafale.score import bytes_of_blocks
+    from rafale.commands.score import bytes_of_blocks
 
     tokenizer = trained(kind)
     pipe = DATAPIPES[task](DataConfig(block_size=16), tokenizer_kind=kind)

@@ -1,5 +1,5 @@
 """The training loss computed in chunks (rafale.models.chunked_loss.chunked_cross_entropy) against the plain
-full-logits cross-entropy, and the wrapper's own bf16 autocast on a CPU (rafale.train.pick_precision)."""
+full-logits cross-entropy, and the wrapper's own bf16 autocast on a CPU (rafale.run.trainer_parts.pick_precision)."""
 
 import pytest
 import torch
@@ -12,7 +12,7 @@ from rafale.errors import IGNORE_INDEX
 from rafale.models.composer import ComposerLM
 from rafale.models.chunked_loss import chunked_cross_entropy
 from rafale.models.decoder import DecoderConfig, GPTNeoX
-from rafale.train import pick_precision
+from rafale.run.trainer_parts import pick_precision
 
 PADDED_V, TRUE_V = 64, 59  # the embedding is padded to a multiple of 64; the tokenizer has 59 tokens
 
@@ -170,15 +170,15 @@ def config(precision):
 
 
 def test_pick_precision_on_a_cpu(monkeypatch, capsys):
-    import rafale.train as train
+    import rafale.run.trainer_parts as parts
 
     lm = tiny_lm()
     assert pick_precision(config("fp32"), "cpu", lm) == ("fp32", None)
-    monkeypatch.setattr(train, "cpu_has_fast_bf16", lambda: True)
+    monkeypatch.setattr(parts, "cpu_has_fast_bf16", lambda: True)
     assert pick_precision(config("amp_bf16"), "cpu", lm) == ("fp32", torch.bfloat16)  # Composer fp32, model bf16
     assert pick_precision(config("amp_bf16"), "gpu", lm) == ("amp_bf16", None)  # Composer's own on a GPU
     assert capsys.readouterr().out == ""
-    monkeypatch.setattr(train, "cpu_has_fast_bf16", lambda: False)
+    monkeypatch.setattr(parts, "cpu_has_fast_bf16", lambda: False)
     assert pick_precision(config("amp_bf16"), "cpu", lm) == ("fp32", None)
     assert "running fp32 on the CPU" in capsys.readouterr().out
 

@@ -276,7 +276,7 @@ def test_published_presets_match_hf_defaults():
 def test_debug_preset_learns_a_batch_of_shapes(preset):
     """100 AdamW steps on 16 shapes pairs (word-level ids, padded): the loss falls and the pairs are found.
     This is what DEBUG=1 (overfit one batch) will rely on."""
-    from rafale.shapes import shape_splits
+    from rafale.data.shapes import shape_splits
 
     pairs = shape_splits(16, 0, seed=0, image_size=32)["train"]
     words = sorted({w for _, c in pairs for w in c.replace(",", "").split()})

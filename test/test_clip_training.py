@@ -22,7 +22,7 @@ from rafale.models.clip import build_model, contrastive_logits
 from rafale.models.contrastive import CLIP_PRESETS
 from rafale.models.composer import ClampLogitScale, ComposerContrastive
 from rafale.models.families import FAMILIES
-from rafale.shapes import HELD_OUT_CLASSES, ZERO_SHOT_CLASSES, draw, sample_plan
+from rafale.data.shapes import HELD_OUT_CLASSES, ZERO_SHOT_CLASSES, draw, sample_plan
 
 TINY_DATA = dict(source="shapes", tokenizer="train", vocab_size=512, block_size=32, image_size=32,
                  num_train_images=48, num_val_images=16, num_zero_shot_images=36)
@@ -45,7 +45,7 @@ def test_shapes_datapipe_caches_uint8_images_and_captions_ending_with_eos(cache_
 
     plan = sample_plan(random.Random(0))
     assert np.array_equal(first["pixel_values"].numpy(), np.asarray(draw(plan, 32)))
-    from rafale.shapes import caption
+    from rafale.data.shapes import caption
 
     ids = first["input_ids"].tolist()
     assert ids[-1] == data.eos_token_id and data.eos_token_id not in ids[:-1]
@@ -134,7 +134,8 @@ def test_two_ranks_gather_features_into_the_loss_of_the_whole_batch(tmp_path):
 
 
 def test_pairs_count_as_the_loss_is_averaged_and_a_pretrained_clip_keeps_its_image_size_and_end_of_text():
-    from rafale.train import check_fits_images, count_tokens
+    from rafale.run.train import check_fits_images
+    from rafale.run.trainer_parts import count_tokens
 
     batch = {"pixel_values": torch.zeros(3, 3, 4, 4), "input_ids": torch.tensor([[5, 0, 1], [6, 7, 0], [8, 0, 1]]),
              "attention_mask": torch.tensor([[1, 1, 0], [1, 1, 1], [1, 1, 0]])}
@@ -261,7 +262,7 @@ def plain_zero_shot_accuracy(model, data, pipe, family):
 def zero_shot_command_checks(tmp_path, run_dir):
     """`rafale zero-shot` on the run and on its export: one prediction per image, the same from both, and an
     accuracy that counts them."""
-    from rafale.shapes import zero_shot_set
+    from rafale.data.shapes import zero_shot_set
 
     images = tmp_path / "zs"
     classes = ["red circle", "blue square", "green star"]

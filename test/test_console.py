@@ -1,4 +1,4 @@
-"""The console lines a person reads during a run (rafale.loggers), from the metrics Composer logs."""
+"""The console lines a person reads during a run (rafale.run.loggers), from the metrics Composer logs."""
 
 import datetime
 import io
@@ -7,8 +7,8 @@ import types
 
 import pytest
 
-from rafale import loggers
-from rafale.loggers import ConsoleLog, format_eval_line, format_train_line
+from rafale.run import loggers
+from rafale.run.loggers import ConsoleLog, format_eval_line, format_train_line
 
 
 def test_train_line_has_loss_speed_mfu_lr_and_time_in_minutes():
@@ -26,7 +26,7 @@ def test_train_line_has_loss_speed_mfu_lr_and_time_in_minutes():
 
 def test_time_left_is_from_the_recent_batches():
     """A resumed run at batch 900 of 1000, its batches taking 2 s now: 200 s left, whatever the first ones took."""
-    from rafale.loggers import RecentPace
+    from rafale.run.loggers import RecentPace
 
     pace = RecentPace(window=50)
     assert pace.seconds_left(1000) is None
@@ -43,7 +43,7 @@ def test_time_left_is_from_the_recent_batches():
 def test_the_end_of_run_lines_compare_batch_times_only_when_compiling_and_say_a_busy_machine():
     from pathlib import Path
 
-    from rafale.record import describe
+    from rafale.run.record import describe
 
     summary = {"parameters": 1000, "tokens": 10_000, "wall_time_s": 20.0, "train_time_s": 10.0, "eval_time_s": 1.0,
                "checkpoint_time_s": 1.0, "startup_time_s": 5.0, "tokens_per_s": 1000.0, "mfu": 0.001,
@@ -201,7 +201,7 @@ def test_saving_a_split_leaves_the_datasets_progress_bars_as_they_were(tmp_path)
 
 
 def test_eval_batches_are_clamped_to_the_validation_batches(capsys):
-    from rafale.loggers import eval_subset_batches
+    from rafale.run.loggers import eval_subset_batches
 
     assert eval_subset_batches(None, 12) == -1 and eval_subset_batches(5, 12) == 5 and eval_subset_batches(12, 12) == 12
     assert capsys.readouterr().out == ""
@@ -230,7 +230,7 @@ def test_data_preparation_says_each_stage_and_no_library_draws_a_bar(tmp_path, c
 
     import rafale.progress
     from conftest import run_in_process, write_config
-    from rafale.stories import labelled_story_splits
+    from rafale.data.stories import labelled_story_splits
 
     monkeypatch.setenv("RAFALE_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(rafale.progress, "EVERY_S", 0.0)  # a line at every update: each stage says it runs

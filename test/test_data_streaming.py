@@ -137,7 +137,7 @@ def test_memory_does_not_grow_with_the_corpus(tmp_path):
     """Peak anonymous memory (memory-mapped file pages are the page cache's, not the process's) while preparing a
     corpus, then one eight times larger in the same process: the larger one needs no more. With small pieces and
     shards, so that small corpora show it. The former in-memory path grew by ~100 bytes per token."""
-    from rafale.stories import generate_stories
+    from rafale.data.stories import generate_stories
 
     stories = generate_stories(400)
     train_tokenizer(Dataset.from_dict({"text": stories}), 300).save(str(tmp_path / "tokenizer.json"))

@@ -3,7 +3,8 @@ import torch
 
 from rafale.models.pythia import PRESETS as PYTHIA_PRESETS
 from rafale.models.composer import ComposerLM
-from rafale.models.decoder import DecoderConfig, GPTNeoX, KVCache
+from rafale.models.decoder import DecoderConfig, GPTNeoX
+from rafale.models.kv_cache import KVCache
 
 V = 97
 

@@ -1,12 +1,12 @@
 import re
 
-from rafale.docprompt import (LEFT_OUT_PAGES, MAX_BYTES, REFERENCE_PAGE, ROOT, current_pages, doc_pages, docprompt,
+from rafale.commands.docprompt import (LEFT_OUT_PAGES, MAX_BYTES, REFERENCE_PAGE, ROOT, current_pages, doc_pages, docprompt,
                               main, outline)
 
 
 def test_config_reference_and_llm_docprompt_are_current():
     # fails when a config field, its help, the README, a docs/ page or a public signature changed without regenerating
-    assert main(["--check"]) == 0, "run: python -m rafale.docprompt"
+    assert main(["--check"]) == 0, "run: python -m rafale.commands.docprompt"
 
 
 def test_llm_docprompt_fits_in_one_message():
@@ -17,7 +17,7 @@ def test_llm_docprompt_fits_in_one_message():
 def test_editing_a_function_body_outside_the_full_files_changes_nothing():
     """A fix inside a function of train.py (not shown in full) leaves llm-docprompt.txt as it is; a new public
     function does not."""
-    source = (ROOT / "rafale" / "train.py").read_text()
+    source = (ROOT / "rafale" / "run" / "train.py").read_text()
     name = "def datapipe_for("
     body_start = source.index('"""', source.index('"""', source.index(name)) + 3) + 3  # after its docstring
     edited = source[:body_start] + "\n    _unused = 1 + 1  # an edit of the body" + source[body_start:]

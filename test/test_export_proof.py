@@ -1,4 +1,4 @@
-"""An export proves itself (rafale/export_proof.py): transformers loads what was written and must give the model's
+"""An export proves itself (rafale/run_folder/export_proof.py): transformers loads what was written and must give the model's
 outputs, or the export is refused with where they first differ, and nothing that looks like an export is left.
 
 The case it is for: a newcomer's first change to the decoder, nanoGPT's way (the MLP's GELU turned into SiLU in
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from conftest import run_in_process, write_config
 from rafale.data.cache import PreparedData
-from rafale.export_proof import TOLERANCE, ExportRefused, prove_export
+from rafale.run_folder.export_proof import TOLERANCE, ExportRefused, prove_export
 from rafale.models import clip, decoder, encoder
 from rafale.models.hf import architectures, save_pretrained
 from rafale.run_folder import REFUSED_FILE, export_model

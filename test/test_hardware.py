@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from rafale.hardware import TFLOPS, gpu_peak_flops, gpu_peaks_of
+from rafale.run.hardware import TFLOPS, gpu_peak_flops, gpu_peaks_of
 
 # (device name, dense bf16 peak in TFLOP/s; None: no bf16 tensor cores or no datasheet)
 DEVICES = [
@@ -67,7 +67,7 @@ def test_precision_without_tensor_cores_has_no_peak(capsys):
 def test_cpu_peak_is_probed_and_cached_per_dtype(tmp_path, monkeypatch):
     import torch
 
-    from rafale import hardware
+    from rafale.run import hardware
 
     probed = []
     peaks = {torch.float32: 1e9, torch.bfloat16: 3e9}
@@ -83,7 +83,7 @@ def test_cpu_peak_is_probed_and_cached_per_dtype(tmp_path, monkeypatch):
 def test_the_probe_multiplies_in_the_dtype_asked(monkeypatch):
     import torch
 
-    from rafale import hardware
+    from rafale.run import hardware
 
     seen = set()
     real_mm = torch.mm
@@ -99,7 +99,7 @@ def test_a_bf16_run_reports_mfu_against_the_bf16_peak(tmp_path, cache_dir, capsy
     import torch
 
     from conftest import run_in_process, write_config
-    from rafale import hardware, train
+    from rafale.run import hardware, train
 
     monkeypatch.setattr(train, "cpu_has_fast_bf16", lambda: True)  # emulated bf16 where the CPU lacks it: still bf16
     cached = cache_dir / "cpu_peak.json"  # the session's cache: other tests read it, so it is restored below
@@ -129,7 +129,7 @@ libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
 libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
 applied = None
 if sys.argv[1] == "keep":
-    from rafale.hardware import keep_freed_memory
+    from rafale.run.hardware import keep_freed_memory
     applied = keep_freed_memory()
 def step():  # a training step's activations: a few blocks of some MB, written, then freed
     blocks = [libc.malloc(8 << 20) for _ in range(3)]
@@ -148,7 +148,7 @@ print(applied, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start) / 10
 
 @pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
 def test_keep_freed_memory_stops_each_step_from_page_faulting_anew():
-    """What `rafale -c` sets before training (rafale.hardware.keep_freed_memory): with glibc's defaults, the same
+    """What `rafale -c` sets before training (rafale.run.hardware.keep_freed_memory): with glibc's defaults, the same
     24 MB freed and allocated again each step is handed back to the OS and page-faults anew (6,112 faults a step
     here); kept, it is reused (each side in a fresh process). The effect on training steps: bench/bench.py
     --default-malloc."""

@@ -106,8 +106,8 @@ def fixtures(tmp_path_factory, cache_dir):
         assert code == 0, (out + err)[-3000:]
     files = folder / "files"
     files.mkdir()
-    from rafale.shapes import zero_shot_set
-    from rafale.stories import labelled_story_splits, story_splits
+    from rafale.data.shapes import zero_shot_set
+    from rafale.data.stories import labelled_story_splits, story_splits
 
     stories = story_splits(20, 10, seed=1)["validation"]
     (files / "held-out.txt").write_text("<|endoftext|>".join(stories))
@@ -229,7 +229,7 @@ def run_until_its_work(argv: list[str], env: dict, monkeypatch) -> tuple[int, st
 
     import rafale.main
     import rafale.resolve
-    import rafale.sweep  # noqa: F401 (binds the real resolve_model_config: a sweep checks each of its points)
+    import rafale.commands.sweep  # noqa: F401 (binds the real resolve_model_config: a sweep checks each of its points)
 
     parse = argparse.ArgumentParser.parse_args
 

@@ -1,5 +1,5 @@
 """The package's shape: imports run one way, through the layers of LAYERS (the README's "Hacking on rafale" states
-the same line), every module in exactly one layer; nothing imports the CLI, a model file loads torch and itself
+the same line), every module in exactly one layer, the folder it lives in; nothing imports the CLI, a model file loads torch and itself
 only, the CLI answers --help and config errors without torch or Composer, and no function runs past a screen
 without saying why."""
 
@@ -91,7 +91,7 @@ def test_the_cycle_finder_finds_a_cycle():
 
 def test_the_package_imports_have_no_cycle():
     graph = import_graph()
-    assert "rafale.config" in graph and "rafale.resolve" in graph["rafale.train"]
+    assert "rafale.config" in graph and "rafale.resolve" in graph["rafale.run.train"]
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
@@ -101,28 +101,33 @@ def test_nothing_imports_the_cli():
     assert importers == []
 
 
-# The layers, lowest first: a module imports from its own layer or a lower one only. A name ending in "." is a
-# package: every module in it belongs there (a new family or datapipe is one file, no line here); any other new
-# module must be given a layer. "models | data" is one layer of two halves that never import each other.
+# The layers, lowest first, by folder: a module's layer is where it lives, and it imports from its own layer or a
+# lower one only. A name ending in "." is a folder: every module in it belongs there (a new family, datapipe, part
+# of the run or command is one file, no line here). rafale/'s top level holds the leaves, config, resolve and the
+# CLI, and nothing else (TOP_LEVEL). "models | data" is one layer of two halves that never import each other.
 LAYERS = {
     "errors": {"rafale", "rafale.errors", "rafale.progress",  # (progress: what a long stage says, a leaf)
                "rafale.stats"},  # (stats: a mean's interval, a difference's test; numbers in, numbers out)
     "config": {"rafale.config"},
-    "models | data": {"rafale.models.", "rafale.metrics",  # (metrics: the Composer wrappers' validation metrics)
-                      "rafale.data.", "rafale.stories", "rafale.shapes"},
+    "models | data": {"rafale.models.", "rafale.data."},
     "resolve": {"rafale.resolve"},
-    "the run folder": {"rafale.run_folder", "rafale.checkpoints", "rafale.plots",
-                       "rafale.export_proof"},  # (export_proof: the check of the export the run folder writes)
-    "the run": {"rafale.train", "rafale.record", "rafale.loggers", "rafale.outcomes", "rafale.resilience",
-                "rafale.optim", "rafale.hardware", "rafale.branch"},
-    "the commands": {"rafale.export", "rafale.predict", "rafale.score", "rafale.generate", "rafale.lm_eval_adapter",
-                     "rafale.zero_shot", "rafale.sweep", "rafale.runs", "rafale.docprompt", "rafale.law"},
+    "the run folder": {"rafale.run_folder."},
+    "the run": {"rafale.run."},
+    "the commands": {"rafale.commands."},
     "main": {"rafale.main", "rafale.__main__", "rafale.main.__main__"},
 }
-HALVES = {"models": ("rafale.models", "rafale.metrics"), "data": ("rafale.data", "rafale.stories", "rafale.shapes")}
+TOP_LEVEL = {m for members in LAYERS.values() for m in members if m.count(".") < 2 and not m.endswith(".")}
+FOLDERS = {m for members in LAYERS.values() for m in members if m.endswith(".")}
+# where a module that is none of TOP_LEVEL goes, by what it is
+WHERE_IT_GOES = ("a command in rafale/commands/, a part of the training run in rafale/run/, what reads or writes a run "
+                 "folder in rafale/run_folder/, a model part or metric in rafale/models/, a data source or "
+                 "generator in rafale/data/")
+HALVES = {"models": ("rafale.models",), "data": ("rafale.data",)}
 LAYERING = " -> ".join(LAYERS)
-# what a command may not import: the run's machinery (a command reads a run through rafale.run_folder)
-THE_RUNS_INSIDES = {"rafale.train", "rafale.record", "rafale.loggers", "rafale.outcomes", "rafale.resilience"}
+# what a command may not import: the run's machinery (a command reads a run through rafale.run_folder; the
+# optimizers' check, the cooldowns' names and the machine's peak are the run's it may ask)
+THE_RUNS_INSIDES = {"rafale.run.train", "rafale.run.record", "rafale.run.loggers", "rafale.run.outcomes",
+                    "rafale.run.resilience"}
 
 
 def in_package(name: str, package: str) -> bool:
@@ -164,7 +169,29 @@ def test_every_module_is_in_exactly_one_layer():
     listed = [m for members in LAYERS.values() for m in members]
     assert len(listed) == len(set(listed))
     assert [m for m in listed if not m.endswith(".") and m not in names] == []  # no stale names
+    assert [m for m in FOLDERS if not (PACKAGE / m.removeprefix("rafale.").rstrip(".")).is_dir()] == []
     assert layer_of("rafale.new_module") == [] and layer_of("rafale.models.new_family") == ["models | data"]
+    assert layer_of("rafale.commands.compare") == ["the commands"] and layer_of("rafale.run.new_part") == ["the run"]
+
+
+def misplaced(names: set[str]) -> list[str]:
+    """The modules at rafale/'s top level that are not TOP_LEVEL's, each with where it should go: the layers are
+    folders, so a module's place says its layer."""
+    return [f"rafale/{name.removeprefix('rafale.')}.py is at rafale/'s top level, which holds only {top_level_files()}: "
+            f"put {WHERE_IT_GOES}"
+            for name in sorted(names) if name.count(".") == 1 and name not in TOP_LEVEL and f"{name}." not in FOLDERS]
+
+
+def top_level_files() -> str:
+    return ", ".join(sorted(f"{name.removeprefix('rafale.')}.py" for name in TOP_LEVEL if name != "rafale"))
+
+
+def test_a_new_module_at_the_top_level_is_told_which_folder_it_belongs_in():
+    assert TOP_LEVEL == {"rafale", "rafale.errors", "rafale.progress", "rafale.stats", "rafale.config",
+                         "rafale.resolve", "rafale.main", "rafale.__main__"}
+    assert misplaced({"rafale.compare", "rafale.commands.compare", "rafale.config"}) == [
+        f"rafale/compare.py is at rafale/'s top level, which holds only {top_level_files()}: put {WHERE_IT_GOES}"]
+    assert misplaced(set(modules())) == []
 
 
 def test_the_layers_run_one_way():
@@ -175,16 +202,16 @@ def test_the_layers_run_one_way():
 
 
 @pytest.mark.parametrize("importer, imported", [
-    ("rafale.loggers", "rafale.runs"),  # the run importing a command (the run folder's names were in export.py
-    ("rafale.record", "rafale.export"),  # and plots.py: record.py, run_folder.py, train.py and loggers.py
-    ("rafale.run_folder", "rafale.export"),  # imported the commands for them)
-    ("rafale.train", "rafale.export"),
-    ("rafale.sweep", "rafale.record"),  # a command importing the run's insides
-    ("rafale.config", "rafale.optim"),  # the config building an optimizer
+    ("rafale.run.loggers", "rafale.commands.runs"),  # the run importing a command (the run folder's names were in export.py
+    ("rafale.run.record", "rafale.commands.export"),  # and plots.py: record.py, run_folder.py, train.py and loggers.py
+    ("rafale.run_folder", "rafale.commands.export"),  # imported the commands for them)
+    ("rafale.run.train", "rafale.commands.export"),
+    ("rafale.commands.sweep", "rafale.run.record"),  # a command importing the run's insides
+    ("rafale.config", "rafale.run.optim"),  # the config building an optimizer
     ("rafale.models.pythia", "rafale.data.tokenizers"),  # a model importing the data
-    ("rafale.metrics", "rafale.data.tokenizers"),  # ... through the metrics
+    ("rafale.models.metrics", "rafale.data.tokenizers"),  # ... through the metrics
     ("rafale.data.cache", "rafale.models.families"),  # the data importing a model
-    ("rafale.run_folder", "rafale.record"),
+    ("rafale.run_folder", "rafale.run.record"),
 ])
 def test_the_layer_check_finds_each_arrow_that_climbed(importer, imported):
     graph = import_graph()
@@ -200,10 +227,10 @@ def test_the_readme_states_the_same_layers():
 
 def test_config_validation_imports_neither_torch_nor_the_optimizers():
     """Loading and checking a config is quick: the optimizer's own check (it builds one) comes after, on the road
-    that trains (rafale.optim.check_optimizer)."""
+    that trains (rafale.run.optim.check_optimizer)."""
     result = loaded_after("from rafale.config import load_config\nload_config('test/pythia_debug.yaml')")
     assert [m for m in result["modules"] if m.split(".")[0] in ("torch", "composer")] == []
-    assert "rafale.optim" not in result["modules"]
+    assert "rafale.run.optim" not in result["modules"]
 
 
 def family_name_comparisons(tree: ast.Module, names: set[str], anywhere: bool) -> list[str]:
@@ -255,13 +282,13 @@ print(json.dumps({{"modules": sorted(m for m in sys.modules if m.split(".")[0] i
 
 
 def test_a_model_file_loads_torch_and_itself_only():
-    """The decoder, its CPU decoding helper (rafale/models/decoding.py) and its chunked loss (chunked_loss.py), parts
-    of it kept apart, load torch and rafale's shared errors, nothing else of rafale's."""
+    """The decoder, its CPU decoding helper (rafale/models/decoding.py), its KV cache (kv_cache.py) and its chunked
+    loss (chunked_loss.py), parts of it kept apart, load torch and rafale's shared errors, nothing else of rafale's."""
     loaded = set(loaded_after("import rafale.models.decoder")["modules"])
     assert "torch" in loaded and not any(m.startswith("composer") for m in loaded)
     assert {m for m in loaded if m.startswith("rafale")} == {"rafale", "rafale.errors", "rafale.models",
                                                              "rafale.models.decoder", "rafale.models.decoding",
-                                                             "rafale.models.chunked_loss"}
+                                                             "rafale.models.chunked_loss", "rafale.models.kv_cache"}
     loaded = set(loaded_after("import rafale.models.decoding")["modules"])
     assert {m for m in loaded if m.startswith("rafale")} == {"rafale", "rafale.models", "rafale.models.decoding"}
     import rafale.models

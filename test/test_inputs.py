@@ -16,7 +16,7 @@ import torch
 import yaml
 
 from conftest import SHARED_DATA, run_in_process, write_config
-from rafale import optim
+from rafale.run import optim
 from rafale.config import ConfigError, config_from_dict
 
 BASE = yaml.safe_load((Path(__file__).parent / "pythia_debug.yaml").read_text())
@@ -269,7 +269,7 @@ def test_a_classifiers_validation_split_of_few_examples_is_warned_about(tmp_path
 
 
 def test_one_document_per_line_names_doc_separator_and_then_works(tmp_path, capsys, monkeypatch):
-    from rafale.stories import story_splits
+    from rafale.data.stories import story_splits
 
     source = tmp_path / "lines.txt"
     source.write_text("\n".join(s.replace("\n", " ") for s in story_splits(60, 6, seed=0)["train"]) + "\n")
@@ -429,7 +429,7 @@ def test_bits_per_byte_of_a_run_on_indented_code(tmp_path, capsys, monkeypatch):
     """The run's validation BitsPerByte against its definition, counted without rafale's byte table: summed nats
     over the scored tokens / (ln 2 x the UTF-8 bytes of the text those tokens decode to)."""
     from rafale.config import load_config
-    from rafale.train import datapipe_for
+    from rafale.run.train import datapipe_for
     from rafale.run_folder import read_metrics
 
     functions = [CODE.replace("area", f"area_{i}").replace("Shape", f"Shape{i}") for i in range(40)]

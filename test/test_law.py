@@ -19,9 +19,9 @@ import yaml
 
 from conftest import run_in_process, write_config
 from rafale.config import ConfigError, TrainingConfig, config_from_dict
-from rafale.law import LawError, Point, compute_optimal, fit_law, flops_relation, read_points, select
-from rafale.optim import DECAY_SHAPES, WarmupStableDecay, wsd_batches
-from rafale.record import non_embedding_parameters
+from rafale.commands.law import LawError, Point, compute_optimal, fit_law, flops_relation, read_points, select
+from rafale.run.optim import DECAY_SHAPES, WarmupStableDecay, wsd_batches
+from rafale.run.record import non_embedding_parameters
 
 TRUE = {"E": 1.8, "A": 40.0, "alpha": 0.34, "B": 60.0, "beta": 0.3}
 SIZES = (3e4, 1e5, 3e5, 1e6)
@@ -211,8 +211,8 @@ def test_law_command_writes_the_table_and_the_plot_and_reports_the_holdout(tmp_p
 
 
 def test_runs_table_shows_and_filters_by_N_D_and_C(tmp_path, capsys, monkeypatch):
-    from rafale.plots import table_rows
-    from rafale.runs import run_folders
+    from rafale.run_folder.plots import table_rows
+    from rafale.commands.runs import run_folders
 
     grid_of_runs(tmp_path)
     headers, rows = table_rows(run_folders([tmp_path]), sort="C", where=["N>5e4", "D<=4e5"])
@@ -327,7 +327,7 @@ def test_one_epoch_wsd_run_of_49_batches_ends_at_the_readme_rates():
     last decay_fraction of the run, 0.2 x 49 = 9.8 batches, rounded up to 10: batches 39..48 decay, and batch i
     runs at lr x (1 - (i - 39) / 10). (An epoch counted as 50 batches ran batches 45-48 at 1.5e-3 ... 6e-4.)"""
     from rafale.config import Config
-    from rafale.train import make_scheduler
+    from rafale.run.trainer_parts import make_scheduler
 
     lr, end, decay = 3.0e-3, 49, math.ceil(0.2 * 49)
     cfg = Config(training=TrainingConfig(schedule="wsd", lr=lr, warmup="0.05dur", max_duration="1ep",
@@ -390,7 +390,7 @@ def test_a_cooldown_branch_continues_its_parent_and_decays_to_zero(tmp_path, cac
     assert [s.get("run") for s in summary["segments"]] == ["pythia-debug", None]
     assert summary["segments"][0]["batches"] == [0, 16]
     # its wall time is the parent's up to batch 16 (its start-up whole, the rest 16/40 of it) plus its own, not the
-    # parent's whole run (rafale.record.cut)
+    # parent's whole run (rafale.run.record.cut)
     (whole,), own = json.loads((parent / "summary.json").read_text())["segments"], summary["segments"][1]
     up_to_16 = whole["startup_time_s"] + (whole["wall_time_s"] - whole["startup_time_s"]) * 16 / 40
     assert summary["segments"][0]["wall_time_s"] == pytest.approx(up_to_16, abs=2e-3)
@@ -438,7 +438,7 @@ def test_the_law_predicts_a_finite_loss_where_a_bootstrap_fit_s_power_alone_woul
     warned on the console), the term A / N^alpha does not. Checked against exact decimal arithmetic."""
     from decimal import Decimal
 
-    from rafale.law import Law
+    from rafale.commands.law import Law
 
     law = Law(("N", "D"), {"E": 0.7, "A": 4e290, "alpha": 55.0, "B": 2.8e9, "beta": 1.8}, {})
     with warnings.catch_warnings():
@@ -450,7 +450,7 @@ def test_the_law_predicts_a_finite_loss_where_a_bootstrap_fit_s_power_alone_woul
 
 def test_the_law_plot_s_loss_axis_reads_as_plain_numbers():
     """The README's law plot spans less than a decade of loss: its labels read 1, 2, not 2x10^0 and 10^0."""
-    from rafale.law import Law, Point, law_figure
+    from rafale.commands.law import Law, Point, law_figure
 
     law = Law(("N", "D"), {"E": 0.7, "A": 400.0, "alpha": 0.5, "B": 4000.0, "beta": 0.6}, {})
     points = [Point(f"n{N}-d{D}", N, D, 6 * N, float(law.predict(N, D))) for N in (1e5, 2e5) for D in (3e5, 8e5)]

@@ -14,7 +14,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from conftest import randomize_  # noqa: E402
-from rafale.models.decoder import Decoder, KVCache  # noqa: E402
+from rafale.models.decoder import Decoder  # noqa: E402
+from rafale.models.kv_cache import KVCache  # noqa: E402
 from rafale.models.hf import from_pretrained, save_pretrained  # noqa: E402
 from rafale.models.llama import LlamaConfig  # noqa: E402
 from rafale.models.qwen2 import Qwen2Config  # noqa: E402

@@ -14,7 +14,7 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 
 from rafale.config import DataConfig, RafaleError  # noqa: E402
 from rafale.data.causal_lm import CausalLMDataPipe  # noqa: E402
-from rafale.lm_eval_adapter import RafaleLM  # noqa: E402
+from rafale.commands.lm_eval import RafaleLM  # noqa: E402
 from rafale.models.decoder import DecoderConfig, GPTNeoX  # noqa: E402
 from rafale.models.hf import save_pretrained  # noqa: E402
 from conftest import run_in_process, write_lm_eval_task  # noqa: E402

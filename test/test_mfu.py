@@ -1,4 +1,4 @@
-"""MFU: the FLOPs a training step does (flops_per_token) and the peak it is divided by (rafale/hardware.py).
+"""MFU: the FLOPs a training step does (flops_per_token) and the peak it is divided by (rafale/run/hardware.py).
 
 An MFU above 100% means one of the two is wrong. The FLOPs are checked against a count by hand from the config's
 sizes and against torch's own FLOP counter; the CPU peak against a probe that a busy machine can only slow down, a
@@ -15,7 +15,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import run_in_process, write_config
-from rafale import hardware
+from rafale.run import hardware
 from rafale.models.families import FAMILIES
 from rafale.models.decoder import GPTNeoX
 from rafale.models.encoder import build_encoder

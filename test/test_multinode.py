@@ -247,7 +247,7 @@ def test_two_processes_interrupted_resumed_stopped_early_evaluated_and_rerun_rec
     one: SIGTERM (to rank 0 only) at batch 31; a resume that keep_best and early stopping carry on from the record
     (every rank must stop at batch 34, knowing the best of batch 30 that rank 0 read); an eval-only; a re-run. Every
     rank ends every time, and the two folders hold the same record, checkpoints and weights."""
-    import rafale.train as train_module
+    import rafale.run.train as train_module
     from conftest import run_in_process
     from signalled_run import SignalAt
 

@@ -1,4 +1,4 @@
-"""rafale/optim.py: the optimizer registry, parameter groups, layerwise lr decay, schedule-free's modes; RMSNorm."""
+"""rafale/run/optim.py: the optimizer registry, parameter groups, layerwise lr decay, schedule-free's modes; RMSNorm."""
 
 import dataclasses
 import math
@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from conftest import run_in_process, write_config
-from rafale import optim
+from rafale.run import optim
 from rafale.config import ConfigError, TrainingConfig, config_from_dict
 from rafale.resolve import resolve_model_config
 from rafale.run_folder import read_checkpoint_weights
@@ -210,7 +210,7 @@ def test_composer_converted_times_are_whole_batches():
     whole counts: 0.29 x 100 is 28.999999999999996 (Composer's warmup: 28), 0.07 x 100 is 7.000000000000001 (its
     intervals: 8)."""
     from rafale.config import Config
-    from rafale.train import make_scheduler, save_schedule
+    from rafale.run.trainer_parts import make_scheduler, save_schedule
 
     assert optim.whole_time("0.07dur", "100ba", None) == "7ba"
     assert optim.whole_time("0.1dur", "20480tok", None) == "2048tok"
@@ -225,7 +225,7 @@ def test_schedule_free_warmup_in_batches_and_a_constant_schedule():
     from composer.optim import ConstantScheduler
 
     from rafale.config import Config
-    from rafale.train import make_scheduler
+    from rafale.run.trainer_parts import make_scheduler
 
     assert optim.batches_in("5ba", "40ba", 10, 8, 64) == 5
     assert optim.batches_in("0.05dur", "40ba", 10, 8, 64) == 2
@@ -306,7 +306,7 @@ def schedule_free_config(tmp_path: Path, **training) -> Path:
 
 
 def read_checkpoint(path: Path) -> dict:
-    from rafale.resilience import CHECKPOINT_SAFE_GLOBALS
+    from rafale.run.resilience import CHECKPOINT_SAFE_GLOBALS
 
     with torch.serialization.safe_globals(CHECKPOINT_SAFE_GLOBALS):
         return torch.load(path, map_location="cpu", weights_only=True)["state"]

@@ -53,7 +53,7 @@ def test_keep_best_exports_the_weights_of_the_best_evaluation(tmp_path, cache_di
 
 
 def test_early_stopping_stops_after_patience_without_improvement(tmp_path, cache_dir, capsys, monkeypatch):
-    from rafale.record import RunRecord
+    from rafale.run.record import RunRecord
 
     saved = []  # every record written: the ones at checkpoints before the stop say nothing of an early stop
     save = RunRecord.save
@@ -101,10 +101,10 @@ def test_a_fallback_resume_starts_from_the_best_up_to_its_checkpoint_and_ends_as
     export-best weights; the export of the lost step is set aside."""
     import shutil
 
-    import rafale.train as train_module
-    from rafale.checkpoints import batch_number
-    from rafale.outcomes import outcome
-    from rafale.record import RunRecord
+    import rafale.run.train as train_module
+    from rafale.run_folder.checkpoints import batch_number
+    from rafale.run.outcomes import outcome
+    from rafale.run.record import RunRecord
 
     saved = []  # every record the uninterrupted run writes, one at each checkpoint
     save = RunRecord.save

@@ -7,7 +7,7 @@ import yaml
 
 from rafale.config import ConfigError, apply_overrides, load_config
 from rafale.main import parse_args
-from rafale.sweep import grid, run_name, split_values
+from rafale.commands.sweep import grid, run_name, split_values
 from conftest import ROOT, run_in_process, write_config
 
 

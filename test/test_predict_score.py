@@ -1,4 +1,4 @@
-"""`rafale predict` and `rafale score` (rafale/predict.py, score.py) on tiny runs trained here: on a run's own
+"""`rafale predict` and `rafale score` (rafale/commands/predict.py, score.py) on tiny runs trained here: on a run's own
 validation file they give its validation figures, and neither imports Composer or transformers."""
 
 import contextlib
@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from conftest import ROOT, write_config
-from rafale.stories import labelled_story_splits, story_splits
+from rafale.data.stories import labelled_story_splits, story_splits
 
 
 def rafale(*args) -> tuple[int, str, str]:
@@ -219,8 +219,8 @@ def test_scores_bytes_are_the_validations_on_byte_level_bpe(runs):
     from rafale.config import load_config
     from rafale.data import CausalLMDataPipe
     from rafale.models.token_bytes import TextBytes, token_bytes
-    from rafale.predict import read_file_rows
-    from rafale.score import bytes_of_blocks
+    from rafale.commands.predict import read_file_rows
+    from rafale.commands.score import bytes_of_blocks
 
     run_dir, folder = runs["lm"][0], runs["folder"]
     cfg = load_config(run_dir / "config.yaml", saved_run=True)

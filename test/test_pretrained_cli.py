@@ -57,8 +57,8 @@ def test_run_exports_hf_weights_and_finetunes_from_them(tmp_path, cache_dir, cap
 
 
 def test_classifier_starts_from_an_mlm_runs_encoder(tmp_path, cache_dir, capsys, monkeypatch):
-    from rafale.train import prepare_data
-    from rafale.train import build_model
+    from rafale.run.train import prepare_data
+    from rafale.run.train import build_model
 
     model = {"type": "bert", "task": "mlm", "preset": "bert-tiny"}
     _, run_dir, _ = train(tmp_path, capsys, monkeypatch, "mlm", model=model)

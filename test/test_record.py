@@ -1,5 +1,5 @@
 """The run's record is the run: after a resume, a re-run, an eval-only or a sweep re-run, config.yaml, summary.json
-and metrics.jsonl say exactly what happened (rafale/record.py). Every test goes through `rafale -c` (or `rafale
+and metrics.jsonl say exactly what happened (rafale/run/record.py). Every test goes through `rafale -c` (or `rafale
 sweep`) on short runs of test/pythia_debug.yaml."""
 
 import json
@@ -42,7 +42,7 @@ def record_files(run_dir: Path) -> dict:
 def test_a_segment_cut_at_a_batch_keeps_its_start_up_and_scales_the_rest_of_its_times():
     """cut's formula by hand: a segment of batches 0-40 (wall 100 s, 10 s of it start-up) cut at batch 16 keeps
     16/40 of its training, evaluation and checkpoint time and of its wall time after the start-up: 10 + 90 x 0.4."""
-    from rafale.record import cut
+    from rafale.run.record import cut
 
     segment = {"batches": [0, 40], "tokens": 40 * 512, "wall_time_s": 100.0, "startup_time_s": 10.0,
                "train_time_s": 70.0, "eval_time_s": 15.0, "checkpoint_time_s": 5.0, "ended": "complete"}
@@ -94,7 +94,7 @@ def test_a_corpus_edited_without_changing_its_size_is_not_resumed_but_a_moved_on
     from datasets import Dataset
 
     from rafale.data.tokenizers import train_tokenizer
-    from rafale.stories import story_splits
+    from rafale.data.stories import story_splits
 
     stories = story_splits(120, 0, seed=0)["train"]
     text = "\n<|endoftext|>\n".join(stories)
@@ -236,7 +236,7 @@ def test_an_interrupted_and_resumed_run_records_what_an_uninterrupted_one_does(t
     import os
     import subprocess
 
-    import rafale.train as train_module
+    import rafale.run.train as train_module
     from conftest import ROOT
 
     a_cfg = config(tmp_path, "a.yaml", run={"name": "a"})

@@ -15,7 +15,7 @@ from conftest import run_in_process, write_config
 from rafale.config import load_config
 from rafale.data.cache import PreparedData
 from rafale.run_folder import latest_checkpoint, load_run_model
-from rafale.resilience import prune_checkpoints, read_checkpoint
+from rafale.run.resilience import prune_checkpoints, read_checkpoint
 from rafale.run_folder import data_conflicts
 
 # two checkpoints (batches 2 and 4), the last one at the end of training, so the export equals it
@@ -227,7 +227,7 @@ def test_generate_and_export_need_only_the_run_folder(trained, tmp_path, capsys,
 
 def test_run_folder_is_complete_and_consistent(trained):
     transformers = pytest.importorskip("transformers")
-    from rafale.train import prepare_data
+    from rafale.run.train import prepare_data
 
     cfg_path, run_dir = trained
     for name in ("config.yaml", "tokenizer.json", "data.json", "model.json", "metrics.jsonl", "metrics.png",

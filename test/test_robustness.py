@@ -124,7 +124,7 @@ def test_run_killed_then_rerun_ends_exactly_like_an_uninterrupted_one(reference_
 
 def test_sigint_saves_a_checkpoint_where_it_lands_and_exits_130(tmp_path, cache_dir, capsys, monkeypatch):
     """Ctrl-C (SIGINT) at the end of batch 13, in this process: the run stops after that batch with a checkpoint."""
-    import rafale.train as train_module
+    import rafale.run.train as train_module
     from composer.core import Callback
 
     class CtrlC(Callback):

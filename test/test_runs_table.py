@@ -2,7 +2,7 @@
 table, and the pictures (metrics.png's own axis for bits per byte, an overlay's legend saying what differs).
 
 The run folders are made by hand, in the formats rafale writes: config.yaml by rafale.config.save_config,
-summary.json as rafale.record.RunRecord writes it, metrics.jsonl as rafale.loggers.MetricsFile does."""
+summary.json as rafale.run.record.RunRecord writes it, metrics.jsonl as rafale.run.loggers.MetricsFile does."""
 
 import csv
 import io
@@ -14,9 +14,9 @@ import pytest
 
 from rafale.config import Config, load_config, save_config
 from rafale.errors import RafaleError
-from rafale.plots import run_figure, runs_figure, runs_table, what_differs
-from rafale.runs import runs_main
-from rafale.sweep import run_name, sweep_table
+from rafale.run_folder.plots import run_figure, runs_figure, runs_table, what_differs
+from rafale.commands.runs import runs_main
+from rafale.commands.sweep import run_name, sweep_table
 
 LOSS, PPL, BPB = "metrics/eval/LanguageCrossEntropy", "metrics/eval/LanguagePerplexity", "metrics/eval/BitsPerByte"
 
@@ -237,7 +237,7 @@ def test_runs_and_plot_read_a_killed_runs_cut_metrics_line(tmp_path, capsys):
     the rows before it (the one reader, rafale.run_folder.metrics_rows, which the resume's compaction uses too)."""
     from rafale.main import main
     from rafale.run_folder import metrics_rows, read_metrics
-    from rafale.record import compact_metrics
+    from rafale.run.record import compact_metrics
 
     run_dir = fake_run(tmp_path, "killed", [6.0, 2.5], [3.1, 0.85])
     with (run_dir / "metrics.jsonl").open("a") as f:

@@ -1,4 +1,4 @@
-"""Tests for the shapes image-caption generator (rafale/shapes.py): determinism, captions true to the pixels,
+"""Tests for the shapes image-caption generator (rafale/data/shapes.py): determinism, captions true to the pixels,
 held-out colour-shape pairs kept out of training and present in the zero-shot set."""
 
 import random
@@ -6,7 +6,7 @@ import re
 
 import numpy as np
 
-from rafale.shapes import (
+from rafale.data.shapes import (
     BACKGROUNDS,
     COLOURS,
     HELD_OUT,

@@ -3,7 +3,7 @@ than the rest of such a command: it pulls in torchmetrics, transformers and matp
 in a fresh interpreter, on a run trained here; then sys.modules is read.
 
 Commands that cannot avoid them: `rafale -c cfg.yaml` and `sweep` train (Composer's Trainer), and are not listed;
-`export` loads what it wrote back in transformers to check it (rafale/export_proof.py), and is listed for Composer
+`export` loads what it wrote back in transformers to check it (rafale/run_folder/export_proof.py), and is listed for Composer
 only (ALLOWED); `lm-eval` runs lm-evaluation-harness (which imports transformers), and `zero-shot` needs a CLIP run,
 which is not trained here (it loads its model as `generate` does, through rafale.run_folder.load_run_model)."""
 
@@ -17,7 +17,7 @@ import sys
 import pytest
 
 from conftest import ROOT, write_config
-from rafale.stories import story_splits
+from rafale.data.stories import story_splits
 
 HEAVY = ("composer", "transformers")
 

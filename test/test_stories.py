@@ -1,4 +1,4 @@
-"""Tests for the embedded story generator (rafale/stories.py)."""
+"""Tests for the embedded story generator (rafale/data/stories.py)."""
 
 import hashlib
 import math
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from rafale.stories import (
+from rafale.data.stories import (
     MOODS,
     generate_labelled_stories,
     generate_stories,
@@ -57,7 +57,7 @@ def test_prefix_stable():
 
 def test_deterministic_across_processes():
     # A different PYTHONHASHSEED catches any use of hash() or set order.
-    code = ("import hashlib; from rafale.stories import generate_labelled_stories as g; "
+    code = ("import hashlib; from rafale.data.stories import generate_labelled_stories as g; "
             "print(hashlib.sha256(repr(g(300, seed=2)).encode()).hexdigest())")
     digests = set()
     for hash_seed in ("1", "12345"):

@@ -15,7 +15,7 @@ from composer.optim import CosineAnnealingWithWarmupScheduler
 from datasets import Dataset
 from torch.utils.data import DataLoader, DistributedSampler
 
-import rafale.train
+import rafale.run.train
 from conftest import run_in_process, write_config
 from rafale.config import ConfigError, load_config
 from rafale.data.causal_lm import CausalLMCollator
@@ -27,8 +27,8 @@ from rafale.models.bert import BERT_PRESETS
 from rafale.models.pythia import PRESETS as PYTHIA_PRESETS
 from rafale.models.decoder import GPTNeoX
 from rafale.models.encoder import build_encoder
-from rafale.resilience import FiniteLossMonitor, TrainingDiverged
-from rafale.train import count_tokens, make_dataloader, make_scheduler
+from rafale.run.resilience import FiniteLossMonitor, TrainingDiverged
+from rafale.run.trainer_parts import count_tokens, make_dataloader, make_scheduler
 
 
 def blocks(n: int, length: int = 8) -> Dataset:
@@ -59,7 +59,7 @@ def trainer_arguments(tmp_path, cache_dir, capsys, monkeypatch):
             recorded.update(kwargs)
             raise Recorded
 
-        monkeypatch.setattr(rafale.train, "Trainer", fake_trainer)
+        monkeypatch.setattr(rafale.run.train, "Trainer", fake_trainer)
         cfg = write_config(tmp_path / "cfg.yaml", run={"output_dir": str(tmp_path / "runs"), **sections.pop("run", {})},
                            **sections)
         with pytest.raises(Recorded):
@@ -270,7 +270,7 @@ def test_debug_trains_without_dropout(trainer_arguments):
 def test_export_gathers_full_weights_into_an_unsharded_copy(monkeypatch):
     """FSDP needs GPUs here, so this runs the gather on a plain model: torch's get_model_state_dict returns the full
     weights for both, and rank 0 exports a fresh copy of the same class holding exactly them."""
-    from rafale import train
+    from rafale.run import train
 
     torch.manual_seed(0)
     cfg = dataclasses.replace(PYTHIA_PRESETS["pythia-debug"], vocab_size=64)

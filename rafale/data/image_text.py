@@ -3,7 +3,7 @@ preprocessing, the datapipe that caches them and the collator that makes their b
 images and tokenizes prompts with the same functions.
 
 Sources (data.source):
-    shapes                    the embedded coloured-shapes generator (rafale/shapes.py), with its zero-shot set
+    shapes                    the embedded coloured-shapes generator (rafale/data/shapes.py), with its zero-shot set
     captions.jsonl / .csv     a captions file: one row per pair, data.image_column (a path relative to the file)
                               and data.text_column; a folder holding captions.jsonl or captions.csv works too
     hf:<name>                 a hub image-text dataset (online only): data.image_column holds images
@@ -72,7 +72,7 @@ def open_image(path: Path, size: int) -> np.ndarray:
 
 
 def shapes_pairs(cfg: DataConfig) -> dict:
-    from rafale.shapes import shape_splits
+    from rafale.data.shapes import shape_splits
 
     splits = shape_splits(cfg.num_train_images, cfg.num_val_images, seed=cfg.split_seed, image_size=cfg.image_size)
     return {split: ([c for _, c in pairs], [im for im, _ in pairs]) for split, pairs in splits.items()}
@@ -178,7 +178,7 @@ def zero_shot_source(cfg: DataConfig) -> dict | None:
         templates = cfg.prompt_templates or DEFAULT_TEMPLATES
         return dict(classes=classes, templates=list(templates), held_out=[], labels=labels, images=images)
     if cfg.source == "shapes":
-        from rafale.shapes import HELD_OUT_CLASSES, PROMPT_TEMPLATES, ZERO_SHOT_CLASSES, zero_shot_set
+        from rafale.data.shapes import HELD_OUT_CLASSES, PROMPT_TEMPLATES, ZERO_SHOT_CLASSES, zero_shot_set
 
         pairs = zero_shot_set(cfg.num_zero_shot_images, seed=cfg.split_seed, image_size=cfg.image_size)
         return dict(classes=list(ZERO_SHOT_CLASSES), templates=list(cfg.prompt_templates or PROMPT_TEMPLATES),
@@ -272,7 +272,7 @@ class ImageTextDataPipe(DataPipe):
         images it names); and the zero-shot folder's."""
         cfg = self.cfg
         if cfg.source == "shapes":
-            generator = (Path(__file__).parents[1] / "shapes.py").read_bytes()
+            generator = (Path(__file__).parent / "shapes.py").read_bytes()
             source = ["shapes", cfg.num_train_images, cfg.num_val_images, cfg.num_zero_shot_images,
                       hashlib.sha256(generator).hexdigest()]
         elif cfg.source.startswith("hf:"):

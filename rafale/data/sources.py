@@ -1,6 +1,6 @@
 """Text sources: a data.source as a DatasetDict with a 'train' and a 'validation' split of texts (and labels).
 
-    stories                   the embedded story generator (rafale/stories.py)
+    stories                   the embedded story generator (rafale/data/stories.py)
     a .txt file               documents cut at data.doc_separator, read in pieces and copied to an Arrow file
     .jsonl .json .parquet .csv  one document a row, in data.text_column (and data.label_column)
     {train: ..., validation: ...}  files (or lists of shards) per split
@@ -137,7 +137,7 @@ def load_source(cfg: DataConfig, scratch: Path, labelled: bool = False) -> Datas
         return _with_splits(loaded if "validation" in loaded else loaded["train"], cfg, labelled)
     if cfg.source == "stories":
         if labelled:
-            from rafale.stories import labelled_story_splits
+            from rafale.data.stories import labelled_story_splits
 
             pairs = labelled_story_splits(cfg.num_train_stories, cfg.num_val_stories, seed=cfg.split_seed)
             return DatasetDict({
@@ -305,7 +305,7 @@ def _separator_hint(cfg: DataConfig) -> str:
 
 
 def _story_texts(cfg: DataConfig) -> dict[str, list[str]]:
-    from rafale.stories import story_splits
+    from rafale.data.stories import story_splits
 
     return story_splits(cfg.num_train_stories, cfg.num_val_stories, seed=cfg.split_seed)
 
@@ -316,7 +316,7 @@ def source_identity(cfg: DataConfig) -> list:
         return [{split: [file_identity(p) for p in paths] for split, paths in files.items()}, cfg.text_column,
                 cfg.doc_separator, cfg.val_fraction if "validation" not in files else None, cfg.split_seed]
     if cfg.source == "stories":
-        generator = (Path(__file__).parents[1] / "stories.py").read_bytes()
+        generator = (Path(__file__).parent / "stories.py").read_bytes()
         return ["stories", cfg.num_train_stories, cfg.num_val_stories, cfg.split_seed, hashlib.sha256(generator).hexdigest()]
     if cfg.source.startswith("hf:"):
         return [cfg.source, cfg.hub_config, cfg.text_column, cfg.val_fraction, cfg.split_seed]

@@ -16,7 +16,7 @@ from composer.utils import dist
 from torchmetrics.classification import BinaryF1Score, MulticlassAccuracy
 
 from rafale.errors import IGNORE_INDEX
-from rafale.metrics import ContrastiveLoss, RetrievalRecall, ZeroShotAccuracy
+from rafale.models.metrics import ContrastiveLoss, RetrievalRecall, ZeroShotAccuracy
 from rafale.models.clip import class_embeddings, contrastive_logits, gather_features, zero_shot_probabilities
 
 
@@ -51,7 +51,7 @@ class ComposerLM(ComposerModel):
             "LanguagePerplexity": LanguagePerplexity(ignore_index=IGNORE_INDEX),
         }
         if token_bytes is not None:
-            from rafale.metrics import BitsPerByte
+            from rafale.models.metrics import BitsPerByte
 
             self.val_metrics["BitsPerByte"] = BitsPerByte(token_bytes, ignore_index=IGNORE_INDEX,
                                                           document_end_id=document_end_id)
@@ -212,7 +212,7 @@ class ComposerContrastive(ComposerModel):
         self.model = model
         self.zero_shot = zero_shot
         self.eval_chunk = eval_chunk  # zero-shot images per forward
-        self.callbacks = [ClampLogitScale()]  # rafale.train.build_trainer adds them to the Trainer's
+        self.callbacks = [ClampLogitScale()]  # rafale.run.train.build_trainer adds them to the Trainer's
         self.train_metrics = {}
         self.val_metrics = {"ContrastiveLoss": ContrastiveLoss()}
         for k in (1, 5):
@@ -221,7 +221,7 @@ class ComposerContrastive(ComposerModel):
         self._classified = None  # (the eval batch's outputs, predictions): the zero-shot set is classified once
 
     def attach_splits(self, splits) -> None:
-        """Take the data's zero_shot split of labelled images (rafale.train.build_model calls this), and score it at
+        """Take the data's zero_shot split of labelled images (rafale.run.train.build_model calls this), and score it at
         every evaluation: all its images, and those of the held-out classes, each among all the classes."""
         if self.zero_shot is None or "zero_shot" not in splits:
             return

@@ -19,7 +19,7 @@ What depends on the parts is computed by the parts: each reports its matmul FLOP
 model's `flops_per_token` is their sum.
 
 Attention goes through `scaled_dot_product_attention` (flash / memory-efficient kernels on a GPU). `generate`
-decodes greedily or samples, with a `KVCache` that holds the key/value heads (not the query heads). A position
+decodes greedily or samples, with a `KVCache` (rafale/models/kv_cache.py) that holds the key/value heads. A position
 part may change the queries and keys (`rotate`) and the scores' mask and bias (`mask`); it reads where the forward
 pass stands from a `Span` (the cached length from the KV cache, the new tokens' positions, the padding). A new
 scheme is a subclass of `Positions` and one line in `POSITIONS` (docs/extending.md, "A new attention or position scheme";
@@ -39,6 +39,7 @@ from torch.utils.checkpoint import checkpoint
 from rafale.errors import IGNORE_INDEX
 from rafale.models.chunked_loss import chunked_cross_entropy
 from rafale.models.decoding import DecodingLinears
+from rafale.models.kv_cache import KVCache
 
 
 @dataclass
@@ -133,35 +134,6 @@ NORMS = {"layernorm": nn.LayerNorm, "rmsnorm": nn.RMSNorm}
 
 def make_norm(cfg: DecoderConfig, dims: Optional[int] = None) -> nn.Module:
     return NORMS[cfg.norm](dims or cfg.hidden_size, eps=cfg.layer_norm_eps)
-
-
-class KVCache:
-    """Keys and values of the positions decoded so far, for every layer, allocated once. It holds the key/value
-    heads: grouped-query attention caches num_kv_heads of them, not one per query head.
-
-    k, v: (num_layers, B, nkv, max_len, hs); `length` positions of them are filled.
-    """
-
-    def __init__(self, cfg: DecoderConfig, batch_size: int, max_len: int, device=None, dtype=torch.float32):
-        shape = (cfg.num_layers, batch_size, cfg.kv_heads, max_len, cfg.head_size)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        # one (B, nkv, max_len, hs) view per layer, taken once rather than indexed again at every step
-        self.layer_k = [self.k[i] for i in range(cfg.num_layers)]
-        self.layer_v = [self.v[i] for i in range(cfg.num_layers)]
-        self.length = 0
-
-    @property
-    def max_len(self) -> int:
-        return self.k.shape[3]
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Store k, v (B, nkv, T, hs) after the filled positions; return all keys and values (B, nkv, length+T, hs)."""
-        start, end = self.length, self.length + k.shape[2]
-        k_all, v_all = self.layer_k[layer], self.layer_v[layer]  # (B, nkv, max_len, hs)
-        k_all[:, :, start:end].copy_(k)
-        v_all[:, :, start:end].copy_(v)
-        return k_all[:, :, :end], v_all[:, :, :end]
 
 
 @dataclass
@@ -577,7 +549,7 @@ class Decoder(nn.Module):
         return self
 
     def output_head(self) -> nn.Linear:
-        """The projection onto the vocabulary (rafale.record.non_embedding_parameters leaves it out of N)."""
+        """The projection onto the vocabulary (rafale.run.record.non_embedding_parameters leaves it out of N)."""
         return self.head
 
     def num_params(self, non_embedding: bool = True) -> int:

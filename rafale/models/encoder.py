@@ -368,7 +368,7 @@ class BertForMaskedLM(EncoderModule):
         return self.cls["predictions"](self.bert(input_ids, attention_mask, token_type_ids))
 
     def output_head(self) -> nn.Linear:
-        """The decoder onto the vocabulary, tied to the word embeddings (rafale.record.non_embedding_parameters
+        """The decoder onto the vocabulary, tied to the word embeddings (rafale.run.record.non_embedding_parameters
         leaves it, and its bias, out of N)."""
         return self.cls["predictions"].decoder
 
@@ -426,7 +426,7 @@ class RobertaForMaskedLM(EncoderModule):
         return self.lm_head(self.roberta(input_ids, attention_mask, token_type_ids))
 
     def output_head(self) -> nn.Linear:
-        """The decoder onto the vocabulary, tied to the word embeddings (rafale.record.non_embedding_parameters
+        """The decoder onto the vocabulary, tied to the word embeddings (rafale.run.record.non_embedding_parameters
         leaves it, and its bias, out of N)."""
         return self.lm_head.decoder
 

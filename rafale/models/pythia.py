@@ -42,7 +42,7 @@ def build(model_cfg: DecoderConfig, head: str, meta: dict, tokenizer):
     from rafale.models.composer import ComposerLM
 
     model_cfg.vocab_size = model_vocab_size(model_cfg.vocab_size, meta["vocab_size"])
-    # exact for a byte-level BPE; None (no BitsPerByte, rafale.train says why) for other kinds: validation sees ids
+    # exact for a byte-level BPE; None (no BitsPerByte, rafale.run.train says why) for other kinds: validation sees ids
     table, document_end_id = token_bytes(tokenizer), None
     if table is not None and adds_prefix_space(tokenizer):
         # the space added before each document is not its text: BitsPerByte takes it off the token after each

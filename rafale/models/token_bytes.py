@@ -1,7 +1,7 @@
 """How many bytes of text each token covers: the id table validation's bits per byte divides by
-(`token_bytes`, for rafale.metrics.BitsPerByte, built with a causal LM's Composer wrapper: validation sees ids, not
+(`token_bytes`, for rafale.models.metrics.BitsPerByte, built with a causal LM's Composer wrapper: validation sees ids, not
 text) and the count from the text `rafale score` makes for every kind of tokenizer (`TextBytes`, from the tokens'
-offsets). Kept apart from rafale.metrics, which imports torchmetrics, so `rafale score` starts without it; it reads
+offsets). Kept apart from rafale.models.metrics, which imports torchmetrics, so `rafale score` starts without it; it reads
 the tokenizer object only.
 
 The convention: a document's bytes are shared out among its tokens, so that they add up to len(text.encode())

@@ -5,7 +5,7 @@ Composer's autoresume restores model, optimizer, scheduler, RNG and data positio
 checkpoint; what it lacks is here: SIGINT/SIGTERM save a checkpoint at the end of the current batch, and a NaN or
 infinite loss stops the run with a hint. Checking the checkpoint first (a truncated one is an error naming the
 file, or with run.resume_fallback set aside for the one before; one that holds more than Composer stores is
-refused) is in rafale/checkpoints.py, which needs no Composer; its names are importable from here too. Several
+refused) is in rafale/run_folder/checkpoints.py, which needs no Composer; its names are importable from here too. Several
 processes resume one run from the same checkpoint, in a run folder they all see (check_shared_run_folder,
 resume_checkpoint).
 """
@@ -21,8 +21,8 @@ from composer import Callback
 from composer.callbacks import CheckpointSaver
 from composer.utils import dist
 
-# re-exported: the checkpoint checks moved to rafale.checkpoints, which `rafale generate`/`export` use without Composer
-from rafale.checkpoints import (CHECKPOINT_SAFE_GLOBALS, LATEST_CHECKPOINT, batch_number,  # noqa: F401
+# re-exported: the checkpoint checks moved to rafale.run_folder.checkpoints, which `rafale generate`/`export` use without Composer
+from rafale.run_folder.checkpoints import (CHECKPOINT_SAFE_GLOBALS, LATEST_CHECKPOINT, batch_number,  # noqa: F401
                                 check_checkpoint_safe, check_resume_checkpoint, checkpoint_readable, prune_checkpoints,
                                 read_checkpoint)
 from rafale.config import Config

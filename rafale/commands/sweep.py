@@ -28,9 +28,9 @@ import os
 from pathlib import Path
 
 from rafale.config import Config, ConfigError, RafaleError, load_config
-from rafale.optim import check_optimizer
+from rafale.run.optim import check_optimizer
 from rafale.resolve import resolve_model_config
-from rafale.plots import plot_runs, ranking_column, run_row, short_names
+from rafale.run_folder.plots import plot_runs, ranking_column, run_row, short_names
 from rafale.run_folder import (CONFIG_FILE, best_validation, differences_not_applied_on_resume, reached, read_config,
                                read_summary, saved_config)
 
@@ -133,7 +133,7 @@ def plan(point_configs: list[tuple[str, Config]], out_dir: Path, restart: bool) 
     """run name -> what to do with it: 'run' (new, or resumed), 'skip' (complete with this very config), or
     'restart'. A folder whose config.yaml differs in what a resume would not apply is an error listing every such
     run, before any runs, unless `restart`."""
-    from rafale.branch import cooldown_name
+    from rafale.run.branch import cooldown_name
 
     actions, changed = {}, []
     for name, cfg in point_configs:
@@ -161,7 +161,7 @@ def sweep_main(argv, train, on_every_rank=lambda decide: decide()) -> int:
     """`train(args)` runs one training job (rafale.main.train_main); it is passed in so nothing imports main.
     `on_every_rank(decide)` hands what decide() returns on rank 0 to every process, when Composer's launcher runs
     the sweep on several (the runs' folders are read once, and every process trains, skips or restarts the same
-    runs; rafale.main passes rafale.resilience.decided_on_rank_zero, which a command may not import)."""
+    runs; rafale.main passes rafale.run.resilience.decided_on_rank_zero, which a command may not import)."""
     parser = argparse.ArgumentParser(
         prog="rafale sweep", description="Run a grid of config overrides one after another, then compare them.",
         epilog="example: rafale sweep -c test/pythia_tinystories.yaml training.lr=1e-3,3e-3 training.batch_size=16,32")

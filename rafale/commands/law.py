@@ -38,9 +38,9 @@ from pathlib import Path
 import numpy as np
 
 from rafale.errors import RafaleError
-from rafale.plots import plain_log_axis, pyplot
+from rafale.run_folder.plots import plain_log_axis, pyplot
 from rafale.run_folder import TOKENIZER_FILE, read_config, read_summary
-from rafale.runs import run_folders
+from rafale.commands.runs import run_folders
 
 HUBER_DELTA = 1e-3
 # the starting points of Hoffmann et al. (appendix D.2): every combination, the best few by the objective kept

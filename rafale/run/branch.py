@@ -10,7 +10,7 @@ durations"). `training.cooldowns: [B1, B2, ...]` on the long run trains one bran
 How a branch starts: its folder gets a copy of the parent's checkpoint at S, the parent's metrics.jsonl rows up to
 S and the parent's summary.json cut at S (each earlier segment marked with the run it ran in), plus
 `branched_from: {run, at_batch, at_tokens}`; the branch then resumes from that checkpoint as any interrupted run
-does (rafale.run_folder, rafale.record), so its record is its whole history. The parent's folder is only read.
+does (rafale.run_folder, rafale.run.record), so its record is its whole history. The parent's folder is only read.
 """
 
 import dataclasses
@@ -20,9 +20,9 @@ from pathlib import Path
 
 from rafale.config import Config, load_config
 from rafale.errors import ConfigError
-from rafale.optim import wsd_batches
-from rafale.record import cut
-from rafale.checkpoints import LATEST_CHECKPOINT
+from rafale.run.optim import wsd_batches
+from rafale.run.record import cut
+from rafale.run_folder.checkpoints import LATEST_CHECKPOINT
 from rafale.run_folder import (CHECKPOINTS_DIR, CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, read_summary,
                                resume_refusals, write_json)
 
@@ -90,8 +90,8 @@ def start_branch(cfg: Config, data, model_cfg, run_dir: Path, batches_per_epoch:
     """A new branch's folder: the parent's checkpoint at the branch point, its metrics up to there and its summary
     cut there (see the module's docstring), once the parent is checked. Does nothing for a branch that has
     checkpoints of its own already (a resumed branch resumes from them). With several processes, rank 0 alone
-    runs this and the others get its result or its refusal (rafale.resilience.decided_on_rank_zero, in
-    rafale.train.run): one process reads the parent's folder and the branch's, so they all act on one reading."""
+    runs this and the others get its result or its refusal (rafale.run.resilience.decided_on_rank_zero, in
+    rafale.run.train.open_run_folder): one process reads the parent's folder and the branch's, so they all act on one reading."""
     if list((run_dir / CHECKPOINTS_DIR).glob("*.pt")):
         return
     parent, _, at = check_parent(cfg, data, model_cfg, batches_per_epoch)

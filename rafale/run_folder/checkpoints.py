@@ -3,7 +3,7 @@
 
 Composer unpickles what it loads, so a checkpoint is first read with torch.load(weights_only=True) and refused if it
 holds anything a Composer checkpoint does not; a truncated latest checkpoint is an error naming the file (or, with
-run.resume_fallback, set aside for the one before). The callbacks that stop a run cleanly are in rafale/resilience.py.
+run.resume_fallback, set aside for the one before). The callbacks that stop a run cleanly are in rafale/run/resilience.py.
 """
 
 import datetime

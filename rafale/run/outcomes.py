@@ -13,7 +13,7 @@ from composer.loggers import Logger
 
 from rafale.config import Config
 from rafale.errors import ConfigError
-from rafale.resilience import decided_on_rank_zero
+from rafale.run.resilience import decided_on_rank_zero
 from rafale.run_folder import BEST_DIR, evaluations
 
 
@@ -93,7 +93,7 @@ def resume_outcome(trainer: Trainer, previous: dict, run_dir: Path, eval_interva
 
     The summary may hold a best from after the batch the run resumes at: after run.resume_fallback (the summary
     was saved at the newest checkpoint, now set aside) one from the lost batches, trained again now; in a cooldown
-    branch (rafale.branch) one from its parent's batches past the branch point. That best is not in the run's
+    branch (rafale.run.branch) one from its parent's batches past the branch point. That best is not in the run's
     history, so each such best is taken again from the run's metrics rows up to the resume batch
     (lost_bests_forgotten); early stopping then counts its patience from a best the run really had."""
     start = int(trainer.state.timestamp.batch)

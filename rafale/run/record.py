@@ -16,7 +16,7 @@ metrics.jsonl past that checkpoint (the killed process logged them, and the resu
 A re-run of a complete run changes nothing; an evaluation never writes into the training run's own files.
 
 Where these files are, how a run is read back, and the resume guard (what a resumed run may change) are in
-rafale/run_folder.py.
+rafale/run_folder/__init__.py.
 """
 
 import json
@@ -29,9 +29,9 @@ from composer.core import Callback, State
 from composer.loggers import Logger
 
 from rafale.config import Config, save_config
-from rafale.hardware import machine_load
-from rafale.loggers import MetricsFile
-from rafale.resilience import decided_on_rank_zero
+from rafale.run.hardware import machine_load
+from rafale.run.loggers import MetricsFile
+from rafale.run.resilience import decided_on_rank_zero
 from rafale.run_folder import (METRICS_FILE, PLOT_FILE, SUMMARY_FILE, best_validation, evaluations, metrics_rows,
                                read_summary, write_json)
 
@@ -150,7 +150,7 @@ class RunRecord:
         self.run_dir, self.cfg, self.num_params, self.clock = run_dir, cfg, num_params, clock
         self.started, self.writes, self.mfu, self.precision = started, writes, mfu, precision
         self.changes = changes or {}
-        self.flops_per_token: int | None = None  # a training step's FLOPs per token (rafale.record.compute_figures)
+        self.flops_per_token: int | None = None  # a training step's FLOPs per token (rafale.run.record.compute_figures)
         self.non_embedding_params: int | None = None
         self.earlier: list[dict] = []  # the segments before this one, up to where this one starts
         self.previous: dict = {}
@@ -163,7 +163,7 @@ class RunRecord:
         """Start this segment where the Trainer stands: at batch 0 the folder's record starts empty; a resume keeps
         the earlier segments up to its batch and drops the metrics rows logged past it. Rank 0 reads the record and
         every process gets what it read: the earlier best evaluations it holds drive keep_best and early stopping,
-        whose decisions every process must take alike (rafale.resilience.decided_on_rank_zero)."""
+        whose decisions every process must take alike (rafale.run.resilience.decided_on_rank_zero)."""
         self.start_batch, self.start_tokens = int(state.timestamp.batch), int(state.timestamp.token)
         if self.start_batch == 0:
             for name in (METRICS_FILE, SUMMARY_FILE, PLOT_FILE) if self.writes else ():
@@ -296,7 +296,7 @@ def non_embedding_parameters(module) -> int:
 
 
 def cut(segment: dict, batch: int) -> dict:
-    """An earlier segment as far as `batch`, where a later one resumed or a cooldown branch (rafale.branch) starts.
+    """An earlier segment as far as `batch`, where a later one resumed or a cooldown branch (rafale.run.branch) starts.
     It normally ends there already (it was saved with that checkpoint); after run.resume_fallback, or for a branch
     from the middle of its parent's segment, it may reach further, and its times are then scaled to the batches
     kept: training, evaluation and checkpoint time by the share of its batches kept, the start-up (spent before its

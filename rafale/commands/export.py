@@ -1,6 +1,6 @@
 """`rafale export RUN`: a run's weights in Hugging Face format (the end of training writes RUN/export itself).
 
-The run is read back through rafale/run_folder.py (load_run_model: its config.yaml, model.json, tokenizer.json,
+The run is read back through rafale/run_folder/__init__.py (load_run_model: its config.yaml, model.json, tokenizer.json,
 data.json and the checkpoint's weights, read with torch.load(weights_only=True), so a checkpoint can never run code).
 """
 

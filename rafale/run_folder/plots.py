@@ -1,10 +1,10 @@
-"""A run's metrics in pictures and tables, read from RUN/metrics.jsonl (written by rafale.loggers.MetricsFile).
+"""A run's metrics in pictures and tables, read from RUN/metrics.jsonl (written by rafale.run.loggers.MetricsFile).
 
 `plot_run` draws RUN/metrics.png: train and validation loss, perplexity or accuracy (bits per byte on an axis of
 its own), learning rate and throughput, against steps (bottom axis) and tokens (top axis); the run draws it at each
 evaluation, `rafale plot` on demand. This module imports neither torch nor Composer, so `rafale plot` and
-`rafale runs` (rafale/runs.py) answer at once. `rafale runs` lists runs of different tasks or data
-sources in separate tables (`comparable_groups`), each fitted to the terminal's width (`fitting_columns`). The run folder is read through rafale/run_folder.py.
+`rafale runs` (rafale/commands/runs.py) answer at once. `rafale runs` lists runs of different tasks or data
+sources in separate tables (`comparable_groups`), each fitted to the terminal's width (`fitting_columns`). The run folder is read through rafale/run_folder/__init__.py.
 
 Comparing runs starts from what differs between them: `what_differs` reads each run's config.yaml, flattens it
 to dotted keys (`training.optimizer.name`) and keeps the keys whose values are not the same in every run,

@@ -167,7 +167,7 @@ def lm_eval_main(argv) -> int:
         from lm_eval.tasks import TaskManager
     except ImportError:
         raise RafaleError("rafale lm-eval needs lm-evaluation-harness: pip install 'rafale[lm-eval]'") from None
-    from rafale.generate import load_decoder
+    from rafale.commands.generate import load_decoder
 
     model, tokenizer = load_decoder(Path(args.model).expanduser())
     task_manager = TaskManager(include_path=args.include_path) if args.include_path else TaskManager()

@@ -2,8 +2,8 @@
 run writes there before training. The run writes its folder through here; every command reads a run through here.
 
     config.yaml tokenizer.json data.json model.json (labels.json)   rebuild the model without the data
-    summary.json metrics.jsonl metrics.png    the record (rafale.record, rafale.loggers.MetricsFile, rafale.plots)
-    checkpoints/   ep<epoch>-ba<batch>-rank<rank>.pt and latest-rank0.pt, read with weights_only (rafale.checkpoints)
+    summary.json metrics.jsonl metrics.png    the record (rafale.run.record, rafale.run.loggers.MetricsFile, rafale.run_folder.plots)
+    checkpoints/   ep<epoch>-ba<batch>-rank<rank>.pt and latest-rank0.pt, read with weights_only (rafale.run_folder.checkpoints)
     export/ export-best/   the Hugging Face export at the end of training, and training.keep_best's (export.refused/
                            when transformers computes it otherwise)
     evals/<time>/          each training.eval_only evaluation's own config.yaml, summary.json and metrics.jsonl
@@ -43,7 +43,7 @@ TOKENIZER_FILE = "tokenizer.json"
 DATA_FILE = "data.json"
 LABELS_FILE = "labels.json"
 MODEL_FILE = "model.json"  # the nn.Module's config (sizes, vocabulary, padding id) as the run built it
-SUMMARY_FILE = "summary.json"  # written by rafale.record.RunRecord (a training run) or write_eval_record
+SUMMARY_FILE = "summary.json"  # written by rafale.run.record.RunRecord (a training run) or write_eval_record
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "metrics.png"
 CHECKPOINTS_DIR = "checkpoints"
@@ -86,7 +86,7 @@ class ResumeConflict(RafaleError):
 
 def latest_checkpoint(run_dir: Path) -> Path:
     """The checkpoint autoresume would load: Composer's latest-rank0.pt link, else the highest batch number."""
-    from rafale.checkpoints import LATEST_CHECKPOINT, batch_number  # torch
+    from rafale.run_folder.checkpoints import LATEST_CHECKPOINT, batch_number  # torch
 
     folder = run_dir / CHECKPOINTS_DIR
     if (folder / LATEST_CHECKPOINT).exists():
@@ -191,7 +191,7 @@ def best_validation(run_dir: Path) -> tuple[str, float, int] | None:
 
 def read_checkpoint_weights(path: Path) -> dict:
     """The model's tensors from a Composer checkpoint, named as in the nn.Module (no `model.` prefix)."""
-    from rafale.checkpoints import read_checkpoint  # torch
+    from rafale.run_folder.checkpoints import read_checkpoint  # torch
 
     weights = read_checkpoint(path)["state"]["model"]
     return {k.removeprefix("model."): v for k, v in weights.items()}
@@ -411,7 +411,7 @@ def check_run_folder(cfg: Config, data: PreparedData, model, run_dir: Path, save
     """Before anything in RUN is written: check what a resume of its checkpoints would change
     (resume_changes: a ResumeConflict for anything it may not). Returns (the config changes a resume applies, the
     run's summary when it is already complete under this config, else None)."""
-    from rafale.checkpoints import batch_number  # torch
+    from rafale.run_folder.checkpoints import batch_number  # torch
 
     previous = read_summary(run_dir)
     if not save or not list((run_dir / CHECKPOINTS_DIR).glob("*.pt")):
@@ -464,12 +464,12 @@ def write_model_file(model: torch.nn.Module, run_dir: Path) -> None:
 def export_model(model: torch.nn.Module, folder: Path, data: PreparedData) -> Path:
     """Write `model` (the nn.Module, not its Composer wrapper) with the run's tokenizer to `folder` (RUN/export,
     RUN/export-best, or `rafale export --out`), once transformers has loaded it back and computed the same outputs
-    (rafale/export_proof.py).
+    (rafale/run_folder/export_proof.py).
 
     The files are written to a hidden folder beside `folder` and checked there; only a proven export is renamed
     into place (and an earlier `folder`.refused/ removed). A refused one becomes `folder`.refused/ with a REFUSED.txt
     saying why, any previous `folder` (not these weights) is removed, and the ExportRefused says both."""
-    from rafale.export_proof import ExportRefused, prove_export
+    from rafale.run_folder.export_proof import ExportRefused, prove_export
     from rafale.models.hf import replace_folder, save_pretrained
 
     refused = folder.with_name(folder.name + REFUSED_SUFFIX)

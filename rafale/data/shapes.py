@@ -1,7 +1,7 @@
 """Deterministic generator of image-caption pairs: coloured shapes on a plain background.
 
 The machine that trains rafale's models has no internet, so this module is the embedded default data for
-CLIP and SigLIP, in the spirit of rafale/stories.py. Pillow draws the images; nothing is downloaded.
+CLIP and SigLIP, in the spirit of rafale/data/stories.py. Pillow draws the images; nothing is downloaded.
 
 Design: plan -> image, plan -> caption
 --------------------------------------

@@ -378,7 +378,7 @@ DECAY_SHAPES = {  # progress p through the decay (0 -> 1) -> the rate's factor (
 class WarmupStableDecay:
     """The factor of lr for batch i (counted from 0): i / warmup during the warmup, then 1 until decay_start, then
     shape((i - decay_start) / (end - decay_start)), which is 0 at `end` (max_duration); all in batches. A Composer
-    scheduler (called with the State); rafale.train.ScheduleAtBatchStart applies it when batch i starts.
+    scheduler (called with the State); rafale.run.trainer_parts.ScheduleAtBatchStart applies it when batch i starts.
 
     One run's stable phase serves every budget: a cooldown branch (training.branch_from) is the same schedule with
     decay_start at the batch it branches at and `end` at its own budget, so up to its branch point it ran exactly

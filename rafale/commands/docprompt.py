@@ -1,7 +1,7 @@
 """Keep the generated docs current: the config reference in docs/config.md, and llm-docprompt.txt.
 
-    python -m rafale.docprompt            rewrite both
-    python -m rafale.docprompt --check    exit 1 if either is out of date (the tests run this)
+    python -m rafale.commands.docprompt            rewrite both
+    python -m rafale.commands.docprompt --check    exit 1 if either is out of date (the tests run this)
 
 llm-docprompt.txt is what an LLM needs to answer questions on using and extending rafale, in one message (at most
 about 160 KB, `MAX_BYTES`): the README, then the docs/ pages in the order the README links them (docs/config.md
@@ -19,7 +19,7 @@ from pathlib import Path
 
 from rafale.config import config_reference
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 README, DOCS = "README.md", "docs"
 REFERENCE_PAGE = "docs/config.md"  # the page that holds the generated config reference, between START and END
 START, END = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
@@ -27,11 +27,14 @@ START, END = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
 FULL_FILES = ("rafale/models/decoder.py",)
 # their docstring only: the commands (their use is their --help and the docs'), the CLI, the word and shape
 # tables that make the built-in data, and the run's bookkeeping that a fork reads through the commands rather than
-# calls (the record, keep_best and early stopping, the runs table and pictures, the hardware's peak FLOP/s)
-DOCSTRING_ONLY = ("rafale/export.py", "rafale/predict.py", "rafale/score.py", "rafale/generate.py",
-                  "rafale/lm_eval_adapter.py", "rafale/zero_shot.py", "rafale/sweep.py", "rafale/runs.py",
-                  "rafale/docprompt.py", "rafale/law.py", "rafale/main.py", "rafale/stories.py", "rafale/shapes.py",
-                  "rafale/record.py", "rafale/outcomes.py", "rafale/plots.py", "rafale/hardware.py")
+# calls (the record, keep_best and early stopping, the runs table and pictures, the hardware's peak FLOP/s, the
+# console and metrics.jsonl, the Trainer's parts)
+DOCSTRING_ONLY = ("rafale/commands/export.py", "rafale/commands/predict.py", "rafale/commands/score.py",
+                  "rafale/commands/generate.py", "rafale/commands/lm_eval.py", "rafale/commands/zero_shot.py",
+                  "rafale/commands/sweep.py", "rafale/commands/runs.py", "rafale/commands/docprompt.py",
+                  "rafale/commands/law.py", "rafale/main.py", "rafale/data/stories.py", "rafale/data/shapes.py",
+                  "rafale/run/record.py", "rafale/run/outcomes.py", "rafale/run_folder/plots.py",
+                  "rafale/run/hardware.py", "rafale/run/loggers.py", "rafale/run/trainer_parts.py")
 # the figures, and the code that checks a figure by hand: no question on using rafale needs them
 LEFT_OUT_PAGES = ("docs/speed.md", "docs/measurements.md", "docs/bits-per-byte.md")
 # ...and the README's figures and its list of the pages that follow in the prompt anyway
@@ -39,7 +42,7 @@ LEFT_OUT_SECTIONS = {"README.md": ("What the default job shows", "Documentation"
 MAX_BYTES = 165_000  # "at most about 160 KB": what most LLMs take in one message
 # the classes a fork subclasses or calls (model parts, datapipes, optimizers, metrics): with their methods; the
 # run's and the commands' classes (callbacks, the record) by their name and first line
-WITH_METHODS = ("rafale/models/", "rafale/data/", "rafale/optim.py", "rafale/metrics.py")
+WITH_METHODS = ("rafale/models/", "rafale/data/", "rafale/run/optim.py", "rafale/models/metrics.py")
 # ...but the encoders' and CLIP's module trees, ported from HF's class by class (every forward takes what HF's
 # does): their classes by name and first line, which leaves room under MAX_BYTES for the decoder in full
 WITHOUT_METHODS = ("rafale/models/encoder.py", "rafale/models/clip.py")
@@ -185,7 +188,7 @@ def main(argv=None) -> int:
     stale = [str(p.relative_to(ROOT)) for p, text in generated if not p.is_file() or p.read_text() != text]
     if check:
         if stale:
-            print(f"out of date: {', '.join(stale)}; run python -m rafale.docprompt", file=sys.stderr)
+            print(f"out of date: {', '.join(stale)}; run python -m rafale.commands.docprompt", file=sys.stderr)
         return 1 if stale else 0
     for path, text in generated:
         path.write_text(text)

@@ -1,4 +1,4 @@
-"""`rafale runs` and `rafale plot`: compare run folders (rafale/plots.py draws the pictures and the table).
+"""`rafale runs` and `rafale plot`: compare run folders (rafale/run_folder/plots.py draws the pictures and the table).
 
     rafale plot RUN [RUN ...] [--out FILE]     overlay several runs' losses against tokens
     rafale runs DIR [DIR ...] [--sort KEY] [--reverse] [--csv] [--columns A,B] [--all] [--where 'N>1e6']
@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 from rafale.errors import RafaleError
-from rafale.plots import plot_run, plot_runs, runs_table
+from rafale.run_folder.plots import plot_run, plot_runs, runs_table
 from rafale.run_folder import METRICS_FILE, SUMMARY_FILE
 
 

@@ -10,7 +10,7 @@ a busy machine once gave MFUs of 62-228%).
 `keep_freed_memory` asks glibc's malloc to reuse freed memory instead of handing it back to the OS every step.
 
 A run that computes faster than its peak says the peak is wrong (or the FLOPs count): `check_peak` probes the CPU
-again (the console's per-step MFU, rafale.loggers.CheckedSpeedMonitor) and `confirm_peak` also rewrites the cache
+again (the console's per-step MFU, rafale.run.loggers.CheckedSpeedMonitor) and `confirm_peak` also rewrites the cache
 entry (the end-of-run summary); where the run is still above the peak, MFU is unavailable, said in one line.
 """
 
@@ -101,7 +101,7 @@ def gpu_peak_flops(precision: str, name: str | None = None) -> float | None:
     name = name or torch.cuda.get_device_name()
     peak = (gpu_peaks_of(name) or {}).get(precision)
     if peak is None:
-        print(f"rafale: no datasheet peak for '{name}' at {precision} in rafale/hardware.py GPU_PEAKS; MFU is unavailable")
+        print(f"rafale: no datasheet peak for '{name}' at {precision} in rafale/run/hardware.py GPU_PEAKS; MFU is unavailable")
     return peak
 
 
@@ -199,7 +199,7 @@ def check_peak(achieved_flops_per_s: float, peak: float | None, device: str, cpu
     achieved = f"{achieved_flops_per_s / 1e9:,.1f} GFLOP/s"
     if device == "gpu":
         print(f"rafale: MFU unavailable: the run computed {achieved} per GPU, above the datasheet peak of "
-              f"{peak / 1e9:,.0f} GFLOP/s (rafale/hardware.py GPU_PEAKS); the model's FLOPs count must be wrong")
+              f"{peak / 1e9:,.0f} GFLOP/s (rafale/run/hardware.py GPU_PEAKS); the model's FLOPs count must be wrong")
         return None
     dtype = cpu_dtype or torch.float32
     new = max(peak, measure_cpu_peak(dtype=dtype))

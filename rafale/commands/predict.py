@@ -9,7 +9,7 @@ run's own datapipe (rafale/data/classification.py), so it is the example validat
 the file has the label column (data.label_column), the accuracy is printed too: on the run's validation rows it is
 the validation accuracy. The model runs in fp32 (on the GPU when there is one).
 
-The reading of the file and the batching are shared with `rafale score` (rafale/score.py). Neither imports
+The reading of the file and the batching are shared with `rafale score` (rafale/commands/score.py). Neither imports
 Composer (~20 s): a run's model is rebuilt from its folder as a bare nn.Module (rafale.run_folder.load_run_model).
 """
 

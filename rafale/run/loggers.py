@@ -18,7 +18,7 @@ evaluation log; neither changes it. Two of those callbacks are here:
   `lr-Muon/group0-muon-decay`, `lr-AdamW/group2-block0-decay` under layer decay), as applied: a schedule-free
   optimizer's warmup included.
 - `CheckedSpeedMonitor` is Composer's SpeedMonitor (tokens/s, FLOP/s, MFU over a window of batches) whose MFU
-  never goes above 100% unremarked: a window faster than the peak probes the CPU again (rafale.hardware.check_peak).
+  never goes above 100% unremarked: a window faster than the peak probes the CPU again (rafale.run.hardware.check_peak).
 """
 
 import collections
@@ -35,9 +35,9 @@ from composer.loggers import Logger, LoggerDestination
 from composer.utils import dist
 from composer.utils.misc import create_interval_scheduler
 
-from rafale.hardware import check_peak, describe_load, machine_load
-from rafale.optim import layer_depth, num_blocks
-from rafale.plots import plot_run
+from rafale.run.hardware import check_peak, describe_load, machine_load
+from rafale.run.optim import layer_depth, num_blocks
+from rafale.run_folder.plots import plot_run
 from rafale.run_folder import METRICS_FILE
 
 
@@ -376,7 +376,7 @@ class _Collect:
 
 class CheckedSpeedMonitor(SpeedMonitor):
     """Composer's SpeedMonitor (window_size batches per figure) with MFU against `peak`, which it checks: a window
-    that computed faster than the peak has rafale.hardware.check_peak probe the CPU again (one line), and the MFU
+    that computed faster than the peak has rafale.run.hardware.check_peak probe the CPU again (one line), and the MFU
     goes on against the new peak, or stops being logged where the run is still faster (the peak or the FLOPs count
     is wrong; one line says so). So the console never shows an MFU above 100%. `device`: 'cpu' or 'gpu';
     `cache_dir`: the rafale cache whose cpu_peak.json gets the new peak (None: the new peak serves this run only)."""

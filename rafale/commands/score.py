@@ -46,7 +46,7 @@ from rafale.data.causal_lm import describe_blocks
 from rafale.models.token_bytes import TextBytes
 from rafale.errors import IGNORE_INDEX, ConfigError, DataError, RafaleError
 from rafale.run_folder import load_run_model
-from rafale.predict import batches, device_of, read_file_rows
+from rafale.commands.predict import batches, device_of, read_file_rows
 from rafale.resolve import family_of, head_of
 
 SCORED_HEADS = ("causal_lm", "mlm")  # the model heads whose loss is a language model's
