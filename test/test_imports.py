@@ -112,6 +112,7 @@ LAYERS = {
                       "rafale.data.", "rafale.stories", "rafale.shapes"},
     "resolve": {"rafale.resolve"},
     "the run folder": {"rafale.run_folder", "rafale.checkpoints", "rafale.plots",
+                       "rafale.arms",  # (arms: runs that differ only in their seed, read and tabled together)
                        "rafale.export_proof"},  # (export_proof: the check of the export the run folder writes)
     "the run": {"rafale.train", "rafale.record", "rafale.loggers", "rafale.outcomes", "rafale.resilience",
                 "rafale.optim", "rafale.hardware", "rafale.branch"},
