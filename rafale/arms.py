@@ -47,6 +47,11 @@ def group_arms(run_dirs: list[Path]) -> list[list[Path]]:
     return list(arms.values())
 
 
+def has_seeds(run_dirs: list[Path]) -> bool:
+    """Whether some arm among the runs ran more than one seed (runs alike in every key, seed too, are not seeds)."""
+    return any(len({seed_of(run) for run in arm}) > 1 for arm in group_arms(run_dirs))
+
+
 def ranking_metric(run_dirs: list[Path]) -> str | None:
     """The final validation metric that ranks these runs (summary.json's name): a loss where any run has one,
     else an accuracy; None when no run has either."""
@@ -101,7 +106,9 @@ class Arm:
         return str(len(self.values)) + (f" of {len(self.runs)}" if len(self.values) < len(self.runs) else "")
 
     def seeds_text(self) -> str:
-        return ",".join(self.values)
+        """The seeds averaged, in order: '42,43,44'."""
+        return ",".join(sorted(self.values, key=lambda seed: (not seed.lstrip("-").isdigit(), int(seed)
+                                                             if seed.lstrip("-").isdigit() else 0, seed)))
 
 
 def read_arm(run_dirs: list[Path], metric: str) -> Arm:

@@ -15,7 +15,7 @@ import argparse
 import shutil
 from pathlib import Path
 
-from rafale.arms import arms_table, group_arms
+from rafale.arms import arms_table, has_seeds
 from rafale.errors import RafaleError
 from rafale.plots import plot_run, plot_runs, runs_table
 from rafale.run_folder import METRICS_FILE, SUMMARY_FILE
@@ -67,8 +67,7 @@ def runs_main(argv) -> int:
     runs = run_folders([Path(p).expanduser() for p in args.paths])
     width = None if args.all else shutil.get_terminal_size().columns
     columns = [c.strip() for c in args.columns.split(",") if c.strip()] if args.columns else None
-    seeded = not args.runs and any(len(arm) > 1 for arm in group_arms(runs))  # some runs are seeds of one arm
-    table = arms_table if seeded else runs_table
+    table = arms_table if has_seeds(runs) and not args.runs else runs_table  # some runs are seeds of one arm
     print(table(runs, args.sort, args.reverse, args.csv, width, columns, args.where))
     return 0
 

@@ -279,7 +279,7 @@ def parse_sweep_args(argv):
                         "is flagged")
     parser.add_argument("--restart", action="store_true",
                         help="train again the runs whose folders hold another config (kept as NAME.old-<time>)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # the axes before and after the options
     if not args.axes and args.seeds is None and not args.tune:
         parser.error("give a sweep axis (section.key=v1,v2), --seeds K or --tune KEY=v1,v2")
     return args

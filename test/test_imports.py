@@ -117,7 +117,8 @@ LAYERS = {
     "the run": {"rafale.train", "rafale.record", "rafale.loggers", "rafale.outcomes", "rafale.resilience",
                 "rafale.optim", "rafale.hardware", "rafale.branch"},
     "the commands": {"rafale.export", "rafale.predict", "rafale.score", "rafale.generate", "rafale.lm_eval_adapter",
-                     "rafale.zero_shot", "rafale.sweep", "rafale.runs", "rafale.docprompt", "rafale.law"},
+                     "rafale.zero_shot", "rafale.sweep", "rafale.runs", "rafale.docprompt", "rafale.law",
+                     "rafale.compare"},
     "main": {"rafale.main", "rafale.__main__", "rafale.main.__main__"},
 }
 HALVES = {"models": ("rafale.models", "rafale.metrics"), "data": ("rafale.data", "rafale.stories", "rafale.shapes")}

@@ -121,3 +121,6 @@ def test_a_sweep_with_seeds_gives_each_arm_its_mean_interval_and_n(tmp_path, cac
     code, out, _ = run_in_process(["runs", str(runs), "--csv"], capsys, monkeypatch)
     (row,) = csv_rows(out)
     assert row["run"] == "sw-seed-*" and row["n"] == "2" and float(row["low"]) == pytest.approx(expected.low)
+    # `rafale compare` on the two real runs: their difference, with no interval at one run a side
+    code, out, _ = run_in_process(["compare", str(runs / "sw-seed-42"), str(runs / "sw-seed-43")], capsys, monkeypatch)
+    assert code == 0 and f"A - B = {losses[42] - losses[43]:+.4f}, no interval (one run on a side)" in out
