@@ -179,12 +179,12 @@ class SweepRow:
     (tune value None without --tune). `chosen` is the tune value picked on the tuning seed, the first."""
     name: str
     point: list[str]
-    runs: dict[tuple[str | None, str | None], tuple[str, list[str]]] = field(default_factory=dict)  # -> (name, point)
-    seeds: list[str | None] = field(default_factory=list)
+    runs: dict[tuple[str | None, str], tuple[str, list[str]]] = field(default_factory=dict)  # -> (name, point)
+    seeds: list[str] = field(default_factory=list)
     values: list[str | None] = field(default_factory=list)
     chosen: str | None = None
 
-    def reported(self) -> list[tuple[str | None, str | None]]:
+    def reported(self) -> list[tuple[str | None, str]]:
         """The (tune value, seed) of the runs the table reports: every seed; with --tune the chosen value at the
         seeds after the tuning seed, or at the tuning seed itself when it is the only one."""
         if self.values == [None]:
@@ -225,17 +225,17 @@ def sweep_axes(args, base_seed: int) -> tuple[list[str], str | None]:
     return rest + ([args.tune] if args.tune else []) + seed_axes, tune_key
 
 
-def sweep_rows(named: list[tuple[str, list[str], Config]], fixed: list[str], base: str,
+def sweep_rows(named: list[tuple[str, list[str], Config]], fixed: list[str], base: Config,
                tune_key: str | None) -> list[SweepRow]:
     """The sweep's runs as arms: the points that differ only in run.seed and the tune key are one SweepRow, named
-    as a run of its varying overrides would be (run_name)."""
+    as a run of its varying overrides would be (run_name). Without a run.seed axis, the seed is the config's."""
     rows: dict[tuple, SweepRow] = {}
     for name, point, _ in named:
         value_of = {item.partition("=")[0]: item.partition("=")[2] for item in point}
         own = [item for item in point if item.partition("=")[0] not in (SEED_KEY, tune_key)]
         varied = [item for item in own if item not in fixed]
-        row = rows.setdefault(tuple(own), SweepRow(run_name(base, varied) if varied else base, own))
-        key = (value_of.get(tune_key), value_of.get(SEED_KEY))
+        row = rows.setdefault(tuple(own), SweepRow(run_name(base.run.name, varied) if varied else base.run.name, own))
+        key = (value_of.get(tune_key), value_of.get(SEED_KEY, str(base.run.seed)))
         row.runs[key] = (name, point)
         row.values += [key[0]] * (key[0] not in row.values)
         row.seeds += [key[1]] * (key[1] not in row.seeds)
@@ -299,7 +299,7 @@ def sweep_main(argv, train, on_every_rank=lambda decide: decide()) -> int:
     named = check_points(args, base, axes, fixed)
     out_dir = Path(base.run.output_dir).expanduser()
     actions = on_every_rank(lambda: plan([(name, cfg) for name, _, cfg in named], out_dir, args.restart))
-    rows = sweep_rows(named, fixed, base.run.name, tune_key)
+    rows = sweep_rows(named, fixed, base, tune_key)
     total = sum(len(row.values) + len(row.seeds) - 1 if tune_key else len(row.runs) for row in rows)
     trained, failed = [], 0
 

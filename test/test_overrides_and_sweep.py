@@ -124,3 +124,45 @@ def test_a_sweep_with_seeds_gives_each_arm_its_mean_interval_and_n(tmp_path, cac
     # `rafale compare` on the two real runs: their difference, with no interval at one run a side
     code, out, _ = run_in_process(["compare", str(runs / "sw-seed-42"), str(runs / "sw-seed-43")], capsys, monkeypatch)
     assert code == 0 and f"A - B = {losses[42] - losses[43]:+.4f}, no interval (one run on a side)" in out
+
+
+def test_tune_chooses_on_the_first_seed_and_reports_the_others(tmp_path, cache_dir, capsys, monkeypatch):
+    """--tune training.lr=1e-9,1e-2: lr 1e-9 barely moves the weights in 2 batches, so 1e-2 wins, at the grid's
+    edge; the arm is reported over seed 43 alone, the seed the choice never saw."""
+    cfg = write_config(tmp_path / "cfg.yaml", run={"output_dir": str(tmp_path / "runs"), "name": "tu"},
+                       training={"max_duration": "2ba", "eval_interval": "2ba", "save_interval": "2ba",
+                                 "warmup": "0ba"})
+    argv = ["sweep", "-c", str(cfg), "--tune", "training.lr=1e-9,1e-2", "--seeds", "2"]
+    code, out, err = run_in_process(argv, capsys, monkeypatch)
+    assert code == 0, err[-3000:]
+    runs = tmp_path / "runs"
+    trained = sorted(path.name for path in runs.iterdir() if path.is_dir())
+    assert trained == ["tu-lr-1e-2-seed-42", "tu-lr-1e-2-seed-43", "tu-lr-1e-9-seed-42"]  # not 1e-9 at seed 43
+    loss = {name: json.loads((runs / name / "summary.json").read_text())["validation"]["LanguageCrossEntropy"]
+            for name in trained}
+    assert loss["tu-lr-1e-2-seed-42"] < loss["tu-lr-1e-9-seed-42"]
+    table = (runs / "sweep-tu.md").read_text()
+    arm = next(line for line in table.splitlines() if line.startswith("| tu |")).split(" | ")
+    assert arm[2] == "1e-2 (at the grid's edge: widen the grid)"
+    assert arm[3] == f"1e-9: {loss['tu-lr-1e-9-seed-42']:.4f}, 1e-2: {loss['tu-lr-1e-2-seed-42']:.4f}"
+    # the reported figure is seed 43's run alone, not the tuning seed's
+    assert arm[4] == f"{loss['tu-lr-1e-2-seed-43']:.4f} (n=1, no interval) ★" and arm[6:] == ["1", "43 |"]
+    assert "training.lr tuned per arm: chosen on seed 42 (the tuning column), reported over seeds 43" in table
+    code, out, _ = run_in_process(argv, capsys, monkeypatch)  # a rerun skips every run and chooses the same
+    assert code == 0 and out.count("completed before with this config; skipped") == 3
+    assert (runs / "sweep-tu.md").read_text() == table
+
+
+def test_a_tuned_value_at_the_grids_edge_is_flagged():
+    from rafale.sweep import grid_edge
+
+    assert grid_edge(["1e-3", "3e-3", "1e-2"], "1e-2") and grid_edge(["1e-3", "3e-3", "1e-2"], "1e-3")
+    assert not grid_edge(["1e-3", "3e-3", "1e-2"], "3e-3")
+    assert not grid_edge(["adamw", "soap", "lion"], "adamw")  # names have no edge
+
+
+def test_a_tuned_sweep_of_one_seed_says_its_figure_flatters_the_arm():
+    from rafale.sweep import SweepRow, arms_notes
+
+    notes = "\n".join(arms_notes([SweepRow("sw", [], seeds=["42"])], {}, None, "LanguageCrossEntropy", "training.lr"))
+    assert "tuned per arm on seed 42, and the figure reported is that seed's own run" in notes and "flatters" in notes
