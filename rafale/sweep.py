@@ -264,9 +264,9 @@ def parse_sweep_args(argv):
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"
         "  rafale sweep -c test/pythia_tinystories.yaml training.lr=1e-3,3e-3 training.batch_size=16,32\n"
-        "  rafale sweep -c test/pythia_tinystories.yaml training.lr=1e-3,3e-3 --seeds 2   each lr at 2 seeds\n"
-        "  rafale sweep -c test/pythia_tinystories.yaml training.optimizer.name=adamw,lion "
-        "--tune training.lr=1e-3,3e-3 --seeds 2   each optimizer at its own best lr")
+        "  rafale sweep -c test/pythia_tinystories.yaml --seeds 2   the config at seeds 42 and 43: mean, interval, sd\n"
+        "  rafale sweep -c test/pythia_tinystories.yaml --tune training.lr=1e-3,3e-3 --seeds 2   the best lr on seed "
+        "42, reported on seed 43 (add an axis: each of its values at its own best lr)")
     parser.add_argument("-c", "--config", required=True, help="the base YAML config")
     parser.add_argument("axes", nargs="*", metavar="section.key=v1,v2", help="values to try for a config key")
     parser.add_argument("--seeds", type=int, metavar="K", help="train every point at K seeds: the config's run.seed "
