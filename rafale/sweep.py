@@ -445,7 +445,9 @@ def arms_notes(rows: list[SweepRow], arms: dict, winner: str | None, metric: str
         seeds = rows[0].seeds
         if len(seeds) > 1:
             notes.append(f"\n{tune_key} tuned per arm: chosen on seed {seeds[0]} (the tuning column), reported over "
-                         f"seeds {', '.join(map(str, seeds[1:]))}, which the choice did not see.")
+                         f"seeds {', '.join(map(str, seeds[1:]))}, which the choice did not see. (`rafale runs` and a "
+                         f"pattern ...-seed-* in `rafale compare` would count seed {seeds[0]}'s run too: give "
+                         "`rafale compare` the reported runs with --a and --b.)")
         else:
             notes.append(f"\n{tune_key} tuned per arm on seed {seeds[0]}, and the figure reported is that seed's own "
                          "run, the one the value was chosen on: it flatters the arm (with --seeds 2 or more the "
