@@ -29,12 +29,13 @@ FULL_FILES = ("rafale/models/decoder.py",)
 # tables that make the built-in data, and the run's bookkeeping that a fork reads through the commands rather than
 # calls (the record, keep_best and early stopping, the runs table and pictures, the hardware's peak FLOP/s, the
 # console and metrics.jsonl, the Trainer's parts)
-DOCSTRING_ONLY = ("rafale/commands/export.py", "rafale/commands/predict.py", "rafale/commands/score.py",
-                  "rafale/commands/generate.py", "rafale/commands/lm_eval.py", "rafale/commands/zero_shot.py",
-                  "rafale/commands/sweep.py", "rafale/commands/runs.py", "rafale/commands/docprompt.py",
-                  "rafale/commands/law.py", "rafale/main.py", "rafale/data/stories.py", "rafale/data/shapes.py",
+DOCSTRING_ONLY = ("rafale/commands/",  # every command (a folder: a new command is in it at once)
+                  "rafale/main.py", "rafale/data/stories.py", "rafale/data/shapes.py", "rafale/run_folder/arms.py",
                   "rafale/run/record.py", "rafale/run/outcomes.py", "rafale/run_folder/plots.py",
-                  "rafale/run/hardware.py", "rafale/run/loggers.py", "rafale/run/trainer_parts.py")
+                  "rafale/run/hardware.py", "rafale/run/loggers.py", "rafale/run/trainer_parts.py",
+                  # the encoders and CLIP: HF's module trees ported class by class (their HF classes say the rest)
+                  "rafale/models/encoder.py", "rafale/models/clip.py", "rafale/models/contrastive.py",
+                  "rafale/data/image_text.py")
 # the figures, and the code that checks a figure by hand: no question on using rafale needs them
 LEFT_OUT_PAGES = ("docs/speed.md", "docs/measurements.md", "docs/bits-per-byte.md")
 # ...and the README's figures and its list of the pages that follow in the prompt anyway
@@ -167,7 +168,7 @@ def docprompt(pages: dict[str, str]) -> str:
         parts.append(f"\n#### {path.relative_to(ROOT)} (in full)\n" + path.read_text())
     for path in [p for p in paths if str(p.relative_to(ROOT)) not in FULL_FILES]:
         name = str(path.relative_to(ROOT))
-        text = outline(path.read_text(), signatures=name not in DOCSTRING_ONLY, methods=name.startswith(WITH_METHODS) and name not in WITHOUT_METHODS,
+        text = outline(path.read_text(), signatures=not name.startswith(DOCSTRING_ONLY), methods=name.startswith(WITH_METHODS) and name not in WITHOUT_METHODS,
                        fields=name != "rafale/config.py")  # the config's fields: in docs/config.md's reference
         parts.append(f"\n#### {name}\n" + (text if text.strip() else "(no docstring or public names)\n"))
     return "".join(parts)
