@@ -1,4 +1,4 @@
-"""Keep the generated docs current: the config reference in README.md, and llm-docprompt.txt.
+"""Keep the generated docs current: the config reference and the presets table in README.md, and llm-docprompt.txt.
 
     python -m rafale.docprompt            rewrite both
     python -m rafale.docprompt --check    exit 1 if either is out of date (the tests run this)
@@ -16,16 +16,20 @@ import sys
 from pathlib import Path
 
 from rafale.config import config_reference
+from rafale.model_sizes import markdown_table, preset_sizes
 
 ROOT = Path(__file__).resolve().parent.parent
 START, END = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
+# the "Supported models" presets table: `rafale models` as markdown (rafale/model_sizes.py)
+PRESETS_START, PRESETS_END = "<!-- presets:start -->", "<!-- presets:end -->"
 # in full: the decoder, what a new attention, norm or position scheme changes
 FULL_FILES = ("rafale/models/decoder.py",)
 # their docstring only: the commands (their use is their --help and the README's), the CLI, and the word and shape
 # tables that make the built-in data
 DOCSTRING_ONLY = ("rafale/export.py", "rafale/predict.py", "rafale/score.py", "rafale/generate.py",
                   "rafale/lm_eval_adapter.py", "rafale/zero_shot.py", "rafale/sweep.py", "rafale/runs.py",
-                  "rafale/docprompt.py", "rafale/law.py", "rafale/main.py", "rafale/stories.py", "rafale/shapes.py")
+                  "rafale/docprompt.py", "rafale/law.py", "rafale/model_sizes.py", "rafale/main.py", "rafale/stories.py",
+                  "rafale/shapes.py")
 # the README's figures, and the code that checks a figure by hand: no question on using rafale needs them
 LEFT_OUT_SECTIONS = ("Speed", "Measured here", "Bits per byte")
 MAX_BYTES = 165_000  # "at most about 160 KB": what most LLMs take in one message
@@ -39,9 +43,15 @@ REGISTRY_LINES = 16  # a module-level constant this short is shown whole (regist
 
 
 def readme_with_reference(readme: str) -> str:
-    head, rest = readme.split(START, 1)
-    _, tail = rest.split(END, 1)
-    return f"{head}{START}\n{config_reference()}\n{END}{tail}"
+    """The README with its generated parts current: the config reference and the presets table."""
+    readme = between(readme, START, END, config_reference())
+    return between(readme, PRESETS_START, PRESETS_END, markdown_table(preset_sizes()))
+
+
+def between(text: str, start: str, end: str, content: str) -> str:
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{start}\n{content}\n{end}{tail}"
 
 
 def _docstring(node, indent: str, paragraph: bool = False) -> list[str]:

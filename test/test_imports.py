@@ -113,7 +113,10 @@ LAYERS = {
     "the run folder": {"rafale.run_folder", "rafale.checkpoints", "rafale.plots",
                        "rafale.export_proof"},  # (export_proof: the check of the export the run folder writes)
     "the run": {"rafale.train", "rafale.record", "rafale.loggers", "rafale.outcomes", "rafale.resilience",
-                "rafale.optim", "rafale.hardware", "rafale.branch"},
+                "rafale.optim", "rafale.hardware", "rafale.branch",
+                # (model_sizes, `rafale models`: a command, but its N must be the record's own count, which lives in
+                # rafale.record; it moves to the commands once non_embedding_parameters moves to rafale/models/)
+                "rafale.model_sizes"},
     "the commands": {"rafale.export", "rafale.predict", "rafale.score", "rafale.generate", "rafale.lm_eval_adapter",
                      "rafale.zero_shot", "rafale.sweep", "rafale.runs", "rafale.docprompt", "rafale.law"},
     "main": {"rafale.main", "rafale.__main__", "rafale.main.__main__"},
