@@ -1,6 +1,8 @@
 import re
 
-from rafale.docprompt import MAX_BYTES, ROOT, docprompt, main, outline, readme_with_reference
+from rafale.docprompt import (MAX_BYTES, PRESETS_END, PRESETS_START, ROOT, docprompt, main, outline,
+                               readme_with_reference)
+from rafale.main import COMMANDS
 
 
 def test_readme_reference_and_llm_docprompt_are_current():
@@ -39,3 +41,17 @@ def test_readme_lists_configs_that_exist():
     readme = (ROOT / "README.md").read_text()
     for path in set(re.findall(r"test/[\w.-]+\.yaml", readme)):
         assert (ROOT / path).is_file(), path
+
+
+def test_readme_lists_the_commands_of_rafale_help():
+    readme = (ROOT / "README.md").read_text()
+    listed = re.search(r"`rafale --help` lists every command \(([^)]*)\)", readme).group(1)
+    assert re.findall(r"`([\w-]+)`", listed) == sorted(COMMANDS)
+
+
+def test_readme_presets_table_is_rafale_models():
+    """The README's presets table as `python -m rafale.docprompt` writes it (rafale.model_sizes.markdown_table)."""
+    readme = (ROOT / "README.md").read_text()
+    current = readme_with_reference(readme)
+    section = slice(readme.index(PRESETS_START), readme.index(PRESETS_END))
+    assert current[section] == readme[section] and "| pythia | pythia-70m | 6 | 512 | 8/8 | 2048 | 50304 |" in readme
