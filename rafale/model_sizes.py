@@ -11,8 +11,7 @@ masked LM, CLIP's two towers) is built on torch's `meta` device, which makes the
 as a run counts itself: N is the non-embedding parameters of summary.json (rafale.record.non_embedding_parameters),
 the total its `parameters`. --vocab-size V counts every preset with V embedding rows (model.vocab_size: V). A preset
 whose vocab_size is None takes the tokenizer's, rounded up to a multiple of 64: without --vocab-size it is counted at
-data.vocab_size's default, marked `*`. CLIP's and SigLIP's sizes read
-vision+text. The README's presets table ("Supported models") is `markdown_table(preset_sizes())`.
+data.vocab_size's default, marked `*`. CLIP's and SigLIP's sizes read vision+text. The README's presets table ("Supported models") is `markdown_table(preset_sizes())`.
 """
 
 import argparse
@@ -33,6 +32,7 @@ from rafale.record import non_embedding_parameters
 
 # the vocabulary a preset without its own is counted at: what `data.tokenizer: train` makes by default
 DEFAULT_VOCAB_SIZE = next(f.default for f in dataclasses.fields(DataConfig) if f.name == "vocab_size")
+TOKEN_HEADS = ("causal_lm", "mlm")  # the heads whose output projection is onto the vocabulary
 COLUMNS = ("family", "preset", "layers", "hidden", "heads/kv", "intermediate", "vocab", "N", "total", "head")
 
 
@@ -79,14 +79,14 @@ def heads_of(tower) -> str:
     return f"{tower.num_heads}/{kv_heads}"
 
 
-def output_head(module: nn.Module, vocab_size: int) -> str:
-    """"tied" when a Linear onto the vocabulary shares its weight with the token table, "untied" when it has its
-    own, "-" when the model has no such projection."""
-    tables = {id(m.weight) for m in module.modules() if isinstance(m, nn.Embedding) and m.num_embeddings == vocab_size}
-    heads = [m for m in module.modules() if isinstance(m, nn.Linear) and m.out_features == vocab_size]
-    if not heads:
-        return "-"
-    return "tied" if any(id(m.weight) in tables for m in heads) else "untied"
+def output_head(module: nn.Module, head: str) -> str:
+    """"tied" when a Linear shares its weight with an embedding table, else "untied" for a head that predicts tokens
+    (causal or masked LM), "-" for one that does not (CLIP's). Told by identity, not by width: a hidden Linear can be
+    as wide as the vocabulary."""
+    tables = {id(m.weight) for m in module.modules() if isinstance(m, nn.Embedding)}
+    if any(id(m.weight) in tables for m in module.modules() if isinstance(m, nn.Linear)):
+        return "tied"
+    return "untied" if head in TOKEN_HEADS else "-"
 
 
 def preset_size(family: Family, preset: str, vocab_size: int | None = None) -> PresetSize:
@@ -99,15 +99,20 @@ def preset_size(family: Family, preset: str, vocab_size: int | None = None) -> P
         tokens.vocab_size = vocab_size
     elif from_tokenizer:
         tokens.vocab_size = model_vocab_size(None, DEFAULT_VOCAB_SIZE)
-    with torch.device("meta"):  # shapes only: no memory, no initialisation
-        module = family.hf.module(cfg, family.heads[0])
+    if getattr(tokens, "eos_token_id", None) is not None and tokens.eos_token_id >= tokens.vocab_size:
+        tokens.eos_token_id = None  # CLIP's: a run takes its tokenizer's (contrastive.build), and it sizes nothing
+    try:
+        with torch.device("meta"):  # shapes only: no memory, no initialisation
+            module = family.hf.module(cfg, family.heads[0])
+    except ValueError as err:  # a size the preset cannot have (its config's validate())
+        raise RafaleError(f"{preset} with {tokens.vocab_size} embedding rows: {err}") from None
     return PresetSize(
         family=family.name, preset=preset,
         layers=joined(cfg, lambda t: t.num_layers), hidden=joined(cfg, lambda t: t.hidden_size),
         heads=joined(cfg, heads_of), intermediate=joined(cfg, lambda t: t.intermediate_size),
         vocab=tokens.vocab_size, vocab_from_tokenizer=from_tokenizer and vocab_size is None,
         non_embedding=non_embedding_parameters(module), total=sum(p.numel() for p in module.parameters()),
-        head=output_head(module, tokens.vocab_size),
+        head=output_head(module, family.heads[0]),
     )
 
 

@@ -84,3 +84,12 @@ def test_an_unknown_family_is_one_error_listing_the_families(capsys, monkeypatch
     code, out, err = run_in_process(["models", "lama"], capsys, monkeypatch)
     assert code == 2 and out == ""
     assert err.strip().splitlines() == [f"rafale: error: no model family 'lama'; the families are {', '.join(FAMILIES)}"]
+
+
+def test_a_clip_preset_counts_at_a_vocabulary_below_its_end_of_text_id():
+    # clip-vit-b-16's eos_token_id 49407 is its tokenizer's; a run takes its own tokenizer's, so counting at 32000
+    # rows must not refuse it, and the total moves by the token table alone
+    clip = FAMILIES["clip"]
+    base, smaller = preset_size(clip, "clip-vit-b-16"), preset_size(clip, "clip-vit-b-16", vocab_size=32000)
+    assert smaller.non_embedding == base.non_embedding
+    assert base.total - smaller.total == (49408 - 32000) * 512
