@@ -9,6 +9,7 @@
     rafale generate RUN --prompt P  generate text with a trained decoder (a run or a Hugging Face folder)
     rafale law RUNS [--holdout R]   fit L(N, D) = E + A/N^alpha + B/D^beta to finished runs, and check it
     rafale lm-eval RUN --tasks T    score a decoder with lm-evaluation-harness
+    rafale models [FAMILY ...]      every preset's layers, widths, heads, N and total parameters
     rafale plot RUN [RUN ...]       draw a run's curves, or overlay several runs
     rafale zero-shot RUN --images DIR --classes "cat,dog"   classify images with a CLIP or SigLIP
     rafale predict RUN --file rows.csv   classify a file's texts with a trained classifier
@@ -126,6 +127,12 @@ def lm_eval_command(argv) -> int:
     return lm_eval_main(argv)
 
 
+def models_command(argv) -> int:
+    from rafale.commands.models import models_main
+
+    return models_main(argv)
+
+
 def plot_command(argv) -> int:
     from rafale.commands.runs import plot_main
 
@@ -183,6 +190,7 @@ COMMANDS = {
     "generate": (generate_command, "generate text with a trained decoder (a run or a Hugging Face folder)"),
     "law": (law_command, "fit a scaling law L(N, D) to finished runs; --holdout checks it on runs it did not see"),
     "lm-eval": (lm_eval_command, "score a decoder with lm-evaluation-harness"),
+    "models": (models_command, "every preset of every model family: layers, widths, heads, N and total parameters"),
     "plot": (plot_command, "draw a run's curves, or overlay several runs"),
     "predict": (predict_command, "classify the texts of a file with a trained classifier (labels, probabilities)"),
     "runs": (runs_command, "one line per run: model, size, tokens, time, final validation metrics"),

@@ -110,6 +110,9 @@ def run_cli(args, env=None, cwd=ROOT, timeout=600):
 
 
 RAFALE = [sys.executable, "-m", "rafale"]
+# the running interpreter's environment (a venv anywhere, a conda env; sys.executable unresolved: a venv's python is
+# a link to the system's), whose bin/ holds the console scripts: not necessarily the README's .venv
+ENV_BIN = Path(sys.executable).parent
 
 
 def run_in_process(args, capsys, monkeypatch, env=None):

@@ -257,3 +257,25 @@ def test_data_preparation_says_each_stage_and_no_library_draws_a_bar(tmp_path, c
     assert "rafale: tokenizing train: 200 of 200 examples (100%)" in err
     for library in ("Generating train split", "%|", "\r", "Saving the dataset", "Map"):
         assert library not in out + err, (library, out + err)
+
+
+def test_score_and_generate_help_name_every_family_they_take(capsys):
+    """`rafale score --help` once said "a causal LM (pythia)" and generate's README line "any GPT-NeoX folder",
+    though both run Llama, Qwen2 and Qwen3 (test_llama's run through the command line)."""
+    import pytest
+
+    from rafale.main import main
+    from rafale.models.families import FAMILIES
+
+    def help_of(command):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        return " ".join(capsys.readouterr().out.split())  # argparse wraps at the terminal's width
+
+    score = help_of("score")
+    assert all(name in score for name, family in FAMILIES.items() if {"causal_lm", "mlm"} & set(family.heads))
+    assert "pythia, llama, qwen2, qwen3" in score and "bert, roberta" in score
+    generate = help_of("generate")
+    decoders = [family for family in FAMILIES.values() if family.can_generate]
+    assert [f.name for f in decoders] == ["pythia", "llama", "qwen2", "qwen3"]
+    assert all(f.name in generate and all(a in generate for a in f.hf.architectures) for f in decoders)

@@ -1,7 +1,8 @@
 import re
 
-from rafale.commands.docprompt import (LEFT_OUT_PAGES, MAX_BYTES, REFERENCE_PAGE, ROOT, current_pages, doc_pages, docprompt,
-                              main, outline)
+from rafale.commands.docprompt import (LEFT_OUT_PAGES, MAX_BYTES, PRESETS_END, PRESETS_START, README, REFERENCE_PAGE,
+                                       ROOT, current_pages, doc_pages, docprompt, main, outline)
+from rafale.main import COMMANDS
 
 
 def test_config_reference_and_llm_docprompt_are_current():
@@ -75,3 +76,17 @@ def test_readme_and_docs_list_configs_that_exist():
 def test_the_config_reference_is_on_its_page():
     page = (ROOT / REFERENCE_PAGE).read_text()
     assert "<!-- config-reference:start -->" in page and "| `max_duration` |" in page
+
+
+def test_readme_lists_the_commands_of_rafale_help():
+    readme = (ROOT / "README.md").read_text()
+    listed = re.search(r"`rafale --help` lists every command \(([^)]*)\)", readme).group(1)
+    assert re.findall(r"`([\w-]+)`", listed) == sorted(COMMANDS)
+
+
+def test_readme_presets_table_is_rafale_models():
+    """The README's presets table as `python -m rafale.commands.docprompt` writes it (rafale.commands.models.markdown_table)."""
+    readme = (ROOT / "README.md").read_text()
+    current = current_pages()[README]
+    section = slice(readme.index(PRESETS_START), readme.index(PRESETS_END))
+    assert current[section] == readme[section] and "| pythia | pythia-70m | 6 | 512 | 8/8 | 2048 | 50304 |" in readme

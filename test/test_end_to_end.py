@@ -1,6 +1,7 @@
 """The CLI as a user runs it: subprocesses on the tiny debug config."""
 
 import re
+import shutil
 from pathlib import Path
 import sys
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import RAFALE, ROOT, run_cli, write_config
+from conftest import ENV_BIN, RAFALE, ROOT, run_cli, write_config
 
 
 def losses(output: str):
@@ -67,12 +68,20 @@ def test_training_lowers_validation_loss_then_eval_only_reports_it(debug_config,
     assert "its record: " + str(tmp_path / "runs" / "pythia-debug-eval" / "evals") in evaluated.stdout
 
 
+def console_script(name: str) -> str:
+    """The environment's console script: beside the running interpreter (however the environment was made and
+    whether or not it is activated), else on PATH."""
+    found = ENV_BIN / name if (ENV_BIN / name).is_file() else shutil.which(name)
+    assert found, f"no {name} in {ENV_BIN} or on PATH: is rafale installed in this environment (pip install -e .)?"
+    return str(found)
+
+
 @pytest.mark.parametrize("entry", ["console_script", "main_py", "main_folder", "module"])
 def test_every_spelling_of_the_command_runs_rafale(debug_config, entry):
     """`rafale`, `python rafale/main.py`, `python rafale/main` (the original README's spelling) and
     `python -m rafale` are the same program; DATA=1 keeps it to the data step."""
     command = {
-        "console_script": [str(ROOT / ".venv" / "bin" / "rafale") if (ROOT / ".venv" / "bin" / "rafale").exists() else "rafale"],
+        "console_script": [console_script("rafale")],
         "main_py": [sys.executable, str(ROOT / "rafale" / "main.py")],
         "main_folder": [sys.executable, str(ROOT / "rafale" / "main")],
         "module": RAFALE,

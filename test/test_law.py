@@ -21,7 +21,7 @@ from conftest import run_in_process, write_config
 from rafale.config import ConfigError, TrainingConfig, config_from_dict
 from rafale.commands.law import LawError, Point, compute_optimal, fit_law, flops_relation, read_points, select
 from rafale.run.optim import DECAY_SHAPES, WarmupStableDecay, wsd_batches
-from rafale.run.record import non_embedding_parameters
+from rafale.models.counts import non_embedding_parameters
 
 TRUE = {"E": 1.8, "A": 40.0, "alpha": 0.34, "B": 60.0, "beta": 0.3}
 SIZES = (3e4, 1e5, 3e5, 1e6)

@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import ROOT, write_config
+from conftest import ENV_BIN, ROOT, write_config
 from rafale.run_folder import read_checkpoint_weights
 
 # 60 batches, a checkpoint every 10: the tests that signal a run mid-way also slow its steps (SLOW_STEPS)
@@ -403,7 +403,8 @@ exit $code
     env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_NNODES="2", SLURM_GPUS_PER_NODE="1",
                SLURM_JOB_NODELIST="node[1-2]", SLURM_JOB_ID="4242", RAFALE_CACHE=str(tmp_path / "cache"),
                RAFALE_OUTPUT_DIR=str(tmp_path / "shared-runs"), PYTHONUNBUFFERED="1",
-               PYTHONPATH=str(tmp_path / "slow"), RAFALE_TEST_STEP_SLEEP="0.1")
+               PYTHONPATH=str(tmp_path / "slow"), RAFALE_TEST_STEP_SLEEP="0.1",
+               RAFALE_ENV=str(ENV_BIN.parent))  # this interpreter's environment, wherever it is
     run_dir = tmp_path / "shared-runs" / "two"
 
     def submit(job: int) -> subprocess.Popen:

@@ -1,7 +1,8 @@
-"""Keep the generated docs current: the config reference in docs/config.md, and llm-docprompt.txt.
+"""Keep the generated docs current: the config reference in docs/config.md, the README's presets table (`rafale
+models`), and llm-docprompt.txt.
 
-    python -m rafale.commands.docprompt            rewrite both
-    python -m rafale.commands.docprompt --check    exit 1 if either is out of date (the tests run this)
+    python -m rafale.commands.docprompt            rewrite them
+    python -m rafale.commands.docprompt --check    exit 1 if one is out of date (the tests run this)
 
 llm-docprompt.txt is what an LLM needs to answer questions on using and extending rafale, in one message (at most
 about 160 KB, `MAX_BYTES`): the README, then the docs/ pages in the order the README links them (docs/config.md
@@ -18,11 +19,14 @@ import sys
 from pathlib import Path
 
 from rafale.config import config_reference
+from rafale.commands.models import markdown_table, preset_sizes
 
 ROOT = Path(__file__).resolve().parents[2]
 README, DOCS = "README.md", "docs"
 REFERENCE_PAGE = "docs/config.md"  # the page that holds the generated config reference, between START and END
 START, END = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
+# the "Supported models" presets table: `rafale models` as markdown (rafale/commands/models.py)
+PRESETS_START, PRESETS_END = "<!-- presets:start -->", "<!-- presets:end -->"
 # in full: the decoder, what a new attention, norm or position scheme changes
 FULL_FILES = ("rafale/models/decoder.py",)
 # their docstring only: the commands (their use is their --help and the docs'), the CLI, the word and shape
@@ -52,9 +56,18 @@ REGISTRY_LINES = 16  # a module-level constant this short is shown whole (regist
 
 def with_reference(page: str) -> str:
     """The page with the config reference between its START and END markers regenerated from rafale/config.py."""
-    head, rest = page.split(START, 1)
-    _, tail = rest.split(END, 1)
-    return f"{head}{START}\n{config_reference()}\n{END}{tail}"
+    return between(page, START, END, config_reference())
+
+
+def with_presets(readme: str) -> str:
+    """The README with its presets table between PRESETS_START and PRESETS_END: `rafale models` as markdown."""
+    return between(readme, PRESETS_START, PRESETS_END, markdown_table(preset_sizes()))
+
+
+def between(text: str, start: str, end: str, content: str) -> str:
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{start}\n{content}\n{end}{tail}"
 
 
 def doc_pages(root: Path = ROOT) -> list[str]:
@@ -175,8 +188,10 @@ def docprompt(pages: dict[str, str]) -> str:
 
 
 def current_pages() -> dict[str, str]:
-    """README.md and the docs/ pages as they should read: docs/config.md with its reference regenerated."""
+    """README.md and the docs/ pages as they should read: the README's presets table and docs/config.md's reference
+    regenerated."""
     pages = {name: (ROOT / name).read_text() for name in [README, *doc_pages()]}
+    pages[README] = with_presets(pages[README])
     pages[REFERENCE_PAGE] = with_reference(pages[REFERENCE_PAGE])
     return pages
 
@@ -184,8 +199,8 @@ def current_pages() -> dict[str, str]:
 def main(argv=None) -> int:
     check = "--check" in (sys.argv[1:] if argv is None else argv)
     pages = current_pages()
-    reference_path, prompt_path = ROOT / REFERENCE_PAGE, ROOT / "llm-docprompt.txt"
-    generated = ((reference_path, pages[REFERENCE_PAGE]), (prompt_path, docprompt(pages)))
+    generated = ((ROOT / README, pages[README]), (ROOT / REFERENCE_PAGE, pages[REFERENCE_PAGE]),
+                 (ROOT / "llm-docprompt.txt", docprompt(pages)))
     stale = [str(p.relative_to(ROOT)) for p, text in generated if not p.is_file() or p.read_text() != text]
     if check:
         if stale:

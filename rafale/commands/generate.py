@@ -3,7 +3,8 @@
     rafale generate runs/pythia-tiny-stories --prompt "Once upon a time"
     rafale generate runs/pythia-tiny-stories/export --prompt-file prompts.txt --temperature 0.8 --top-p 0.95
 
-The model is a run folder (its latest checkpoint) or a Hugging Face model folder (e.g. a run's export/).
+The model is a run folder (its latest checkpoint) or a Hugging Face model folder (e.g. a run's export/) of any decoder
+family (Family.can_generate: GPT-NeoX / Pythia, Llama, Qwen2, Qwen3).
 Greedy by default; --temperature > 0 samples, with --top-k / --top-p and a --seed. Decoding uses the KV cache
 and stops at the end-of-text token. Several prompts are decoded as one left-padded batch.
 """
@@ -17,6 +18,7 @@ from tokenizers import Tokenizer
 
 from rafale.errors import RafaleError, read_utf8
 from rafale.data.tokenizers import special_token_ids
+from rafale.models.families import FAMILIES
 
 
 def load_decoder(path: Path):
@@ -25,7 +27,7 @@ def load_decoder(path: Path):
         from rafale.run_folder import load_run_model
 
         cfg, data, model = load_run_model(path)
-        from rafale.resolve import FAMILIES, family_of
+        from rafale.resolve import family_of
 
         if not family_of(cfg).can_generate:
             raise RafaleError(f"{path}: a {cfg.model.type} run cannot generate text; only decoders can "
@@ -98,7 +100,10 @@ def generate_main(argv) -> int:
     parser = argparse.ArgumentParser(
         prog="rafale generate", description="Generate text with a trained decoder.",
         epilog='example: rafale generate runs/pythia-tiny-stories --prompt "Once upon a time" --max-new-tokens 64')
-    parser.add_argument("model", help="a run folder (its latest checkpoint) or a Hugging Face model folder")
+    decoders = [family for family in FAMILIES.values() if family.can_generate]
+    parser.add_argument("model", help=f"a decoder's run folder (its latest checkpoint) or Hugging Face model folder "
+                        f"(a run's export/, or a downloaded Hub model): {', '.join(f.name for f in decoders)} "
+                        f"({', '.join(a for f in decoders for a in f.hf.architectures)})")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="the prompt text")
     source.add_argument("--prompt-file", help="a file of prompts, one per line")

@@ -47,7 +47,7 @@ from rafale.models.token_bytes import TextBytes
 from rafale.errors import IGNORE_INDEX, ConfigError, DataError, RafaleError
 from rafale.run_folder import load_run_model
 from rafale.commands.predict import batches, device_of, read_file_rows
-from rafale.resolve import family_of, head_of
+from rafale.resolve import FAMILIES, family_of, head_of
 
 SCORED_HEADS = ("causal_lm", "mlm")  # the model heads whose loss is a language model's
 # where a block's token sits relative to the position whose label it is: the next one (causal LM), the same (MLM)
@@ -150,6 +150,10 @@ def _unescaped(text: str) -> str:
         return text
 
 
+def families_with(head: str) -> list[str]:
+    return [family.name for family in FAMILIES.values() if head in family.heads]
+
+
 def score_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rafale score", description="Score a text file with a trained language model (causal or masked).",
@@ -157,7 +161,8 @@ def score_parser() -> argparse.ArgumentParser:
         "  rafale score runs/pythia-tiny-stories --file held-out.txt\n"
         "  rafale score runs/pythia-tiny-stories --file verses.txt --doc-separator '\\n'   one document a line",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run", help="a causal LM (pythia) or masked LM (bert, roberta) run's folder (its latest checkpoint)")
+    parser.add_argument("run", help="a language model's run folder (its latest checkpoint; not an export): a causal "
+                        f"LM ({', '.join(families_with('causal_lm'))}) or a masked LM ({', '.join(families_with('mlm'))})")
     parser.add_argument("--file", required=True, help="a .txt (documents cut at the run's data.doc_separator), "
                         ".jsonl/.json/.csv/.parquet (one document a row, in the run's text column)")
     parser.add_argument("--per-line", action="store_true", help="score each line as a document of its own")

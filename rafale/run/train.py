@@ -34,7 +34,8 @@ from rafale.run.optim import batches_in, build_optimizer, is_schedule_free, whol
 from rafale.run.outcomes import outcome, outcome_callbacks, resume_outcome
 from rafale.run_folder import (BEST_DIR, EXPORT_DIR, ResumeConflict, check_run_folder, eval_folder,
                                evaluation_conflicts, export_model, set_run_folder_aside, write_run_folder)
-from rafale.run.record import (RunClock, RunRecord, compact_metrics, describe, non_embedding_parameters, validation_loss,
+from rafale.models.counts import non_embedding_parameters
+from rafale.run.record import (RunClock, RunRecord, compact_metrics, describe, validation_loss,
                                write_eval_record)
 from rafale.run.resilience import (StopOnSignal, check_checkpoint_safe, check_shared_run_folder, decided_on_rank_zero,
                                    prune_checkpoints, resume_checkpoint)
