@@ -52,8 +52,12 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1, help="processes (each fit is single-threaded numpy)")
     args = parser.parse_args()
     jobs = [(name, seed, args.bootstrap) for name in LAWS for seed in range(args.seeds)]
-    with Pool(args.workers) as pool:
-        results = pool.map(one_seed, jobs, chunksize=1)
+    results = []
+    with Pool(args.workers) as pool:  # each seed's line as it lands (stderr): a run under load takes a while
+        for name, seed, row in pool.imap_unordered(one_seed, jobs):
+            results.append((name, seed, row))
+            print(f"{name} seed {seed}: " + ", ".join(f"{k} [{r[2]:.3g}, {r[3]:.3g}]{'' if r[0] else ' misses'}"
+                                                      for k, r in row.items()), file=sys.stderr, flush=True)
     print(f"{args.seeds} noise seeds, {args.bootstrap} bootstrap resamples a fit, {len(SIZES)} sizes x "
           f"{len(BUDGETS)} budgets, {NOISE:.1%} noise\n")
     print("| law | " + " | ".join(PARAMETERS) + " |")
