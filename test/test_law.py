@@ -109,10 +109,80 @@ def test_too_few_sizes_or_budgets_is_refused(sizes, budgets, missing):
         fit_law(synthetic_points(sizes=sizes, budgets=budgets))
 
 
-def test_as_many_runs_as_parameters_get_no_intervals():
-    fit = fit_law(synthetic_points(sizes=(1e5,), budgets=BUDGETS[:3]), bootstrap=30)
-    assert not fit.samples and not fit.intervals
-    assert any("fit exactly" in sentence for sentence in fit.not_determined)
+def no_fit(*args, **kwargs):
+    raise AssertionError("a design that cannot determine the law was fitted")
+
+
+@pytest.mark.parametrize("sizes,budgets,message", [
+    ((1e5,), BUDGETS[:3], "3 distinct .N, D. points for the 3 parameters E, B, beta; a fit needs at least 4"),
+    # three runs of three sizes and three budgets, off any line: 3 points for 5 parameters
+    ((1e5, 3e5, 1e6), (2e5, 8e5, 4e5), "3 distinct .N, D. points for the 5 parameters E, A, alpha, B, beta; a fit "
+                                       "needs at least 6")])
+def test_as_many_runs_as_parameters_or_fewer_are_refused_before_any_fit(sizes, budgets, message, monkeypatch):
+    points = (synthetic_points(sizes=sizes, budgets=budgets) if len(sizes) == 1 else
+              [p for p in synthetic_points(sizes=sizes, budgets=budgets) if (p.N, p.D) in set(zip(sizes, budgets))])
+    monkeypatch.setattr("rafale.commands.law.fit_theta", no_fit)
+    with pytest.raises(LawError, match="cannot determine a law: " + message):
+        fit_law(points)
+
+
+def issue_design_points(params: dict, seed: int, noise: float = 0.003) -> list[Point]:
+    """The README's design (4 sizes 110k-790k x 3 budgets 307k-819k tokens), runs made from `params` with a
+    log-normal noise of `noise`: issue 34's synthetic case."""
+    rng = np.random.default_rng(seed)
+    return [Point(f"n{N}-d{D}", N, D, 6 * N, law_loss(N, D, params) * math.exp(rng.normal(0, noise)))
+            for N in (110_000, 210_000, 410_000, 790_000) for D in (307_200, 512_000, 819_200)]
+
+
+def test_the_issue_s_synthetic_intervals_cover_the_truth_and_do_not_collapse():
+    """Issue 34: each resample refitted from the full fit's point (E = 5.9e-14) never moved it: E 5.9e-14 [5.9e-14,
+    5.9e-14], and B and beta's intervals missed the truth. Each resample from its own grid covers all five."""
+    truth = {"E": 0.8, "A": 30.0, "alpha": 0.35, "B": 100.0, "beta": 0.35}
+    # seed 2: the noise draw whose full fit has E = 0 (the issue's E 5.9e-14, B 24.8, beta 0.203). 100 resamples: the
+    # interval's ends are its 3rd and 98th fits, and E = 0.8 is near the top of E's (0.88; 0.806 with 60)
+    fit = fit_law(issue_design_points(truth, seed=2), bootstrap=100)
+    assert fit.law.params["E"] == 0 and fit.law.params["beta"] == pytest.approx(0.2013, abs=1e-3)
+    for key, value in truth.items():
+        low, high = fit.intervals[key]
+        assert low <= value <= high and high > 1.01 * low, (key, value, fit.intervals[key])
+    assert all(s.params[key] > 0 for s in fit.samples for key in ("alpha", "beta"))
+
+
+def test_the_exponents_stay_positive_and_one_the_runs_push_below_zero_is_not_determined():
+    """Losses that grow with the data (B/D^beta with beta = -0.05: overfitting) ask for a negative beta: the fit
+    stops at its bound, 0.001, and says beta (and a, b, made of it) are not determined, printing no number."""
+    from rafale.commands.law import BOUNDS, describe_law
+
+    rising = {"E": 1.8, "A": 40.0, "alpha": 0.34, "B": 0.05, "beta": -0.05}
+    points = [Point(f"n{N:g}-d{D:g}", int(N), int(D), int(6 * N), law_loss(N, D, rising))
+              for N in SIZES for D in BUDGETS]
+    fit = fit_law(points, bootstrap=10)
+    assert fit.law.params["beta"] == pytest.approx(BOUNDS["beta"][0])
+    assert all(s.params["beta"] > 0 and s.params["alpha"] > 0 for s in fit.samples)
+    assert set(fit.undetermined) >= {"beta", "a", "b"}
+    text = describe_law(fit, points, "validation loss")
+    assert re.search(r"^  beta +not determined: the fit sits on its bound$", text, re.M), text
+    assert re.search(r"^  a +not determined: alpha or beta is not determined$", text, re.M), text
+    assert re.search(r"^  alpha +0\.3\d+ +\[", text, re.M), text  # the N side the runs do determine
+
+
+def test_an_interval_spanning_orders_of_magnitude_reads_not_determined():
+    """`A 4.49e+18 [15.1, 2.68e+289]` (the README's sweep, before the fit had bounds) is no interval."""
+    from rafale.commands.law import Fit, Law, describe_law, interval_verdicts
+
+    intervals = {"E": (0.0, 0.81), "A": (15.1, 2.68e289), "alpha": (0.25, 0.4), "B": (900.0, 1100.0),
+                 "beta": (0.3, 0.31), "a": (0.4, 0.5), "b": (0.5, 0.6)}
+    verdicts = interval_verdicts(intervals, bound_hits=[set()] * 40, point_at_bounds=set())
+    assert verdicts == {"A": "the bootstrap fits range over more than 100x (15.1 to 2.68e+289)"}
+    law = Law(("N", "D"), {"E": 0.7, "A": 4.49e18, "alpha": 0.3, "B": 1e3, "beta": 0.3, "a": 0.45, "b": 0.55}, {})
+    points = synthetic_points()
+    text = describe_law(Fit(law, intervals, [], [law], verdicts), points, "validation loss")
+    assert "  A          not determined: the bootstrap fits range over more than 100x" in text
+    assert "4.49e+18" not in text and "[0, 0.81]" in text  # E's interval may start at 0: E >= 0 is the law's
+    # the fits that sit on the box's bounds: more than 2.5% of them, or the full fit
+    verdicts = interval_verdicts(intervals | {"A": (15.1, 30.0)}, [{"alpha"}] * 2 + [set()] * 38, {"B"})
+    assert verdicts == {"alpha": "5% of the bootstrap fits sit on the fit's bound", "B": "the fit sits on its bound",
+                        "a": "alpha or beta is not determined", "b": "alpha or beta is not determined"}
 
 
 def test_the_holdout_predicts_the_largest_size():
@@ -204,6 +274,43 @@ def test_law_command_writes_the_table_and_the_plot_and_reports_the_holdout(tmp_p
     code, out, err = run_in_process(["law", str(tmp_path / "w30000-d200000"), str(tmp_path / "w30000-d400000")],
                                     capsys, monkeypatch)
     assert code == 2 and "cannot determine a law" in err and "1 size" in err
+
+
+def test_runs_on_one_line_in_N_D_are_refused_before_any_fit_and_leave_the_old_law(tmp_path, capsys, monkeypatch):
+    """Issue 34: six runs on D = 20 N passed the "3 sizes and 3 budgets" check, wrote B 0 [0, 0] and beta -43.6 to
+    law.md, then exited 1 with a ZeroDivisionError traceback. Any D = k N^g is one line in log space: refused."""
+    for N in (1e4, 2e4, 4e4, 8e4, 1.6e5, 3.2e5):
+        fake_run(tmp_path / "diagonal", f"d20n-{int(N)}", int(N), int(20 * N), law_loss(N, 20 * N))
+    for N, D in zip((1e4, 3e4, 1e5, 3e5, 1e6, 3e6), (1e6, 3.3e6, 1.1e7, 3.7e7, 1.2e8, 4e8)):  # D = 100 N^0.95 or so
+        fake_run(tmp_path / "power", f"p-{int(N)}", int(N), int(D), law_loss(N, D))
+    (tmp_path / "diagonal" / "law.md").write_text("an earlier law\n")
+    monkeypatch.setattr("rafale.commands.law.fit_theta", no_fit)
+    code, out, err = run_in_process(["law", str(tmp_path / "diagonal"), "--bootstrap", "5"], capsys, monkeypatch)
+    assert code == 2 and "Traceback" not in err, err
+    assert re.search(r"cannot separate N from D: their \(N, D\) points lie on one line in log space "
+                     r"\(D = 20 N\^1\).*several budgets for each size", err), err
+    assert len(err.strip().splitlines()) == 1
+    assert (tmp_path / "diagonal" / "law.md").read_text() == "an earlier law\n"
+    assert sorted(p.name for p in (tmp_path / "diagonal").iterdir() if p.is_file()) == ["law.md"]
+    code, out, err = run_in_process(["law", str(tmp_path / "power")], capsys, monkeypatch)
+    assert code == 2 and "lie on one line in log space (D = " in err, err
+    assert not (tmp_path / "power" / "law.md").exists()
+
+
+def test_a_law_that_fails_while_written_leaves_neither_file(tmp_path, capsys, monkeypatch):
+    grid_of_runs(tmp_path)
+    (tmp_path / "law.md").write_text("an earlier law\n")
+
+    def broken_figure(*args):
+        raise RuntimeError("the disk is full")
+
+    monkeypatch.setattr("rafale.commands.law.law_figure", broken_figure)
+    with pytest.raises(RuntimeError, match="the disk is full"):
+        from rafale.commands.law import law_main
+
+        law_main([str(tmp_path), "--bootstrap", "0"])
+    assert (tmp_path / "law.md").read_text() == "an earlier law\n"
+    assert not list(tmp_path.glob("law*.tmp.*")) and not (tmp_path / "law.png").exists()
 
 
 # ----------------------------------------------------------------------------------------------------
