@@ -4,7 +4,7 @@ A config has four sections, each a dataclass below whose fields carry their own 
 (`help=`). `load_config` reads the YAML with `yaml.safe_load`, rejects unknown keys (suggesting the
 nearest valid name), wrong types, missing sections and impossible values, and raises `ConfigError`
 naming the key path and what was expected. `config_reference()` renders the same documentation as a
-markdown table for the README, so the two cannot drift apart.
+markdown table for docs/config.md, so the two cannot drift apart.
 
     run:      name: my-run                # where the run's files go, and how autoresume finds it
     data:     source: stories             # the embedded story generator, a local file, or hf:<name>
@@ -16,6 +16,7 @@ markdown table for the README, so the two cannot drift apart.
 
 import dataclasses
 import difflib
+import fractions
 import glob
 import os
 import re
@@ -370,6 +371,14 @@ def parse_time(text: str) -> tuple[int | float, str]:
             raise ValueError(f"{unit} needs a whole number, got {text!r}")
         value = int(value)
     return value, unit
+
+
+def exact_time(text: str) -> tuple[fractions.Fraction, str]:
+    """parse_time's (value, unit) with the value as the exact number written: '0.07dur' -> 7/100, not the float
+    0.07000000000000000666 (whose product with 100 batches is 7.000000000000001, one batch more once rounded up)."""
+    parse_time(text)  # the same checks and errors
+    match = _TIME.fullmatch(text)
+    return fractions.Fraction(match.group(1)), match.group(2).lower()
 
 
 def _check_wsd(t: "TrainingConfig") -> None:

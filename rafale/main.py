@@ -4,6 +4,7 @@
     DATA=1 rafale -c cfg.yaml       only prepare the data (also: --data-only)
     DEBUG=1 rafale -c cfg.yaml      train 10 epochs on one fixed batch, which a healthy model overfits (also: --debug)
     rafale -c cfg.yaml --restart    start run.name over, keeping its old folder as NAME.old-<time>
+    rafale compare A B              A - B with its 95% interval and p-value (A, B: runs, or the seeds of an arm)
     rafale export RUN [--out DIR]   write a run's latest checkpoint in Hugging Face format
     rafale generate RUN --prompt P  generate text with a trained decoder (a run or a Hugging Face folder)
     rafale law RUNS [--holdout R]   fit L(N, D) = E + A/N^alpha + B/D^beta to finished runs, and check it
@@ -15,7 +16,7 @@
 
 This module is the command line only (arguments, commands, exit codes); each command imports what it needs
 when it runs, so `rafale --help` and a config error answer without loading torch or Composer. Nothing imports
-this module. To add a model, a datapipe or an optimizer, see the README's "Adding a model" and the sections after it.
+this module. To add a model, a datapipe or an optimizer, see docs/extending.md.
 """
 
 import argparse
@@ -95,6 +96,12 @@ def train_main(args) -> int:
                  started=getattr(args, "started", None))
 
 
+def compare_command(argv) -> int:
+    from rafale.commands.compare import compare_main
+
+    return compare_main(argv)
+
+
 def export_command(argv) -> int:
     from rafale.commands.export import export_main
 
@@ -171,6 +178,7 @@ def on_every_rank(decide):
 
 # `rafale <command> ...` -> (what runs it, what it does); without a command, rafale trains. Each has its own --help.
 COMMANDS = {
+    "compare": (compare_command, "is arm A better than B: the difference with its 95% interval and p-value"),
     "export": (export_command, "write a run's checkpoint in Hugging Face format"),
     "generate": (generate_command, "generate text with a trained decoder (a run or a Hugging Face folder)"),
     "law": (law_command, "fit a scaling law L(N, D) to finished runs; --holdout checks it on runs it did not see"),

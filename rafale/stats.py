@@ -54,14 +54,15 @@ class Difference:
             return None
         return self.p_value < 1 - CONFIDENCE
 
-    def verdict(self, lower_is_better: bool = True) -> str:
-        """One clause a table or a reader can quote: which arm is better, or that they are not distinguishable."""
+    def verdict(self, lower_is_better: bool = True, names: tuple[str, str] = ("A", "B")) -> str:
+        """One clause a table or a reader can quote: which arm is better (called by `names`), or that they are
+        not distinguishable."""
         n = f"n={self.a.n}" if self.a.n == self.b.n else f"n={self.a.n} and {self.b.n}"
         if self.distinguishable is None:
             return "no interval: one run on a side cannot tell a difference from the seed's noise"
         if not self.distinguishable:
             return f"not distinguishable at {n} (p = {self.p_value:.2g})"
-        better = "A" if (self.estimate < 0) == lower_is_better else "B"
+        better = names[0] if (self.estimate < 0) == lower_is_better else names[1]
         return f"{better} is better (p = {self.p_value:.2g}, {n})"
 
 

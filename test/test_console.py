@@ -1,6 +1,14 @@
 """The console lines a person reads during a run (rafale.run.loggers), from the metrics Composer logs."""
 
-from rafale.run.loggers import format_eval_line, format_train_line
+import datetime
+import io
+import os
+import types
+
+import pytest
+
+from rafale.run import loggers
+from rafale.run.loggers import ConsoleLog, format_eval_line, format_train_line
 
 
 def test_train_line_has_loss_speed_mfu_lr_and_time_in_minutes():
@@ -49,6 +57,95 @@ def test_the_end_of_run_lines_compare_batch_times_only_when_compiling_and_say_a_
                      "machine_load": {"mean": 1.2, "max": 1.9, "cores": 2}}, Path("runs/x"))
     assert "torch.compile: on; first batch 31.20 s, the next ones 0.200 s (median): about 31.0 s of compiling" in text
     assert "load" not in text
+
+
+LOGGED = {"loss/train/total": 2.34567, "throughput/tokens_per_sec": 10030.4, "throughput/device/mfu": 0.371,
+          "lr-base": 9.1e-4}
+
+
+def test_a_train_line_given_a_width_leaves_out_the_least_telling_parts_first():
+    full = format_train_line(LOGGED, elapsed_s=72, left_s=180, load=(5.25, 2))
+    assert format_train_line(LOGGED, 72, 180, (5.25, 2), width=len(full)) == full
+    assert format_train_line(LOGGED, 72, 180, (5.25, 2), width=len(full) - 1) == (
+        "loss 2.3457 | 10,030 tok/s | MFU 37.1% | lr 9.1e-04 | 1.2 min elapsed, 3.0 min left")  # the load first
+    assert format_train_line(LOGGED, 72, 180, (5.25, 2), width=60) == "loss 2.3457 | 10,030 tok/s | MFU 37.1% | 3.0 min left"
+    assert format_train_line(LOGGED, 72, 180, (5.25, 2), width=41) == "loss 2.3457 | 10,030 tok/s | 3.0 min left"
+    assert format_train_line(LOGGED, 72, 180, width=26) == "loss 2.3457 | 3.0 min left"
+    assert format_train_line(LOGGED, 72, None, width=30) == "loss 2.3457 | 1.2 min elapsed"  # the only time kept
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def fake_state(batch: int) -> types.SimpleNamespace:
+    return types.SimpleNamespace(timestamp=types.SimpleNamespace(batch=batch, total_wct=datetime.timedelta(seconds=72)))
+
+
+def drive(log: ConsoleLog, batches: range, logged: dict = LOGGED) -> None:
+    """ConsoleLog as a run drives it, every batch due for a line (training.log_interval 1ba)."""
+    log.total, log.due = 400, lambda state, event: True
+    log.fit_start(fake_state(batches[0] - 1), None)
+    for batch in batches:
+        log.log_metrics(dict(logged))
+        log.batch_end(fake_state(batch), None)
+
+
+@pytest.mark.parametrize("columns", [80, 100])
+def test_a_narrow_terminal_s_bar_keeps_the_loss_speed_and_time_left(columns, monkeypatch):
+    """The bar tqdm draws fits the terminal with the figures in it: what does not fit is the lr, the MFU, the time
+    elapsed, never the end of the line (which tqdm cut at the width: '... | MFU 37.1')."""
+    monkeypatch.setattr(loggers, "machine_load", lambda: (5.25, 2))  # the longest line: a busy machine
+    stream = Terminal()
+    log = ConsoleLog("1ba", stream=stream, columns=lambda: columns)
+    drive(log, range(1, 121))
+    drawn = stream.getvalue().split("\r")[-1]
+    log.close(None, None)
+    assert len(drawn) <= columns and drawn.startswith(" 30%|") and "120/400" in drawn, drawn
+    assert drawn.rstrip().endswith("loss 2.3457 | 10,030 tok/s | MFU 37.1% | 0.0 min left" if columns == 80 else
+                                   "loss 2.3457 | 10,030 tok/s | MFU 37.1% | lr 9.1e-04 | 0.0 min left"), drawn
+
+
+def read_all(master: int) -> str:
+    """What was written so far to a pseudo-terminal, from its master end."""
+    import select
+
+    out = b""
+    while select.select([master], [], [], 1.0)[0]:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # Linux: EIO once the other end is closed and all is read
+            break
+        if not chunk:
+            break
+        out += chunk
+    return out.decode()
+
+
+def test_a_terminal_of_unknown_size_gets_the_plain_lines_of_a_log():
+    """A pseudo-terminal whose size is 0 x 0 (stty size: 0 0), where tqdm drew nothing at all: the training lines
+    are printed, as in a log. One of 80 x 24 gets the bar."""
+    import fcntl
+    import struct
+    import termios
+
+    for rows, columns in ((0, 0), (24, 80)):
+        master, slave = os.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
+        with os.fdopen(slave, "w") as stream:
+            log = ConsoleLog("1ba", stream=stream)
+            drive(log, range(1, 4))
+            log.close(None, None)
+            out = read_all(master)
+            if columns == 0:
+                assert [line.split("]")[0] for line in out.splitlines()] == ["[  1/400   0%", "[  2/400   0%",
+                                                                             "[  3/400   1%"], out
+                assert out.count("loss 2.3457 | 10,030 tok/s") == 3, out
+            else:
+                assert "1%|" in out and "3/400 loss 2.3457" in out, out
+            assert loggers.terminal_width(stream) == (columns or None) and log.bar_wanted == (columns > 0)
+        os.close(master)
 
 
 def test_train_line_leaves_out_what_was_not_logged():

@@ -1,4 +1,4 @@
-"""The README's recipes under "Hacking on rafale", followed literally: each case takes the code block of its
+"""The recipes of docs/extending.md, followed literally: each case takes the code block of its
 section as the file the recipe names (written in a temporary folder and imported under the module name it would
 have in the package), adds the registry line the section gives (monkeypatched, standing in for the edit), checks
 the section's list of files, and trains it through `rafale -c`. If the instructions go stale, these fail."""
@@ -19,8 +19,9 @@ SHORT = {"max_duration": "4ba", "eval_interval": "4ba", "save_interval": "4ba", 
 
 
 def readme_section(title: str) -> str:
-    readme = (ROOT / "README.md").read_text()
-    return readme.split(f"### {title}\n", 1)[1].split("\n### ", 1)[0].split("\n## ", 1)[0]
+    """The recipe `## title` of docs/extending.md (the README's "Hacking on rafale: recipes" until they moved)."""
+    recipes = (ROOT / "docs" / "extending.md").read_text()
+    return recipes.split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
 
 
 def recipe(title: str) -> tuple[str, list[str], str]:

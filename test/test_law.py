@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from conftest import run_in_process, write_config
@@ -229,22 +230,72 @@ def test_runs_table_shows_and_filters_by_N_D_and_C(tmp_path, capsys, monkeypatch
 # compute in the record: N by hand, C = flops_per_token x tokens
 
 
-def test_non_embedding_parameters_by_hand():
-    from rafale.models.decoder import GPTNeoX
-    from rafale.models.pythia import PRESETS
-
-    import dataclasses
-
-    cfg = dataclasses.replace(PRESETS["pythia-debug"], vocab_size=512)
-    C, I, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
+def neox_by_hand(C, I, L):
+    """GPT-NeoX's layers and final norm, by hand: LayerNorms (weight and bias), biased Linears."""
     per_layer = (2 * C          # input layer norm
                  + 3 * C * C + 3 * C  # query_key_value
                  + C * C + C    # attention output
                  + 2 * C        # post-attention layer norm
                  + C * I + I + I * C + C)  # MLP
-    model = GPTNeoX(cfg)
-    assert non_embedding_parameters(model) == L * per_layer + 2 * C  # + the final layer norm
-    assert non_embedding_parameters(model) == sum(p.numel() for p in model.parameters()) - 2 * 512 * C
+    return L * per_layer + 2 * C  # + the final layer norm
+
+
+def llama_by_hand(C, I, L, heads, kv_heads):
+    """Llama's layers and final norm, by hand: RMSNorms (weight only), Linears without bias, SwiGLU's three."""
+    hs = C // heads
+    per_layer = (C                          # input RMSNorm
+                 + C * (heads + 2 * kv_heads) * hs  # q, k and v (grouped-query: kv_heads of k and v)
+                 + C * C                    # attention output
+                 + C                        # post-attention RMSNorm
+                 + 3 * C * I)               # gate, up, down
+    return L * per_layer + C
+
+
+def bert_mlm_by_hand(C, I, L):
+    """BERT's embedding LayerNorm, layers and MLM transform, by hand; the decoder (tied weight, bias) is the head."""
+    per_layer = (3 * (C * C + C)        # query, key, value
+                 + C * C + C + 2 * C    # attention output dense and LayerNorm
+                 + C * I + I            # intermediate
+                 + I * C + C + 2 * C)   # output dense and LayerNorm
+    return 2 * C + L * per_layer + C * C + C + 2 * C  # + the transform's dense and LayerNorm
+
+
+# issue 34, 1.3: a vocabulary padded to a layer's width (intermediate_size, or llama-tiny's 384) left that layer out
+NON_EMBEDDING_CASES = [
+    ("pythia", "pythia-tiny", 512, "causal_lm", 793_344),  # a 500-token BPE padded to 512 = intermediate_size
+    ("llama", "llama-tiny", 384, "causal_lm", 787_584),
+    ("pythia", "pythia-debug", 256, "causal_lm", None),
+    ("pythia", "pythia-debug", 512, "causal_lm", None),  # no layer that wide: unchanged
+    ("bert", "bert-tiny", 512, "mlm", None),
+    ("roberta", "roberta-tiny", 512, "mlm", None),
+]
+
+
+@pytest.mark.parametrize("family,preset,vocab,head,issue_figure", NON_EMBEDDING_CASES)
+def test_non_embedding_parameters_by_hand(family, preset, vocab, head, issue_figure):
+    import dataclasses
+
+    from rafale.models.decoder import Decoder
+    from rafale.models.encoder import build_encoder
+    from rafale.models.families import FAMILIES
+
+    cfg = dataclasses.replace(FAMILIES[family].presets[preset], vocab_size=vocab)
+    C, I, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
+    if head == "mlm":
+        model, by_hand = build_encoder(cfg, head), bert_mlm_by_hand(C, I, L)
+    elif family == "llama":
+        model, by_hand = Decoder(cfg), llama_by_hand(C, I, L, cfg.num_heads, cfg.kv_heads)
+    else:
+        model, by_hand = Decoder(cfg), neox_by_hand(C, I, L)
+    assert non_embedding_parameters(model) == by_hand
+    if issue_figure is not None:
+        assert by_hand == issue_figure
+    # equally: every parameter but the embedding tables and the head, each counted once
+    embeddings = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding))
+    head_params = {id(p): p for p in model.output_head().parameters()}
+    untied_head = sum(p.numel() for p in head_params.values()
+                      if all(p is not m.weight for m in model.modules() if isinstance(m, torch.nn.Embedding)))
+    assert non_embedding_parameters(model) == sum(p.numel() for p in model.parameters()) - embeddings - untied_head
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -269,6 +320,23 @@ def test_wsd_phases_in_batches():
     assert wsd_batches(t, 1000, 128) == (5, 60, 100)
     t = TrainingConfig(schedule="wsd", warmup="2048tok", max_duration="20480tok", batch_size=2)
     assert wsd_batches(t, 1000, 128) == (8, 64, 80)  # 256 tokens a batch
+
+
+def test_one_epoch_wsd_run_of_49_batches_ends_at_the_readme_rates():
+    """The issue's run: 1 epoch of 49 batches, decay_fraction 0.2, linear. The README: the rate decays to 0 over the
+    last decay_fraction of the run, 0.2 x 49 = 9.8 batches, rounded up to 10: batches 39..48 decay, and batch i
+    runs at lr x (1 - (i - 39) / 10). (An epoch counted as 50 batches ran batches 45-48 at 1.5e-3 ... 6e-4.)"""
+    from rafale.config import Config
+    from rafale.run.trainer_parts import make_scheduler
+
+    lr, end, decay = 3.0e-3, 49, math.ceil(0.2 * 49)
+    cfg = Config(training=TrainingConfig(schedule="wsd", lr=lr, warmup="0.05dur", max_duration="1ep",
+                                         decay_fraction=0.2, decay_shape="linear"))
+    schedule = make_scheduler(cfg, debug=False, batches_per_epoch=end)
+    assert (schedule.decay_start, schedule.end) == (end - decay, end) == (39, 49)
+    by_hand = [lr * (1 - (i - (end - decay)) / decay) for i in range(45, 49)]
+    rates = [lr * schedule.factor(i) for i in range(45, 49)]
+    assert rates == pytest.approx(by_hand, rel=1e-12) and rates == pytest.approx([1.2e-3, 9e-4, 6e-4, 3e-4], rel=1e-12)
 
 
 @pytest.mark.parametrize("training,key,message", [
@@ -321,11 +389,23 @@ def test_a_cooldown_branch_continues_its_parent_and_decays_to_zero(tmp_path, cac
     assert summary["status"] == "complete" and summary["batches"] == 20 and summary["tokens"] == 20 * 8 * 64
     assert [s.get("run") for s in summary["segments"]] == ["pythia-debug", None]
     assert summary["segments"][0]["batches"] == [0, 16]
-    # C = flops_per_token x tokens, flops_per_token the model's own (3x the forward's matmul FLOPs)
+    # its wall time is the parent's up to batch 16 (its start-up whole, the rest 16/40 of it) plus its own, not the
+    # parent's whole run (rafale.run.record.cut)
+    (whole,), own = json.loads((parent / "summary.json").read_text())["segments"], summary["segments"][1]
+    up_to_16 = whole["startup_time_s"] + (whole["wall_time_s"] - whole["startup_time_s"]) * 16 / 40
+    assert summary["segments"][0]["wall_time_s"] == pytest.approx(up_to_16, abs=2e-3)
+    assert summary["wall_time_s"] == pytest.approx(up_to_16 + own["wall_time_s"], abs=3e-3)
+    assert summary["wall_time_s"] < whole["wall_time_s"] + own["wall_time_s"] - 0.5 * whole["train_time_s"]
+    assert summary["startup_time_s"] == pytest.approx(whole["startup_time_s"] + own["startup_time_s"], abs=3e-3)
+    # C = flops_per_token x tokens, flops_per_token the model's own (3x the forward's matmul FLOPs), its head over
+    # the tokenizer's rows (the embedding is padded to a multiple of 64; the loss multiplies the tokenizer's rows)
+    from tokenizers import Tokenizer
+
     from rafale.models.decoder import DecoderConfig, GPTNeoX
 
     model = GPTNeoX(DecoderConfig(**json.loads((branch / "model.json").read_text())))
-    assert summary["flops_per_token"] == model.flops_per_token(64)
+    tokenizer_vocab = Tokenizer.from_file(str(branch / "tokenizer.json")).get_vocab_size()
+    assert summary["flops_per_token"] == model.flops_per_token(64, vocab_size=tokenizer_vocab)
     assert summary["training_flops"] == summary["flops_per_token"] * summary["tokens"]
     assert summary["non_embedding_parameters"] == json.loads((parent / "summary.json").read_text())["non_embedding_parameters"]
 

@@ -181,6 +181,46 @@ def test_a_missing_package_names_the_extra(name, package, monkeypatch):
         checked(config_with(optimizer={"name": name}))
 
 
+EPOCH_SIZES = (1, 7, 49, 98, 103, 107, 196, 1000)
+FRACTIONS = ("0.01", "0.05", "0.07", "0.1", "0.2", "0.25", "0.29", "0.3", "0.33", "0.57", "0.7", "1")
+
+
+@pytest.mark.parametrize("batches_per_epoch", EPOCH_SIZES)
+def test_time_to_batches_is_exact_and_rounds_up(batches_per_epoch):
+    """Against fractions.Fraction by hand: N epochs are N x the epoch's batches (not 50 for an epoch of 49); a share
+    of the run that falls inside a batch is rounded up to that batch's end (0.05 x 49 = 2.45 -> 3)."""
+    from fractions import Fraction
+
+    for epochs in (1, 2, 3):
+        total = epochs * batches_per_epoch
+        assert optim.batches_in(f"{epochs}ep", f"{epochs}ep", batches_per_epoch, 8, 64) == total
+        for share in FRACTIONS:
+            expected = math.ceil(Fraction(share) * total)
+            assert optim.batches_in(f"{share}dur", f"{epochs}ep", batches_per_epoch, 8, 64) == expected, (share, total)
+            assert optim.batches_in(f"{share}dur", f"{total}ba", batches_per_epoch, 8, 64) == expected, (share, total)
+            assert optim.whole_time(f"{share}dur", f"{epochs}ep", batches_per_epoch) == f"{expected}ba", (share, total)
+            assert optim.whole_time(f"{share}dur", f"{total}ba", None) == f"{expected}ba", (share, total)
+    tokens = 8 * 64 * batches_per_epoch  # one epoch of batches of 8 x 64 tokens, then one token more
+    assert optim.batches_in(f"{tokens}tok", "1ep", batches_per_epoch, 8, 64) == batches_per_epoch
+    assert optim.batches_in(f"{tokens + 1}tok", "1ep", batches_per_epoch, 8, 64) == batches_per_epoch + 1
+
+
+def test_composer_converted_times_are_whole_batches():
+    """What Composer turns into batches itself, with floats (a cosine warmup, the eval and save intervals), gets
+    whole counts: 0.29 x 100 is 28.999999999999996 (Composer's warmup: 28), 0.07 x 100 is 7.000000000000001 (its
+    intervals: 8)."""
+    from rafale.config import Config
+    from rafale.run.trainer_parts import make_scheduler, save_schedule
+
+    assert optim.whole_time("0.07dur", "100ba", None) == "7ba"
+    assert optim.whole_time("0.1dur", "20480tok", None) == "2048tok"
+    assert optim.whole_time("0.25dur", "1ep", None) == "0.25dur"  # batches unknown: Composer's own
+    assert optim.whole_time("2ep", "4ep", 49) == "2ep" and optim.whole_time("0dur", "1ep", 49) == "0dur"
+    cfg = Config(training=TrainingConfig(warmup="0.29dur", max_duration="100ba", save_interval="0.07dur"))
+    assert make_scheduler(cfg, debug=False, batches_per_epoch=1000).t_warmup == "29ba"
+    assert save_schedule(cfg, batches_per_epoch=1000) == "7ba"
+
+
 def test_schedule_free_warmup_in_batches_and_a_constant_schedule():
     from composer.optim import ConstantScheduler
 

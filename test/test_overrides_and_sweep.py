@@ -1,5 +1,7 @@
 """Command-line overrides (`rafale -c cfg.yaml training.lr=3e-3`) and `rafale sweep`."""
 
+import json
+import math
 import re
 
 import pytest
@@ -7,8 +9,15 @@ import yaml
 
 from rafale.config import ConfigError, apply_overrides, load_config
 from rafale.main import parse_args
-from rafale.commands.sweep import grid, run_name, split_values
+from rafale.commands.sweep import grid, parse_sweep_args, run_name, split_values, sweep_axes
 from conftest import ROOT, run_in_process, write_config
+
+
+def csv_rows(text: str) -> list[dict]:
+    import csv
+    import io
+
+    return list(csv.DictReader(io.StringIO(text)))
 
 
 def test_both_spellings_of_an_override_reach_the_config(tmp_path):
@@ -69,3 +78,91 @@ def test_sweep_checks_every_combination_before_the_first_run(tmp_path, cache_dir
     cfg = write_config(tmp_path / "cfg.yaml", run={"output_dir": str(tmp_path / "runs")})
     code, _, err = run_in_process(["sweep", "-c", str(cfg), "training.lr=1e-3,oops"], capsys, monkeypatch)
     assert code == 2 and "training.lr" in err and not (tmp_path / "runs").exists()
+
+
+def test_seeds_are_an_axis_named_last_from_the_configs_seed():
+    axes = lambda *argv: sweep_axes(parse_sweep_args(["-c", "x.yaml", *argv]), 42)
+    assert axes("training.lr=1e-3,3e-3", "--seeds", "3") == (["training.lr=1e-3,3e-3", "run.seed=42,43,44"], None)
+    # a run.seed axis of the command line's own is the same axis, moved last so that names end in -seed-S
+    assert axes("run.seed=0,1", "training.lr=1e-3,3e-3") == (["training.lr=1e-3,3e-3", "run.seed=0,1"], None)
+    assert axes("--tune", "training.lr=0,1e-2", "--seeds", "2") == (
+        ["training.lr=0,1e-2", "run.seed=42,43"], "training.lr")
+    assert run_name("sw", ["training.lr=3e-3", "run.seed=43"]) == "sw-lr-3e-3-seed-43"
+    for argv, key in ((["run.seed=1,2", "--seeds", "2"], "run.seed"), (["--seeds", "0"], "--seeds"),
+                      (["training.lr=1,2", "--tune", "training.lr=3,4"], "training.lr"),
+                      (["--tune", "training.lr=1e-3"], "--tune")):
+        with pytest.raises(ConfigError) as err:
+            axes(*argv)
+        assert err.value.key == key
+
+
+def test_a_sweep_with_seeds_gives_each_arm_its_mean_interval_and_n(tmp_path, cache_dir, capsys, monkeypatch):
+    from rafale.stats import summarize
+
+    cfg = write_config(tmp_path / "cfg.yaml", run={"output_dir": str(tmp_path / "runs"), "name": "sw"},
+                       training={"max_duration": "2ba", "eval_interval": "2ba", "save_interval": "2ba"})
+    code, out, err = run_in_process(["sweep", "-c", str(cfg), "training.lr=1e-2", "--seeds", "2"], capsys, monkeypatch)
+    assert code == 0, err[-3000:]
+    runs = tmp_path / "runs"
+    losses = {}
+    for seed in (42, 43):  # the config's run.seed and the next, each in a folder named by it
+        assert yaml.safe_load((runs / f"sw-seed-{seed}" / "config.yaml").read_text())["run"]["seed"] == seed
+        losses[seed] = json.loads((runs / f"sw-seed-{seed}" / "summary.json").read_text())["validation"][
+            "LanguageCrossEntropy"]
+    assert losses[42] != losses[43]  # the seed changed the run
+    table = (runs / "sweep-sw.md").read_text()
+    arm = next(line for line in table.splitlines() if line.startswith("| sw |")).split(" | ")
+    expected = summarize(losses.values())  # rafale.stats on the runs' summaries; the mean and sd by hand too
+    assert arm[2] == expected.text() + " ★" and arm[2].startswith(f"{(losses[42] + losses[43]) / 2:.4f} ± ")
+    assert arm[3] == f"{expected.sd:.4f}" == f"{abs(losses[42] - losses[43]) / math.sqrt(2):.4f}"
+    assert arm[4:] == ["2", "42,43 |"]
+    assert "## Each run" in table and "| sw-seed-43 | run.seed=43 |" in table
+    # `rafale runs` groups them the same way
+    code, out, _ = run_in_process(["runs", str(runs), "--csv"], capsys, monkeypatch)
+    (row,) = csv_rows(out)
+    assert row["run"] == "sw-seed-*" and row["n"] == "2" and float(row["low"]) == pytest.approx(expected.low)
+    # `rafale compare` on the two real runs: their difference, with no interval at one run a side
+    code, out, _ = run_in_process(["compare", str(runs / "sw-seed-42"), str(runs / "sw-seed-43")], capsys, monkeypatch)
+    assert code == 0 and f"A - B = {losses[42] - losses[43]:+.4f}, no interval (one run on a side)" in out
+
+
+def test_tune_chooses_on_the_first_seed_and_reports_the_others(tmp_path, cache_dir, capsys, monkeypatch):
+    """--tune training.lr=1e-9,1e-2: lr 1e-9 barely moves the weights in 2 batches, so 1e-2 wins, at the grid's
+    edge; the arm is reported over seed 43 alone, the seed the choice never saw."""
+    cfg = write_config(tmp_path / "cfg.yaml", run={"output_dir": str(tmp_path / "runs"), "name": "tu"},
+                       training={"max_duration": "2ba", "eval_interval": "2ba", "save_interval": "2ba",
+                                 "warmup": "0ba"})
+    argv = ["sweep", "-c", str(cfg), "--tune", "training.lr=1e-9,1e-2", "--seeds", "2"]
+    code, out, err = run_in_process(argv, capsys, monkeypatch)
+    assert code == 0, err[-3000:]
+    runs = tmp_path / "runs"
+    trained = sorted(path.name for path in runs.iterdir() if path.is_dir())
+    assert trained == ["tu-lr-1e-2-seed-42", "tu-lr-1e-2-seed-43", "tu-lr-1e-9-seed-42"]  # not 1e-9 at seed 43
+    loss = {name: json.loads((runs / name / "summary.json").read_text())["validation"]["LanguageCrossEntropy"]
+            for name in trained}
+    assert loss["tu-lr-1e-2-seed-42"] < loss["tu-lr-1e-9-seed-42"]
+    table = (runs / "sweep-tu.md").read_text()
+    arm = next(line for line in table.splitlines() if line.startswith("| tu |")).split(" | ")
+    assert arm[2] == "1e-2 (at the grid's edge: widen the grid)"
+    assert arm[3] == f"1e-9: {loss['tu-lr-1e-9-seed-42']:.4f}, 1e-2: {loss['tu-lr-1e-2-seed-42']:.4f}"
+    # the reported figure is seed 43's run alone, not the tuning seed's
+    assert arm[4] == f"{loss['tu-lr-1e-2-seed-43']:.4f} (n=1, no interval) ★" and arm[6:] == ["1", "43 |"]
+    assert "training.lr tuned per arm: chosen on seed 42 (the tuning column), reported over seeds 43" in table
+    code, out, _ = run_in_process(argv, capsys, monkeypatch)  # a rerun skips every run and chooses the same
+    assert code == 0 and out.count("completed before with this config; skipped") == 3
+    assert (runs / "sweep-tu.md").read_text() == table
+
+
+def test_a_tuned_value_at_the_grids_edge_is_flagged():
+    from rafale.commands.sweep import grid_edge
+
+    assert grid_edge(["1e-3", "3e-3", "1e-2"], "1e-2") and grid_edge(["1e-3", "3e-3", "1e-2"], "1e-3")
+    assert not grid_edge(["1e-3", "3e-3", "1e-2"], "3e-3")
+    assert not grid_edge(["adamw", "soap", "lion"], "adamw")  # names have no edge
+
+
+def test_a_tuned_sweep_of_one_seed_says_its_figure_flatters_the_arm():
+    from rafale.commands.sweep import SweepRow, arms_notes
+
+    notes = "\n".join(arms_notes([SweepRow("sw", [], seeds=["42"])], {}, None, "LanguageCrossEntropy", "training.lr"))
+    assert "tuned per arm on seed 42, and the figure reported is that seed's own run" in notes and "flatters" in notes

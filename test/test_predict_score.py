@@ -97,19 +97,18 @@ def test_score_labels_both_token_counts_as_data_preparation_does(runs, tmp_path)
 
 
 def test_the_readmes_transformers_lines_give_scores_bits_per_byte(runs, monkeypatch):
-    """The README's "Bits per byte" block, run as written on the run's export (its paths pointed at this run)."""
+    """docs/bits-per-byte.md's block, run as written on the run's export (its paths pointed at this run)."""
     import re
 
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("\n## Bits per byte\n", 1)[1]
-    code_block = section.split("```python\n", 1)[1].split("```", 1)[0]
+    page = (ROOT / "docs" / "bits-per-byte.md").read_text()
+    code_block = page.split("```python\n", 1)[1].split("```", 1)[0]
     run_dir, validation = runs["lm"]
     held_out = runs["folder"] / "validation.txt"
     code_block, n = re.subn(r'run, path = "[^"]+", "[^"]+"', f"run, path = {str(run_dir)!r}, {str(held_out)!r}", code_block)
     assert n == 1
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        exec(compile(code_block, "README.md", "exec"), {})
+        exec(compile(code_block, "docs/bits-per-byte.md", "exec"), {})
     said = dict(re.findall(r"(predicted tokens|bytes|loss|bits per byte) ([\d.]+)", out.getvalue()))
     code, score, err = rafale("score", str(run_dir), "--file", str(held_out))
     (row,) = table(score)

@@ -39,6 +39,23 @@ def record_files(run_dir: Path) -> dict:
     return {name: (run_dir / name).read_bytes() for name in ("config.yaml", "summary.json", "metrics.jsonl")}
 
 
+def test_a_segment_cut_at_a_batch_keeps_its_start_up_and_scales_the_rest_of_its_times():
+    """cut's formula by hand: a segment of batches 0-40 (wall 100 s, 10 s of it start-up) cut at batch 16 keeps
+    16/40 of its training, evaluation and checkpoint time and of its wall time after the start-up: 10 + 90 x 0.4."""
+    from rafale.run.record import cut
+
+    segment = {"batches": [0, 40], "tokens": 40 * 512, "wall_time_s": 100.0, "startup_time_s": 10.0,
+               "train_time_s": 70.0, "eval_time_s": 15.0, "checkpoint_time_s": 5.0, "ended": "complete"}
+    shorter = cut(segment, 16)
+    assert shorter["batches"] == [0, 16] and shorter["tokens"] == 16 * 512
+    assert (shorter["train_time_s"], shorter["eval_time_s"], shorter["checkpoint_time_s"]) == (28.0, 6.0, 2.0)
+    assert shorter["startup_time_s"] == 10.0 and shorter["wall_time_s"] == 10.0 + 90.0 * 16 / 40 == 46.0
+    assert cut(segment, 40) is segment  # ends there already
+    unknown = dict(segment, wall_time_s=None, startup_time_s=None, train_time_s=None, eval_time_s=None,
+                   checkpoint_time_s=None)  # a segment killed before its record was saved
+    assert all(cut(unknown, 16)[key] is None for key in ("wall_time_s", "train_time_s", "startup_time_s"))
+
+
 def train(cfg: Path, capsys, monkeypatch, *overrides, expect=0) -> str:
     code, out, err = run_in_process(["-c", str(cfg), *overrides], capsys, monkeypatch)
     assert code == expect, (out + err)[-3000:]

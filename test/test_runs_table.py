@@ -267,3 +267,46 @@ def test_log_axes_read_as_plain_numbers(three_runs):
     perplexity = next(ax for ax in fig.axes if ax.get_ylabel() == "perplexity")
     labels = [t.get_text() for t in perplexity.get_yticklabels() + perplexity.get_yticklabels(minor=True) if t.get_text()]
     assert labels and not any("times" in label or "^" in label for label in labels), labels
+
+
+@pytest.fixture
+def seeded_runs(tmp_path):
+    """Two arms: lr 1e-3 at seeds 1, 2, 3 (seed 3 stopped at batch 5) and lr 3e-3 at seeds 1, 2."""
+    runs = [fake_run(tmp_path, f"sw-lr-1e-3-seed-{seed}", [6.0, loss], lr=1e-3, seed=seed)
+            for seed, loss in ((1, 2.50), (2, 2.54), (3, 2.00))]
+    runs += [fake_run(tmp_path, f"sw-lr-3e-3-seed-{seed}", [6.0, loss], lr=3e-3, seed=seed)
+             for seed, loss in ((1, 2.31), (2, 2.37))]
+    summary = json.loads((runs[2] / "summary.json").read_text())
+    (runs[2] / "summary.json").write_text(json.dumps(summary | {"status": "stopped", "batches": 5}))
+    return runs
+
+
+def test_runs_that_differ_only_in_their_seed_are_one_line_with_their_mean_interval_and_n(seeded_runs, capsys):
+    from rafale.stats import summarize
+
+    assert runs_main([str(seeded_runs[0].parent), "--all"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    split = lambda line: [cell.strip() for cell in line.split("  ") if cell.strip()]
+    header = split(lines[0])
+    rows = {row[0]: dict(zip(header, row)) for row in map(split, lines[2:4])}
+    assert header[:7] == ["run", "lr", "val loss", "±95%", "sd", "n", "seeds"] and len(rows) == 2
+    assert [split(line)[0] for line in lines[2:4]] == ["sw-lr-3e-3-seed-*", "sw-lr-1e-3-seed-*"]  # best mean first
+    low = rows["sw-lr-1e-3-seed-*"]
+    # the stopped run is not averaged in, and the n and the left-out column say so: mean of 2.50 and 2.54 by hand
+    assert low["val loss"] == "2.5200" and low["n"] == "2 of 3" and low["seeds"] == "1,2"
+    assert "sw-lr-1e-3-seed-3 (stopped at batch 5)" in lines[3]
+    # sd and the interval are rafale.stats' (hand: sd = 0.04 / sqrt 2; half-width = t(0.975, 1) x 0.04 / 2)
+    expected = summarize([2.50, 2.54])
+    assert low["sd"] == f"{expected.sd:.4f}" == f"{0.04 / math.sqrt(2):.4f}"
+    assert low["±95%"] == f"{(expected.high - expected.low) / 2:.4f}" == f"{12.7062 * 0.02:.4f}"
+    # CSV: the arms' figures as plain numbers
+    assert runs_main([str(seeded_runs[0].parent), "--csv"]) == 0
+    by_arm = {row["run"]: row for row in csv.DictReader(io.StringIO(capsys.readouterr().out))}
+    high = summarize([2.31, 2.37])
+    assert by_arm["sw-lr-3e-3-seed-*"]["metric"] == "LanguageCrossEntropy" and by_arm["sw-lr-3e-3-seed-*"]["n"] == "2"
+    assert [float(by_arm["sw-lr-3e-3-seed-*"][key]) for key in ("mean", "sd", "low", "high")] == pytest.approx(
+        [high.mean, high.sd, high.low, high.high], abs=1e-12)
+    # --runs: one line per run, the seed a column
+    assert runs_main([str(seeded_runs[0].parent), "--runs", "--all"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 + 5 and "seed" in split(lines[0])

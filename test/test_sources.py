@@ -2,6 +2,8 @@
 by file and row."""
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 
@@ -26,6 +28,39 @@ def test_separate_train_and_validation_files_keep_their_split(tmp_path):
     assert CausalLMDataPipe(cfg).cache_path == data.path
     write_txt(valid, DOCS[200:231])
     assert CausalLMDataPipe(cfg).cache_path != data.path
+
+
+def one_document_warnings(out: str) -> dict[str, str]:
+    return {m[1]: m[0] for m in re.finditer(r"rafale: warning: data.source: (\S+) \([\d,]+ bytes\) holds 1 document[^\n]*",
+                                            out)}
+
+
+def test_every_txt_file_left_whole_by_the_separator_is_named_train_and_validation_alike(tmp_path, capsys):
+    """Files of blank-line-separated documents read with the default <|endoftext|> are one document each: each one,
+    a validation file or a train shard (where the carved-off split still finds 2 documents), gets the warning with
+    its size and the key to set; a file the separator does cut says nothing."""
+    train = write_txt(tmp_path / "train.txt", DOCS[:200], sep="")  # "\n\n" between documents
+    valid = write_txt(tmp_path / "valid.txt", DOCS[200:230], sep="")
+    raw = load_source(small_cfg(tmp_path, source={"train": str(train), "validation": str(valid)}), tmp_path)
+    assert (len(raw["train"]), len(raw["validation"])) == (1, 1)
+    warned = one_document_warnings(capsys.readouterr().out)
+    assert set(warned) == {str(train), str(valid)}, warned
+    for path, line in warned.items():
+        assert f"({Path(path).stat().st_size:,} bytes)" in line and "data.doc_separator '<|endoftext|>'" in line
+        assert 'it has blank lines: set data.doc_separator: "\\n\\n"' in line, line
+
+    (tmp_path / "shards").mkdir()  # train alone, in 2 shards, one document a line: 2 documents, carved silently
+    for i in range(2):
+        (tmp_path / "shards" / f"part-{i}.txt").write_text("\n".join(DOCS[i * 100:(i + 1) * 100]) + "\n")
+    raw = load_source(small_cfg(tmp_path, source={"train": str(tmp_path / "shards" / "part-*.txt")}, val_fraction=0.5),
+                      tmp_path)
+    assert len(raw["train"]) + len(raw["validation"]) == 2
+    warned = one_document_warnings(capsys.readouterr().out)
+    assert set(warned) == {str(tmp_path / "shards" / f"part-{i}.txt") for i in range(2)}, warned
+    assert all('set data.doc_separator: "\\n" if it holds one document a line' in line for line in warned.values())
+
+    load_source(small_cfg(tmp_path, source={"train": str(write_txt(tmp_path / "cut.txt"))}, val_fraction=0.1), tmp_path)
+    assert "holds 1 document" not in capsys.readouterr().out
 
 
 def test_globs_gather_shards_in_name_order_and_train_alone_is_carved(tmp_path):

@@ -1,34 +1,45 @@
-"""Keep the generated docs current: the config reference in README.md, and llm-docprompt.txt.
+"""Keep the generated docs current: the config reference in docs/config.md, and llm-docprompt.txt.
 
     python -m rafale.commands.docprompt            rewrite both
     python -m rafale.commands.docprompt --check    exit 1 if either is out of date (the tests run this)
 
 llm-docprompt.txt is what an LLM needs to answer questions on using and extending rafale, in one message (at most
-about 160 KB, `MAX_BYTES`): the README (with the config reference; its measurements, `LEFT_OUT_SECTIONS`, stay in
-README.md), the decoder in full (what a researcher changes first), and for every
+about 160 KB, `MAX_BYTES`): the README, then the docs/ pages in the order the README links them (docs/config.md
+with its config reference; the figures, `LEFT_OUT_PAGES`, stay in docs/), the decoder in full (what a researcher
+changes first), and for every
 other module its outline: the first paragraph of its docstring, each public function's and method's signature, a
 class's first docstring line, and the registries (short module-level dicts such as OPTIMIZERS). Function bodies
 and docstrings are left out, so editing one changes nothing here.
 """
 
 import ast
+import re
 import sys
 from pathlib import Path
 
 from rafale.config import config_reference
 
 ROOT = Path(__file__).resolve().parents[2]
+README, DOCS = "README.md", "docs"
+REFERENCE_PAGE = "docs/config.md"  # the page that holds the generated config reference, between START and END
 START, END = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
 # in full: the decoder, what a new attention, norm or position scheme changes
 FULL_FILES = ("rafale/models/decoder.py",)
-# their docstring only: the commands (their use is their --help and the README's), the CLI, and the word and shape
-# tables that make the built-in data
-DOCSTRING_ONLY = ("rafale/commands/export.py", "rafale/commands/predict.py", "rafale/commands/score.py",
-                  "rafale/commands/generate.py", "rafale/commands/lm_eval.py", "rafale/commands/zero_shot.py",
-                  "rafale/commands/sweep.py", "rafale/commands/runs.py", "rafale/commands/docprompt.py",
-                  "rafale/commands/law.py", "rafale/main.py", "rafale/data/stories.py", "rafale/data/shapes.py")
-# the README's figures, and the code that checks a figure by hand: no question on using rafale needs them
-LEFT_OUT_SECTIONS = ("Speed", "Measured here", "Bits per byte")
+# their docstring only: the commands (their use is their --help and the docs'), the CLI, the word and shape
+# tables that make the built-in data, and the run's bookkeeping that a fork reads through the commands rather than
+# calls (the record, keep_best and early stopping, the runs table and pictures, the hardware's peak FLOP/s, the
+# console and metrics.jsonl, the Trainer's parts)
+DOCSTRING_ONLY = ("rafale/commands/",  # every command (a folder: a new command is in it at once)
+                  "rafale/main.py", "rafale/data/stories.py", "rafale/data/shapes.py", "rafale/run_folder/arms.py",
+                  "rafale/run/record.py", "rafale/run/outcomes.py", "rafale/run_folder/plots.py",
+                  "rafale/run/hardware.py", "rafale/run/loggers.py", "rafale/run/trainer_parts.py",
+                  # the encoders and CLIP: HF's module trees ported class by class (their HF classes say the rest)
+                  "rafale/models/encoder.py", "rafale/models/clip.py", "rafale/models/contrastive.py",
+                  "rafale/data/image_text.py")
+# the figures, and the code that checks a figure by hand: no question on using rafale needs them
+LEFT_OUT_PAGES = ("docs/speed.md", "docs/measurements.md", "docs/bits-per-byte.md")
+# ...and the README's figures and its list of the pages that follow in the prompt anyway
+LEFT_OUT_SECTIONS = {"README.md": ("What the default job shows", "Documentation")}
 MAX_BYTES = 165_000  # "at most about 160 KB": what most LLMs take in one message
 # the classes a fork subclasses or calls (model parts, datapipes, optimizers, metrics): with their methods; the
 # run's and the commands' classes (callbacks, the record) by their name and first line
@@ -39,10 +50,21 @@ WITHOUT_METHODS = ("rafale/models/encoder.py", "rafale/models/clip.py")
 REGISTRY_LINES = 16  # a module-level constant this short is shown whole (registries, tables); a longer one by name
 
 
-def readme_with_reference(readme: str) -> str:
-    head, rest = readme.split(START, 1)
+def with_reference(page: str) -> str:
+    """The page with the config reference between its START and END markers regenerated from rafale/config.py."""
+    head, rest = page.split(START, 1)
     _, tail = rest.split(END, 1)
     return f"{head}{START}\n{config_reference()}\n{END}{tail}"
+
+
+def doc_pages(root: Path = ROOT) -> list[str]:
+    """The docs/ pages in the order the README's "Documentation" section lists them, then any page it does not
+    list, by name."""
+    readme = (root / README).read_text()
+    listing = readme.split("\n## Documentation\n", 1)[-1].split("\n## ", 1)[0]
+    listed = re.findall(r"\]\((docs/[\w.-]+\.md)\)", listing)
+    pages = sorted(str(p.relative_to(root)) for p in (root / DOCS).glob("*.md"))
+    return [p for p in dict.fromkeys(listed) if p in pages] + [p for p in pages if p not in listed]
 
 
 def _docstring(node, indent: str, paragraph: bool = False) -> list[str]:
@@ -116,9 +138,9 @@ def outline(source: str, signatures: bool = True, methods: bool = True, fields: 
     return "\n".join(parts) + "\n"
 
 
-def without_sections(readme: str, titles=LEFT_OUT_SECTIONS) -> str:
-    """The README less its `## <title>` sections, each replaced by a line saying where it is."""
-    parts = readme.split("\n## ")
+def without_sections(page: str, titles) -> str:
+    """The page less its `## <title>` sections, each replaced by a line saying where it is."""
+    parts = page.split("\n## ")
     kept = [parts[0]]
     for part in parts[1:]:
         title = part.split("\n", 1)[0].strip()
@@ -126,39 +148,51 @@ def without_sections(readme: str, titles=LEFT_OUT_SECTIONS) -> str:
     return "\n## ".join(kept)
 
 
-def docprompt(readme: str) -> str:
+def docprompt(pages: dict[str, str]) -> str:
+    """llm-docprompt.txt from the README and the docs/ pages (`pages`: path -> text, README first, in reading order)
+    and the package's source."""
     parts = [
         "# rafale: documentation and source code\n",
-        "The README comes first (with the config reference), then the decoder in full, then every other module "
+        "The README comes first, then the docs/ pages (docs/config.md with the config reference), then the decoder "
+        "in full, then every other module "
         "of the `rafale` package as an outline: its docstring's first paragraph and its public signatures (bodies "
         "left out; read the file for those; a command's module, whose use is its --help, by its docstring alone). "
         "Each file starts with a `#### path` line.\n\n",
-        "\n#### README.md\n" + without_sections(readme),
     ]
+    for name, text in pages.items():
+        title = text.split("\n", 1)[0]
+        text = f"{title}\n\n(figures: read {name})\n" if name in LEFT_OUT_PAGES else text
+        parts.append(f"\n#### {name}\n" + without_sections(text, LEFT_OUT_SECTIONS.get(name, ())))
     paths = sorted((ROOT / "rafale").rglob("*.py"))
     for path in [p for p in paths if str(p.relative_to(ROOT)) in FULL_FILES]:
         parts.append(f"\n#### {path.relative_to(ROOT)} (in full)\n" + path.read_text())
     for path in [p for p in paths if str(p.relative_to(ROOT)) not in FULL_FILES]:
         name = str(path.relative_to(ROOT))
-        text = outline(path.read_text(), signatures=name not in DOCSTRING_ONLY, methods=name.startswith(WITH_METHODS) and name not in WITHOUT_METHODS,
-                       fields=name != "rafale/config.py")  # the config's fields: in the README's config reference
+        text = outline(path.read_text(), signatures=not name.startswith(DOCSTRING_ONLY), methods=name.startswith(WITH_METHODS) and name not in WITHOUT_METHODS,
+                       fields=name != "rafale/config.py")  # the config's fields: in docs/config.md's reference
         parts.append(f"\n#### {name}\n" + (text if text.strip() else "(no docstring or public names)\n"))
     return "".join(parts)
 
 
+def current_pages() -> dict[str, str]:
+    """README.md and the docs/ pages as they should read: docs/config.md with its reference regenerated."""
+    pages = {name: (ROOT / name).read_text() for name in [README, *doc_pages()]}
+    pages[REFERENCE_PAGE] = with_reference(pages[REFERENCE_PAGE])
+    return pages
+
+
 def main(argv=None) -> int:
     check = "--check" in (sys.argv[1:] if argv is None else argv)
-    readme_path, prompt_path = ROOT / "README.md", ROOT / "llm-docprompt.txt"
-    readme = readme_with_reference(readme_path.read_text())
-    prompt = docprompt(readme)
-    stale = [p.name for p, text in ((readme_path, readme), (prompt_path, prompt))
-             if not p.is_file() or p.read_text() != text]
+    pages = current_pages()
+    reference_path, prompt_path = ROOT / REFERENCE_PAGE, ROOT / "llm-docprompt.txt"
+    generated = ((reference_path, pages[REFERENCE_PAGE]), (prompt_path, docprompt(pages)))
+    stale = [str(p.relative_to(ROOT)) for p, text in generated if not p.is_file() or p.read_text() != text]
     if check:
         if stale:
             print(f"out of date: {', '.join(stale)}; run python -m rafale.commands.docprompt", file=sys.stderr)
         return 1 if stale else 0
-    readme_path.write_text(readme)
-    prompt_path.write_text(prompt)
+    for path, text in generated:
+        path.write_text(text)
     return 0
 
 

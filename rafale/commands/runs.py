@@ -4,7 +4,9 @@
     rafale runs DIR [DIR ...] [--sort KEY] [--reverse] [--csv] [--columns A,B] [--all] [--where 'N>1e6']
                                                one line per run, best final validation first, a table
                                                per task and data source, as wide as the terminal; N (non-embedding
-                                               parameters), tokens (D) and C (training FLOPs) among the columns
+                                               parameters), tokens (D) and C (training FLOPs) among the columns;
+                                               runs that differ only in run.seed are one line, their arm
+                                               (rafale/run_folder/arms.py: mean, 95% interval, sd, n), unless --runs
 
 Neither imports torch nor Composer, so both answer at once.
 """
@@ -13,6 +15,7 @@ import argparse
 import shutil
 from pathlib import Path
 
+from rafale.run_folder.arms import arms_table, has_seeds
 from rafale.errors import RafaleError
 from rafale.run_folder.plots import plot_run, plot_runs, runs_table
 from rafale.run_folder import METRICS_FILE, SUMMARY_FILE
@@ -43,7 +46,8 @@ def runs_main(argv) -> int:
         epilog="examples:\n"
         "  rafale runs runs/                              every run folder under runs/, best final validation first\n"
         "  rafale runs runs/ --sort tokens                by tokens trained, fewest first\n"
-        "  rafale runs runs/ --columns tokens,bits/byte   only these columns (and run)")
+        "  rafale runs runs/ --columns tokens,bits/byte   only these columns (and run)\n"
+        "  rafale runs runs/ --runs                       one line per run, where runs differ only in their seed")
     parser.add_argument("paths", nargs="*", default=["runs"], help="run folders, or folders of runs (default: runs)")
     parser.add_argument("--sort", metavar="KEY", help="sort by this column: a hyperparameter that differs between "
                         "the runs (lr, optimizer.name, or its whole key) or a metric (val loss, bits/byte, tok/s, "
@@ -56,11 +60,15 @@ def runs_main(argv) -> int:
     parser.add_argument("--csv", action="store_true", help="print CSV instead of a fixed-width table (every column)")
     parser.add_argument("--columns", metavar="A,B", help="show these columns (and run), comma-separated, however wide")
     parser.add_argument("--all", action="store_true", help="show every column, however wide the table")
+    parser.add_argument("--runs", action="store_true", help="one line per run where runs differ only in run.seed "
+                        "(by default such runs are one line, their arm: the mean final validation, its 95%% "
+                        "interval, sd, n and seeds; with --csv, as plain numbers)")
     args = parser.parse_args(argv)
     runs = run_folders([Path(p).expanduser() for p in args.paths])
     width = None if args.all else shutil.get_terminal_size().columns
     columns = [c.strip() for c in args.columns.split(",") if c.strip()] if args.columns else None
-    print(runs_table(runs, args.sort, args.reverse, args.csv, width, columns, args.where))
+    table = arms_table if has_seeds(runs) and not args.runs else runs_table  # some runs are seeds of one arm
+    print(table(runs, args.sort, args.reverse, args.csv, width, columns, args.where))
     return 0
 
 

@@ -23,7 +23,7 @@ Bits per byte is the summed loss of the predicted tokens, in bits, over their by
 computes it. The bytes are those of the documents' text (each document is stripped), and the separators between
 documents (data.doc_separator, or --doc-separator) are no text and count no byte. Each document is followed by
 the end-of-text token, which is predicted (its loss counts) and stands for no byte; a block's first token is not
-predicted and its bytes do not count. The README's "Bits per byte" gives the lines of transformers code that
+predicted and its bytes do not count. docs/bits-per-byte.md gives the lines of transformers code that
 reproduce the figure from the run's export.
 """
 

@@ -15,6 +15,19 @@ other than letters, digits, `-`, `.` and `_` become `_`. So with run.name `sw`, 
 `training.optimizer.name=soap training.lr=3e-3` trains in `sw-optimizer.name-soap-lr-3e-3`, and
 `training.betas=[0.9,0.95]` in `sw-betas-_0.9_0.95_`.
 
+Seeds are an axis: `--seeds 3` is `run.seed=S,S+1,S+2` from the config's run.seed S, and a run.seed axis is always
+named last (`sw-lr-3e-3-seed-43`). The points that differ only in their seed are one arm (rafale/run_folder/arms.py): the
+table then gives one line per arm first, its mean final validation with the 95% t interval, sd, n (the complete
+runs averaged) and seeds, a star on the best mean and its difference from the next best arm (rafale.stats: paired
+by seed), then every run's line.
+
+`--tune training.lr=1e-3,3e-3,1e-2` gives each arm its own best value of a key: the values are trained on the
+arm's first seed (the tuning seed), the one with the best final validation is chosen, the other seeds train at it,
+and the arm is reported over those other seeds only, so the choice does not flatter it (with one seed the table
+says that its figure is the tuning run's own). The table names the chosen value, each value's figure on the
+tuning seed, and flags a choice at the grid's edge. Its runs are named like the others' (`sw-lr-3e-3-seed-42`),
+so a rerun skips what completed and chooses again from the same runs.
+
 A sweep run is known by its whole resolved config, not only by the values that vary in its name: a rerun
 of the same command skips the runs that completed with the same config and resumes an interrupted one from its
 checkpoint, so a sweep survives being stopped; a run folder whose config.yaml differs in anything a resume
@@ -25,14 +38,17 @@ would not apply (a changed base value, say) is refused before anything runs, nam
 import argparse
 import itertools
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from rafale.run_folder.arms import SEED_KEY, higher_is_better, ranking_metric, read_arm
 from rafale.config import Config, ConfigError, RafaleError, load_config
 from rafale.run.optim import check_optimizer
 from rafale.resolve import resolve_model_config
 from rafale.run_folder.plots import plot_runs, ranking_column, run_row, short_names
 from rafale.run_folder import (CONFIG_FILE, best_validation, differences_not_applied_on_resume, reached, read_config,
                                read_summary, saved_config)
+from rafale.stats import difference
 
 
 def split_values(text: str) -> list[str]:
@@ -157,24 +173,80 @@ def plan(point_configs: list[tuple[str, Config]], out_dir: Path, restart: bool) 
     return actions
 
 
-def sweep_main(argv, train, on_every_rank=lambda decide: decide()) -> int:
-    """`train(args)` runs one training job (rafale.main.train_main); it is passed in so nothing imports main.
-    `on_every_rank(decide)` hands what decide() returns on rank 0 to every process, when Composer's launcher runs
-    the sweep on several (the runs' folders are read once, and every process trains, skips or restarts the same
-    runs; rafale.main passes rafale.run.resilience.decided_on_rank_zero, which a command may not import)."""
-    parser = argparse.ArgumentParser(
-        prog="rafale sweep", description="Run a grid of config overrides one after another, then compare them.",
-        epilog="example: rafale sweep -c test/pythia_tinystories.yaml training.lr=1e-3,3e-3 training.batch_size=16,32")
-    parser.add_argument("-c", "--config", required=True, help="the base YAML config")
-    parser.add_argument("axes", nargs="+", metavar="section.key=v1,v2", help="values to try for a config key")
-    parser.add_argument("--restart", action="store_true",
-                        help="train again the runs whose folders hold another config (kept as NAME.old-<time>)")
-    args = parser.parse_args(argv)
-    points = grid(args.axes)
-    fixed = grid([axis for axis in args.axes if len(grid([axis])) == 1])[0]  # one-value axes, e.g. run.output_dir=x
-    base = load_config(args.config, fixed)
-    named = []  # (run name, its point, its whole resolved config)
-    for point in points:  # a typo in the last combination should not wait for the first runs to finish
+@dataclass
+class SweepRow:
+    """One arm of a sweep: a point of the axes other than run.seed and --tune, and its runs by (tune value, seed)
+    (tune value None without --tune). `chosen` is the tune value picked on the tuning seed, the first."""
+    name: str
+    point: list[str]
+    runs: dict[tuple[str | None, str], tuple[str, list[str]]] = field(default_factory=dict)  # -> (name, point)
+    seeds: list[str] = field(default_factory=list)
+    values: list[str | None] = field(default_factory=list)
+    chosen: str | None = None
+
+    def reported(self) -> list[tuple[str | None, str]]:
+        """The (tune value, seed) of the runs the table reports: every seed; with --tune the chosen value at the
+        seeds after the tuning seed, or at the tuning seed itself when it is the only one."""
+        if self.values == [None]:
+            return [(None, seed) for seed in self.seeds]
+        if self.chosen is None:
+            return []
+        return [(self.chosen, seed) for seed in (self.seeds[1:] or self.seeds)]
+
+
+def axis_values(axis: str) -> tuple[str, list[str]]:
+    """'training.lr=1e-3,3e-3' -> ('training.lr', ['1e-3', '3e-3']), checked as grid checks an axis."""
+    grid([axis])
+    key, _, values = axis.partition("=")
+    return key, split_values(values)
+
+
+def sweep_axes(args, base_seed: int) -> tuple[list[str], str | None]:
+    """(the axes in the order their runs are named: the command line's, then the --tune axis, then run.seed;
+    the tune key or None). --seeds K is the axis run.seed=S,S+1,...,S+K-1 from the config's run.seed S."""
+    keys = [axis_values(axis)[0] for axis in args.axes]
+    seed_axes = [axis for axis in args.axes if axis_values(axis)[0] == SEED_KEY]
+    if args.seeds is not None:
+        if args.seeds < 1:
+            raise ConfigError("--seeds", f"the number of seeds is 1 or more, got {args.seeds}")
+        if seed_axes:
+            raise ConfigError(SEED_KEY, "give the seeds once: --seeds K or a run.seed axis, not both")
+        seed_axes = [f"{SEED_KEY}=" + ",".join(str(base_seed + i) for i in range(args.seeds))]
+    tune_key = None
+    if args.tune:
+        tune_key, values = axis_values(args.tune)
+        if len(values) < 2:
+            raise ConfigError("--tune", f"a tuned key needs two values or more to choose from, got {args.tune!r}")
+        if tune_key in keys or tune_key == SEED_KEY:
+            raise ConfigError(tune_key, f"--tune {tune_key} is also a sweep axis: give it once")
+    if len(set(keys)) < len(keys):
+        raise ConfigError("axes", f"a sweep axis is given twice: {', '.join(keys)}")
+    rest = [axis for axis in args.axes if axis_values(axis)[0] != SEED_KEY]
+    return rest + ([args.tune] if args.tune else []) + seed_axes, tune_key
+
+
+def sweep_rows(named: list[tuple[str, list[str], Config]], fixed: list[str], base: Config,
+               tune_key: str | None) -> list[SweepRow]:
+    """The sweep's runs as arms: the points that differ only in run.seed and the tune key are one SweepRow, named
+    as a run of its varying overrides would be (run_name). Without a run.seed axis, the seed is the config's."""
+    rows: dict[tuple, SweepRow] = {}
+    for name, point, _ in named:
+        value_of = {item.partition("=")[0]: item.partition("=")[2] for item in point}
+        own = [item for item in point if item.partition("=")[0] not in (SEED_KEY, tune_key)]
+        varied = [item for item in own if item not in fixed]
+        row = rows.setdefault(tuple(own), SweepRow(run_name(base.run.name, varied) if varied else base.run.name, own))
+        key = (value_of.get(tune_key), value_of.get(SEED_KEY, str(base.run.seed)))
+        row.runs[key] = (name, point)
+        row.values += [key[0]] * (key[0] not in row.values)
+        row.seeds += [key[1]] * (key[1] not in row.seeds)
+    return list(rows.values())
+
+
+def check_points(args, base: Config, axes: list[str], fixed: list[str]) -> list[tuple[str, list[str], Config]]:
+    """(run name, its point, its whole resolved config) of every combination, each checked before the first run:
+    a typo in the last combination should not wait for the first runs to finish."""
+    named = []
+    for point in grid(axes):
         name = run_name(base.run.name, [item for item in point if item not in fixed])  # named by what varies
         cfg = load_config(args.config, [*point, f"run.name={name}"])
         check_optimizer(cfg.training)
@@ -183,27 +255,204 @@ def sweep_main(argv, train, on_every_rank=lambda decide: decide()) -> int:
     names = [name for name, _, _ in named]
     if len(set(names)) < len(names):  # two values that differ only in characters a folder name cannot keep
         raise ConfigError("axes", f"two sweep points would share a run folder: {', '.join(names)}")
+    return named
+
+
+def parse_sweep_args(argv):
+    parser = argparse.ArgumentParser(
+        prog="rafale sweep", description="Run a grid of config overrides one after another, then compare them.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+        "  rafale sweep -c test/pythia_tinystories.yaml training.lr=1e-3,3e-3 training.batch_size=16,32\n"
+        "  rafale sweep -c test/pythia_tinystories.yaml --seeds 2   the config at seeds 42 and 43: mean, interval, sd\n"
+        "  rafale sweep -c test/pythia_tinystories.yaml --tune training.lr=1e-3,3e-3 --seeds 2   the best lr on seed "
+        "42, reported on seed 43 (add an axis: each of its values at its own best lr)")
+    parser.add_argument("-c", "--config", required=True, help="the base YAML config")
+    parser.add_argument("axes", nargs="*", metavar="section.key=v1,v2", help="values to try for a config key")
+    parser.add_argument("--seeds", type=int, metavar="K", help="train every point at K seeds: the config's run.seed "
+                        "S, S+1, ..., S+K-1 (the same as the axis run.seed=S,...; runs named ...-seed-S); the "
+                        "table gives each point's mean final validation, its 95%% interval, sd and n over the seeds")
+    parser.add_argument("--tune", metavar="KEY=v1,v2,...", help="each point at its own best value of KEY (e.g. "
+                        "training.lr=1e-3,3e-3,1e-2): the values are trained on the first seed, the best final "
+                        "validation is chosen, the other seeds train at it, and the table reports the point over "
+                        "those other seeds only, so the choice does not flatter it; a choice at the grid's edge "
+                        "is flagged")
+    parser.add_argument("--restart", action="store_true",
+                        help="train again the runs whose folders hold another config (kept as NAME.old-<time>)")
+    args = parser.parse_intermixed_args(argv)  # the axes before and after the options
+    if not args.axes and args.seeds is None and not args.tune:
+        parser.error("give a sweep axis (section.key=v1,v2), --seeds K or --tune KEY=v1,v2")
+    return args
+
+
+def sweep_main(argv, train, on_every_rank=lambda decide: decide()) -> int:
+    """`train(args)` runs one training job (rafale.main.train_main); it is passed in so nothing imports main.
+    `on_every_rank(decide)` hands what decide() returns on rank 0 to every process, when Composer's launcher runs
+    the sweep on several (the runs' folders are read once, and every process trains, skips or restarts the same
+    runs and picks the same tuned value; rafale.main passes rafale.run.resilience.decided_on_rank_zero, which a
+    command may not import)."""
+    args = parse_sweep_args(argv)
+    given_fixed = grid([axis for axis in args.axes if len(grid([axis])) == 1])[0]  # e.g. run.output_dir=x
+    axes, tune_key = sweep_axes(args, load_config(args.config, given_fixed).run.seed)
+    fixed = grid([axis for axis in axes if len(grid([axis])) == 1])[0]  # one-value axes: every run has them
+    base = load_config(args.config, fixed)
+    named = check_points(args, base, axes, fixed)
     out_dir = Path(base.run.output_dir).expanduser()
     actions = on_every_rank(lambda: plan([(name, cfg) for name, _, cfg in named], out_dir, args.restart))
-    rows, failed = [], 0
-    for i, (name, point, _) in enumerate(named, 1):
-        rows.append((name, point, out_dir / name))
+    rows = sweep_rows(named, fixed, base, tune_key)
+    total = sum(len(row.values) + len(row.seeds) - 1 if tune_key else len(row.runs) for row in rows)
+    trained, failed = [], 0
+
+    def train_run(name: str, point: list[str]) -> None:
+        nonlocal failed
+        trained.append((name, point, out_dir / name))
         if actions[name] == "skip":
-            print(f"rafale: sweep {i}/{len(points)}: {name} completed before with this config; skipped")
-            continue
-        print(f"rafale: sweep {i}/{len(points)}: {name} ({' '.join(point)})", flush=True)
+            print(f"rafale: sweep {len(trained)}/{total}: {name} completed before with this config; skipped")
+            return
+        print(f"rafale: sweep {len(trained)}/{total}: {name} ({' '.join(point)})", flush=True)
         try:
             train(argparse.Namespace(config=args.config, data_only=False, debug=False,
                                      restart=actions[name] == "restart", overrides=[*point, f"run.name={name}"]))
         except RafaleError as err:
             failed += 1
             print(f"rafale: sweep: {name} failed: {err}")
-    table = out_dir / f"sweep-{base.run.name}.md"
+
+    for row in rows:
+        if tune_key:
+            tune_row(row, train_run, out_dir, on_every_rank)
+        for key in row.reported() if tune_key else row.runs:
+            if row.runs[key][0] not in [name for name, _, _ in trained]:
+                train_run(*row.runs[key])
     if os.environ.get("RANK", "0") != "0":  # under Composer's launcher, rank 0 writes the table and the picture
         return 1 if failed else 0
-    table.write_text(sweep_table(rows, fixed))
-    finished = [run_dir for _, _, run_dir in rows if run_status(run_dir) == "complete"]
-    if finished:
-        plot_runs(finished, out_dir / f"sweep-{base.run.name}.png")
-    print(table.read_text() + f"rafale: wrote {table} and {table.with_suffix('.png')}")
+    write_sweep_table(out_dir, base.run.name, rows, trained, fixed, tune_key)
     return 1 if failed else 0
+
+
+def tune_row(row: SweepRow, train_run, out_dir: Path, on_every_rank) -> None:
+    """Train the row's tune values at its tuning seed (the first), then choose the value with the best final
+    validation (row.chosen; None when none completed)."""
+    tuning_seed = row.seeds[0]
+    for value in row.values:
+        train_run(*row.runs[(value, tuning_seed)])
+    runs = {value: out_dir / row.runs[(value, tuning_seed)][0] for value in row.values}
+    row.chosen = on_every_rank(lambda: best_value(runs))
+    if row.chosen is None:
+        print(f"rafale: sweep: {row.name}: no run of the tuning seed completed; its other seeds are not trained")
+
+
+def best_value(runs: dict[str, Path]) -> str | None:
+    """The tune value whose run has the best final validation (the lowest loss, or the highest accuracy), among
+    the complete ones; None when none is."""
+    metric = ranking_metric(list(runs.values()))
+    if metric is None:
+        return None
+    scored = {value: arm.values[next(iter(arm.values))]
+              for value, arm in ((value, read_arm([run], metric)) for value, run in runs.items()) if arm.values}
+    if not scored:
+        return None
+    return (max if higher_is_better(metric) else min)(scored, key=scored.get)
+
+
+def write_sweep_table(out_dir: Path, base_name: str, rows: list[SweepRow], trained, fixed: list[str],
+                      tune_key: str | None) -> None:
+    """sweep-<name>.md (and .png): with seeds or --tune, the arms' table first, then every run's; else the runs'."""
+    table = out_dir / f"sweep-{base_name}.md"
+    runs_text = sweep_table(trained, fixed)
+    if tune_key or any(len(row.seeds) > 1 for row in rows):
+        text = arms_sweep_table(rows, out_dir, fixed, tune_key) + "\n## Each run\n\n" + runs_text
+    else:
+        text = runs_text
+    tmp = table.with_name(table.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(table)
+    finished = [run_dir for _, _, run_dir in trained if run_status(run_dir) == "complete"]
+    if finished:
+        plot_runs(finished, out_dir / f"sweep-{base_name}.png")
+    print(table.read_text() + f"rafale: wrote {table} and {table.with_suffix('.png')}")
+
+
+def grid_edge(values: list[str], chosen: str) -> bool:
+    """Whether `chosen` is the lowest or highest of numeric `values` (a better value may lie beyond the grid)."""
+    try:
+        numbers = {value: float(value) for value in values}
+    except ValueError:
+        return False  # names (optimizers, schedules) have no edge
+    return numbers[chosen] in (min(numbers.values()), max(numbers.values()))
+
+
+def arms_sweep_table(rows: list[SweepRow], out_dir: Path, fixed: list[str], tune_key: str | None) -> str:
+    """The sweep's arms, one line each: overrides, (the chosen tune value and the tuning seed's figure at each
+    value), the mean final validation over the reported seeds with its 95% interval, sd, n and the seeds; a star
+    on the best mean, its difference from the next best (rafale.stats), and what was tuned and reported on."""
+    runs_of = {row.name: [out_dir / row.runs[key][0] for key in row.reported()] for row in rows}
+    metric = ranking_metric([run for runs in runs_of.values() for run in runs])
+    arms = {row.name: read_arm(runs_of[row.name], metric) if metric else None for row in rows}
+    short = short_names([tune_key])[tune_key] if tune_key else None
+    headers = ["arm", "overrides"] + [f"chosen {short}", "tuning seed's final validation"] * bool(tune_key)
+    headers += [f"final validation {metric} (mean ± 95%)", "sd", "n", "seeds"]
+    ranked = {name: arm.summary.mean for name, arm in arms.items() if arm and arm.values}
+    pick = max if metric and higher_is_better(metric) else min
+    winner = pick(ranked, key=ranked.get) if ranked else None
+    lines = [f"Every run: {' '.join(fixed)}\n"] if fixed else []
+    lines += ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    for row in rows:
+        arm = arms[row.name]
+        summary = arm.summary if arm and arm.values else None
+        cells = [row.name, " ".join(item for item in row.point if item not in fixed)]
+        if tune_key:
+            cells += tuned_cells(row, out_dir, metric)
+        cells += [(summary.text() if summary else "no complete run") + (" ★" if row.name == winner else ""),
+                  f"{summary.sd:.4f}" if summary and summary.sd is not None else "",
+                  arm.n_text() if arm else "0", arm.seeds_text() if arm else ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += arms_notes(rows, arms, winner, metric, tune_key)
+    lines.append(validation_note([run for runs in runs_of.values() for run in runs if run_status(run) == "complete"]))
+    return "\n".join(lines) + "\n"
+
+
+def tuned_cells(row: SweepRow, out_dir: Path, metric: str | None) -> list[str]:
+    """The chosen value (flagged at the grid's edge) and each value's final validation at the tuning seed."""
+    tuning = []
+    for value in row.values:
+        run = out_dir / row.runs[(value, row.seeds[0])][0]
+        arm = read_arm([run], metric) if metric else None
+        figure = f"{next(iter(arm.values.values())):.4f}" if arm and arm.values else (run_status(run) or "not run")
+        tuning.append(f"{value}: {figure}")
+    chosen = "none (no tuning run completed)" if row.chosen is None else row.chosen
+    if row.chosen is not None and grid_edge(row.values, row.chosen):
+        chosen += " (at the grid's edge: widen the grid)"
+    return [chosen, ", ".join(tuning)]
+
+
+def arms_notes(rows: list[SweepRow], arms: dict, winner: str | None, metric: str | None,
+               tune_key: str | None) -> list[str]:
+    """Below the arms' table: the best arm against the next best, what the tuning chose on and what the figures
+    are over, and the runs left out of the means."""
+    notes = []
+    ranked = sorted((name for name, arm in arms.items() if arm and arm.values), key=lambda name: arms[name].summary.mean,
+                    reverse=bool(metric and higher_is_better(metric)))
+    if winner:
+        notes.append(f"\n★ best mean final validation {metric}: {winner}")
+        if len(ranked) > 1:
+            runner_up = ranked[1]
+            diff = difference(arms[winner].values, arms[runner_up].values)
+            interval = f" [{diff.low:.4f}, {diff.high:.4f}]" if diff.low is not None else ""
+            p = f", p = {diff.p_value:.2g}" if diff.p_value is not None else ""
+            notes.append(f"Against the next best, {runner_up}: {winner} - {runner_up} = {diff.estimate:+.4f}{interval}"
+                         f"{p} ({diff.test}): {diff.verdict(not higher_is_better(metric), (winner, runner_up))}.")
+    if tune_key:
+        seeds = rows[0].seeds
+        if len(seeds) > 1:
+            notes.append(f"\n{tune_key} tuned per arm: chosen on seed {seeds[0]} (the tuning column), reported over "
+                         f"seeds {', '.join(map(str, seeds[1:]))}, which the choice did not see. (`rafale runs` and a "
+                         f"pattern ...-seed-* in `rafale compare` would count seed {seeds[0]}'s run too: give "
+                         "`rafale compare` the reported runs with --a and --b.)")
+        else:
+            notes.append(f"\n{tune_key} tuned per arm on seed {seeds[0]}, and the figure reported is that seed's own "
+                         "run, the one the value was chosen on: it flatters the arm (with --seeds 2 or more the "
+                         "table reports the seeds the choice did not see).")
+    left_out = [why for arm in arms.values() if arm for why in arm.left_out]
+    if left_out:
+        notes.append(f"\nNot averaged in (n counts the runs that were): {'; '.join(left_out)}.")
+    return notes

@@ -15,6 +15,7 @@ source (rafale/data/cache.py).
 
 import hashlib
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -173,7 +174,10 @@ def _load_file(path: Path, cfg: DataConfig, labelled: bool, scratch: Path) -> Da
     """One .txt/.jsonl/.json/.parquet/.csv file as a Dataset; bad bytes and a missing column name the file and row."""
     if path.suffix == ".txt":
         # decode_errors is not in the cache fingerprint: 'error' either fails or reads what 'replace' reads
-        return _text_source_dataset(path, cfg, scratch)
+        dataset = _text_source_dataset(path, cfg, scratch)
+        if len(dataset) == 1:
+            print(one_document_warning(path, dataset[0]["text"], cfg.doc_separator))
+        return dataset
     readers = {".jsonl": Dataset.from_json, ".json": Dataset.from_json, ".parquet": Dataset.from_parquet,
                ".csv": Dataset.from_csv}
     if path.suffix not in readers:
@@ -187,6 +191,23 @@ def _load_file(path: Path, cfg: DataConfig, labelled: bool, scratch: Path) -> Da
             finally:
                 clean.unlink()
     return _check_columns(_read_table(read, path, path), path, cfg, labelled)
+
+
+_BLANK_LINE = re.compile(r"\n[ \t\r]*\n")
+
+
+def one_document_warning(path: Path, text: str, separator: str) -> str:
+    """The warning for a .txt file that data.doc_separator left whole: train or validation, it is most likely one
+    document a line or documents between blank lines, and a model trained on it would silently never see a
+    document start (the issue was 167,801 tokens where 164,116 were meant), so every such file is named."""
+    if _BLANK_LINE.search(text):
+        suggestion = 'it has blank lines: set data.doc_separator: "\\n\\n" if they separate its documents'
+    elif "\n" in text:
+        suggestion = 'set data.doc_separator: "\\n" if it holds one document a line'
+    else:
+        suggestion = "it has no line breaks either"
+    return (f"rafale: warning: data.source: {path} ({path.stat().st_size:,} bytes) holds 1 document when cut at "
+            f"data.doc_separator {separator!r}; {suggestion}")
 
 
 def _read_table(read, path: Path, named: Path) -> Dataset:

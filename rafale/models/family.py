@@ -104,11 +104,18 @@ def build_decoder(model_cfg, head: str, meta: dict, tokenizer):
     (Pythia, Llama, Qwen2, Qwen3) builds its model this way."""
     from rafale.models.composer import ComposerLM
     from rafale.models.decoder import Decoder
-    from rafale.models.token_bytes import token_bytes
+    from rafale.models.token_bytes import adds_prefix_space, token_bytes
 
     model_cfg.vocab_size = model_vocab_size(model_cfg.vocab_size, meta["vocab_size"])
     # exact for a byte-level BPE; None (no BitsPerByte, rafale.run.train says why) for other kinds: validation sees ids
-    return ComposerLM(Decoder(model_cfg), vocab_size=meta["vocab_size"], token_bytes=token_bytes(tokenizer))
+    table, document_end_id = token_bytes(tokenizer), None
+    if table is not None and adds_prefix_space(tokenizer):
+        # the space added before each document is not its text: BitsPerByte takes it off the token after each
+        # end-of-text (the datapipe's separator); with none to find the documents by, no BitsPerByte, not a wrong one
+        document_end_id = meta.get("eos_token_id")
+        table = table if document_end_id is not None else None
+    return ComposerLM(Decoder(model_cfg), vocab_size=meta["vocab_size"], token_bytes=table,
+                      document_end_id=document_end_id)
 
 
 def decoder_family(config: type, presets: dict, *, architecture: str, model_type: str, layout, vocab_rows: tuple,

@@ -24,6 +24,7 @@ evaluation log; neither changes it. Two of those callbacks are here:
 import collections
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -100,31 +101,78 @@ def total_batches(state: State) -> int | None:
     return None
 
 
+# what a narrow progress bar leaves out first: the load remark, the time elapsed, the lr, the MFU, the throughput;
+# the loss and the time left stay
+DROPPED_FIRST = ("load", "elapsed", "lr", "mfu", "throughput")
+
+
 def format_train_line(metrics: dict, elapsed_s: float, left_s: float | None = None,
-                      load: tuple[float, int] | None = None) -> str:
+                      load: tuple[float, int] | None = None, width: int | None = None) -> str:
     """'loss 2.3412 | 10,030 tok/s | MFU 37.1% | lr 9.1e-04 | 1.2 min elapsed, 2.9 min left' from what was logged,
     the time left (`left_s`, see RecentPace) and, when it is above the cores, the machine's `load` (load, cores)
-    after the throughput: 'MFU 0.1% (load 5.3 on 2 cores)'."""
+    after the throughput: 'MFU 0.1% (load 5.3 on 2 cores)'. Given a `width` (a progress bar's room), the parts in
+    DROPPED_FIRST go one by one until the line fits: 'loss 2.3412 | 10,030 tok/s | 2.9 min left'."""
+    line = ""
+    for k in range(len(DROPPED_FIRST) + 1):
+        line = _train_line(metrics, elapsed_s, left_s, load, set(DROPPED_FIRST[:k]))
+        if width is None or len(line) <= width:
+            return line
+    return line[:max(width, 0)]  # narrower than the loss and the time left: nothing better to show
+
+
+def _train_line(metrics: dict, elapsed_s: float, left_s: float | None, load: tuple[float, int] | None,
+                dropped: set) -> str:
     parts = []
     if "loss/train/total" in metrics:
         parts.append(f"loss {metrics['loss/train/total']:.4f}")
-    if "throughput/tokens_per_sec" in metrics:
+    measured = False  # a throughput figure shown, which the load remark qualifies
+    if "throughput/tokens_per_sec" in metrics and "throughput" not in dropped:
         parts.append(f"{metrics['throughput/tokens_per_sec']:,.0f} tok/s")
-    if "throughput/device/mfu" in metrics:
+        measured = True
+    if "throughput/device/mfu" in metrics and "mfu" not in dropped:
         parts.append(f"MFU {metrics['throughput/device/mfu']:.1%}")
-    busy = describe_load(*load) if load else ""
-    if busy and ("throughput/tokens_per_sec" in metrics or "throughput/device/mfu" in metrics):
+        measured = True
+    busy = describe_load(*load) if load and "load" not in dropped else ""
+    if busy and measured:
         parts[-1] += f" ({busy})"  # what the figure before it is measured under
     elif busy:
         parts.append(busy)
     # training.lr as scheduled (LearningRates); a group's rate only where nothing logs the base one
     lr = metrics.get(BASE_LR, next((v for k, v in metrics.items() if k.startswith("lr-")), None))
-    if lr is not None:
+    if lr is not None and "lr" not in dropped:
         parts.append(f"lr {lr:.1e}")
-    timing = f"{elapsed_s / 60:.1f} min elapsed"
+    times = [] if left_s is not None and "elapsed" in dropped else [f"{elapsed_s / 60:.1f} min elapsed"]
     if left_s is not None:
-        timing += f", {left_s / 60:.1f} min left"
-    return " | ".join(parts + [timing])
+        times.append(f"{left_s / 60:.1f} min left")
+    return " | ".join(parts + [", ".join(times)])
+
+
+BAR_FORMAT = "{percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} {desc}"  # the figures after the bar, fitted to the width
+UNSIZED_BAR_FORMAT = "{n_fmt} steps {desc}"  # a run whose length in batches is not known before the end
+
+
+def bar_format(total: int | None) -> str:
+    return BAR_FORMAT if total else UNSIZED_BAR_FORMAT
+
+
+def bar_room(step: int, total: int | None, width: int) -> int:
+    """The columns a progress bar of `width` leaves its figures, beside its counts and a bar of tqdm's 10 columns."""
+    from tqdm import tqdm
+
+    return width - len(tqdm.format_meter(step, total, 0, bar_format=bar_format(total), prefix=""))
+
+
+def terminal_width(stream) -> int | None:
+    """The columns of the terminal `stream` writes to; None when it is no terminal, or one whose size is unknown
+    (it says 0 columns or 0 lines: `stty size` 0 0, some CI logs), where tqdm would draw nothing: such a stream
+    gets the plain lines a log does."""
+    try:
+        if not stream.isatty():
+            return None
+        size = os.get_terminal_size(stream.fileno())
+    except (AttributeError, OSError, ValueError):
+        return None
+    return size.columns if size.columns > 0 and size.lines > 0 else None
 
 
 class RecentPace:
@@ -176,11 +224,14 @@ def eval_subset_batches(eval_batches: int | None, available: int) -> int:
 
 class ConsoleLog(LoggerDestination):
     """A person's view of the run: a line every `interval` (a Composer time string, training.log_interval) and one
-    at each evaluation. On a terminal (`bar`), a tqdm progress bar shows the same fields and the lines go above it."""
+    at each evaluation. On a terminal of known width (`columns`, read again at each line: a resized window), a tqdm
+    progress bar shows the same fields, as many as fit (format_train_line's width), and the evaluation lines go above
+    it; elsewhere (a log, a terminal of unknown size) the lines are printed."""
 
-    def __init__(self, interval: str, stream=None, bar: bool | None = None):
+    def __init__(self, interval: str, stream=None, columns=None):
         self.stream = stream or sys.stdout
-        self.bar_wanted = self.stream.isatty() if bar is None else bar
+        self.columns = columns or (lambda: terminal_width(self.stream))  # () -> the width, None: no bar
+        self.bar_wanted = self.columns() is not None
         self.due = create_interval_scheduler(interval, include_end_of_training=True, checkpoint_events=False)
         self.latest: dict[str, float] = {}
         self.bar = None
@@ -214,20 +265,23 @@ class ConsoleLog(LoggerDestination):
         if self.bar_wanted:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=self.total, initial=int(state.timestamp.batch), unit="step",
-                            file=self.stream, dynamic_ncols=True, leave=True)
+            self.bar = tqdm(total=self.total, initial=int(state.timestamp.batch), unit="step", file=self.stream,
+                            ncols=self.columns(), bar_format=bar_format(self.total), leave=True)
 
     def batch_end(self, state: State, logger: Logger) -> None:
         if self.bar is not None:
             self.bar.update(int(state.timestamp.batch) - self.bar.n)
         self.pace.add(int(state.timestamp.batch))
         if self.due(state, Event.BATCH_END):
-            line = format_train_line(self.latest, state.timestamp.total_wct.total_seconds(),
-                                     self.pace.seconds_left(self.total), machine_load())
-            if self.bar is not None:
-                self.bar.set_postfix_str(line, refresh=True)
-            else:
-                self._print(f"{self._prefix(state)} {line}")
+            figures = (self.latest, state.timestamp.total_wct.total_seconds(), self.pace.seconds_left(self.total),
+                       machine_load())
+            width = self.columns() if self.bar is not None else None
+            if width is not None:  # the bar's figures fitted to the terminal, so that tqdm cuts nothing off
+                self.bar.ncols = width
+                room = bar_room(int(state.timestamp.batch), self.total, width)
+                self.bar.set_description_str(format_train_line(*figures, width=room), refresh=True)
+            else:  # no bar, or the terminal's size became unknown: the lines a log gets
+                self._print(f"{self._prefix(state)} {format_train_line(*figures)}")
             # SpeedMonitor's figures are over its window as of the batch that logged them: a line shows fresh ones
             # only (no MFU from before CheckedSpeedMonitor found the peak wrong)
             for name in [n for n in self.latest if n.startswith("throughput/")]:

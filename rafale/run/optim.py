@@ -27,10 +27,12 @@ import re
 import sys
 import types
 import typing
+from fractions import Fraction
 
 import torch
 from torch import nn
 
+from rafale.config import exact_time
 from rafale.errors import ConfigError, RafaleError
 
 OPTIM_EXTRA = "pip install 'rafale[optim]'"
@@ -319,22 +321,47 @@ def check_optimizer(t: "TrainingConfig") -> None:
 
 
 # ----------------------------------------------------------------------------------------------------
-# schedule-free: warmup in batches, and train/eval modes around each batch
+# time strings in batches (warmups, decays, branch points, intervals)
+#
+# Every conversion is exact (fractions.Fraction of the number as written) and a time that does not land on a batch
+# boundary is rounded UP to the next whole batch: 0.07dur of 100 batches is 7, 1ep of 49 batches is 49, and 0.05dur
+# of 49 batches (2.45) is 3. A float quotient rounded up made those 8 and 50 (0.07 * 100 = 7.000000000000001).
 
 
-def batches_in(time: str, max_duration: str, batches_per_epoch: int, batch_size: int, tokens_per_sample: int) -> int:
-    """A Composer time string (training.warmup) as a number of batches, for an optimizer that counts its steps."""
-    from composer.core import Time, TimeUnit
+def exact_batches(time: str, max_duration: str, batches_per_epoch: int, batch_size: int, tokens_per_sample: int,
+                  key: str = "training.warmup") -> Fraction:
+    """A Composer time string as an exact (maybe fractional) number of batches; a fraction of the run ('0.1dur')
+    is that share of max_duration's whole batches. key: the config key named if the unit has no batch count."""
+    value, unit = exact_time(time)
+    if unit == "dur":
+        return value * batches_in(max_duration, max_duration, batches_per_epoch, batch_size, tokens_per_sample,
+                                  "training.max_duration")
+    per_batch = {"ba": 1, "ep": Fraction(1, batches_per_epoch), "sp": batch_size, "tok": batch_size * tokens_per_sample}
+    if unit not in per_batch:
+        raise ConfigError(key, f"cannot turn {time!r} into batches (give it in ba, ep, sp, tok or dur)")
+    return value / per_batch[unit]
 
-    value = Time.from_timestring(time)
-    if value.unit == TimeUnit.DURATION:
-        total = batches_in(max_duration, max_duration, batches_per_epoch, batch_size, tokens_per_sample)
-        return math.ceil(value.value * total)
-    per_batch = {TimeUnit.BATCH: 1, TimeUnit.EPOCH: 1 / batches_per_epoch, TimeUnit.SAMPLE: batch_size,
-                 TimeUnit.TOKEN: batch_size * tokens_per_sample}
-    if value.unit not in per_batch:
-        raise ConfigError("training.warmup", f"cannot turn {time!r} into batches for the schedule-free optimizer")
-    return math.ceil(value.value / per_batch[value.unit])
+
+def batches_in(time: str, max_duration: str, batches_per_epoch: int, batch_size: int, tokens_per_sample: int,
+               key: str = "training.warmup") -> int:
+    """A Composer time string (training.warmup, a branch point) as a whole number of batches, rounded up."""
+    return math.ceil(exact_batches(time, max_duration, batches_per_epoch, batch_size, tokens_per_sample, key))
+
+
+def whole_time(time: str, max_duration: str, batches_per_epoch: int | None) -> str:
+    """A fraction of the run ('0.07dur') as a whole count in max_duration's unit (batches when that is epochs),
+    rounded up; any other time unchanged. For what Composer converts itself with floats (a cosine warmup, eval and
+    save intervals): it makes 0.07dur of 100ba 8 batches for an interval (ceil of 7.000000000000001), 0.29dur of
+    100ba 28 for a warmup (int of 28.999999999999996)."""
+    value, unit = exact_time(time)
+    if unit != "dur" or value == 0:
+        return time
+    total, total_unit = exact_time(max_duration)
+    if total_unit == "ep":
+        if batches_per_epoch is None:
+            return time
+        total, total_unit = total * batches_per_epoch, "ba"
+    return f"{math.ceil(value * total)}{total_unit}"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -376,14 +403,20 @@ class WarmupStableDecay:
 
 def wsd_batches(t: "TrainingConfig", batches_per_epoch: int, tokens_per_sample: int) -> tuple[int, int, int]:
     """(warmup, decay_start, end) in batches: the decay starts at training.branch_from.at for a branch that names
-    it, else at (1 - decay_fraction) of max_duration."""
-    def batches(time: str) -> int:
-        return batches_in(time, t.max_duration, batches_per_epoch, t.batch_size, tokens_per_sample)
+    it, else decay_fraction of the run's batches (rounded up) before the end. An epoch of 49 batches ends at 49."""
+    def batches(time: str, key: str) -> int:
+        return batches_in(time, t.max_duration, batches_per_epoch, t.batch_size, tokens_per_sample, key)
 
-    end = batches(t.max_duration)
+    end = batches(t.max_duration, "training.max_duration")
     at = (t.branch_from or {}).get("at")
-    decay_start = batches(str(at)) if at is not None else end - round(t.decay_fraction * end)
-    return batches(t.warmup), decay_start, end
+    # the decay covers decay_fraction of the batches, rounded up as every time is (Fraction of its repr: 0.2 is 1/5)
+    decay = math.ceil(Fraction(repr(t.decay_fraction)) * end)
+    decay_start = batches(str(at), "training.branch_from.at") if at is not None else end - decay
+    return batches(t.warmup, "training.warmup"), decay_start, end
+
+
+# ----------------------------------------------------------------------------------------------------
+# schedule-free: train/eval modes around each batch (its warmup in batches: batches_in above)
 
 
 def schedule_free_switch():

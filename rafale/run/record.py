@@ -279,23 +279,33 @@ class RunRecord:
 
 def non_embedding_parameters(module) -> int:
     """The parameters outside the vocabulary matrices, N of a scaling law (Kaplan et al. 2020): every parameter but
-    the embedding tables (nn.Embedding: token, and position where a model has one) and an output projection onto
-    the vocabulary (a Linear whose out_features is the token table's size, tied or not). Shared ones count once."""
+    the embedding tables (nn.Embedding: token, and position where a model has one) and the output projection onto
+    the vocabulary, tied or not. Shared ones count once.
+
+    The projection is the one the model names (`output_head()`: the decoder's head, the MLM decoder), never
+    guessed from its shape: a hidden Linear as wide as the vocabulary (an MLP's up projection when the padded
+    vocabulary equals intermediate_size) is a layer like any other."""
     from torch import nn
 
-    embeddings = [m for m in module.modules() if isinstance(m, nn.Embedding)]
-    vocabulary = max((m.num_embeddings for m in embeddings), default=None)  # the token table is the largest
-    left_out = {id(m.weight) for m in embeddings}
-    left_out |= {id(p) for m in module.modules() if isinstance(m, nn.Linear) and m.out_features == vocabulary
-                 for p in m.parameters()}
+    left_out = {id(m.weight) for m in module.modules() if isinstance(m, nn.Embedding)}
+    output_head = getattr(module, "output_head", None)
+    if output_head is not None:
+        left_out |= {id(p) for p in output_head().parameters()}
     counted = {id(p): p.numel() for p in module.parameters() if id(p) not in left_out}
     return sum(counted.values())
 
 
 def cut(segment: dict, batch: int) -> dict:
-    """An earlier segment as far as `batch`, where a later one resumed. It normally ends there already (it was
-    saved with that checkpoint); after run.resume_fallback it may reach further, and its figures are then scaled
-    to the batches kept."""
+    """An earlier segment as far as `batch`, where a later one resumed or a cooldown branch (rafale.run.branch) starts.
+    It normally ends there already (it was saved with that checkpoint); after run.resume_fallback, or for a branch
+    from the middle of its parent's segment, it may reach further, and its times are then scaled to the batches
+    kept: training, evaluation and checkpoint time by the share of its batches kept, the start-up (spent before its
+    first batch) whole, and the wall time as its start-up plus the rest of it scaled likewise:
+
+        wall_time_s' = startup_time_s + (wall_time_s - startup_time_s) x kept,  kept = (batch - start) / (end - start)
+
+    So a branch's wall_time_s is what producing it cost: its parent's time up to the branch point plus its own,
+    never the parent's whole run. A time the segment does not know (None) stays unknown."""
     start, end = segment["batches"]
     if end <= batch:
         return segment
@@ -303,7 +313,9 @@ def cut(segment: dict, batch: int) -> dict:
     shorter = dict(segment, batches=[start, batch], tokens=round(segment["tokens"] * kept),
                    ended=f"resumed from its checkpoint at batch {batch} (the batches after it are lost)")
     for key in ("train_time_s", "eval_time_s", "checkpoint_time_s"):
-        shorter[key] = round(segment[key] * kept, 3)
+        shorter[key] = round(segment[key] * kept, 3) if segment[key] is not None else None
+    wall, startup = segment.get("wall_time_s"), segment.get("startup_time_s") or 0
+    shorter["wall_time_s"] = round(startup + (wall - startup) * kept, 3) if wall is not None else None
     return shorter
 
 

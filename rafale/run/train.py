@@ -30,7 +30,7 @@ from rafale.run.hardware import confirm_peak, keep_freed_memory, peak_flops
 from rafale.resolve import family_of, head_of
 from rafale.run.loggers import eval_subset_batches
 from rafale.models.hf import export_refusal
-from rafale.run.optim import batches_in, build_optimizer, is_schedule_free
+from rafale.run.optim import batches_in, build_optimizer, is_schedule_free, whole_time
 from rafale.run.outcomes import outcome, outcome_callbacks, resume_outcome
 from rafale.run_folder import (BEST_DIR, EXPORT_DIR, ResumeConflict, check_run_folder, eval_folder,
                                evaluation_conflicts, export_model, set_run_folder_aside, write_run_folder)
@@ -132,7 +132,7 @@ def start_record(cfg: Config, model, trainer: Trainer, placement: Placement, pea
     if save and dist.get_global_rank() == 0:  # the process that saves (and moves the latest symlink) prunes
         clock.on_save.append(lambda *_: prune_checkpoints(run_dir / "checkpoints", cfg.training.checkpoints_to_keep))
     record.non_embedding_params = non_embedding_parameters(model.model)
-    flops_per_token = getattr(model.model, "flops_per_token", None)
+    flops_per_token = getattr(model, "flops_per_token", None)  # the wrapper's: it knows the rows the loss uses
     record.flops_per_token = flops_per_token(cfg.data.block_size) if flops_per_token is not None else None
     record.begin(trainer.state)
     return record
@@ -237,7 +237,7 @@ def build_trainer(cfg: Config, data: PreparedData, model, collator, placement: P
             loggers=make_loggers(cfg, run_dir) if dist.get_global_rank() == 0 else [],
             compile_config={} if t.compile else None,
             parallelism_config={"fsdp": t.fsdp} if t.fsdp is not None else None,
-            eval_interval="1ep" if debug else t.eval_interval,
+            eval_interval="1ep" if debug else whole_time(t.eval_interval, t.max_duration, batches_per_epoch),
             eval_subset_num_batches=eval_subset_batches(t.eval_batches, len(eval_loader.dataloader)),
             device=placement.device,
             precision=placement.precision,
@@ -264,7 +264,7 @@ def mfu_of(model, cfg: Config, placement: "Placement", peak: float | None):
     """tokens/s over the run -> model FLOPs utilization against the device's peak, or None without a peak or a FLOPs
     count. A run that measures above the cached peak has the CPU probed again (rafale.run.hardware.confirm_peak): an
     MFU above 100% is a wrong peak, and is never reported."""
-    flops_per_token = getattr(model.model, "flops_per_token", None)
+    flops_per_token = getattr(model, "flops_per_token", None)
     if not peak or flops_per_token is None:
         return None
 

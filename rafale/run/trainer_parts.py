@@ -27,7 +27,7 @@ from rafale.config import Config
 from rafale.data.cache import PreparedData
 from rafale.errors import IGNORE_INDEX, ConfigError, RafaleError
 from rafale.run.loggers import CheckedSpeedMonitor, ConsoleLog, LearningRates, MetricsFile
-from rafale.run.optim import WarmupStableDecay, is_schedule_free, schedule_free_switch, wsd_batches
+from rafale.run.optim import WarmupStableDecay, is_schedule_free, schedule_free_switch, whole_time, wsd_batches
 from rafale.run.resilience import FiniteLossMonitor, StopOnSignal
 
 DEBUG_EPOCHS = 10
@@ -180,8 +180,12 @@ def make_scheduler(cfg: Config, debug: bool, batches_per_epoch: int | None = Non
         return ConstantWithWarmupScheduler(t_warmup="0ba")
     if is_schedule_free(t) if schedule_free is None else schedule_free:  # it warms up itself and needs no decay: a second schedule would distort it
         return ConstantScheduler()
-    # no warmup fits any max_duration unit (Composer would refuse 0ba against a max_duration in tok)
+    # no warmup fits any max_duration unit (Composer would refuse 0ba against a max_duration in tok); in a run (which
+    # knows batches_per_epoch) a fraction of it becomes whole batches here, exactly (Composer's int() of a float
+    # product floors 28.999...)
     warmup = "0dur" if Time.from_timestring(t.warmup).value == 0 else t.warmup
+    if warmup != "0dur" and batches_per_epoch is not None:
+        warmup = whole_time(warmup, t.max_duration, batches_per_epoch)
     if t.schedule == "cosine":
         return CosineAnnealingWithWarmupScheduler(t_warmup=warmup, alpha_f=t.lr_final_ratio)
     if t.schedule == "linear":
@@ -217,14 +221,15 @@ class ScheduleAtBatchStart(Callback):
 
 def save_schedule(cfg: Config, batches_per_epoch: int):
     """training.save_interval, and with training.cooldowns also each batch a cooldown branches at (rafale.run.branch)."""
+    interval = whole_time(cfg.training.save_interval, cfg.training.max_duration, batches_per_epoch)
     if not cfg.training.cooldowns:
-        return cfg.training.save_interval
+        return interval
     from composer.core import Event
     from composer.utils import create_interval_scheduler
 
     from rafale.run.branch import branch_points
 
-    every, points = create_interval_scheduler(cfg.training.save_interval), set(branch_points(cfg, batches_per_epoch))
+    every, points = create_interval_scheduler(interval), set(branch_points(cfg, batches_per_epoch))
 
     def save_now(state: State, event) -> bool:
         at_point = event == Event.BATCH_CHECKPOINT and int(state.timestamp.batch) in points

@@ -21,6 +21,7 @@ Loading this module imports neither torch, Composer nor the models (the function
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import shutil
 import tempfile
@@ -187,6 +188,25 @@ def best_validation(run_dir: Path) -> tuple[str, float, int] | None:
             step, value = pick(series[name], key=lambda point: point[1])
             return name.rsplit("/", 1)[-1], value, step
     return None
+
+
+# data keys that say how the data was prepared, not what it is; the tokenizer's, which bits per byte does not see
+NOT_THE_DATA = {"data.num_proc", "data.num_workers", "data.cache_dir"}
+TOKENIZER_KEYS = {"data.tokenizer", "data.vocab_size"}
+
+
+def data_identity(run_dir: Path, with_tokenizer: bool = True) -> dict:
+    """What must be the same in runs whose figures compare: the task, the data (config.yaml's data section, but for
+    how it was prepared) and, `with_tokenizer`, the tokenizer (tokenizer.json's digest and the keys that choose
+    it; bits per byte is comparable without them). (rafale.commands.law.run_identity is the same, for a law's runs.)"""
+    config = read_config(run_dir) or {}
+    ignored = NOT_THE_DATA | (set() if with_tokenizer else TOKENIZER_KEYS)
+    identity = {"task": (read_summary(run_dir) or {}).get("task") or config.get("model.task")}
+    identity |= {key: value for key, value in config.items() if key.startswith("data.") and key not in ignored}
+    if with_tokenizer:
+        tokenizer = Path(run_dir) / TOKENIZER_FILE
+        identity["tokenizer"] = hashlib.sha256(tokenizer.read_bytes()).hexdigest()[:12] if tokenizer.is_file() else None
+    return identity
 
 
 def read_checkpoint_weights(path: Path) -> dict:

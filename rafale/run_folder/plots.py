@@ -209,14 +209,20 @@ def escaped(text: str) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
-def what_differs(run_dirs: list[Path]) -> list[dict[str, str]]:
+def differing_keys(configs: list[dict | None]) -> list[str]:
+    """The hyperparameters (dotted keys, in config order) whose values are not the same in all the configs given
+    (None: a run without config.yaml, left out); a key that only some configs have counts as differing."""
+    known = [config for config in configs if config is not None]
+    return [key for key in dict.fromkeys(key for config in known for key in config) if key not in NOT_HYPERPARAMETERS
+            and len({json.dumps(config.get(key), sort_keys=True) for config in known}) > 1]
+
+
+def what_differs(run_dirs: list[Path], leave_out: frozenset[str] = frozenset()) -> list[dict[str, str]]:
     """For each run, short key -> its value of every hyperparameter that is not the same in all the runs with a
-    config.yaml (a key that only some configs have counts as differing), in config order. A run without a
+    config.yaml (see differing_keys), in config order, but the dotted keys `leave_out`. A run without a
     config.yaml, or without that key, has '' there."""
     configs = [read_config(run_dir) for run_dir in run_dirs]
-    known = [config for config in configs if config is not None]
-    keys = [key for key in dict.fromkeys(key for config in known for key in config) if key not in NOT_HYPERPARAMETERS
-            and len({json.dumps(config.get(key), sort_keys=True) for config in known}) > 1]
+    keys = [key for key in differing_keys(configs) if key not in leave_out]
     names = short_names(keys)
     return [{names[key]: format_value(config[key]) if config is not None and key in config else "" for key in keys}
             for config in configs]
