@@ -171,7 +171,8 @@ def test_validation_counts_a_document_s_own_bytes_not_the_space_its_tokenizer_ad
     import copy
 
     from rafale.data.causal_lm import CausalLMCollator
-    from rafale.models.pythia import PRESETS, build
+    from rafale.models.family import build_decoder
+    from rafale.models.pythia import PRESETS
 
     tokenizer = prefix_space()
     docs = [text.strip() for text in TEXTS]
@@ -180,8 +181,8 @@ def test_validation_counts_a_document_s_own_bytes_not_the_space_its_tokenizer_ad
     assert all(tokenizer.id_to_token(ids[0]).startswith("Ġ") for ids in encoded)  # the space it adds
     stream = [t for ids in encoded for t in ids + [eos]]  # as the causal LM datapipe joins them
     torch.manual_seed(0)
-    model = build(copy.deepcopy(PRESETS["pythia-debug"]), "causal_lm",
-                  {"vocab_size": tokenizer.get_vocab_size(), "eos_token_id": eos}, tokenizer)
+    model = build_decoder(copy.deepcopy(PRESETS["pythia-debug"]), "causal_lm",
+                          {"vocab_size": tokenizer.get_vocab_size(), "eos_token_id": eos}, tokenizer)
     metric = model.val_metrics["BitsPerByte"]
     T = 16
     blocks = [stream[start : start + T] for start in range(0, len(stream), T)]
@@ -213,10 +214,11 @@ def test_validation_reports_bits_per_byte_only_where_its_table_is_exact():
     with a WordPiece tokenizer file it gets none (the table would count '##' and lose accents), not a wrong one."""
     import copy
 
-    from rafale.models.pythia import PRESETS, build
+    from rafale.models.family import build_decoder
+    from rafale.models.pythia import PRESETS
 
     for kind, expected in (("bpe", True), ("wordpiece", False)):
         tokenizer = trained(kind)
-        model = build(copy.deepcopy(PRESETS["pythia-debug"]), "causal_lm", {"vocab_size": tokenizer.get_vocab_size()},
-                      tokenizer)
+        model = build_decoder(copy.deepcopy(PRESETS["pythia-debug"]), "causal_lm",
+                              {"vocab_size": tokenizer.get_vocab_size()}, tokenizer)
         assert ("BitsPerByte" in model.val_metrics) == expected, kind

@@ -216,3 +216,41 @@ def test_cpu_decoding_linears_give_the_same_tokens_and_restore_the_modules(monke
                 torch.testing.assert_close(mlp_in(x), torch.nn.functional.linear(x, mlp_in.weight, mlp_in.bias))
             raise RuntimeError("stop")
     assert all("forward" not in m.__dict__ for m in linears)
+
+
+def test_every_decoder_family_is_declared_by_decoder_family_from_its_differences():
+    """Pythia, Llama, Qwen2 and Qwen3 state their config, presets and Hugging Face names; decoder_family makes the
+    rest alike (the causal LM builder, the BPE tokenizer, generation, the format's shape), and exports a Decoder as
+    its family's architecture only when its config is that family's and its class is exactly Decoder."""
+    import dataclasses
+
+    from rafale.models.decoder import Decoder
+    from rafale.models.families import FAMILIES
+    from rafale.models.family import build_decoder, decoder_family
+    from rafale.models.pythia import LAYOUT, VOCAB_ROWS, config_from_hf, config_to_hf
+
+    decoders = {name: f for name, f in FAMILIES.items()
+                if f.hf is not None and f.hf.module_files == ("rafale.models.decoder",)}
+    assert set(decoders) == {"pythia", "llama", "qwen2", "qwen3"}
+    for name, family in decoders.items():
+        assert (family.name, family.build, family.heads, family.data, family.can_generate) == (
+            family.config.family, build_decoder, ("causal_lm",), {"tokenizer_kind": "bpe"}, True)
+        architecture, = family.hf.architectures
+        preset = dataclasses.replace(next(iter(family.presets.values())), vocab_size=V)
+        assert family.hf.architecture_of(Decoder(preset)) == architecture
+        assert family.hf.max_length(preset) == preset.max_position_embeddings
+        others = [f.hf.architecture_of(Decoder(preset)) for f in decoders.values() if f is not family]
+        assert others == [None, None, None]  # a Llama-shaped config of Qwen2's is Qwen2's, never Llama's
+
+    @dataclasses.dataclass
+    class RMSNeoXConfig(DecoderConfig):  # a family that differs from Pythia in its norm alone
+        family = "rmsneox"
+        norm: str = "rmsnorm"
+
+    family = decoder_family(RMSNeoXConfig, {"rmsneox-tiny": RMSNeoXConfig(hidden_size=32, num_layers=2, num_heads=4)},
+                            architecture="GPTNeoXForCausalLM", model_type="gpt_neox", layout=LAYOUT,
+                            vocab_rows=VOCAB_ROWS, config_from_hf=config_from_hf, config_to_hf=config_to_hf)
+    cfg = RMSNeoXConfig(vocab_size=V, hidden_size=32, num_layers=2, num_heads=4, intermediate_size=64)
+    assert family.name == "rmsneox" and family.hf.architecture_of(Decoder(cfg)) == "GPTNeoXForCausalLM"
+    assert family.hf.architecture_of(type("Variant", (Decoder,), {})(cfg)) is None  # someone's variant
+    assert FAMILIES["pythia"].hf.architecture_of(Decoder(cfg)) is None

@@ -136,7 +136,7 @@ def test_a_resume_under_another_model_type_is_refused(tmp_path, cache_dir, capsy
         pass
 
     def build_variant(model_cfg, head, meta, tokenizer):
-        lm = pythia.build(model_cfg, head, meta, tokenizer)
+        lm = pythia.PYTHIA.build(model_cfg, head, meta, tokenizer)
         lm.model.__class__ = Variant
         return lm
 

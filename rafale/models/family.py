@@ -5,6 +5,10 @@ The training run builds a family's model and datapipe through it, `rafale genera
 can generate text, the resume guard and the run folder rebuild its config class, and the Hugging Face import and
 export (rafale/models/hf.py, the shared machinery) read its `HFFormat`: the architectures it reads and writes, its
 config.json both ways, and its tensors' names. No module compares `model.type` to a family's name.
+
+The decoder families (Pythia, Llama, Qwen2, Qwen3) are one Decoder with other defaults, so they share a builder
+and the shape of their format: `decoder_family` makes their Family from what a family's file states, its config
+class (the parts), its presets, and its Hugging Face names and config.json both ways.
 """
 
 from dataclasses import dataclass, field
@@ -89,3 +93,62 @@ def model_vocab_size(configured: Optional[int], vocab_size: int) -> int:
 
 def first(mapping: dict) -> Any:
     return next(iter(mapping.values()))
+
+
+# ----------------------------------------------------------------------------------------------------
+# the decoder families: rafale/models/decoder.py's Decoder with a config's defaults
+
+
+def build_decoder(model_cfg, head: str, meta: dict, tokenizer):
+    """A decoder for causal LM (validation bits per byte need the tokenizer's token lengths); every decoder family
+    (Pythia, Llama, Qwen2, Qwen3) builds its model this way."""
+    from rafale.models.composer import ComposerLM
+    from rafale.models.decoder import Decoder
+    from rafale.models.token_bytes import adds_prefix_space, token_bytes
+
+    model_cfg.vocab_size = model_vocab_size(model_cfg.vocab_size, meta["vocab_size"])
+    # exact for a byte-level BPE; None (no BitsPerByte, rafale.run.train says why) for other kinds: validation sees ids
+    table, document_end_id = token_bytes(tokenizer), None
+    if table is not None and adds_prefix_space(tokenizer):
+        # the space added before each document is not its text: BitsPerByte takes it off the token after each
+        # end-of-text (the datapipe's separator); with none to find the documents by, no BitsPerByte, not a wrong one
+        document_end_id = meta.get("eos_token_id")
+        table = table if document_end_id is not None else None
+    return ComposerLM(Decoder(model_cfg), vocab_size=meta["vocab_size"], token_bytes=table,
+                      document_end_id=document_end_id)
+
+
+def decoder_family(config: type, presets: dict, *, architecture: str, model_type: str, layout, vocab_rows: tuple,
+                   config_from_hf: Callable, config_to_hf: Callable) -> Family:
+    """The Family named `config.family`: a Decoder with `config`'s parts as its defaults, trained as a causal LM on a
+    BPE tokenizer, able to generate, and read and written as the Hugging Face `architecture` (config.json's
+    `model_type`) with `layout`'s tensor names (a WeightLayout); `vocab_rows`: its tensors with one row per token,
+    cut to the tokenizer's vocabulary on export. Only a Decoder of this family exports as `architecture`: a
+    subclass is someone's variant, which the format does not describe."""
+    from rafale.models.decoder import Decoder  # (here: family.py is every family's, the encoders' too)
+    from rafale.models.layout import layout_loader, layout_tensors
+
+    def architecture_of(module) -> Optional[str]:
+        return architecture if type(module) is Decoder and module.cfg.family == config.family else None
+
+    return Family(
+        name=config.family,
+        config=config,
+        presets=presets,
+        heads=("causal_lm",),
+        build=build_decoder,
+        data={"tokenizer_kind": "bpe"},
+        hf=HFFormat(
+            architectures={architecture: "causal_lm"},
+            model_type=model_type,
+            config_from_hf=config_from_hf,
+            config_to_hf=config_to_hf,
+            module=lambda cfg, head: Decoder(cfg),
+            architecture_of=architecture_of,
+            load=layout_loader(lambda _: layout),
+            tensors=layout_tensors(lambda _: layout, lambda _: vocab_rows),
+            max_length=lambda cfg: cfg.max_position_embeddings,
+            module_files=("rafale.models.decoder",),
+        ),
+        can_generate=True,
+    )

@@ -13,10 +13,9 @@ from typing import ClassVar, Literal
 import torch
 
 from rafale.errors import WeightsError
-from rafale.models.decoder import Decoder, DecoderConfig
-from rafale.models.family import Family, HFFormat
-from rafale.models.layout import Fused, WeightLayout, layout_loader, layout_tensors, require
-from rafale.models.pythia import build
+from rafale.models.decoder import DecoderConfig
+from rafale.models.family import decoder_family
+from rafale.models.layout import Fused, WeightLayout, require
 
 
 @dataclass
@@ -98,6 +97,7 @@ LAYOUT = WeightLayout(
     ),
 )
 VOCAB_ROWS = ("model.embed_tokens.weight", "lm_head.weight")
+ARCHITECTURE = "LlamaForCausalLM"
 
 
 def config_from_hf(hf: dict, config_path: Path, config_class: type = LlamaConfig, **fixed) -> LlamaConfig:
@@ -142,7 +142,7 @@ def config_from_hf(hf: dict, config_path: Path, config_class: type = LlamaConfig
     return cfg
 
 
-def config_to_hf(cfg: DecoderConfig, architecture: str = "LlamaForCausalLM", vocab_size: int | None = None,
+def config_to_hf(cfg: DecoderConfig, architecture: str = ARCHITECTURE, vocab_size: int | None = None,
                  id2label: dict | None = None, model_type: str = "llama") -> dict:
     """The config.json of `architecture` with `cfg`'s sizes (vocab_size: the tokenizer's, when the embedding is
     padded). What Llama cannot say (a parallel residual, LayerNorm, another MLP, partial rotary, QK-norm) is not
@@ -173,31 +173,5 @@ def config_to_hf(cfg: DecoderConfig, architecture: str = "LlamaForCausalLM", voc
     }
 
 
-ARCHITECTURE = "LlamaForCausalLM"
-
-
-def architecture_of(module) -> str | None:
-    return ARCHITECTURE if type(module) is Decoder and module.cfg.family == "llama" else None
-
-
-LLAMA = Family(
-    name="llama",
-    config=LlamaConfig,
-    presets=PRESETS,
-    heads=("causal_lm",),
-    build=build,
-    data={"tokenizer_kind": "bpe"},
-    hf=HFFormat(
-        architectures={ARCHITECTURE: "causal_lm"},
-        model_type="llama",
-        config_from_hf=config_from_hf,
-        config_to_hf=config_to_hf,
-        module=lambda cfg, head: Decoder(cfg),
-        architecture_of=architecture_of,
-        load=layout_loader(lambda architecture: LAYOUT),
-        tensors=layout_tensors(lambda architecture: LAYOUT, lambda architecture: VOCAB_ROWS),
-        max_length=lambda cfg: cfg.max_position_embeddings,
-        module_files=("rafale.models.decoder",),
-    ),
-    can_generate=True,
-)
+LLAMA = decoder_family(LlamaConfig, PRESETS, architecture=ARCHITECTURE, model_type="llama", layout=LAYOUT,
+                       vocab_rows=VOCAB_ROWS, config_from_hf=config_from_hf, config_to_hf=config_to_hf)

@@ -1,7 +1,7 @@
-"""The Pythia / GPT-NeoX family in one place: its presets, what it trains for, how its Composer model is built,
-and its Hugging Face format (config.json both ways, and the name map of its tensors). The model itself is
-rafale/models/decoder.py's Decoder with DecoderConfig's defaults (LayerNorm, GELU MLP, fused biased q/k/v,
-parallel residual, rotary on a quarter of each head, untied head).
+"""The Pythia / GPT-NeoX family in one place: its presets and its Hugging Face format (config.json both ways, and
+the name map of its tensors); `decoder_family` (rafale/models/family.py) makes the Family, its causal LM builder
+shared by every decoder family. The model itself is rafale/models/decoder.py's Decoder with DecoderConfig's
+defaults (LayerNorm, GELU MLP, fused biased q/k/v, parallel residual, rotary on a quarter of each head, untied head).
 
     model: {type: pythia, preset: pythia-tiny}     # a preset below, any DecoderConfig field overridden
 """
@@ -9,9 +9,9 @@ parallel residual, rotary on a quarter of each head, untied head).
 from pathlib import Path
 
 from rafale.errors import WeightsError
-from rafale.models.decoder import Decoder, DecoderConfig
-from rafale.models.family import Family, HFFormat, model_vocab_size
-from rafale.models.layout import WeightLayout, layout_loader, layout_tensors, require
+from rafale.models.decoder import DecoderConfig
+from rafale.models.family import decoder_family
+from rafale.models.layout import WeightLayout, require
 
 PRESETS = {
     # tiny: the CPU default and the test fixture (vocab_size None: taken from the tokenizer)
@@ -29,29 +29,6 @@ PRESETS = {
         vocab_size=50304, hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072
     ),
 }
-
-
-# ----------------------------------------------------------------------------------------------------
-# the Composer model
-
-
-def build(model_cfg: DecoderConfig, head: str, meta: dict, tokenizer):
-    """A decoder for causal LM (validation bits per byte need the tokenizer's token lengths); every decoder family
-    (Pythia, Llama, Qwen3) builds its model this way."""
-    from rafale.models.token_bytes import adds_prefix_space, token_bytes
-    from rafale.models.composer import ComposerLM
-
-    model_cfg.vocab_size = model_vocab_size(model_cfg.vocab_size, meta["vocab_size"])
-    # exact for a byte-level BPE; None (no BitsPerByte, rafale.run.train says why) for other kinds: validation sees ids
-    table, document_end_id = token_bytes(tokenizer), None
-    if table is not None and adds_prefix_space(tokenizer):
-        # the space added before each document is not its text: BitsPerByte takes it off the token after each
-        # end-of-text (the datapipe's separator); with none to find the documents by, no BitsPerByte, not a wrong one
-        document_end_id = meta.get("eos_token_id")
-        table = table if document_end_id is not None else None
-    return ComposerLM(Decoder(model_cfg), vocab_size=meta["vocab_size"], token_bytes=table,
-                      document_end_id=document_end_id)
-
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -90,7 +67,7 @@ LAYOUT = WeightLayout(
         "gpt_neox.layers.{}.attention.masked_bias",  # the -1e9 fill value that went with that mask
     ),
 )
-
+VOCAB_ROWS = ("gpt_neox.embed_in.weight", "embed_out.weight")  # one row per token: cut to the tokenizer's on export
 
 
 # config.json's hidden_act -> model.mlp: GPT-NeoX's MLP is down(act(up(x))) with any activation, and transformers'
@@ -136,7 +113,6 @@ def config_from_hf(hf: dict, config_path: Path) -> DecoderConfig:
     return cfg
 
 
-
 def config_to_hf(cfg: DecoderConfig, architecture: str = "GPTNeoXForCausalLM", vocab_size: int | None = None,
                  id2label: dict | None = None) -> dict:
     """The config.json of GPT-NeoX with `cfg`'s sizes (vocab_size: the tokenizer's, when the embedding is padded)."""
@@ -171,32 +147,5 @@ def config_to_hf(cfg: DecoderConfig, architecture: str = "GPTNeoXForCausalLM", v
     }
 
 
-
-
-def architecture_of(module) -> str | None:
-    return ARCHITECTURE if type(module) is Decoder and module.cfg.family == "pythia" else None
-
-
-PYTHIA = Family(
-    name="pythia",
-    config=DecoderConfig,
-    presets=PRESETS,
-    heads=("causal_lm",),
-    build=build,
-    data={"tokenizer_kind": "bpe"},
-    hf=HFFormat(
-        architectures={ARCHITECTURE: "causal_lm"},
-        model_type="gpt_neox",
-        config_from_hf=config_from_hf,
-        config_to_hf=config_to_hf,
-        module=lambda cfg, head: Decoder(cfg),
-        architecture_of=architecture_of,
-        load=layout_loader(lambda architecture: LAYOUT),
-        # the tensors with one row per token, cut to the tokenizer's vocabulary on export
-        tensors=layout_tensors(lambda architecture: LAYOUT,
-                               lambda architecture: ("gpt_neox.embed_in.weight", "embed_out.weight")),
-        max_length=lambda cfg: cfg.max_position_embeddings,
-        module_files=("rafale.models.decoder",),
-    ),
-    can_generate=True,
-)
+PYTHIA = decoder_family(DecoderConfig, PRESETS, architecture=ARCHITECTURE, model_type="gpt_neox", layout=LAYOUT,
+                        vocab_rows=VOCAB_ROWS, config_from_hf=config_from_hf, config_to_hf=config_to_hf)

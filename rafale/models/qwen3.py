@@ -12,9 +12,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from rafale.models import llama
-from rafale.models.decoder import Decoder
-from rafale.models.family import Family, HFFormat
-from rafale.models.layout import WeightLayout, layout_loader, layout_tensors
+from rafale.models.family import decoder_family
 
 
 @dataclass
@@ -59,28 +57,5 @@ def config_to_hf(cfg, architecture: str = ARCHITECTURE, vocab_size: int | None =
     return hf | {"use_sliding_window": False}
 
 
-def architecture_of(module) -> str | None:
-    return ARCHITECTURE if type(module) is Decoder and module.cfg.family == "qwen3" else None
-
-
-QWEN3 = Family(
-    name="qwen3",
-    config=Qwen3Config,
-    presets=PRESETS,
-    heads=("causal_lm",),
-    build=llama.build,
-    data={"tokenizer_kind": "bpe"},
-    hf=HFFormat(
-        architectures={ARCHITECTURE: "causal_lm"},
-        model_type="qwen3",
-        config_from_hf=config_from_hf,
-        config_to_hf=config_to_hf,
-        module=lambda cfg, head: Decoder(cfg),
-        architecture_of=architecture_of,
-        load=layout_loader(lambda architecture: LAYOUT),
-        tensors=layout_tensors(lambda architecture: LAYOUT, lambda architecture: llama.VOCAB_ROWS),
-        max_length=lambda cfg: cfg.max_position_embeddings,
-        module_files=("rafale.models.decoder",),
-    ),
-    can_generate=True,
-)
+QWEN3 = decoder_family(Qwen3Config, PRESETS, architecture=ARCHITECTURE, model_type="qwen3", layout=LAYOUT,
+                       vocab_rows=llama.VOCAB_ROWS, config_from_hf=config_from_hf, config_to_hf=config_to_hf)
