@@ -140,16 +140,12 @@ class ModelConfig:
         "(e.g. classification on an MLM checkpoint) starts fresh."
     )
     parametrization: Literal["standard", "mup"] = option(
-        "standard", "How initialisation, the logits and the learning rates scale with width. mup (Tensor Programs V, "
-        "for AdamW): the blocks' matrices start at init_std / sqrt(m) and learn at lr / m, the logits are divided by "
-        "m and attention scores scale as 1/head_dim, with m = hidden_size / mup_base_width; embeddings, norms, "
-        "biases and the head keep init_std and lr. So an lr tuned at the base width holds at other widths. Decoder "
-        "families only (pythia, llama, qwen2, qwen3); optimizer adamw, or muon, whose orthogonalised updates are "
-        "already width-independent (its matrices keep their lr). See docs/mup.md."
+        "standard", "mup: Tensor Programs V's muP for AdamW (or Muon), so that an lr tuned at mup_base_width holds at "
+        "other widths: the blocks' matrices start at init_std / sqrt(m) and learn at lr / m, logits / m, attention "
+        "1/head_dim, m = hidden_size / mup_base_width. Decoder families only; see docs/mup.md."
     )
     mup_base_width: Optional[int] = option(
-        None, "parametrization: mup: the hidden_size at which muP equals the standard model (m = 1), the width the "
-        "learning rate was tuned at. Required with mup, refused without it."
+        None, "parametrization: mup: the hidden_size where muP is the standard model (m = 1), where the lr was tuned."
     )
     overrides: dict = option(
         default_factory=dict,

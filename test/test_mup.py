@@ -9,7 +9,9 @@ import torch
 
 from conftest import randomize_, run_in_process, write_config
 from rafale.config import ConfigError, TrainingConfig, config_from_dict
-from rafale.models.decoder import Decoder, fold_mup
+from rafale.models import mup as mup_lib
+from rafale.models.decoder import Decoder
+from rafale.models.mup import fold_mup
 from rafale.models.families import FAMILIES
 from rafale.models.hf import export_refusal, save_pretrained
 from rafale.resolve import resolve_model_config
@@ -46,7 +48,7 @@ def test_at_the_base_width_mup_is_the_standard_model(family, one_thread):
     standard = debug_decoder(family)
     mup = debug_decoder(family, mup_base_width=standard.cfg.hidden_size)
     ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
-    assert mup.cfg.width_mult == 1 and mup.cfg.attention_scale is None
+    assert mup_lib.width_mult(mup.cfg) == 1 and mup_lib.attention_scale(mup.cfg) is None
     assert torch.equal(mup(ids), standard(ids))  # the same draws, the same forward
     adamw_step(standard)
     adamw_step(mup)
@@ -70,7 +72,6 @@ def test_at_four_times_the_base_width_hidden_matrices_learn_at_lr_over_4(one_thr
 
 
 def test_muon_keeps_its_lr_and_its_adamw_part_the_base_lr():
-    pytest.importorskip("pytorch_optimizer")
     model = debug_decoder("pythia", mup_base_width=16)
     optimizer = optim.build_optimizer(model, TrainingConfig(lr=8e-3, optimizer={"name": "muon", "lr": 0.02}), "cpu")
     for name, lr in lr_of_each_parameter(optimizer, model).items():
@@ -79,7 +80,7 @@ def test_muon_keeps_its_lr_and_its_adamw_part_the_base_lr():
 
 def test_init_stds_by_hand():
     model = debug_decoder("pythia", mup_base_width=16, hidden_size=256, intermediate_size=1024)  # m = 16
-    assert model.cfg.width_mult == 16 and model.cfg.hidden_init_std == pytest.approx(0.02 / 4)
+    assert mup_lib.width_mult(model.cfg) == 16 and mup_lib.hidden_init_std(model.cfg) == pytest.approx(0.02 / 4)
     for name, p in model.named_parameters():
         if p.dim() < 2:
             continue
@@ -89,7 +90,7 @@ def test_init_stds_by_hand():
 
 def test_the_logits_are_the_readout_over_m_and_the_scores_scale_as_1_over_d():
     model = debug_decoder("pythia", mup_base_width=16).eval()  # hidden 64, 4 heads of 16; base heads of 4
-    assert model.cfg.width_mult == 4
+    assert mup_lib.width_mult(model.cfg) == 4
     assert model.layers[0].attn.scale == pytest.approx(4 ** 0.5 / 16)  # sqrt(base head) / head, = 1/(sqrt(16) * 2)
     normed = {}
     model.norm.register_forward_hook(lambda module, args, out: normed.setdefault("x", out))
@@ -124,7 +125,7 @@ def test_the_attention_scores_use_the_mup_scale():
 ], ids=["pythia", "llama", "qwen2", "qwen3"])
 def test_an_untied_mup_model_exports_and_proves_itself(family, fields, tmp_path, one_thread):
     model = randomize_(debug_decoder(family, mup_base_width=16, **fields))  # m = 4
-    assert model.cfg.attention_scale is not None and export_refusal(model) is None
+    assert mup_lib.attention_scale(model.cfg) is not None and export_refusal(model) is None
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(fold_mup(model)(ids), model(ids))
     save_pretrained(model, tmp_path / "export")
@@ -178,7 +179,7 @@ def test_an_encoder_under_mup_is_refused_by_name():
 
 def test_mup_reaches_the_decoder_through_resolve():
     model_cfg = resolve_model_config(config({"parametrization": "mup", "mup_base_width": 16}))
-    assert model_cfg.mup_base_width == 16 and model_cfg.width_mult == 4
+    assert model_cfg.mup_base_width == 16 and mup_lib.width_mult(model_cfg) == 4
 
 
 def test_the_cli_refuses_mup_with_another_optimizer_before_any_data_work(tmp_path, capsys, monkeypatch):
@@ -190,3 +191,19 @@ def test_the_cli_refuses_mup_with_another_optimizer_before_any_data_work(tmp_pat
     assert code == 2 and "'model.parametrization'" in err and "soap" in err, err
     assert len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "cache").exists() and not (tmp_path / "runs").exists()
+
+
+def test_a_mup_run_trains_and_its_export_is_proven(tmp_path, cache_dir, capsys, monkeypatch):
+    """`rafale -c` end to end: the config's muP reaches the model and the optimizer, the run's export is the folded
+    standard model and transformers computes the same (the run prints the proof's line), the saved config says mup."""
+    cfg = write_config(tmp_path / "cfg.yaml", run={"output_dir": str(tmp_path / "runs")},
+                       model={"parametrization": "mup", "mup_base_width": 16},
+                       training={"max_duration": "2ba", "warmup": "0ba", "eval_interval": "2ba", "eval_batches": 1,
+                                 "save_interval": "2ba"})
+    code, out, err = run_in_process(["-c", str(cfg)], capsys, monkeypatch)
+    assert code == 0, err[-3000:]
+    assert "export checked: transformers' AutoModelForCausalLM loads it as GPTNeoXForCausalLM and gives the same" in out
+    run_dir = tmp_path / "runs" / "pythia-debug"
+    saved = (run_dir / "config.yaml").read_text()
+    assert "parametrization: mup" in saved and "mup_base_width: 16" in saved
+    assert (run_dir / "export" / "model.safetensors").is_file()

@@ -28,8 +28,6 @@ ALiBi is the worked example); a new MLP or norm is one class and one line in `ML
 The module imports torch only; its Composer wrapper, `ComposerLM`, is in rafale/models/composer.py.
 """
 
-import copy
-import dataclasses
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal, Optional
 
@@ -39,6 +37,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from rafale.errors import IGNORE_INDEX
+from rafale.models import mup
 from rafale.models.chunked_loss import chunked_cross_entropy
 from rafale.models.decoding import DecodingLinears
 from rafale.models.kv_cache import KVCache
@@ -76,7 +75,7 @@ class DecoderConfig:
     zero_init_proj: bool = False  # start each block's output projections (attention's and the MLP's) at zero, so
     # every block starts as the identity (modded-nanogpt); training-only: the export carries the weights
     logit_softcap: Optional[float] = None  # logits = cap * tanh(logits / cap) (Gemma 2, modded-nanogpt); None: off
-    mup_base_width: Optional[int] = None  # muP with this base width (see "muP" below); None: the standard
+    mup_base_width: Optional[int] = None  # muP with this base width (rafale/models/mup.py); None: the standard
     # parametrisation. Set from model.parametrization and model.mup_base_width by rafale/resolve.py
 
     def __post_init__(self):
@@ -95,34 +94,6 @@ class DecoderConfig:
     def head_size(self) -> int:
         """Dims per head: head_dim, or hidden_size // num_heads."""
         return self.head_dim or self.hidden_size // self.num_heads
-
-    @property
-    def width_mult(self) -> float:
-        """muP's width multiplier m = hidden_size / mup_base_width; 1 under the standard parametrisation."""
-        return self.hidden_size / self.mup_base_width if self.mup_base_width else 1.0
-
-    @property
-    def hidden_init_std(self) -> float:
-        """The init std of the blocks' matrices: init_std / sqrt(m) under muP (std ~ 1/sqrt(fan_in)), init_std
-        under SP. Embeddings and the head keep init_std at every width."""
-        return self.init_std / self.width_mult ** 0.5
-
-    @property
-    def output_multiplier(self) -> float:
-        """What the final norm's output is multiplied by before the head: 1/m under muP (microsoft/mup's
-        MuReadout), 1 under SP."""
-        return 1.0 / self.width_mult
-
-    @property
-    def attention_scale(self) -> Optional[float]:
-        """The scores' scale, or None for SDPA's 1/sqrt(head_size). muP's attention is 1/d (Tensor Programs V,
-        section 4), anchored at the base width: sqrt(base_head) / head_size, where base_head is the head size of
-        this model at mup_base_width (mup_base_width / num_heads when the heads are hidden_size / num_heads wide,
-        so 1/sqrt(head_size) * 1/sqrt(m); an explicit head_dim does not change with width and keeps
-        1/sqrt(head_size)). At m = 1 it is None: the standard model exactly."""
-        if not self.mup_base_width or self.head_dim is not None or self.width_mult == 1:
-            return None
-        return (self.mup_base_width / self.num_heads) ** 0.5 / self.head_size
 
     @property
     def rotary_dim(self) -> int:
@@ -306,7 +277,7 @@ class Attention(nn.Module):
         self.proj = nn.Linear(cfg.num_heads * cfg.head_size, cfg.hidden_size, bias=cfg.attention_bias)
         self.q_norm = nn.RMSNorm(cfg.head_size, eps=cfg.layer_norm_eps) if cfg.qk_norm else None
         self.k_norm = nn.RMSNorm(cfg.head_size, eps=cfg.layer_norm_eps) if cfg.qk_norm else None
-        self.scale = cfg.attention_scale  # None: SDPA's 1/sqrt(hs); muP's 1/d-like scale otherwise
+        self.scale = mup.attention_scale(cfg)  # None: SDPA's 1/sqrt(hs)
 
     def forward(self, x, positions: Positions, span: Span, kv_cache: Optional[KVCache] = None, layer: int = 0):
         B, T, _ = x.shape
@@ -448,12 +419,12 @@ class Decoder(nn.Module):
         output projections (GPT-2's 1/sqrt(2 * num_layers)), since HF has none; EleutherAI's own GPT-NeoX library,
         which trained Pythia, used other schemes again (small_init / wang_init), which neither HF nor rafale
         reproduce. cfg.zero_init_proj starts each block's output projections at zero instead (modded-nanogpt).
-        Under muP the blocks' matrices start at cfg.hidden_init_std (init_std / sqrt(m)); one pass in the same
+        Under muP the blocks' matrices start at init_std / sqrt(m) (mup.hidden_init_std); one pass in the same
         order either way, so at m = 1 a muP model draws exactly the standard one's weights."""
         hidden = {id(m) for block in self.layers for m in block.modules() if isinstance(m, nn.Linear)}
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
-                std = self.cfg.hidden_init_std if id(m) in hidden else self.cfg.init_std
+                std = mup.hidden_init_std(self.cfg) if id(m) in hidden else self.cfg.init_std
                 nn.init.normal_(m.weight, mean=0.0, std=std)
             if isinstance(m, nn.Linear) and m.bias is not None:
                 nn.init.zeros_(m.bias)
@@ -501,8 +472,8 @@ class Decoder(nn.Module):
         if last_only:
             x = x[:, -1:]  # (B, 1, C)
         x = self.norm(x)
-        if self.cfg.output_multiplier != 1:
-            x = x * self.cfg.output_multiplier  # muP's readout: logits / m (fold_mup moves it into the head)
+        if (multiplier := mup.output_multiplier(self.cfg)) != 1:
+            x = x * multiplier  # muP's readout: logits / m
         if labels is not None:
             return chunked_cross_entropy(x.flatten(0, 1), self.head.weight[:vocab_size], labels.flatten(),
                                          softcap=self.cfg.logit_softcap)
@@ -622,47 +593,3 @@ def softcap(logits, cap: Optional[float]):
     """cap * tanh(logits / cap): logits kept within (-cap, cap) (Gemma 2; modded-nanogpt's 30 or 15)."""
     return logits if cap is None else cap * torch.tanh(logits / cap)
 
-
-# ----------------------------------------------------------------------------------------------------
-# muP (Yang, Hu et al. 2022, "Tensor Programs V", table 3 for Adam; microsoft/mup's MuReadout and MuAdamW)
-#
-# With m = hidden_size / mup_base_width, a muP decoder differs from the standard one in three places here: the
-# blocks' matrices start at init_std / sqrt(m) (DecoderConfig.hidden_init_std), the logits are divided by m
-# (output_multiplier) and the attention scores are scaled as 1/d (attention_scale). The fourth rule, AdamW's
-# learning rate / m for the blocks' matrices, is the optimizer's (rafale/run/optim.py, param_groups). At m = 1 all
-# four are the identity. An export is the standard decoder that computes the same logits (fold_mup).
-
-
-def mup_fold_refusal(cfg: DecoderConfig) -> Optional[str]:
-    """Why no standard decoder computes what this muP one does, or None."""
-    if cfg.tie_embeddings and cfg.output_multiplier != 1:
-        return ("a muP model with a tied head (model.tie_embeddings: true, model.parametrization: mup) has no Hugging "
-                "Face export: its logits' 1/m multiplier cannot go into the head without changing the input embedding")
-    return None
-
-
-@torch.no_grad()
-def fold_mup(model: "Decoder") -> "Decoder":
-    """A standard-parametrisation copy of a muP `model` that computes the same logits, for an export that
-    transformers reads: the output multiplier goes into the head's weights (head.weight / m) and the attention
-    scale's ratio to 1/sqrt(head_size) into the queries (the q rows of qkv, or q_norm's weight under QK-norm, which
-    would undo a scaled projection): rotary turns q linearly, so a scaled q gives scaled scores. A tied head would
-    change the input embedding too: ValueError (mup_fold_refusal)."""
-    cfg = model.cfg
-    if (refusal := mup_fold_refusal(cfg)) is not None:
-        raise ValueError(refusal)
-    ratio = cfg.attention_scale * cfg.head_size ** 0.5 if cfg.attention_scale is not None else 1.0
-    folded = copy.deepcopy(model)
-    folded.cfg = dataclasses.replace(cfg, mup_base_width=None)
-    folded.head.weight.mul_(cfg.output_multiplier)
-    for block in folded.layers:
-        attn = block.attn
-        attn.scale = None
-        if attn.q_norm is not None:
-            attn.q_norm.weight.mul_(ratio)
-            continue
-        rows = attn.group * attn.head_dim  # the query rows of each key/value head's [q..., k, v] slice
-        attn.qkv.weight.view(attn.num_kv_heads, -1, attn.qkv.in_features)[:, :rows].mul_(ratio)
-        if attn.qkv.bias is not None:
-            attn.qkv.bias.view(attn.num_kv_heads, -1)[:, :rows].mul_(ratio)
-    return folded

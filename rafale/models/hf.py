@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
 from rafale.errors import WeightsError
-from rafale.models.decoder import fold_mup, mup_fold_refusal
+from rafale.models.mup import fold_mup, mup_fold_refusal
 from rafale.models.families import FAMILIES
 
 

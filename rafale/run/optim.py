@@ -34,6 +34,7 @@ from torch import nn
 
 from rafale.config import MUP_OPTIMIZERS, exact_time
 from rafale.errors import ConfigError, RafaleError
+from rafale.models.mup import width_mult
 
 OPTIM_EXTRA = "pip install 'rafale[optim]'"
 DEFAULT_OPTIMIZER = "adamw"
@@ -79,12 +80,12 @@ def embedding_params(model: nn.Module) -> set[int]:
 
 
 def mup_width_mult(model: nn.Module) -> float | None:
-    """muP's width multiplier m of `model` (its decoder's cfg.width_mult, hidden_size / mup_base_width), or None
+    """muP's width multiplier m of `model` (its decoder's hidden_size / mup_base_width), or None
     for a model in the standard parametrisation."""
     for module in model.modules():
         cfg = getattr(module, "cfg", None)
         if getattr(cfg, "mup_base_width", None):
-            return cfg.width_mult
+            return width_mult(cfg)
     return None
 
 
@@ -307,13 +308,13 @@ def mup_hidden_lr_scale(model: nn.Module, name: str) -> float:
     learning (Yang, Simon & Bernstein 2023), which is muP's hidden-layer rule for a matrix optimizer. Muon's
     AdamW part (embeddings, head, norms, biases) already learns at lr, as muP's AdamW rules have it. Any other
     optimizer under muP is a ConfigError (rafale.config checks it first, before the data)."""
-    width_mult = mup_width_mult(model)
-    if width_mult is None:
+    m = mup_width_mult(model)
+    if m is None:
         return 1.0
     if name not in MUP_OPTIMIZERS:
         raise ConfigError("model.parametrization", f"mup has rules for training.optimizer.name "
                           f"{' or '.join(MUP_OPTIMIZERS)}, not {name!r}")
-    return 1.0 if name == "muon" else 1.0 / width_mult
+    return 1.0 if name == "muon" else 1.0 / m
 
 
 def build_optimizer(model: nn.Module, t: "TrainingConfig", device: str, warmup_steps: int = 0):
