@@ -139,6 +139,14 @@ class ModelConfig:
         "run folder (its export/), or 'hf:<name>' (online only). Its config.json sets the sizes; a head it lacks "
         "(e.g. classification on an MLM checkpoint) starts fresh."
     )
+    parametrization: Literal["standard", "mup"] = option(
+        "standard", "mup: Tensor Programs V's muP for AdamW (or Muon), so that an lr tuned at mup_base_width holds at "
+        "other widths: the blocks' matrices start at init_std / sqrt(m) and learn at lr / m, logits / m, attention "
+        "1/head_dim, m = hidden_size / mup_base_width. Decoder families only; see docs/mup.md."
+    )
+    mup_base_width: Optional[int] = option(
+        None, "parametrization: mup: the hidden_size where muP is the standard model (m = 1), where the lr was tuned."
+    )
     overrides: dict = option(
         default_factory=dict,
         help="Any other key in this section overrides that field of the preset (e.g. num_layers: 4); "
@@ -518,6 +526,36 @@ def _check_signs(cfg: Config) -> None:
             raise ConfigError(key, f"must not be negative, got {value}")
 
 
+# the optimizers whose muP rules rafale implements (rafale/run/optim.py); the decoder families are checked by
+# rafale.resolve, which knows the families
+MUP_OPTIMIZERS = ("adamw", "muon")
+
+
+def _check_parametrization(cfg: Config) -> None:
+    """model.parametrization and model.mup_base_width, and what muP does not cover, before any data work."""
+    m, optimizer = cfg.model, cfg.training.optimizer
+    if m.mup_base_width is not None and m.mup_base_width <= 0:
+        raise ConfigError("model.mup_base_width", f"must be positive, got {m.mup_base_width}")
+    if m.parametrization != "mup":
+        if m.mup_base_width is not None:
+            raise ConfigError("model.mup_base_width", "is muP's base width; set model.parametrization: mup to use it "
+                              "(the standard parametrisation has none)")
+        return
+    if m.mup_base_width is None:
+        raise ConfigError("model.mup_base_width", "model.parametrization: mup needs a base width: the hidden_size the "
+                          "learning rate was tuned at (e.g. 64)")
+    name = optimizer.get("name", "adamw") if isinstance(optimizer, dict) else None
+    if name not in MUP_OPTIMIZERS:
+        raise ConfigError("model.parametrization", f"mup has rules for training.optimizer.name "
+                          f"{' or '.join(MUP_OPTIMIZERS)}, not {name!r}")
+    if name == "muon" and optimizer.get("use_adjusted_lr"):
+        raise ConfigError("training.optimizer.use_adjusted_lr", "Moonlight's 0.2 * sqrt(max(rows, cols)) grows with "
+                          "width, which model.parametrization: mup must not; leave it false")
+    if m.pretrained is not None:
+        raise ConfigError("model.pretrained", "a pretrained standard model computes other logits under "
+                          "model.parametrization: mup (its output and attention scales); fine-tune it as standard")
+
+
 def validate(cfg: Config, check_files: bool = True) -> None:
     """Checks that need more than one field, or (with check_files) the file system. Raises ConfigError."""
     _check_signs(cfg)
@@ -561,6 +599,7 @@ def validate(cfg: Config, check_files: bool = True) -> None:
             raise ConfigError(f"run.{key}", f"must be a plain folder name, got {value!r}")
     _check_early_stopping(cfg.training.early_stopping)
     _check_wsd(cfg.training)
+    _check_parametrization(cfg)
     if cfg.training.eval_only and cfg.training.load_path is None:
         raise ConfigError("training.load_path", "eval_only needs a checkpoint to evaluate")
     for template in cfg.data.prompt_templates or []:

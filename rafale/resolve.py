@@ -57,6 +57,7 @@ def resolve_model_config(cfg: Config):
     model_cfg = build_dataclass(type(base), merged, "model.")
     if cfg.model.pretrained is not None:
         _check_agrees(model_cfg, base, "model", cfg.model.pretrained, only=set(cfg.model.overrides))
+    apply_parametrization(cfg, model_cfg)
     try:
         model_cfg.validate()
     except ValueError as err:
@@ -70,6 +71,19 @@ def resolve_model_config(cfg: Config):
     if head_of(cfg) != "causal_lm" and cfg.data.block_size < 3:
         raise ConfigError("data.block_size", f"must leave room for the two framing tokens, got {cfg.data.block_size}")
     return model_cfg
+
+
+def apply_parametrization(cfg: Config, model_cfg) -> None:
+    """model.parametrization: mup sets the decoder's mup_base_width; a family whose config has none (the encoders,
+    CLIP) is refused by name."""
+    if cfg.model.parametrization != "mup":
+        return
+    if not hasattr(model_cfg, "mup_base_width"):
+        decoders = [name for name, f in FAMILIES.items()
+                    if any(hasattr(preset, "mup_base_width") for preset in f.presets.values())]
+        raise ConfigError("model.parametrization", f"mup covers the decoder families ({', '.join(decoders)}), not "
+                          f"model.type {cfg.model.type}")
+    model_cfg.mup_base_width = cfg.model.mup_base_width
 
 
 # settings a pretrained checkpoint does not fix: they may differ from its config.json

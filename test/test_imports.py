@@ -282,13 +282,15 @@ print(json.dumps({{"modules": sorted(m for m in sys.modules if m.split(".")[0] i
 
 
 def test_a_model_file_loads_torch_and_itself_only():
-    """The decoder, its CPU decoding helper (rafale/models/decoding.py), its KV cache (kv_cache.py) and its chunked
-    loss (chunked_loss.py), parts of it kept apart, load torch and rafale's shared errors, nothing else of rafale's."""
+    """The decoder, its CPU decoding helper (rafale/models/decoding.py), its KV cache (kv_cache.py), its chunked
+    loss (chunked_loss.py) and muP's rules (mup.py), parts of it kept apart, load torch and rafale's shared errors,
+    nothing else of rafale's."""
     loaded = set(loaded_after("import rafale.models.decoder")["modules"])
     assert "torch" in loaded and not any(m.startswith("composer") for m in loaded)
     assert {m for m in loaded if m.startswith("rafale")} == {"rafale", "rafale.errors", "rafale.models",
                                                              "rafale.models.decoder", "rafale.models.decoding",
-                                                             "rafale.models.chunked_loss", "rafale.models.kv_cache"}
+                                                             "rafale.models.chunked_loss", "rafale.models.kv_cache",
+                                                             "rafale.models.mup"}
     loaded = set(loaded_after("import rafale.models.decoding")["modules"])
     assert {m for m in loaded if m.startswith("rafale")} == {"rafale", "rafale.models", "rafale.models.decoding"}
     import rafale.models

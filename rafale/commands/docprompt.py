@@ -32,11 +32,13 @@ FULL_FILES = ("rafale/models/decoder.py",)
 # their docstring only: the commands (their use is their --help and the docs'), the CLI, the word and shape
 # tables that make the built-in data, and the run's bookkeeping that a fork reads through the commands rather than
 # calls (the record, keep_best and early stopping, the runs table and pictures, the hardware's peak FLOP/s, the
-# console and metrics.jsonl, the Trainer's parts)
+# console and metrics.jsonl, the Trainer's parts, the run's named steps and the run folder's helpers, whose
+# docstrings say what they do)
 DOCSTRING_ONLY = ("rafale/commands/",  # every command (a folder: a new command is in it at once)
                   "rafale/main.py", "rafale/data/stories.py", "rafale/data/shapes.py", "rafale/run_folder/arms.py",
                   "rafale/run/record.py", "rafale/run/outcomes.py", "rafale/run_folder/plots.py",
                   "rafale/run/hardware.py", "rafale/run/loggers.py", "rafale/run/trainer_parts.py",
+                  "rafale/run/train.py", "rafale/run_folder/__init__.py",
                   # the encoders and CLIP: HF's module trees ported class by class (their HF classes say the rest)
                   "rafale/models/encoder.py", "rafale/models/clip.py", "rafale/models/contrastive.py",
                   "rafale/data/image_text.py")

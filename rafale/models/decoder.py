@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from rafale.errors import IGNORE_INDEX
+from rafale.models import mup
 from rafale.models.chunked_loss import chunked_cross_entropy
 from rafale.models.decoding import DecodingLinears
 from rafale.models.kv_cache import KVCache
@@ -74,6 +75,8 @@ class DecoderConfig:
     zero_init_proj: bool = False  # start each block's output projections (attention's and the MLP's) at zero, so
     # every block starts as the identity (modded-nanogpt); training-only: the export carries the weights
     logit_softcap: Optional[float] = None  # logits = cap * tanh(logits / cap) (Gemma 2, modded-nanogpt); None: off
+    mup_base_width: Optional[int] = None  # muP with this base width (rafale/models/mup.py); None: the standard
+    # parametrisation. Set from model.parametrization and model.mup_base_width by rafale/resolve.py
 
     def __post_init__(self):
         # one spelling per model: a value equal to what None means is None (the export's round trip compares fields)
@@ -100,7 +103,7 @@ class DecoderConfig:
         for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "max_position_embeddings"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("vocab_size", "num_kv_heads", "head_dim", "logit_softcap"):
+        for name in ("vocab_size", "num_kv_heads", "head_dim", "logit_softcap", "mup_base_width"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.head_dim is None and self.hidden_size % self.num_heads:
@@ -274,6 +277,7 @@ class Attention(nn.Module):
         self.proj = nn.Linear(cfg.num_heads * cfg.head_size, cfg.hidden_size, bias=cfg.attention_bias)
         self.q_norm = nn.RMSNorm(cfg.head_size, eps=cfg.layer_norm_eps) if cfg.qk_norm else None
         self.k_norm = nn.RMSNorm(cfg.head_size, eps=cfg.layer_norm_eps) if cfg.qk_norm else None
+        self.scale = mup.attention_scale(cfg)  # None: SDPA's 1/sqrt(hs)
 
     def forward(self, x, positions: Positions, span: Span, kv_cache: Optional[KVCache] = None, layer: int = 0):
         B, T, _ = x.shape
@@ -289,7 +293,7 @@ class Attention(nn.Module):
             k, v = kv_cache.update(layer, k, v)  # (B, nkv, past+T, hs)
         attn_mask, is_causal = positions.mask(span, q.dtype)  # (B or 1, 1 or nh, T, past+T), or implicit
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
-                                           enable_gqa=g > 1)  # (B, nh, T, hs)
+                                           scale=self.scale, enable_gqa=g > 1)  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, nh * hs)  # (B, T, nh*hs)
         return self.proj(y)
 
@@ -414,10 +418,14 @@ class Decoder(nn.Module):
         every Linear and Embedding weight, zero biases, norm weights 1 and biases 0. There is no depth scaling of the
         output projections (GPT-2's 1/sqrt(2 * num_layers)), since HF has none; EleutherAI's own GPT-NeoX library,
         which trained Pythia, used other schemes again (small_init / wang_init), which neither HF nor rafale
-        reproduce. cfg.zero_init_proj starts each block's output projections at zero instead (modded-nanogpt)."""
+        reproduce. cfg.zero_init_proj starts each block's output projections at zero instead (modded-nanogpt).
+        Under muP the blocks' matrices start at init_std / sqrt(m) (mup.hidden_init_std); one pass in the same
+        order either way, so at m = 1 a muP model draws exactly the standard one's weights."""
+        hidden = {id(m) for block in self.layers for m in block.modules() if isinstance(m, nn.Linear)}
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(m.weight, mean=0.0, std=self.cfg.init_std)
+                std = mup.hidden_init_std(self.cfg) if id(m) in hidden else self.cfg.init_std
+                nn.init.normal_(m.weight, mean=0.0, std=std)
             if isinstance(m, nn.Linear) and m.bias is not None:
                 nn.init.zeros_(m.bias)
             if isinstance(m, (nn.LayerNorm, nn.RMSNorm)):
@@ -464,6 +472,8 @@ class Decoder(nn.Module):
         if last_only:
             x = x[:, -1:]  # (B, 1, C)
         x = self.norm(x)
+        if (multiplier := mup.output_multiplier(self.cfg)) != 1:
+            x = x * multiplier  # muP's readout: logits / m
         if labels is not None:
             return chunked_cross_entropy(x.flatten(0, 1), self.head.weight[:vocab_size], labels.flatten(),
                                          softcap=self.cfg.logit_softcap)
@@ -582,3 +592,4 @@ GPTNeoX = Decoder  # its name when it was GPT-NeoX only; GPT-NeoX is now Decoder
 def softcap(logits, cap: Optional[float]):
     """cap * tanh(logits / cap): logits kept within (-cap, cap) (Gemma 2; modded-nanogpt's 30 or 15)."""
     return logits if cap is None else cap * torch.tanh(logits / cap)
+

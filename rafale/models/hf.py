@@ -35,6 +35,7 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
 from rafale.errors import WeightsError
+from rafale.models.mup import fold_mup, mup_fold_refusal
 from rafale.models.families import FAMILIES
 
 
@@ -318,7 +319,22 @@ def export_refusal(model: nn.Module) -> Optional[str]:
         architecture = check_exportable(model)
     except WeightsError as err:
         return str(err).removeprefix("save_pretrained: ")
-    return config_refusal(model.cfg, architecture)
+    cfg = model.cfg
+    if is_mup(model):  # the export is the standard model that computes the same logits (fold_mup)
+        if (refusal := mup_fold_refusal(cfg)) is not None:
+            return refusal
+        cfg = dataclasses.replace(cfg, mup_base_width=None)
+    return config_refusal(cfg, architecture)
+
+
+def is_mup(model: nn.Module) -> bool:
+    return bool(getattr(getattr(model, "cfg", None), "mup_base_width", None))
+
+
+def standard_equivalent(model: nn.Module) -> nn.Module:
+    """`model` itself, or for a muP decoder (model.parametrization: mup) the standard one that computes the same
+    logits (rafale.models.decoder.fold_mup), which is what an export writes."""
+    return fold_mup(model) if is_mup(model) else model
 
 
 def config_refusal(cfg, architecture: str) -> Optional[str]:
@@ -355,6 +371,7 @@ def save_pretrained(
     refusal = export_refusal(model)  # a module or a config value transformers' class would not reproduce
     if refusal is not None:
         raise WeightsError(f"save_pretrained: {refusal}")
+    model = standard_equivalent(model)  # muP's multipliers folded into the weights
     family, architecture = family_and_architecture(model)
     cfg = model.cfg
     rows = cfg.vocab_size if hasattr(cfg, "vocab_size") else cfg.text.vocab_size  # CLIP's is its text tower's

@@ -32,8 +32,9 @@ from fractions import Fraction
 import torch
 from torch import nn
 
-from rafale.config import exact_time
+from rafale.config import MUP_OPTIMIZERS, exact_time
 from rafale.errors import ConfigError, RafaleError
+from rafale.models.mup import width_mult
 
 OPTIM_EXTRA = "pip install 'rafale[optim]'"
 DEFAULT_OPTIMIZER = "adamw"
@@ -78,12 +79,25 @@ def embedding_params(model: nn.Module) -> set[int]:
     return {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
 
 
-def param_groups(model: nn.Module, t: "TrainingConfig", split_hidden_matrices: bool = False) -> list[dict]:
+def mup_width_mult(model: nn.Module) -> float | None:
+    """muP's width multiplier m of `model` (its decoder's hidden_size / mup_base_width), or None
+    for a model in the standard parametrisation."""
+    for module in model.modules():
+        cfg = getattr(module, "cfg", None)
+        if getattr(cfg, "mup_base_width", None):
+            return width_mult(cfg)
+    return None
+
+
+def param_groups(model: nn.Module, t: "TrainingConfig", split_hidden_matrices: bool = False,
+                 hidden_lr_scale: float = 1.0) -> list[dict]:
     """The model's trainable parameters in groups that share a weight decay and a learning-rate scale.
 
     No weight decay on biases and norm weights (vectors), nor on embeddings unless decay_embeddings. With
     layer_decay, a parameter at depth d (see layer_depth) learns at lr * layer_decay^(L + 1 - d). With
-    split_hidden_matrices, the 2-D weights inside the blocks get groups of their own, marked hidden=True (Muon)."""
+    split_hidden_matrices, the 2-D weights inside the blocks get groups of their own, marked hidden=True (Muon).
+    hidden_lr_scale multiplies the lr of the 2-D weights inside the blocks: muP's 1/m for AdamW (Tensor Programs V,
+    table 3: "hidden weights", whose fan-in grows with width); the embeddings, the head, norms and biases keep lr."""
     embeddings = embedding_params(model)
     num_layers = num_blocks(model)
     groups: dict[tuple, dict] = {}
@@ -92,15 +106,17 @@ def param_groups(model: nn.Module, t: "TrainingConfig", split_hidden_matrices: b
             continue
         decay = p.dim() >= 2 and (t.decay_embeddings or id(p) not in embeddings)
         depth = layer_depth(name, num_layers) if t.layer_decay is not None else 0
-        hidden = split_hidden_matrices and p.dim() >= 2 and _BLOCK.search(name) is not None
-        key = (hidden, depth, decay)
+        block_matrix = p.dim() >= 2 and _BLOCK.search(name) is not None
+        hidden = split_hidden_matrices and block_matrix
+        width_scaled = hidden_lr_scale != 1.0 and block_matrix
+        key = (hidden, depth, decay, width_scaled)
         if key not in groups:
             scale = t.layer_decay ** (num_layers + 1 - depth) if t.layer_decay is not None else 1.0
-            groups[key] = {"params": [], "weight_decay": t.weight_decay if decay else 0.0, "lr_scale": scale,
-                           "hidden": hidden}
+            groups[key] = {"params": [], "weight_decay": t.weight_decay if decay else 0.0,
+                           "lr_scale": scale * (hidden_lr_scale if width_scaled else 1.0), "hidden": hidden}
         groups[key]["params"].append(p)
     # Muon's matrices first, then shallow before deep, decayed before not (the order rafale's AdamW always had)
-    return [groups[key] for key in sorted(groups, key=lambda k: (k[0] is False, k[1], k[2] is False))]
+    return [groups[key] for key in sorted(groups, key=lambda k: (k[0] is False, k[1], k[2] is False, k[3]))]
 
 
 def groups_with_lr(groups: list[dict], lr: float, hidden_lr: float | None = None) -> list[dict]:
@@ -285,6 +301,22 @@ def is_schedule_free(t: "TrainingConfig") -> bool:
     return optimizer_name(t) == "schedulefree_adamw"
 
 
+def mup_hidden_lr_scale(model: nn.Module, name: str) -> float:
+    """The lr scale of the blocks' matrices: 1/m for AdamW under muP, 1 otherwise. Muon keeps 1: its update is
+    orthogonalised and scaled by sqrt(max(1, rows / cols)) (pytorch-optimizer's default, Keller Jordan's), so its
+    spectral norm is lr * sqrt(max(1, fan_out / fan_in)) at every width: the spectral condition for feature
+    learning (Yang, Simon & Bernstein 2023), which is muP's hidden-layer rule for a matrix optimizer. Muon's
+    AdamW part (embeddings, head, norms, biases) already learns at lr, as muP's AdamW rules have it. Any other
+    optimizer under muP is a ConfigError (rafale.config checks it first, before the data)."""
+    m = mup_width_mult(model)
+    if m is None:
+        return 1.0
+    if name not in MUP_OPTIMIZERS:
+        raise ConfigError("model.parametrization", f"mup has rules for training.optimizer.name "
+                          f"{' or '.join(MUP_OPTIMIZERS)}, not {name!r}")
+    return 1.0 if name == "muon" else 1.0 / m
+
+
 def build_optimizer(model: nn.Module, t: "TrainingConfig", device: str, warmup_steps: int = 0):
     """The optimizer training.optimizer names, over param_groups(model). warmup_steps: schedule-free's own
     warmup, in batches (its Composer schedule stays constant)."""
@@ -295,7 +327,8 @@ def build_optimizer(model: nn.Module, t: "TrainingConfig", device: str, warmup_s
     for key in args:
         if not isinstance(key, str):
             raise ConfigError(f"training.optimizer.{key}", "keys must be strings")
-    groups = param_groups(model, t, split_hidden_matrices=name == "muon")
+    groups = param_groups(model, t, split_hidden_matrices=name == "muon",
+                          hidden_lr_scale=mup_hidden_lr_scale(model, name))
     if name == "schedulefree_adamw":
         return schedulefree_adamw(groups, t, args, device, warmup_steps)
     if name in OPTIMIZERS:
