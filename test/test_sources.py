@@ -43,7 +43,7 @@ def test_every_txt_file_left_whole_by_the_separator_is_named_train_and_validatio
     valid = write_txt(tmp_path / "valid.txt", DOCS[200:230], sep="")
     raw = load_source(small_cfg(tmp_path, source={"train": str(train), "validation": str(valid)}), tmp_path)
     assert (len(raw["train"]), len(raw["validation"])) == (1, 1)
-    warned = one_document_warnings(capsys.readouterr().out)
+    warned = one_document_warnings(capsys.readouterr().err)
     assert set(warned) == {str(train), str(valid)}, warned
     for path, line in warned.items():
         assert f"({Path(path).stat().st_size:,} bytes)" in line and "data.doc_separator '<|endoftext|>'" in line
@@ -55,12 +55,12 @@ def test_every_txt_file_left_whole_by_the_separator_is_named_train_and_validatio
     raw = load_source(small_cfg(tmp_path, source={"train": str(tmp_path / "shards" / "part-*.txt")}, val_fraction=0.5),
                       tmp_path)
     assert len(raw["train"]) + len(raw["validation"]) == 2
-    warned = one_document_warnings(capsys.readouterr().out)
+    warned = one_document_warnings(capsys.readouterr().err)
     assert set(warned) == {str(tmp_path / "shards" / f"part-{i}.txt") for i in range(2)}, warned
     assert all('set data.doc_separator: "\\n" if it holds one document a line' in line for line in warned.values())
 
     load_source(small_cfg(tmp_path, source={"train": str(write_txt(tmp_path / "cut.txt"))}, val_fraction=0.1), tmp_path)
-    assert "holds 1 document" not in capsys.readouterr().out
+    assert "holds 1 document" not in capsys.readouterr().err
 
 
 def test_globs_gather_shards_in_name_order_and_train_alone_is_carved(tmp_path):

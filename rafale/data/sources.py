@@ -16,6 +16,7 @@ source (rafale/data/cache.py).
 import hashlib
 import os
 import re
+import sys
 import tempfile
 from pathlib import Path
 
@@ -176,7 +177,8 @@ def _load_file(path: Path, cfg: DataConfig, labelled: bool, scratch: Path) -> Da
         # decode_errors is not in the cache fingerprint: 'error' either fails or reads what 'replace' reads
         dataset = _text_source_dataset(path, cfg, scratch)
         if len(dataset) == 1:
-            print(one_document_warning(path, dataset[0]["text"], cfg.doc_separator))
+            # stderr: a command's stdout may be its output (rafale score's CSV)
+            print(one_document_warning(path, dataset[0]["text"], cfg.doc_separator), file=sys.stderr)
         return dataset
     readers = {".jsonl": Dataset.from_json, ".json": Dataset.from_json, ".parquet": Dataset.from_parquet,
                ".csv": Dataset.from_csv}
