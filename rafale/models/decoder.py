@@ -18,7 +18,9 @@ names are rafale's own (`attn.qkv`, `mlp.up`); each family's Hugging Face tensor
 What depends on the parts is computed by the parts: each reports its matmul FLOPs per token (`flops`), and the
 model's `flops_per_token` is their sum.
 
-Attention goes through `scaled_dot_product_attention` (flash / memory-efficient kernels on a GPU). `generate`
+Attention goes through `scaled_dot_product_attention` (flash / memory-efficient kernels on a GPU); packed documents
+that must not see each other (data.document_mask: `document_ids`) get a block-diagonal causal mask, through flex
+attention on a GPU. `generate`
 decodes greedily or samples, with a `KVCache` (rafale/models/kv_cache.py) that holds the key/value heads. A position
 part may change the queries and keys (`rotate`) and the scores' mask and bias (`mask`); it reads where the forward
 pass stands from a `Span` (the cached length from the KV cache, the new tokens' positions, the padding). A new
@@ -140,8 +142,10 @@ def make_norm(cfg: DecoderConfig, dims: Optional[int] = None) -> nn.Module:
 class Span:
     """Where one forward pass stands, for the position part: `past` positions already in the KV cache (the cache's
     own count), `T` new ones, the new tokens' position ids (B, T) and which of the past+T keys are real tokens
-    (B, past+T) (both None without padding), the dtype the model computes its tables in and its device. What a
-    part derives from it (the rotary rows, the mask) goes in `memo`: the first layer computes it, the others read it."""
+    (B, past+T) (both None without padding), the dtype the model computes its tables in and its device, and with
+    data.document_mask each token's document in its packed block (B, T) (None: one sequence, every token sees those
+    before it). What a part derives from it (the rotary rows, the mask) goes in `memo`: the first layer computes it,
+    the others read it."""
 
     past: int
     T: int
@@ -150,6 +154,7 @@ class Span:
     dtype: torch.dtype = torch.float32
     device: Optional[torch.device] = None
     memo: dict = field(default_factory=dict)
+    document_ids: Optional[torch.Tensor] = None
 
 
 def attention_mask_for(attention_mask, past: int, T: int):
@@ -168,11 +173,16 @@ def attention_mask_for(attention_mask, past: int, T: int):
 
 
 def allowed_keys(span: Span) -> torch.Tensor:
-    """(1 or B, 1, T, past+T) bool: which keys each new token may attend to (causal, and real tokens only)."""
+    """(1 or B, 1, T, past+T) bool: which keys each new token may attend to (causal, real tokens only, and with
+    document ids the keys of its own document only: block-diagonal)."""
     keys = span.key_mask
     if keys is None:
         keys = torch.ones(1, span.past + span.T, dtype=torch.bool, device=span.device)
-    return attention_mask_for(keys, span.past, span.T)
+    allowed = attention_mask_for(keys, span.past, span.T)
+    if span.document_ids is not None:  # no KV cache here (Decoder.forward refuses both): past == 0
+        docs = span.document_ids
+        allowed = allowed & (docs[:, None, :, None] == docs[:, None, None, :])  # (B, 1, T, T)
+    return allowed
 
 
 def key_positions(span: Span) -> torch.Tensor:
@@ -199,7 +209,7 @@ class Positions(nn.Module):
         Without padding the mask is implicit: causal over the new tokens when nothing is cached (SDPA may then use
         flash attention), and none at all for one new token after a cache, which sees every key."""
         if "mask" not in span.memo:
-            if span.key_mask is None and (span.past == 0 or span.T == 1):
+            if span.key_mask is None and span.document_ids is None and (span.past == 0 or span.T == 1):
                 span.memo["mask"] = (None, span.past == 0 and span.T > 1)
             else:
                 span.memo["mask"] = (allowed_keys(span), False)
@@ -287,9 +297,12 @@ class Attention(nn.Module):
         q, k = positions.rotate(q, k, span)
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)  # (B, nkv, past+T, hs)
-        attn_mask, is_causal = positions.mask(span, q.dtype)  # (B or 1, 1 or nh, T, past+T), or implicit
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
-                                           enable_gqa=g > 1)  # (B, nh, T, hs)
+        if uses_flex_attention(q, positions, span):
+            y = document_flex_attention(q, k, v, span, enable_gqa=g > 1)  # (B, nh, T, hs)
+        else:
+            attn_mask, is_causal = positions.mask(span, q.dtype)  # (B or 1, 1 or nh, T, past+T), or implicit
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                               enable_gqa=g > 1)  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, nh * hs)  # (B, T, nh*hs)
         return self.proj(y)
 
@@ -297,6 +310,39 @@ class Attention(nn.Module):
         """Per token: the projections, and the scores and weighted values of each query head over seq_len keys (PaLM's
         count, not halved for the causal mask: see Decoder.flops_per_token)."""
         return linear_flops(self.qkv, self.proj) + 2 * 2 * seq_len * self.num_heads * self.head_dim
+
+
+# ----------------------------------------------------------------------------------------------------
+# Document masking on a GPU (data.document_mask): flex attention computes only the blocks of the block-diagonal causal
+# mask that some query may see, where SDPA with a boolean mask computes every score and then masks it. A CPU, and a
+# position scheme with a mask of its own (ALiBi's bias), go through SDPA with allowed_keys' boolean mask, which is
+# the path the tests check (test/test_document_mask.py): this one has no CUDA test here.
+
+_compiled_flex = None  # flex_attention compiled once (uncompiled, it materialises the scores)
+
+
+def uses_flex_attention(q: torch.Tensor, positions: "Positions", span: Span) -> bool:
+    """Document ids on a CUDA device, nothing cached, no padding, and the base class's mask (no bias of its own)."""
+    return (span.document_ids is not None and q.device.type == "cuda" and span.past == 0 and span.key_mask is None
+            and type(positions).mask is Positions.mask)
+
+
+def document_flex_attention(q, k, v, span: Span, enable_gqa: bool):
+    """Causal attention within each document: q (B, nh, T, hs), k and v (B, nkv, T, hs) -> (B, nh, T, hs)."""
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    if "block_mask" not in span.memo:  # built once per forward, for every layer
+        docs = span.document_ids  # (B, T)
+
+        def same_document_causal(b, h, q_idx, kv_idx):
+            return (kv_idx <= q_idx) & (docs[b, q_idx] == docs[b, kv_idx])
+
+        span.memo["block_mask"] = create_block_mask(same_document_causal, B=docs.shape[0], H=None, Q_LEN=span.T,
+                                                    KV_LEN=span.T, device=docs.device)
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex(q, k, v, block_mask=span.memo["block_mask"], enable_gqa=enable_gqa)
 
 
 class MLP(nn.Module):
@@ -430,10 +476,14 @@ class Decoder(nn.Module):
                 nn.init.zeros_(block.mlp.down.weight)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, kv_cache: Optional[KVCache] = None,
-                labels=None, vocab_size: Optional[int] = None, last_only: bool = False):
+                labels=None, vocab_size: Optional[int] = None, last_only: bool = False, document_ids=None):
         """input_ids: (B, T). attention_mask: (B, past+T) of 1/0, past counting the cached positions.
 
         position_ids default to 0, 1, 2, ... counted over real tokens only (so left padding works).
+        document_ids (B, T): packed documents (data.document_mask), each token's document in its block; a token
+        then attends to the tokens before it in its own document only. Pass the positions within each document as
+        position_ids (the collator does), so that a document's outputs are those it has alone. Not with a KV cache:
+        a generation is one document.
         labels (B, T): return the mean cross-entropy against them instead of the logits, computed in chunks so
         the (B, T, vocab) logits never exist at once (`chunked_cross_entropy`); vocab_size, the tokenizer's true
         vocabulary when the embedding is padded, keeps the padding rows out of the softmax. The loss is computed
@@ -449,8 +499,11 @@ class Decoder(nn.Module):
             )
         if position_ids is None and attention_mask is not None:
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # (B, T)
+        if document_ids is not None and kv_cache is not None:
+            raise ValueError("document_ids are for training on packed blocks; a KV cache decodes one document")
         key_mask = attention_mask.bool() if attention_mask is not None else None  # (B, past+T)
-        span = Span(past, T, position_ids, key_mask, self.embed.weight.dtype, input_ids.device)
+        span = Span(past, T, position_ids, key_mask, self.embed.weight.dtype, input_ids.device,
+                    document_ids=document_ids)
 
         x = self.embed(input_ids)  # (B, T, C)
         for i, layer in enumerate(self.layers):
