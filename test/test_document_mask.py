@@ -2,6 +2,7 @@
 the decoder's block-diagonal mask in rafale/models/decoder.py)."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -12,10 +13,12 @@ from rafale.config import load_config
 from rafale.data import DATAPIPES
 from rafale.data.causal_lm import CausalLMCollator, CausalLMDataPipe, DocumentMaskCollator, document_ids_of, positions_in_documents
 from rafale.errors import IGNORE_INDEX, ConfigError
+from rafale.models import decoder
 from rafale.models.decoder import Decoder
 from rafale.models.families import FAMILIES
 from rafale.models.kv_cache import KVCache
 from rafale.resolve import resolve_model_config
+from rafale.run_folder import DOCUMENT_MASK_NOTE
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -125,7 +128,7 @@ def test_refused_before_any_data_is_prepared(tmp_path, cache_dir, capsys, monkey
 
 
 def test_debug_run_with_document_mask_records_it(tmp_path, cache_dir, capsys, monkeypatch):
-    """`rafale -c test/pythia_debug.yaml data.document_mask=true` trains, evaluates and records the setting."""
+    """`rafale -c test/pythia_debug.yaml data.document_mask=true` trains, evaluates, exports and records the setting."""
     path = write_config(tmp_path / "cfg.yaml", run={"output_dir": str(tmp_path / "runs")},
                         training={"max_duration": "4ba", "eval_interval": "4ba", "save_interval": "4ba"})
     code, out, err = run_in_process(["-c", str(path), "data.document_mask=true"], capsys, monkeypatch)
@@ -133,3 +136,38 @@ def test_debug_run_with_document_mask_records_it(tmp_path, cache_dir, capsys, mo
     run_dir = next((tmp_path / "runs").iterdir())
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["document_mask"] is True
     assert "metrics/eval/LanguageCrossEntropy" in (run_dir / "metrics.jsonl").read_text()
+    # the export is proven as any other (one sequence a row) and says what transformers does not reproduce
+    assert "rafale: export checked" in out and DOCUMENT_MASK_NOTE in out
+    assert (run_dir / "export" / "config.json").is_file()
+
+
+def test_flex_attention_mask_is_the_block_diagonal_causal_one(monkeypatch):
+    """The GPU path's mask (flex attention's block mask from the document ids), run eagerly on the CPU (the compiled
+    kernel needs CUDA, which these tests do not have), against SDPA with allowed_keys' boolean mask."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    monkeypatch.setattr(decoder, "_compiled_flex", flex_attention)
+    g = torch.Generator().manual_seed(3)
+    B, nh, nkv, T, hs = 2, 4, 2, 20, 8  # grouped-query: two query heads per key/value head
+    q = torch.randn(B, nh, T, hs, generator=g)  # (B, nh, T, hs)
+    k, v = torch.randn(2, B, nkv, T, hs, generator=g)  # (B, nkv, T, hs) each
+    document_ids = document_ids_of(torch.randint(0, 5, (B, T), generator=g), 0)
+    flex = decoder.document_flex_attention(q, k, v, decoder.Span(0, T, document_ids=document_ids), enable_gqa=True)
+    mask = decoder.allowed_keys(decoder.Span(0, T, document_ids=document_ids))  # (B, 1, T, T)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    torch.testing.assert_close(flex, sdpa, atol=1e-5, rtol=0)
+
+
+def test_bits_per_byte_counts_only_the_scored_labels_bytes():
+    """The cross-boundary label is not scored, so neither its nats nor its bytes count (nor the prefix-space byte
+    BitsPerByte takes off a document's first token, which is that label)."""
+    from rafale.models.metrics import BitsPerByte
+
+    table = torch.arange(V) % 4  # each id's UTF-8 length; the end-of-text (id 0) covers no text
+    block = torch.tensor([5, 6, EOS, 7, 9, EOS, 3, 4])
+    batch = DocumentMaskCollator(pad_token_id=1, document_end_id=EOS)([{"input_ids": block}])
+    metric = BitsPerByte(table, document_end_id=EOS)
+    metric.update(torch.zeros(1, len(block), V), batch["labels"], batch["input_ids"])
+    scored = [6, EOS, 9, EOS, 4]  # by hand: the labels 7 and 3 (after an end-of-text) and the last are not scored
+    assert metric.bytes.item() == int(table[scored].sum())
+    assert metric.nats.item() == pytest.approx(len(scored) * math.log(V))

@@ -461,10 +461,18 @@ def write_model_file(model: torch.nn.Module, run_dir: Path) -> None:
     tmp.replace(path)
 
 
-def export_model(model: torch.nn.Module, folder: Path, data: PreparedData) -> Path:
+# what an export of a run trained with data.document_mask says (the proof runs one sequence a row, as transformers does)
+DOCUMENT_MASK_NOTE = (
+    "rafale: this model was trained with data.document_mask (each packed document attended only to itself, "
+    "positions from 0 at each): transformers computes the same for one document a row, as the check above did; it "
+    "does not reproduce the packing (several documents in one row would see each other there)")
+
+
+def export_model(model: torch.nn.Module, folder: Path, data: PreparedData, document_mask: bool = False) -> Path:
     """Write `model` (the nn.Module, not its Composer wrapper) with the run's tokenizer to `folder` (RUN/export,
     RUN/export-best, or `rafale export --out`), once transformers has loaded it back and computed the same outputs
-    (rafale/run_folder/export_proof.py).
+    (rafale/run_folder/export_proof.py). document_mask: the run's data.document_mask, which the export then says
+    (`DOCUMENT_MASK_NOTE`): the weights are the same, packing was a training-time choice.
 
     The files are written to a hidden folder beside `folder` and checked there; only a proven export is renamed
     into place (and an earlier `folder`.refused/ removed). A refused one becomes `folder`.refused/ with a REFUSED.txt
@@ -495,4 +503,6 @@ def export_model(model: torch.nn.Module, folder: Path, data: PreparedData) -> Pa
     replace_folder(staging, folder)
     shutil.rmtree(refused, ignore_errors=True)  # an earlier refusal, of other weights or code
     print(f"rafale: export checked: {proof.line()}")
+    if document_mask:
+        print(DOCUMENT_MASK_NOTE)
     return folder
