@@ -171,3 +171,26 @@ def test_bits_per_byte_counts_only_the_scored_labels_bytes():
     scored = [6, EOS, 9, EOS, 4]  # by hand: the labels 7 and 3 (after an end-of-text) and the last are not scored
     assert metric.bytes.item() == int(table[scored].sum())
     assert metric.nats.item() == pytest.approx(len(scored) * math.log(V))
+
+
+def test_score_attends_as_validation_does():
+    """`rafale score` on a document-masked run batches with its collator and runs the model with the batch's document
+    and position ids: the same nats as the masked forward pass, not the unmasked one."""
+    from datasets import Dataset
+
+    from rafale.commands.score import score_blocks
+
+    model = debug_decoder("llama")
+    block = torch.cat(three_documents())
+    blocks = Dataset.from_dict({"input_ids": [block.tolist()]})
+    collator = DocumentMaskCollator(pad_token_id=1, document_end_id=EOS)
+    score = score_blocks(model, blocks, [[1] * len(block)], 1, collator, 4, V)
+    batch = collator([{"input_ids": block}])
+    scored = batch["labels"] != IGNORE_INDEX
+    with torch.no_grad():
+        for packed, equal in ((dict(position_ids=batch["position_ids"], document_ids=batch["document_ids"]), True),
+                              ({}, False)):
+            logits = model(batch["input_ids"], **packed)
+            nats = torch.nn.functional.cross_entropy(logits[scored], batch["labels"][scored], reduction="sum")
+            assert (score.nats == pytest.approx(float(nats), rel=1e-5)) is equal
+    assert score.tokens == int(scored.sum()) == len(block) - 3  # the last token and the two after an end-of-text
