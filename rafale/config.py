@@ -96,11 +96,9 @@ class DataConfig:
         "<|endoftext|>", "String between documents in a .txt source (a line of its own or inline)."
     )
     document_mask: bool = option(
-        False, "Causal LM with a decoder family: attention stays within each document of a packed block (a "
-        "block-diagonal causal mask; flex attention on a GPU, SDPA's boolean mask on a CPU), positions restart at 0 "
-        "at each document, and the label that would predict a document's first token from the previous one's "
-        "end-of-text is not scored (loss, perplexity, bits per byte). Off: every token sees the documents before it in "
-        "its block. The prepared data is the same either way (docs/run.md, \"Document masking\")."
+        False, "Causal LM, decoder families: attention stays within each document of a packed block, positions "
+        "restart at each, and a document's first token is not predicted from the previous end-of-text (nor scored). "
+        "Off: a token sees the documents before it in its block (docs/run.md, \"Document masking\")."
     )
     decode_errors: Literal["replace", "error"] = option(
         "replace", "Bytes of a .txt source that are not UTF-8: 'replace' them with U+FFFD (and say how many), or "

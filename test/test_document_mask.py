@@ -13,7 +13,7 @@ from rafale.config import load_config
 from rafale.data import DATAPIPES
 from rafale.data.causal_lm import CausalLMCollator, CausalLMDataPipe, DocumentMaskCollator, document_ids_of, positions_in_documents
 from rafale.errors import IGNORE_INDEX, ConfigError
-from rafale.models import decoder
+from rafale.models import decoder, document_attention
 from rafale.models.decoder import Decoder
 from rafale.models.families import FAMILIES
 from rafale.models.kv_cache import KVCache
@@ -146,13 +146,13 @@ def test_flex_attention_mask_is_the_block_diagonal_causal_one(monkeypatch):
     kernel needs CUDA, which these tests do not have), against SDPA with allowed_keys' boolean mask."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    monkeypatch.setattr(decoder, "_compiled_flex", flex_attention)
+    monkeypatch.setattr(document_attention, "_compiled_flex", flex_attention)
     g = torch.Generator().manual_seed(3)
     B, nh, nkv, T, hs = 2, 4, 2, 20, 8  # grouped-query: two query heads per key/value head
     q = torch.randn(B, nh, T, hs, generator=g)  # (B, nh, T, hs)
     k, v = torch.randn(2, B, nkv, T, hs, generator=g)  # (B, nkv, T, hs) each
     document_ids = document_ids_of(torch.randint(0, 5, (B, T), generator=g), 0)
-    flex = decoder.document_flex_attention(q, k, v, decoder.Span(0, T, document_ids=document_ids), enable_gqa=True)
+    flex = document_attention.document_flex_attention(q, k, v, decoder.Span(0, T, document_ids=document_ids), enable_gqa=True)
     mask = decoder.allowed_keys(decoder.Span(0, T, document_ids=document_ids))  # (B, 1, T, T)
     sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
     torch.testing.assert_close(flex, sdpa, atol=1e-5, rtol=0)

@@ -28,13 +28,15 @@ FULL_FILES = ("rafale/models/decoder.py",)
 # their docstring only: the commands (their use is their --help and the docs'), the CLI, the word and shape
 # tables that make the built-in data, and the run's bookkeeping that a fork reads through the commands rather than
 # calls (the record, keep_best and early stopping, the runs table and pictures, the hardware's peak FLOP/s, the
-# console and metrics.jsonl, the Trainer's parts)
+# console and metrics.jsonl, the Trainer's parts), and CLIP's and SigLIP's family file and image-text datapipe (their
+# presets and keys are in docs/models.md and docs/config.md)
 DOCSTRING_ONLY = ("rafale/commands/export.py", "rafale/commands/predict.py", "rafale/commands/score.py",
                   "rafale/commands/generate.py", "rafale/commands/lm_eval.py", "rafale/commands/zero_shot.py",
                   "rafale/commands/sweep.py", "rafale/commands/runs.py", "rafale/commands/docprompt.py",
                   "rafale/commands/law.py", "rafale/main.py", "rafale/data/stories.py", "rafale/data/shapes.py",
                   "rafale/run/record.py", "rafale/run/outcomes.py", "rafale/run_folder/plots.py",
-                  "rafale/run/hardware.py", "rafale/run/loggers.py", "rafale/run/trainer_parts.py")
+                  "rafale/run/hardware.py", "rafale/run/loggers.py", "rafale/run/trainer_parts.py",
+                  "rafale/data/image_text.py", "rafale/models/contrastive.py")
 # the figures, and the code that checks a figure by hand: no question on using rafale needs them
 LEFT_OUT_PAGES = ("docs/speed.md", "docs/measurements.md", "docs/bits-per-byte.md")
 # ...and the README's figures and its list of the pages that follow in the prompt anyway

@@ -18,9 +18,8 @@ names are rafale's own (`attn.qkv`, `mlp.up`); each family's Hugging Face tensor
 What depends on the parts is computed by the parts: each reports its matmul FLOPs per token (`flops`), and the
 model's `flops_per_token` is their sum.
 
-Attention goes through `scaled_dot_product_attention` (flash / memory-efficient kernels on a GPU); packed documents
-that must not see each other (data.document_mask: `document_ids`) get a block-diagonal causal mask, through flex
-attention on a GPU. `generate`
+Attention goes through `scaled_dot_product_attention` (flash / memory-efficient kernels on a GPU); with
+`document_ids` (data.document_mask) the mask is block-diagonal. `generate`
 decodes greedily or samples, with a `KVCache` (rafale/models/kv_cache.py) that holds the key/value heads. A position
 part may change the queries and keys (`rotate`) and the scores' mask and bias (`mask`); it reads where the forward
 pass stands from a `Span` (the cached length from the KV cache, the new tokens' positions, the padding). A new
@@ -142,10 +141,9 @@ def make_norm(cfg: DecoderConfig, dims: Optional[int] = None) -> nn.Module:
 class Span:
     """Where one forward pass stands, for the position part: `past` positions already in the KV cache (the cache's
     own count), `T` new ones, the new tokens' position ids (B, T) and which of the past+T keys are real tokens
-    (B, past+T) (both None without padding), the dtype the model computes its tables in and its device, and with
-    data.document_mask each token's document in its packed block (B, T) (None: one sequence, every token sees those
-    before it). What a part derives from it (the rotary rows, the mask) goes in `memo`: the first layer computes it,
-    the others read it."""
+    (B, past+T) (both None without padding), the dtype the model computes its tables in and its device, and each
+    token's document (B, T) with data.document_mask. What a part derives from it (the rotary rows, the mask) goes in
+    `memo`: the first layer computes it, the others read it."""
 
     past: int
     T: int
@@ -298,6 +296,8 @@ class Attention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)  # (B, nkv, past+T, hs)
         if uses_flex_attention(q, positions, span):
+            from rafale.models.document_attention import document_flex_attention  # a GPU's path only
+
             y = document_flex_attention(q, k, v, span, enable_gqa=g > 1)  # (B, nh, T, hs)
         else:
             attn_mask, is_causal = positions.mask(span, q.dtype)  # (B or 1, 1 or nh, T, past+T), or implicit
@@ -312,37 +312,10 @@ class Attention(nn.Module):
         return linear_flops(self.qkv, self.proj) + 2 * 2 * seq_len * self.num_heads * self.head_dim
 
 
-# ----------------------------------------------------------------------------------------------------
-# Document masking on a GPU (data.document_mask): flex attention computes only the blocks of the block-diagonal causal
-# mask that some query may see, where SDPA with a boolean mask computes every score and then masks it. A CPU, and a
-# position scheme with a mask of its own (ALiBi's bias), go through SDPA with allowed_keys' boolean mask, which is
-# the path the tests check (test/test_document_mask.py): this one has no CUDA test here.
-
-_compiled_flex = None  # flex_attention compiled once (uncompiled, it materialises the scores)
-
-
 def uses_flex_attention(q: torch.Tensor, positions: "Positions", span: Span) -> bool:
-    """Document ids on a CUDA device, nothing cached, no padding, and the base class's mask (no bias of its own)."""
+    """Flex attention (document_attention.py) for document ids on CUDA, no cache or padding, and no mask of its own."""
     return (span.document_ids is not None and q.device.type == "cuda" and span.past == 0 and span.key_mask is None
             and type(positions).mask is Positions.mask)
-
-
-def document_flex_attention(q, k, v, span: Span, enable_gqa: bool):
-    """Causal attention within each document: q (B, nh, T, hs), k and v (B, nkv, T, hs) -> (B, nh, T, hs)."""
-    global _compiled_flex
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-    if "block_mask" not in span.memo:  # built once per forward, for every layer
-        docs = span.document_ids  # (B, T)
-
-        def same_document_causal(b, h, q_idx, kv_idx):
-            return (kv_idx <= q_idx) & (docs[b, q_idx] == docs[b, kv_idx])
-
-        span.memo["block_mask"] = create_block_mask(same_document_causal, B=docs.shape[0], H=None, Q_LEN=span.T,
-                                                    KV_LEN=span.T, device=docs.device)
-    if _compiled_flex is None:
-        _compiled_flex = torch.compile(flex_attention, dynamic=False)
-    return _compiled_flex(q, k, v, block_mask=span.memo["block_mask"], enable_gqa=enable_gqa)
 
 
 class MLP(nn.Module):
@@ -480,10 +453,8 @@ class Decoder(nn.Module):
         """input_ids: (B, T). attention_mask: (B, past+T) of 1/0, past counting the cached positions.
 
         position_ids default to 0, 1, 2, ... counted over real tokens only (so left padding works).
-        document_ids (B, T): packed documents (data.document_mask), each token's document in its block; a token
-        then attends to the tokens before it in its own document only. Pass the positions within each document as
-        position_ids (the collator does), so that a document's outputs are those it has alone. Not with a KV cache:
-        a generation is one document.
+        document_ids (B, T): each token's document in a packed block (data.document_mask): attention stays within
+        it; with the positions within each document as position_ids, each document's outputs are those it has alone.
         labels (B, T): return the mean cross-entropy against them instead of the logits, computed in chunks so
         the (B, T, vocab) logits never exist at once (`chunked_cross_entropy`); vocab_size, the tokenizer's true
         vocabulary when the embedding is padded, keeps the padding rows out of the softmax. The loss is computed
@@ -499,7 +470,7 @@ class Decoder(nn.Module):
             )
         if position_ids is None and attention_mask is not None:
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # (B, T)
-        if document_ids is not None and kv_cache is not None:
+        if document_ids is not None and kv_cache is not None:  # a generation is one document
             raise ValueError("document_ids are for training on packed blocks; a KV cache decodes one document")
         key_mask = attention_mask.bool() if attention_mask is not None else None  # (B, past+T)
         span = Span(past, T, position_ids, key_mask, self.embed.weight.dtype, input_ids.device,
