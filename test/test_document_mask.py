@@ -139,6 +139,10 @@ def test_debug_run_with_document_mask_records_it(tmp_path, cache_dir, capsys, mo
     # the export is proven as any other (one sequence a row) and says what transformers does not reproduce
     assert "rafale: export checked" in out and DOCUMENT_MASK_NOTE in out
     assert (run_dir / "export" / "config.json").is_file()
+    # the collator reads it while training: a resume may not change it (half a run masked, half not)
+    code, out, err = run_in_process(["-c", str(path), "data.document_mask=false", "training.max_duration=8ba"],
+                                    capsys, monkeypatch)
+    assert code not in (0, None) and "data.document_mask was True, now False" in out + err, out + err
 
 
 def test_flex_attention_mask_is_the_block_diagonal_causal_one(monkeypatch):

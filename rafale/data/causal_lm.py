@@ -208,7 +208,7 @@ class DocumentMaskCollator(CausalLMCollator):
     differences of positions within a document anyway, so the restart changes nothing but rounding there (the
     cos/sin tables at other rows); it matters for a scheme of absolute positions."""
 
-    document_end_id: int = 0
+    document_end_id: int
 
     def __call__(self, examples: list[dict]) -> dict:
         batch = super().__call__(examples)

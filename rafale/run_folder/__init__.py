@@ -68,7 +68,7 @@ APPLIED_ON_RESUME = {
 }
 # data keys the collators read while training; every other data key is judged by the cache it builds (its
 # content digest and tokenizer), so a moved file or another spelling of the same data still resumes
-DATA_READ_WHILE_TRAINING = {"data.mlm_probability", "data.augment"}
+DATA_READ_WHILE_TRAINING = {"data.mlm_probability", "data.augment", "data.document_mask"}
 # model keys compared by value; the model's fields are compared as built (model.json), whatever preset or
 # overrides gave them
 MODEL_KEYS = {"model.type", "model.task", "model.pretrained"}
