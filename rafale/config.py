@@ -95,6 +95,11 @@ class DataConfig:
     doc_separator: str = option(
         "<|endoftext|>", "String between documents in a .txt source (a line of its own or inline)."
     )
+    document_mask: bool = option(
+        False, "Causal LM, decoder families: attention stays within each document of a packed block, positions "
+        "restart at each, and a document's first token is not predicted from the previous end-of-text (nor scored). "
+        "Off: a token sees the documents before it in its block (docs/run.md, \"Document masking\")."
+    )
     decode_errors: Literal["replace", "error"] = option(
         "replace", "Bytes of a .txt source that are not UTF-8: 'replace' them with U+FFFD (and say how many), or "
         "'error' (naming the byte offset)."

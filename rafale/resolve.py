@@ -12,6 +12,7 @@ import dataclasses
 from rafale.config import Config, ModelConfig, _unknown_key, build_dataclass, pretrained_folder
 from rafale.data import DATAPIPES
 from rafale.errors import ConfigError, WeightsError
+from rafale.models.decoder import DecoderConfig
 from rafale.models.families import FAMILIES
 from rafale.models.family import Family
 
@@ -41,6 +42,7 @@ def resolve_model_config(cfg: Config):
     if head_of(cfg) not in family.heads:
         trains = [task for task, pipe in DATAPIPES.items() if pipe.head in family.heads]
         raise ConfigError("model.task", f"a {cfg.model.type} model does {' or '.join(trains)}, not {cfg.model.task}")
+    _check_document_mask(cfg, family)
     if cfg.model.pretrained is not None:
         base = pretrained_model_config(cfg)
         if cfg.model.preset is not None:
@@ -84,6 +86,20 @@ def apply_parametrization(cfg: Config, model_cfg) -> None:
         raise ConfigError("model.parametrization", f"mup covers the decoder families ({', '.join(decoders)}), not "
                           f"model.type {cfg.model.type}")
     model_cfg.mup_base_width = cfg.model.mup_base_width
+
+
+def _check_document_mask(cfg: Config, family: Family) -> None:
+    """data.document_mask needs packed causal-LM blocks (the causal_lm datapipe's collator finds the documents) and
+    the decoder (rafale/models/decoder.py) that takes their document ids: refused otherwise, before any data work."""
+    if not cfg.data.document_mask:
+        return
+    if not issubclass(family.config, DecoderConfig):
+        raise ConfigError("data.document_mask", f"a {cfg.model.type} model cannot mask documents: only the decoder "
+                          f"families ({', '.join(n for n, f in FAMILIES.items() if issubclass(f.config, DecoderConfig))})"
+                          " can; set it false")
+    if cfg.model.task != "causal_lm":
+        raise ConfigError("data.document_mask", f"masks the documents of packed causal_lm blocks, not of a "
+                          f"{cfg.model.task} task; set it false")
 
 
 # settings a pretrained checkpoint does not fix: they may differ from its config.json

@@ -25,12 +25,13 @@ def export_main(argv) -> int:
         run_dir, checkpoint = path, None
     else:
         raise RafaleError(f"no such run folder or checkpoint: {path}")
-    _, data, model = load_run_model(run_dir, checkpoint)
+    cfg, data, model = load_run_model(run_dir, checkpoint)
     refusal = export_refusal(model)
     if refusal is not None:  # the reason the run gave before it trained
         raise WeightsError(f"{run_dir}: no Hugging Face export: {refusal}; its checkpoints hold the weights")
     try:
-        out = export_model(model, Path(args.out).expanduser() if args.out else run_dir / EXPORT_DIR, data)
+        out = export_model(model, Path(args.out).expanduser() if args.out else run_dir / EXPORT_DIR, data,
+                           cfg.data.document_mask)
     except WeightsError as err:  # the same reason the end of the run gave
         raise WeightsError(f"{run_dir}: no Hugging Face export: {err}; its checkpoints hold the weights") from None
     print(f"rafale: exported {checkpoint or latest_checkpoint(run_dir)} to {out}")

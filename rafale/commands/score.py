@@ -94,7 +94,10 @@ def score_blocks(model, blocks: Dataset, block_bytes: list[list[int]], shift: in
     model.to(device)
     for start, batch in zip(range(0, len(blocks), batch_size), batches(blocks, collator, batch_size)):
         mask = batch.get("attention_mask")
-        logits = model(batch["input_ids"].to(device), attention_mask=None if mask is None else mask.to(device))
+        # a data.document_mask run's collator gives each token's document and position in it: attend as validation does
+        packed = {key: batch[key].to(device) for key in ("position_ids", "document_ids") if key in batch}
+        logits = model(batch["input_ids"].to(device), attention_mask=None if mask is None else mask.to(device),
+                       **packed)
         labels = batch["labels"]
         scored = labels != IGNORE_INDEX  # (B, T)
         nats = F.cross_entropy(logits[..., :vocab_size][scored.to(device)].float(), labels[scored].to(device),

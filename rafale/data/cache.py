@@ -49,7 +49,8 @@ PIPELINE_VERSION = 3  # 2: caches named by the trained vocabulary size; trained 
 
 # data.* fields that cannot change what any datapipe writes to its cache: where the cache is, how many processes
 # build it and load batches from it, and decode_errors ('error' either stops or reads what 'replace' reads)
-NEVER_IN_CACHE = frozenset({"cache_dir", "num_proc", "num_workers", "decode_errors"})
+# document_mask: the collator's choice, made from the same blocks
+NEVER_IN_CACHE = frozenset({"cache_dir", "num_proc", "num_workers", "decode_errors", "document_mask"})
 # the fields only the image-text datapipe reads, which a text datapipe says cannot change its cache
 IMAGE_FIELDS = frozenset({"image_size", "image_column", "num_train_images", "num_val_images", "num_zero_shot_images",
                           "zero_shot_source", "prompt_templates", "augment"})

@@ -155,6 +155,8 @@ class CausalLMDataPipe(DataPipe):
         return describe_blocks(ds)
 
     def collator(self, meta: dict):
+        if self.cfg.document_mask:
+            return DocumentMaskCollator(pad_token_id=meta["pad_token_id"], document_end_id=meta["eos_token_id"])
         return CausalLMCollator(pad_token_id=meta["pad_token_id"])
 
 
@@ -173,3 +175,49 @@ class CausalLMCollator:
             input_ids[i, : len(block)] = block
             labels[i, : len(block) - 1] = block[1:]
         return {"input_ids": input_ids, "labels": labels}
+
+
+def document_ids_of(input_ids: torch.Tensor, document_end_id: int) -> torch.Tensor:
+    """(B, T) -> (B, T): each token's document within its block, 0, 1, 2, ... A document starts after each
+    end-of-text token, which belongs to the document it ends; the block's first token is document 0 even when the
+    block cut the stream in the middle of a document."""
+    ends = (input_ids == document_end_id).long()  # (B, T)
+    return ends.cumsum(-1) - ends  # the end-of-text tokens before each token, not counting itself
+
+
+def positions_in_documents(document_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) -> (B, T): each token's position within its document, restarting at 0 where a document starts."""
+    T = document_ids.shape[-1]
+    index = torch.arange(T, device=document_ids.device).expand_as(document_ids)  # (B, T)
+    starts = torch.ones_like(document_ids, dtype=torch.bool)
+    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    start_index = torch.where(starts, index, torch.zeros_like(index)).cummax(-1).values  # (B, T): its document's start
+    return index - start_index
+
+
+@dataclass
+class DocumentMaskCollator(CausalLMCollator):
+    """data.document_mask: CausalLMCollator's batch, and for each token its document (`document_ids`, (B, T)) and
+    its position within it (`position_ids`, (B, T), from 0 at each document's start); the label that would predict
+    a document's first token from the previous document's end-of-text is IGNORE_INDEX (the end-of-text itself is
+    still predicted, from its own document).
+
+    Why positions restart: a document run alone sees positions 0..n-1, and with rotary embeddings only then is a
+    packed document's output the same as its output alone (what test/test_document_mask.py checks), which is also
+    what a model exported to transformers computes on one document a row. A relative scheme such as rotary only sees
+    differences of positions within a document anyway, so the restart changes nothing but rounding there (the
+    cos/sin tables at other rows); it matters for a scheme of absolute positions."""
+
+    document_end_id: int
+
+    def __call__(self, examples: list[dict]) -> dict:
+        batch = super().__call__(examples)
+        input_ids, labels = batch["input_ids"], batch["labels"]
+        document_ids = document_ids_of(input_ids, self.document_end_id)  # (B, T)
+        # the label at t predicts token t+1: across a boundary when token t ends its document (but is not the last)
+        crosses = torch.zeros_like(labels, dtype=torch.bool)
+        crosses[:, :-1] = document_ids[:, 1:] != document_ids[:, :-1]
+        batch["labels"] = labels.masked_fill(crosses, IGNORE_INDEX)
+        batch["document_ids"] = document_ids
+        batch["position_ids"] = positions_in_documents(document_ids)
+        return batch

@@ -26,7 +26,8 @@ def cpu_autocast(dtype: torch.dtype | None):
 
 
 class ComposerLM(ComposerModel):
-    """Causal language modelling with the Composer Trainer. Batches hold input_ids and (shifted) labels.
+    """Causal language modelling with the Composer Trainer. Batches hold input_ids and (shifted) labels, and with
+    data.document_mask each token's document_ids and position_ids within its document (DocumentMaskCollator).
 
     forward(batch) returns the training loss, computed by the model in chunks (the full logits never exist);
     eval_forward(batch) returns the logits for the metrics.
@@ -62,14 +63,16 @@ class ComposerLM(ComposerModel):
     def forward(self, batch):
         with self.autocast():
             return self.model(batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                              labels=batch["labels"], vocab_size=self.vocab_size)
+                              position_ids=batch.get("position_ids"), labels=batch["labels"],
+                              vocab_size=self.vocab_size, document_ids=batch.get("document_ids"))
 
     def loss(self, outputs, batch):
         return outputs  # forward already computed it
 
     def eval_forward(self, batch, outputs=None):
         with self.autocast():
-            logits = self.model(batch["input_ids"], attention_mask=batch.get("attention_mask"))
+            logits = self.model(batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                                position_ids=batch.get("position_ids"), document_ids=batch.get("document_ids"))
         return logits[..., : self.vocab_size].float()
 
     def get_metrics(self, is_train: bool = False):

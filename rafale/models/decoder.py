@@ -18,7 +18,8 @@ names are rafale's own (`attn.qkv`, `mlp.up`); each family's Hugging Face tensor
 What depends on the parts is computed by the parts: each reports its matmul FLOPs per token (`flops`), and the
 model's `flops_per_token` is their sum.
 
-Attention goes through `scaled_dot_product_attention` (flash / memory-efficient kernels on a GPU). `generate`
+Attention goes through `scaled_dot_product_attention` (flash / memory-efficient kernels on a GPU); with
+`document_ids` (data.document_mask) the mask is block-diagonal. `generate`
 decodes greedily or samples, with a `KVCache` (rafale/models/kv_cache.py) that holds the key/value heads. A position
 part may change the queries and keys (`rotate`) and the scores' mask and bias (`mask`); it reads where the forward
 pass stands from a `Span` (the cached length from the KV cache, the new tokens' positions, the padding). A new
@@ -143,8 +144,9 @@ def make_norm(cfg: DecoderConfig, dims: Optional[int] = None) -> nn.Module:
 class Span:
     """Where one forward pass stands, for the position part: `past` positions already in the KV cache (the cache's
     own count), `T` new ones, the new tokens' position ids (B, T) and which of the past+T keys are real tokens
-    (B, past+T) (both None without padding), the dtype the model computes its tables in and its device. What a
-    part derives from it (the rotary rows, the mask) goes in `memo`: the first layer computes it, the others read it."""
+    (B, past+T) (both None without padding), the dtype the model computes its tables in and its device, and each
+    token's document (B, T) with data.document_mask. What a part derives from it (the rotary rows, the mask) goes in
+    `memo`: the first layer computes it, the others read it."""
 
     past: int
     T: int
@@ -153,6 +155,7 @@ class Span:
     dtype: torch.dtype = torch.float32
     device: Optional[torch.device] = None
     memo: dict = field(default_factory=dict)
+    document_ids: Optional[torch.Tensor] = None
 
 
 def attention_mask_for(attention_mask, past: int, T: int):
@@ -171,11 +174,16 @@ def attention_mask_for(attention_mask, past: int, T: int):
 
 
 def allowed_keys(span: Span) -> torch.Tensor:
-    """(1 or B, 1, T, past+T) bool: which keys each new token may attend to (causal, and real tokens only)."""
+    """(1 or B, 1, T, past+T) bool: which keys each new token may attend to (causal, real tokens only, and with
+    document ids the keys of its own document only: block-diagonal)."""
     keys = span.key_mask
     if keys is None:
         keys = torch.ones(1, span.past + span.T, dtype=torch.bool, device=span.device)
-    return attention_mask_for(keys, span.past, span.T)
+    allowed = attention_mask_for(keys, span.past, span.T)
+    if span.document_ids is not None:  # no KV cache here (Decoder.forward refuses both): past == 0
+        docs = span.document_ids
+        allowed = allowed & (docs[:, None, :, None] == docs[:, None, None, :])  # (B, 1, T, T)
+    return allowed
 
 
 def key_positions(span: Span) -> torch.Tensor:
@@ -202,7 +210,7 @@ class Positions(nn.Module):
         Without padding the mask is implicit: causal over the new tokens when nothing is cached (SDPA may then use
         flash attention), and none at all for one new token after a cache, which sees every key."""
         if "mask" not in span.memo:
-            if span.key_mask is None and (span.past == 0 or span.T == 1):
+            if span.key_mask is None and span.document_ids is None and (span.past == 0 or span.T == 1):
                 span.memo["mask"] = (None, span.past == 0 and span.T > 1)
             else:
                 span.memo["mask"] = (allowed_keys(span), False)
@@ -291,9 +299,14 @@ class Attention(nn.Module):
         q, k = positions.rotate(q, k, span)
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)  # (B, nkv, past+T, hs)
-        attn_mask, is_causal = positions.mask(span, q.dtype)  # (B or 1, 1 or nh, T, past+T), or implicit
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
-                                           scale=self.scale, enable_gqa=g > 1)  # (B, nh, T, hs)
+        if uses_flex_attention(q, positions, span):
+            from rafale.models.document_attention import document_flex_attention  # a GPU's path only
+
+            y = document_flex_attention(q, k, v, span, scale=self.scale, enable_gqa=g > 1)  # (B, nh, T, hs)
+        else:
+            attn_mask, is_causal = positions.mask(span, q.dtype)  # (B or 1, 1 or nh, T, past+T), or implicit
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                               scale=self.scale, enable_gqa=g > 1)  # (B, nh, T, hs)
         y = y.transpose(1, 2).reshape(B, T, nh * hs)  # (B, T, nh*hs)
         return self.proj(y)
 
@@ -301,6 +314,12 @@ class Attention(nn.Module):
         """Per token: the projections, and the scores and weighted values of each query head over seq_len keys (PaLM's
         count, not halved for the causal mask: see Decoder.flops_per_token)."""
         return linear_flops(self.qkv, self.proj) + 2 * 2 * seq_len * self.num_heads * self.head_dim
+
+
+def uses_flex_attention(q: torch.Tensor, positions: "Positions", span: Span) -> bool:
+    """Flex attention (document_attention.py) for document ids on CUDA, no cache or padding, and no mask of its own."""
+    return (span.document_ids is not None and q.device.type == "cuda" and span.past == 0 and span.key_mask is None
+            and type(positions).mask is Positions.mask)
 
 
 class MLP(nn.Module):
@@ -438,10 +457,12 @@ class Decoder(nn.Module):
                 nn.init.zeros_(block.mlp.down.weight)
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, kv_cache: Optional[KVCache] = None,
-                labels=None, vocab_size: Optional[int] = None, last_only: bool = False):
+                labels=None, vocab_size: Optional[int] = None, last_only: bool = False, document_ids=None):
         """input_ids: (B, T). attention_mask: (B, past+T) of 1/0, past counting the cached positions.
 
         position_ids default to 0, 1, 2, ... counted over real tokens only (so left padding works).
+        document_ids (B, T): each token's document in a packed block (data.document_mask): attention stays within
+        it; with the positions within each document as position_ids, each document's outputs are those it has alone.
         labels (B, T): return the mean cross-entropy against them instead of the logits, computed in chunks so
         the (B, T, vocab) logits never exist at once (`chunked_cross_entropy`); vocab_size, the tokenizer's true
         vocabulary when the embedding is padded, keeps the padding rows out of the softmax. The loss is computed
@@ -457,8 +478,11 @@ class Decoder(nn.Module):
             )
         if position_ids is None and attention_mask is not None:
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # (B, T)
+        if document_ids is not None and kv_cache is not None:  # a generation is one document
+            raise ValueError("document_ids are for training on packed blocks; a KV cache decodes one document")
         key_mask = attention_mask.bool() if attention_mask is not None else None  # (B, past+T)
-        span = Span(past, T, position_ids, key_mask, self.embed.weight.dtype, input_ids.device)
+        span = Span(past, T, position_ids, key_mask, self.embed.weight.dtype, input_ids.device,
+                    document_ids=document_ids)
 
         x = self.embed(input_ids)  # (B, T, C)
         for i, layer in enumerate(self.layers):

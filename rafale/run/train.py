@@ -143,7 +143,8 @@ def finish(cfg: Config, model, data: PreparedData, trainer: Trainer, record: Run
            save: bool) -> dict:
     """After fit: the Hugging Face export, the metrics file closed and compacted, the record saved complete, and a
     line on keep_best's best and on early stopping. Returns the run's summary."""
-    record.export_dir = export_run(model.model, run_dir, data, sharded=cfg.training.fsdp is not None) if save else None
+    record.export_dir = (export_run(model.model, run_dir, data, sharded=cfg.training.fsdp is not None,
+                                    document_mask=cfg.data.document_mask) if save else None)
     trainer.close()  # flushes the metrics file
     if dist.get_global_rank() == 0:
         compact_metrics(run_dir)
@@ -338,14 +339,14 @@ def full_weights(module: torch.nn.Module, sharded: bool) -> torch.nn.Module | No
 
 
 def export_run(module: torch.nn.Module, run_dir: Path, data: PreparedData, sharded: bool = False,
-               folder: str = EXPORT_DIR) -> Path | None:
+               folder: str = EXPORT_DIR, document_mask: bool = False) -> Path | None:
     """RUN/export in Hugging Face format; after hours of training a failed export must not fail the run: the
     checkpoints are already safe, so say why there is none and where they are."""
     module = full_weights(module, sharded)
     if module is None:
         return None
     try:
-        return export_model(module, run_dir / folder, data)
+        return export_model(module, run_dir / folder, data, document_mask)
     except WeightsError as err:
         print(f"rafale: no Hugging Face export: {err}; the checkpoints are in {run_dir / 'checkpoints'}")
         return None
@@ -367,7 +368,8 @@ def best_exporter(cfg: Config, model, run_dir: Path, data: PreparedData):
     module, sharded = model.model, cfg.training.fsdp is not None
     if say_if_no_export(module) is not None:
         return None
-    return lambda state: export_run(module, run_dir, data, sharded=sharded, folder=BEST_DIR)
+    return lambda state: export_run(module, run_dir, data, sharded=sharded, folder=BEST_DIR,
+                                    document_mask=cfg.data.document_mask)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -69,7 +69,7 @@ APPLIED_ON_RESUME = {
 }
 # data keys the collators read while training; every other data key is judged by the cache it builds (its
 # content digest and tokenizer), so a moved file or another spelling of the same data still resumes
-DATA_READ_WHILE_TRAINING = {"data.mlm_probability", "data.augment"}
+DATA_READ_WHILE_TRAINING = {"data.mlm_probability", "data.augment", "data.document_mask"}
 # model keys compared by value; the model's fields are compared as built (model.json), whatever preset or
 # overrides gave them
 MODEL_KEYS = {"model.type", "model.task", "model.pretrained"}
@@ -481,10 +481,18 @@ def write_model_file(model: torch.nn.Module, run_dir: Path) -> None:
     tmp.replace(path)
 
 
-def export_model(model: torch.nn.Module, folder: Path, data: PreparedData) -> Path:
+# what an export of a run trained with data.document_mask says (the proof runs one sequence a row, as transformers does)
+DOCUMENT_MASK_NOTE = (
+    "rafale: this model was trained with data.document_mask (each packed document attended only to itself, "
+    "positions from 0 at each): transformers computes the same for one document a row, as the check above did; it "
+    "does not reproduce the packing (several documents in one row would see each other there)")
+
+
+def export_model(model: torch.nn.Module, folder: Path, data: PreparedData, document_mask: bool = False) -> Path:
     """Write `model` (the nn.Module, not its Composer wrapper) with the run's tokenizer to `folder` (RUN/export,
     RUN/export-best, or `rafale export --out`), once transformers has loaded it back and computed the same outputs
-    (rafale/run_folder/export_proof.py).
+    (rafale/run_folder/export_proof.py). document_mask: the run's data.document_mask, which the export then says
+    (`DOCUMENT_MASK_NOTE`): the weights are the same, packing was a training-time choice.
 
     The files are written to a hidden folder beside `folder` and checked there; only a proven export is renamed
     into place (and an earlier `folder`.refused/ removed). A refused one becomes `folder`.refused/ with a REFUSED.txt
@@ -515,4 +523,6 @@ def export_model(model: torch.nn.Module, folder: Path, data: PreparedData) -> Pa
     replace_folder(staging, folder)
     shutil.rmtree(refused, ignore_errors=True)  # an earlier refusal, of other weights or code
     print(f"rafale: export checked: {proof.line()}")
+    if document_mask:
+        print(DOCUMENT_MASK_NOTE)
     return folder
