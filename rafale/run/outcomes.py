@@ -13,6 +13,7 @@ from composer.loggers import Logger
 
 from rafale.config import Config
 from rafale.errors import ConfigError
+from rafale.run.ema import EMA_LABEL
 from rafale.run.resilience import decided_on_rank_zero
 from rafale.run_folder import BEST_DIR, evaluations
 
@@ -30,22 +31,30 @@ def validation_metric(model, name: str, key: str) -> bool:
 
 class KeepBest(Callback):
     """training.keep_best: after each evaluation that improves `metric`, the weights go to RUN/export-best/ (the
-    Hugging Face format, as RUN/export/). `best` says which evaluation it was: {metric, value, step, export}."""
+    Hugging Face format, as RUN/export/). `best` says which evaluation it was: {metric, value, step, export}.
+    `label`: the evaluator it chooses on: "eval", or with training.ema.export the EMA's (rafale.run.ema.EMA_LABEL),
+    whose weights the export then takes; the best then also says {"weights": "ema"}."""
 
-    def __init__(self, metric: str, higher_is_better: bool, export):
-        self.metric, self.higher, self.export = metric, higher_is_better, export
+    def __init__(self, metric: str, higher_is_better: bool, export, label: str = "eval"):
+        self.metric, self.higher, self.export, self.label = metric, higher_is_better, export, label
         self.best: dict | None = None
         self.news: str | None = None  # said once every evaluator has run: after the validation line it refers to
 
     def eval_end(self, state: State, logger: Logger) -> None:
-        value = float(state.eval_metrics["eval"][self.metric].compute())
+        if state.dataloader_label != self.label:
+            return
+        value = float(state.eval_metrics[self.label][self.metric].compute())
         if self.best is not None and (value <= self.best["value"] if self.higher else value >= self.best["value"]):
             return
         step = int(state.timestamp.batch)
         folder = self.export(state) if self.export is not None else None
         self.best = {"metric": self.metric, "value": value, "step": step, "export": str(folder) if folder else None}
+        ema = self.label != "eval"
+        if ema:
+            self.best["weights"] = "ema"
         if folder is not None:
-            self.news = f"rafale: best {self.metric} so far ({value:.4f} at step {step}): exported to {folder}"
+            self.news = (f"rafale: best {'EMA ' if ema else ''}{self.metric} so far ({value:.4f} at step {step}): "
+                         f"exported to {folder}")
 
     def eval_after_all(self, state: State, logger: Logger) -> None:
         # the console's validation line is printed at eval_end by a logger, which Composer calls after the callbacks
@@ -78,7 +87,8 @@ def outcome_callbacks(cfg: Config, model, export_best) -> list:
     t, callbacks = cfg.training, []
     if t.keep_best is not None:
         higher = validation_metric(model, t.keep_best, "training.keep_best")
-        callbacks.append(KeepBest(t.keep_best, higher, export_best))
+        label = EMA_LABEL if t.ema and t.ema.get("export", False) else "eval"
+        callbacks.append(KeepBest(t.keep_best, higher, export_best, label))
     if t.early_stopping is not None:
         metric = t.early_stopping["metric"]
         higher = validation_metric(model, metric, "training.early_stopping.metric")

@@ -60,6 +60,7 @@ class RunClock(Callback):
         self.eval_s_before_first_batch = 0.0
         self.first_eval: tuple[int, dict] | None = None  # (batch, metrics) of this segment's first evaluation
         self.last_eval: tuple[int, dict] | None = None
+        self.last_ema_eval: tuple[int, dict] | None = None  # training.ema's evaluation (rafale.run.ema)
         self.on_save: list = []
         self._batch_start = self._eval_start = 0.0
 
@@ -106,7 +107,11 @@ class RunClock(Callback):
 
     def eval_end(self, state: State, logger: Logger) -> None:
         self.eval_s += time.perf_counter() - self._eval_start
-        metrics = {name: float(m.compute()) for name, m in state.eval_metrics.get("eval", {}).items()}
+        label = state.dataloader_label
+        metrics = {name: float(m.compute()) for name, m in state.eval_metrics.get(label, {}).items()}
+        if label != "eval":  # the EMA's, the second evaluator (rafale.run.ema.EMA_LABEL)
+            self.last_ema_eval = (int(state.timestamp.batch), metrics)
+            return
         self.last_eval = (int(state.timestamp.batch), metrics)
         if self.first_eval is None:
             self.first_eval = self.last_eval
@@ -262,6 +267,7 @@ class RunRecord:
                                       else self.previous.get("validation_loss_start")),
             "validation": last_eval[1] if last_eval else self.previous.get("validation", {}),
             "validation_step": last_eval[0] if last_eval else self.previous.get("validation_step"),
+            **self.ema_validation(),
             "export": str(self.export_dir) if self.export_dir else None,
             "segments": segments,
             **({"branched_from": self.previous["branched_from"]} if "branched_from" in self.previous else {}),
@@ -269,6 +275,15 @@ class RunRecord:
             **extra,
         }
         return summary
+
+    def ema_validation(self) -> dict:
+        """training.ema: the EMA weights' latest evaluation beside the raw one's ({} without training.ema)."""
+        if self.cfg.training.ema is None:
+            return {}
+        last = self.clock.last_ema_eval
+        return {"validation_ema": last[1] if last else self.previous.get("validation_ema", {}),
+                "validation_ema_step": last[0] if last else self.previous.get("validation_ema_step"),
+                "ema_decay": self.cfg.training.ema["decay"]}
 
     def save(self, state: State, status: str, **extra) -> dict:
         summary = self.summary(state, status, **extra)
@@ -405,6 +420,10 @@ def describe(summary: dict, run_dir: Path) -> str:
     others = {k: v for k, v in metrics.items() if "CrossEntropy" not in k and "Perplexity" not in k}
     if others:
         lines.append("validation " + ", ".join(f"{k}: {v:.4f}" for k, v in others.items()))
+    ema_loss = validation_loss(summary.get("validation_ema") or {})
+    if ema_loss is not None:
+        lines.append(f"validation loss of the EMA weights (training.ema decay {summary['ema_decay']}) at end: "
+                     f"{ema_loss:.4f}" + (f" (raw {end:.4f})" if end is not None else ""))
     best = best_validation(run_dir) if not summary.get("eval_only") else None
     if best is not None:
         name, value, step = best
