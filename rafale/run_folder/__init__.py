@@ -97,6 +97,15 @@ def latest_checkpoint(run_dir: Path) -> Path:
     return checkpoints[-1]
 
 
+def saved_checkpoints(run_dir: Path) -> list[Path]:
+    """The run's checkpoints (rank 0's files), oldest first by batch; links and files set aside are left out."""
+    from rafale.run_folder.checkpoints import batch_number  # torch
+
+    folder = run_dir / CHECKPOINTS_DIR
+    found = [p for p in folder.glob("ep*-ba*-rank0.pt") if not p.is_symlink()] if folder.is_dir() else []
+    return sorted(found, key=batch_number)
+
+
 def eval_folder(run_dir: Path) -> Path:
     """RUN/evals/<time>/ for a training.eval_only run: never the training run's own files."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
