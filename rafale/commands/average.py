@@ -23,7 +23,7 @@ def average_main(argv) -> int:
     parser = argparse.ArgumentParser(
         prog="rafale average", description="Average the model weights of a run's last checkpoints into a Hugging "
         "Face export (checked by transformers like every export).",
-        epilog="example: rafale average runs/pythia-tiny-stories --last 5")
+        epilog="example: rafale average runs/pythia-tiny-stories --last 2")
     parser.add_argument("path", help="a run folder")
     parser.add_argument("--last", type=int, default=5, help="how many of the newest checkpoints to average (default 5)")
     parser.add_argument("--out", help="output folder (default: RUN/export-average-last<K>)")
