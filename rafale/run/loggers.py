@@ -289,7 +289,7 @@ class ConsoleLog(LoggerDestination):
                 del self.latest[name]
 
     def eval_end(self, state: State, logger: Logger) -> None:
-        label = state.dataloader_label or "eval"
+        label = state.dataloader_label or "eval"  # "eval_ema": training.ema's evaluation (rafale/run/ema.py)
         self._print(f"{self._prefix(state)} {format_eval_line(self.latest, label)}")
         for name in [n for n in self.latest if n.startswith(f"metrics/{label}/")]:
             del self.latest[name]  # the next evaluation prints only its own values

@@ -29,6 +29,7 @@ from composer.core import Callback, State
 from composer.loggers import Logger
 
 from rafale.config import Config, save_config
+from rafale.run.ema import EMA_LABEL
 from rafale.run.hardware import machine_load
 from rafale.run.loggers import MetricsFile
 from rafale.run.resilience import decided_on_rank_zero
@@ -107,11 +108,11 @@ class RunClock(Callback):
 
     def eval_end(self, state: State, logger: Logger) -> None:
         self.eval_s += time.perf_counter() - self._eval_start
-        label = state.dataloader_label
-        metrics = {name: float(m.compute()) for name, m in state.eval_metrics.get(label, {}).items()}
-        if label != "eval":  # the EMA's, the second evaluator (rafale.run.ema.EMA_LABEL)
+        if state.dataloader_label == EMA_LABEL:  # training.ema's, the second evaluator
+            metrics = {name: float(m.compute()) for name, m in state.eval_metrics.get(EMA_LABEL, {}).items()}
             self.last_ema_eval = (int(state.timestamp.batch), metrics)
             return
+        metrics = {name: float(m.compute()) for name, m in state.eval_metrics.get("eval", {}).items()}
         self.last_eval = (int(state.timestamp.batch), metrics)
         if self.first_eval is None:
             self.first_eval = self.last_eval
