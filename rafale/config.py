@@ -223,12 +223,11 @@ class TrainingConfig:
         "evaluation more than that long after the metric's best (Composer's EarlyStopper); the summary says where."
     )
     ema: Optional[dict] = option(
-        None, "{decay: <in (0, 1)>, export: false}: keep an exponential moving average of the weights (fp32, updated "
-        "after every optimizer step: ema = decay * ema + (1 - decay) * weights; after n steps the first weights still "
-        "weigh decay^n, so a short run wants a small decay: 0.98 halves their weight in 34 steps). Every evaluation "
-        "scores it too (metrics/eval_ema/... in metrics.jsonl, validation_ema in the summary); it is saved in the "
-        "checkpoints and resumed exactly. export: true makes it the run's product: RUN/export holds the EMA weights, "
-        "and keep_best chooses on (and exports) the EMA's evaluation. Not with training.fsdp (see rafale/run/ema.py)."
+        None, "{decay: <in (0, 1)>, export: false}: an fp32 moving average of the weights, updated after every "
+        "optimizer step (ema = decay * ema + (1 - decay) * weights: the first weights weigh decay^n after n steps). "
+        "Every evaluation scores it too (metrics/eval_ema/..., the summary's validation_ema); checkpointed and "
+        "resumed exactly. export: true: RUN/export holds the EMA weights, and keep_best chooses on (and exports) "
+        "the EMA's evaluation. Not with training.fsdp."
     )
 
 

@@ -34,7 +34,8 @@ DOCSTRING_ONLY = ("rafale/commands/export.py", "rafale/commands/predict.py", "ra
                   "rafale/commands/sweep.py", "rafale/commands/runs.py", "rafale/commands/docprompt.py",
                   "rafale/commands/law.py", "rafale/main.py", "rafale/data/stories.py", "rafale/data/shapes.py",
                   "rafale/run/record.py", "rafale/run/outcomes.py", "rafale/run_folder/plots.py",
-                  "rafale/run/hardware.py", "rafale/run/loggers.py", "rafale/run/trainer_parts.py")
+                  "rafale/run/hardware.py", "rafale/run/loggers.py", "rafale/run/trainer_parts.py",
+                  "rafale/run_folder/__init__.py")
 # the figures, and the code that checks a figure by hand: no question on using rafale needs them
 LEFT_OUT_PAGES = ("docs/speed.md", "docs/measurements.md", "docs/bits-per-byte.md")
 # ...and the README's figures and its list of the pages that follow in the prompt anyway
