@@ -229,3 +229,21 @@ def test_ema_with_fsdp_is_refused_before_any_data_is_prepared(tmp_path, capsys, 
     assert code == 2 and err.count("\n") == 1, err
     assert "training.ema" in err and "training.fsdp" in err
     assert not cache.exists() and not (tmp_path / "runs").exists()
+
+
+def test_a_fallback_resume_takes_the_emas_best_from_the_emas_evaluations(tmp_path, capsys):
+    """Resumed (run.resume_fallback) before keep_best's best on the EMA: the best up to the resume batch is the best
+    of the EMA's evaluations in metrics.jsonl, not of the raw weights' (whose best is at another step)."""
+    from rafale.run.outcomes import lost_bests_forgotten
+    from rafale.run_folder import evaluations as kept_evaluations
+
+    rows = [{"step": 10, "metrics/eval/LanguageCrossEntropy": 5.0, "metrics/eval_ema/LanguageCrossEntropy": 4.0},
+            {"step": 20, "metrics/eval/LanguageCrossEntropy": 3.0, "metrics/eval_ema/LanguageCrossEntropy": 4.5},
+            {"step": 30, "metrics/eval/LanguageCrossEntropy": 2.0, "metrics/eval_ema/LanguageCrossEntropy": 1.0}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert kept_evaluations(tmp_path, 20, "eval_ema") == [(10, {"LanguageCrossEntropy": 4.0}),
+                                                          (20, {"LanguageCrossEntropy": 4.5})]
+    found = lost_bests_forgotten(tmp_path, 20, {"training.keep_best": ("LanguageCrossEntropy", False, 30, "eval_ema"),
+                                                "training.early_stopping": ("LanguageCrossEntropy", False, 30, "eval")})
+    assert found == {"training.keep_best": (4.0, 10), "training.early_stopping": (3.0, 20)}
+    assert "(4.0000 at step 10)" in capsys.readouterr().out

@@ -112,17 +112,18 @@ def resume_outcome(trainer: Trainer, previous: dict, run_dir: Path, eval_interva
     best, stopping = previous.get("best"), previous.get("early_stopping")
     best = best if keep_best is not None and best and best["metric"] == keep_best.metric else None
     stopping = stopping if stopper is not None and stopping and stopping["metric"] == stopper.monitor else None
-    lost = {}  # what was lost -> (its metric, whether higher is better, the lost best's step)
+    lost = {}  # what was lost -> (its metric, whether higher is better, the lost best's step, its evaluator)
     if best and best["step"] > start:
-        lost["training.keep_best"] = (best["metric"], keep_best.higher, best["step"])
+        lost["training.keep_best"] = (best["metric"], keep_best.higher, best["step"], keep_best.label)
     if stopping and stopping["best_step"] > start:
         lost["training.early_stopping"] = (stopping["metric"], stopper.comp_func is torch.greater,
-                                           stopping["best_step"])
+                                           stopping["best_step"], "eval")
     if lost:  # (every rank has the same summary: they all take this road, and all get rank 0's reading)
         found = decided_on_rank_zero(lambda: lost_bests_forgotten(run_dir, start, lost))
         if "training.keep_best" in lost:
             value, step = found["training.keep_best"] or (None, None)
-            best = {"metric": best["metric"], "value": value, "step": step, "export": None} if step is not None else None
+            best = ({"metric": best["metric"], "value": value, "step": step, "export": None}
+                    | ({"weights": "ema"} if keep_best.label == EMA_LABEL else {})) if step is not None else None
         if "training.early_stopping" in lost:
             value, step = found["training.early_stopping"] or (None, None)
             stopping = (None if step is None else {
@@ -136,19 +137,18 @@ def resume_outcome(trainer: Trainer, previous: dict, run_dir: Path, eval_interva
                                                              epoch=Time(stopping["best_epoch"], "ep"))
 
 
-def lost_bests_forgotten(run_dir: Path, start: int, lost: dict[str, tuple[str, bool, int]]) -> dict:
+def lost_bests_forgotten(run_dir: Path, start: int, lost: dict[str, tuple[str, bool, int, str]]) -> dict:
     """On rank 0, for a run resumed at batch `start` before the best evaluations in `lost` ({what: (metric, higher is
-    better, its step)}): the best evaluation of each metric in RUN/metrics.jsonl up to and including `start` (the
+    better, its step, its evaluator's label: "eval", or training.ema's)}): the best evaluation of each metric in RUN/metrics.jsonl up to and including `start` (the
     evaluation at the resume batch ran before its checkpoint was saved), as {what: (value, step) or None}, the
     earliest of equal ones (as the callbacks keep the first). It says so in one line, and sets RUN/export-best/
     aside as export-best.lost-<step>: it holds the weights of a lost step that the run no longer has, and is not
     left under the name that means "the best weights of this run". The retrained batches export again when they
     beat the best found here; until then the summary's best has no export (the weights of an earlier step are in
     its checkpoint, if one was kept there)."""
-    kept = evaluations(run_dir, start)
     found, said = {}, {}  # what happened -> the keys it happened to
-    for what, (metric, higher, lost_step) in lost.items():
-        values = [(metrics[metric], step) for step, metrics in kept if metric in metrics]
+    for what, (metric, higher, lost_step, label) in lost.items():
+        values = [(metrics[metric], step) for step, metrics in evaluations(run_dir, start, label) if metric in metrics]
         ranked = sorted(values, key=lambda e: (-e[0] if higher else e[0], e[1]))  # best first, then earliest
         found[what] = ranked[0] if ranked else None
         now = f"{found[what][0]:.4f} at step {found[what][1]}" if found[what] else "none: no evaluation up to there"

@@ -196,10 +196,11 @@ class RunRecord:
         older checkpoint), its `validation` would be one of batches the run no longer has, and would stay in the
         summary until this segment evaluates: it is the latest in metrics.jsonl up to the resume batch instead."""
         previous = read_summary(self.run_dir) or {}
-        step = previous.get("validation_step")
-        if step is not None and step > self.start_batch:
-            kept = evaluations(self.run_dir, self.start_batch)
-            previous["validation_step"], previous["validation"] = kept[-1] if kept else (None, {})
+        for key, label in (("validation", "eval"), ("validation_ema", EMA_LABEL)):  # (the second: training.ema's)
+            step = previous.get(f"{key}_step")
+            if step is not None and step > self.start_batch:
+                kept = evaluations(self.run_dir, self.start_batch, label)
+                previous[f"{key}_step"], previous[key] = kept[-1] if kept else (None, {})
         return previous
 
     def checkpointed(self, state: State, logger: Logger) -> None:

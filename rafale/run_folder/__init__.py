@@ -174,13 +174,14 @@ def read_metrics(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return {name: sorted(points.items()) for name, points in series.items()}
 
 
-def evaluations(run_dir: Path, up_to: int) -> list[tuple[int, dict[str, float]]]:
+def evaluations(run_dir: Path, up_to: int, label: str = "eval") -> list[tuple[int, dict[str, float]]]:
     """(step, {metric: value}) of each evaluation in RUN/metrics.jsonl up to and including batch `up_to`, in file
     order: what a run resumed at that batch still has of its evaluations (a resume onto a checkpoint older than the
-    record's latest evaluation, with run.resume_fallback or in a cooldown branch, takes its figures from these)."""
-    path = Path(run_dir) / METRICS_FILE
-    found = [(row["step"], {name.removeprefix("metrics/eval/"): value for name, value in row.items()
-                            if name.startswith("metrics/eval/")})
+    record's latest evaluation, with run.resume_fallback or in a cooldown branch, takes its figures from these).
+    `label`: the evaluator's, "eval", or "eval_ema" for training.ema's evaluation of the EMA weights."""
+    path, prefix = Path(run_dir) / METRICS_FILE, f"metrics/{label}/"
+    found = [(row["step"], {name.removeprefix(prefix): value for name, value in row.items()
+                            if name.startswith(prefix)})
              for row in (metrics_rows(path) if path.is_file() else []) if row["step"] <= up_to]
     return [(step, metrics) for step, metrics in found if metrics]
 
