@@ -92,6 +92,7 @@ def average_weights(checkpoints: list[Path]) -> dict:
             if t.is_floating_point():
                 total[name] += t.double()
             elif not torch.equal(t, first[name]):
-                raise RafaleError(f"{path}: {name} (not a float tensor) differs from {checkpoints[0]}'s; it cannot be averaged")
+                raise RafaleError(f"{path}: {name} (not a float tensor) differs from {checkpoints[0]}'s; "
+                                  "it cannot be averaged")
     return {name: (t / len(checkpoints)).to(first[name].dtype) if t.is_floating_point() else t
             for name, t in total.items()}

@@ -139,8 +139,9 @@ def resume_outcome(trainer: Trainer, previous: dict, run_dir: Path, eval_interva
 
 def lost_bests_forgotten(run_dir: Path, start: int, lost: dict[str, tuple[str, bool, int, str]]) -> dict:
     """On rank 0, for a run resumed at batch `start` before the best evaluations in `lost` ({what: (metric, higher is
-    better, its step, its evaluator's label: "eval", or training.ema's)}): the best evaluation of each metric in RUN/metrics.jsonl up to and including `start` (the
-    evaluation at the resume batch ran before its checkpoint was saved), as {what: (value, step) or None}, the
+    better, its step, its evaluator's label: "eval", or training.ema's)}): the best evaluation of each metric in
+    RUN/metrics.jsonl up to and including `start` (the evaluation at the resume batch ran before its checkpoint was
+    saved), as {what: (value, step) or None}, the
     earliest of equal ones (as the callbacks keep the first). It says so in one line, and sets RUN/export-best/
     aside as export-best.lost-<step>: it holds the weights of a lost step that the run no longer has, and is not
     left under the name that means "the best weights of this run". The retrained batches export again when they
