@@ -235,6 +235,13 @@ class TrainingConfig:
         None, "{metric: <a validation metric>, patience: <a time string, e.g. 200ba or 2ep>}: stop training at the first "
         "evaluation more than that long after the metric's best (Composer's EarlyStopper); the summary says where."
     )
+    ema: Optional[dict] = option(
+        None, "{decay: <in (0, 1)>, export: false}: an fp32 moving average of the weights, updated after every "
+        "optimizer step (ema = decay * ema + (1 - decay) * weights: the first weights weigh decay^n after n steps). "
+        "Every evaluation scores it too (metrics/eval_ema/..., the summary's validation_ema); checkpointed and "
+        "resumed exactly. export: true: RUN/export holds the EMA weights, and keep_best chooses on (and exports) "
+        "the EMA's evaluation. Not with training.fsdp."
+    )
 
 
 @dataclass
@@ -603,6 +610,7 @@ def validate(cfg: Config, check_files: bool = True) -> None:
         if not value or "/" in value or value in (".", ".."):
             raise ConfigError(f"run.{key}", f"must be a plain folder name, got {value!r}")
     _check_early_stopping(cfg.training.early_stopping)
+    _check_ema(cfg.training)
     _check_wsd(cfg.training)
     _check_parametrization(cfg)
     if cfg.training.eval_only and cfg.training.load_path is None:
@@ -649,6 +657,27 @@ def _check_early_stopping(spec) -> None:
     if unit not in ("ba", "ep"):
         raise ConfigError("training.early_stopping.patience", f"expected a time in batches or epochs (e.g. 200ba, 2ep), "
                           f"got {patience!r}")
+
+
+def _check_ema(t: TrainingConfig) -> None:
+    """training.ema: {decay, export}; refused with training.fsdp (each rank holds a shard of the weights, which the
+    EMA's swap for the second evaluation and the export would have to gather)."""
+    spec = t.ema
+    if spec is None:
+        return
+    if not isinstance(spec, dict):
+        raise ConfigError("training.ema", f"expected a mapping such as {{decay: 0.99}}, got {spec!r}")
+    unknown = set(spec) - {"decay", "export"}
+    if unknown:
+        raise _unknown_key(sorted(unknown)[0], ("decay", "export"), "training.ema.")
+    decay = spec.get("decay")
+    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0 < decay < 1:
+        raise ConfigError("training.ema.decay", f"expected a number between 0 and 1 (exclusive), got {decay!r}")
+    if not isinstance(spec.get("export", False), bool):
+        raise ConfigError("training.ema.export", f"expected true or false, got {spec['export']!r}")
+    if t.fsdp is not None:
+        raise ConfigError("training.ema", "is not supported with training.fsdp (the EMA is kept whole on every rank); "
+                          "remove one of them")
 
 
 def _check_files(cfg: Config) -> None:

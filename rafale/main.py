@@ -4,6 +4,7 @@
     DATA=1 rafale -c cfg.yaml       only prepare the data (also: --data-only)
     DEBUG=1 rafale -c cfg.yaml      train 10 epochs on one fixed batch, which a healthy model overfits (also: --debug)
     rafale -c cfg.yaml --restart    start run.name over, keeping its old folder as NAME.old-<time>
+    rafale average RUN --last K     average the weights of a run's last K checkpoints into an export
     rafale compare A B              A - B with its 95% interval and p-value (A, B: runs, or the seeds of an arm)
     rafale export RUN [--out DIR]   write a run's latest checkpoint in Hugging Face format
     rafale generate RUN --prompt P  generate text with a trained decoder (a run or a Hugging Face folder)
@@ -97,6 +98,12 @@ def train_main(args) -> int:
                  started=getattr(args, "started", None))
 
 
+def average_command(argv) -> int:
+    from rafale.commands.average import average_main
+
+    return average_main(argv)
+
+
 def compare_command(argv) -> int:
     from rafale.commands.compare import compare_main
 
@@ -185,6 +192,7 @@ def on_every_rank(decide):
 
 # `rafale <command> ...` -> (what runs it, what it does); without a command, rafale trains. Each has its own --help.
 COMMANDS = {
+    "average": (average_command, "average the weights of a run's last K checkpoints into a Hugging Face export"),
     "compare": (compare_command, "is arm A better than B: the difference with its 95% interval and p-value"),
     "export": (export_command, "write a run's checkpoint in Hugging Face format"),
     "generate": (generate_command, "generate text with a trained decoder (a run or a Hugging Face folder)"),

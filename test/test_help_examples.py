@@ -91,7 +91,9 @@ def fixtures(tmp_path_factory, cache_dir):
     steps = {"max_duration": f"{TRAINING}ba", "eval_interval": f"{TRAINING}ba", "save_interval": f"{TRAINING}ba",
              "warmup": "0ba", "precision": "fp32"}
     configs = [
-        write_config(folder / "lm.yaml", run={"name": "pythia-tiny-stories", "output_dir": str(runs)}, training=steps),
+        # two checkpoints (batches 2 and 4): `rafale average ... --last 2` averages them
+        write_config(folder / "lm.yaml", run={"name": "pythia-tiny-stories", "output_dir": str(runs)},
+                     training={**steps, "save_interval": f"{TRAINING // 2}ba"}),
         write_config(folder / "cls.yaml", base="bert_cls_stories.yaml",
                      run={"name": "bert-cls-stories", "output_dir": str(runs)},
                      data={"num_train_stories": 200, "num_val_stories": 40, "vocab_size": 500, "block_size": 64},

@@ -197,16 +197,17 @@ class RecentPace:
         return (end - start) / (last - first) * max(total - last, 0)
 
 
-def format_eval_line(metrics: dict) -> str:
-    """'validation: loss 1.0100 | perplexity 2.75 | bits/byte 0.412' from the logged eval metrics."""
-    values = {name.rsplit("/", 1)[-1]: value for name, value in metrics.items() if name.startswith("metrics/eval/")}
+def format_eval_line(metrics: dict, label: str = "eval") -> str:
+    """'validation: loss 1.0100 | perplexity 2.75 | bits/byte 0.412' from the logged eval metrics (label "eval_ema",
+    training.ema's evaluation: 'validation (EMA): ...')."""
+    values = {name.rsplit("/", 1)[-1]: value for name, value in metrics.items() if name.startswith(f"metrics/{label}/")}
     parts = []
-    for name, label in EVAL_LABELS.items():
+    for name, shown in EVAL_LABELS.items():
         if name in values:
             value = values[name]
-            parts.append(f"{label} {value:.2f}" if name == "LanguagePerplexity" and math.isfinite(value) else f"{label} {value:.4f}")
+            parts.append(f"{shown} {value:.2f}" if name == "LanguagePerplexity" and math.isfinite(value) else f"{shown} {value:.4f}")
     parts += [f"{name} {value:.4f}" for name, value in values.items() if name not in EVAL_LABELS]
-    return "validation: " + " | ".join(parts)
+    return ("validation: " if label == "eval" else "validation (EMA): ") + " | ".join(parts)
 
 
 def eval_subset_batches(eval_batches: int | None, available: int) -> int:
@@ -288,8 +289,9 @@ class ConsoleLog(LoggerDestination):
                 del self.latest[name]
 
     def eval_end(self, state: State, logger: Logger) -> None:
-        self._print(f"{self._prefix(state)} {format_eval_line(self.latest)}")
-        for name in [n for n in self.latest if n.startswith("metrics/eval/")]:
+        label = state.dataloader_label or "eval"  # "eval_ema": training.ema's evaluation (rafale/run/ema.py)
+        self._print(f"{self._prefix(state)} {format_eval_line(self.latest, label)}")
+        for name in [n for n in self.latest if n.startswith(f"metrics/{label}/")]:
             del self.latest[name]  # the next evaluation prints only its own values
 
     def fit_end(self, state: State, logger: Logger) -> None:

@@ -13,6 +13,7 @@ from composer.loggers import Logger
 
 from rafale.config import Config
 from rafale.errors import ConfigError
+from rafale.run.ema import EMA_LABEL
 from rafale.run.resilience import decided_on_rank_zero
 from rafale.run_folder import BEST_DIR, evaluations
 
@@ -30,22 +31,30 @@ def validation_metric(model, name: str, key: str) -> bool:
 
 class KeepBest(Callback):
     """training.keep_best: after each evaluation that improves `metric`, the weights go to RUN/export-best/ (the
-    Hugging Face format, as RUN/export/). `best` says which evaluation it was: {metric, value, step, export}."""
+    Hugging Face format, as RUN/export/). `best` says which evaluation it was: {metric, value, step, export}.
+    `label`: the evaluator it chooses on: "eval", or with training.ema.export the EMA's (rafale.run.ema.EMA_LABEL),
+    whose weights the export then takes; the best then also says {"weights": "ema"}."""
 
-    def __init__(self, metric: str, higher_is_better: bool, export):
-        self.metric, self.higher, self.export = metric, higher_is_better, export
+    def __init__(self, metric: str, higher_is_better: bool, export, label: str = "eval"):
+        self.metric, self.higher, self.export, self.label = metric, higher_is_better, export, label
         self.best: dict | None = None
         self.news: str | None = None  # said once every evaluator has run: after the validation line it refers to
 
     def eval_end(self, state: State, logger: Logger) -> None:
-        value = float(state.eval_metrics["eval"][self.metric].compute())
+        if state.dataloader_label != self.label:
+            return
+        value = float(state.eval_metrics[self.label][self.metric].compute())
         if self.best is not None and (value <= self.best["value"] if self.higher else value >= self.best["value"]):
             return
         step = int(state.timestamp.batch)
         folder = self.export(state) if self.export is not None else None
         self.best = {"metric": self.metric, "value": value, "step": step, "export": str(folder) if folder else None}
+        ema = self.label != "eval"
+        if ema:
+            self.best["weights"] = "ema"
         if folder is not None:
-            self.news = f"rafale: best {self.metric} so far ({value:.4f} at step {step}): exported to {folder}"
+            self.news = (f"rafale: best {'EMA ' if ema else ''}{self.metric} so far ({value:.4f} at step {step}): "
+                         f"exported to {folder}")
 
     def eval_after_all(self, state: State, logger: Logger) -> None:
         # the console's validation line is printed at eval_end by a logger, which Composer calls after the callbacks
@@ -78,7 +87,8 @@ def outcome_callbacks(cfg: Config, model, export_best) -> list:
     t, callbacks = cfg.training, []
     if t.keep_best is not None:
         higher = validation_metric(model, t.keep_best, "training.keep_best")
-        callbacks.append(KeepBest(t.keep_best, higher, export_best))
+        label = EMA_LABEL if t.ema and t.ema.get("export", False) else "eval"
+        callbacks.append(KeepBest(t.keep_best, higher, export_best, label))
     if t.early_stopping is not None:
         metric = t.early_stopping["metric"]
         higher = validation_metric(model, metric, "training.early_stopping.metric")
@@ -102,17 +112,18 @@ def resume_outcome(trainer: Trainer, previous: dict, run_dir: Path, eval_interva
     best, stopping = previous.get("best"), previous.get("early_stopping")
     best = best if keep_best is not None and best and best["metric"] == keep_best.metric else None
     stopping = stopping if stopper is not None and stopping and stopping["metric"] == stopper.monitor else None
-    lost = {}  # what was lost -> (its metric, whether higher is better, the lost best's step)
+    lost = {}  # what was lost -> (its metric, whether higher is better, the lost best's step, its evaluator)
     if best and best["step"] > start:
-        lost["training.keep_best"] = (best["metric"], keep_best.higher, best["step"])
+        lost["training.keep_best"] = (best["metric"], keep_best.higher, best["step"], keep_best.label)
     if stopping and stopping["best_step"] > start:
         lost["training.early_stopping"] = (stopping["metric"], stopper.comp_func is torch.greater,
-                                           stopping["best_step"])
+                                           stopping["best_step"], "eval")
     if lost:  # (every rank has the same summary: they all take this road, and all get rank 0's reading)
         found = decided_on_rank_zero(lambda: lost_bests_forgotten(run_dir, start, lost))
         if "training.keep_best" in lost:
             value, step = found["training.keep_best"] or (None, None)
-            best = {"metric": best["metric"], "value": value, "step": step, "export": None} if step is not None else None
+            best = ({"metric": best["metric"], "value": value, "step": step, "export": None}
+                    | ({"weights": "ema"} if keep_best.label == EMA_LABEL else {})) if step is not None else None
         if "training.early_stopping" in lost:
             value, step = found["training.early_stopping"] or (None, None)
             stopping = (None if step is None else {
@@ -126,19 +137,19 @@ def resume_outcome(trainer: Trainer, previous: dict, run_dir: Path, eval_interva
                                                              epoch=Time(stopping["best_epoch"], "ep"))
 
 
-def lost_bests_forgotten(run_dir: Path, start: int, lost: dict[str, tuple[str, bool, int]]) -> dict:
+def lost_bests_forgotten(run_dir: Path, start: int, lost: dict[str, tuple[str, bool, int, str]]) -> dict:
     """On rank 0, for a run resumed at batch `start` before the best evaluations in `lost` ({what: (metric, higher is
-    better, its step)}): the best evaluation of each metric in RUN/metrics.jsonl up to and including `start` (the
-    evaluation at the resume batch ran before its checkpoint was saved), as {what: (value, step) or None}, the
+    better, its step, its evaluator's label: "eval", or training.ema's)}): the best evaluation of each metric in
+    RUN/metrics.jsonl up to and including `start` (the evaluation at the resume batch ran before its checkpoint was
+    saved), as {what: (value, step) or None}, the
     earliest of equal ones (as the callbacks keep the first). It says so in one line, and sets RUN/export-best/
     aside as export-best.lost-<step>: it holds the weights of a lost step that the run no longer has, and is not
     left under the name that means "the best weights of this run". The retrained batches export again when they
     beat the best found here; until then the summary's best has no export (the weights of an earlier step are in
     its checkpoint, if one was kept there)."""
-    kept = evaluations(run_dir, start)
     found, said = {}, {}  # what happened -> the keys it happened to
-    for what, (metric, higher, lost_step) in lost.items():
-        values = [(metrics[metric], step) for step, metrics in kept if metric in metrics]
+    for what, (metric, higher, lost_step, label) in lost.items():
+        values = [(metrics[metric], step) for step, metrics in evaluations(run_dir, start, label) if metric in metrics]
         ranked = sorted(values, key=lambda e: (-e[0] if higher else e[0], e[1]))  # best first, then earliest
         found[what] = ranked[0] if ranked else None
         now = f"{found[what][0]:.4f} at step {found[what][1]}" if found[what] else "none: no evaluation up to there"

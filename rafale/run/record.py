@@ -29,6 +29,7 @@ from composer.core import Callback, State
 from composer.loggers import Logger
 
 from rafale.config import Config, save_config
+from rafale.run.ema import EMA_LABEL
 from rafale.run.hardware import machine_load
 from rafale.run.loggers import MetricsFile
 from rafale.run.resilience import decided_on_rank_zero
@@ -60,6 +61,7 @@ class RunClock(Callback):
         self.eval_s_before_first_batch = 0.0
         self.first_eval: tuple[int, dict] | None = None  # (batch, metrics) of this segment's first evaluation
         self.last_eval: tuple[int, dict] | None = None
+        self.last_ema_eval: tuple[int, dict] | None = None  # training.ema's evaluation (rafale.run.ema)
         self.on_save: list = []
         self._batch_start = self._eval_start = 0.0
 
@@ -106,6 +108,10 @@ class RunClock(Callback):
 
     def eval_end(self, state: State, logger: Logger) -> None:
         self.eval_s += time.perf_counter() - self._eval_start
+        if state.dataloader_label == EMA_LABEL:  # training.ema's, the second evaluator
+            metrics = {name: float(m.compute()) for name, m in state.eval_metrics.get(EMA_LABEL, {}).items()}
+            self.last_ema_eval = (int(state.timestamp.batch), metrics)
+            return
         metrics = {name: float(m.compute()) for name, m in state.eval_metrics.get("eval", {}).items()}
         self.last_eval = (int(state.timestamp.batch), metrics)
         if self.first_eval is None:
@@ -190,10 +196,11 @@ class RunRecord:
         older checkpoint), its `validation` would be one of batches the run no longer has, and would stay in the
         summary until this segment evaluates: it is the latest in metrics.jsonl up to the resume batch instead."""
         previous = read_summary(self.run_dir) or {}
-        step = previous.get("validation_step")
-        if step is not None and step > self.start_batch:
-            kept = evaluations(self.run_dir, self.start_batch)
-            previous["validation_step"], previous["validation"] = kept[-1] if kept else (None, {})
+        for key, label in (("validation", "eval"), ("validation_ema", EMA_LABEL)):  # (the second: training.ema's)
+            step = previous.get(f"{key}_step")
+            if step is not None and step > self.start_batch:
+                kept = evaluations(self.run_dir, self.start_batch, label)
+                previous[f"{key}_step"], previous[key] = kept[-1] if kept else (None, {})
         return previous
 
     def checkpointed(self, state: State, logger: Logger) -> None:
@@ -262,6 +269,7 @@ class RunRecord:
                                       else self.previous.get("validation_loss_start")),
             "validation": last_eval[1] if last_eval else self.previous.get("validation", {}),
             "validation_step": last_eval[0] if last_eval else self.previous.get("validation_step"),
+            **self.ema_validation(),
             "export": str(self.export_dir) if self.export_dir else None,
             "segments": segments,
             **({"branched_from": self.previous["branched_from"]} if "branched_from" in self.previous else {}),
@@ -269,6 +277,15 @@ class RunRecord:
             **extra,
         }
         return summary
+
+    def ema_validation(self) -> dict:
+        """training.ema: the EMA weights' latest evaluation beside the raw one's ({} without training.ema)."""
+        if self.cfg.training.ema is None:
+            return {}
+        last = self.clock.last_ema_eval
+        return {"validation_ema": last[1] if last else self.previous.get("validation_ema", {}),
+                "validation_ema_step": last[0] if last else self.previous.get("validation_ema_step"),
+                "ema_decay": self.cfg.training.ema["decay"]}
 
     def save(self, state: State, status: str, **extra) -> dict:
         summary = self.summary(state, status, **extra)
@@ -387,6 +404,10 @@ def describe(summary: dict, run_dir: Path) -> str:
     others = {k: v for k, v in metrics.items() if "CrossEntropy" not in k and "Perplexity" not in k}
     if others:
         lines.append("validation " + ", ".join(f"{k}: {v:.4f}" for k, v in others.items()))
+    ema_loss = validation_loss(summary.get("validation_ema") or {})
+    if ema_loss is not None:
+        lines.append(f"validation loss of the EMA weights (training.ema decay {summary['ema_decay']}) at end: "
+                     f"{ema_loss:.4f}" + (f" (raw {end:.4f})" if end is not None else ""))
     best = best_validation(run_dir) if not summary.get("eval_only") else None
     if best is not None:
         name, value, step = best

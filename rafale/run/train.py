@@ -20,12 +20,14 @@ from pathlib import Path
 import torch
 from composer import Trainer
 from composer.algorithms import GradientClipping
+from composer.core import Evaluator
 from composer.utils import dist, reproducibility
 
 from rafale.config import Config, pretrained_folder
 from rafale.data import DATAPIPES
 from rafale.data.cache import DataPipe, PreparedData, cache_root, describe_vocabulary, print_data_summary
 from rafale.errors import ConfigError, DataError, WeightsError
+from rafale.run.ema import EMA_LABEL, WeightAverage, weight_average
 from rafale.run.hardware import confirm_peak, keep_freed_memory, peak_flops
 from rafale.resolve import family_of, head_of
 from rafale.run.loggers import eval_subset_batches
@@ -143,8 +145,7 @@ def finish(cfg: Config, model, data: PreparedData, trainer: Trainer, record: Run
            save: bool) -> dict:
     """After fit: the Hugging Face export, the metrics file closed and compacted, the record saved complete, and a
     line on keep_best's best and on early stopping. Returns the run's summary."""
-    record.export_dir = (export_run(model.model, run_dir, data, sharded=cfg.training.fsdp is not None,
-                                    document_mask=cfg.data.document_mask) if save else None)
+    record.export_dir = final_export(cfg, model, data, trainer, run_dir) if save else None
     trainer.close()  # flushes the metrics file
     if dist.get_global_rank() == 0:
         compact_metrics(run_dir)
@@ -221,6 +222,7 @@ def build_trainer(cfg: Config, data: PreparedData, model, collator, placement: P
         warmup_steps = batches_in(t.warmup, t.max_duration, batches_per_epoch, t.batch_size, cfg.data.block_size)
     optimizer = build_optimizer(model, t, placement.device, warmup_steps)
     schedule = ScheduleAtBatchStart(make_scheduler(cfg, debug, batches_per_epoch, schedule_free))
+    ema = WeightAverage(model.model, t.ema["decay"]) if t.ema and not debug and not t.eval_only else None
     # the last evaluation batch is usually short; Composer says so on every evaluation
     warnings.filterwarnings("ignore", message="Cannot split tensor of length")
     with warnings.catch_warnings():
@@ -229,13 +231,13 @@ def build_trainer(cfg: Config, data: PreparedData, model, collator, placement: P
             model=model,
             run_name=run_name,
             train_dataloader=None if t.eval_only else train_loader,
-            eval_dataloader=eval_loader,
+            eval_dataloader=evaluators(model, eval_loader, ema),
             max_duration=f"{DEBUG_EPOCHS}ep" if debug else t.max_duration,
             optimizers=optimizer,
             algorithms=[GradientClipping(clipping_type="norm", clipping_threshold=t.clip_norm)] if t.clip_norm else [],
             callbacks=(make_callbacks(placement.device, peak, stopper, schedule, cache_root(cfg.data.cache_dir))
-                       + [clock or RunClock()] + getattr(model, "callbacks", [])
-                       + ([] if debug or t.eval_only else outcome_callbacks(cfg, model, best_exporter(cfg, model, run_dir, data)))),
+                       + [clock or RunClock()] + getattr(model, "callbacks", []) + ([ema] if ema else [])
+                       + ([] if debug or t.eval_only else outcome_callbacks(cfg, model, best_exporter(cfg, model, run_dir, data, ema)))),
             loggers=make_loggers(cfg, run_dir) if dist.get_global_rank() == 0 else [],
             compile_config={} if t.compile else None,
             parallelism_config={"fsdp": t.fsdp} if t.fsdp is not None else None,
@@ -260,6 +262,16 @@ def build_trainer(cfg: Config, data: PreparedData, model, collator, placement: P
             python_log_level=None,
         )
     return trainer, stopper, peak
+
+
+def evaluators(model, eval_loader, ema: WeightAverage | None):
+    """The validation loader, and with training.ema a second evaluator on it (EMA_LABEL) that the WeightAverage
+    callback scores with the EMA weights swapped in: both at every evaluation, one after the other."""
+    if ema is None:
+        return eval_loader
+    names = list(model.get_metrics(is_train=False))
+    return [Evaluator(label="eval", dataloader=eval_loader, metric_names=names),
+            Evaluator(label=EMA_LABEL, dataloader=eval_loader, metric_names=names)]
 
 
 def mfu_of(model, cfg: Config, placement: "Placement", peak: float | None):
@@ -352,6 +364,19 @@ def export_run(module: torch.nn.Module, run_dir: Path, data: PreparedData, shard
         return None
 
 
+def final_export(cfg: Config, model, data: PreparedData, trainer: Trainer, run_dir: Path) -> Path | None:
+    """RUN/export: the trained weights, or with training.ema.export the EMA's (lent to the model for the export)."""
+    ema = weight_average(trainer.state)
+    if ema is not None and cfg.training.ema.get("export", False):
+        with ema.swapped_in() as module:
+            folder = export_run(module, run_dir, data, document_mask=cfg.data.document_mask)
+        if folder is not None:
+            print(f"rafale: {folder} holds the EMA weights (training.ema.export)")
+        return folder
+    return export_run(model.model, run_dir, data, sharded=cfg.training.fsdp is not None,
+                      document_mask=cfg.data.document_mask)
+
+
 def say_if_no_export(module: torch.nn.Module) -> str | None:
     """Before training: one line (on rank 0) saying why `module` (the nn.Module) will have no Hugging Face export,
     if it will not (a research variant still trains; its checkpoints hold the weights), and the reason; None
@@ -362,14 +387,22 @@ def say_if_no_export(module: torch.nn.Module) -> str | None:
     return refusal
 
 
-def best_exporter(cfg: Config, model, run_dir: Path, data: PreparedData):
+def best_exporter(cfg: Config, model, run_dir: Path, data: PreparedData, ema: WeightAverage | None = None):
     """training.keep_best's export of the best weights to RUN/export-best/, or None for a model that cannot be
-    exported, which the run says here, before it trains (the one check of the export before training)."""
+    exported, which the run says here, before it trains (the one check of the export before training). With
+    training.ema.export, the EMA's weights (keep_best then chooses on the EMA's evaluation)."""
     module, sharded = model.model, cfg.training.fsdp is not None
     if say_if_no_export(module) is not None:
         return None
+    document_mask = cfg.data.document_mask
+    if ema is not None and cfg.training.ema.get("export", False):
+        def export_ema(state):
+            with ema.swapped_in() as averaged:
+                return export_run(averaged, run_dir, data, folder=BEST_DIR, document_mask=document_mask)
+
+        return export_ema
     return lambda state: export_run(module, run_dir, data, sharded=sharded, folder=BEST_DIR,
-                                    document_mask=cfg.data.document_mask)
+                                    document_mask=document_mask)
 
 
 # ----------------------------------------------------------------------------------------------------

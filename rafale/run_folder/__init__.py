@@ -98,6 +98,15 @@ def latest_checkpoint(run_dir: Path) -> Path:
     return checkpoints[-1]
 
 
+def saved_checkpoints(run_dir: Path) -> list[Path]:
+    """The run's checkpoints (rank 0's files), oldest first by batch; links and files set aside are left out."""
+    from rafale.run_folder.checkpoints import batch_number  # torch
+
+    folder = run_dir / CHECKPOINTS_DIR
+    found = [p for p in folder.glob("ep*-ba*-rank0.pt") if not p.is_symlink()] if folder.is_dir() else []
+    return sorted(found, key=batch_number)
+
+
 def eval_folder(run_dir: Path) -> Path:
     """RUN/evals/<time>/ for a training.eval_only run: never the training run's own files."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -166,13 +175,14 @@ def read_metrics(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     return {name: sorted(points.items()) for name, points in series.items()}
 
 
-def evaluations(run_dir: Path, up_to: int) -> list[tuple[int, dict[str, float]]]:
+def evaluations(run_dir: Path, up_to: int, label: str = "eval") -> list[tuple[int, dict[str, float]]]:
     """(step, {metric: value}) of each evaluation in RUN/metrics.jsonl up to and including batch `up_to`, in file
     order: what a run resumed at that batch still has of its evaluations (a resume onto a checkpoint older than the
-    record's latest evaluation, with run.resume_fallback or in a cooldown branch, takes its figures from these)."""
-    path = Path(run_dir) / METRICS_FILE
-    found = [(row["step"], {name.removeprefix("metrics/eval/"): value for name, value in row.items()
-                            if name.startswith("metrics/eval/")})
+    record's latest evaluation, with run.resume_fallback or in a cooldown branch, takes its figures from these).
+    `label`: the evaluator's, "eval", or "eval_ema" for training.ema's evaluation of the EMA weights."""
+    path, prefix = Path(run_dir) / METRICS_FILE, f"metrics/{label}/"
+    found = [(row["step"], {name.removeprefix(prefix): value for name, value in row.items()
+                            if name.startswith(prefix)})
              for row in (metrics_rows(path) if path.is_file() else []) if row["step"] <= up_to]
     return [(step, metrics) for step, metrics in found if metrics]
 
