@@ -180,6 +180,7 @@ def test_sweep_folder_names_keep_the_whole_key_without_its_section():
     assert run_name("sw", ["model.num_layers=2"]) == "sw-num_layers-2"
     assert run_name("sw", ["run.seed=1", "data.seed=2"]) == "sw-run.seed-1-data.seed-2"  # the same without section
     assert run_name("sw", ["data.source=a/b c.txt"]) == "sw-source-a_b_c.txt"
+    assert run_name("sw", ["training.betas=[0.9,0.95]"]) == "sw-betas-0.9_0.95"
 
 
 def test_the_sweep_table_has_bits_per_byte_and_marks_the_best_run(three_runs, tmp_path):
