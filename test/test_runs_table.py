@@ -311,3 +311,35 @@ def test_runs_that_differ_only_in_their_seed_are_one_line_with_their_mean_interv
     assert runs_main([str(seeded_runs[0].parent), "--runs", "--all"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2 + 5 and "seed" in split(lines[0])
+
+
+OLD_LAW_NAME = "law-overrides-_hidden_size__{}__intermediate_size__{}__num_heads__6_"  # the old sweep's 84 characters
+
+
+@pytest.mark.parametrize("width", [80, 100])
+def test_long_run_names_leave_room_for_the_loss_at_80_and_100_columns(tmp_path, width):
+    """Run folders named as the README's law sweep named them before (up to 84 characters) at 80 and 100 columns:
+    the run column is cut (the shared prefix said once above, the middle of the rest left out), so that the
+    names, still told apart, the validation loss, bits per byte and perplexity all fit."""
+    runs = []
+    for i, (h, budget) in enumerate([(48, ""), (48, "-cooldown-300ba"), (64, ""), (64, "-cooldown-300ba")]):
+        name = OLD_LAW_NAME.format(h, 4 * h) + budget
+        runs.append(fake_run(tmp_path, name, [6.0, 2.0 + i / 10], [3.1, 0.6 + i / 10], lr=1e-3 * (i + 1)))
+    assert max(len(run.name) for run in runs) == 84
+    lines = runs_table(runs, width=width).splitlines()
+    assert lines[0] == ("(run: without the start every name shares, law-overrides-_hidden_size__; … marks a long "
+                        "name's middle left out; --all shows whole names)")
+    assert all(len(line) <= width for line in lines[1:-1]) and lines[-1].startswith("(") and "more column" in lines[-1]
+    header = [cell.strip() for cell in lines[1].split("  ") if cell.strip()]
+    assert header[0] == "run" and {"val loss", "bits/byte", "ppl"} <= set(header)
+    rows = {line.split()[0]: line.split() for line in lines[3:-1]}
+    assert len(rows) == 4 and sum(name.endswith("cooldown-300ba") for name in rows) == 2  # told apart
+    assert all(name.startswith(("48_", "64_")) for name in rows)
+    # each name's row has its own loss (fake_run's 2.0, 2.1, ... in the order above)
+    for run, loss in zip(runs, ("2.0000", "2.1000", "2.2000", "2.3000")):
+        short = run.name.removeprefix("law-overrides-_hidden_size__")
+        (name,) = [name for name in rows if name.startswith(short[:3]) and name.endswith(short[-5:])]
+        assert rows[name][header.index("val loss")] == loss
+    # --all: the whole names, nothing said above
+    whole = runs_table(runs).splitlines()
+    assert whole[0].split()[0] == "run" and {run.name for run in runs} <= {line.split()[0] for line in whole[2:]}

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from rafale.errors import RafaleError
 from rafale.run_folder.plots import (TABLE_METRICS, _fixed_width, comparable_groups, differing_keys, escaped, find_column,
-                          fitting_columns, run_row, sort_rows, what_differs, where_rows)
+                          fit_run_names, fitting_columns, run_row, sort_rows, what_differs, where_rows)
 from rafale.run_folder import read_config, read_summary
 from rafale.stats import Summary, summarize
 
@@ -190,8 +190,10 @@ def arms_table(run_dirs: list[Path], sort: str | None = None, reverse: bool = Fa
             csv_rows += [csv_row(row, headers, title if len(groups) > 1 else None) for row in rows]
             continue
         wanted = [find_column(name, headers, "--columns") for name in columns] if columns else None
+        rows, shortened = fit_run_names(rows, headers, None if columns else width)
         shown = fitting_columns(headers, rows, width, wanted)
         lines = [f"{escaped(title)} ({len(rows)} arm{'' if len(rows) == 1 else 's'})"] if len(groups) > 1 else []
+        lines += [f"({escaped(shortened)})"] if shortened else []
         lines += _fixed_width(shown, rows)
         hidden = [h for h in headers if h not in shown]
         if hidden and not columns:

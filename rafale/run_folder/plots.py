@@ -17,6 +17,7 @@ import io
 import itertools
 import json
 import operator
+import os
 import re
 from pathlib import Path
 
@@ -391,6 +392,51 @@ def fitting_columns(headers: list[str], rows: list[dict], width: int | None, wan
     return shown
 
 
+MIN_RUN_WIDTH = 24  # the run column is never cut shorter than this
+
+
+def fit_run_names(rows: list[dict], headers: list[str], width: int | None) -> tuple[list[dict], str | None]:
+    """The rows with their run names short enough that the final validation columns (KEPT_FIRST) fit beside them
+    in `width` characters, and the line that says so above the table (None when nothing was shortened): the
+    prefix every name shares (up to a `-`) is dropped and said once, and a name still longer than half the width
+    (or than the room the metrics leave) loses its middle, marked `…`. Names are kept whole where shortening
+    would make two alike, and with `width` None (--all)."""
+    names = [row["run"] for row in rows]
+    metrics = [header for header in KEPT_FIRST if header in headers and header != "run"]
+    if width is None or not rows:
+        return rows, None
+    room = max(MIN_RUN_WIDTH, min(width // 2, width - (_table_width(metrics, rows) + 2 if metrics else 0)))
+    if max(map(len, names)) <= room:
+        return rows, None
+    prefix = common_prefix(names)
+    short = [middle_cut(name[len(prefix):], room) for name in names]
+    if len(set(short)) < len(set(names)):
+        return rows, None
+    said = "; ".join([f"run: without the start every name shares, {prefix}"] * bool(prefix)
+                     + ["run: … marks a long name's middle left out"] * any("…" in name for name in short)
+                     + ["--all shows whole names"]).replace("; run:", ";")
+    return [{**row, "run": name} for row, name in zip(rows, short)], said
+
+
+def common_prefix(names: list[str]) -> str:
+    """What every name starts with, up to and with its last `-` or `_` ('law-' for law-hs48 and law-hs64); '' for
+    one name."""
+    if len(names) < 2:
+        return ""
+    shared = os.path.commonprefix(names)
+    prefix = shared[:max(shared.rfind("-"), shared.rfind("_")) + 1]
+    return prefix if all(len(name) > len(prefix) for name in names) else ""
+
+
+def middle_cut(name: str, room: int) -> str:
+    """`name` in at most `room` characters: its start and its end (where sweeps put cooldowns and seeds), `…`
+    between."""
+    if len(name) <= room:
+        return name
+    tail = (room - 1) // 2
+    return name[:room - 1 - tail] + "…" + name[len(name) - tail:]
+
+
 def _column_width(header: str, rows: list[dict]) -> int:
     return max(len(header), *(len(escaped(row.get(header, ""))) for row in rows))
 
@@ -431,8 +477,10 @@ def runs_table(run_dirs: list[Path], sort: str | None = None, reverse: bool = Fa
     for title, runs in groups:
         headers, rows = table_rows(runs, sort if sort and _has_column(sort, runs) else None, reverse)
         wanted = [find_column(key, sorted(known)) for key in columns] if columns else None
+        rows, shortened = fit_run_names(rows, headers, None if columns else width)
         shown = fitting_columns(headers, rows, width, wanted)
         lines = ([f"{escaped(title)} ({len(runs)} run{'' if len(runs) == 1 else 's'})"] if len(groups) > 1 else [])
+        lines += [f"({escaped(shortened)})"] if shortened else []
         lines += _fixed_width(shown, rows)
         hidden = [h for h in headers if h not in shown]
         if hidden and not columns:
