@@ -343,3 +343,35 @@ def test_long_run_names_leave_room_for_the_loss_at_80_and_100_columns(tmp_path, 
     # --all: the whole names, nothing said above
     whole = runs_table(runs).splitlines()
     assert whole[0].split()[0] == "run" and {run.name for run in runs} <= {line.split()[0] for line in whole[2:]}
+
+
+def test_plain_rafale_runs_finds_nested_run_folders_and_tells_same_names_apart(tmp_path, capsys, monkeypatch):
+    """After the README's law sweep, runs/ holds the default run and runs/law/*: `rafale runs` (default runs/)
+    lists them all, not the evaluations and exports inside a run folder (each with a summary.json of its own),
+    and two runs named alike in different folders show their path below runs/."""
+    runs = tmp_path / "runs"
+    default = fake_run(runs, "pythia-tiny-stories", [6.0, 2.5], lr=1e-3)
+    law = [fake_run(runs / "law", f"law-hs{h}-is{4 * h}", [6.0, 2.0 + h / 1000], lr=2e-3) for h in (48, 64)]
+    old = fake_run(runs / "old" / "deeper", "law-hs48-is192", [6.0, 3.0], lr=3e-3)
+    evaluation = law[0] / "evals" / "2026-01-01T00-00-00"
+    evaluation.mkdir(parents=True)
+    (evaluation / "summary.json").write_text((law[0] / "summary.json").read_text())
+    (law[0] / "checkpoints").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert runs_main(["--all"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    names = [line.split()[0] for line in lines[2:]]
+    assert sorted(names) == sorted(["pythia-tiny-stories", "law/law-hs48-is192", "law-hs64-is256",
+                                    "old/deeper/law-hs48-is192"])
+    # the one named alike are told apart and keep their own figures: law/... 2.048, old/deeper/... 3.0
+    assert "2.0480" in next(line for line in lines if line.startswith("law/law-hs48-is192"))
+    assert "3.0000" in next(line for line in lines if line.startswith("old/deeper/law-hs48-is192"))
+    # CSV and --where read the same runs
+    assert runs_main(["--csv"]) == 0
+    assert sorted(row["run"] for row in csv.DictReader(io.StringIO(capsys.readouterr().out))) == sorted(names)
+    assert runs_main(["--where", "val loss>2.9", "--all"]) == 0
+    (only,) = capsys.readouterr().out.splitlines()[2:]  # alone in its table, its name needs no path
+    assert only.split()[0] == "law-hs48-is192" and "3.0000" in only
+    with pytest.raises(RafaleError, match="no run folders in empty or below"):
+        (tmp_path / "empty" / "sub").mkdir(parents=True)
+        runs_main(["empty"])

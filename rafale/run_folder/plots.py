@@ -334,8 +334,10 @@ def table_rows(run_dirs: list[Path], sort: str | None = None, reverse: bool = Fa
     """The headers (those with a value in some run) and the rows of `rafale runs`: run, the hyperparameters that
     differ, then run_row's columns; only the rows that meet every `where` condition (see where_rows); best final
     validation first, or by the column `sort`."""
-    rows = [{"run": row.pop("run"), **settings, **row}
-            for row, settings in zip(map(run_row, run_dirs), what_differs(run_dirs))]
+    rows = [{"run": row.pop("run"), **settings, **row, "_dir": run_dir}
+            for row, settings, run_dir in zip(map(run_row, run_dirs), what_differs(run_dirs), run_dirs)]
+    for row, name in zip(rows, names_apart(run_dirs, [row["run"] for row in rows])):
+        row["run"] = name
     for condition in where:
         rows = where_rows(rows, condition)
     if not rows:
@@ -345,7 +347,17 @@ def table_rows(run_dirs: list[Path], sort: str | None = None, reverse: bool = Fa
         rows = sort_rows(rows, column, reverse)
     elif reverse:
         rows = rows[::-1]
-    return [header for header in rows[0] if any(row[header] for row in rows)], rows
+    return [header for header in rows[0] if not header.startswith("_") and any(row[header] for row in rows)], rows
+
+
+def names_apart(run_dirs: list[Path], names: list[str]) -> list[str]:
+    """The runs' names, but a name two runs share (one in runs/law, one in runs/old) is the run's path relative to
+    the folder that holds all the runs (law/law-hs48, old/law-hs48)."""
+    if len(set(names)) == len(names):
+        return names
+    top = Path(os.path.commonpath([Path(run_dir).absolute().parent for run_dir in run_dirs]))
+    return [str(Path(run_dir).absolute().relative_to(top)) if names.count(name) > 1 else name
+            for run_dir, name in zip(run_dirs, names)]
 
 
 def comparable_groups(run_dirs: list[Path]) -> list[tuple[str, list[Path]]]:
@@ -455,8 +467,8 @@ def _fixed_width(headers: list[str], rows: list[dict]) -> list[str]:
 
 def runs_meeting(run_dirs: list[Path], where: list[str]) -> list[Path]:
     """The runs whose row meets every `where` condition (see where_rows), read against the whole table's columns."""
-    kept = {row["run"] for row in table_rows(run_dirs, where=where)[1]}
-    return [run_dir for run_dir in run_dirs if run_row(run_dir)["run"] in kept]
+    kept = {row["_dir"] for row in table_rows(run_dirs, where=where)[1]}
+    return [run_dir for run_dir in run_dirs if run_dir in kept]
 
 
 def runs_table(run_dirs: list[Path], sort: str | None = None, reverse: bool = False, as_csv: bool = False,
@@ -507,8 +519,8 @@ def _csv_table(groups: list[tuple[str, list[Path]]], sort: str | None, reverse: 
     text = io.StringIO()
     writer = csv.DictWriter(text, headers, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
-    by_name = {row["run"]: row for row in table_rows(runs)[1]}  # each run's cells, in the whole table's columns
+    by_dir = {row["_dir"]: row for row in table_rows(runs)[1]}  # each run's cells, in the whole table's columns
     for title, group in groups:
         _, rows = table_rows(group, sort if sort and _has_column(sort, group) else None, reverse)
-        writer.writerows({**by_name[row["run"]], "group": title} for row in rows)
+        writer.writerows({**by_dir[row["_dir"]], "group": title} for row in rows)
     return text.getvalue().rstrip("\n")
