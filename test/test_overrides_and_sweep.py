@@ -203,3 +203,32 @@ def test_a_tuned_sweep_of_one_seed_says_its_figure_flatters_the_arm():
 
     notes = "\n".join(arms_notes([SweepRow("sw", [], seeds=["42"])], {}, None, "LanguageCrossEntropy", "training.lr"))
     assert "tuned per arm on seed 42, and the figure reported is that seed's own run" in notes and "flatters" in notes
+
+
+def test_a_sweep_with_cooldowns_counts_tables_and_draws_its_branches(tmp_path, cache_dir, capsys, monkeypatch):
+    """Each point a WSD run of 10 batches with a cooldown to 5 (test_law's cheap cooldown setup, shorter): the
+    progress counts the branches (1-2/4, 3-4/4), sweep-sw.md has a row for each branch with its budget, and the
+    picture draws every run and branch (a run evaluated once: a marker, not a line)."""
+    from rafale.run_folder.plots import runs_figure
+
+    cfg = write_config(tmp_path / "cfg.yaml", run={"output_dir": str(tmp_path / "runs"), "name": "sw"},
+                       training={"max_duration": "10ba", "warmup": "1ba", "schedule": "wsd", "decay_fraction": 0.2,
+                                 "decay_shape": "linear", "cooldowns": ["5ba"], "checkpoints_to_keep": -1,
+                                 "save_interval": "10ba", "eval_interval": "10ba"})
+    code, out, err = run_in_process(["sweep", "-c", str(cfg), "training.lr=1e-3,3e-3"], capsys, monkeypatch)
+    assert code == 0, (out + err)[-3000:]
+    assert "rafale: sweep 1-2/4: sw-lr-1e-3 (training.lr=1e-3) and its cooldowns to 5ba" in out
+    assert "rafale: sweep 3-4/4: sw-lr-3e-3 (training.lr=3e-3) and its cooldowns to 5ba" in out
+    table = (tmp_path / "runs" / "sweep-sw.md").read_text()
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in table.splitlines() if line.startswith("| sw-")}
+    assert list(rows) == ["sw-lr-1e-3", "sw-lr-1e-3-cooldown-5ba", "sw-lr-3e-3", "sw-lr-3e-3-cooldown-5ba"], table
+    assert "| training.lr=3e-3 (cooldown to 5ba) | " in rows["sw-lr-3e-3-cooldown-5ba"]
+    branch = json.loads((tmp_path / "runs" / "sw-lr-3e-3-cooldown-5ba" / "summary.json").read_text())
+    assert f"| {branch['validation']['LanguageCrossEntropy']:.4f}" in rows["sw-lr-3e-3-cooldown-5ba"]
+    # the picture: four runs, each validation (one evaluation) a marker without a line
+    fig = runs_figure([tmp_path / "runs" / name for name in rows])
+    validation = [line for line in fig.axes[0].get_lines() if line.get_label() and not line.get_label().startswith("_")]
+    assert len(validation) == 4 and all(line.get_linestyle() == "None" and line.get_marker() == "o"
+                                        for line in validation)
+    code, out, _ = run_in_process(["sweep", "-c", str(cfg), "training.lr=1e-3,3e-3"], capsys, monkeypatch)
+    assert code == 0 and "rafale: sweep 3-4/4: sw-lr-3e-3 and its cooldowns to 5ba completed before" in out

@@ -231,6 +231,11 @@ def test_the_overlay_legend_says_what_differs(three_runs, tmp_path):
     # runs that differ in nothing are named by their folders
     same = [fake_run(tmp_path / "same", name, [6.0, 2.0]) for name in ("p", "q")]
     assert [t.get_text() for t in runs_figure(same).axes[0].get_legend().get_texts()] == ["p", "q"]
+    # evaluated at the start and the end only: markers; three evaluations or more: a dashed curve through them
+    curve = fake_run(tmp_path / "curve", "r", [6.0, 3.0, 2.0])
+    lines = {line.get_label(): line for line in runs_figure([same[0], curve]).axes[0].get_lines()}
+    assert lines["p"].get_linestyle() == "None" and lines["p"].get_marker() == "o"
+    assert lines["r"].get_linestyle() == "--" and lines["r"].get_marker() == "o"
 
 
 def test_runs_and_plot_read_a_killed_runs_cut_metrics_line(tmp_path, capsys):

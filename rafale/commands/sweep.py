@@ -6,7 +6,9 @@ runs the 4 combinations, each in its own run folder, then writes `<output_dir>/s
 overrides, final and best validation loss, bits per byte when the runs have it, wall time, tokens/s; a star marks
 the run with the best final validation loss, or accuracy for classifiers) and `sweep-<run.name>.png` (the runs'
 losses overlaid, each labelled by the values that differ). Every combination's config is checked before the
-first run starts.
+first run starts. A run with `training.cooldowns` trains its branches itself (rafale/run/branch.py): the table has
+a row for each (`NAME-cooldown-300ba`, "(cooldown to 300ba)"), the picture a curve, and the progress counts them
+(`sweep 1-3/12: law-hs48-is192-nh6 (...) and its cooldowns to 300ba, 500ba`).
 
 A run folder is named `<run.name>-<key>-<value>-<key>-<value>...`, one key and value per axis with more than one
 value, in the order of the command line: the key is the axis's whole dotted key without its section (the part
@@ -211,7 +213,8 @@ def sweep_table(rows: list[tuple[str, list[str], Path]], fixed: list[str] = ()) 
     for name, point, run_dir in rows:
         varied = " ".join(item for item in point if item not in fixed)
         if name not in finished:
-            lines.append(f"| {name} | {varied} | {run_status(run_dir) or 'failed'} |" + " |" * (len(headers) - 3))
+            status = run_status(run_dir) or ("failed" if run_dir.exists() else "not trained")
+            lines.append(f"| {name} | {varied} | {status} |" + " |" * (len(headers) - 3))
             continue
         row = finished[name]
         best = best_validation(run_dir)
@@ -415,16 +418,26 @@ def sweep_main(argv, train, on_every_rank=lambda decide: decide()) -> int:
     out_dir = Path(base.run.output_dir).expanduser()
     actions = on_every_rank(lambda: plan([(name, cfg) for name, _, cfg in named], out_dir, args.restart))
     rows = sweep_rows(named, fixed, base, tune_key)
-    total = sum(len(row.values) + len(row.seeds) - 1 if tune_key else len(row.runs) for row in rows)
-    trained, failed = [], 0
+    cooldowns = {name: [str(budget) for budget in cfg.training.cooldowns] for name, _, cfg in named}
+    total = sum((len(row.values) + len(row.seeds) - 1 if tune_key else len(row.runs))
+                * (1 + len(cooldowns[next(iter(row.runs.values()))[0]])) for row in rows)  # with the cooldowns
+    trained, failed, count = [], 0, 0
 
     def train_run(name: str, point: list[str]) -> None:
-        nonlocal failed
+        nonlocal failed, count
+        from rafale.run.branch import cooldown_name
+
         trained.append((name, point, out_dir / name))
+        budgets = cooldowns[name]
+        trained.extend((cooldown_name(name, budget), [*point, f"(cooldown to {budget})"],
+                        out_dir / cooldown_name(name, budget)) for budget in budgets)
+        number = f"{count + 1}/{total}" if not budgets else f"{count + 1}-{count + 1 + len(budgets)}/{total}"
+        count += 1 + len(budgets)
+        branches = f" and its cooldowns to {', '.join(budgets)}" if budgets else ""
         if actions[name] == "skip":
-            print(f"rafale: sweep {len(trained)}/{total}: {name} completed before with this config; skipped")
+            print(f"rafale: sweep {number}: {name}{branches} completed before with this config; skipped")
             return
-        print(f"rafale: sweep {len(trained)}/{total}: {name} ({' '.join(point)})", flush=True)
+        print(f"rafale: sweep {number}: {name} ({' '.join(point)}){branches}", flush=True)
         try:
             train(argparse.Namespace(config=args.config, data_only=False, debug=False,
                                      restart=actions[name] == "restart", overrides=[*point, f"run.name={name}"]))

@@ -140,7 +140,8 @@ def run_labels(run_dirs: list[Path]) -> list[str]:
 
 
 def runs_figure(run_dirs: list[Path]):
-    """The train and validation losses of several runs against tokens, each run labelled by what differs."""
+    """The train and validation losses of several runs against tokens, each run labelled by what differs; a series
+    of one or two points (a run evaluated once, at its end) is drawn as markers, not joined."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 5), constrained_layout=True)
     colours = plt.get_cmap("tab10" if len(run_dirs) <= 10 else "tab20").colors  # one colour per run, never reused
@@ -151,9 +152,10 @@ def runs_figure(run_dirs: list[Path]):
             for name in names:
                 if series.get(name):
                     steps, values = zip(*series[name])
-                    # a run's training loss in a lighter shade of its colour, labelled once (by its validation)
-                    ax.plot([s * per_step for s in steps], values, style, ms=4, color=colour, alpha=alpha,
-                            label=label if kind == "validation" else None)
+                    # a run's training loss in a lighter shade of its colour, labelled once (by its validation);
+                    # one or two points are markers alone: a line from the first to the last would read as a curve
+                    ax.plot([s * per_step for s in steps], values, style if len(steps) > 2 else "o", ms=4,
+                            color=colour, alpha=alpha, label=label if kind == "validation" else None)
     ax.set_xlabel("tokens")
     ax.set_ylabel("loss")
     ax.set_yscale("log")
