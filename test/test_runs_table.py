@@ -114,12 +114,33 @@ def test_sort_by_any_column(three_runs, capsys):
     assert [line.split()[0] for line in lines[2:5]] == ["c", "a", "b"]
 
 
-def test_csv_has_the_same_rows_as_the_table(three_runs, capsys):
+def test_csv_has_the_tables_rows_as_plain_numbers_in_base_units(three_runs, capsys):
+    """The fixed-width table says 204,800 tokens, 7.4 min and 1.31M parameters; CSV the summary.json's numbers,
+    the unit in the header, each cell read back by float() equal to the summary's value."""
+    summary_file = three_runs[1] / "summary.json"
+    summary = json.loads(summary_file.read_text()) | {
+        "tokens": 204_800, "wall_time_s": 444.0, "parameters": 1_310_720, "non_embedding_parameters": 66_304,
+        "training_flops": 6 * 66_304 * 204_800, "tokens_per_s": 461.26126126126127, "mfu": 0.074}
+    summary_file.write_text(json.dumps(summary))
     header, rows = table(three_runs)
+    assert "204,800" in rows[0] and "7.4 min" in rows[0] and "1.31M" in rows[0]  # the table stays human
     assert runs_main([str(three_runs[0].parent), "--csv"]) == 0
-    parsed = list(csv.reader(io.StringIO(capsys.readouterr().out)))
-    assert parsed[0] == header and parsed[1:] == rows
-    assert "lr" in parsed[0] and "bits/byte" in parsed[0]
+    parsed = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert [row["run"] for row in parsed] == [row[0] for row in rows] == ["b", "c", "a"]  # the table's order
+    assert list(parsed[0]) == ["run", "lr", "optimizer.name", "model", "status", "params", "N_params", "tokens",
+                               "C_flops", "wall_s", "tok_per_s", "mfu_pct", "val loss", "ppl", "bits/byte"]
+    units = {"params": "parameters", "N_params": "non_embedding_parameters", "tokens": "tokens",
+             "C_flops": "training_flops", "wall_s": "wall_time_s", "tok_per_s": "tokens_per_s"}
+    for row, run in zip(parsed, (three_runs[1], three_runs[2], three_runs[0])):
+        expected = json.loads((run / "summary.json").read_text())
+        for column, key in units.items():
+            assert (float(row[column]) if row[column] else None) == expected.get(key), (column, row[column])
+        assert float(row["val loss"]) == expected["validation"]["LanguageCrossEntropy"]
+        assert float(row["ppl"]) == expected["validation"]["LanguagePerplexity"]  # every digit, not 4 decimals
+        assert float(row["bits/byte"]) == expected["validation"]["BitsPerByte"]
+        assert float(row["lr"]) in (1e-3, 3e-3) and row["status"] == "complete"
+    assert parsed[0]["tokens"] == "204800" and parsed[0]["wall_s"] == "444.0" and parsed[0]["params"] == "1310720"
+    assert float(parsed[0]["mfu_pct"]) == pytest.approx(7.4) and parsed[1]["mfu_pct"] == ""
 
 
 def test_values_are_escaped_onto_one_line(tmp_path):

@@ -77,7 +77,8 @@ def runs_main(argv) -> int:
                         help="only the runs where COND holds: COLUMN OP VALUE, OP one of < <= > >= = != (e.g. "
                         "'N>1e6', 'C<3e12', 'optimizer.name=soap'); repeatable, all must hold. N: non-embedding "
                         "parameters, D: tokens, C: training FLOPs (flops_per_token x D)")
-    parser.add_argument("--csv", action="store_true", help="print CSV instead of a fixed-width table (every column)")
+    parser.add_argument("--csv", action="store_true", help="print CSV instead of a fixed-width table: every column, "
+                        "plain numbers in base units, the unit in the header (tokens, wall_s, params, tok_per_s, ...)")
     parser.add_argument("--columns", metavar="A,B", help="show these columns (and run), comma-separated, however wide")
     parser.add_argument("--all", action="store_true", help="show every column, however wide the table")
     parser.add_argument("--runs", action="store_true", help="one line per run where runs differ only in run.seed "

@@ -231,15 +231,19 @@ def what_differs(run_dirs: list[Path], leave_out: frozenset[str] = frozenset()) 
             for config in configs]
 
 
+def run_summary(run_dir: Path) -> dict:
+    """The run's summary.json, or for a run that never wrote one, its name, tokens and last logged evaluation."""
+    if (run_dir / SUMMARY_FILE).is_file():
+        return json.loads((run_dir / SUMMARY_FILE).read_text())
+    series = read_metrics(run_dir)
+    last = {name.rsplit("/", 1)[-1]: points[-1][1] for name, points in series.items() if name.startswith("metrics/eval/")}
+    tokens = series.get("time/token", [(0, 0)])[-1][1]
+    return {"name": run_dir.name, "model": "(unfinished)", "tokens": int(tokens), "validation": last}
+
+
 def run_row(run_dir: Path) -> dict:
     """One run's line of the table: its summary.json, or for a run that never finished, its last logged values."""
-    if (run_dir / SUMMARY_FILE).is_file():
-        summary = json.loads((run_dir / SUMMARY_FILE).read_text())
-    else:
-        series = read_metrics(run_dir)
-        last = {name.rsplit("/", 1)[-1]: points[-1][1] for name, points in series.items() if name.startswith("metrics/eval/")}
-        tokens = series.get("time/token", [(0, 0)])[-1][1]
-        summary = {"name": run_dir.name, "model": "(unfinished)", "tokens": int(tokens), "validation": last}
+    summary = run_summary(run_dir)
     status = summary.get("status", "complete")  # a summary of a run that stopped or failed says where it stands
     model = summary.get("model", "?") + ("" if status == "complete" else f" ({status} at batch {summary.get('batches')})")
     row = {"run": summary["name"], "model": model,
@@ -512,17 +516,54 @@ def _has_column(key: str, runs: list[Path]) -> bool:
     return True
 
 
+# CSV: the table's human columns as plain numbers in base units, the unit in the header (summary.json's key)
+CSV_NUMBERS = {"params": ("params", "parameters"), "N": ("N_params", "non_embedding_parameters"),
+               "tokens": ("tokens", "tokens"), "C": ("C_flops", "training_flops"), "wall": ("wall_s", "wall_time_s"),
+               "tok/s": ("tok_per_s", "tokens_per_s")}
+
+
+def plain(value) -> str:
+    """A number as CSV gets it: 204800, 444.0, 2.3456789 (float's shortest exact spelling); '' for None."""
+    return "" if value is None else repr(value) if isinstance(value, float) else str(value)
+
+
+def csv_headers(headers: list[str], runs: list[Path]) -> list[str]:
+    """The CSV's columns for the table's `headers`: the numbers renamed with their unit (CSV_NUMBERS), status after
+    model, and mfu_pct after tok_per_s where a run has an MFU."""
+    out = []
+    for header in headers:
+        out.append(CSV_NUMBERS.get(header, (header,))[0])
+        out += ["status"] * (header == "model")
+        out += ["mfu_pct"] * (header == "tok/s" and any(run_summary(run).get("mfu") is not None for run in runs))
+    return out
+
+
+def csv_cells(row: dict) -> dict:
+    """A table row's CSV cells: the hyperparameters as the table spells them (3e-3), the numbers plain, from the
+    run's summary.json (see CSV_NUMBERS; the metrics at full precision; mfu_pct = 100 x mfu), the model and its
+    status apart."""
+    summary = run_summary(row["_dir"])
+    validation = summary.get("validation", {})
+    cells = {**row, "model": summary.get("model", ""), "status": summary.get("status", "complete"),
+             "mfu_pct": plain(summary["mfu"] * 100 if summary.get("mfu") is not None else None)}
+    cells.update({name: plain(summary.get(key)) for name, key in CSV_NUMBERS.values()})
+    for header, names in TABLE_METRICS.items():
+        cells[header] = plain(next((validation[n] for n in names if n in validation), None))
+    return cells
+
+
 def _csv_table(groups: list[tuple[str, list[Path]]], sort: str | None, reverse: bool) -> str:
     """Every run in one CSV table: run, the group it is in (task and data), the hyperparameters that differ, the
-    metrics; within each group, ranked as the fixed-width table ranks it. Values as they are (CSV quotes them)."""
+    model, status and numbers (plain, in base units: tokens 204800, wall_s 444.0; see csv_cells); within each
+    group, ranked as the fixed-width table ranks it. CSV quotes what needs it."""
     runs = [run_dir for _, group in groups for run_dir in group]
     headers, _ = table_rows(runs)
-    headers = headers[:1] + ["group"] * (len(groups) > 1) + headers[1:]
+    headers = csv_headers(headers[:1] + ["group"] * (len(groups) > 1) + headers[1:], runs)
     text = io.StringIO()
     writer = csv.DictWriter(text, headers, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     by_dir = {row["_dir"]: row for row in table_rows(runs)[1]}  # each run's cells, in the whole table's columns
     for title, group in groups:
         _, rows = table_rows(group, sort if sort and _has_column(sort, group) else None, reverse)
-        writer.writerows({**by_dir[row["_dir"]], "group": title} for row in rows)
+        writer.writerows({**csv_cells(by_dir[row["_dir"]]), "group": title} for row in rows)
     return text.getvalue().rstrip("\n")
