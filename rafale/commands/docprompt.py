@@ -37,6 +37,7 @@ DOCSTRING_ONLY = ("rafale/commands/",  # every command (a folder: a new command 
                   "rafale/main.py", "rafale/data/stories.py", "rafale/data/shapes.py", "rafale/run_folder/arms.py",
                   "rafale/run/record.py", "rafale/run/outcomes.py", "rafale/run_folder/plots.py",
                   "rafale/run/hardware.py", "rafale/run/loggers.py", "rafale/run/trainer_parts.py",
+                  "rafale/run/branch.py",  # its docstring says how a cooldown branch works; its helpers are the run's
                   # the encoders and CLIP: HF's module trees ported class by class (their HF classes say the rest)
                   "rafale/models/encoder.py", "rafale/models/clip.py", "rafale/models/contrastive.py",
                   "rafale/data/image_text.py")
