@@ -48,8 +48,10 @@ def group_arms(run_dirs: list[Path]) -> list[list[Path]]:
 
 
 def has_seeds(run_dirs: list[Path]) -> bool:
-    """Whether some arm among the runs ran more than one seed (runs alike in every key, seed too, are not seeds)."""
-    return any(len({seed_of(run) for run in arm}) > 1 for arm in group_arms(run_dirs))
+    """Whether some arm among the runs ran more than one seed (runs alike in every key, seed too, are not seeds; nor
+    are runs whose config.yaml has no run.seed, which seed_of tells apart by name only)."""
+    return any(len({seed for seed in map(seed_of, arm) if not seed.startswith("?")}) > 1
+               for arm in group_arms(run_dirs))
 
 
 def ranking_metric(run_dirs: list[Path]) -> str | None:
