@@ -135,7 +135,7 @@ def law_runs(folder: Path) -> None:
 
     for width, N in zip((48, 64, 96, 128), SIZES):
         for D in BUDGETS[:3]:
-            fake_run(folder, f"law-model.overrides_hidden_size__{width}_-{int(D)}", int(N), int(D), law_loss(N, D))
+            fake_run(folder, f"law-hs{width}-is{4 * width}-{int(D)}", int(N), int(D), law_loss(N, D))
 
 
 def workdir(fixtures, where: Path, with_runs: bool) -> Path:

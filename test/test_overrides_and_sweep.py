@@ -52,7 +52,44 @@ def test_sweep_grid_and_names():
     assert split_values("[0.9,0.95],[0.9,0.99]") == ["[0.9,0.95]", "[0.9,0.99]"]
     assert grid(["training.lr=1,2", "model.num_layers=3"]) == [["training.lr=1", "model.num_layers=3"],
                                                                ["training.lr=2", "model.num_layers=3"]]
-    assert run_name("base", ["training.lr=3e-3", "training.betas=[0.9,0.95]"]) == "base-lr-3e-3-betas-_0.9_0.95_"
+    assert run_name("base", ["training.lr=3e-3", "training.betas=[0.9,0.95]"]) == "base-lr-3e-3-betas-0.9_0.95"
+
+
+LAW_AXIS = ("model.overrides={hidden_size: 48, intermediate_size: 192, num_heads: 6},{hidden_size: 64, "
+            "intermediate_size: 256},{hidden_size: 96, intermediate_size: 384},{hidden_size: 128, intermediate_size: 512}")
+
+
+def test_a_mapping_value_is_named_by_its_varying_keys_abbreviated():
+    """The README's law sweep (test/law_stories.yaml's axis): each point named by the keys that vary between the
+    mappings (num_heads only the first has), by their initials; a key the same in every mapping is left out."""
+    from rafale.commands.sweep import axes_values, unique_names
+
+    points = grid([LAW_AXIS])
+    values = axes_values(points)
+    assert [run_name("law", point, values) for point in points] == [
+        "law-hs48-is192-nh6", "law-hs64-is256", "law-hs96-is384", "law-hs128-is512"]
+    same_heads = grid(["model.overrides={hidden_size: 48, num_heads: 4},{hidden_size: 64, num_heads: 4}",
+                       "training.optimizer={name: soap, lr: 0.1},{name: adamw, lr: 0.1}"])
+    values = axes_values(same_heads)
+    assert run_name("x", same_heads[0], values) == "x-hs48-name_soap"
+    assert run_name("x", ["model.overrides={dropout: 0.1, a: {rope_theta: 5}}"]) == "x-dropout0.1-rt5"
+    # too long: cut, with a hash of the point that is the same on every call; colliding names get the hash too
+    long = run_name("x", ["data.source=" + "a" * 100])
+    assert len(long) == len("x-") + 60 and long == run_name("x", ["data.source=" + "a" * 100])
+    assert long != run_name("x", ["data.source=" + "a" * 99])
+    twins = [["data.source=a/b"], ["data.source=a b"]]
+    names = unique_names([run_name("x", point) for point in twins], twins)
+    assert names[0].startswith("x-source-a_b-") and len(set(names)) == 2
+
+
+def test_a_sweep_of_the_law_axis_trains_in_the_short_folders(tmp_path, cache_dir, capsys, monkeypatch):
+    """The names reach the run folders: the law sweep's mappings on the debug preset (2 points, 1 batch each)."""
+    cfg = write_config(tmp_path / "cfg.yaml", run={"output_dir": str(tmp_path / "runs"), "name": "law"},
+                       training={"max_duration": "1ba", "eval_interval": "1ba", "save_interval": "1ba"})
+    axis = "model.overrides={hidden_size: 32, intermediate_size: 64},{hidden_size: 64, intermediate_size: 128}"
+    code, out, err = run_in_process(["sweep", "-c", str(cfg), axis], capsys, monkeypatch)
+    assert code == 0, err[-3000:]
+    assert {p.name for p in (tmp_path / "runs").iterdir() if p.is_dir()} == {"law-hs32-is64", "law-hs64-is128"}
 
 
 def test_sweep_runs_the_grid_records_overrides_and_skips_finished_runs(tmp_path, cache_dir, capsys, monkeypatch):
@@ -166,3 +203,32 @@ def test_a_tuned_sweep_of_one_seed_says_its_figure_flatters_the_arm():
 
     notes = "\n".join(arms_notes([SweepRow("sw", [], seeds=["42"])], {}, None, "LanguageCrossEntropy", "training.lr"))
     assert "tuned per arm on seed 42, and the figure reported is that seed's own run" in notes and "flatters" in notes
+
+
+def test_a_sweep_with_cooldowns_counts_tables_and_draws_its_branches(tmp_path, cache_dir, capsys, monkeypatch):
+    """Each point a WSD run of 10 batches with a cooldown to 5 (test_law's cheap cooldown setup, shorter): the
+    progress counts the branches (1-2/4, 3-4/4), sweep-sw.md has a row for each branch with its budget, and the
+    picture draws every run and branch (a run evaluated once: a marker, not a line)."""
+    from rafale.run_folder.plots import runs_figure
+
+    cfg = write_config(tmp_path / "cfg.yaml", run={"output_dir": str(tmp_path / "runs"), "name": "sw"},
+                       training={"max_duration": "10ba", "warmup": "1ba", "schedule": "wsd", "decay_fraction": 0.2,
+                                 "decay_shape": "linear", "cooldowns": ["5ba"], "checkpoints_to_keep": -1,
+                                 "save_interval": "10ba", "eval_interval": "10ba"})
+    code, out, err = run_in_process(["sweep", "-c", str(cfg), "training.lr=1e-3,3e-3"], capsys, monkeypatch)
+    assert code == 0, (out + err)[-3000:]
+    assert "rafale: sweep 1-2/4: sw-lr-1e-3 (training.lr=1e-3) and its cooldowns to 5ba" in out
+    assert "rafale: sweep 3-4/4: sw-lr-3e-3 (training.lr=3e-3) and its cooldowns to 5ba" in out
+    table = (tmp_path / "runs" / "sweep-sw.md").read_text()
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in table.splitlines() if line.startswith("| sw-")}
+    assert list(rows) == ["sw-lr-1e-3", "sw-lr-1e-3-cooldown-5ba", "sw-lr-3e-3", "sw-lr-3e-3-cooldown-5ba"], table
+    assert "| training.lr=3e-3 (cooldown to 5ba) | " in rows["sw-lr-3e-3-cooldown-5ba"]
+    branch = json.loads((tmp_path / "runs" / "sw-lr-3e-3-cooldown-5ba" / "summary.json").read_text())
+    assert f"| {branch['validation']['LanguageCrossEntropy']:.4f}" in rows["sw-lr-3e-3-cooldown-5ba"]
+    # the picture: four runs, each validation (one evaluation) a marker without a line
+    fig = runs_figure([tmp_path / "runs" / name for name in rows])
+    validation = [line for line in fig.axes[0].get_lines() if line.get_label() and not line.get_label().startswith("_")]
+    assert len(validation) == 4 and all(line.get_linestyle() == "None" and line.get_marker() == "o"
+                                        for line in validation)
+    code, out, _ = run_in_process(["sweep", "-c", str(cfg), "training.lr=1e-3,3e-3"], capsys, monkeypatch)
+    assert code == 0 and "rafale: sweep 3-4/4: sw-lr-3e-3 and its cooldowns to 5ba completed before" in out

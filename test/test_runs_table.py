@@ -114,12 +114,33 @@ def test_sort_by_any_column(three_runs, capsys):
     assert [line.split()[0] for line in lines[2:5]] == ["c", "a", "b"]
 
 
-def test_csv_has_the_same_rows_as_the_table(three_runs, capsys):
+def test_csv_has_the_tables_rows_as_plain_numbers_in_base_units(three_runs, capsys):
+    """The fixed-width table says 204,800 tokens, 7.4 min and 1.31M parameters; CSV the summary.json's numbers,
+    the unit in the header, each cell read back by float() equal to the summary's value."""
+    summary_file = three_runs[1] / "summary.json"
+    summary = json.loads(summary_file.read_text()) | {
+        "tokens": 204_800, "wall_time_s": 444.0, "parameters": 1_310_720, "non_embedding_parameters": 66_304,
+        "training_flops": 6 * 66_304 * 204_800, "tokens_per_s": 461.26126126126127, "mfu": 0.074}
+    summary_file.write_text(json.dumps(summary))
     header, rows = table(three_runs)
+    assert "204,800" in rows[0] and "7.4 min" in rows[0] and "1.31M" in rows[0]  # the table stays human
     assert runs_main([str(three_runs[0].parent), "--csv"]) == 0
-    parsed = list(csv.reader(io.StringIO(capsys.readouterr().out)))
-    assert parsed[0] == header and parsed[1:] == rows
-    assert "lr" in parsed[0] and "bits/byte" in parsed[0]
+    parsed = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert [row["run"] for row in parsed] == [row[0] for row in rows] == ["b", "c", "a"]  # the table's order
+    assert list(parsed[0]) == ["run", "lr", "optimizer.name", "model", "status", "params", "N_params", "tokens",
+                               "C_flops", "wall_s", "tok_per_s", "mfu_pct", "val loss", "ppl", "bits/byte"]
+    units = {"params": "parameters", "N_params": "non_embedding_parameters", "tokens": "tokens",
+             "C_flops": "training_flops", "wall_s": "wall_time_s", "tok_per_s": "tokens_per_s"}
+    for row, run in zip(parsed, (three_runs[1], three_runs[2], three_runs[0])):
+        expected = json.loads((run / "summary.json").read_text())
+        for column, key in units.items():
+            assert (float(row[column]) if row[column] else None) == expected.get(key), (column, row[column])
+        assert float(row["val loss"]) == expected["validation"]["LanguageCrossEntropy"]
+        assert float(row["ppl"]) == expected["validation"]["LanguagePerplexity"]  # every digit, not 4 decimals
+        assert float(row["bits/byte"]) == expected["validation"]["BitsPerByte"]
+        assert float(row["lr"]) in (1e-3, 3e-3) and row["status"] == "complete"
+    assert parsed[0]["tokens"] == "204800" and parsed[0]["wall_s"] == "444.0" and parsed[0]["params"] == "1310720"
+    assert float(parsed[0]["mfu_pct"]) == pytest.approx(7.4) and parsed[1]["mfu_pct"] == ""
 
 
 def test_values_are_escaped_onto_one_line(tmp_path):
@@ -180,6 +201,7 @@ def test_sweep_folder_names_keep_the_whole_key_without_its_section():
     assert run_name("sw", ["model.num_layers=2"]) == "sw-num_layers-2"
     assert run_name("sw", ["run.seed=1", "data.seed=2"]) == "sw-run.seed-1-data.seed-2"  # the same without section
     assert run_name("sw", ["data.source=a/b c.txt"]) == "sw-source-a_b_c.txt"
+    assert run_name("sw", ["training.betas=[0.9,0.95]"]) == "sw-betas-0.9_0.95"
 
 
 def test_the_sweep_table_has_bits_per_byte_and_marks_the_best_run(three_runs, tmp_path):
@@ -230,6 +252,11 @@ def test_the_overlay_legend_says_what_differs(three_runs, tmp_path):
     # runs that differ in nothing are named by their folders
     same = [fake_run(tmp_path / "same", name, [6.0, 2.0]) for name in ("p", "q")]
     assert [t.get_text() for t in runs_figure(same).axes[0].get_legend().get_texts()] == ["p", "q"]
+    # evaluated at the start and the end only: markers; three evaluations or more: a dashed curve through them
+    curve = fake_run(tmp_path / "curve", "r", [6.0, 3.0, 2.0])
+    lines = {line.get_label(): line for line in runs_figure([same[0], curve]).axes[0].get_lines()}
+    assert lines["p"].get_linestyle() == "None" and lines["p"].get_marker() == "o"
+    assert lines["r"].get_linestyle() == "--" and lines["r"].get_marker() == "o"
 
 
 def test_runs_and_plot_read_a_killed_runs_cut_metrics_line(tmp_path, capsys):
@@ -310,3 +337,67 @@ def test_runs_that_differ_only_in_their_seed_are_one_line_with_their_mean_interv
     assert runs_main([str(seeded_runs[0].parent), "--runs", "--all"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2 + 5 and "seed" in split(lines[0])
+
+
+OLD_LAW_NAME = "law-overrides-_hidden_size__{}__intermediate_size__{}__num_heads__6_"  # the old sweep's 84 characters
+
+
+@pytest.mark.parametrize("width", [80, 100])
+def test_long_run_names_leave_room_for_the_loss_at_80_and_100_columns(tmp_path, width):
+    """Run folders named as the README's law sweep named them before (up to 84 characters) at 80 and 100 columns:
+    the run column is cut (the shared prefix said once above, the middle of the rest left out), so that the
+    names, still told apart, the validation loss, bits per byte and perplexity all fit."""
+    runs = []
+    for i, (h, budget) in enumerate([(48, ""), (48, "-cooldown-300ba"), (64, ""), (64, "-cooldown-300ba")]):
+        name = OLD_LAW_NAME.format(h, 4 * h) + budget
+        runs.append(fake_run(tmp_path, name, [6.0, 2.0 + i / 10], [3.1, 0.6 + i / 10], lr=1e-3 * (i + 1)))
+    assert max(len(run.name) for run in runs) == 84
+    lines = runs_table(runs, width=width).splitlines()
+    assert lines[0] == ("(run: without the start every name shares, law-overrides-_hidden_size__; … marks a long "
+                        "name's middle left out; --all shows whole names)")
+    assert all(len(line) <= width for line in lines[1:-1]) and lines[-1].startswith("(") and "more column" in lines[-1]
+    header = [cell.strip() for cell in lines[1].split("  ") if cell.strip()]
+    assert header[0] == "run" and {"val loss", "bits/byte", "ppl"} <= set(header)
+    rows = {line.split()[0]: line.split() for line in lines[3:-1]}
+    assert len(rows) == 4 and sum(name.endswith("cooldown-300ba") for name in rows) == 2  # told apart
+    assert all(name.startswith(("48_", "64_")) for name in rows)
+    # each name's row has its own loss (fake_run's 2.0, 2.1, ... in the order above)
+    for run, loss in zip(runs, ("2.0000", "2.1000", "2.2000", "2.3000")):
+        short = run.name.removeprefix("law-overrides-_hidden_size__")
+        (name,) = [name for name in rows if name.startswith(short[:3]) and name.endswith(short[-5:])]
+        assert rows[name][header.index("val loss")] == loss
+    # --all: the whole names, nothing said above
+    whole = runs_table(runs).splitlines()
+    assert whole[0].split()[0] == "run" and {run.name for run in runs} <= {line.split()[0] for line in whole[2:]}
+
+
+def test_plain_rafale_runs_finds_nested_run_folders_and_tells_same_names_apart(tmp_path, capsys, monkeypatch):
+    """After the README's law sweep, runs/ holds the default run and runs/law/*: `rafale runs` (default runs/)
+    lists them all, not the evaluations and exports inside a run folder (each with a summary.json of its own),
+    and two runs named alike in different folders show their path below runs/."""
+    runs = tmp_path / "runs"
+    default = fake_run(runs, "pythia-tiny-stories", [6.0, 2.5], lr=1e-3)
+    law = [fake_run(runs / "law", f"law-hs{h}-is{4 * h}", [6.0, 2.0 + h / 1000], lr=2e-3) for h in (48, 64)]
+    old = fake_run(runs / "old" / "deeper", "law-hs48-is192", [6.0, 3.0], lr=3e-3)
+    evaluation = law[0] / "evals" / "2026-01-01T00-00-00"
+    evaluation.mkdir(parents=True)
+    (evaluation / "summary.json").write_text((law[0] / "summary.json").read_text())
+    (law[0] / "checkpoints").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert runs_main(["--all"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    names = [line.split()[0] for line in lines[2:]]
+    assert sorted(names) == sorted(["pythia-tiny-stories", "law/law-hs48-is192", "law-hs64-is256",
+                                    "old/deeper/law-hs48-is192"])
+    # the one named alike are told apart and keep their own figures: law/... 2.048, old/deeper/... 3.0
+    assert "2.0480" in next(line for line in lines if line.startswith("law/law-hs48-is192"))
+    assert "3.0000" in next(line for line in lines if line.startswith("old/deeper/law-hs48-is192"))
+    # CSV and --where read the same runs
+    assert runs_main(["--csv"]) == 0
+    assert sorted(row["run"] for row in csv.DictReader(io.StringIO(capsys.readouterr().out))) == sorted(names)
+    assert runs_main(["--where", "val loss>2.9", "--all"]) == 0
+    (only,) = capsys.readouterr().out.splitlines()[2:]  # alone in its table, its name needs no path
+    assert only.split()[0] == "law-hs48-is192" and "3.0000" in only
+    with pytest.raises(RafaleError, match="no run folders in empty or below"):
+        (tmp_path / "empty" / "sub").mkdir(parents=True)
+        runs_main(["empty"])

@@ -39,13 +39,14 @@ DOCSTRING_ONLY = ("rafale/commands/",  # every command (a folder: a new command 
                   "rafale/run/record.py", "rafale/run/outcomes.py", "rafale/run_folder/plots.py",
                   "rafale/run/hardware.py", "rafale/run/loggers.py", "rafale/run/trainer_parts.py",
                   "rafale/run/train.py", "rafale/run_folder/__init__.py", "rafale/run/branch.py", "rafale/run/ema.py",
-                  "rafale/run/resilience.py",
+                  "rafale/run/resilience.py", "rafale/run_folder/checkpoints.py", "rafale/run_folder/export_proof.py",
                   # the encoders and CLIP: HF's module trees ported class by class (their HF classes say the rest)
                   "rafale/models/encoder.py", "rafale/models/clip.py", "rafale/models/contrastive.py",
                   "rafale/data/image_text.py",
                   # the plumbing under the families' HF formats and the metrics (docs/models.md and
                   # docs/extending.md say how to use them)
-                  "rafale/models/hf.py", "rafale/models/layout.py", "rafale/models/metrics.py", "rafale/models/bert.py")
+                  "rafale/models/hf.py", "rafale/models/layout.py", "rafale/models/metrics.py", "rafale/models/bert.py",
+                  "rafale/models/decoding.py")
 # the figures, and the code that checks a figure by hand: no question on using rafale needs them
 LEFT_OUT_PAGES = ("docs/speed.md", "docs/measurements.md", "docs/bits-per-byte.md")
 # ...and the README's figures and its list of the pages that follow in the prompt anyway

@@ -587,7 +587,7 @@ def law_main(argv) -> int:
     parser = argparse.ArgumentParser(
         prog="rafale law", description="Fit L(N, D) = E + A/N^alpha + B/D^beta to finished runs (Chinchilla's "
         "approach 3), with bootstrap intervals and the compute-optimal exponents; write a table and a plot.",
-        epilog="example: rafale law runs/law --holdout 'law-*hidden_size__128_*'")
+        epilog="example: rafale law runs/law --holdout 'law-hs128-*'")
     parser.add_argument("paths", nargs="+", help="run folders, or folders of runs")
     parser.add_argument("--holdout", action="append", default=[], metavar="NAME",
                         help="fit without these runs (a name or a shell pattern; repeatable) and predict them")

@@ -1,8 +1,9 @@
 """`rafale runs` and `rafale plot`: compare run folders (rafale/run_folder/plots.py draws the pictures and the table).
 
     rafale plot RUN [RUN ...] [--out FILE]     overlay several runs' losses against tokens
-    rafale runs DIR [DIR ...] [--sort KEY] [--reverse] [--csv] [--columns A,B] [--all] [--where 'N>1e6']
-                                               one line per run, best final validation first, a table
+    rafale runs [DIR ...] [--sort KEY] [--reverse] [--csv] [--columns A,B] [--all] [--where 'N>1e6']
+                                               one line per run (every run folder under DIR, at any
+                                               depth; default runs/), best final validation first, a table
                                                per task and data source, as wide as the terminal; N (non-embedding
                                                parameters), tokens (D) and C (training FLOPs) among the columns;
                                                runs that differ only in run.seed are one line, their arm
@@ -21,18 +22,36 @@ from rafale.run_folder.plots import plot_run, plot_runs, runs_table
 from rafale.run_folder import METRICS_FILE, SUMMARY_FILE
 
 
+def is_run_folder(path: Path) -> bool:
+    return (path / METRICS_FILE).is_file() or (path / SUMMARY_FILE).is_file()
+
+
 def run_folders(paths: list[Path]) -> list[Path]:
-    """The run folders among `paths`: each path is a run folder, or a folder of them (like runs/)."""
+    """The run folders among `paths`: each path is a run folder, or a folder holding run folders at any depth
+    (runs/, with a sweep's runs in runs/law/; see nested_run_folders)."""
     found = []
     for path in paths:
-        if (path / METRICS_FILE).is_file() or (path / SUMMARY_FILE).is_file():
+        if is_run_folder(path):
             found.append(path)
         elif path.is_dir():
-            found += sorted(p for p in path.iterdir() if (p / METRICS_FILE).is_file() or (p / SUMMARY_FILE).is_file())
+            found += nested_run_folders(path)
         else:
             raise RafaleError(f"no such run folder: {path}")
     if not found:
-        raise RafaleError(f"no run folders in {', '.join(map(str, paths))} (a run folder holds {METRICS_FILE})")
+        raise RafaleError(f"no run folders in {', '.join(map(str, paths))} or below (a run folder holds {METRICS_FILE})")
+    return found
+
+
+def nested_run_folders(folder: Path) -> list[Path]:
+    """The run folders below `folder`, at any depth, sorted by path. A run folder's own sub-folders (checkpoints/,
+    export/, evals/<time>/, which hold a summary.json of their own) are not searched, nor linked folders that are
+    not run folders (a link can loop)."""
+    found = []
+    for child in sorted(path for path in folder.iterdir() if path.is_dir()):
+        if is_run_folder(child):
+            found.append(child)
+        elif not child.is_symlink():
+            found += nested_run_folders(child)
     return found
 
 
@@ -48,7 +67,8 @@ def runs_main(argv) -> int:
         "  rafale runs runs/ --sort tokens                by tokens trained, fewest first\n"
         "  rafale runs runs/ --columns tokens,bits/byte   only these columns (and run)\n"
         "  rafale runs runs/ --runs                       one line per run, where runs differ only in their seed")
-    parser.add_argument("paths", nargs="*", default=["runs"], help="run folders, or folders of runs (default: runs)")
+    parser.add_argument("paths", nargs="*", default=["runs"], help="run folders, or folders holding run folders at "
+                        "any depth (default: runs, with runs/law/* and the like)")
     parser.add_argument("--sort", metavar="KEY", help="sort by this column: a hyperparameter that differs between "
                         "the runs (lr, optimizer.name, or its whole key) or a metric (val loss, bits/byte, tok/s, "
                         "...); lowest first, accuracy highest first")
@@ -57,7 +77,8 @@ def runs_main(argv) -> int:
                         help="only the runs where COND holds: COLUMN OP VALUE, OP one of < <= > >= = != (e.g. "
                         "'N>1e6', 'C<3e12', 'optimizer.name=soap'); repeatable, all must hold. N: non-embedding "
                         "parameters, D: tokens, C: training FLOPs (flops_per_token x D)")
-    parser.add_argument("--csv", action="store_true", help="print CSV instead of a fixed-width table (every column)")
+    parser.add_argument("--csv", action="store_true", help="print CSV instead of a fixed-width table: every column, "
+                        "plain numbers in base units, the unit in the header (tokens, wall_s, params, tok_per_s, ...)")
     parser.add_argument("--columns", metavar="A,B", help="show these columns (and run), comma-separated, however wide")
     parser.add_argument("--all", action="store_true", help="show every column, however wide the table")
     parser.add_argument("--runs", action="store_true", help="one line per run where runs differ only in run.seed "

@@ -6,14 +6,27 @@ runs the 4 combinations, each in its own run folder, then writes `<output_dir>/s
 overrides, final and best validation loss, bits per byte when the runs have it, wall time, tokens/s; a star marks
 the run with the best final validation loss, or accuracy for classifiers) and `sweep-<run.name>.png` (the runs'
 losses overlaid, each labelled by the values that differ). Every combination's config is checked before the
-first run starts.
+first run starts. A run with `training.cooldowns` trains its branches itself (rafale/run/branch.py): the table has
+a row for each (`NAME-cooldown-300ba`, "(cooldown to 300ba)"), the picture a curve, and the progress counts them
+(`sweep 1-3/12: law-hs48-is192-nh6 (...) and its cooldowns to 300ba, 500ba`).
 
 A run folder is named `<run.name>-<key>-<value>-<key>-<value>...`, one key and value per axis with more than one
 value, in the order of the command line: the key is the axis's whole dotted key without its section (the part
-before the first dot), unless two axes would then read the same, when both keep their whole key. Characters
-other than letters, digits, `-`, `.` and `_` become `_`. So with run.name `sw`, the point
-`training.optimizer.name=soap training.lr=3e-3` trains in `sw-optimizer.name-soap-lr-3e-3`, and
-`training.betas=[0.9,0.95]` in `sw-betas-_0.9_0.95_`.
+before the first dot), unless two axes would then read the same, when both keep their whole key. So with run.name
+`sw`, the point `training.optimizer.name=soap training.lr=3e-3` trains in `sw-optimizer.name-soap-lr-3e-3`.
+A value that is a list is its items joined by `_` (`training.betas=[0.9,0.95]`: `sw-betas-0.9_0.95`). A value
+that is a mapping (`model.overrides={hidden_size: 48, intermediate_size: 192, num_heads: 6}`) is named by its
+short form, without the axis's key: the mapping's keys whose values differ between the axis's values (a key some
+values lack differs; every key when none differs), each abbreviated and followed by its value (after a `_` where
+the value does not start with a digit: `name_soap`). A key of one word is kept (`dropout0.1`); a key of several
+`_`-separated words becomes their initials (`hidden_size` `hs`, `num_heads` `nh`), unless two keys of the
+mapping would then read the same, when both keep their whole name; a nested key is named by its last part.
+So test/law_stories.yaml's four widths train in `law-hs48-is192-nh6`, `law-hs64-is256`, .... Characters other than
+letters, digits, `-`, `.` and `_` become `_`. What follows run.name is cut to 60 characters; a name cut, or two
+points that would share a name, end in `-` and 6 hex digits of the point's overrides, so every point has a folder
+of its own and the same folder on every rerun. (Sweeps before this rule named a mapping or list by its whole
+spelling, `law-overrides-_hidden_size__48_...`: a rerun of such a sweep does not find those folders, and trains
+its runs again under the new names.)
 
 Seeds are an axis: `--seeds 3` is `run.seed=S,S+1,S+2` from the config's run.seed S, and a run.seed axis is always
 named last (`sw-lr-3e-3-seed-43`). The points that differ only in their seed are one arm (rafale/run_folder/arms.py): the
@@ -36,10 +49,14 @@ would not apply (a changed base value, say) is refused before anything runs, nam
 """
 
 import argparse
+import hashlib
 import itertools
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import yaml
 
 from rafale.run_folder.arms import SEED_KEY, higher_is_better, ranking_metric, read_arm
 from rafale.config import Config, ConfigError, RafaleError, load_config
@@ -78,13 +95,109 @@ def grid(axes: list[str]) -> list[list[str]]:
     return [list(point) for point in itertools.product(*choices)]
 
 
-def run_name(base: str, point: list[str]) -> str:
+MAX_NAME = 60  # characters after run.name: a folder name that reads in a table and a terminal
+
+
+def folder_safe(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-._" else "_" for c in text)
+
+
+def parsed(value: str):
+    """A sweep value as the config reads it (YAML: '[0.9,0.95]' a list, '{hidden_size: 48}' a mapping), or the
+    text itself where it is not YAML."""
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value
+
+
+def flat(mapping: dict, prefix: str = "") -> dict[str, object]:
+    """{'a': {'b': 1}, 'c': 2} -> {'a.b': 1, 'c': 2}."""
+    out = {}
+    for key, value in mapping.items():
+        if isinstance(value, dict) and value:
+            out.update(flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def abbreviations(keys: list[str]) -> dict[str, str]:
+    """A mapping's key -> its short name in a run name: a nested key's last part; one word as it is (dropout),
+    several `_`-separated words by their initials (hidden_size -> hs); the whole key where two would read alike."""
+    def short(key: str) -> str:
+        words = [word for word in str(key).rsplit(".", 1)[-1].split("_") if word]
+        return "".join(word[0] for word in words) if len(words) > 1 else "".join(words)
+
+    names = {key: short(key) for key in keys}
+    return {key: name if list(names.values()).count(name) == 1 else key for key, name in names.items()}
+
+
+def spelled(value) -> str:
+    """A value in a run name: a list's items joined by `_`, anything else as the command line wrote it."""
+    if isinstance(value, list):
+        return "_".join(map(spelled, value))
+    return str(value).lower() if isinstance(value, bool) or value is None else str(value)
+
+
+def abbreviated(key: str, value: str) -> str:
+    """hs48, or name_soap where the value does not start with a digit (namesoap would not read)."""
+    return f"{key}{value}" if value[:1].isdigit() else f"{key}_{value}"
+
+
+def short_value(value: str, others: list[str]) -> tuple[bool, str]:
+    """(whether the axis's key is left out, the value's spelling in a run name): a mapping by its keys that differ
+    between `others` (all the axis's values), each abbreviated and followed by its value (see the module's
+    docstring); a list by its items; anything else as written."""
+    value_of = parsed(value)
+    if isinstance(value_of, dict):
+        mappings = [flat(item) if isinstance(item, dict) else {} for item in map(parsed, others)]
+        mine = flat(value_of)
+        varying = [key for key in mine if len({json.dumps(m.get(key, "\0missing"), sort_keys=True)
+                                                for m in mappings}) > 1] or list(mine)  # one value: all
+        short = abbreviations(list(mine))
+        return True, "-".join(abbreviated(short[key], spelled(mine[key])) for key in varying)
+    if isinstance(value_of, list):
+        return False, spelled(value_of)
+    return False, value
+
+
+def run_name(base: str, point: list[str], axis_values: dict[str, list[str]] | None = None) -> str:
     """base-optimizer.name-soap-lr-3e-3 for ['training.optimizer.name=soap', 'training.lr=3e-3']: each key without
-    its section (see short_names) and its value, in a folder-safe spelling (see the module's docstring)."""
+    its section (see short_names) and its value, in a folder-safe spelling; a mapping or list by its short form,
+    `axis_values` (key -> every value of its axis) telling which of a mapping's keys vary (see the module's
+    docstring). Longer than MAX_NAME after the base: cut, with a hash of the point."""
     keys = short_names([item.partition("=")[0] for item in point])
-    parts = [f"{keys[item.partition('=')[0]]}-{item.partition('=')[2]}" for item in point]
-    safe = "".join(c if c.isalnum() or c in "-._" else "_" for c in "-".join(parts))
+    parts = []
+    for item in point:
+        key, _, value = item.partition("=")
+        without_key, text = short_value(value, (axis_values or {}).get(key, [value]))
+        parts.append(text if without_key else f"{keys[key]}-{text}")
+    safe = folder_safe("-".join(parts))
+    if len(safe) > MAX_NAME:
+        safe = f"{safe[:MAX_NAME - 7].rstrip('-')}-{point_hash(point)}"
     return f"{base}-{safe}"
+
+
+def point_hash(point: list[str]) -> str:
+    """6 hex digits of a point's overrides: the same on every rerun (a name must find its folder again)."""
+    return hashlib.sha1(" ".join(point).encode()).hexdigest()[:6]
+
+
+def axes_values(points: list[list[str]]) -> dict[str, list[str]]:
+    """key -> the values its axis takes over the sweep's points, in order."""
+    values: dict[str, list[str]] = {}
+    for point in points:
+        for item in point:
+            key, _, value = item.partition("=")
+            values.setdefault(key, [])
+            values[key] += [value] * (value not in values[key])
+    return values
+
+
+def unique_names(names: list[str], points: list[list[str]]) -> list[str]:
+    """The names, with the points' hash added to those two points would share."""
+    return [f"{name}-{point_hash(point)}" if names.count(name) > 1 else name for name, point in zip(names, points)]
 
 
 def sweep_table(rows: list[tuple[str, list[str], Path]], fixed: list[str] = ()) -> str:
@@ -100,7 +213,8 @@ def sweep_table(rows: list[tuple[str, list[str], Path]], fixed: list[str] = ()) 
     for name, point, run_dir in rows:
         varied = " ".join(item for item in point if item not in fixed)
         if name not in finished:
-            lines.append(f"| {name} | {varied} | {run_status(run_dir) or 'failed'} |" + " |" * (len(headers) - 3))
+            status = run_status(run_dir) or ("failed" if run_dir.exists() else "not trained")
+            lines.append(f"| {name} | {varied} | {status} |" + " |" * (len(headers) - 3))
             continue
         row = finished[name]
         best = best_validation(run_dir)
@@ -230,11 +344,12 @@ def sweep_rows(named: list[tuple[str, list[str], Config]], fixed: list[str], bas
     """The sweep's runs as arms: the points that differ only in run.seed and the tune key are one SweepRow, named
     as a run of its varying overrides would be (run_name). Without a run.seed axis, the seed is the config's."""
     rows: dict[tuple, SweepRow] = {}
+    values = axes_values([point for _, point, _ in named])
     for name, point, _ in named:
         value_of = {item.partition("=")[0]: item.partition("=")[2] for item in point}
         own = [item for item in point if item.partition("=")[0] not in (SEED_KEY, tune_key)]
         varied = [item for item in own if item not in fixed]
-        row = rows.setdefault(tuple(own), SweepRow(run_name(base.run.name, varied) if varied else base.run.name, own))
+        row = rows.setdefault(tuple(own), SweepRow(run_name(base.run.name, varied, values) if varied else base.run.name, own))
         key = (value_of.get(tune_key), value_of.get(SEED_KEY, str(base.run.seed)))
         row.runs[key] = (name, point)
         row.values += [key[0]] * (key[0] not in row.values)
@@ -246,8 +361,11 @@ def check_points(args, base: Config, axes: list[str], fixed: list[str]) -> list[
     """(run name, its point, its whole resolved config) of every combination, each checked before the first run:
     a typo in the last combination should not wait for the first runs to finish."""
     named = []
-    for point in grid(axes):
-        name = run_name(base.run.name, [item for item in point if item not in fixed])  # named by what varies
+    points = grid(axes)
+    varied = [[item for item in point if item not in fixed] for point in points]  # named by what varies
+    values = axes_values(varied)
+    names = unique_names([run_name(base.run.name, point, values) for point in varied], varied)
+    for name, point in zip(names, points):
         cfg = load_config(args.config, [*point, f"run.name={name}"])
         check_optimizer(cfg.training)
         resolve_model_config(cfg)
@@ -300,16 +418,26 @@ def sweep_main(argv, train, on_every_rank=lambda decide: decide()) -> int:
     out_dir = Path(base.run.output_dir).expanduser()
     actions = on_every_rank(lambda: plan([(name, cfg) for name, _, cfg in named], out_dir, args.restart))
     rows = sweep_rows(named, fixed, base, tune_key)
-    total = sum(len(row.values) + len(row.seeds) - 1 if tune_key else len(row.runs) for row in rows)
-    trained, failed = [], 0
+    cooldowns = {name: [str(budget) for budget in cfg.training.cooldowns] for name, _, cfg in named}
+    total = sum((len(row.values) + len(row.seeds) - 1 if tune_key else len(row.runs))
+                * (1 + len(cooldowns[next(iter(row.runs.values()))[0]])) for row in rows)  # with the cooldowns
+    trained, failed, count = [], 0, 0
 
     def train_run(name: str, point: list[str]) -> None:
-        nonlocal failed
+        nonlocal failed, count
+        from rafale.run.branch import cooldown_name
+
         trained.append((name, point, out_dir / name))
+        budgets = cooldowns[name]
+        trained.extend((cooldown_name(name, budget), [*point, f"(cooldown to {budget})"],
+                        out_dir / cooldown_name(name, budget)) for budget in budgets)
+        number = f"{count + 1}/{total}" if not budgets else f"{count + 1}-{count + 1 + len(budgets)}/{total}"
+        count += 1 + len(budgets)
+        branches = f" and its cooldowns to {', '.join(budgets)}" if budgets else ""
         if actions[name] == "skip":
-            print(f"rafale: sweep {len(trained)}/{total}: {name} completed before with this config; skipped")
+            print(f"rafale: sweep {number}: {name}{branches} completed before with this config; skipped")
             return
-        print(f"rafale: sweep {len(trained)}/{total}: {name} ({' '.join(point)})", flush=True)
+        print(f"rafale: sweep {number}: {name} ({' '.join(point)}){branches}", flush=True)
         try:
             train(argparse.Namespace(config=args.config, data_only=False, debug=False,
                                      restart=actions[name] == "restart", overrides=[*point, f"run.name={name}"]))

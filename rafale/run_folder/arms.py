@@ -18,7 +18,7 @@ from pathlib import Path
 
 from rafale.errors import RafaleError
 from rafale.run_folder.plots import (TABLE_METRICS, _fixed_width, comparable_groups, differing_keys, escaped, find_column,
-                          fitting_columns, run_row, sort_rows, what_differs, where_rows)
+                          fit_run_names, fitting_columns, run_row, sort_rows, what_differs, where_rows)
 from rafale.run_folder import read_config, read_summary
 from rafale.stats import Summary, summarize
 
@@ -49,8 +49,9 @@ def group_arms(run_dirs: list[Path]) -> list[list[Path]]:
 
 def has_seeds(run_dirs: list[Path]) -> bool:
     """Whether some arm among the runs ran more than one seed (runs alike in every key, seed too, are not seeds; nor
-    are runs whose config.yaml records no run.seed, which rafale always writes: they are not told apart as seeds)."""
-    return any(len({seed for seed in map(seed_of, arm) if not seed.startswith("?")}) > 1 for arm in group_arms(run_dirs))
+    are runs whose config.yaml has no run.seed, which seed_of tells apart by name only)."""
+    return any(len({seed for seed in map(seed_of, arm) if not seed.startswith("?")}) > 1
+               for arm in group_arms(run_dirs))
 
 
 def ranking_metric(run_dirs: list[Path]) -> str | None:
@@ -191,8 +192,10 @@ def arms_table(run_dirs: list[Path], sort: str | None = None, reverse: bool = Fa
             csv_rows += [csv_row(row, headers, title if len(groups) > 1 else None) for row in rows]
             continue
         wanted = [find_column(name, headers, "--columns") for name in columns] if columns else None
+        rows, shortened = fit_run_names(rows, headers, None if columns else width)
         shown = fitting_columns(headers, rows, width, wanted)
         lines = [f"{escaped(title)} ({len(rows)} arm{'' if len(rows) == 1 else 's'})"] if len(groups) > 1 else []
+        lines += [f"({escaped(shortened)})"] if shortened else []
         lines += _fixed_width(shown, rows)
         hidden = [h for h in headers if h not in shown]
         if hidden and not columns:

@@ -17,6 +17,7 @@ import io
 import itertools
 import json
 import operator
+import os
 import re
 from pathlib import Path
 
@@ -139,7 +140,8 @@ def run_labels(run_dirs: list[Path]) -> list[str]:
 
 
 def runs_figure(run_dirs: list[Path]):
-    """The train and validation losses of several runs against tokens, each run labelled by what differs."""
+    """The train and validation losses of several runs against tokens, each run labelled by what differs; a series
+    of one or two points (a run evaluated once, at its end) is drawn as markers, not joined."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 5), constrained_layout=True)
     colours = plt.get_cmap("tab10" if len(run_dirs) <= 10 else "tab20").colors  # one colour per run, never reused
@@ -150,9 +152,10 @@ def runs_figure(run_dirs: list[Path]):
             for name in names:
                 if series.get(name):
                     steps, values = zip(*series[name])
-                    # a run's training loss in a lighter shade of its colour, labelled once (by its validation)
-                    ax.plot([s * per_step for s in steps], values, style, ms=4, color=colour, alpha=alpha,
-                            label=label if kind == "validation" else None)
+                    # a run's training loss in a lighter shade of its colour, labelled once (by its validation);
+                    # one or two points are markers alone: a line from the first to the last would read as a curve
+                    ax.plot([s * per_step for s in steps], values, style if len(steps) > 2 else "o", ms=4,
+                            color=colour, alpha=alpha, label=label if kind == "validation" else None)
     ax.set_xlabel("tokens")
     ax.set_ylabel("loss")
     ax.set_yscale("log")
@@ -228,15 +231,19 @@ def what_differs(run_dirs: list[Path], leave_out: frozenset[str] = frozenset()) 
             for config in configs]
 
 
+def run_summary(run_dir: Path) -> dict:
+    """The run's summary.json, or for a run that never wrote one, its name, tokens and last logged evaluation."""
+    if (run_dir / SUMMARY_FILE).is_file():
+        return json.loads((run_dir / SUMMARY_FILE).read_text())
+    series = read_metrics(run_dir)
+    last = {name.rsplit("/", 1)[-1]: points[-1][1] for name, points in series.items() if name.startswith("metrics/eval/")}
+    tokens = series.get("time/token", [(0, 0)])[-1][1]
+    return {"name": run_dir.name, "model": "(unfinished)", "tokens": int(tokens), "validation": last}
+
+
 def run_row(run_dir: Path) -> dict:
     """One run's line of the table: its summary.json, or for a run that never finished, its last logged values."""
-    if (run_dir / SUMMARY_FILE).is_file():
-        summary = json.loads((run_dir / SUMMARY_FILE).read_text())
-    else:
-        series = read_metrics(run_dir)
-        last = {name.rsplit("/", 1)[-1]: points[-1][1] for name, points in series.items() if name.startswith("metrics/eval/")}
-        tokens = series.get("time/token", [(0, 0)])[-1][1]
-        summary = {"name": run_dir.name, "model": "(unfinished)", "tokens": int(tokens), "validation": last}
+    summary = run_summary(run_dir)
     status = summary.get("status", "complete")  # a summary of a run that stopped or failed says where it stands
     model = summary.get("model", "?") + ("" if status == "complete" else f" ({status} at batch {summary.get('batches')})")
     row = {"run": summary["name"], "model": model,
@@ -333,8 +340,10 @@ def table_rows(run_dirs: list[Path], sort: str | None = None, reverse: bool = Fa
     """The headers (those with a value in some run) and the rows of `rafale runs`: run, the hyperparameters that
     differ, then run_row's columns; only the rows that meet every `where` condition (see where_rows); best final
     validation first, or by the column `sort`."""
-    rows = [{"run": row.pop("run"), **settings, **row}
-            for row, settings in zip(map(run_row, run_dirs), what_differs(run_dirs))]
+    rows = [{"run": row.pop("run"), **settings, **row, "_dir": run_dir}
+            for row, settings, run_dir in zip(map(run_row, run_dirs), what_differs(run_dirs), run_dirs)]
+    for row, name in zip(rows, names_apart(run_dirs, [row["run"] for row in rows])):
+        row["run"] = name
     for condition in where:
         rows = where_rows(rows, condition)
     if not rows:
@@ -344,7 +353,17 @@ def table_rows(run_dirs: list[Path], sort: str | None = None, reverse: bool = Fa
         rows = sort_rows(rows, column, reverse)
     elif reverse:
         rows = rows[::-1]
-    return [header for header in rows[0] if any(row[header] for row in rows)], rows
+    return [header for header in rows[0] if not header.startswith("_") and any(row[header] for row in rows)], rows
+
+
+def names_apart(run_dirs: list[Path], names: list[str]) -> list[str]:
+    """The runs' names, but a name two runs share (one in runs/law, one in runs/old) is the run's path relative to
+    the folder that holds all the runs (law/law-hs48, old/law-hs48)."""
+    if len(set(names)) == len(names):
+        return names
+    top = Path(os.path.commonpath([Path(run_dir).absolute().parent for run_dir in run_dirs]))
+    return [str(Path(run_dir).absolute().relative_to(top)) if names.count(name) > 1 else name
+            for run_dir, name in zip(run_dirs, names)]
 
 
 def comparable_groups(run_dirs: list[Path]) -> list[tuple[str, list[Path]]]:
@@ -391,6 +410,51 @@ def fitting_columns(headers: list[str], rows: list[dict], width: int | None, wan
     return shown
 
 
+MIN_RUN_WIDTH = 24  # the run column is never cut shorter than this
+
+
+def fit_run_names(rows: list[dict], headers: list[str], width: int | None) -> tuple[list[dict], str | None]:
+    """The rows with their run names short enough that the final validation columns (KEPT_FIRST) fit beside them
+    in `width` characters, and the line that says so above the table (None when nothing was shortened): the
+    prefix every name shares (up to a `-`) is dropped and said once, and a name still longer than half the width
+    (or than the room the metrics leave) loses its middle, marked `…`. Names are kept whole where shortening
+    would make two alike, and with `width` None (--all)."""
+    names = [row["run"] for row in rows]
+    metrics = [header for header in KEPT_FIRST if header in headers and header != "run"]
+    if width is None or not rows:
+        return rows, None
+    room = max(MIN_RUN_WIDTH, min(width // 2, width - (_table_width(metrics, rows) + 2 if metrics else 0)))
+    if max(map(len, names)) <= room:
+        return rows, None
+    prefix = common_prefix(names)
+    short = [middle_cut(name[len(prefix):], room) for name in names]
+    if len(set(short)) < len(set(names)):
+        return rows, None
+    said = "; ".join([f"run: without the start every name shares, {prefix}"] * bool(prefix)
+                     + ["run: … marks a long name's middle left out"] * any("…" in name for name in short)
+                     + ["--all shows whole names"]).replace("; run:", ";")
+    return [{**row, "run": name} for row, name in zip(rows, short)], said
+
+
+def common_prefix(names: list[str]) -> str:
+    """What every name starts with, up to and with its last `-` or `_` ('law-' for law-hs48 and law-hs64); '' for
+    one name."""
+    if len(names) < 2:
+        return ""
+    shared = os.path.commonprefix(names)
+    prefix = shared[:max(shared.rfind("-"), shared.rfind("_")) + 1]
+    return prefix if all(len(name) > len(prefix) for name in names) else ""
+
+
+def middle_cut(name: str, room: int) -> str:
+    """`name` in at most `room` characters: its start and its end (where sweeps put cooldowns and seeds), `…`
+    between."""
+    if len(name) <= room:
+        return name
+    tail = (room - 1) // 2
+    return name[:room - 1 - tail] + "…" + name[len(name) - tail:]
+
+
 def _column_width(header: str, rows: list[dict]) -> int:
     return max(len(header), *(len(escaped(row.get(header, ""))) for row in rows))
 
@@ -409,8 +473,8 @@ def _fixed_width(headers: list[str], rows: list[dict]) -> list[str]:
 
 def runs_meeting(run_dirs: list[Path], where: list[str]) -> list[Path]:
     """The runs whose row meets every `where` condition (see where_rows), read against the whole table's columns."""
-    kept = {row["run"] for row in table_rows(run_dirs, where=where)[1]}
-    return [run_dir for run_dir in run_dirs if run_row(run_dir)["run"] in kept]
+    kept = {row["_dir"] for row in table_rows(run_dirs, where=where)[1]}
+    return [run_dir for run_dir in run_dirs if run_dir in kept]
 
 
 def runs_table(run_dirs: list[Path], sort: str | None = None, reverse: bool = False, as_csv: bool = False,
@@ -431,8 +495,10 @@ def runs_table(run_dirs: list[Path], sort: str | None = None, reverse: bool = Fa
     for title, runs in groups:
         headers, rows = table_rows(runs, sort if sort and _has_column(sort, runs) else None, reverse)
         wanted = [find_column(key, sorted(known)) for key in columns] if columns else None
+        rows, shortened = fit_run_names(rows, headers, None if columns else width)
         shown = fitting_columns(headers, rows, width, wanted)
         lines = ([f"{escaped(title)} ({len(runs)} run{'' if len(runs) == 1 else 's'})"] if len(groups) > 1 else [])
+        lines += [f"({escaped(shortened)})"] if shortened else []
         lines += _fixed_width(shown, rows)
         hidden = [h for h in headers if h not in shown]
         if hidden and not columns:
@@ -450,17 +516,54 @@ def _has_column(key: str, runs: list[Path]) -> bool:
     return True
 
 
+# CSV: the table's human columns as plain numbers in base units, the unit in the header (summary.json's key)
+CSV_NUMBERS = {"params": ("params", "parameters"), "N": ("N_params", "non_embedding_parameters"),
+               "tokens": ("tokens", "tokens"), "C": ("C_flops", "training_flops"), "wall": ("wall_s", "wall_time_s"),
+               "tok/s": ("tok_per_s", "tokens_per_s")}
+
+
+def plain(value) -> str:
+    """A number as CSV gets it: 204800, 444.0, 2.3456789 (float's shortest exact spelling); '' for None."""
+    return "" if value is None else repr(value) if isinstance(value, float) else str(value)
+
+
+def csv_headers(headers: list[str], runs: list[Path]) -> list[str]:
+    """The CSV's columns for the table's `headers`: the numbers renamed with their unit (CSV_NUMBERS), status after
+    model, and mfu_pct after tok_per_s where a run has an MFU."""
+    out = []
+    for header in headers:
+        out.append(CSV_NUMBERS.get(header, (header,))[0])
+        out += ["status"] * (header == "model")
+        out += ["mfu_pct"] * (header == "tok/s" and any(run_summary(run).get("mfu") is not None for run in runs))
+    return out
+
+
+def csv_cells(row: dict) -> dict:
+    """A table row's CSV cells: the hyperparameters as the table spells them (3e-3), the numbers plain, from the
+    run's summary.json (see CSV_NUMBERS; the metrics at full precision; mfu_pct = 100 x mfu), the model and its
+    status apart."""
+    summary = run_summary(row["_dir"])
+    validation = summary.get("validation", {})
+    cells = {**row, "model": summary.get("model", ""), "status": summary.get("status", "complete"),
+             "mfu_pct": plain(summary["mfu"] * 100 if summary.get("mfu") is not None else None)}
+    cells.update({name: plain(summary.get(key)) for name, key in CSV_NUMBERS.values()})
+    for header, names in TABLE_METRICS.items():
+        cells[header] = plain(next((validation[n] for n in names if n in validation), None))
+    return cells
+
+
 def _csv_table(groups: list[tuple[str, list[Path]]], sort: str | None, reverse: bool) -> str:
     """Every run in one CSV table: run, the group it is in (task and data), the hyperparameters that differ, the
-    metrics; within each group, ranked as the fixed-width table ranks it. Values as they are (CSV quotes them)."""
+    model, status and numbers (plain, in base units: tokens 204800, wall_s 444.0; see csv_cells); within each
+    group, ranked as the fixed-width table ranks it. CSV quotes what needs it."""
     runs = [run_dir for _, group in groups for run_dir in group]
     headers, _ = table_rows(runs)
-    headers = headers[:1] + ["group"] * (len(groups) > 1) + headers[1:]
+    headers = csv_headers(headers[:1] + ["group"] * (len(groups) > 1) + headers[1:], runs)
     text = io.StringIO()
     writer = csv.DictWriter(text, headers, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
-    by_name = {row["run"]: row for row in table_rows(runs)[1]}  # each run's cells, in the whole table's columns
+    by_dir = {row["_dir"]: row for row in table_rows(runs)[1]}  # each run's cells, in the whole table's columns
     for title, group in groups:
         _, rows = table_rows(group, sort if sort and _has_column(sort, group) else None, reverse)
-        writer.writerows({**by_name[row["run"]], "group": title} for row in rows)
+        writer.writerows({**csv_cells(by_dir[row["_dir"]]), "group": title} for row in rows)
     return text.getvalue().rstrip("\n")
