@@ -6,7 +6,8 @@ import torch
 from rafale.config import DataConfig
 from rafale.data.causal_lm import CausalLMDataPipe
 from rafale.commands.generate import generate_text
-from rafale.models.decoder import DecoderConfig, GPTNeoX, pick_next_token
+from rafale.models.decoder import DecoderConfig, GPTNeoX
+from rafale.models.sampling import pick_next_token
 from conftest import run_in_process, write_config
 
 

@@ -1,7 +1,7 @@
 """`rafale law RUNS...`: a scaling law fitted to finished runs, and checked on runs it did not see.
 
     rafale law runs/law                              fit L(N, D) to every complete run under runs/law
-    rafale law runs/law --holdout 'law-*_128_*'      fit without those runs, then predict them
+    rafale law runs/law --holdout 'law-hs128-*'      fit without those runs, then predict them
     rafale law runs/a runs/b --bits-per-byte         runs with different tokenizers: a law of bits per byte
 
 The law is Chinchilla's (Hoffmann et al. 2022, approach 3):
@@ -30,21 +30,16 @@ dominates; the vocabulary projection and attention make it smaller for tiny ones
 C = k N^gamma D gives N_opt ~ C^a and D_opt ~ C^b with a = beta / (alpha + gamma beta), b = alpha / (alpha +
 gamma beta), which are Chinchilla's beta / (alpha + beta) and alpha / (alpha + beta) at gamma = 1.
 
-What the runs cannot tell is said, not printed as a number: A, alpha (and E apart from them) need at least 3
-sizes, B and beta at least 3 budgets. Runs of one size give the law in D alone (E' = E + A/N^alpha at that N),
-runs of one budget the law in N alone; anything else short is refused. Refused too, before any fit: fewer distinct
-(N, D) points than one more than the law's parameters (6 for the whole law, 4 for a law in one variable; with as
-many points as parameters any law of the family fits them exactly), and points on one line in (log N, log D), such
-as D = 20 N or any D = k N^g, along which A/N^alpha and B/D^beta change together and cannot be told apart. law.md
-and law.png are written only after a fit succeeds, each to a temporary name and then renamed.
-Runs of different data, tokenizers or tasks are refused, naming the difference (with --bits-per-byte, runs with
-different tokenizers share a law of bits per byte); runs not complete (in progress, stopped by a signal, failed)
-are left out and listed.
+What the runs cannot tell is said, not printed: A and alpha need 3 sizes, B and beta 3 budgets (one size gives the
+law in D alone, E' = E + A/N^alpha). Refused before any fit: fewer distinct (N, D) than one more than the law's
+parameters (as many fit any law of the family exactly), points on one line in (log N, log D) (D = k N^g, along
+which A/N^alpha and B/D^beta move together), and runs of other data, tokenizers (but with --bits-per-byte) or
+tasks, naming the difference. law.md and law.png are written only after a fit succeeds (temporary names, then
+renamed); runs not complete are left out and listed.
 """
 
 import argparse
 import fnmatch
-import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,7 +48,7 @@ import numpy as np
 
 from rafale.errors import RafaleError
 from rafale.run_folder.plots import plain_log_axis, pyplot
-from rafale.run_folder import TOKENIZER_FILE, read_config, read_summary
+from rafale.run_folder import data_identity, read_summary
 from rafale.commands.runs import run_folders
 
 HUBER_DELTA = 1e-3
@@ -61,9 +56,7 @@ HUBER_DELTA = 1e-3
 GRID = {"e": np.arange(-1, 1.01, 0.5), "a": np.arange(0, 25.1, 5), "alpha": np.arange(0, 2.01, 0.5),
         "b": np.arange(0, 25.1, 5), "beta": np.arange(0, 2.01, 0.5)}
 STARTS = 8  # the full fit's L-BFGS-B runs from the best this many grid points
-# a bootstrap resample's, from its own grid: in 48 resamples of the issue's synthetic runs (two laws, 3 noise
-# seeds), each of the best 8 grid points led to the same minimum; 3 keep a margin at 3/8 of the time
-RESAMPLE_STARTS = 3
+RESAMPLE_STARTS = 3  # a resample's, from its own grid (in 48 resamples, each of the best 8 led to one minimum)
 # the fit's box, on theta = (e, a, alpha, b, beta) with E = e^e and a, b centred on the runs (a = the log of
 # A/N^alpha at their mean log N; see fit_theta). The exponents stay positive (a negative one is a loss that grows
 # with size or data, and 0 makes the term a second constant) and at most 3, past any reported language-model law.
@@ -74,9 +67,6 @@ THETA = ("e", "a", "alpha", "b", "beta")
 ONE_LINE = 0.01  # points whose spread across their best line in (log N, log D) is under 1% of that along it
 UNDETERMINED_SPAN = 100  # an interval whose ends are further apart than this factor is "not determined"
 MIN_DISTINCT = 3  # sizes for A and alpha, budgets for B and beta: 3 values for a power law with an offset
-# data keys that say how the data was prepared, not what it is; with --bits-per-byte, the tokenizer's too
-NOT_THE_DATA = {"num_proc", "num_workers", "cache_dir"}
-TOKENIZER_KEYS = {"tokenizer", "vocab_size"}
 PARAMETERS = ("E", "A", "alpha", "B", "beta")
 
 
@@ -122,25 +112,11 @@ def read_points(paths: list[Path], bits_per_byte: bool = False) -> tuple[list[Po
         if target is None:
             left_out.append(f"{run_dir.name} (no final validation {metric})")
             continue
-        identities[run_dir.name] = run_identity(run_dir, summary, bits_per_byte)
+        identities[run_dir.name] = data_identity(run_dir, with_tokenizer=not bits_per_byte)
         points.append(Point(run_dir.name, summary["non_embedding_parameters"], summary["tokens"],
                             summary["flops_per_token"], target))
     check_same(identities, bits_per_byte)
     return points, left_out
-
-
-def run_identity(run_dir: Path, summary: dict, bits_per_byte: bool) -> dict:
-    """What must be the same in every run of one law: the task, the data (config.yaml's data section, but for
-    how it was prepared) and the tokenizer (tokenizer.json's digest; with bits_per_byte neither it nor the data
-    keys that choose it)."""
-    config = read_config(run_dir) or {}
-    ignored = {f"data.{key}" for key in NOT_THE_DATA | (TOKENIZER_KEYS if bits_per_byte else set())}
-    identity = {"task": summary.get("task") or config.get("model.task")}
-    identity |= {key: value for key, value in config.items() if key.startswith("data.") and key not in ignored}
-    if not bits_per_byte:
-        tokenizer = run_dir / TOKENIZER_FILE
-        identity["tokenizer"] = hashlib.sha256(tokenizer.read_bytes()).hexdigest()[:12] if tokenizer.is_file() else None
-    return identity
 
 
 def check_same(identities: dict[str, dict], bits_per_byte: bool) -> None:

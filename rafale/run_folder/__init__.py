@@ -208,7 +208,8 @@ TOKENIZER_KEYS = {"data.tokenizer", "data.vocab_size"}
 def data_identity(run_dir: Path, with_tokenizer: bool = True) -> dict:
     """What must be the same in runs whose figures compare: the task, the data (config.yaml's data section, but for
     how it was prepared) and, `with_tokenizer`, the tokenizer (tokenizer.json's digest and the keys that choose
-    it; bits per byte is comparable without them). (rafale.commands.law.run_identity is the same, for a law's runs.)"""
+    it; bits per byte is comparable without them). (rafale law and rafale compare
+    both ask it.)"""
     config = read_config(run_dir) or {}
     ignored = NOT_THE_DATA | (set() if with_tokenizer else TOKENIZER_KEYS)
     identity = {"task": (read_summary(run_dir) or {}).get("task") or config.get("model.task")}
