@@ -9,7 +9,9 @@ Validation sees token ids in blocks, not the text, so `BitsPerByte` takes each i
 `token_bytes(tokenizer)` (rafale/models/token_bytes.py), which is exact for a byte-level BPE (special tokens such as
 <|endoftext|> cover no text: 0; added plain-text tokens, such as GPT-NeoX's runs of spaces, their content's length)
 and None for other kinds (WordPiece), whose validation then has no BitsPerByte; `rafale score` counts every kind's
-bytes in the text (`TextBytes`, beside it), the same figure on byte-level BPE. `BitsPerByte` sums both parts over
+bytes in the text (`TextBytes`, beside it), the same figure on byte-level BPE. A tokenizer that adds a space before
+each document (`add_prefix_space`) has one byte taken off each document's first token, which the metric finds
+after each end-of-text id: the documents' own bytes, as `rafale score` counts them. `BitsPerByte` sums both parts over
 a validation set (and over ranks) and divides once at the end.
 
 CLIP and SigLIP's validation metrics are here too: `ContrastiveLoss`, `RetrievalRecall` (recall@k, image to text
@@ -27,23 +29,38 @@ IGNORE_INDEX = -100
 
 
 class BitsPerByte(Metric):
-    """Bits per UTF-8 byte of the text the scored labels cover. update(logits (B, T, V), labels (B, T))."""
+    """Bits per UTF-8 byte of the text the scored labels cover. update(logits (B, T, V), labels (B, T), input_ids
+    (B, T)).
+
+    document_end_id: for a tokenizer that adds a space before each document's first word (byte-level
+    `add_prefix_space`, rafale.models.token_bytes.adds_prefix_space), the end-of-text id that ends each document:
+    the label that follows it is the next document's first token, and one byte of its length (the "Ġ" the
+    tokenizer added) is not the document's. Documents are stripped (rafale's .txt sources are); one of a table
+    source that starts with a space itself gets no space added, and is counted one byte short: the ids cannot say.
+    None: no space is added, and update needs no input_ids."""
 
     full_state_update = False
     higher_is_better = False
 
-    def __init__(self, token_bytes: torch.Tensor, ignore_index: int = IGNORE_INDEX):
+    def __init__(self, token_bytes: torch.Tensor, ignore_index: int = IGNORE_INDEX, document_end_id: int | None = None):
         super().__init__()
         self.ignore_index = ignore_index
+        self.document_end_id = document_end_id
         self.register_buffer("table", token_bytes.clone(), persistent=False)  # moves with the metric's device
         self.add_state("nats", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("bytes", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
-    def update(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
+    def update(self, logits: torch.Tensor, labels: torch.Tensor, input_ids: torch.Tensor | None = None) -> None:
         scored = labels != self.ignore_index
         targets = labels[scored]  # (N,)
         self.nats += F.cross_entropy(logits[scored].float(), targets, reduction="sum").double()
         self.bytes += self.table[targets].sum()
+        if self.document_end_id is not None:
+            if input_ids is None:
+                raise ValueError("BitsPerByte with document_end_id needs the batch's input_ids")
+            # labels are input_ids shifted by one: a scored label whose input is the end-of-text starts a document
+            starts = scored & (input_ids == self.document_end_id)  # (B, T)
+            self.bytes -= (starts & (self.table[labels.clamp(min=0)] > 0)).sum()
 
     def compute(self) -> torch.Tensor:
         return self.nats / (math.log(2) * self.bytes.clamp(min=1))

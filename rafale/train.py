@@ -236,7 +236,7 @@ def run(cfg: Config, data: PreparedData, model, collator, debug: bool = False,
     if save and dist.get_global_rank() == 0:  # the process that saves (and moves the latest symlink) prunes
         clock.on_save.append(lambda *_: prune_checkpoints(run_dir / "checkpoints", cfg.training.checkpoints_to_keep))
     record.non_embedding_params = non_embedding_parameters(model.model)
-    flops_per_token = getattr(model.model, "flops_per_token", None)
+    flops_per_token = getattr(model, "flops_per_token", None)  # the wrapper's: it knows the rows the loss uses
     record.flops_per_token = flops_per_token(cfg.data.block_size) if flops_per_token is not None else None
     record.begin(trainer.state)
     resume_outcome(trainer, record.previous, run_dir, cfg.training.eval_interval)
@@ -261,7 +261,7 @@ def mfu_of(model, cfg: Config, placement: "Placement", peak: float | None):
     """tokens/s over the run -> model FLOPs utilization against the device's peak, or None without a peak or a FLOPs
     count. A run that measures above the cached peak has the CPU probed again (rafale.hardware.confirm_peak): an
     MFU above 100% is a wrong peak, and is never reported."""
-    flops_per_token = getattr(model.model, "flops_per_token", None)
+    flops_per_token = getattr(model, "flops_per_token", None)
     if not peak or flops_per_token is None:
         return None
 

@@ -57,8 +57,22 @@ def metaspace():
     return tokenizer
 
 
+@functools.cache
+def prefix_space():
+    """A byte-level BPE whose pre-tokenizer adds a space before each document (`add_prefix_space: true`, as GPT-2's
+    and RoBERTa's tokenizers may): "Tom had" is encoded as "ĠTom", "Ġhad", one byte more than the text."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|padding|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator(TEXTS * 20, trainer)
+    return tokenizer
+
+
 TOKENIZERS = {"bpe": lambda: trained("bpe"), "bpe-roberta": lambda: trained("bpe-roberta"),
-              "wordpiece": lambda: trained("wordpiece"), "pythia-like": pythia_like, "metaspace": metaspace}
+              "wordpiece": lambda: trained("wordpiece"), "pythia-like": pythia_like, "metaspace": metaspace,
+              "prefix-space": prefix_space}
 BYTE_LEVEL = ("bpe", "bpe-roberta", "pythia-like")
 
 
@@ -148,6 +162,50 @@ def test_bits_per_byte_is_summed_nats_over_ln2_bytes():
     nats = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
     covered = sum(len(t.encode("utf-8")) for t in TEXTS) - len(tokenizer.decode([stream[0]]).encode())  # the first token is never a label
     assert float(metric.compute()) == pytest.approx(float(nats) / (math.log(2) * covered), rel=1e-6)
+
+
+def test_validation_counts_a_document_s_own_bytes_not_the_space_its_tokenizer_adds():
+    """Issue 34, 1.6: validation's bits per byte of a known model against the hand count, total nats / ln 2 / the
+    documents' UTF-8 bytes (less those of each block's first token, which is not predicted), and against the bytes
+    `rafale score` counts in the text (TextBytes). The documents are stripped, as rafale's sources strip them."""
+    import copy
+
+    from rafale.data.causal_lm import CausalLMCollator
+    from rafale.models.pythia import PRESETS, build
+
+    tokenizer = prefix_space()
+    docs = [text.strip() for text in TEXTS]
+    eos, pad = tokenizer.token_to_id("<|endoftext|>"), tokenizer.token_to_id("<|padding|>")
+    encoded = [tokenizer.encode(doc, add_special_tokens=False).ids for doc in docs]
+    assert all(tokenizer.id_to_token(ids[0]).startswith("Ġ") for ids in encoded)  # the space it adds
+    stream = [t for ids in encoded for t in ids + [eos]]  # as the causal LM datapipe joins them
+    torch.manual_seed(0)
+    model = build(copy.deepcopy(PRESETS["pythia-debug"]), "causal_lm",
+                  {"vocab_size": tokenizer.get_vocab_size(), "eos_token_id": eos}, tokenizer)
+    metric = model.val_metrics["BitsPerByte"]
+    T = 16
+    blocks = [stream[start : start + T] for start in range(0, len(stream), T)]
+    batch = CausalLMCollator(pad_token_id=pad)([{"input_ids": torch.tensor(block)} for block in blocks])
+    logits = model.eval_forward(batch)
+    model.update_metric(batch, logits, metric)
+    nats = float(F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-100, reduction="sum"))
+
+    # by hand: each block's first token is not predicted; one that starts a document (the first block's, or one
+    # after an end-of-text) covers its length less the added space, any other its length (the eos none)
+    def unpredicted_bytes(position: int) -> int:
+        token = stream[position]
+        if token == eos:
+            return 0
+        size = len(tokenizer.id_to_token(token))  # byte-level: one character a byte (decoding a piece of "東" alone would not be)
+        return size - 1 if position == 0 or stream[position - 1] == eos else size
+
+    by_hand = sum(len(doc.encode("utf-8")) for doc in docs) - sum(map(unpredicted_bytes, range(0, len(stream), T)))
+    assert int(metric.bytes) == by_hand
+    assert float(metric.compute()) == pytest.approx(nats / (math.log(2) * by_hand), rel=1e-6)  # fp32 sums
+    # rafale score's count: the bytes TextBytes finds in the text for each predicted token
+    text_sizes = [size for ids, sizes in TextBytes(tokenizer)(docs) for size in sizes + [0]]
+    predicted = [size for position, size in enumerate(text_sizes) if position % T]
+    assert sum(predicted) == by_hand
 
 
 def test_validation_reports_bits_per_byte_only_where_its_table_is_exact():

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from conftest import run_in_process, write_config
@@ -229,22 +230,72 @@ def test_runs_table_shows_and_filters_by_N_D_and_C(tmp_path, capsys, monkeypatch
 # compute in the record: N by hand, C = flops_per_token x tokens
 
 
-def test_non_embedding_parameters_by_hand():
-    from rafale.models.decoder import GPTNeoX
-    from rafale.models.pythia import PRESETS
-
-    import dataclasses
-
-    cfg = dataclasses.replace(PRESETS["pythia-debug"], vocab_size=512)
-    C, I, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
+def neox_by_hand(C, I, L):
+    """GPT-NeoX's layers and final norm, by hand: LayerNorms (weight and bias), biased Linears."""
     per_layer = (2 * C          # input layer norm
                  + 3 * C * C + 3 * C  # query_key_value
                  + C * C + C    # attention output
                  + 2 * C        # post-attention layer norm
                  + C * I + I + I * C + C)  # MLP
-    model = GPTNeoX(cfg)
-    assert non_embedding_parameters(model) == L * per_layer + 2 * C  # + the final layer norm
-    assert non_embedding_parameters(model) == sum(p.numel() for p in model.parameters()) - 2 * 512 * C
+    return L * per_layer + 2 * C  # + the final layer norm
+
+
+def llama_by_hand(C, I, L, heads, kv_heads):
+    """Llama's layers and final norm, by hand: RMSNorms (weight only), Linears without bias, SwiGLU's three."""
+    hs = C // heads
+    per_layer = (C                          # input RMSNorm
+                 + C * (heads + 2 * kv_heads) * hs  # q, k and v (grouped-query: kv_heads of k and v)
+                 + C * C                    # attention output
+                 + C                        # post-attention RMSNorm
+                 + 3 * C * I)               # gate, up, down
+    return L * per_layer + C
+
+
+def bert_mlm_by_hand(C, I, L):
+    """BERT's embedding LayerNorm, layers and MLM transform, by hand; the decoder (tied weight, bias) is the head."""
+    per_layer = (3 * (C * C + C)        # query, key, value
+                 + C * C + C + 2 * C    # attention output dense and LayerNorm
+                 + C * I + I            # intermediate
+                 + I * C + C + 2 * C)   # output dense and LayerNorm
+    return 2 * C + L * per_layer + C * C + C + 2 * C  # + the transform's dense and LayerNorm
+
+
+# issue 34, 1.3: a vocabulary padded to a layer's width (intermediate_size, or llama-tiny's 384) left that layer out
+NON_EMBEDDING_CASES = [
+    ("pythia", "pythia-tiny", 512, "causal_lm", 793_344),  # a 500-token BPE padded to 512 = intermediate_size
+    ("llama", "llama-tiny", 384, "causal_lm", 787_584),
+    ("pythia", "pythia-debug", 256, "causal_lm", None),
+    ("pythia", "pythia-debug", 512, "causal_lm", None),  # no layer that wide: unchanged
+    ("bert", "bert-tiny", 512, "mlm", None),
+    ("roberta", "roberta-tiny", 512, "mlm", None),
+]
+
+
+@pytest.mark.parametrize("family,preset,vocab,head,issue_figure", NON_EMBEDDING_CASES)
+def test_non_embedding_parameters_by_hand(family, preset, vocab, head, issue_figure):
+    import dataclasses
+
+    from rafale.models.decoder import Decoder
+    from rafale.models.encoder import build_encoder
+    from rafale.models.families import FAMILIES
+
+    cfg = dataclasses.replace(FAMILIES[family].presets[preset], vocab_size=vocab)
+    C, I, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
+    if head == "mlm":
+        model, by_hand = build_encoder(cfg, head), bert_mlm_by_hand(C, I, L)
+    elif family == "llama":
+        model, by_hand = Decoder(cfg), llama_by_hand(C, I, L, cfg.num_heads, cfg.kv_heads)
+    else:
+        model, by_hand = Decoder(cfg), neox_by_hand(C, I, L)
+    assert non_embedding_parameters(model) == by_hand
+    if issue_figure is not None:
+        assert by_hand == issue_figure
+    # equally: every parameter but the embedding tables and the head, each counted once
+    embeddings = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding))
+    head_params = {id(p): p for p in model.output_head().parameters()}
+    untied_head = sum(p.numel() for p in head_params.values()
+                      if all(p is not m.weight for m in model.modules() if isinstance(m, torch.nn.Embedding)))
+    assert non_embedding_parameters(model) == sum(p.numel() for p in model.parameters()) - embeddings - untied_head
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -321,11 +372,15 @@ def test_a_cooldown_branch_continues_its_parent_and_decays_to_zero(tmp_path, cac
     assert summary["status"] == "complete" and summary["batches"] == 20 and summary["tokens"] == 20 * 8 * 64
     assert [s.get("run") for s in summary["segments"]] == ["pythia-debug", None]
     assert summary["segments"][0]["batches"] == [0, 16]
-    # C = flops_per_token x tokens, flops_per_token the model's own (3x the forward's matmul FLOPs)
+    # C = flops_per_token x tokens, flops_per_token the model's own (3x the forward's matmul FLOPs), its head over
+    # the tokenizer's rows (the embedding is padded to a multiple of 64; the loss multiplies the tokenizer's rows)
+    from tokenizers import Tokenizer
+
     from rafale.models.decoder import DecoderConfig, GPTNeoX
 
     model = GPTNeoX(DecoderConfig(**json.loads((branch / "model.json").read_text())))
-    assert summary["flops_per_token"] == model.flops_per_token(64)
+    tokenizer_vocab = Tokenizer.from_file(str(branch / "tokenizer.json")).get_vocab_size()
+    assert summary["flops_per_token"] == model.flops_per_token(64, vocab_size=tokenizer_vocab)
     assert summary["training_flops"] == summary["flops_per_token"] * summary["tokens"]
     assert summary["non_embedding_parameters"] == json.loads((parent / "summary.json").read_text())["non_embedding_parameters"]
 

@@ -113,6 +113,38 @@ def test_decoder_flops_from_the_parts_are_what_torch_counts():
         assert model.flops_per_token(32) == pytest.approx(measured_flops(model, "causal_lm"), rel=1e-9), (family, fields)
 
 
+def count_addmm_inplace(self_shape, a_shape, b_shape, out_shape=None, **kwargs) -> int:
+    """FLOPs of tensor.addmm_(a, b), which torch's counter does not know (it counts addmm): 2 per multiply-add."""
+    return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+
+
+def measured_training_flops(model, tokenizer_vocab: int, B: int = 2, T: int = 32) -> float:
+    """torch's FLOP counter over the training step itself: forward with labels (the chunked loss, over the
+    tokenizer's rows of the head) and backward; the loss's in-place addmm_ counted too."""
+    torch.manual_seed(0)
+    ids, labels = torch.randint(2, tokenizer_vocab, (B, T)), torch.randint(0, tokenizer_vocab, (B, T))
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False,
+                                                       custom_mapping={torch.ops.aten.addmm_: count_addmm_inplace}) as counter:
+        model(ids, labels=labels, vocab_size=tokenizer_vocab).backward()
+    return counter.get_total_flops() / (B * T)
+
+
+@pytest.mark.parametrize("family,tokenizer_vocab", [("pythia", 500), ("llama", 500), ("pythia", 512)])
+def test_a_padded_vocabulary_counts_the_rows_the_training_loss_multiplies(family, tokenizer_vocab):
+    # issue 34, 1.7: a 500-token tokenizer pads the head to 512 rows; the chunked loss multiplies the first 500
+    from rafale.models.composer import ComposerLM
+
+    preset = next(name for name in FAMILIES[family].presets if name.endswith("-debug"))
+    model = GPTNeoX(dataclasses.replace(FAMILIES[family].presets[preset], vocab_size=512)).train()
+    lm = ComposerLM(model, vocab_size=tokenizer_vocab)
+    measured = measured_training_flops(model, tokenizer_vocab)
+    batch = {"input_ids": torch.zeros(2, 32, dtype=torch.long)}
+    assert lm.flops_per_batch(batch) == pytest.approx(measured * 2 * 32, rel=1e-9)
+    assert lm.flops_per_token(32) == pytest.approx(measured, rel=1e-9)
+    # the logits path (evaluation, generation) multiplies all 512 rows: that is the model's count without vocab_size
+    assert model.flops_per_token(32) - lm.flops_per_token(32) == 6 * model.cfg.hidden_size * (512 - tokenizer_vocab)
+
+
 def test_grouped_query_attention_saves_the_key_and_value_projections_it_leaves_out():
     cfg = dataclasses.replace(FAMILIES["llama"].presets["llama-debug"], vocab_size=VOCAB)
     mha, mqa = GPTNeoX(dataclasses.replace(cfg, num_kv_heads=None)), GPTNeoX(dataclasses.replace(cfg, num_kv_heads=1))

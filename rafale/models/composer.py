@@ -35,11 +35,12 @@ class ComposerLM(ComposerModel):
     autocast_dtype: run forward and eval_forward under torch.autocast("cpu", dtype) (bfloat16 on a CPU with
     bf16 matmul units, where Composer's own amp_bf16 is refused); None runs in the parameters' dtype.
     token_bytes: each token id's UTF-8 length (rafale.models.token_bytes), to report validation bits per byte,
-    which unlike the loss compares across tokenizers.
+    which unlike the loss compares across tokenizers; document_end_id: the end-of-text id where the tokenizer adds
+    a space before each document (BitsPerByte takes that byte off the token after it), else None.
     """
 
     def __init__(self, model: nn.Module, vocab_size: int | None = None, autocast_dtype: torch.dtype | None = None,
-                 token_bytes: torch.Tensor | None = None):
+                 token_bytes: torch.Tensor | None = None, document_end_id: int | None = None):
         super().__init__()
         self.model = model
         self.vocab_size = vocab_size
@@ -52,7 +53,8 @@ class ComposerLM(ComposerModel):
         if token_bytes is not None:
             from rafale.metrics import BitsPerByte
 
-            self.val_metrics["BitsPerByte"] = BitsPerByte(token_bytes, ignore_index=IGNORE_INDEX)
+            self.val_metrics["BitsPerByte"] = BitsPerByte(token_bytes, ignore_index=IGNORE_INDEX,
+                                                          document_end_id=document_end_id)
 
     def autocast(self):
         return cpu_autocast(self.autocast_dtype)
@@ -74,11 +76,18 @@ class ComposerLM(ComposerModel):
         return self.train_metrics if is_train else self.val_metrics
 
     def update_metric(self, batch, outputs, metric):
-        metric.update(outputs, batch["labels"])
+        if getattr(metric, "document_end_id", None) is not None:  # BitsPerByte finds the documents' starts
+            metric.update(outputs, batch["labels"], batch["input_ids"])
+        else:
+            metric.update(outputs, batch["labels"])
+
+    def flops_per_token(self, T: int) -> int:
+        """A training step's FLOPs per token: the head over the tokenizer's rows, which are all the loss multiplies."""
+        return self.model.flops_per_token(T, vocab_size=self.vocab_size)
 
     def flops_per_batch(self, batch):
         B, T = batch["input_ids"].shape
-        return self.model.flops_per_token(T) * B * T
+        return self.flops_per_token(T) * B * T
 
 
 class ComposerEncoder(ComposerModel):
@@ -105,9 +114,13 @@ class ComposerEncoder(ComposerModel):
     def get_metrics(self, is_train: bool = False):
         return self.train_metrics if is_train else self.val_metrics
 
+    def flops_per_token(self, T: int) -> float:
+        # an MLM's logits over the padded vocabulary are all computed (then cut to vocab_size): the model's count
+        return self.model.flops_per_token(T)
+
     def flops_per_batch(self, batch):
         B, T = batch["input_ids"].shape
-        return self.model.flops_per_token(T) * B * T
+        return self.flops_per_token(T) * B * T
 
 
 class ComposerMLM(ComposerEncoder):

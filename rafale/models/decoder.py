@@ -576,22 +576,32 @@ class Decoder(nn.Module):
             self.embed.num_embeddings = self.head.out_features = self.cfg.vocab_size = vocab_size
         return self
 
+    def output_head(self) -> nn.Linear:
+        """The projection onto the vocabulary (rafale.record.non_embedding_parameters leaves it out of N)."""
+        return self.head
+
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameters (a tied head once); non_embedding leaves out the input embedding but counts the output
         projection, so a tied one stays in."""
         n = sum(p.numel() for p in self.parameters())
         return n - self.embed.weight.numel() if non_embedding and not self.cfg.tie_embeddings else n
 
-    def flops_per_token(self, seq_len: int) -> int:
+    def flops_per_token(self, seq_len: int, vocab_size: Optional[int] = None) -> int:
         """Matmul FLOPs per token of a training step at sequence length seq_len, summed over the parts (each block's
         `flops`, the head's): 3x the forward's (the backward multiplies twice as much), 2 FLOPs per multiply-add.
         The embedding is a lookup; biases, norms, the soft-cap and the softmax are not matmuls (a few percent more
         work, uncounted).
 
+        The head counts the rows the training loss multiplies: vocab_size, the tokenizer's vocabulary, where the
+        embedding is padded (forward(labels=..., vocab_size=...) hands chunked_cross_entropy head.weight[:vocab_size]);
+        None, all of cfg.vocab_size, which is what the logits path (evaluation, generation) multiplies.
+
         The attention term is PaLM's (appendix B: 6N + 12 L T C) and is not halved for the causal mask: it is the
         convention published MFUs use, bench/ divides rafale's and HF's times by this same count, and the CPU's
         attention kernels do not all skip the masked half either."""
-        return 3 * (sum(block.flops(seq_len) for block in self.layers) + linear_flops(self.head))
+        rows = min(vocab_size, self.cfg.vocab_size) if vocab_size is not None else self.cfg.vocab_size
+        head = 2 * self.cfg.hidden_size * rows  # linear_flops(self.head) with the rows the loss uses
+        return 3 * (sum(block.flops(seq_len) for block in self.layers) + head)
 
 
 GPTNeoX = Decoder  # its name when it was GPT-NeoX only; GPT-NeoX is now DecoderConfig's defaults

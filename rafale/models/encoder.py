@@ -367,6 +367,11 @@ class BertForMaskedLM(EncoderModule):
     def forward(self, input_ids, attention_mask=None, token_type_ids=None):
         return self.cls["predictions"](self.bert(input_ids, attention_mask, token_type_ids))
 
+    def output_head(self) -> nn.Linear:
+        """The decoder onto the vocabulary, tied to the word embeddings (rafale.record.non_embedding_parameters
+        leaves it, and its bias, out of N)."""
+        return self.cls["predictions"].decoder
+
     def head_macs_per_token(self, seq_len: int) -> float:
         # the transform's dense (C^2), then the decoder (C V, tied to the word embeddings) on every token: the
         # logits of all positions are computed, the loss reads the masked ones
@@ -419,6 +424,11 @@ class RobertaForMaskedLM(EncoderModule):
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None):
         return self.lm_head(self.roberta(input_ids, attention_mask, token_type_ids))
+
+    def output_head(self) -> nn.Linear:
+        """The decoder onto the vocabulary, tied to the word embeddings (rafale.record.non_embedding_parameters
+        leaves it, and its bias, out of N)."""
+        return self.lm_head.decoder
 
     def head_macs_per_token(self, seq_len: int) -> float:
         # dense (C^2), then the decoder tied to the word embeddings (C V), on every token

@@ -38,12 +38,19 @@ PRESETS = {
 def build(model_cfg: DecoderConfig, head: str, meta: dict, tokenizer):
     """A decoder for causal LM (validation bits per byte need the tokenizer's token lengths); every decoder family
     (Pythia, Llama, Qwen3) builds its model this way."""
-    from rafale.models.token_bytes import token_bytes
+    from rafale.models.token_bytes import adds_prefix_space, token_bytes
     from rafale.models.composer import ComposerLM
 
     model_cfg.vocab_size = model_vocab_size(model_cfg.vocab_size, meta["vocab_size"])
     # exact for a byte-level BPE; None (no BitsPerByte, rafale.train says why) for other kinds: validation sees ids
-    return ComposerLM(Decoder(model_cfg), vocab_size=meta["vocab_size"], token_bytes=token_bytes(tokenizer))
+    table, document_end_id = token_bytes(tokenizer), None
+    if table is not None and adds_prefix_space(tokenizer):
+        # the space added before each document is not its text: BitsPerByte takes it off the token after each
+        # end-of-text (the datapipe's separator); with none to find the documents by, no BitsPerByte, not a wrong one
+        document_end_id = meta.get("eos_token_id")
+        table = table if document_end_id is not None else None
+    return ComposerLM(Decoder(model_cfg), vocab_size=meta["vocab_size"], token_bytes=table,
+                      document_end_id=document_end_id)
 
 
 

@@ -8,7 +8,10 @@ The convention: a document's bytes are shared out among its tokens, so that they
 less the text of special tokens spelled out in it. Each token covers its own text and the whitespace before it
 (as byte-level BPE's "Ġword" does), so WordPiece's "cafe" covers " Café", 6 bytes, whatever its normalizer made
 of it; the first token also covers the document's leading whitespace, the last its trailing whitespace. Special
-tokens (<|endoftext|>, [SEP], and such a token spelled in the text) cover nothing: 0.
+tokens (<|endoftext|>, [SEP], and such a token spelled in the text) cover nothing: 0. A space that a byte-level
+pre-tokenizer adds before a document's first word (`add_prefix_space`) is not the document's: its first token
+covers one byte less than its length (`adds_prefix_space`; validation takes it off the token after each
+end-of-text).
 """
 
 import json
@@ -62,6 +65,15 @@ def token_bytes(tokenizer) -> torch.Tensor | None:
     return sizes
 
 
+def adds_prefix_space(tokenizer) -> bool:
+    """Whether the tokenizer's byte-level pre-tokenizer puts a space before a document's first word
+    (`add_prefix_space: true`, as GPT-2's and RoBERTa's tokenizers may): "Hello" is encoded as "ĠHello", whose
+    table length counts a byte the document does not have. rafale's own tokenizers add none."""
+    spec = json.loads(tokenizer.to_str()).get("pre_tokenizer") or {}
+    parts = spec.get("pretokenizers", []) if spec.get("type") == "Sequence" else [spec]
+    return any(part.get("type") == "ByteLevel" and part.get("add_prefix_space") for part in parts)
+
+
 def byte_offsets(text: str) -> np.ndarray:
     """(len(text) + 1,) int64: the UTF-8 byte offset of each character offset of `text` (the tokenizers library's
     offsets count characters)."""
@@ -86,6 +98,7 @@ class TextBytes:
         self.table = token_bytes(tokenizer)
         self.lengths = None if self.table is None else self.table.tolist()
         self.specials = special_tokens(tokenizer)
+        self.prefix_space = adds_prefix_space(tokenizer)
         # the post-processor adds nothing without special tokens, but trims whitespace off byte-level offsets
         # (GPT-NeoX's "ĊĠ" would cover only the newline): offsets without it, the same ids
         self.tokenizer = type(tokenizer).from_str(tokenizer.to_str())  # a tokenizers.Tokenizer
@@ -98,6 +111,9 @@ class TextBytes:
     def shares(self, text: str, encoding) -> list[int]:
         at = byte_offsets(text).tolist()  # (a list: indexing it is much faster than an array's)
         shares, cursor, last = [], 0, None
+        # the space the pre-tokenizer puts before a text that does not start with one is in the first token's
+        # length but not in the text (its offsets give it the text's first character, so it is capped here)
+        added_space = 1 if self.prefix_space and not text.startswith(" ") else 0
         for i, (token, (start, stop)) in enumerate(zip(encoding.ids, encoding.offsets)):
             end = at[stop]  # in bytes
             if token in self.specials and text[start:stop] == self.specials[token]:
@@ -106,7 +122,8 @@ class TextBytes:
                 continue
             share = max(0, end - cursor)
             if self.lengths is not None:
-                share = min(share, self.lengths[token])
+                share = min(share, self.lengths[token] - added_space)
+            added_space = 0
             shares.append(share)
             cursor += share
             last = i
