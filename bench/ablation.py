@@ -159,9 +159,12 @@ def best_scale(out: Path, data: str, row: int) -> float | None:
 
 
 def run_row(base: dict, model: dict, text: str | None, every: int, out: Path, data: str, row: int) -> None:
+    """The row's three tuning runs, evaluated at the end only (their final loss is all the choice reads; the
+    evaluations do not change the training), then its three measured runs, evaluated every `every` batches."""
     for scale in SCALES:
         name = run_name(data, row, scale, TUNING_SEED)
-        train(write_config(base, model, scale, TUNING_SEED, text, every, out, name), out / name)
+        end = int(str(base["training"]["max_duration"]).removesuffix("ba"))
+        train(write_config(base, model, scale, TUNING_SEED, text, end, out, name), out / name)
     scale = best_scale(out, data, row)
     for seed in SEEDS:
         name = run_name(data, row, scale, seed)
