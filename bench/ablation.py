@@ -201,11 +201,13 @@ def finals(result: dict) -> dict:
     return {seed: curve[-1][1] for seed, curve in result["curves"].items()}
 
 
-def diff_text(a: dict, b: dict) -> str:
+def diff_text(a: dict, b: dict, a_name: str, b_name: str) -> str:
+    """'A - B [95%] | p | verdict' of two rows' final losses by seed, the verdict naming the better row."""
     d = difference(a, b)
+    verdict = d.verdict().replace("A is better", f"{a_name} is better").replace("B is better", f"{b_name} is better")
     if d.low is None:
-        return f"{d.estimate:+.4f} (no interval) | - | {d.verdict()}"
-    return f"{d.estimate:+.4f} [{d.low:+.4f}, {d.high:+.4f}] | {d.p_value:.2g} | {d.verdict()}"
+        return f"{d.estimate:+.4f} (no interval) | - | {verdict}"
+    return f"{d.estimate:+.4f} [{d.low:+.4f}, {d.high:+.4f}] | {d.p_value:.2g} | {verdict}"
 
 
 def table(out: Path, data: str, title: str, names: list[str], total_steps: int) -> str:
@@ -220,15 +222,16 @@ def table(out: Path, data: str, title: str, names: list[str], total_steps: int) 
     for i, r in done.items():
         edge = " (grid edge)" if r["scale"] in (SCALES[0], SCALES[-1]) else ""
         tuning = " / ".join(f"{r['tuning'][s]:.4f}" for s in SCALES)
-        above = (diff_text(finals(r), finals(done[i - 1])) if i > 0 and i - 1 in done else "- | - | -")
-        pythia = diff_text(finals(r), finals(done[0])) if i > 0 else "- | - | -"
+        above = (diff_text(finals(r), finals(done[i - 1]), names[i], names[i - 1]) if i > 0 and i - 1 in done
+                 else "- | - | -")
+        pythia = diff_text(finals(r), finals(done[0]), names[i], names[0]) if i > 0 else "- | - | -"
         lines.append(f"| {names[i]} | {non_embedding_count(models[i][1]):,} | {r['scale']:g}x{edge} ({tuning}) | "
                      f"{summarize(finals(r).values()).text()} | {above} | {pythia} |")
     target = mean_curve(done[0]["curves"])[-1][1]
     two_thirds = total_steps * 2 // 3
     lines += [f"\nThe aim: the first evaluation where the seed-mean validation loss reaches pythia's seed-mean final "
-              f"{target:.4f}, against {two_thirds} steps (two-thirds of {total_steps}); each seed's own first step "
-              "in brackets\n", "| row | seed-mean curve | first step at target | within two-thirds? | each seed |",
+              f"{target:.4f}, against {two_thirds} steps (two-thirds of {total_steps}), and each seed's own first "
+              "evaluation at it (-: not reached)\n", "| row | seed-mean curve | first step at target | within two-thirds? | each seed |",
               "|---|---|---|---|---|"]
     for i, r in done.items():
         curve = mean_curve(r["curves"])

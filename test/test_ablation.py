@@ -72,7 +72,7 @@ def test_a_row_is_tuned_on_seed_0_measured_on_seeds_1_to_3_and_compared_paired_b
     gap = sum(llama) / 3 - sum(pythia) / 3
     llama_row = next(line for line in text.splitlines() if line.startswith("| llama | 793,728 |"))
     assert "| 2x (grid edge) (" in llama_row
-    assert f"{gap:+.4f} [{gap - half:+.4f}, {gap + half:+.4f}] | {paired.pvalue:.2g} |" in llama_row
+    assert f"{gap:+.4f} [{gap - half:+.4f}, {gap + half:+.4f}] | {paired.pvalue:.2g} | pythia is better (p = " in llama_row
     pythia_mean = sum(pythia) / 3
     sd = stats.tstd(pythia)
     assert f"| pythia | 793,344 | 1x (" in text and f"{pythia_mean:.4f} ± {stats.t.ppf(0.975, 2) * sd / 3 ** 0.5:.4f} (n=3)" in text
