@@ -99,9 +99,9 @@ def test_a_bf16_run_reports_mfu_against_the_bf16_peak(tmp_path, cache_dir, capsy
     import torch
 
     from conftest import run_in_process, write_config
-    from rafale.run import hardware, train
+    from rafale.run import hardware, trainer_parts
 
-    monkeypatch.setattr(train, "cpu_has_fast_bf16", lambda: True)  # emulated bf16 where the CPU lacks it: still bf16
+    monkeypatch.setattr(trainer_parts, "cpu_has_fast_bf16", lambda: True)  # emulated bf16 where the CPU lacks it: still bf16
     cached = cache_dir / "cpu_peak.json"  # the session's cache: other tests read it, so it is restored below
     before = cached.read_text() if cached.exists() else None
     # peaks no 2-core CPU reaches on this model (so the run never probes again): 10 TFLOP/s bf16, 1e30 fp32

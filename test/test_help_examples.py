@@ -282,8 +282,14 @@ def check_as_written(words: list[str], monkeypatch, where: Path) -> None:
 
 @pytest.fixture(scope="module")
 def repository_copy(tmp_path_factory):
-    """A folder where the docs' commands run: this repository's test/ and bench/, and cfg.yaml (the debug config)."""
-    where = tmp_path_factory.mktemp("docs_commands")
+    """A folder where the docs' commands run: this repository's test/ and bench/, cfg.yaml (the debug config), and
+    beside it a stand-in for ../shared's TinyStories sample, which the measurement configs read (a user's own file:
+    the project never needs ../shared, so a test may not either)."""
+    where = tmp_path_factory.mktemp("docs_commands") / "repository"
+    where.mkdir()
+    sample = where.parent / "shared" / "data" / "tinystories" / "train-head-2MiB.txt"
+    sample.parent.mkdir(parents=True)
+    sample.write_text("Once upon a time.<|endoftext|>The end.\n")
     for name in ("test", "bench"):
         (where / name).symlink_to(ROOT / name)
     write_config(where / "cfg.yaml")

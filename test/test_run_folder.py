@@ -103,11 +103,15 @@ def test_compile_option_trains_the_same_model(tmp_path, cache_dir, capsys, monke
 def test_on_a_terminal_a_progress_bar_carries_the_same_fields(tmp_path, cache_dir, capsys, monkeypatch):
     import sys
 
+    from rafale.run import loggers
+
+    # a terminal 120 columns wide (pytest's captured stdout has no size)
     monkeypatch.setattr(type(sys.stdout), "isatty", lambda self: True, raising=False)
+    monkeypatch.setattr(loggers, "terminal_width", lambda stream: 120)
     cfg = write_config(tmp_path / "cfg.yaml", run={"output_dir": str(tmp_path / "runs")},
                        training={"max_duration": "4ba", "eval_interval": "4ba", "save_interval": "4ba",
                                  "log_interval": "2ba"})
     code, out, err = run_in_process(["-c", str(cfg)], capsys, monkeypatch)
     assert code == 0, err[-3000:]
-    assert re.search(r"4/4 \[.*loss [\d.]+ .*min elapsed", out), out  # tqdm's bar, with the fields as its postfix
+    assert re.search(r"\|█+\| 4/4 loss [\d.]+ .*min elapsed", out), out  # tqdm's bar, the fields after it
     assert re.search(r"\[4/4 100%\] validation: loss [\d.]+", out), out  # evaluations print above the bar
