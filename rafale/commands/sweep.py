@@ -63,8 +63,8 @@ from rafale.config import Config, ConfigError, RafaleError, load_config
 from rafale.run.optim import check_optimizer
 from rafale.resolve import resolve_model_config
 from rafale.run_folder.plots import plot_runs, ranking_column, run_row, short_names
-from rafale.run_folder import (CONFIG_FILE, best_validation, differences_not_applied_on_resume, reached, read_config,
-                               read_summary, saved_config)
+from rafale.run_folder import (CONFIG_FILE, best_validation, differences_not_applied_on_resume, flatten, reached,
+                               read_config, read_summary, saved_config)
 from rafale.stats import difference
 
 
@@ -111,17 +111,6 @@ def parsed(value: str):
         return value
 
 
-def flat(mapping: dict, prefix: str = "") -> dict[str, object]:
-    """{'a': {'b': 1}, 'c': 2} -> {'a.b': 1, 'c': 2}."""
-    out = {}
-    for key, value in mapping.items():
-        if isinstance(value, dict) and value:
-            out.update(flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def abbreviations(keys: list[str]) -> dict[str, str]:
     """A mapping's key -> its short name in a run name: a nested key's last part; one word as it is (dropout),
     several `_`-separated words by their initials (hidden_size -> hs); the whole key where two would read alike."""
@@ -151,8 +140,8 @@ def short_value(value: str, others: list[str]) -> tuple[bool, str]:
     docstring); a list by its items; anything else as written."""
     value_of = parsed(value)
     if isinstance(value_of, dict):
-        mappings = [flat(item) if isinstance(item, dict) else {} for item in map(parsed, others)]
-        mine = flat(value_of)
+        mappings = [flatten(item) if isinstance(item, dict) else {} for item in map(parsed, others)]
+        mine = flatten(value_of)
         varying = [key for key in mine if len({json.dumps(m.get(key, "\0missing"), sort_keys=True)
                                                 for m in mappings}) > 1] or list(mine)  # one value: all
         short = abbreviations(list(mine))

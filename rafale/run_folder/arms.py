@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rafale.errors import RafaleError
-from rafale.run_folder.plots import (TABLE_METRICS, _fixed_width, comparable_groups, differing_keys, escaped, find_column,
-                          fit_run_names, fitting_columns, run_row, sort_rows, what_differs, where_rows)
+from rafale.run_folder.plots import (TABLE_METRICS, comparable_groups, differing_keys, find_column, run_row, sort_rows,
+                                     table_block, what_differs, where_rows)
 from rafale.run_folder import read_config, read_summary
 from rafale.stats import Summary, summarize
 
@@ -192,16 +192,8 @@ def arms_table(run_dirs: list[Path], sort: str | None = None, reverse: bool = Fa
             csv_rows += [csv_row(row, headers, title if len(groups) > 1 else None) for row in rows]
             continue
         wanted = [find_column(name, headers, "--columns") for name in columns] if columns else None
-        rows, shortened = fit_run_names(rows, headers, None if columns else width)
-        shown = fitting_columns(headers, rows, width, wanted)
-        lines = [f"{escaped(title)} ({len(rows)} arm{'' if len(rows) == 1 else 's'})"] if len(groups) > 1 else []
-        lines += [f"({escaped(shortened)})"] if shortened else []
-        lines += _fixed_width(shown, rows)
-        hidden = [h for h in headers if h not in shown]
-        if hidden and not columns:
-            lines.append(f"({len(hidden)} more column{'' if len(hidden) == 1 else 's'} than fit in {width} characters: "
-                         f"{', '.join(hidden)}; --columns {','.join(hidden[:2])} or --all shows them)")
-        blocks.append("\n".join(lines))
+        title_line = f"{title} ({len(rows)} arm{'' if len(rows) == 1 else 's'})" if len(groups) > 1 else None
+        blocks.append(table_block(title_line, headers, rows, width, wanted))
     if not blocks and not csv_rows:
         raise RafaleError(f"no arm meets --where {' and '.join(where)}")
     if as_csv:

@@ -495,17 +495,25 @@ def runs_table(run_dirs: list[Path], sort: str | None = None, reverse: bool = Fa
     for title, runs in groups:
         headers, rows = table_rows(runs, sort if sort and _has_column(sort, runs) else None, reverse)
         wanted = [find_column(key, sorted(known)) for key in columns] if columns else None
-        rows, shortened = fit_run_names(rows, headers, None if columns else width)
-        shown = fitting_columns(headers, rows, width, wanted)
-        lines = ([f"{escaped(title)} ({len(runs)} run{'' if len(runs) == 1 else 's'})"] if len(groups) > 1 else [])
-        lines += [f"({escaped(shortened)})"] if shortened else []
-        lines += _fixed_width(shown, rows)
-        hidden = [h for h in headers if h not in shown]
-        if hidden and not columns:
-            lines.append(f"({len(hidden)} more column{'' if len(hidden) == 1 else 's'} than fit in {width} characters: "
-                         f"{', '.join(hidden)}; --columns {','.join(hidden[:2])} or --all shows them)")
-        blocks.append("\n".join(lines))
+        title_line = f"{title} ({len(runs)} run{'' if len(runs) == 1 else 's'})" if len(groups) > 1 else None
+        blocks.append(table_block(title_line, headers, rows, width, wanted))
     return "\n\n".join(blocks)
+
+
+def table_block(title: str | None, headers: list[str], rows: list[dict], width: int | None,
+                wanted: list[str] | None) -> str:
+    """One table of `rafale runs` (of runs, or of arms): its title, the names' shared start when they were shortened
+    to fit, the columns that fit in `width` (or `wanted`), and a line naming the columns left out."""
+    rows, shortened = fit_run_names(rows, headers, None if wanted else width)
+    shown = fitting_columns(headers, rows, width, wanted)
+    lines = [escaped(title)] if title else []
+    lines += [f"({escaped(shortened)})"] if shortened else []
+    lines += _fixed_width(shown, rows)
+    hidden = [h for h in headers if h not in shown]
+    if hidden and not wanted:
+        lines.append(f"({len(hidden)} more column{'' if len(hidden) == 1 else 's'} than fit in {width} characters: "
+                     f"{', '.join(hidden)}; --columns {','.join(hidden[:2])} or --all shows them)")
+    return "\n".join(lines)
 
 
 def _has_column(key: str, runs: list[Path]) -> bool:
