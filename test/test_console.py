@@ -279,3 +279,29 @@ def test_score_and_generate_help_name_every_family_they_take(capsys):
     decoders = [family for family in FAMILIES.values() if family.can_generate]
     assert [f.name for f in decoders] == ["pythia", "llama", "qwen2", "qwen3"]
     assert all(f.name in generate and all(a in generate for a in f.hf.architectures) for f in decoders)
+
+
+def test_metrics_png_is_redrawn_at_the_end_and_at_most_once_a_minute_between(tmp_path, monkeypatch):
+    """A drawing costs a second or two of CPU: drawn at every evaluation it was a fifth of a short run. The end
+    always draws; an evaluation draws when the last drawing is `redraw_s` old; closing after an evaluation that
+    was not drawn (an interrupted run) draws it."""
+    drawn = []
+    monkeypatch.setattr(loggers, "plot_run", lambda run_dir: drawn.append(run_dir))
+    clock = [1000.0]
+    monkeypatch.setattr(loggers.time, "monotonic", lambda: clock[0])
+    metrics = loggers.MetricsFile(tmp_path, redraw_s=60)
+    metrics.eval_end(None, None)
+    clock[0] += 59
+    metrics.eval_end(None, None)
+    assert drawn == []
+    clock[0] += 1
+    metrics.eval_end(None, None)
+    assert drawn == [tmp_path]
+    metrics.fit_end(None, None)
+    assert len(drawn) == 2
+    metrics.close(None, None)  # nothing evaluated since the end's drawing
+    assert len(drawn) == 2
+    interrupted = loggers.MetricsFile(tmp_path, redraw_s=60)
+    interrupted.eval_end(None, None)
+    interrupted.close(None, None)
+    assert len(drawn) == 3

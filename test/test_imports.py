@@ -4,6 +4,7 @@ only, the CLI answers --help and config errors without torch or Composer, and no
 without saying why."""
 
 import ast
+import functools
 import json
 import subprocess
 import sys
@@ -25,6 +26,7 @@ def module_name(path: Path) -> str:
     return ".".join(parts)
 
 
+@functools.cache  # parsed once for the file's tests (which only read the trees)
 def modules() -> dict[str, ast.Module]:
     return {module_name(p): ast.parse(p.read_text(), str(p)) for p in sorted(PACKAGE.rglob("*.py"))}
 
@@ -55,9 +57,15 @@ def rafale_imports(tree: ast.Module, known: set[str]) -> set[str]:
     return {m for m in found if m in known and m != "rafale"}
 
 
-def import_graph() -> dict[str, set[str]]:
+@functools.cache
+def package_imports() -> dict[str, frozenset[str]]:
     trees = modules()
-    return {name: rafale_imports(tree, set(trees)) for name, tree in trees.items()}
+    return {name: frozenset(rafale_imports(tree, set(trees))) for name, tree in trees.items()}
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Each rafale module -> the rafale modules it imports (a fresh copy: a test may add an arrow)."""
+    return {name: set(imported) for name, imported in package_imports().items()}
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
