@@ -3,6 +3,8 @@ the standard parametrisation and under muP.
 
     python bench/mup_transfer.py                                       # widths 64-512, lr 2^-11 .. 2^-4, 200 steps
     python bench/mup_transfer.py --widths 32,64 --lrs 1e-3,4e-3 --steps 3 --eval-batches 1 --out /tmp/t.md   # smoke
+    python bench/mup_transfer.py --parametrizations mup > mup.log     # one parametrisation a process (a core each),
+    python bench/mup_transfer.py --report-from sp.log mup.log         # then the table and plot from their lines
 
 The models and data are bench/coord_check.py's (the decoder with Pythia's parts, 4 layers of 4 heads, intermediate
 4 x width, byte tokens of the built-in stories, muP's base width 64), trained with rafale's AdamW groups
@@ -18,6 +20,7 @@ spread of the choice), and the plot of loss against rate, one line per width (me
 
 import argparse
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -80,6 +83,21 @@ def sweep(args) -> dict:
                     print(f"  {parametrization:8s} width {width:4d} lr {lr:.3g} seed {seed}: loss {losses[-1]:.4f} "
                           f"({time.perf_counter() - started:.1f} s)", flush=True)
                 results[parametrization][width][lr] = losses
+    return results
+
+
+LINE = re.compile(r"^\s+(\w+)\s+width\s+(\d+) lr (\S+) seed (\d+): loss (\S+) ")
+
+
+def results_from_logs(paths: list[Path]) -> dict:
+    """{parametrization: {width: {lr: [loss per seed]}}} from the lines sweep() printed (processes run apart)."""
+    results: dict = {}
+    for path in paths:
+        for line in Path(path).read_text().splitlines():
+            if match := LINE.match(line):
+                parametrization, width, lr, seed, loss = match.groups()
+                by_lr = results.setdefault(parametrization, {}).setdefault(int(width), {})
+                by_lr.setdefault(float(lr), []).append(float(loss))
     return results
 
 
@@ -167,13 +185,28 @@ def main(argv=None) -> int:
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results-mup.md")
     parser.add_argument("--plot", type=Path, default=ROOT / "media" / "mup_transfer.png")
+    parser.add_argument("--report-from", type=Path, nargs="+", metavar="LOG",
+                        help="train nothing: the table and plot from the lines of these runs' output")
     args = parser.parse_args(argv)
     args.widths = [int(w) for w in args.widths.split(",")]
     args.parametrizations = args.parametrizations.split(",")
     args.lrs = sorted(float(lr) for lr in args.lrs.split(","))
     started = time.perf_counter()
-    results = sweep(args)
-    text = report(results, args) + f"\n({time.perf_counter() - started:.0f} s in all)\n"
+    if args.report_from:
+        # the lines print a rate to 3 digits (0.000488): each is the grid's rate within 1%
+        on_grid = lambda lr: next((g for g in args.lrs if abs(g / lr - 1) < 0.01), lr)
+        results = {p: {w: {on_grid(lr): v for lr, v in by_lr.items()} for w, by_lr in by_width.items()}
+                   for p, by_width in results_from_logs(args.report_from).items()}
+        missing = [f"{p} width {w} lr {lr:g}" for p in args.parametrizations for w in args.widths for lr in args.lrs
+                   if lr not in results.get(p, {}).get(w, {})]
+        if missing:
+            sys.exit(f"--report-from: no loss for {len(missing)} run(s) in {[str(p) for p in args.report_from]}, "
+                     f"e.g. {missing[:3]}")
+        results = {p: {w: {lr: results[p][w][lr] for lr in args.lrs} for w in args.widths} for p in args.parametrizations}
+        text = report(results, args) + "\n"
+    else:
+        results = sweep(args)
+        text = report(results, args) + f"\n({time.perf_counter() - started:.0f} s in all)\n"
     print("\n" + text)
     args.out.write_text("# muP's learning-rate transfer (bench/mup_transfer.py)\n\n" + text)
     plot(results, args, args.plot)

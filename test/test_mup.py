@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from conftest import randomize_, run_in_process, write_config
+from conftest import ROOT, randomize_, run_in_process, write_config
 from rafale.config import ConfigError, TrainingConfig, config_from_dict
 from rafale.models import mup as mup_lib
 from rafale.models.decoder import Decoder
@@ -207,3 +207,23 @@ def test_a_mup_run_trains_and_its_export_is_proven(tmp_path, cache_dir, capsys, 
     saved = (run_dir / "config.yaml").read_text()
     assert "parametrization: mup" in saved and "mup_base_width: 16" in saved
     assert (run_dir / "export" / "model.safetensors").is_file()
+
+
+def test_the_transfer_bench_reports_the_same_from_its_printed_lines(tmp_path, capsys, one_thread):
+    """bench/mup_transfer.py runs one parametrisation a process (a core each); --report-from rebuilds the table
+    from their printed lines, the same table a single process writes."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import mup_transfer
+
+    tiny = ["--widths", "16,32", "--lrs", "1e-3,4e-3", "--steps", "2", "--eval-batches", "1", "--heads", "2",
+            "--layers", "1", "--base-width", "16"]
+    assert mup_transfer.main([*tiny, "--out", str(tmp_path / "one.md"), "--plot", str(tmp_path / "one.png")]) == 0
+    (tmp_path / "run.log").write_text(capsys.readouterr().out)
+    assert mup_transfer.main([*tiny, "--report-from", str(tmp_path / "run.log"), "--out", str(tmp_path / "two.md"),
+                              "--plot", str(tmp_path / "two.png")]) == 0
+    table = lambda name: (tmp_path / name).read_text().split("\n(")[0].strip()
+    assert table("two.md") == table("one.md") and "width 32" in table("one.md")
+    with pytest.raises(SystemExit, match=r"no loss for 4 run\(s\).*standard width 64 lr 0.001"):
+        mup_transfer.main([*tiny, "--widths", "16,64", "--report-from", str(tmp_path / "run.log")])
