@@ -129,6 +129,9 @@ def report(results: dict, args) -> str:
         for lr in args.lrs:
             cells = []
             for w in by_width:
+                if lr not in by_width[w]:
+                    cells.append("not run")
+                    continue
                 loss = mean(by_width[w][lr])
                 cell = f"{loss:.4f}" if math.isfinite(loss) else "diverged"
                 cells.append(f"**{cell}**" if lr == best_lr(by_width[w]) else cell)
@@ -137,6 +140,11 @@ def report(results: dict, args) -> str:
         lines += ["", f"best lr per width: {', '.join(f'{w}: {lr:.3g}' for w, lr in zip(by_width, bests))}; it moves "
                   f"{grid_steps(args.lrs, bests)} grid step(s) (factor {2 ** grid_steps(args.lrs, bests):g} on a "
                   "factor-2 grid)"]
+        at_edge = [w for w, lr in zip(by_width, bests) if len(by_width[w]) < len(args.lrs)
+                   and lr in (min(by_width[w]), max(by_width[w]))]
+        if at_edge:
+            lines.append(f"width(s) {at_edge}: the best is at the edge of the rates run there (the grid was cut "
+                         "short): the true best may lie beyond")
         if args.seeds > 1:
             per_seed = [grid_steps(args.lrs, [best_lr(by_width[w], s) for w in by_width]) for s in range(args.seeds)]
             lines.append(f"each seed's own best rates move {per_seed} grid step(s)")
@@ -153,8 +161,9 @@ def plot(results: dict, args, path: Path) -> None:
     fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 3.8), squeeze=False, sharey=True)
     for ax, (parametrization, by_width) in zip(axes[0], results.items()):
         for i, (width, by_lr) in enumerate(by_width.items()):
-            losses = [mean(by_lr[lr]) for lr in args.lrs]
-            ax.plot(args.lrs, losses, marker="o", ms=3, label=f"width {width}",
+            rates = [lr for lr in args.lrs if lr in by_lr]  # a grid cut short: the rates run
+            losses = [mean(by_lr[lr]) for lr in rates]
+            ax.plot(rates, losses, marker="o", ms=3, label=f"width {width}",
                     color=plt.cm.viridis(i / max(1, len(by_width) - 1)))
         ax.set_xscale("log", base=2)
         ax.set_xlabel("learning rate")
@@ -197,12 +206,12 @@ def main(argv=None) -> int:
         on_grid = lambda lr: next((g for g in args.lrs if abs(g / lr - 1) < 0.01), lr)
         results = {p: {w: {on_grid(lr): v for lr, v in by_lr.items()} for w, by_lr in by_width.items()}
                    for p, by_width in results_from_logs(args.report_from).items()}
-        missing = [f"{p} width {w} lr {lr:g}" for p in args.parametrizations for w in args.widths for lr in args.lrs
-                   if lr not in results.get(p, {}).get(w, {})]
+        missing = [f"{p} width {w}" for p in args.parametrizations for w in args.widths if not results.get(p, {}).get(w)]
         if missing:
-            sys.exit(f"--report-from: no loss for {len(missing)} run(s) in {[str(p) for p in args.report_from]}, "
-                     f"e.g. {missing[:3]}")
-        results = {p: {w: {lr: results[p][w][lr] for lr in args.lrs} for w in args.widths} for p in args.parametrizations}
+            sys.exit(f"--report-from: no run of {', '.join(missing)} in {[str(p) for p in args.report_from]}")
+        # a rate a width did not run (a grid cut short) is a "not run" cell
+        results = {p: {w: {lr: results[p][w][lr] for lr in args.lrs if lr in results[p][w]} for w in args.widths}
+                   for p in args.parametrizations}
         text = report(results, args) + "\n"
     else:
         results = sweep(args)

@@ -225,5 +225,14 @@ def test_the_transfer_bench_reports_the_same_from_its_printed_lines(tmp_path, ca
                               "--plot", str(tmp_path / "two.png")]) == 0
     table = lambda name: (tmp_path / name).read_text().split("\n(")[0].strip()
     assert table("two.md") == table("one.md") and "width 32" in table("one.md")
-    with pytest.raises(SystemExit, match=r"no loss for 4 run\(s\).*standard width 64 lr 0.001"):
+    with pytest.raises(SystemExit, match="no run of standard width 64, mup width 64 in"):
         mup_transfer.main([*tiny, "--widths", "16,64", "--report-from", str(tmp_path / "run.log")])
+    # a grid cut short at one width: its rate not run is said, and its best at the edge of what ran is flagged
+    cut = "".join(line + "\n" for line in (tmp_path / "run.log").read_text().splitlines()
+                  if not line.startswith("  mup      width   32 lr 0.004"))
+    (tmp_path / "cut.log").write_text(cut)
+    assert mup_transfer.main([*tiny, "--report-from", str(tmp_path / "cut.log"), "--out", str(tmp_path / "cut.md"),
+                              "--plot", str(tmp_path / "cut.png")]) == 0
+    text = (tmp_path / "cut.md").read_text()
+    assert "| 0.004 | " in text and text.split("**muP**")[1].split("| 0.004 | ")[1].split("\n")[0].endswith("not run |")
+    assert "width(s) [32]: the best is at the edge of the rates run there" in text
