@@ -168,9 +168,11 @@ def plot(results: dict, args, path: Path) -> None:
         ax.set_xscale("log", base=2)
         ax.set_xlabel("learning rate")
         ax.set_title("muP" if parametrization == "mup" else "standard parametrisation")
-        finite = [mean(v) for by_lr in by_width.values() for v in by_lr.values() if math.isfinite(mean(v))]
-        if finite:
-            ax.set_ylim(min(finite) - 0.05, min(max(finite), min(finite) + 1.5))
+    # one range for the panels (they share the axis): every finite loss of either parametrisation
+    finite = [mean(v) for by_width in results.values() for by_lr in by_width.values() for v in by_lr.values()
+              if math.isfinite(mean(v))]
+    if finite:
+        axes[0][0].set_ylim(min(finite) - 0.05, min(max(finite), min(finite) + 1.5) + 0.05)
     axes[0][0].set_ylabel("validation loss")
     axes[0][-1].legend(fontsize=8)
     fig.tight_layout()
