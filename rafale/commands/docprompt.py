@@ -49,8 +49,9 @@ DOCSTRING_ONLY = ("rafale/commands/",  # every command (a folder: a new command 
                   "rafale/models/decoding.py")
 # the figures, and the code that checks a figure by hand: no question on using rafale needs them
 LEFT_OUT_PAGES = ("docs/speed.md", "docs/measurements.md", "docs/bits-per-byte.md")
-# ...and the README's figures and its list of the pages that follow in the prompt anyway
-LEFT_OUT_SECTIONS = {"README.md": ("What the default job shows", "Documentation")}
+# ...and the README's figures (the default job's, the studies') and its list of the pages that follow in the
+# prompt anyway
+LEFT_OUT_SECTIONS = {"README.md": ("What the default job shows", "What the studies here found", "Documentation")}
 MAX_BYTES = 165_000  # "at most about 160 KB": what most LLMs take in one message
 # the classes a fork subclasses or calls (model parts, datapipes, optimizers, metrics): with their methods; the
 # run's and the commands' classes (callbacks, the record) by their name and first line
