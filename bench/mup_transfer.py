@@ -75,7 +75,7 @@ def sweep(args) -> dict:
             results[parametrization][width] = {}
             for lr in args.lrs:
                 losses = []
-                for seed in range(args.seeds):
+                for seed in range(args.first_seed, args.first_seed + args.seeds):
                     train = random_batches(tokens[:split], args.steps, args.batch, args.seq_len, seed)
                     held_out = random_batches(tokens[split:], args.eval_batches, args.batch, args.seq_len, 1000)
                     started = time.perf_counter()
@@ -191,6 +191,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--eval-batches", type=int, default=8)
     parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1 "
+                        "(a repeat on another seed)")
     parser.add_argument("--base-width", type=int, default=64)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--heads", type=int, default=4)
