@@ -142,24 +142,37 @@ def plot(data: dict, widths: list[int], steps: int, path: Path) -> None:
             if c == 0:
                 ax.set_ylabel("mean |activation|")
     axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
+    save_plot(fig, path)
+
+
+def save_plot(fig, path: Path) -> None:
+    """Lay out `fig` and write it to `path` (its folder made), then free it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The models and data this script and bench/mup_transfer.py share: widths, parametrisations, batch shape,
+    muP's base width, layers and heads."""
     parser.add_argument("--widths", default="64,128,256,512")
     parser.add_argument("--parametrizations", default="standard,mup")
-    parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=1e-2)
-    parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--base-width", type=int, default=64)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--heads", type=int, default=4)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_model_arguments(parser)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--lr", type=float, default=1e-2)
+    parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--plot", type=Path, default=ROOT / "media" / "coord_check.png")
     args = parser.parse_args(argv)
     widths = [int(w) for w in args.widths.split(",")]

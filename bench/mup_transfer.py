@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from coord_check import ROOT, build_model, random_batches, story_bytes  # noqa: E402
+from coord_check import ROOT, add_model_arguments, build_model, random_batches, save_plot, story_bytes  # noqa: E402
 
 from rafale.config import TrainingConfig  # noqa: E402
 from rafale.run.optim import build_optimizer  # noqa: E402
@@ -89,15 +89,17 @@ def sweep(args) -> dict:
 LINE = re.compile(r"^\s+(\w+)\s+width\s+(\d+) lr (\S+) seed (\d+): loss (\S+) ")
 
 
-def results_from_logs(paths: list[Path]) -> dict:
-    """{parametrization: {width: {lr: [loss per seed]}}} from the lines sweep() printed (processes run apart)."""
+def results_from_logs(paths: list[Path], grid: list[float]) -> dict:
+    """{parametrization: {width: {lr: [loss per seed]}}} from the lines sweep() printed (processes run apart). A
+    line prints its rate to 3 digits (0.000488): each is the grid's rate within 1%."""
+    on_grid = lambda lr: next((g for g in grid if abs(g / lr - 1) < 0.01), lr)
     results: dict = {}
     for path in paths:
         for line in Path(path).read_text().splitlines():
             if match := LINE.match(line):
                 parametrization, width, lr, seed, loss = match.groups()
                 by_lr = results.setdefault(parametrization, {}).setdefault(int(width), {})
-                by_lr.setdefault(float(lr), []).append(float(loss))
+                by_lr.setdefault(on_grid(float(lr)), []).append(float(loss))
     return results
 
 
@@ -175,27 +177,18 @@ def plot(results: dict, args, path: Path) -> None:
         axes[0][0].set_ylim(min(finite) - 0.05, min(max(finite), min(finite) + 1.5) + 0.05)
     axes[0][0].set_ylabel("validation loss")
     axes[0][-1].legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_plot(fig, path)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--widths", default="64,128,256,512")
-    parser.add_argument("--parametrizations", default="standard,mup")
+    add_model_arguments(parser)
     parser.add_argument("--lrs", default=",".join(f"{2.0 ** e:g}" for e in range(-11, -3)), help="the grid")
     parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--eval-batches", type=int, default=8)
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1 "
                         "(a repeat on another seed)")
-    parser.add_argument("--base-width", type=int, default=64)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results-mup.md")
     parser.add_argument("--plot", type=Path, default=ROOT / "media" / "mup_transfer.png")
     parser.add_argument("--report-from", type=Path, nargs="+", metavar="LOG",
@@ -206,11 +199,9 @@ def main(argv=None) -> int:
     args.lrs = sorted(float(lr) for lr in args.lrs.split(","))
     started = time.perf_counter()
     if args.report_from:
-        # the lines print a rate to 3 digits (0.000488): each is the grid's rate within 1%
-        on_grid = lambda lr: next((g for g in args.lrs if abs(g / lr - 1) < 0.01), lr)
-        results = {p: {w: {on_grid(lr): v for lr, v in by_lr.items()} for w, by_lr in by_width.items()}
-                   for p, by_width in results_from_logs(args.report_from).items()}
-        missing = [f"{p} width {w}" for p in args.parametrizations for w in args.widths if not results.get(p, {}).get(w)]
+        results = results_from_logs(args.report_from, args.lrs)
+        missing = [f"{p} width {w}" for p in args.parametrizations for w in args.widths
+                   if not results.get(p, {}).get(w)]
         if missing:
             sys.exit(f"--report-from: no run of {', '.join(missing)} in {[str(p) for p in args.report_from]}")
         # a rate a width did not run (a grid cut short) is a "not run" cell
